@@ -1,0 +1,155 @@
+"""Errors of ``curate``: one hierarchy, messages that say what is wrong and what to do next.
+
+``SlideError`` and its subclasses are the per-slide failures a build turns into a quarantine
+record (``slides.parquet`` ``status="quarantined"``, ``reason="<code>: <message>"``); every
+other ``CurateError`` stops the command.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CurateError(Exception):
+    """Base class of every error ``curate`` raises on purpose."""
+
+
+class ManifestError(CurateError, ValueError):
+    """A manifest file that does not follow the manifest model."""
+
+
+class SettingsError(CurateError, ValueError):
+    """Build, fetch or tile settings that cannot work together."""
+
+
+# --- fetching -------------------------------------------------------------------------------
+
+
+class FetchError(CurateError):
+    """A source that could not be fetched."""
+
+
+class UnsupportedSchemeError(FetchError, ValueError):
+    """A source URL whose scheme the fetch layer does not handle (ftp://, s3://, ...)."""
+
+
+class LocalSourceNotAllowedError(FetchError, PermissionError):
+    """A local path or file:// URL in a manifest that does not allow local sources."""
+
+
+class ChecksumMismatchError(FetchError):
+    """Downloaded bytes whose sha256 differs from the manifest's."""
+
+
+class SizeMismatchError(FetchError):
+    """A download that ended short (truncated body) or long of its announced size."""
+
+
+class UnsafeArchiveError(FetchError):
+    """An archive with an absolute path, a '..' component, an outside link or an absurd size."""
+
+
+# --- slides (quarantine reasons) ------------------------------------------------------------
+
+
+class SlideError(CurateError):
+    """A slide that cannot be built; the build quarantines it with ``code`` and the message."""
+
+    code: ClassVar[str] = "slide_error"
+
+    def __init__(self, message: str, *, slide_id: str | None = None) -> None:
+        super().__init__(message)
+        self.slide_id = slide_id
+
+    @property
+    def reason(self) -> str:
+        """``"<code>: <message>"``, as written to ``slides.parquet`` and the QC report."""
+        return f"{self.code}: {self}"
+
+
+class SourceMissingError(SlideError):
+    """A file the reader needs is neither named in the manifest nor found in the source folder."""
+
+    code = "missing_file"
+
+
+class CorruptSourceError(SlideError):
+    """A source file that exists but cannot be parsed (corrupt h5, malformed CSV, bad TIFF)."""
+
+    code = "corrupt_file"
+
+
+class NoReaderError(SlideError):
+    """A technology that is valid in manifests but has no reader yet."""
+
+    code = "no_reader"
+
+
+class QCError(SlideError):
+    """A blocking quality-control failure."""
+
+    code = "qc"
+
+
+class BarcodeMismatchError(QCError):
+    """Matrix barcodes and position barcodes do not overlap enough to trust either."""
+
+    code = "barcode_mismatch"
+
+
+class NoSpotsError(QCError):
+    """No in-tissue spot with counts is left to build."""
+
+    code = "no_spots"
+
+
+class NonIntegerCountsError(QCError):
+    """Expression that is not raw integer counts in a sample not declared ``counts: normalized``."""
+
+    code = "not_raw_counts"
+
+
+class ScaleMismatchError(QCError):
+    """The um/px from metadata/scale factors and from the spot lattice disagree by more than allowed."""
+
+    code = "scale_mismatch"
+
+
+class BlankImageError(QCError):
+    """An image that is fully blank, fully transparent or a single colour."""
+
+    code = "blank_image"
+
+
+class ImageTooCoarseError(QCError):
+    """An image coarser than the tiles' um/px allows (no honest 0.5 um/px tiles from it)."""
+
+    code = "image_too_coarse"
+
+
+class SpotsOutsideImageError(QCError):
+    """Spot centres outside the image (wrong image, wrong scale or swapped axes)."""
+
+    code = "spots_outside_image"
+
+
+class GeneMappingError(SlideError):
+    """Too few of a slide's features map to the gene vocabulary."""
+
+    code = "unmapped_genes"
+
+
+class UnsupportedSpeciesError(GeneMappingError):
+    """A species with no gene reference table in the package."""
+
+    code = "unsupported_species"
+
+
+class DuplicateSlideError(SlideError):
+    """The slide holds the same data as another slide kept in the corpus."""
+
+    code = "duplicate"
+
+
+class BuildError(CurateError):
+    """A build that cannot go on (bad settings, a bad slide with ``on_bad_sample='error'``)."""

@@ -1,0 +1,544 @@
+"""Manifests: which slides a corpus is built from, where their files are, and what they are.
+
+A manifest is a YAML file::
+
+    manifest: stcorpus-manifest/1
+    name: demo
+    allow_local: true          # local paths / file:// sources are allowed in this manifest
+    defaults:                  # inherited by every sample of every study
+      source: 10x
+      technology: spaceranger
+    studies:
+      - id: scanpy-visium-fixtures
+        title: Space Ranger 1.0 subsets used by scanpy's tests
+        defaults:              # inherited by the samples of this study (over the manifest's)
+          species: human
+          licence: CC-BY-4.0
+        samples:
+          - id: V1_Human_Heart_subset
+            organ: heart
+            sources:
+              matrix: ../tests/data/heart/filtered_feature_bc_matrix.h5
+              positions: {url: https://example.org/tissue_positions.csv, sha256: 3f...}
+
+A sample's value wins over its study's defaults, which win over the manifest's defaults;
+``sources`` and ``reader`` options merge key by key. Unknown keys, missing required fields,
+duplicate ids and unsupported URL schemes are errors naming the file, the entry and the field.
+Loading a manifest never touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from curate.errors import ManifestError
+from stcorpus.schema import SLIDE_ID_PATTERN
+
+MANIFEST_FORMAT: Final = "stcorpus-manifest/1"
+
+#: Reader keys. The first three have readers; the others are accepted in manifests so that
+#: catalogues can list them, and are quarantined as ``no_reader`` by builds until one lands.
+TECHNOLOGIES: Final = ("spaceranger", "hest", "stimage", "visium-hd", "xenium", "st")
+Technology = Literal["spaceranger", "hest", "stimage", "visium-hd", "xenium", "st"]
+
+#: Measurement platforms (what the slide was measured with, whatever format it comes in).
+ASSAYS: Final = ("visium", "visium-cytassist", "visium-hd", "xenium", "st")
+Assay = Literal["visium", "visium-cytassist", "visium-hd", "xenium", "st"]
+DEFAULT_ASSAY: Final[Mapping[str, str]] = {
+    "spaceranger": "visium",
+    "visium-hd": "visium-hd",
+    "xenium": "xenium",
+    "st": "st",
+}
+
+#: Species names manifests may use. Gene vocabularies exist for ``SUPPORTED_SPECIES`` only;
+#: the others can be listed (catalogues hold them) but are quarantined by builds.
+SPECIES: Final = ("human", "mouse", "rat", "pig", "zebrafish", "frog", "axolotl", "plant", "human+mouse")
+SUPPORTED_SPECIES: Final = ("human", "mouse")
+Species = Literal["human", "mouse", "rat", "pig", "zebrafish", "frog", "axolotl", "plant", "human+mouse"]
+
+CountsKind = Literal["raw", "normalized"]
+
+#: Licence ids: SPDX ids met in the sources, or ``LicenseRef-<name>`` for anything else
+#: (``LicenseRef-unknown`` where the source states none).
+KNOWN_LICENCES: Final = (
+    "CC0-1.0",
+    "CC-BY-3.0",
+    "CC-BY-4.0",
+    "CC-BY-SA-4.0",
+    "CC-BY-NC-3.0",
+    "CC-BY-NC-4.0",
+    "CC-BY-NC-SA-4.0",
+    "CC-BY-NC-ND-4.0",
+    "CC-BY-ND-4.0",
+    "ODC-By-1.0",
+    "PDDL-1.0",
+    "MIT",
+    "Apache-2.0",
+    "BSD-3-Clause",
+    "Artistic-2.0",
+    "GPL-3.0-only",
+    "GPL-3.0-or-later",
+)
+_LICENCE_REF: Final = re.compile(r"^LicenseRef-[A-Za-z0-9.\-]+$")
+
+#: URL schemes the fetch layer handles; anything else is refused when the manifest is read.
+REMOTE_SCHEMES: Final = ("https", "http", "hf")
+LOCAL_SCHEMES: Final = ("file",)
+_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
+_SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+
+ReaderOption = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Source(_Strict):
+    """One named file (or archive, or folder) a sample is read from."""
+
+    url: str = Field(description="https://, http://, hf://datasets/<repo>[@<rev>]/<path>, file:// or a path")
+    sha256: str | None = Field(default=None, description="expected sha256 (hex); recorded by `curate fetch`")
+    size: int | None = Field(default=None, ge=0, description="expected size in bytes")
+    unpack: bool | None = Field(
+        default=None, description="unpack as an archive (default: by extension .tar.gz/.tgz/.tar/.zip)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url:
+            raise ValueError("empty url")
+        match = _SCHEME.match(url)
+        if match:
+            scheme = match.group(1).lower()
+            if scheme not in REMOTE_SCHEMES + LOCAL_SCHEMES:
+                supported = ", ".join(f"{s}://" for s in REMOTE_SCHEMES + LOCAL_SCHEMES)
+                raise ValueError(
+                    f"unsupported URL scheme {scheme}:// in {url!r}; supported: {supported} and local paths"
+                )
+            if scheme == "hf" and not re.match(r"^hf://datasets/[^/]+/[^/]+/.+", url):
+                raise ValueError(
+                    f"{url!r} is not an hf:// dataset file URL: write hf://datasets/<org>/<name>/<path> "
+                    "(optionally <name>@<revision>)"
+                )
+        return url
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if not _SHA256.match(value):
+            raise ValueError(f"sha256 must be 64 hexadecimal characters, not {value!r}")
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        """True for a plain path or a file:// URL."""
+        match = _SCHEME.match(self.url)
+        return match is None or match.group(1).lower() == "file"
+
+
+def _coerce_source(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class SampleFields(_Strict):
+    """Everything a sample can say about itself; every field can also be a default."""
+
+    source: str | None = Field(default=None, description="where the slide comes from: hest, stimage, 10x, geo...")
+    source_id: str | None = Field(default=None, description="the slide's id at its source (default: id)")
+    technology: Technology | None = Field(default=None, description="reader key: " + ", ".join(TECHNOLOGIES))
+    assay: Assay | None = Field(default=None, description="platform: " + ", ".join(ASSAYS))
+    chemistry: str | None = None
+    species: Species | None = None
+    organ: str | None = None
+    disease_state: str | None = None
+    oncotree_code: str | None = None
+    patient: str | None = None
+    preservation: str | None = None
+    licence: str | None = Field(default=None, description="SPDX id, or LicenseRef-<name>")
+    citation: str | None = Field(default=None, description="DOI or PMID of the source study")
+    mpp: float | None = Field(default=None, gt=0, description="um/px of the full-resolution image (override)")
+    counts: CountsKind | None = Field(default=None, description="raw (default) or normalized")
+    sources: dict[str, Source] | None = None
+    reader: dict[str, ReaderOption] | None = Field(default=None, description="reader options (per technology)")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _coerce_sources(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {name: _coerce_source(src) for name, src in value.items()}
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _check_source_names(cls, value: dict[str, Source] | None) -> dict[str, Source] | None:
+        for name in value or {}:
+            if not _SOURCE_NAME.match(name):
+                raise ValueError(f"source name {name!r} must be lower-case letters, digits and '_'")
+        return value
+
+    @field_validator("licence")
+    @classmethod
+    def _check_licence(cls, value: str | None) -> str | None:
+        if value is None or value in KNOWN_LICENCES or _LICENCE_REF.match(value):
+            return value
+        raise ValueError(
+            f"licence {value!r} is not an SPDX id this project knows ({', '.join(KNOWN_LICENCES)}); "
+            "use LicenseRef-<name> for anything else, LicenseRef-unknown where none is stated"
+        )
+
+
+class SampleEntry(SampleFields):
+    """A sample as written in a manifest."""
+
+    id: str = Field(description="slide id, unique across all manifests of a build")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not SLIDE_ID_PATTERN.match(value):
+            raise ValueError(
+                f"id {value!r} is not allowed: use letters, digits, '-' and single '_' "
+                "(no '.', '/', spaces or '__'), starting with a letter or digit"
+            )
+        return value
+
+
+class Study(_Strict):
+    """A group of samples from one publication or release, with shared defaults."""
+
+    id: str
+    title: str | None = None
+    url: str | None = None
+    defaults: SampleFields = SampleFields()
+    samples: list[SampleEntry]
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not SLIDE_ID_PATTERN.match(value):
+            raise ValueError(f"study id {value!r} must use letters, digits, '-' and single '_'")
+        return value
+
+
+class ManifestFile(_Strict):
+    """The top level of a manifest file."""
+
+    manifest: Literal["stcorpus-manifest/1"]
+    name: str
+    description: str | None = None
+    allow_local: bool = Field(default=False, description="allow local paths and file:// sources")
+    defaults: SampleFields = SampleFields()
+    studies: list[Study]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ManifestFile:
+        seen: dict[str, str] = {}
+        for i, study in enumerate(self.studies):
+            for j, sample in enumerate(study.samples):
+                here = f"studies[{i}].samples[{j}]"
+                if sample.id in seen:
+                    raise ValueError(f"duplicate sample id {sample.id!r} at {here} (first at {seen[sample.id]})")
+                seen[sample.id] = here
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolved samples
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED_FIELDS: Final = ("source", "technology", "species", "licence")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sample with its defaults applied: what readers and the build see."""
+
+    id: str
+    study_id: str
+    source: str
+    source_id: str
+    technology: str
+    assay: str
+    species: str
+    licence: str
+    counts: str
+    sources: Mapping[str, Source]
+    manifest: str  # the manifest's name
+    manifest_path: Path  # where it was read from
+    allow_local: bool
+    chemistry: str | None = None
+    organ: str | None = None
+    disease_state: str | None = None
+    oncotree_code: str | None = None
+    patient: str | None = None
+    preservation: str | None = None
+    citation: str | None = None
+    mpp: float | None = None
+    reader: Mapping[str, ReaderOption] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative local paths in this sample are resolved against."""
+        return self.manifest_path.parent
+
+    def describe(self) -> str:
+        """Where this sample is written, for messages."""
+        return f"{self.manifest_path}: sample {self.id!r} (study {self.study_id!r})"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded manifest: its samples resolved, plus what provenance needs."""
+
+    path: Path
+    name: str
+    description: str | None
+    allow_local: bool
+    sha256: str  # of the file's bytes, recorded in corpus.json
+    samples: tuple[Sample, ...]
+    studies: tuple[Study, ...]
+
+    def sample(self, sample_id: str) -> Sample:
+        """The sample with id ``sample_id``."""
+        for sample in self.samples:
+            if sample.id == sample_id:
+                return sample
+        raise KeyError(f"{self.path}: no sample {sample_id!r}")
+
+
+def _merge(*layers: SampleFields) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name in layer.model_fields_set:
+            value = getattr(layer, name)
+            if value is None:
+                continue
+            if name in ("sources", "reader") and name in merged:
+                merged[name] = {**merged[name], **value}
+            else:
+                merged[name] = value
+    return merged
+
+
+def _resolve(model: ManifestFile, path: Path) -> tuple[Sample, ...]:
+    samples: list[Sample] = []
+    for i, study in enumerate(model.studies):
+        for j, entry in enumerate(study.samples):
+            where = f"{path}: studies[{i}].samples[{j}] (id {entry.id!r})"
+            values = _merge(model.defaults, study.defaults, entry)
+            missing = [name for name in REQUIRED_FIELDS if name not in values]
+            if missing:
+                raise ManifestError(
+                    f"{where}: missing required field{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(repr(m) for m in missing)} (set it on the sample or in a study's/"
+                    "the manifest's `defaults`)"
+                )
+            technology = values["technology"]
+            assay = values.get("assay") or DEFAULT_ASSAY.get(technology)
+            if assay is None:
+                raise ManifestError(
+                    f"{where}: field 'assay' is required for technology {technology!r} (one of {', '.join(ASSAYS)})"
+                )
+            sources: dict[str, Source] = values.get("sources", {})
+            if not sources:
+                raise ManifestError(f"{where}: no `sources`: name the files this sample is read from")
+            local = sorted(name for name, src in sources.items() if src.is_local)
+            if local and not model.allow_local:
+                raise ManifestError(
+                    f"{where}: field 'sources': {', '.join(local)} {'is a' if len(local) == 1 else 'are'} "
+                    "local path(s), which this manifest does not allow; set `allow_local: true` at the "
+                    "top of the manifest if that is intended"
+                )
+            samples.append(
+                Sample(
+                    id=entry.id,
+                    study_id=study.id,
+                    source=values["source"],
+                    source_id=values.get("source_id", entry.id),
+                    technology=technology,
+                    assay=assay,
+                    species=values["species"],
+                    licence=values["licence"],
+                    counts=values.get("counts", "raw"),
+                    sources=sources,
+                    manifest=model.name,
+                    manifest_path=path,
+                    allow_local=model.allow_local,
+                    chemistry=values.get("chemistry"),
+                    organ=values.get("organ"),
+                    disease_state=values.get("disease_state"),
+                    oncotree_code=values.get("oncotree_code"),
+                    patient=values.get("patient"),
+                    preservation=values.get("preservation"),
+                    citation=values.get("citation"),
+                    mpp=values.get("mpp"),
+                    reader=values.get("reader", {}),
+                )
+            )
+    return tuple(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML with errors that point at the place
+# ---------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: FBT001, FBT002
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _describe_location(raw: Any, loc: Sequence[int | str]) -> str:
+    """``studies[0].samples[2] (id 'X'), field 'organn'`` from a pydantic error location."""
+    parts: list[str] = []
+    node = raw
+    field_parts: list[str] = []
+    entry_done = False
+    for item in loc:
+        if not entry_done and isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+            if isinstance(node, Mapping) and "id" in node:
+                parts[-1] += f" (id {node['id']!r})"
+            continue
+        if not entry_done and item in ("studies", "samples") and isinstance(node, Mapping):
+            parts.append(str(item))
+            node = node.get(item)
+            continue
+        entry_done = True
+        field_parts.append(str(item))
+    place = ".".join(p for p in parts) or "top level"
+    if field_parts:
+        return f"{place}: field '{'.'.join(field_parts)}'"
+    return place
+
+
+def _format_validation_error(path: Path, raw: Any, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [p for p in err["loc"] if p not in ("function-after[_check_url(), str]",)]
+        # pydantic adds the union member / validator name to some locations; keep the data path.
+        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        where = _describe_location(raw, loc)
+        if err["type"] == "extra_forbidden":
+            model_fields = _fields_at(loc)
+            hint = f" (valid keys: {', '.join(model_fields)})" if model_fields else ""
+            message = f"unknown key{hint}"
+        elif err["type"] == "missing":
+            message = "missing required field"
+        elif err["type"] == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            message = f"{err['input']!r} is not valid; expected one of {expected}"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: Sequence[int | str]) -> list[str]:
+    """Valid keys of the model that holds the last element of ``loc``."""
+    model: type[BaseModel] | None = ManifestFile
+    after_sources = False
+    for name in (p for p in loc[:-1] if isinstance(p, str)):
+        if after_sources:  # the name of a source: its value is a Source
+            model, after_sources = Source, False
+        elif name == "studies" and model is ManifestFile:
+            model = Study
+        elif name == "samples" and model is Study:
+            model = SampleEntry
+        elif name == "defaults":
+            model = SampleFields
+        elif name == "sources":
+            after_sources = True
+        else:
+            model = None
+    return [] if model is None or after_sources else list(model.model_fields)
+
+
+def parse_manifest(text: str, *, path: Path) -> Manifest:
+    """Parse manifest text read from ``path`` (used in messages and to resolve local paths)."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{path}: a manifest is a YAML mapping with `manifest: {MANIFEST_FORMAT}` at the top")
+    if raw.get("manifest") != MANIFEST_FORMAT:
+        raise ManifestError(
+            f"{path}: top level: field 'manifest' must be {MANIFEST_FORMAT!r} (found {raw.get('manifest')!r})"
+        )
+    try:
+        model = ManifestFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(_format_validation_error(path, raw, exc)) from None
+    samples = _resolve(model, path)
+    return Manifest(
+        path=path,
+        name=model.name,
+        description=model.description,
+        allow_local=model.allow_local,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        samples=samples,
+        studies=tuple(model.studies),
+    )
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate one manifest file; nothing is downloaded.
+
+    >>> manifest = load_manifest("manifests/demo.yaml")  # doctest: +SKIP
+    >>> [s.id for s in manifest.samples]  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+    return parse_manifest(text, path=path)
+
+
+def load_manifests(paths: Iterable[str | Path]) -> tuple[Manifest, ...]:
+    """Read several manifests; a sample id used in two of them is an error naming both."""
+    manifests = tuple(load_manifest(p) for p in paths)
+    seen: dict[str, Path] = {}
+    for manifest in manifests:
+        for sample in manifest.samples:
+            if sample.id in seen:
+                raise ManifestError(
+                    f"{manifest.path}: sample id {sample.id!r} is also used in {seen[sample.id]}; "
+                    "slide ids must be unique across the manifests of a build"
+                )
+            seen[sample.id] = manifest.path
+    return manifests

@@ -1,0 +1,128 @@
+"""The ``Slide``: what every reader returns, whatever the source technology.
+
+A slide is raw counts (spots x features, sparse, as stored), the features as the source names
+them, a spot table in full-resolution image pixels, a lazily opened image, the um/px of that
+image and where it came from, the manifest sample, and the QC checks run on it so far.
+
+Coordinates: ``spots.x_px`` / ``spots.y_px`` are in level-0 pixels of ``slide.image`` (x to the
+right, y down), and ``slide.mpp`` is the um/px of that level. When a reader falls back to a
+downscaled image (Space Ranger's hires/lowres PNG), it scales the coordinates and the um/px
+together and says so in ``notes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from curate.imaging import SlideImage
+    from curate.manifest import Sample
+
+#: Where a slide's um/px came from, in order of preference when sources disagree.
+MppSource = Literal["manifest", "metadata", "scalefactors", "lattice", "spot_radius"]
+
+Lattice = Literal["hex", "square"]
+
+#: Spot centre-to-centre distance (um) and spot diameter (um) per assay.
+LATTICE_PITCH_UM: dict[str, float] = {"visium": 100.0, "visium-cytassist": 100.0, "st": 200.0}
+SPOT_DIAMETER_UM: dict[str, float] = {"visium": 55.0, "visium-cytassist": 55.0, "st": 100.0}
+LATTICE_KIND: dict[str, Lattice] = {"visium": "hex", "visium-cytassist": "hex", "st": "square"}
+
+
+@dataclass(frozen=True)
+class Features:
+    """The features (genes) of a matrix, as the source names them, aligned with its columns."""
+
+    ids: npt.NDArray[np.str_]  # Ensembl ids as given ("" where the source gives none)
+    names: npt.NDArray[np.str_]  # symbols as given ("" where the source gives none)
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.names.shape or self.ids.ndim != 1:
+            raise ValueError(f"feature ids {self.ids.shape} and names {self.names.shape} must be equal 1-d arrays")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Spots:
+    """The spot table, one row per matrix row (aligned with ``Slide.counts``)."""
+
+    barcode: npt.NDArray[np.str_]
+    in_tissue: npt.NDArray[np.bool_]
+    array_row: npt.NDArray[np.int32]
+    array_col: npt.NDArray[np.int32]
+    x_px: npt.NDArray[np.float64]  # level-0 pixels of Slide.image
+    y_px: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        n = self.barcode.shape[0]
+        for name in ("in_tissue", "array_row", "array_col", "x_px", "y_px"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"spots.{name} has shape {getattr(self, name).shape}, expected ({n},)")
+
+    def __len__(self) -> int:
+        return int(self.barcode.shape[0])
+
+    def subset(self, mask: npt.NDArray[np.bool_] | npt.NDArray[np.intp]) -> Spots:
+        """The rows selected by a boolean mask or an index array, in that order."""
+        return Spots(
+            barcode=self.barcode[mask],
+            in_tissue=self.in_tissue[mask],
+            array_row=self.array_row[mask],
+            array_col=self.array_col[mask],
+            x_px=self.x_px[mask],
+            y_px=self.y_px[mask],
+        )
+
+
+@dataclass(frozen=True)
+class QCCheck:
+    """One quality-control measurement on a slide."""
+
+    name: str  # e.g. "mpp_lattice_agreement"
+    value: float | int | str | None  # the number measured
+    passed: bool
+    reason: str = ""  # why it failed, or what was done about it
+    blocking: bool = False  # a failed blocking check raises; a failed non-blocking one flags
+
+
+@dataclass
+class Slide:
+    """One slide read from its sources, validated, before genes and tiles touch it."""
+
+    sample: Sample
+    counts: sp.csr_matrix  # spots x features, dtype as stored (integers, or float if the source is)
+    features: Features
+    spots: Spots
+    image: SlideImage
+    mpp: float  # um/px of level 0 of `image`
+    mpp_source: MppSource
+    lattice: Lattice = "hex"
+    pitch_um: float = 100.0
+    qc: list[QCCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. image fallbacks, features dropped
+    dropped_features: int = 0  # non "Gene Expression" features removed by the reader
+
+    def __post_init__(self) -> None:
+        n_spots, n_features = self.counts.shape
+        if n_spots != len(self.spots):
+            raise ValueError(f"counts has {n_spots} rows but the spot table has {len(self.spots)}")
+        if n_features != len(self.features):
+            raise ValueError(f"counts has {n_features} columns but there are {len(self.features)} features")
+
+    @property
+    def id(self) -> str:
+        """The slide id (the manifest sample's id)."""
+        return self.sample.id
+
+    @property
+    def flags(self) -> list[str]:
+        """Names of failed non-blocking checks."""
+        return [check.name for check in self.qc if not check.passed]

@@ -1,0 +1,32 @@
+"""Shared fixtures: paths of the real data in tests/data and small helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+HEART = DATA / "human-heart-sr1.0"
+MOUSE_BRAIN = DATA / "mouse-brain-sr1.1"
+FULLRES = DATA / "mouse-brain-fullres-h5ad"
+
+
+def expected(folder: Path) -> dict[str, Any]:
+    """The measured facts of a real fixture (its EXPECTED.json)."""
+    result: dict[str, Any] = json.loads((folder / "EXPECTED.json").read_text())
+    return result
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path):
+    """Write manifest text to a file in tmp_path and return its path."""
+
+    def write(text: str, name: str = "manifest.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,138 @@
+"""The manifest model: inheritance, and errors that name the file, the entry and the field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from curate.cli import main
+from curate.errors import ManifestError
+from curate.manifest import TECHNOLOGIES, load_manifest, load_manifests
+
+GOOD = """
+manifest: stcorpus-manifest/1
+name: t
+allow_local: true
+defaults: {source: 10x, technology: spaceranger, licence: CC-BY-4.0, reader: {matrix: filtered}}
+studies:
+  - id: study-a
+    defaults: {species: human, organ: heart, citation: "doi:10.1/x"}
+    samples:
+      - id: A1
+        sources: {matrix: a.h5, spatial: sp, positions: {url: "https://example.org/p.csv", sha256: %s, size: 10}}
+      - id: A2
+        organ: lung
+        licence: CC-BY-NC-4.0
+        sources: {outs: outs.tar.gz}
+  - id: study-b
+    defaults: {species: mouse, technology: hest, assay: xenium}
+    samples:
+      - id: B1
+        patient: P1
+        sources: {st: "hf://datasets/MahmoodLab/hest/st/B1.h5ad", wsi: "hf://datasets/MahmoodLab/hest/wsis/B1.tif"}
+""" % ("ab" * 32)
+
+
+def test_defaults_inherit_and_samples_win(write_manifest) -> None:
+    manifest = load_manifest(write_manifest(GOOD))
+    a1, a2, b1 = manifest.samples
+    assert (a1.study_id, a1.species, a1.organ, a1.licence, a1.assay) == (
+        "study-a",
+        "human",
+        "heart",
+        "CC-BY-4.0",
+        "visium",
+    )
+    assert (a2.organ, a2.licence) == ("lung", "CC-BY-NC-4.0")
+    assert (b1.technology, b1.assay, b1.species, b1.patient, b1.citation) == (
+        "hest",
+        "xenium",
+        "mouse",
+        "P1",
+        None,
+    )
+    assert a1.sources["positions"].sha256 == "ab" * 32 and a1.sources["positions"].size == 10
+    assert a1.sources["matrix"].url == "a.h5" and a1.sources["matrix"].is_local
+    assert a1.reader == {"matrix": "filtered"} and a1.counts == "raw" and a1.source_id == "A1"
+    assert len(manifest.sha256) == 64
+
+
+def error_of(write_manifest, text: str) -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write_manifest(textwrap.dedent(text)))
+    return str(info.value)
+
+
+def test_unknown_key_names_file_entry_and_field(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("patient: P1", "patiant: P1"))
+    assert "manifest.yaml" in message
+    assert "studies[1]" in message and "samples[0] (id 'B1')" in message
+    assert "field 'patiant': unknown key" in message and "patient" in message  # lists the valid keys
+
+
+def test_missing_id(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("- id: A2", "- organ_: x\n        ").replace("organ_: x", ""))
+    assert "samples[1]" in message and "field 'id': missing required field" in message
+
+
+def test_missing_required_inherited_field(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("species: mouse, ", ""))
+    assert "(id 'B1')" in message and "missing required field 'species'" in message
+
+
+def test_duplicate_sample_id(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("- id: B1", "- id: A1"))
+    assert "duplicate sample id 'A1'" in message and "studies[0].samples[0]" in message
+
+
+def test_duplicate_id_across_manifests(write_manifest) -> None:
+    first = write_manifest(GOOD, "one.yaml")
+    second = write_manifest(GOOD, "two.yaml")
+    with pytest.raises(ManifestError, match=r"two.yaml: sample id 'A1' is also used in .*one.yaml"):
+        load_manifests([first, second])
+
+
+def test_unknown_technology_lists_valid_ones(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("technology: hest", "technology: visium9"))
+    assert "studies[1] (id 'study-b'): field 'defaults.technology'" in message
+    assert "'visium9' is not valid" in message
+    assert all(t in message for t in TECHNOLOGIES)
+
+
+def test_ftp_url_refused(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("https://example.org/p.csv", "ftp://example.org/p.csv"))
+    assert "(id 'A1')" in message and "field 'sources.positions.url'" in message
+    assert "unsupported URL scheme ftp://" in message and "https://" in message
+
+
+def test_local_paths_need_allow_local(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("allow_local: true", "allow_local: false"))
+    assert "(id 'A1')" in message and "allow_local: true" in message
+
+
+def test_bad_licence_and_sha(write_manifest) -> None:
+    assert "LicenseRef-" in error_of(write_manifest, GOOD.replace("CC-BY-NC-4.0", "CC BY NC"))
+    assert "64 hexadecimal" in error_of(write_manifest, GOOD.replace("ab" * 32, "abc"))
+
+
+def test_duplicate_yaml_key_refused(write_manifest) -> None:
+    message = error_of(write_manifest, GOOD.replace("patient: P1", "patient: P1\n        patient: P2"))
+    assert "duplicate key 'patient'" in message
+
+
+def test_not_a_manifest(write_manifest) -> None:
+    assert "stcorpus-manifest/1" in error_of(write_manifest, "name: x\nstudies: []\n")
+    assert "not valid YAML" in error_of(write_manifest, "manifest: [\n")
+
+
+def test_validate_command(write_manifest, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    good = write_manifest(GOOD.replace("reader: {matrix: filtered}", "reader: {}"), "good.yaml")
+    bad = write_manifest(GOOD.replace("technology: hest", "technology: visium9"), "bad.yaml")
+    assert main(["validate", str(bad)]) == 1
+    assert "visium9" in capsys.readouterr().err
+    code = main(["validate", str(good)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "ok: 3 samples in 2 studies" in out

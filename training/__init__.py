@@ -1,0 +1,1 @@
+"""training: contrastive image-gene pretraining on streamed corpus shards."""
