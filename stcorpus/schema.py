@@ -302,7 +302,16 @@ SHARD_COLUMNS: Final = (
 )
 
 #: Columns of ``genes.parquet``: the vocabulary.
-GENE_COLUMNS: Final = ("index", "ensembl_id", "symbol", "species", "biotype", "human_ortholog")
+GENE_COLUMNS: Final = (
+    "index",  # int32, dense from 0: the values of `genes` / `niche_genes`
+    "ensembl_id",  # ENSG... / ENSMUSG..., unversioned
+    "symbol",  # approved symbol where known
+    "species",  # human | mouse
+    "biotype",  # HGNC locus group / Ensembl biotype where known
+    "human_ortholog",  # int32 index of the one-to-one human ortholog in this vocabulary, else null
+    "human_ortholog_id",  # Ensembl id of that ortholog even when it is not in this vocabulary, else null
+    "panels",  # list<string>: named gene panels the gene belongs to (e.g. human-protein-coding)
+)
 
 #: Columns of ``slides.parquet``: one row per slide considered by the build.
 SLIDE_COLUMNS: Final = (
