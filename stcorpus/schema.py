@@ -158,7 +158,7 @@ META_FIELDS: Final[tuple[Field, ...]] = (
     Field("slide_id", "string", "slide id (unique in the corpus)"),
     Field("barcode", "string", "spot barcode as the source gives it"),
     Field("study_id", "string", "study the slide belongs to"),
-    Field("split", "string", "train / val / test"),
+    Field("split", "string", "train / validation / test"),
     Field("species", "string", "human or mouse"),
     Field("organ", "string", "organ, as the manifest names it"),
     Field("technology", "string", "source format the slide was read from (spaceranger, hest, stimage)"),
@@ -268,7 +268,7 @@ QC_DIR: Final = "qc"
 WDS_DIR: Final = "wds"
 PARQUET_DIR: Final = "parquet"
 
-SPLITS: Final = ("train", "val", "test")
+SPLITS: Final = ("train", "validation", "test")
 FORMATS: Final = ("parquet", "wds")
 
 

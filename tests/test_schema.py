@@ -40,6 +40,6 @@ def test_arrow_schema_carries_datasets_features() -> None:
 
 
 def test_shard_paths() -> None:
-    assert schema.shard_path("parquet", "val", 12) == "parquet/val/val-000012.parquet"
+    assert schema.shard_path("parquet", "validation", 12) == "parquet/validation/validation-000012.parquet"
     with pytest.raises(ValueError, match="unknown split"):
-        schema.shard_path("wds", "validation", 0)
+        schema.shard_path("wds", "val", 0)

@@ -1,0 +1,494 @@
+"""Shard writers: the same samples, in the same order, as WebDataset tars and Parquet files.
+
+``ShardWriter`` takes samples (``ShardSample``) for one split and writes them into equal-count
+shards in both formats at once: shard ``i`` of ``wds/<split>/`` and of ``parquet/<split>/`` hold
+exactly the same samples in the same order, and every shard but the last holds exactly
+``samples_per_shard`` samples. Files are written under a hidden temporary name, fsynced and
+renamed, so a shard is never visible under its final name before it is complete.
+
+Output is byte-reproducible: tar members have fixed mtime/uid/gid/mode and a fixed order,
+``expr.npz`` is written with a fixed zip timestamp, JSON with sorted keys, and Parquet with
+fixed writer options (for one pyarrow version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from curate.errors import SettingsError
+from stcorpus import schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+#: Zip's earliest representable time: a fixed stamp keeps ``expr.npz`` bytes reproducible.
+_ZIP_EPOCH: Final = (1980, 1, 1, 0, 0, 0)
+_TAR_MODE: Final = 0o444
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """How samples are cut into shards."""
+
+    samples_per_shard: int = 10_000
+    row_group_size: int = 1_000
+    #: Parquet compression of the non-image columns (images are JPEG already and stored as is).
+    parquet_compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise SettingsError(f"samples_per_shard must be >= 1, not {self.samples_per_shard}")
+        if self.row_group_size < 1:
+            raise SettingsError(f"row_group_size must be >= 1, not {self.row_group_size}")
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One sample ready to be written: images as JPEG bytes, expression as vocabulary indices."""
+
+    key: str
+    patch: bytes
+    region: bytes
+    genes: npt.NDArray[np.int32]
+    counts: npt.NDArray[Any]
+    niche_genes: npt.NDArray[np.int32]
+    niche_counts: npt.NDArray[Any]
+    meta: Mapping[str, Any]  # exactly schema.META_FIELD_NAMES
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One written shard file: a row of ``shards.parquet``."""
+
+    path: str
+    format: str
+    split: str
+    index: int
+    n_samples: int
+    bytes: int
+    sha256: str
+    first_key: str
+    last_key: str
+    slide_ids: tuple[str, ...]
+
+    def row(self) -> dict[str, Any]:
+        """This shard as a ``shards.parquet`` row."""
+        return {name: (list(v) if isinstance(v, tuple) else v) for name, v in vars(self).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_expr(
+    genes: npt.NDArray[np.int32],
+    counts: npt.NDArray[Any],
+    niche_genes: npt.NDArray[np.int32],
+    niche_counts: npt.NDArray[Any],
+) -> bytes:
+    """The ``expr.npz`` member: four arrays in an uncompressed zip with a fixed timestamp."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in (
+            (schema.Expr.GENES.value, genes),
+            (schema.Expr.COUNTS.value, counts),
+            (schema.Expr.NICHE_GENES.value, niche_genes),
+            (schema.Expr.NICHE_COUNTS.value, niche_counts),
+        ):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def encode_meta(meta: Mapping[str, Any]) -> bytes:
+    """The ``json`` member: the metadata fields in schema order, compact, UTF-8."""
+    missing = [name for name in schema.META_FIELD_NAMES if name not in meta]
+    extra = sorted(set(meta) - set(schema.META_FIELD_NAMES))
+    if missing or extra:
+        raise ValueError(f"sample metadata: missing {missing}, unexpected {extra}")
+    ordered = {name: _plain(meta[name]) for name in schema.META_FIELD_NAMES}
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+class _AtomicFile:
+    """A file written under a hidden temporary name and renamed into place when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle: IO[bytes] = self.tmp.open("wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def finish(self) -> None:
+        """Flush and fsync the temporary file; it is complete but not yet visible."""
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+    def publish(self) -> None:
+        """Rename the finished file into place."""
+        self.tmp.replace(self.path)
+        fsync_dir(self.path.parent)
+
+    def commit(self) -> None:
+        self.finish()
+        self.publish()
+
+    def abort(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file + fsync + rename."""
+    out = _AtomicFile(path)
+    try:
+        out.write(data)
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()
+
+
+class _HashingSink(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to a file."""
+
+    def __init__(self, target: _AtomicFile) -> None:
+        self.target = target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self.target.write(bytes(data))
+
+
+class _TarShard:
+    def __init__(self, path: Path) -> None:
+        self.file = _AtomicFile(path)
+        self.tar = tarfile.open(fileobj=_HashingSink(self.file), mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def add(self, sample: ShardSample) -> None:
+        members = (
+            (schema.Member.PATCH.value, sample.patch),
+            (schema.Member.REGION.value, sample.region),
+            (
+                schema.Member.EXPR.value,
+                encode_expr(sample.genes, sample.counts, sample.niche_genes, sample.niche_counts),
+            ),
+            (schema.Member.META.value, encode_meta(sample.meta)),
+        )
+        for suffix, data in members:
+            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = _TAR_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def finish(self) -> None:
+        self.tar.close()
+        self.file.finish()
+
+    def abort(self) -> None:
+        self.file.abort()
+
+
+class _ParquetShard:
+    def __init__(self, path: Path, *, counts_dtype: str, settings: ShardSettings) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema = schema.sample_arrow_schema(counts_dtype)
+        self.counts_dtype = np.dtype(counts_dtype)
+        self.settings = settings
+        self.file = _AtomicFile(path)
+        compression = dict.fromkeys(self.schema.names, settings.parquet_compression)
+        compression[schema.PATCH_COLUMN] = compression[schema.REGION_COLUMN] = "none"
+        self.writer: pq.ParquetWriter = pq.ParquetWriter(
+            _HashingSink(self.file),
+            self.schema,
+            compression=compression,
+            use_dictionary=["split", "species", "organ", "technology", "assay", "study_id", "slide_id"],
+            write_statistics=[schema.KEY_COLUMN, "slide_id"],
+        )
+        self.rows: list[ShardSample] = []
+
+    def add(self, sample: ShardSample) -> None:
+        self.rows.append(sample)
+        if len(self.rows) >= self.settings.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(self._table(self.rows), row_group_size=len(self.rows))
+            self.rows = []
+
+    def _table(self, rows: Sequence[ShardSample]) -> pa.Table:
+        import pyarrow as pa
+
+        columns: dict[str, Any] = {
+            schema.KEY_COLUMN: [r.key for r in rows],
+            schema.PATCH_COLUMN: [{"bytes": r.patch, "path": f"{r.key}.{schema.Member.PATCH.value}"} for r in rows],
+            schema.REGION_COLUMN: [{"bytes": r.region, "path": f"{r.key}.{schema.Member.REGION.value}"} for r in rows],
+            schema.Expr.GENES.value: _list_array([r.genes for r in rows], np.dtype(np.int32)),
+            schema.Expr.COUNTS.value: _list_array([r.counts for r in rows], self.counts_dtype),
+            schema.Expr.NICHE_GENES.value: _list_array([r.niche_genes for r in rows], np.dtype(np.int32)),
+            schema.Expr.NICHE_COUNTS.value: _list_array([r.niche_counts for r in rows], self.counts_dtype),
+        }
+        for f in schema.META_FIELDS:
+            columns[f.name] = [_plain(r.meta[f.name]) for r in rows]
+        arrays = [
+            columns[name]
+            if isinstance(columns[name], pa.Array)
+            else pa.array(columns[name], type=self.schema.field(name).type)
+            for name in self.schema.names
+        ]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def finish(self) -> None:
+        self._flush()
+        self.writer.close()
+        self.file.finish()
+
+    def abort(self) -> None:
+        if self.writer.is_open:
+            self.writer.close()
+        self.file.abort()
+
+
+def _list_array(arrays: Sequence[npt.NDArray[Any]], dtype: np.dtype[Any]) -> pa.Array:
+    """A ``list<dtype>`` Arrow array built from numpy arrays without going through Python lists."""
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = lossless_cast(np.concatenate(arrays), dtype) if arrays else np.zeros(0, dtype=dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def lossless_cast(values: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """``values`` as ``dtype`` if no value changes on the way, else a ValueError (never a silent cast)."""
+    if values.dtype == dtype or np.can_cast(values.dtype, dtype, casting="safe"):
+        return values.astype(dtype, copy=False)
+    if values.dtype.kind == "f" and dtype.kind in "iu" and not np.all(np.isfinite(values)):
+        raise ValueError(f"cannot store {values.dtype} values as {dtype} without changing them (NaN or inf)")
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = values.astype(dtype)
+    if values.dtype.kind in "iu" or (values.dtype.kind == "f" and dtype.kind == "f"):
+        same = np.array_equal(cast.astype(values.dtype), values)
+    elif values.dtype.kind == "f" and dtype.kind in "iu":
+        same = np.array_equal(cast.astype(values.dtype), values)
+    else:
+        same = False
+    if not same:
+        raise ValueError(f"cannot store {values.dtype} values as {dtype} without changing them")
+    return cast
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer of one split
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardWriter:
+    """Writes the samples of one split into equal-count WebDataset and Parquet shards.
+
+    >>> with ShardWriter(root, split="train", counts_dtype="int32") as writer:  # doctest: +SKIP
+    ...     for sample in samples:
+    ...         writer.add(sample)
+    >>> writer.shards  # doctest: +SKIP
+    """
+
+    root: Path
+    split: str
+    counts_dtype: str = "int32"
+    settings: ShardSettings = field(default_factory=ShardSettings)
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.split not in schema.SPLITS:
+            raise SettingsError(f"unknown split {self.split!r}; splits are {schema.SPLITS}")
+        if self.counts_dtype not in schema.COUNT_DTYPES:
+            raise SettingsError(f"counts dtype must be one of {schema.COUNT_DTYPES}, not {self.counts_dtype!r}")
+        self._index = 0
+        self._tar: _TarShard | None = None
+        self._parquet: _ParquetShard | None = None
+        self._n = 0
+        self._first_key = ""
+        self._last_key = ""
+        self._slides: set[str] = set()
+
+    def add(self, sample: ShardSample) -> None:
+        """Append one sample; a shard is committed each time it reaches ``samples_per_shard``."""
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None and self._parquet is not None
+        self._tar.add(sample)
+        self._parquet.add(sample)
+        if self._n == 0:
+            self._first_key = sample.key
+        self._last_key = sample.key
+        self._slides.add(str(sample.meta["slide_id"]))
+        self._n += 1
+        if self._n == self.settings.samples_per_shard:
+            self._commit()
+
+    def add_all(self, samples: Iterable[ShardSample]) -> None:
+        """Append every sample of ``samples``."""
+        for sample in samples:
+            self.add(sample)
+
+    def _open(self) -> None:
+        self._tar = _TarShard(self.root / schema.shard_path("wds", self.split, self._index))
+        self._parquet = _ParquetShard(
+            self.root / schema.shard_path("parquet", self.split, self._index),
+            counts_dtype=self.counts_dtype,
+            settings=self.settings,
+        )
+
+    def _commit(self) -> None:
+        assert self._tar is not None and self._parquet is not None
+        # Both files are completed before either is renamed: a failure in one leaves neither visible.
+        try:
+            self._tar.finish()
+            self._parquet.finish()
+        except BaseException:
+            self.abort()
+            raise
+        for fmt, shard in (("wds", self._tar), ("parquet", self._parquet)):
+            shard.file.publish()
+            self.shards.append(
+                ShardInfo(
+                    path=schema.shard_path(fmt, self.split, self._index),
+                    format=fmt,
+                    split=self.split,
+                    index=self._index,
+                    n_samples=self._n,
+                    bytes=shard.file.size,
+                    sha256=shard.file.digest.hexdigest(),
+                    first_key=self._first_key,
+                    last_key=self._last_key,
+                    slide_ids=tuple(sorted(self._slides)),
+                )
+            )
+        self._tar = self._parquet = None
+        self._index += 1
+        self._n = 0
+        self._slides = set()
+
+    def close(self) -> list[ShardInfo]:
+        """Commit the last (possibly short) shard and return every shard written."""
+        if self._tar is not None and self._n > 0:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary files); committed shards stay."""
+        for shard in (self._tar, self._parquet):
+            if shard is not None:
+                shard.abort()
+        self._tar = self._parquet = None
+        self._n = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard_index(root: Path, shards: Sequence[ShardInfo]) -> Path:
+    """Write ``shards.parquet``: one row per shard file, sorted by format, split and index."""
+    import pyarrow as pa
+
+    ordered = sorted(shards, key=lambda s: (s.format, schema.SPLITS.index(s.split), s.index))
+    index_schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("format", pa.string()),
+            ("split", pa.string()),
+            ("index", pa.int32()),
+            ("n_samples", pa.int64()),
+            ("bytes", pa.int64()),
+            ("sha256", pa.string()),
+            ("first_key", pa.string()),
+            ("last_key", pa.string()),
+            ("slide_ids", pa.list_(pa.string())),
+        ],
+        metadata={"stcorpus": schema.SCHEMA_ID},
+    )
+    table = pa.Table.from_pylist([s.row() for s in ordered], schema=index_schema)
+    return write_parquet_atomic(root / schema.SHARDS_FILE, table)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table, **options: Any) -> Path:
+    """Write an Arrow table as Parquet through a temporary file + rename."""
+    import pyarrow.parquet as pq
+
+    out = _AtomicFile(path)
+    try:
+        pq.write_table(table, _HashingSink(out), **options)
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()
+    return path

@@ -1,0 +1,162 @@
+"""Shard writers: both formats hold the same samples in the same order, reproducibly."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate.shards import ShardSample, ShardSettings, ShardWriter, encode_expr, write_shard_index
+from stcorpus import schema
+from tests.conftest import FULLRES
+
+IMAGE = Image.open(FULLRES / "test_img.jpg").convert("RGB")
+
+
+def jpeg(x: int, y: int) -> bytes:
+    out = io.BytesIO()
+    IMAGE.crop((x, y, x + 224, y + 224)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_samples(n: int, *, slide: str = "S1", dtype: str = "int32") -> list[ShardSample]:
+    samples = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        genes = np.unique(rng.integers(0, 500, 40)).astype(np.int32)
+        counts = rng.integers(1, 20, len(genes)).astype(dtype)
+        meta: dict[str, Any] = {
+            "slide_id": slide,
+            "barcode": f"AAAC{i:04d}-1",
+            "study_id": "study",
+            "split": "train",
+            "species": "mouse",
+            "organ": None if i % 3 else "brain",
+            "technology": "hest",
+            "assay": "visium",
+            "x_um": 100.0 * i,
+            "y_um": 55.5,
+            "array_row": i,
+            "array_col": 2 * i,
+            "pos": i % 9,
+            "neighbors": [schema.sample_key(slide, f"AAAC{i + 1:04d}-1")],
+            "n_neighbors": 1,
+            "total_counts": float(counts.sum()),
+            "n_genes": len(genes),
+            "outside_fraction": 0.0,
+        }
+        samples.append(
+            ShardSample(
+                key=schema.sample_key(slide, meta["barcode"]),
+                patch=jpeg(5 * i, 0),
+                region=jpeg(0, 5 * i),
+                genes=genes,
+                counts=counts,
+                niche_genes=genes[::2].copy(),
+                niche_counts=(counts[::2] * 3).astype(dtype),
+                meta=meta,
+            )
+        )
+    return samples
+
+
+def write(root: Path, samples: list[ShardSample], **settings: Any) -> list:
+    with ShardWriter(root, split="train", settings=ShardSettings(**settings)) as writer:
+        writer.add_all(samples)
+    write_shard_index(root, writer.shards)
+    return writer.shards
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_equal_count_shards_in_both_formats(tmp_path: Path) -> None:
+    shards = write(tmp_path, make_samples(11), samples_per_shard=4, row_group_size=3)
+    by_format = {fmt: [s for s in shards if s.format == fmt] for fmt in ("wds", "parquet")}
+    assert [s.n_samples for s in by_format["wds"]] == [4, 4, 3]
+    assert [s.n_samples for s in by_format["parquet"]] == [4, 4, 3]
+    for info in shards:
+        path = tmp_path / info.path
+        assert path.stat().st_size == info.bytes
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == info.sha256
+    assert not list(tmp_path.rglob(".*partial")), "temporary files left behind"
+    parquet_file = pq.ParquetFile(tmp_path / by_format["parquet"][0].path)
+    assert parquet_file.metadata.num_row_groups == 2  # 4 rows in groups of 3
+    index = pq.read_table(tmp_path / schema.SHARDS_FILE).to_pylist()
+    assert [r["n_samples"] for r in index if r["format"] == "parquet"] == [4, 4, 3]
+
+
+def test_tar_members_are_fixed_and_ordered(tmp_path: Path) -> None:
+    samples = make_samples(2)
+    write(tmp_path, samples)
+    with tarfile.open(tmp_path / "wds/train/train-000000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:4]] == [f"{samples[0].key}.{m.value}" for m in schema.Member]
+    assert {(m.mtime, m.uid, m.gid, m.mode, m.uname, m.gname) for m in members} == {(0, 0, 0, 0o444, "", "")}
+
+
+def test_byte_reproducible(tmp_path: Path) -> None:
+    write(tmp_path / "a", make_samples(9), samples_per_shard=4)
+    write(tmp_path / "b", make_samples(9), samples_per_shard=4)
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    one = encode_expr(*(np.arange(3, dtype=np.int32),) * 4)
+    assert one == encode_expr(*(np.arange(3, dtype=np.int32),) * 4)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32"])
+def test_datasets_reads_both_formats_identically(tmp_path: Path, dtype: str) -> None:
+    import datasets
+
+    samples = make_samples(7, dtype=dtype)
+    with ShardWriter(tmp_path, split="train", counts_dtype=dtype, settings=ShardSettings(samples_per_shard=3)) as w:
+        w.add_all(samples)
+    parquet = datasets.load_dataset(
+        "parquet", data_files={"train": str(tmp_path / "parquet/train/*.parquet")}, streaming=True, split="train"
+    )
+    wds = datasets.load_dataset(
+        "webdataset", data_files={"train": str(tmp_path / "wds/train/*.tar")}, streaming=True, split="train"
+    )
+    rows_p, rows_w = list(parquet), list(wds)
+    assert [r["__key__"] for r in rows_p] == [r["__key__"] for r in rows_w] == [s.key for s in samples]
+    for sample, rp, rw in zip(samples, rows_p, rows_w, strict=True):
+        assert np.array_equal(np.asarray(rp["patch"]), np.asarray(rw["patch.jpg"]))
+        assert rp["patch"].size == (224, 224)
+        expr = rw["expr.npz"]
+        for name in ("genes", "counts", "niche_genes", "niche_counts"):
+            assert np.array_equal(np.asarray(rp[name]), getattr(sample, name))
+            assert np.array_equal(np.asarray(expr[name]), getattr(sample, name))
+        assert {k: rp[k] for k in schema.META_FIELD_NAMES} == rw["json"] == dict(sample.meta)
+
+
+def test_counts_dtype_checked(tmp_path: Path) -> None:
+    with (
+        pytest.raises(ValueError, match="cannot store float64 values as int32"),
+        ShardWriter(tmp_path, split="train") as writer,
+    ):
+        samples = make_samples(1)
+        bad = ShardSample(**{**vars(samples[0]), "counts": samples[0].counts + 0.5})
+        writer.add(bad)
+    assert not list(tmp_path.rglob("*.tar")), "a failed shard must not appear under its final name"
+    assert not list(tmp_path.rglob("*.partial")), "temporary files left behind"
+
+
+def test_lossless_cast() -> None:
+    from curate.shards import lossless_cast
+
+    assert lossless_cast(np.array([1, 2], dtype=np.int64), np.dtype(np.int32)).dtype == np.int32
+    assert lossless_cast(np.array([1.0, 2.0]), np.dtype(np.int32)).tolist() == [1, 2]
+    for bad, dtype in (([1.5], np.int32), ([2**40], np.int32), ([np.nan], np.int32), ([2**25 + 1], np.float32)):
+        with pytest.raises(ValueError, match="without changing them"):
+            lossless_cast(np.array(bad), np.dtype(dtype))
