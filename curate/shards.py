@@ -329,13 +329,8 @@ def lossless_cast(values: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray
         raise ValueError(f"cannot store {values.dtype} values as {dtype} without changing them (NaN or inf)")
     with np.errstate(invalid="ignore", over="ignore"):
         cast = values.astype(dtype)
-    if values.dtype.kind in "iu" or (values.dtype.kind == "f" and dtype.kind == "f"):
-        same = np.array_equal(cast.astype(values.dtype), values)
-    elif values.dtype.kind == "f" and dtype.kind in "iu":
-        same = np.array_equal(cast.astype(values.dtype), values)
-    else:
-        same = False
-    if not same:
+    numeric = values.dtype.kind in "iuf" and dtype.kind in "iuf"
+    if not numeric or not np.array_equal(cast.astype(values.dtype), values):
         raise ValueError(f"cannot store {values.dtype} values as {dtype} without changing them")
     return cast
 
