@@ -153,3 +153,22 @@ class DuplicateSlideError(SlideError):
 
 class BuildError(CurateError):
     """A build that cannot go on (bad settings, a bad slide with ``on_bad_sample='error'``)."""
+
+
+# --- fetching: HTTP statuses (appended by the fetch layer) -----------------------------------
+
+
+class HttpStatusError(FetchError):
+    """A server that answered with an HTTP error status (after retries, where retrying made sense)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AccessDeniedError(HttpStatusError, PermissionError):
+    """401/403: a gated or private file, or a missing, expired or insufficient token."""
+
+
+class RemoteNotFoundError(HttpStatusError, FileNotFoundError):
+    """404/410: no file at that URL (check the path, the revision, the repository name)."""
