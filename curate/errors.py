@@ -161,7 +161,7 @@ class BuildError(CurateError):
 class HttpStatusError(FetchError):
     """A server that answered with an HTTP error status (after retries, where retrying made sense)."""
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
