@@ -173,6 +173,10 @@ class SampleFields(_Strict):
     citation: str | None = Field(default=None, description="DOI or PMID of the source study")
     mpp: float | None = Field(default=None, gt=0, description="um/px of the full-resolution image (override)")
     counts: CountsKind | None = Field(default=None, description="raw (default) or normalized")
+    spots: int | None = Field(default=None, ge=0, description="spots under tissue per the source (for plans)")
+    image_size: tuple[int, int] | None = Field(
+        default=None, description="[width, height] of the full-resolution image per the source (for plans)"
+    )
     sources: dict[str, Source] | None = None
     reader: dict[str, ReaderOption] | None = Field(default=None, description="reader options (per technology)")
 
@@ -289,6 +293,8 @@ class Sample:
     preservation: str | None = None
     citation: str | None = None
     mpp: float | None = None
+    spots: int | None = None
+    image_size: tuple[int, int] | None = None
     reader: Mapping[str, ReaderOption] = field(default_factory=dict)
 
     @property
@@ -387,6 +393,8 @@ def _resolve(model: ManifestFile, path: Path) -> tuple[Sample, ...]:
                     preservation=values.get("preservation"),
                     citation=values.get("citation"),
                     mpp=values.get("mpp"),
+                    spots=values.get("spots"),
+                    image_size=values.get("image_size"),
                     reader=values.get("reader", {}),
                 )
             )
