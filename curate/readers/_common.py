@@ -1,0 +1,159 @@
+"""What every reader does the same way: counts dtypes, feature names, files, geometry by assay."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from curate.errors import CorruptSourceError, NonIntegerCountsError, SourceMissingError
+from curate.slide import LATTICE_KIND, LATTICE_PITCH_UM, Lattice
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from curate.manifest import Sample
+
+#: Unversioned or versioned Ensembl gene ids of any species (ENSG, ENSMUSG, ENSDARG, ...).
+ENSEMBL_ID: Final = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+_INT32_MAX: Final = np.iinfo(np.int32).max
+
+
+def is_ensembl(names: npt.NDArray[np.str_]) -> npt.NDArray[np.bool_]:
+    """Which of ``names`` are Ensembl gene ids."""
+    return np.fromiter((bool(ENSEMBL_ID.match(str(n))) for n in names), dtype=bool, count=names.shape[0])
+
+
+def as_str_array(values: Any) -> npt.NDArray[np.str_]:
+    """A 1-d unicode array from bytes, objects or strings (HDF5 gives bytes)."""
+    array = np.asarray(values)
+    if array.dtype.kind == "S":
+        return np.char.decode(array, "utf-8").astype(np.str_)
+    if array.dtype.kind == "O":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.tolist()], dtype=np.str_)
+    return array.astype(np.str_)
+
+
+def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: list[str]) -> sp.csr_matrix:
+    """``matrix`` as canonical CSR with the count dtype the corpus stores.
+
+    Integer matrices become int32 (int64 kept only if a value does not fit). Floating-point
+    matrices whose values are all whole numbers are cast to int32 losslessly (10x h5 files
+    written by scripts and most h5ad files store counts as float). Anything else is not raw
+    counts: it is kept as float32 when the manifest declares ``counts: normalized``, and
+    raises :class:`NonIntegerCountsError` otherwise.
+    """
+    import scipy.sparse as sp
+
+    csr = sp.csr_matrix(matrix)
+    csr.sum_duplicates()
+    data = csr.data
+    kind = data.dtype.kind
+    if kind in "iub":
+        if data.size and (int(data.max()) > _INT32_MAX or int(data.min()) < -_INT32_MAX):
+            notes.append(f"counts kept as {data.dtype} (values exceed int32)")
+            return csr
+        if data.size and int(data.min()) < 0 and sample.counts != "normalized":
+            raise NonIntegerCountsError(
+                f"{source.name}: negative values (min {int(data.min())}) are not raw counts; point the manifest at "
+                "the raw count matrix, or declare `counts: normalized` for a knowingly transformed source",
+                slide_id=sample.id,
+            )
+        return sp.csr_matrix((data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
+    if kind != "f":
+        raise CorruptSourceError(
+            f"{source.name}: count matrix has dtype {data.dtype}, expected numbers", slide_id=sample.id
+        )
+    finite = np.isfinite(data)
+    whole = finite & (data == np.round(data))
+    if whole.all() and (not data.size or (data.min() >= 0 and data.max() <= _INT32_MAX)):
+        if data.size:
+            notes.append(f"counts stored as {data.dtype} are whole numbers: cast to int32 losslessly")
+        return sp.csr_matrix((data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
+    if sample.counts == "normalized":
+        notes.append(f"counts are not integers (declared `counts: normalized`): kept as float32 from {data.dtype}")
+        return sp.csr_matrix((data.astype(np.float32), csr.indices, csr.indptr), shape=csr.shape)
+    bad = data[~whole]
+    example = float(bad[0]) if bad.size else float("nan")
+    raise NonIntegerCountsError(
+        f"{source.name}: {bad.size:,} of {data.size:,} stored values are not whole non-negative numbers "
+        f"(e.g. {example:.4g}; min {float(np.nanmin(data)):.4g}, max {float(np.nanmax(data)):.4g}): this is not raw "
+        "counts. Point the manifest at the raw counts, or declare `counts: normalized` if the source is knowingly "
+        "normalised",
+        slide_id=sample.id,
+    )
+
+
+def geometry(sample: Sample, notes: list[str]) -> tuple[Lattice, float]:
+    """Lattice kind and pitch (um) of the sample's assay."""
+    lattice = LATTICE_KIND.get(sample.assay)
+    pitch = LATTICE_PITCH_UM.get(sample.assay)
+    if lattice is None or pitch is None:
+        notes.append(f"assay {sample.assay!r} has no spot lattice on record: assuming a square lattice, 100 um pitch")
+        return "square", 100.0
+    return lattice, pitch
+
+
+def option(sample: Sample, name: str, *, default: Any) -> Any:
+    """A reader option from the manifest, or its default."""
+    return sample.reader.get(name, default)
+
+
+def require_file(files: Mapping[str, Path], name: str, *, sample: Sample) -> Path:
+    """The local path of source ``name``, which must exist."""
+    path = files.get(name)
+    if path is None:
+        raise SourceMissingError(
+            f"{sample.describe()}: source {name!r} is required but not in the fetched files "
+            f"(have: {', '.join(sorted(files)) or 'none'})",
+            slide_id=sample.id,
+        )
+    if not path.exists():
+        raise SourceMissingError(
+            f"source {name!r}: {path} does not exist; run `curate fetch` again", slide_id=sample.id
+        )
+    return path
+
+
+def single_file_in(folder: Path, suffixes: tuple[str, ...], *, what: str, sample: Sample) -> Path:
+    """The one file under ``folder`` (recursively) whose name ends with one of ``suffixes``."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise SourceMissingError(
+            f"{folder}: no {what} file ({', '.join(suffixes)}) in this folder; name the file itself as the source",
+            slide_id=sample.id,
+        )
+    listed = ", ".join(str(p.relative_to(folder)) for p in found[:5])
+    raise SourceMissingError(
+        f"{folder}: {len(found)} {what} files ({listed}{', ...' if len(found) > 5 else ''}); name the one to use "
+        "as the source instead of the folder",
+        slide_id=sample.id,
+    )
+
+
+def read_json(path: Path, *, sample: Sample) -> dict[str, Any]:
+    """A JSON object from ``path``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptSourceError(f"{path}: not readable JSON: {exc}", slide_id=sample.id) from exc
+    if not isinstance(value, dict):
+        raise CorruptSourceError(f"{path}: expected a JSON object, found {type(value).__name__}", slide_id=sample.id)
+    return value
+
+
+def positive_float(value: Any) -> float | None:
+    """``value`` as a finite positive float, else None (metadata fields are often '' or NaN)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
