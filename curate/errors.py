@@ -172,3 +172,10 @@ class AccessDeniedError(HttpStatusError, PermissionError):
 
 class RemoteNotFoundError(HttpStatusError, FileNotFoundError):
     """404/410: no file at that URL (check the path, the revision, the repository name)."""
+
+
+# --- genes (appended by the gene harmonisation layer) -----------------------------------------
+
+
+class GeneVocabularyError(CurateError, LookupError):
+    """Gene ids that do not fit the corpus vocabulary (missing from it, unknown, wrong species)."""
