@@ -1,0 +1,259 @@
+"""The dataset card (``README.md``) of a built corpus: YAML header for the Hub and ``datasets``, prose for people.
+
+The YAML ``configs`` make ``datasets.load_dataset(<folder or repo>, streaming=True)`` read the
+Parquet shards of every split, and ``dataset_info`` carries exact sample counts, so readers
+know epoch lengths without opening a shard. The tar shards hold the same samples and load with
+``load_dataset(<folder or repo>, data_dir="wds")``: one repository cannot also declare them as
+a config, because ``datasets`` picks one builder per repository (huggingface/datasets#7101).
+
+The card has no timestamp: two builds of the same inputs give the same bytes (the build time
+is kept in ``corpus.json`` alone).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from curate.shards import ShardInfo
+from stcorpus import schema
+
+#: SPDX ids the Hub's ``license`` field knows under a lower-case name.
+_HUB_LICENCES = {
+    "CC0-1.0": "cc0-1.0",
+    "CC-BY-3.0": "cc-by-3.0",
+    "CC-BY-4.0": "cc-by-4.0",
+    "CC-BY-SA-4.0": "cc-by-sa-4.0",
+    "CC-BY-NC-3.0": "cc-by-nc-3.0",
+    "CC-BY-NC-4.0": "cc-by-nc-4.0",
+    "CC-BY-NC-SA-4.0": "cc-by-nc-sa-4.0",
+    "CC-BY-NC-ND-4.0": "cc-by-nc-nd-4.0",
+    "CC-BY-ND-4.0": "cc-by-nd-4.0",
+    "MIT": "mit",
+    "Apache-2.0": "apache-2.0",
+    "BSD-3-Clause": "bsd-3-clause",
+    "Artistic-2.0": "artistic-2.0",
+    "GPL-3.0-only": "gpl-3.0",
+    "GPL-3.0-or-later": "gpl-3.0",
+    "ODC-By-1.0": "odc-by",
+    "PDDL-1.0": "pddl",
+}
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """What the card describes."""
+
+    name: str
+    slides: Sequence[Mapping[str, Any]]  # slides.parquet rows (every status)
+    shards: Sequence[ShardInfo]
+    n_genes: int
+    counts_dtype: str
+    tool_version: str
+    settings: Mapping[str, Any]
+    repo_id: str | None = None  # "<org>/<name>" when known, for the loading examples
+
+
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` bucket of ``n`` samples."""
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
+
+
+def _header(inputs: CardInputs) -> dict[str, Any]:
+    built = [s for s in inputs.slides if s["status"] == "built" and s.get("n_spots_written")]
+    licences = sorted({str(s["licence"]) for s in built})
+    parquet = [s for s in inputs.shards if s.format == "parquet"]
+    splits = [split for split in schema.SPLITS if any(s.split == split for s in parquet)]
+    header: dict[str, Any] = {"pretty_name": inputs.name}
+    if len(licences) == 1 and licences[0] in _HUB_LICENCES:
+        header["license"] = _HUB_LICENCES[licences[0]]
+    else:
+        header["license"] = "other"
+        header["license_name"] = "per-slide" if licences else "none"
+        header["license_details"] = "Each slide carries its own licence: " + (", ".join(licences) or "none") + "."
+    header["tags"] = ["spatial-transcriptomics", "histopathology", "gene-expression", "visium", "stcorpus"]
+    header["task_categories"] = ["image-feature-extraction"]
+    header["size_categories"] = [size_category(sum(s.n_samples for s in parquet))]
+    header["configs"] = [
+        {
+            "config_name": "default",
+            "default": True,
+            "data_files": [{"split": split, "path": f"{schema.PARQUET_DIR}/{split}/*.parquet"} for split in splits],
+        }
+    ]
+    split_infos = []
+    for split in splits:
+        files = [s for s in parquet if s.split == split]
+        split_infos.append(
+            {"name": split, "num_bytes": sum(s.bytes for s in files), "num_examples": sum(s.n_samples for s in files)}
+        )
+    total = sum(s.bytes for s in parquet)
+    header["dataset_info"] = {
+        "config_name": "default",
+        "splits": split_infos,
+        "download_size": total,
+        "dataset_size": total,
+    }
+    return header
+
+
+def _table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _counts(slides: Sequence[Mapping[str, Any]], field: str) -> list[tuple[str, int, int]]:
+    n_slides: Counter[str] = Counter()
+    n_spots: Counter[str] = Counter()
+    for slide in slides:
+        value = str(slide.get(field) or "unknown")
+        n_slides[value] += 1
+        n_spots[value] += int(slide.get("n_spots_written") or 0)
+    return [(value, n_slides[value], n_spots[value]) for value in sorted(n_slides)]
+
+
+def render_card(inputs: CardInputs) -> str:
+    """The full text of the corpus's ``README.md``."""
+    header = yaml.safe_dump(_header(inputs), sort_keys=False, allow_unicode=True, width=1000)
+    slides = list(inputs.slides)
+    built = [s for s in slides if s["status"] == "built" and s.get("n_spots_written")]
+    others = [s for s in slides if s not in built]
+    parquet = [s for s in inputs.shards if s.format == "parquet"]
+    by_split = Counter({split: sum(s.n_samples for s in parquet if s.split == split) for split in schema.SPLITS})
+    repo = inputs.repo_id or "<org>/<name>"
+    lines = [
+        "---",
+        header.rstrip(),
+        "---",
+        "",
+        f"# {inputs.name}",
+        "",
+        f"A corpus of (H&E tile, gene expression) pairs from spatial transcriptomics, schema `{schema.SCHEMA_ID}`, "
+        f"built by `curate build` (stcorpus {inputs.tool_version}). One sample is one spot: a 224x224 patch at "
+        "0.5 um/px centred on the spot, a 224x224 region at 1.5 um/px around it, the spot's raw counts on one "
+        "Ensembl-keyed gene vocabulary, and the summed counts of its in-tissue lattice neighbours.",
+        "",
+        f"{sum(by_split.values()):,} samples from {len(built)} slides; {inputs.n_genes:,} genes "
+        f"(`genes.parquet`); counts stored as {inputs.counts_dtype}.",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        f'ds = load_dataset("{repo}", streaming=True)                  # Parquet shards, every split',
+        f'wds = load_dataset("{repo}", data_dir="wds", streaming=True)  # the same samples as WebDataset tars',
+        "```",
+        "",
+        "Both decode images for you; for training at GPU speed use the `loaders` package of stcorpus, which "
+        "decodes in its own workers, resumes exactly and applies gene transforms (log1p, CP10k, rank tokens, "
+        "panels, mouse-to-human orthologs). Counts are raw: normalise in the loader, never in the shards.",
+        "",
+        "## Splits",
+        "",
+        _table([(split, f"{by_split[split]:,}") for split in schema.SPLITS if by_split[split]], ("split", "samples")),
+        "",
+        "Slides are split by patient (or by study where patients are unknown) with a seeded hash; benchmark "
+        "slides listed in the build's holdout list never reach `train`.",
+        "",
+        "## Sample format",
+        "",
+        _table(
+            [
+                (f"`{schema.Member.PATCH.value}` / `patch`", "224x224 RGB JPEG, 0.5 um/px, centred on the spot"),
+                (
+                    f"`{schema.Member.REGION.value}` / `region`",
+                    "224x224 RGB JPEG, 1.5 um/px; the patch is cell `pos` (0..8, row-major) of its 3x3 grid",
+                ),
+                (
+                    f"`{schema.Member.EXPR.value}` / `genes`, `counts`",
+                    "sorted int32 indices into genes.parquet of non-zero genes, and their raw counts",
+                ),
+                (
+                    f"`{schema.Member.EXPR.value}` / `niche_genes`, `niche_counts`",
+                    "the same for the summed counts of the in-tissue lattice neighbours",
+                ),
+                *((f"`json` / `{f.name}`", f.doc) for f in schema.META_FIELDS),
+            ],
+            ("WebDataset member / Parquet column", "content"),
+        ),
+        "",
+        "A gene a slide did not measure is not a zero: `slides.parquet` lists each slide's `measured_genes`.",
+        "",
+        "## Contents",
+        "",
+        "### By organ",
+        "",
+        _table(_counts(built, "organ"), ("organ", "slides", "samples")),
+        "",
+        "### By species",
+        "",
+        _table(_counts(built, "species"), ("species", "slides", "samples")),
+        "",
+        "### By technology",
+        "",
+        _table(_counts(built, "assay"), ("assay", "slides", "samples")),
+        "",
+        "## Licences",
+        "",
+        "Every slide keeps the licence of its source; using this corpus means honouring each of them.",
+        "",
+        _table(_counts(built, "licence"), ("licence", "slides", "samples")),
+        "",
+        "## Slides",
+        "",
+        _table(
+            [
+                (
+                    s["slide_id"],
+                    s["study_id"],
+                    s["source"],
+                    s["licence"],
+                    s.get("citation"),
+                    s["split"],
+                    s["n_spots_written"],
+                )
+                for s in sorted(built, key=lambda s: s["slide_id"])
+            ],
+            ("slide", "study", "source", "licence", "citation", "split", "samples"),
+        ),
+        "",
+    ]
+    if others:
+        lines += [
+            "## Slides not included",
+            "",
+            _table(
+                [
+                    (s["slide_id"], s["status"], s.get("reason") or "")
+                    for s in sorted(others, key=lambda s: s["slide_id"])
+                ],
+                ("slide", "status", "reason"),
+            ),
+            "",
+        ]
+    citations = sorted({str(s["citation"]) for s in built if s.get("citation")})
+    lines += ["## Citations", ""]
+    lines += [f"- {c}" for c in citations] or ["- (no citations recorded in the manifests)"]
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        "`corpus.json` records the schema version, the tool version, the manifests' digests, every source file's "
+        "URL, size and sha256, the build settings and the gene reference versions: `curate build` on the same "
+        "manifests regenerates this corpus. `shards.parquet` lists every shard with its sample count and sha256.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The build's work folder: one finished unit per slide, written atomically, read by the pack.
+
+Layout (``<out>/.work/`` by default)::
+
+    units/<slide_id>/result.json     what happened: status, reason, slide row, QC, mapping, tiles
+    units/<slide_id>/samples.arrow   the slide's samples (Arrow IPC, uncompressed: memory-mapped by pack)
+    units/<slide_id>/qc/*.png        the slide's QC plots (thumbnail with spots, patch montage)
+
+A unit is written into ``units/.<slide_id>.<pid>.tmp/`` and renamed into place in one step, so a
+unit folder that exists is complete: a build killed at any moment leaves at most a temporary
+folder, which the next run deletes. A unit is reused only when its ``settings_digest`` matches
+the current settings (the settings that change what a unit contains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from curate.shards import fsync_dir
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+UNIT_FORMAT: Final = "stcorpus-unit/1"
+RESULT_FILE: Final = "result.json"
+SAMPLES_FILE: Final = "samples.arrow"
+QC_SUBDIR: Final = "qc"
+
+UnitStatus = Literal["built", "quarantined", "failed"]
+
+
+@dataclass
+class UnitResult:
+    """What one slide's work unit produced (``result.json``)."""
+
+    slide_id: str
+    status: UnitStatus  # built; quarantined (bad data, not retried); failed (e.g. network, retried next run)
+    settings_digest: str
+    reason: str = ""  # "<code>: <message>" when not built
+    slide: dict[str, Any] = field(default_factory=dict)  # the slides.parquet row, less corpus-level fields
+    qc: list[dict[str, Any]] = field(default_factory=list)
+    mapping: dict[str, Any] = field(default_factory=dict)  # the gene mapping report
+    tiles: dict[str, Any] = field(default_factory=dict)  # tile counts and rejections
+    gene_ids: list[str] = field(default_factory=list)  # measured Ensembl ids (local gene index -> id)
+    counts_dtype: str = "int32"
+    n_samples: int = 0
+    sample_bytes: int = 0  # total bytes of the samples' images + expression, for shard sizing
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # name, url, sha256, size of each source
+    content_digest: str = ""  # fingerprint of the counts (and image), for deduplication
+    seconds: float = 0.0
+    format: str = UNIT_FORMAT
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys; ``seconds`` is the only run-dependent field)."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> UnitResult:
+        """Parse ``result.json`` text."""
+        data = json.loads(text)
+        if data.get("format") != UNIT_FORMAT:
+            raise ValueError(f"not a {UNIT_FORMAT} result (format {data.get('format')!r})")
+        return cls(**data)
+
+
+class WorkDir:
+    """The units of a build, keyed by slide id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.units = root / "units"
+
+    def prepare(self) -> int:
+        """Create the folders and delete temporaries left by a killed run; return how many were deleted."""
+        self.units.mkdir(parents=True, exist_ok=True)
+        stale = [p for p in self.units.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(stale)
+
+    def unit_dir(self, slide_id: str) -> Path:
+        """The folder of a finished unit."""
+        return self.units / slide_id
+
+    def result(self, slide_id: str) -> UnitResult | None:
+        """The finished unit of a slide, or None."""
+        path = self.unit_dir(slide_id) / RESULT_FILE
+        if not path.is_file():
+            return None
+        return UnitResult.from_json(path.read_text(encoding="utf-8"))
+
+    def reusable(self, slide_id: str, settings_digest: str) -> UnitResult | None:
+        """The finished unit of a slide if it was made with these settings and need not be retried."""
+        result = self.result(slide_id)
+        if result is None or result.settings_digest != settings_digest or result.status == "failed":
+            return None
+        return result
+
+    def begin(self, slide_id: str) -> Path:
+        """A fresh temporary folder to write a unit into."""
+        tmp = self.units / f".{slide_id}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, result: UnitResult) -> Path:
+        """Write ``result.json`` into ``tmp`` and move the folder into place atomically."""
+        (tmp / RESULT_FILE).write_text(result.to_json(), encoding="utf-8")
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+        final = self.unit_dir(result.slide_id)
+        if final.exists():
+            # Replace an outdated unit: move it aside first so `final` is never half old, half new.
+            old = self.units / f".{result.slide_id}.{os.getpid()}.old.tmp"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        fsync_dir(self.units)
+        return final
+
+    def samples(self, slide_id: str) -> pa.Table:
+        """The samples of a built unit, memory-mapped (no copy into RAM)."""
+        import pyarrow as pa
+
+        # Not closed here: the table's buffers point into the map, which lives as long as they do.
+        source = pa.memory_map(str(self.unit_dir(slide_id) / SAMPLES_FILE), "r")
+        return pa.ipc.open_file(source).read_all()
+
+    def results(self) -> Iterator[UnitResult]:
+        """Every finished unit, by slide id."""
+        if not self.units.is_dir():
+            return
+        for path in sorted(self.units.iterdir()):
+            if not path.name.startswith(".") and (path / RESULT_FILE).is_file():
+                yield UnitResult.from_json((path / RESULT_FILE).read_text(encoding="utf-8"))
+
+
+def write_samples(path: Path, table: pa.Table) -> None:
+    """Write a unit's samples as an uncompressed Arrow IPC file (random access for the pack)."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=4096)
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """A stable digest of the settings that change what a unit contains."""
+    import hashlib
+
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
