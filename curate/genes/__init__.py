@@ -1,0 +1,52 @@
+"""Gene harmonisation: every slide's counts on one Ensembl-keyed gene axis.
+
+- :func:`map_slide_genes` maps a slide's features (Ensembl ids and/or symbols, as the source
+  gives them) to unversioned Ensembl ids through the shipped HGNC / MGI / Ensembl tables, sums
+  features that land on one gene and reports every feature and count it could not place.
+- :func:`build_vocabulary` unions the measured genes of a corpus into ``genes.parquet``.
+- :func:`vocabulary_indices` / :class:`GeneIndex` place a slide's genes in the vocabulary.
+- :func:`reference_sources` gives the versions and licences of the tables for ``corpus.json``.
+
+Arrow is imported only by the vocabulary functions that build tables.
+"""
+
+from curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION, MappingReport, SlideGenes, map_slide_genes
+from curate.genes.panels import PANELS, Panel, check_panels
+from curate.genes.reference import (
+    GENE_SPECIES,
+    GeneReference,
+    Tier,
+    load_reference,
+    normalise_id,
+    reference_sources,
+)
+from curate.genes.vocabulary import (
+    GeneIndex,
+    MeasuredGenes,
+    build_vocabulary,
+    vocabulary_arrow_schema,
+    vocabulary_digest,
+    vocabulary_indices,
+)
+
+__all__ = [
+    "DEFAULT_MIN_MAPPED_FRACTION",
+    "GENE_SPECIES",
+    "PANELS",
+    "GeneIndex",
+    "GeneReference",
+    "MappingReport",
+    "MeasuredGenes",
+    "Panel",
+    "SlideGenes",
+    "Tier",
+    "build_vocabulary",
+    "check_panels",
+    "load_reference",
+    "map_slide_genes",
+    "normalise_id",
+    "reference_sources",
+    "vocabulary_arrow_schema",
+    "vocabulary_digest",
+    "vocabulary_indices",
+]
