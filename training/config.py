@@ -1,0 +1,414 @@
+"""The run config: one typed model with defaults; YAML files and ``--set`` overrides only fill it.
+
+A config file is YAML with the sections of :class:`TrainConfig`::
+
+    run:   {out_dir: runs/tiny, seed: 0, log_every: 10, ckpt_every: 100}
+    data:  {source: synthetic, batch_size: 32, views: [patch]}
+    model: {embed_dim: 64, image: {name: small-cnn}, gene: {name: mlp}}
+    loss:  {kind: clip, patch_spot: 1.0}
+    optim: {lr: 1.0e-3, warmup_steps: 10, max_steps: 200}
+    eval:  {every: 100, pool_size: 256}
+
+Overrides are dotted keys, ``optim.lr=1e-4 model.image.name=small-vit``; the value is read as
+YAML (``[patch, region]`` is a list, ``1e-4`` a number, ``null`` is None). An unknown key, in a
+file or an override, is an error that names the key and lists the valid ones.
+
+>>> cfg = load_config(None, overrides=["optim.lr=1e-4", "model.image.name=small-vit"])
+>>> cfg.optim.lr, cfg.model.image.name
+(0.0001, 'small-vit')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.errors import ConfigError
+
+#: Built-in config files (``--config tiny-cpu`` finds ``training/configs/tiny-cpu.yaml``).
+CONFIG_DIR: Final = Path(__file__).parent / "configs"
+
+IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
+IMAGENET_STD: Final = (0.229, 0.224, 0.225)
+
+View = Literal["patch", "region"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """Where the run writes, how often, and on what."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ``auto``: bf16 autocast on CUDA, fp32 on CPU. ``fp16`` adds a gradient scaler.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = Field(default=10, ge=1)
+    #: Checkpoint every this many optimiser steps (0: only at the end).
+    ckpt_every: int = Field(default=500, ge=0)
+    keep_last: int = Field(default=3, ge=1)
+    #: ``torch.use_deterministic_algorithms(True)`` (and the cuBLAS workspace setting it needs).
+    deterministic: bool = False
+    #: Intra-op threads (None: torch's default).
+    threads: int | None = Field(default=None, ge=1)
+    #: Write every batch's sample keys to ``keys-rank<r>.jsonl`` (to audit sharding; costs I/O).
+    log_keys: bool = False
+
+
+class SyntheticSection(_Section):
+    """The in-memory synthetic source: a learnable image <-> expression structure, see ``training.data``."""
+
+    n_slides: int = Field(default=8, ge=2)
+    spots_per_slide: int = Field(default=64, ge=1)
+    #: Slides held out for validation (the rest are the training split).
+    val_slides: int = Field(default=2, ge=1)
+    n_genes: int = Field(default=128, ge=2)
+    latent_dim: int = Field(default=8, ge=2)
+    image_size: int = Field(default=48, ge=12)
+    max_tokens: int = Field(default=32, ge=1)
+    #: Fraction of genes each slide measures (the rest are masked, as with gene panels).
+    measured_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+    #: Pixel noise (fraction of the 0..255 range) on top of the latent-driven colour and texture.
+    noise: float = Field(default=0.05, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_split(self) -> SyntheticSection:
+        if self.val_slides >= self.n_slides:
+            raise ValueError(f"val_slides ({self.val_slides}) must be smaller than n_slides ({self.n_slides})")
+        return self
+
+
+class DataSection(_Section):
+    """Where batches come from. Batches follow ``loaders/batch.py`` whatever the source."""
+
+    source: Literal["synthetic", "corpus"] = "synthetic"
+    #: Per process and micro-step; the contrastive batch is ``batch_size x world_size``.
+    batch_size: int = Field(default=64, ge=2)
+    views: tuple[View, ...] = ("patch",)
+    #: Seed of the data order (shuffles are a function of ``(seed, epoch)``).
+    seed: int = 0
+    #: Corpus folder, ``http(s)://`` URL or ``hf://`` repository (``source: corpus``).
+    corpus: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    num_workers: int = Field(default=2, ge=0)
+    synthetic: SyntheticSection = SyntheticSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if "patch" not in self.views:
+            raise ValueError("views must include 'patch' (the spot's own tile)")
+        if len(set(self.views)) != len(self.views):
+            raise ValueError(f"views has duplicates: {self.views}")
+        if self.source == "corpus" and not self.corpus:
+            raise ValueError("source 'corpus' needs data.corpus (a corpus folder, URL or hf:// repository)")
+        return self
+
+
+class ImageEncoderSection(_Section):
+    """Image encoder: ``small-cnn``, ``small-vit``, or ``timm:<model name>`` (needs the timm extra)."""
+
+    name: str = "small-cnn"
+    #: Feature width of the built-in encoders (timm models bring their own).
+    width: int = Field(default=64, ge=8)
+    depth: int = Field(default=4, ge=1)
+    #: small-vit only.
+    patch_size: int = Field(default=8, ge=2)
+    heads: int = Field(default=4, ge=1)
+    #: Input size (0: the data's tile size). Needed by small-vit's position embedding.
+    image_size: int = Field(default=0, ge=0)
+    #: timm only: ``hub`` (timm's pretrained weights, downloaded when reachable), a local
+    #: weights file (.safetensors / .bin / .pth), or None for random initialisation.
+    pretrained: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageEncoderSection:
+        builtin = ("small-cnn", "small-vit")
+        if self.name not in builtin and not (self.name.startswith("timm:") and len(self.name) > len("timm:")):
+            raise ValueError(f"unknown image encoder {self.name!r}; use one of {builtin} or 'timm:<model name>'")
+        if self.pretrained is not None and not self.name.startswith("timm:"):
+            raise ValueError(f"pretrained weights are for timm encoders only, not {self.name!r}")
+        if self.name == "small-vit" and self.width % self.heads:
+            raise ValueError(f"small-vit width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class GeneEncoderSection(_Section):
+    """Gene encoder: ``mlp`` over ``expr``/``expr_mask``, or ``transformer`` over ``tokens``/``tokens_mask``."""
+
+    name: Literal["mlp", "transformer"] = "mlp"
+    #: mlp: length G of ``expr``; transformer: vocabulary size. 0: from the data source.
+    n_genes: int = Field(default=0, ge=0)
+    hidden: int = Field(default=256, ge=8)
+    depth: int = Field(default=2, ge=1)
+    heads: int = Field(default=4, ge=1)
+    #: transformer: longest token sequence (size of the rank embedding). 0: from the data source.
+    max_tokens: int = Field(default=0, ge=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneEncoderSection:
+        if self.name == "transformer" and self.hidden % self.heads:
+            raise ValueError(f"transformer hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ModelSection(_Section):
+    """Encoders, projection heads to a shared dimension, and the position head."""
+
+    embed_dim: int = Field(default=128, ge=2)
+    #: Projection heads: one linear layer, or a two-layer MLP.
+    proj: Literal["linear", "mlp"] = "linear"
+    image: ImageEncoderSection = ImageEncoderSection()
+    gene: GeneEncoderSection = GeneEncoderSection()
+
+
+class LossSection(_Section):
+    """Loss kind and the weights of STAMP's terms (a zero weight switches a term off)."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    #: Initial logit scale (None: 1/0.07 for clip, 10 for siglip) and its upper clamp.
+    init_logit_scale: float | None = Field(default=None, gt=0.0)
+    max_logit_scale: float = Field(default=100.0, gt=0.0)
+    #: siglip: initial logit bias.
+    init_logit_bias: float = -10.0
+    #: Each rank's rows against the global batch (True) or every rank the whole matrix (False).
+    local_loss: bool = True
+    #: Gathered features carry gradients back to the rank that made them.
+    gather_with_grad: bool = True
+    patch_spot: float = Field(default=1.0, ge=0.0)
+    region_spot: float = Field(default=0.0, ge=0.0)
+    patch_region: float = Field(default=0.0, ge=0.0)
+    pos: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossSection:
+        if not any(w > 0 for w in (self.patch_spot, self.region_spot, self.patch_region, self.pos)):
+            raise ValueError("every loss weight is zero; set at least one of patch_spot, region_spot, ...")
+        if self.init_logit_scale is not None and self.init_logit_scale > self.max_logit_scale:
+            raise ValueError(f"init_logit_scale {self.init_logit_scale} exceeds max_logit_scale {self.max_logit_scale}")
+        return self
+
+    def uses_region(self) -> bool:
+        """True when a term needs the region view."""
+        return any(w > 0 for w in (self.region_spot, self.patch_region, self.pos))
+
+
+class OptimSection(_Section):
+    """AdamW, warm-up + cosine schedule, accumulation and clipping."""
+
+    lr: float = Field(default=5e-4, gt=0.0)
+    min_lr: float = Field(default=1e-5, ge=0.0)
+    warmup_steps: int = Field(default=100, ge=0)
+    max_steps: int = Field(default=1000, ge=1)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0.0)
+    #: Clip the global gradient norm to this (0: no clipping).
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    accum_steps: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is larger than lr ({self.lr})")
+        return self
+
+
+class EvalSection(_Section):
+    """Periodic evaluation on the validation split."""
+
+    #: Evaluate every this many optimiser steps (0: only at the end).
+    every: int = Field(default=500, ge=0)
+    #: Held-out spots in the retrieval pool (chance recall@k is k / pool size).
+    pool_size: int = Field(default=1000, ge=2)
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    probe: bool = True
+    #: Training-split spots the probe is fitted on.
+    probe_train_size: int = Field(default=2000, ge=4)
+    probe_genes: int = Field(default=50, ge=1)
+    probe_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    #: Fraction of the training slides held out to choose the ridge alpha.
+    probe_alpha_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSection:
+        if not self.recall_ks or any(k < 1 for k in self.recall_ks):
+            raise ValueError(f"recall_ks must be positive integers, got {self.recall_ks}")
+        if not self.probe_alphas or any(a <= 0 for a in self.probe_alphas):
+            raise ValueError(f"probe_alphas must be positive, got {self.probe_alphas}")
+        return self
+
+
+class TrainConfig(_Section):
+    """A whole run. Stored, resolved, in the run folder and in every checkpoint."""
+
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.loss.uses_region() and "region" not in self.data.views:
+            raise ValueError(
+                "loss terms region_spot / patch_region / pos need the region view: "
+                "add it with data.views=[patch,region]"
+            )
+        if self.optim.warmup_steps > self.optim.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.max_steps ({self.optim.max_steps})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what checkpoints and ``config.yaml`` store)."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        """The config as one JSON string (stored in checkpoints: loadable with ``weights_only=True``)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        """The config as YAML that :func:`load_config` reads back to an equal config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a built-in config (``tiny-cpu`` -> ``training/configs/tiny-cpu.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return builtin
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} is neither a file nor a built-in config (built-in: {', '.join(known)})")
+
+
+def load_config(
+    path: str | Path | None,
+    *,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Read a config file (or start from the defaults), apply ``key=value`` overrides, validate.
+
+    ``base`` is a dict merged under the file (used to resume from a checkpoint's config).
+    """
+    raw: dict[str, Any] = _deep_copy(base) if base is not None else {}
+    where = "defaults"
+    if path is not None:
+        file = resolve_config_path(path)
+        where = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{file}: a config is a mapping of sections (run, data, model, ...), not {type(loaded).__name__}"
+            )
+        _merge(raw, loaded)
+    for item in overrides:
+        apply_override(raw, item)
+    if overrides:
+        where = f"{where} + --set overrides"
+    return config_from_dict(raw, where=where)
+
+
+def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> TrainConfig:
+    """Validate a nested dict into a :class:`TrainConfig`; errors name every bad key."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where=where)) from exc
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place (the value is parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
+    parts = key.split(".")
+    node: dict[str, Any] = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            done = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"override {item!r}: {done!r} is a value, not a section; it has no key {parts[depth + 1]!r}"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = _deep_copy(value) if isinstance(value, Mapping) else value
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _section_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        if not isinstance(part, str):
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _format_errors(error: ValidationError, *, where: str) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            section = _section_at(loc[:-1])
+            valid = f" (valid keys: {', '.join(section.model_fields)})" if section is not None else ""
+            lines.append(f"{where}: unknown key {key!r}{valid}")
+        elif err["type"] == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            lines.append(f"{where}: {key}: {err['input']!r} is not valid; expected one of {expected}")
+        elif err["type"] == "value_error":  # a model validator: its message says it all
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {key}: {message}" if loc else f"{where}: {message}")
+        else:
+            lines.append(f"{where}: {key}: {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)

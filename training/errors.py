@@ -1,0 +1,34 @@
+"""Errors of ``training``: messages say what is wrong and what to do next.
+
+They hang under :class:`curate.errors.CurateError` so that one ``except`` catches every error
+this project raises on purpose; ``curate.errors`` is a leaf module (no heavy imports), so the
+dependency costs nothing.
+"""
+
+from __future__ import annotations
+
+from curate.errors import CurateError
+
+
+class TrainingError(CurateError):
+    """Base class of every error ``training`` raises on purpose."""
+
+
+class ConfigError(TrainingError, ValueError):
+    """A run config that does not follow the config model (unknown key, bad value, bad override)."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be read, or that does not fit the run resuming from it."""
+
+
+class MissingExtraError(TrainingError, ImportError):
+    """An optional dependency (an extra such as ``timm``) that the config asks for is not installed."""
+
+
+class BatchContractError(TrainingError, ValueError):
+    """A batch from the data source that does not follow ``loaders/batch.py``."""
+
+
+class DataSourceUnavailableError(TrainingError):
+    """A data source the config names that cannot be built here (yet)."""

@@ -1,0 +1,220 @@
+"""Contrastive losses as small modules (open_clip ``ClipLoss`` style), gathered across ranks.
+
+Under ``torch.distributed`` each rank holds a local batch; features of every rank are
+gathered (with gradients, so that the negatives a rank borrows still train the rank that
+made them) and each rank scores its local rows against the global batch (``local_loss``), or
+the whole global matrix (``local_loss=False``, more compute, same value). Data-parallel
+gradient averaging then gives exactly the gradient of the loss on the global batch.
+
+The math lives in plain functions (:func:`clip_loss`, :func:`siglip_loss`) that tests compare
+against hand computations; the modules add the gathering and the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.config import LossSection
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: Tensor, *, with_grad: bool = True) -> Tensor:
+    """Concatenate ``features`` of every rank along dim 0 (rank order); identity without a process group.
+
+    ``with_grad=True`` uses ``torch.distributed.nn.functional.all_gather``, whose backward sends
+    each rank the gradient of its own features. Otherwise only the local slice keeps its graph.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return features
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(features), dim=0)  # type: ignore[no-untyped-call]
+    rank, world_size = _world()
+    parts = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(parts, features.contiguous())
+    parts[rank] = features
+    return torch.cat(parts, dim=0)
+
+
+def clip_loss(
+    queries: Tensor,
+    gallery: Tensor,
+    logit_scale: Tensor,
+    *,
+    offset: int = 0,
+    bidirectional: bool = True,
+    gallery_queries: Tensor | None = None,
+    query_gallery: Tensor | None = None,
+) -> Tensor:
+    """InfoNCE of ``queries`` (B,D) against ``gallery`` (N,D): row i's positive is gallery row ``offset + i``.
+
+    With ``bidirectional`` the loss is the mean of both directions: queries -> gallery, and the
+    local gallery rows (``query_gallery``, default ``gallery[offset:offset+B]``) against all
+    queries (``gallery_queries``, default ``queries``). Features are expected L2-normalised.
+    """
+    labels = torch.arange(queries.shape[0], device=queries.device) + offset
+    logits = logit_scale * queries @ gallery.T
+    loss = F.cross_entropy(logits.float(), labels)
+    if not bidirectional:
+        return loss
+    local_gallery = gallery[offset : offset + queries.shape[0]] if query_gallery is None else query_gallery
+    all_queries = queries if gallery_queries is None else gallery_queries
+    logits_back = logit_scale * local_gallery @ all_queries.T
+    return (loss + F.cross_entropy(logits_back.float(), labels)) / 2
+
+
+def siglip_loss(
+    queries: Tensor, gallery: Tensor, logit_scale: Tensor, logit_bias: Tensor, *, offset: int = 0
+) -> Tensor:
+    """Sigmoid loss (SigLIP): every (query, gallery) pair is a binary problem, positive on ``offset + i``.
+
+    ``-sum(log sigmoid(z_ij * (t * q_i . g_j + b))) / B`` with ``z`` = +1 on positives, -1 elsewhere.
+    """
+    logits = (logit_scale * queries @ gallery.T + logit_bias).float()
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    labels[rows, rows + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / queries.shape[0]
+
+
+class PairOutput(NamedTuple):
+    """A pair loss and the shape of the logits matrix it scored (rows local, columns global)."""
+
+    loss: Tensor
+    logits_shape: tuple[int, int]
+
+
+class ClipLoss(nn.Module):
+    """CLIP InfoNCE between two L2-normalised feature sets, gathered across ranks.
+
+    ``forward(a, b, logit_scale)`` with ``a``, ``b`` of shape (B_local, D). On one process it is
+    :func:`clip_loss`; under ``torch.distributed`` it gathers both sides first.
+    """
+
+    def __init__(self, *, local_loss: bool = True, gather_with_grad: bool = True, bidirectional: bool = True) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.bidirectional = bidirectional
+
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor) -> PairOutput:
+        """The loss and the logits shape (rows, columns) of the a -> b direction."""
+        rank, _ = _world()
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed:
+            loss = clip_loss(a, b, logit_scale, bidirectional=self.bidirectional)
+            return PairOutput(loss, (a.shape[0], b.shape[0]))
+        all_a = gather_features(a, with_grad=self.gather_with_grad)
+        all_b = gather_features(b, with_grad=self.gather_with_grad)
+        if self.local_loss:
+            offset = rank * a.shape[0]
+            loss = clip_loss(
+                a,
+                all_b,
+                logit_scale,
+                offset=offset,
+                bidirectional=self.bidirectional,
+                gallery_queries=all_a,
+                query_gallery=b,
+            )
+            return PairOutput(loss, (a.shape[0], all_b.shape[0]))
+        loss = clip_loss(all_a, all_b, logit_scale, bidirectional=self.bidirectional)
+        return PairOutput(loss, (all_a.shape[0], all_b.shape[0]))
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss; each rank scores its local queries against the gathered gallery.
+
+    The value on rank r is ``sum over (local rows, global columns) / B_local``; averaged over ranks
+    it equals :func:`siglip_loss` on the global batch.
+    """
+
+    def __init__(self, *, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> PairOutput:
+        """The loss and the logits shape (rows, columns)."""
+        rank, _ = _world()
+        all_b = gather_features(b, with_grad=self.gather_with_grad)
+        loss = siglip_loss(a, all_b, logit_scale, logit_bias, offset=rank * a.shape[0])
+        return PairOutput(loss, (a.shape[0], all_b.shape[0]))
+
+
+class ContrastiveObjective(nn.Module):
+    """STAMP-style multi-term objective over a model's outputs.
+
+    Terms (a zero weight in :class:`~training.config.LossSection` switches one off):
+
+    - ``patch_spot``: patch embedding <-> gene embedding (the CLIP/SigLIP term)
+    - ``region_spot``: region embedding <-> gene embedding
+    - ``patch_region``: patch -> region (which region holds this patch), one direction
+    - ``pos``: 9-way classification of the patch's cell inside its region
+
+    ``forward(outputs, pos)`` returns a dict with ``loss`` (weighted sum) and each active term;
+    :attr:`last_logits_shape` holds the (rows, columns) of the main term's logits.
+    """
+
+    def __init__(self, cfg: LossSection) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.kind
+        if cfg.kind == "clip":
+            self.pair: nn.Module = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+            self.one_way: nn.Module = ClipLoss(
+                local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, bidirectional=False
+            )
+        else:
+            self.pair = SigLipLoss(gather_with_grad=cfg.gather_with_grad)
+            self.one_way = self.pair
+        self.last_logits_shape: tuple[int, int] = (0, 0)
+
+    def _pair(self, module: nn.Module, a: Tensor, b: Tensor, outputs: Mapping[str, Tensor]) -> PairOutput:
+        if self.kind == "clip":
+            result: PairOutput = module(a, b, outputs["logit_scale"])
+        else:
+            result = module(a, b, outputs["logit_scale"], outputs["logit_bias"])
+        return result
+
+    def forward(self, outputs: Mapping[str, Tensor], pos: Tensor | None = None) -> dict[str, Tensor]:
+        """Loss terms from model outputs (``patch``, ``gene``, ``region``, ``pos_logits``, ``logit_scale``, ...)."""
+        cfg = self.cfg
+        terms: dict[str, Tensor] = {}
+        total = torch.zeros((), device=outputs["patch"].device)
+        if cfg.patch_spot > 0:
+            main = self._pair(self.pair, outputs["patch"], outputs["gene"], outputs)
+            self.last_logits_shape = main.logits_shape
+            terms["patch_spot"] = main.loss
+            total = total + cfg.patch_spot * main.loss
+        if cfg.region_spot > 0:
+            region = self._pair(self.pair, outputs["region"], outputs["gene"], outputs)
+            if cfg.patch_spot == 0:
+                self.last_logits_shape = region.logits_shape
+            terms["region_spot"] = region.loss
+            total = total + cfg.region_spot * region.loss
+        if cfg.patch_region > 0:
+            cross = self._pair(self.one_way, outputs["patch"], outputs["region"], outputs)
+            terms["patch_region"] = cross.loss
+            total = total + cfg.patch_region * cross.loss
+        if cfg.pos > 0:
+            if pos is None:
+                raise ValueError("the pos term needs the batch's 'pos' labels")
+            logits = outputs["pos_logits"].float()
+            terms["pos"] = F.cross_entropy(logits, pos)
+            terms["pos_acc"] = (logits.argmax(dim=1) == pos).float().mean().detach()
+            total = total + cfg.pos * terms["pos"]
+        terms["loss"] = total
+        return terms
