@@ -179,3 +179,9 @@ class RemoteNotFoundError(HttpStatusError, FileNotFoundError):
 
 class GeneVocabularyError(CurateError, LookupError):
     """Gene ids that do not fit the corpus vocabulary (missing from it, unknown, wrong species)."""
+
+
+class UnsupportedAssayError(SlideError):
+    """An assay a reader cannot place on a spot lattice or give a scale (e.g. no spot diameter on record)."""
+
+    code = "unsupported_assay"

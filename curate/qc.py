@@ -129,13 +129,15 @@ def match_barcodes(
     matrix_rows, position_rows = _join(matrix_barcodes, position_barcodes)
     how = ""
     if matrix_rows.shape[0] == 0:
-        stripped_rows, stripped_pos = _join(
-            np.array([_GEM_SUFFIX.sub("", b) for b in matrix_barcodes.tolist()], dtype=np.str_),
-            np.array([_GEM_SUFFIX.sub("", b) for b in position_barcodes.tolist()], dtype=np.str_),
-        )
-        if stripped_rows.shape[0]:
-            matrix_rows, position_rows = stripped_rows, stripped_pos
-            how = " (matched after removing the '-N' GEM-group suffix, which one side lacks)"
+        # Only when one side has no suffix at all: '-1' vs '-2' are different libraries.
+        stripped_matrix = np.array([_GEM_SUFFIX.sub("", b) for b in matrix_barcodes.tolist()], dtype=np.str_)
+        stripped_positions = np.array([_GEM_SUFFIX.sub("", b) for b in position_barcodes.tolist()], dtype=np.str_)
+        for left, right in ((stripped_matrix, position_barcodes), (matrix_barcodes, stripped_positions)):
+            rows, pos = _join(left, right)
+            if rows.shape[0]:
+                matrix_rows, position_rows = rows, pos
+                how = " (matched after removing the '-N' GEM-group suffix, which one side lacks)"
+                break
     n = int(matrix_barcodes.shape[0])
     if matrix_rows.shape[0] == 0:
         raise BarcodeMismatchError(

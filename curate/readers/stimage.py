@@ -1,0 +1,204 @@
+"""An STimage-1K4M slide -> ``Slide``.
+
+Sources: ``counts`` (``<slide>_count.csv``), ``coords`` (``<slide>_coord.csv``), ``image``
+(``<slide>.png``). Layouts, as published in JiawenChenn/STimage-1K4M (``example/
+Human_Breast_Andersson_10142021_ST_A1_coord.csv``; ``code_reproducibility/data_process/
+01-crop-image.py`` and ``docs/docs/10_ST_analysis_quick_start.md`` read them with
+``pd.read_csv(..., index_col=0)``):
+
+* coord CSV: header ``,yaxis,xaxis,r`` -- an unnamed index column of spot ids, then the spot
+  centre's row (``yaxis``) and column (``xaxis``) in image pixels, and the spot radius ``r``
+  in pixels (the crop script cuts ``(xaxis - r, yaxis - r, xaxis + r, yaxis + r)``).
+* count CSV: the same unnamed index of spot ids, one column per gene symbol, raw counts.
+* spot ids are ``<slide>_<spot>``: ``Human_Breast_Andersson_10142021_ST_A1_10x13`` for legacy
+  ST (``<x>x<y>`` array position, x along ``xaxis``; some ST studies use decimals such as
+  ``10.5x13.2``), a 10x barcode for Visium.
+
+Decisions: barcodes are the spot ids without the ``<slide>_`` prefix (the slide name is
+the coord file name without ``_coord.csv``). um/px = spot diameter (55 um Visium, 100 um ST) /
+(2 r), ``mpp_source="spot_radius"``, unless the manifest sets ``mpp``. ST array coordinates
+come from the ``<x>x<y>`` ids (rounded to the nearest lattice site); Visium slides carry no
+array coordinates, so they are derived from the pixel lattice (``_lattice``: neighbours exact,
+origin and orientation arbitrary), which is all the neighbour features need. STimage lists
+only the spots it kept, with no tissue flag: every spot is taken as in tissue. Counts are
+parsed in blocks (pyarrow) straight into a sparse matrix, so a 300 MB CSV never becomes a
+dense array; whole-number values are stored as int32.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from curate.errors import CorruptSourceError, UnsupportedAssayError
+from curate.imaging import open_image
+from curate.qc import match_barcodes
+from curate.readers._common import geometry, raw_counts, require_file
+from curate.readers._lattice import derive_array_coords
+from curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from curate.manifest import Sample
+
+# --- STimage-1K4M's literal names ----------------------------------------------------------
+COORD_SUFFIX: Final = "_coord.csv"
+COUNT_SUFFIX: Final = "_count.csv"
+X_COLUMN: Final = "xaxis"
+Y_COLUMN: Final = "yaxis"
+RADIUS_COLUMN: Final = "r"
+ST_SPOT_ID: Final = re.compile(r"^(\d+(?:\.\d+)?)x(\d+(?:\.\d+)?)$")
+#: Text block parsed at a time; one block becomes one dense float64 chunk before going sparse.
+_BLOCK_BYTES: Final = 8 << 20
+
+
+def _read_counts(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_], sp.csr_matrix]:
+    """Spot ids, gene symbols and the counts (sparse, float64 as parsed) of a ``_count.csv``."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import scipy.sparse as sp
+
+    try:
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, StopIteration) as exc:
+        raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
+    genes = np.array([g.strip() for g in header[1:]], dtype=np.str_)
+    if genes.shape[0] == 0:
+        raise CorruptSourceError(f"{path}: header has no gene columns", slide_id=sample.id)
+    names = ["spot", *(f"g{i}" for i in range(genes.shape[0]))]  # generated: gene names may repeat
+    types = {name: pa.float64() for name in names[1:]}
+    types["spot"] = pa.string()
+    ids: list[str] = []
+    blocks: list[sp.csr_matrix] = []
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK_BYTES),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
+        for batch in reader:
+            ids.extend(str(v) for v in batch.column(0).to_pylist())
+            dense = np.asarray(batch.drop_columns(["spot"]).to_tensor(null_to_nan=True, row_major=True))
+            blocks.append(sp.csr_matrix(dense))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptSourceError(f"{path}: malformed counts CSV: {exc}", slide_id=sample.id) from exc
+    if not blocks:
+        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
+    return np.array(ids, dtype=np.str_), genes, sp.vstack(blocks, format="csr")
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], FloatArray, FloatArray, FloatArray]:
+    """Spot ids, x, y and r of a ``_coord.csv``."""
+    try:
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptSourceError(f"{path}: cannot read: {exc}", slide_id=sample.id) from exc
+    if len(rows) < 2:
+        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
+    columns = [c.strip().lower() for c in rows[0]]
+    missing = [c for c in (X_COLUMN, Y_COLUMN, RADIUS_COLUMN) if c not in columns[1:]]
+    if missing:
+        raise CorruptSourceError(
+            f"{path}: header {rows[0]} lacks {', '.join(missing)}; expected ',yaxis,xaxis,r'", slide_id=sample.id
+        )
+    ix, iy, ir = (columns.index(c) for c in (X_COLUMN, Y_COLUMN, RADIUS_COLUMN))
+    try:
+        ids = np.array([r[0].strip() for r in rows[1:]], dtype=np.str_)
+        x = np.array([float(r[ix]) for r in rows[1:]], dtype=np.float64)
+        y = np.array([float(r[iy]) for r in rows[1:]], dtype=np.float64)
+        radius = np.array([float(r[ir]) for r in rows[1:]], dtype=np.float64)
+    except (IndexError, ValueError) as exc:
+        raise CorruptSourceError(f"{path}: malformed row: {exc}", slide_id=sample.id) from exc
+    return ids, x, y, radius
+
+
+def _strip_prefix(ids: npt.NDArray[np.str_], prefix: str) -> npt.NDArray[np.str_]:
+    if prefix and ids.shape[0] and all(i.startswith(prefix) for i in ids.tolist()):
+        return np.array([i[len(prefix) :] for i in ids.tolist()], dtype=np.str_)
+    return ids
+
+
+def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+    """Read an STimage-1K4M slide into a :class:`Slide` (see the module docstring)."""
+    notes: list[str] = []
+    counts_path = require_file(files, "counts", sample=sample)
+    coords_path = require_file(files, "coords", sample=sample)
+    image_path = require_file(files, "image", sample=sample)
+    lattice, pitch = geometry(sample, notes)
+    diameter_um = SPOT_DIAMETER_UM.get(sample.assay)
+    if diameter_um is None and sample.mpp is None:
+        raise UnsupportedAssayError(
+            f"{sample.describe()}: assay {sample.assay!r} has no spot diameter on record, so um/px cannot be taken "
+            f"from the spot radius (known: {', '.join(sorted(SPOT_DIAMETER_UM))}); set the sample's `mpp`",
+            slide_id=sample.id,
+        )
+
+    count_ids, genes, counts = _read_counts(counts_path, sample=sample)
+    coord_ids, x, y, radius = _read_coords(coords_path, sample=sample)
+    slide_name = coords_path.name[: -len(COORD_SUFFIX)] if coords_path.name.endswith(COORD_SUFFIX) else ""
+    prefix = f"{slide_name}_" if slide_name else ""
+    count_barcodes, coord_barcodes = _strip_prefix(count_ids, prefix), _strip_prefix(coord_ids, prefix)
+    rows, coord_rows, barcode_check = match_barcodes(
+        count_barcodes, coord_barcodes, slide_id=sample.id, what=coords_path.name
+    )
+    counts = raw_counts(counts[rows], sample=sample, source=counts_path, notes=notes)
+    barcodes = count_barcodes[rows]
+    x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
+
+    parsed = [ST_SPOT_ID.match(b) for b in barcodes.tolist()] if sample.assay == "st" else []
+    if parsed and all(m is not None for m in parsed):
+        array_col = np.array([round(float(m.group(1))) for m in parsed if m], dtype=np.int32)
+        array_row = np.array([round(float(m.group(2))) for m in parsed if m], dtype=np.int32)
+    else:
+        if sample.assay == "st":
+            notes.append("ST spot ids are not all '<x>x<y>'")
+        derived = derive_array_coords(x, y, lattice=lattice)
+        array_row, array_col = derived.row, derived.col
+        notes.append(derived.describe())
+    notes.append("STimage lists only the spots it kept and no tissue flag: every spot taken as in tissue")
+
+    median_r = float(np.median(radius))
+    if not median_r > 0:
+        raise CorruptSourceError(f"{coords_path.name}: spot radius r is {median_r}", slide_id=sample.id)
+    if float(np.max(np.abs(radius - median_r))) > 0.01 * median_r:
+        notes.append(f"spot radius varies ({radius.min():.2f}..{radius.max():.2f} px): the median {median_r:.2f} used")
+    mpp_source: MppSource
+    if sample.mpp is not None:
+        mpp, mpp_source = sample.mpp, "manifest"
+    elif diameter_um is not None:
+        mpp, mpp_source = diameter_um / (2.0 * median_r), "spot_radius"
+    else:  # unreachable: refused above
+        raise UnsupportedAssayError(f"{sample.describe()}: no um/px", slide_id=sample.id)
+
+    return Slide(
+        sample=sample,
+        counts=counts,
+        features=Features(ids=np.full(genes.shape, "", dtype=np.str_), names=genes),
+        spots=Spots(
+            barcode=barcodes,
+            in_tissue=np.ones(barcodes.shape[0], dtype=bool),
+            array_row=array_row,
+            array_col=array_col,
+            x_px=x,
+            y_px=y,
+        ),
+        image=open_image(image_path),
+        mpp=mpp,
+        mpp_source=mpp_source,
+        lattice=lattice,
+        pitch_um=pitch,
+        qc=[barcode_check],
+        notes=notes,
+    )
