@@ -1,0 +1,32 @@
+"""The fetch layer: manifest sources -> verified local paths in a content-addressed cache.
+
+>>> from curate.fetch import Fetcher, FetchSettings
+>>> with Fetcher(FetchSettings(per_host=2)) as fetcher:  # doctest: +SKIP
+...     files = fetcher.fetch_sample(sample)  # {"matrix": Path, "spatial": Path (unpacked folder)}
+
+- ``https://`` / ``http://``: streamed, resumed with Range, retried with backoff, verified;
+- ``hf://datasets/<org>/<name>[@<rev>]/<path>``: through the Hub (``HF_ENDPOINT``, the token
+  of ``hf auth login`` / ``HF_TOKEN``), checked against the Hub's announced sha256;
+- local paths and ``file://``: used in place when the manifest allows them, hashed;
+- archives (``.tar.gz``/``.tgz``/``.tar``/``.zip``, or ``unpack: true``) unpacked safely, once.
+
+Modules: ``settings`` (``FetchSettings``), ``fetcher`` (``Fetcher``, ``Fetched``), ``http``
+(downloads), ``hub`` (hf:// URLs), ``archive`` (safe unpacking), ``cache`` (layout, atomic
+writes), ``locking`` (cross-process locks), ``local`` (local paths, tree digests),
+``lockfile`` (``<manifest>.lock.json``).
+"""
+
+from curate.fetch.fetcher import Fetched, Fetcher
+from curate.fetch.lockfile import LockEntry, default_lock_path, read_lock, write_lock
+from curate.fetch.settings import FetchSettings, default_cache_dir
+
+__all__ = [
+    "FetchSettings",
+    "Fetched",
+    "Fetcher",
+    "LockEntry",
+    "default_cache_dir",
+    "default_lock_path",
+    "read_lock",
+    "write_lock",
+]

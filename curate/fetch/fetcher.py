@@ -1,0 +1,358 @@
+"""``Fetcher``: a manifest ``Source`` in, a verified local path out.
+
+>>> from curate.fetch import Fetcher, FetchSettings
+>>> from curate.manifest import load_manifest
+>>> manifest = load_manifest("manifests/demo.yaml")  # doctest: +SKIP
+>>> with Fetcher(FetchSettings()) as fetcher:  # doctest: +SKIP
+...     files = fetcher.fetch_sample(manifest.samples[0])  # {"matrix": Path(...), "spatial": Path(...)}
+
+Remote files go through the content-addressed cache (``cache.py``); local paths are used in
+place and hashed; archives are unpacked once per digest. A ``Fetcher`` is safe to share between
+threads, and several processes may share one cache folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from curate.errors import (
+    AccessDeniedError,
+    ChecksumMismatchError,
+    FetchError,
+    LocalSourceNotAllowedError,
+    SizeMismatchError,
+    UnsafeArchiveError,
+    UnsupportedSchemeError,
+)
+from curate.fetch.archive import Limits, is_archive_name, unpack_archive
+from curate.fetch.cache import Cache, UrlRecord, url_key
+from curate.fetch.hub import access_hint, auth_headers, metadata_from_head, parse_hf_url, resolve_url, token_of
+from curate.fetch.local import local_path, tree_digest
+from curate.fetch.locking import file_lock
+from curate.fetch.settings import FetchSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+    from curate.fetch.http import HttpClient, ProgressFn
+    from curate.manifest import Sample, Source
+
+logger = logging.getLogger(__name__)
+
+_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_NAME_PARAMS: Final = ("file", "filename", "name")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One fetched source.
+
+    ``path`` is the file (a hard link into the cache named like the URL's last segment), the
+    local file, or the local folder; ``unpacked`` is the folder an archive was unpacked into.
+    ``sha256`` and ``size`` are those of the bytes fetched (the archive, not its members); for a
+    local folder they are its tree digest and total bytes (see ``local.py``).
+    """
+
+    url: str  # as written in the manifest
+    path: Path
+    sha256: str
+    size: int
+    cache_hit: bool  # True when nothing was downloaded
+    local: bool = False
+    is_folder: bool = False
+    unpacked: Path | None = None
+    commit: str | None = None  # the Hub commit an hf:// revision pointed at, when known
+
+    @property
+    def target(self) -> Path:
+        """What readers get: the unpacked folder of an archive, else ``path``."""
+        return self.unpacked if self.unpacked is not None else self.path
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to download one remote source, once resolved."""
+
+    url: str  # what to GET
+    headers: dict[str, str]
+    sha256: str | None
+    size: int | None
+    commit: str | None = None
+    hint: str = ""
+
+
+def url_scheme(url: str) -> str | None:
+    """The lower-case scheme of a URL, or ``None`` for a plain path."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else None
+
+
+def file_name(url: str) -> str:
+    """A file name for a URL: its last path segment (or a ``file=``/``filename=`` query value)."""
+    parts = urlsplit(url)
+    if url_scheme(url) == "hf":
+        return unquote(url.rstrip("/").rsplit("/", 1)[-1])
+    for key, value in parse_qsl(parts.query):
+        if key.lower() in _NAME_PARAMS and value:
+            return value.rsplit("/", 1)[-1]
+    segment = unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])
+    return segment or "download"
+
+
+def wants_unpack(source: Source, *, is_folder: bool) -> bool:
+    """Whether a fetched source is to be unpacked: ``Source.unpack`` if set, else by its extension."""
+    if source.unpack is not None:
+        return source.unpack and not is_folder
+    return not is_folder and is_archive_name(file_name(source.url))
+
+
+class Fetcher:
+    """Resolve a sample's sources into local paths through the cache.
+
+    ``on_bytes`` is called (from worker threads) with the size of every chunk downloaded,
+    for progress bars.
+    """
+
+    def __init__(self, settings: FetchSettings | None = None, *, on_bytes: ProgressFn | None = None) -> None:
+        from curate.fetch.http import HttpClient
+
+        self.settings = settings if settings is not None else FetchSettings()
+        self.cache = Cache(self.settings.cache_dir)
+        self._http: HttpClient = HttpClient(self.settings, on_bytes=on_bytes)
+
+    def close(self) -> None:
+        """Close the HTTP sessions."""
+        self._http.close()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- public API ----------------------------------------------------------------------------
+
+    def fetch_sample(self, sample: Sample) -> dict[str, Path]:
+        """Fetch every source of ``sample``; map each source name to what a reader opens.
+
+        That is a file, the folder an archive was unpacked into, or a local folder.
+        """
+        return {name: self.fetch(source, sample=sample, name=name).target for name, source in sample.sources.items()}
+
+    def fetch(self, source: Source, *, sample: Sample, name: str | None = None) -> Fetched:
+        """Fetch one source of ``sample`` (``name`` defaults to the key ``source`` has in ``sample.sources``).
+
+        Raises a ``FetchError`` subclass naming the sample, the source and the URL.
+        """
+        name = name if name is not None else _name_in(sample, source)
+        what = f"{sample.describe()}: source {name!r} ({_display(source.url)})"
+        scheme = url_scheme(source.url)
+        if scheme is None or scheme == "file":
+            fetched = self._fetch_local(source, sample=sample, what=what)
+        elif scheme in ("http", "https"):
+            plain = _Plan(url=source.url, headers={}, sha256=source.sha256, size=source.size)
+            fetched = self._fetch_remote(source, what=what, plan=lambda: plain)
+        elif scheme == "hf":
+            fetched = self._fetch_remote(source, what=what, plan=lambda: self._plan_hub(source, what=what))
+        else:
+            raise UnsupportedSchemeError(
+                f"{what}: URL scheme {scheme}:// is not supported; use https://, http://, "
+                "hf://datasets/<org>/<name>/<path>, file:// or a local path"
+            )
+        if source.unpack and fetched.is_folder:
+            raise UnsafeArchiveError(f"{what}: `unpack: true` but the source is a folder, not an archive")
+        if wants_unpack(source, is_folder=fetched.is_folder):
+            fetched = replace(fetched, unpacked=self._unpack(fetched, what=what))
+        return fetched
+
+    # --- local ---------------------------------------------------------------------------------
+
+    def _fetch_local(self, source: Source, *, sample: Sample, what: str) -> Fetched:
+        if not (sample.allow_local or self.settings.allow_local):
+            raise LocalSourceNotAllowedError(
+                f"{what}: local paths and file:// URLs are not allowed for this sample; set `allow_local: true` at "
+                "the top of its manifest, or allow them for this run (`curate fetch --allow-local`, "
+                "FetchSettings(allow_local=True))"
+            )
+        path = local_path(source.url, base_dir=sample.base_dir)
+        if not path.exists():
+            raise FetchError(f"{what}: {path} does not exist (relative paths start at the manifest's folder)")
+        if path.is_dir():
+            digest, size = tree_digest(path, cache=self.cache)
+        else:
+            digest, size = self.cache.local_sha256(path), path.stat().st_size
+        if source.size is not None and size != source.size:
+            raise SizeMismatchError(f"{what}: {path} has {size} bytes but the manifest says size {source.size}")
+        if source.sha256 is not None and digest != source.sha256:
+            raise ChecksumMismatchError(
+                f"{what}: sha256 mismatch for {path}: the manifest expects {source.sha256}, the "
+                f"{'folder (tree digest)' if path.is_dir() else 'file'} has {digest}"
+            )
+        return Fetched(
+            url=source.url, path=path, sha256=digest, size=size, cache_hit=False, local=True, is_folder=path.is_dir()
+        )
+
+    # --- remote --------------------------------------------------------------------------------
+
+    def _cached(self, source: Source) -> Fetched | None:
+        """A cache hit needing no network: the manifest's digest, or the URL index."""
+        cache = self.cache
+        if source.sha256 is not None and cache.has_blob(source.sha256, size=source.size):
+            record = cache.lookup_url(source.url)
+            commit = record.commit if record is not None and record.sha256 == source.sha256 else None
+            size = cache.blob_path(source.sha256).stat().st_size
+            if record is None or record.sha256 != source.sha256:
+                cache.record_url(UrlRecord(url=source.url, sha256=source.sha256, size=size))
+            return self._result(source, sha256=source.sha256, size=size, cache_hit=True, commit=commit)
+        record = cache.lookup_url(source.url)
+        if record is None or (source.sha256 is not None and record.sha256 != source.sha256):
+            return None
+        if source.size is not None and record.size != source.size:
+            return None
+        return self._result(source, sha256=record.sha256, size=record.size, cache_hit=True, commit=record.commit)
+
+    def _result(self, source: Source, *, sha256: str, size: int, cache_hit: bool, commit: str | None) -> Fetched:
+        path = self.cache.link_named(sha256, file_name(source.url))
+        return Fetched(url=source.url, path=path, sha256=sha256, size=size, cache_hit=cache_hit, commit=commit)
+
+    def _fetch_remote(self, source: Source, *, what: str, plan: Callable[[], _Plan]) -> Fetched:
+        hit = self._cached(source)
+        if hit is not None:
+            return hit
+        cache = self.cache
+        with file_lock(cache.lock_path("url", url_key(source.url)), what=what):
+            hit = self._cached(source)  # another thread or process may have finished it meanwhile
+            if hit is not None:
+                return hit
+            resolved = plan()
+            if resolved.sha256 is not None and cache.has_blob(resolved.sha256, size=resolved.size):
+                size = cache.blob_path(resolved.sha256).stat().st_size
+                cache.record_url(UrlRecord(url=source.url, sha256=resolved.sha256, size=size, commit=resolved.commit))
+                return self._result(source, sha256=resolved.sha256, size=size, cache_hit=True, commit=resolved.commit)
+            partial, meta = cache.partial_path(source.url), cache.partial_meta_path(source.url)
+            logger.info("downloading %s", what)
+            try:
+                downloaded = self._http.download(
+                    resolved.url,
+                    partial=partial,
+                    meta=meta,
+                    key=source.url,
+                    headers=resolved.headers,
+                    expected_sha256=resolved.sha256,
+                    expected_size=resolved.size,
+                    what=what,
+                    hint=resolved.hint,
+                )
+            except FetchError as exc:
+                raise _scrubbed(exc, token_of(resolved.headers)) from None
+            if resolved.sha256 is not None and downloaded.sha256 != resolved.sha256:
+                # Drop the bytes: resuming them later would only rebuild the same wrong file.
+                self._http.discard(partial, meta)
+                raise ChecksumMismatchError(
+                    f"{what}: sha256 mismatch: expected {resolved.sha256}, downloaded {downloaded.sha256} "
+                    f"({downloaded.size} bytes); nothing was kept in the cache. If the file changed at its source "
+                    "on purpose, update `sha256` in the manifest"
+                )
+            cache.commit_blob(partial, downloaded.sha256)
+            meta.unlink(missing_ok=True)
+            cache.record_url(
+                UrlRecord(url=source.url, sha256=downloaded.sha256, size=downloaded.size, commit=resolved.commit)
+            )
+            if downloaded.resumed_from:
+                logger.info("%s: resumed at byte %d of %d", what, downloaded.resumed_from, downloaded.size)
+            return self._result(
+                source, sha256=downloaded.sha256, size=downloaded.size, cache_hit=False, commit=resolved.commit
+            )
+
+    def _plan_hub(self, source: Source, *, what: str) -> _Plan:
+        file = parse_hf_url(source.url)
+        headers = auth_headers()
+        token = token_of(headers)
+        hint = access_hint(file, logged_in=token is not None)
+        try:
+            head = self._http.head(resolve_url(file), headers=headers, what=what, hint=hint)
+        except FetchError as exc:
+            raise _scrubbed(exc, token) from None
+        meta = metadata_from_head(head)
+        if source.sha256 is not None and meta.sha256 is not None and meta.sha256 != source.sha256:
+            raise ChecksumMismatchError(
+                f"{what}: sha256 mismatch: the manifest expects {source.sha256} but the Hub announces "
+                f"{meta.sha256} for revision {file.revision!r}; pin the revision the manifest was written "
+                "against (hf://datasets/<org>/<name>@<commit>/<path>) or update `sha256`"
+            )
+        if source.size is not None and meta.size is not None and meta.size != source.size:
+            raise SizeMismatchError(
+                f"{what}: the Hub announces {meta.size} bytes for revision {file.revision!r}, the manifest says "
+                f"size {source.size}"
+            )
+        # Download the commit the HEAD saw, so a branch that moves meanwhile cannot mix versions.
+        url = resolve_url(file, revision=meta.commit) if meta.commit else head.url
+        return _Plan(
+            url=url,
+            headers=headers,
+            sha256=source.sha256 or meta.sha256,
+            size=source.size if source.size is not None else meta.size,
+            commit=meta.commit,
+            hint=hint,
+        )
+
+    # --- archives ------------------------------------------------------------------------------
+
+    def _unpack(self, fetched: Fetched, *, what: str) -> Path:
+        cache = self.cache
+        target = cache.unpacked_path(fetched.sha256)
+        if target.is_dir():
+            return target
+        with file_lock(cache.lock_path("unpack", fetched.sha256), what=f"unpacking {what}"):
+            if target.is_dir():
+                return target
+            limits = Limits(
+                max_bytes=self.settings.archive_max_bytes,
+                max_members=self.settings.archive_max_members,
+                max_ratio=self.settings.archive_max_ratio,
+            )
+            with cache.temp_dir(f"unpack-{fetched.sha256[:16]}-") as tmp:
+                try:
+                    written = unpack_archive(fetched.path, tmp, limits=limits, display=what)
+                except UnsafeArchiveError:
+                    logger.warning("refused to unpack %s", what)
+                    raise
+                tmp.chmod(0o755)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(target)
+            logger.info("unpacked %s: %d bytes", what, written)
+        return target
+
+
+def _name_in(sample: Sample, source: Source) -> str:
+    for name, candidate in sample.sources.items():
+        if candidate is source:
+            return name
+    for name, candidate in sample.sources.items():
+        if candidate == source:
+            return name
+    return "?"
+
+
+def _display(url: str) -> str:
+    from curate.fetch.http import redact_url
+
+    return url if url_scheme(url) in (None, "file", "hf") else redact_url(url)
+
+
+def _scrubbed(exc: FetchError, token: str | None) -> FetchError:
+    """``exc`` with the token removed from its message (defence in depth: messages never include headers)."""
+    if not token or token not in str(exc):
+        return exc
+    message = str(exc).replace(token, "***")
+    if isinstance(exc, AccessDeniedError):
+        return AccessDeniedError(message, status=exc.status)
+    return FetchError(message)

@@ -1,0 +1,77 @@
+"""``FetchSettings``: where the cache lives and how hard the fetch layer tries."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Final
+
+from curate.errors import SettingsError
+
+#: Environment variable that moves the cache (wins over ``XDG_CACHE_HOME``).
+CACHE_ENV: Final = "STCORPUS_CACHE"
+
+_GIB: Final = 1 << 30
+
+
+def default_cache_dir() -> Path:
+    """The cache folder: ``$STCORPUS_CACHE``, else ``$XDG_CACHE_HOME/stcorpus``, else ``~/.cache/stcorpus``.
+
+    Read at call time, so a test or a wrapper script can set the variables after import.
+    """
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "stcorpus"
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """How sources are fetched and cached.
+
+    >>> settings = FetchSettings(cache_dir=Path("/data/stcorpus-cache"), per_host=2)  # doctest: +SKIP
+    """
+
+    #: Root of the content-addressed cache (blobs, URL index, partial downloads, unpacked archives).
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    #: Retries after the first attempt, for connection errors, timeouts, truncated bodies, 408, 429 and 5xx.
+    #: An attempt that made the partial file grow does not use up a retry.
+    retries: int = 5
+    #: Exponential backoff: ``min(backoff_max, backoff_base * 2**n)`` seconds, times a jitter in [0.5, 1].
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    #: Longest ``Retry-After`` honoured (seconds); a longer one is waited for this long.
+    retry_after_max: float = 300.0
+    connect_timeout: float = 10.0
+    #: Seconds without a byte from the server before the attempt is retried.
+    read_timeout: float = 60.0
+    #: Concurrent requests per host (scheme, host, port) within one ``Fetcher``.
+    per_host: int = 4
+    #: Bytes read from the network per write and hash update.
+    chunk_size: int = 1 << 20
+    #: Allow local paths and file:// URLs even where the sample's manifest does not.
+    allow_local: bool = False
+    #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
+    archive_max_bytes: int = 64 * _GIB
+    #: Members an archive may hold.
+    archive_max_members: int = 100_000
+    #: Unpacked bytes per archive byte beyond which an archive is taken for a bomb (checked above 1 MiB).
+    archive_max_ratio: float = 1000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        problems = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            minimum = 0 if item.name in ("retries", "backoff_base", "backoff_max", "retry_after_max") else 1e-9
+            if value < minimum:
+                problems.append(f"{item.name}={value!r} (must be {'>= 0' if minimum == 0 else '> 0'})")
+        if problems:
+            raise SettingsError(f"invalid fetch settings: {', '.join(problems)}")
+        if not isinstance(self.per_host, int) or not isinstance(self.chunk_size, int):
+            raise SettingsError("invalid fetch settings: per_host and chunk_size must be integers")
