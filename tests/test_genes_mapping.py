@@ -255,6 +255,15 @@ def test_duplicates_summed_versions_stripped_and_unknown_counted() -> None:
     assert genes.feature_index.tolist() == [2, 2, 1, 1, -1, -1, 0]
 
 
+def test_bytes_fields_as_h5py_gives_them() -> None:
+    with h5py.File(HEART / "filtered_feature_bc_matrix.h5", "r") as f:
+        raw_ids = f["matrix/features/id"][:3]  # numpy bytes, not decoded
+    assert raw_ids.dtype.kind == "S"
+    features = Features(ids=raw_ids, names=np.array([b"", b"", b""]))
+    genes = map_slide_genes(features, empty_counts(3), species="human")
+    assert genes.gene_ids.tolist() == sorted(x.decode() for x in raw_ids.tolist())
+
+
 def test_make_unique_suffix_only_when_the_full_symbol_is_unknown() -> None:
     features = features_of(("", "NKX2-1"), ("", "HLA-A"), ("", "TBCE-2"), ("", "ZZZNOTAGENE-1"))
     genes = map_slide_genes(features, empty_counts(4), species="human", min_mapped_fraction=0)

@@ -25,6 +25,8 @@ ROWS = [
     {"key": "ENSG00000000007", "symbol": "EPS", "alias": "NOID"},
     {"key": "ENSG00000000008", "symbol": "Mixed", "previous": "mixed-old"},
     {"key": "ENSG00000000009", "symbol": "MIXED"},  # differs from "Mixed" only by case
+    {"key": "ENSG00000000010", "symbol": "Ab-cD"},  # two more that differ only by case,
+    {"key": "ENSG00000000011", "symbol": "aB-Cd"},  # in neither species' convention
 ]
 
 
@@ -77,15 +79,19 @@ def test_approved_symbol_without_ensembl_id_is_not_handed_to_lower_tiers(toy: Ge
     assert "ENSG00000000007" in toy
 
 
-def test_case_insensitive_only_when_exact_fails_and_unambiguous(toy: GeneReference) -> None:
-    assert toy.resolve("Mixed").key == "ENSG00000000008"
+def test_case_rules_species_convention_then_unambiguous_case_insensitive(toy: GeneReference) -> None:
+    assert toy.resolve("Mixed").key == "ENSG00000000008"  # exact always wins
     assert toy.resolve("MIXED").key == "ENSG00000000009"
-    folded = toy.resolve("mixed")  # two genes fold to "mixed": not guessed
-    assert folded.ambiguous and folded.case_insensitive
+    human = toy.resolve("mixed")  # human convention: upper-case
+    assert (human.key, human.case_insensitive) == ("ENSG00000000009", True)
+    mouse = GeneReference.from_rows("mouse", ROWS).resolve("mixed")  # mouse convention: capitalised
+    assert (mouse.key, mouse.case_insensitive) == ("ENSG00000000008", True)
+    folded = toy.resolve("ab-cd")  # no convention hit, and two genes fold to it: not guessed
+    assert folded.ambiguous and folded.case_insensitive and folded.key is None
     lower = toy.resolve("beta")
     assert (lower.key, lower.case_insensitive) == ("ENSG00000000002", True)
     assert toy.resolve("beta", case_insensitive=False).tier is None
-    assert toy.resolve("c1ORF99").key == "ENSG00000000004"
+    assert toy.resolve("c1ORF99").key == "ENSG00000000004"  # neither exact nor upper: folded, unique
 
 
 def test_tiers_can_be_switched_off() -> None:

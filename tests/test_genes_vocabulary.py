@@ -151,6 +151,7 @@ def test_real_slide_through_mapping_vocabulary_and_reindexing() -> None:
     other = measured("human", "ENSG00000000003")  # TSPAN6, measured by another slide only
     table = build_vocabulary([genes, other])
     positions = vocabulary_indices(genes.gene_ids, table)
+    assert np.all(np.diff(positions) > 0)  # sorted slide genes stay sorted: samples need no re-sort
     symbols = table.column("symbol").take(positions).to_pylist()
     assert symbols == [reference.symbol(g) for g in genes.gene_ids.tolist()]
     tp53 = symbols.index("TP53")

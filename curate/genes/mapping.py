@@ -223,6 +223,15 @@ def _map_feature(reference: GeneReference, raw_id: str, raw_name: str, *, case_i
     return _name_outcome(reference, name, case_insensitive=case_insensitive, fallback=False, unknown=UNKNOWN_NAME)
 
 
+def _text(value: object) -> str:
+    """A feature field as text: h5py hands out bytes, pandas NaN for a missing name."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
 def _column_sums(matrix: sp.csr_matrix) -> npt.NDArray[Any]:
     """Per-feature sums: int64 for integer counts (exact below 2**53), float64 otherwise."""
     sums = np.bincount(matrix.indices, weights=matrix.data.astype(np.float64), minlength=matrix.shape[1])
@@ -259,7 +268,7 @@ def map_slide_genes(
     """
     import scipy.sparse as sp
 
-    check_species(species)
+    check_species(species, slide_id=slide_id)
     panels = check_panels(panel)
     if panels is not None and not any(PANELS[p].species == species for p in panels):
         names = ", ".join(panels)
@@ -281,7 +290,7 @@ def map_slide_genes(
         raise GeneMappingError(f"{where}the slide has no features; check its matrix", slide_id=slide_id)
 
     outcomes = [
-        _map_feature(reference, str(raw_id), str(raw_name), case_insensitive=case_insensitive)
+        _map_feature(reference, _text(raw_id), _text(raw_name), case_insensitive=case_insensitive)
         for raw_id, raw_name in zip(features.ids.tolist(), features.names.tolist(), strict=True)
     ]
     keys = [o.key for o in outcomes]

@@ -110,14 +110,24 @@ def id_species(gene_id: str) -> str | None:
     return None
 
 
-def check_species(species: str) -> str:
+def check_species(species: str, *, slide_id: str | None = None) -> str:
     """Return ``species`` if a gene table exists for it, else raise ``UnsupportedSpeciesError``."""
     if species not in GENE_SPECIES:
         raise UnsupportedSpeciesError(
             f"no gene reference for species {species!r}: gene tables exist for {', '.join(GENE_SPECIES)}; "
-            "exclude the slide or add a table to scripts/build_gene_tables.py"
+            "exclude the slide or add a table to scripts/build_gene_tables.py",
+            slide_id=slide_id,
         )
     return species
+
+
+def species_case(name: str, species: str) -> str:
+    """``name`` in the species' symbol convention: human upper-case (``GAPDH``), mouse capitalised (``Gapdh``).
+
+    >>> species_case("Gapdh", "human"), species_case("GAPDH", "mouse")
+    ('GAPDH', 'Gapdh')
+    """
+    return name.upper() if species == "human" else name[:1].upper() + name[1:].lower()
 
 
 @dataclass(frozen=True)
@@ -235,15 +245,22 @@ class GeneReference:
     def resolve(self, name: str, *, case_insensitive: bool = True) -> NameMatch:
         """Resolve a gene name through the tiers: exact matches first, then case-insensitive ones.
 
-        The result's ``key`` is an Ensembl id, or ``HGNC:<n>`` for a gene HGNC names but Ensembl
-        does not annotate (the caller reports it unmapped rather than trying lower tiers).
+        Case is changed only when the name as given is unknown: first to the species' convention
+        (``Gapdh`` on a human slide tries ``GAPDH``), then ignored altogether, and then only a
+        name that names one gene counts. The result's ``key`` is an Ensembl id, or ``HGNC:<n>``
+        for a gene HGNC names but Ensembl does not annotate (the caller reports it unmapped
+        rather than trying lower tiers).
         """
         name = name.strip()
         if not name:
             return _NO_MATCH
         match = _lookup(self._exact, name, case_insensitive=False)
         if match is None and case_insensitive:
-            match = _lookup(self._folded, name.casefold(), case_insensitive=True)
+            conventional = species_case(name, self.species)
+            if conventional != name:
+                match = _lookup(self._exact, conventional, case_insensitive=True)
+            if match is None:
+                match = _lookup(self._folded, name.casefold(), case_insensitive=True)
         return match or _NO_MATCH
 
 
@@ -325,4 +342,5 @@ __all__ = [
     "normalise_id",
     "read_table",
     "reference_sources",
+    "species_case",
 ]
