@@ -139,14 +139,19 @@ def _round_step(dc: float, dr: float, *, hex_lattice: bool) -> tuple[int, int]:
     return int(r), int(c)
 
 
-def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> DerivedLattice:
+def derive_array_coords(
+    x: FloatArray, y: FloatArray, *, lattice: Lattice, pitch_px: float | None = None
+) -> DerivedLattice:
     """Array (row, col) for spots given only their pixel centres.
 
-    The pitch is the median nearest-neighbour distance and the orientation the m-fold
-    circular mean of the neighbour directions (m = 6 hex, 4 square). Indices are then
-    propagated breadth-first along lattice edges from the spot nearest the centroid, each
-    edge rounded on its own, so a slightly wrong pitch estimate never accumulates across the
-    slide. Spots in other connected groups are placed by an affine fit of the first group.
+    The pitch is ``pitch_px`` when the scale is already known (pitch_um / mpp), else the
+    median nearest-neighbour distance; the orientation is the m-fold circular mean of the
+    directions between neighbours (m = 6 hex, 4 square). Indices are propagated
+    breadth-first along lattice edges, each edge rounded on its own, so a slightly wrong
+    pitch never accumulates across a contiguous tissue. Separate groups of spots (islands,
+    or a sparse subset with no neighbours at all) are then placed outward from the largest
+    group, each as a whole, by an affine map refitted as groups are added: a pitch known
+    to a few percent is corrected before it can shift a distant spot by a whole site.
     """
     from scipy.spatial import cKDTree
 
@@ -157,10 +162,9 @@ def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> De
             row=zeros, col=zeros.copy(), pitch_px=math.nan, angle_deg=0.0, n_components=n, n_collisions=0
         )
     points = np.column_stack([x, y]).astype(np.float64)
-    tree = cKDTree(points)
     k = min(9, n)
-    dist, idx = tree.query(points, k=k)
-    pitch = float(np.median(dist[:, 1]))
+    dist, idx = cKDTree(points).query(points, k=k)
+    pitch = float(pitch_px) if pitch_px is not None and pitch_px > 0 else float(np.median(dist[:, 1]))
     if not pitch > 0:
         return DerivedLattice(
             row=zeros, col=zeros.copy(), pitch_px=pitch, angle_deg=0.0, n_components=n, n_collisions=n - 1
@@ -171,7 +175,7 @@ def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> De
     vectors = points[dst] - points[src]
     fold = 6 if lattice == "hex" else 4
     theta = np.arctan2(vectors[:, 1], vectors[:, 0])
-    angle = float(np.angle(np.exp(1j * fold * theta).sum())) / fold
+    angle = float(np.angle(np.exp(1j * fold * theta).sum())) / fold if theta.size else 0.0
     cos, sin = math.cos(-angle), math.sin(-angle)
     rotation = np.array([[cos, -sin], [sin, cos]])
     rotated = (points - points.mean(axis=0)) @ rotation.T
@@ -183,13 +187,12 @@ def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> De
         neighbours[a].append(b)
         neighbours[b].append(a)
 
+    # 1. Breadth-first along lattice edges: indices relative to each group's seed.
     row = np.zeros(n, dtype=np.int64)
     col = np.zeros(n, dtype=np.int64)
     component = np.full(n, -1, dtype=np.int64)
-    centre = int(np.argmin(np.linalg.norm(rotated, axis=1)))
-    order = [centre, *(i for i in np.argsort(np.linalg.norm(rotated, axis=1)).tolist() if i != centre)]
     n_components = 0
-    for seed in order:
+    for seed in np.argsort(np.linalg.norm(rotated, axis=1)).tolist():
         if component[seed] >= 0:
             continue
         component[seed] = n_components
@@ -208,22 +211,33 @@ def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> De
                 queue.append(b)
         n_components += 1
 
+    # 2. Place the other groups outward from the largest, each by one lattice offset.
     if n_components > 1:
-        main = component == 0
-        design = np.column_stack([col[main], row[main], np.ones(int(main.sum()))]).astype(np.float64)
-        if main.sum() >= 3 and np.linalg.matrix_rank(design) == 3:
-            coef, *_ = np.linalg.lstsq(design, rotated[main], rcond=None)
-            inverse = np.linalg.inv(coef[:2, :].T)
-            for i in np.flatnonzero(~main).tolist():
-                dc, dr = inverse @ (rotated[i] - coef[2])
-                r, c = _round_step(float(dc), float(dr), hex_lattice=hex_lattice)
-                row[i], col[i] = r, c
-        else:  # too few spots to fit: place by the nominal steps
-            for i in np.flatnonzero(~main).tolist():
-                r, c = _round_step(
-                    rotated[i, 0] / (col_step * pitch), rotated[i, 1] / (row_step * pitch), hex_lattice=hex_lattice
-                )
-                row[i], col[i] = r, c
+        sizes = np.bincount(component, minlength=n_components)
+        main = int(np.argmax(sizes))
+        placed = component == main
+        members = [np.flatnonzero(component == c) for c in range(n_components)]
+        centres = np.array([rotated[m].mean(axis=0) for m in members])
+        seed = int(members[main][0])
+        # nominal map lattice (col, row) -> rotated px, anchored at the main group's seed
+        coef = np.array([[col_step * pitch, 0.0], [0.0, row_step * pitch], [0.0, 0.0]])
+        coef[2] = rotated[seed] - np.array([col[seed], row[seed]]) @ coef[:2]
+        coef = _refit(coef, col[placed], row[placed], rotated[placed])
+        fitted_at = int(placed.sum())
+        order = np.argsort(np.linalg.norm(centres - centres[main], axis=1)).tolist()
+        for c in order:
+            if c == main:
+                continue
+            inside = members[c]
+            fractional = (rotated[inside] - coef[2]) @ np.linalg.inv(coef[:2])
+            offset = (fractional - np.column_stack([col[inside], row[inside]])).mean(axis=0)
+            d_row, d_col = _round_step(float(offset[0]), float(offset[1]), hex_lattice=hex_lattice)
+            row[inside] += d_row
+            col[inside] += d_col
+            placed[inside] = True
+            if placed.sum() >= max(3, int(fitted_at * 1.1)):
+                coef = _refit(coef, col[placed], row[placed], rotated[placed])
+                fitted_at = int(placed.sum())
 
     row_min, col_min = int(row.min()), int(col.min())
     row -= row_min
@@ -240,3 +254,17 @@ def derive_array_coords(x: FloatArray, y: FloatArray, *, lattice: Lattice) -> De
         n_components=n_components,
         n_collisions=collisions,
     )
+
+
+def _refit(
+    coef: npt.NDArray[np.float64],
+    col: npt.NDArray[np.int64],
+    row: npt.NDArray[np.int64],
+    target: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Least-squares map (col, row, 1) -> px over placed spots; the previous map if they cannot fix one."""
+    design = np.column_stack([col, row, np.ones(col.shape[0])]).astype(np.float64)
+    if design.shape[0] < 3 or np.linalg.matrix_rank(design) < 3:
+        return coef
+    fitted: npt.NDArray[np.float64] = np.linalg.lstsq(design, target, rcond=None)[0].astype(np.float64)
+    return fitted

@@ -158,11 +158,14 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     if meta_pitch is not None and abs(meta_pitch - pitch) > 1e-6:
         notes.append(f"metadata {META_PITCH}={meta_pitch:g} um used as the lattice pitch (assay default {pitch:g})")
         pitch = meta_pitch
+    meta_mpp = positive_float(metadata.get(META_MPP))
+    known_mpp = sample.mpp if sample.mpp is not None else meta_mpp
     if OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns:
         array_row = np.rint(obs[OBS_ARRAY_ROW].to_numpy(dtype=np.float64)).astype(np.int32)
         array_col = np.rint(obs[OBS_ARRAY_COL].to_numpy(dtype=np.float64)).astype(np.int32)
     else:
-        derived = derive_array_coords(x, y, lattice=lattice)
+        hint = pitch / known_mpp if known_mpp is not None else None
+        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=hint)
         array_row, array_col = derived.row, derived.col
         notes.append(f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: " + derived.describe())
 
@@ -177,7 +180,6 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         notes.append(f"metadata {META_SPOTS}={expected_spots:.0f}, the h5ad has {int(in_tissue.sum())} in-tissue spots")
 
     mpp_source: MppSource
-    meta_mpp = positive_float(metadata.get(META_MPP))
     if sample.mpp is not None:
         mpp, mpp_source = sample.mpp, "manifest"
     elif meta_mpp is not None:

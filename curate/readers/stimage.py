@@ -16,7 +16,10 @@ Human_Breast_Andersson_10142021_ST_A1_coord.csv``; ``code_reproducibility/data_p
 
 Decisions: barcodes are the spot ids without the ``<slide>_`` prefix (the slide name is
 the coord file name without ``_coord.csv``). um/px = spot diameter (55 um Visium, 100 um ST) /
-(2 r), ``mpp_source="spot_radius"``, unless the manifest sets ``mpp``. ST array coordinates
+(2 r), ``mpp_source="spot_radius"``, unless the manifest sets ``mpp``. Reader option
+``spot_diameter_um`` (a float) overrides the diameter for a study whose ``r`` was computed
+another way -- e.g. ``65.0`` if a study's ``r`` is half Space Ranger's ``spot_diameter_fullres``
+(a theoretical 65 um spot); QC's lattice check shows such a study as a ~15% disagreement. ST array coordinates
 come from the ``<x>x<y>`` ids (rounded to the nearest lattice site); Visium slides carry no
 array coordinates, so they are derived from the pixel lattice (``_lattice``: neighbours exact,
 origin and orientation arbitrary), which is all the neighbour features need. STimage lists
@@ -39,7 +42,7 @@ import numpy.typing as npt
 from curate.errors import CorruptSourceError, UnsupportedAssayError
 from curate.imaging import open_image
 from curate.qc import match_barcodes
-from curate.readers._common import geometry, raw_counts, require_file
+from curate.readers._common import geometry, option, raw_counts, require_file
 from curate.readers._lattice import derive_array_coords
 from curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
 
@@ -137,7 +140,8 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     coords_path = require_file(files, "coords", sample=sample)
     image_path = require_file(files, "image", sample=sample)
     lattice, pitch = geometry(sample, notes)
-    diameter_um = SPOT_DIAMETER_UM.get(sample.assay)
+    diameter_option = option(sample, "spot_diameter_um", default=None)
+    diameter_um = float(diameter_option) if diameter_option is not None else SPOT_DIAMETER_UM.get(sample.assay)
     if diameter_um is None and sample.mpp is None:
         raise UnsupportedAssayError(
             f"{sample.describe()}: assay {sample.assay!r} has no spot diameter on record, so um/px cannot be taken "
@@ -157,18 +161,6 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     barcodes = count_barcodes[rows]
     x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
 
-    parsed = [ST_SPOT_ID.match(b) for b in barcodes.tolist()] if sample.assay == "st" else []
-    if parsed and all(m is not None for m in parsed):
-        array_col = np.array([round(float(m.group(1))) for m in parsed if m], dtype=np.int32)
-        array_row = np.array([round(float(m.group(2))) for m in parsed if m], dtype=np.int32)
-    else:
-        if sample.assay == "st":
-            notes.append("ST spot ids are not all '<x>x<y>'")
-        derived = derive_array_coords(x, y, lattice=lattice)
-        array_row, array_col = derived.row, derived.col
-        notes.append(derived.describe())
-    notes.append("STimage lists only the spots it kept and no tissue flag: every spot taken as in tissue")
-
     median_r = float(np.median(radius))
     if not median_r > 0:
         raise CorruptSourceError(f"{coords_path.name}: spot radius r is {median_r}", slide_id=sample.id)
@@ -181,6 +173,18 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         mpp, mpp_source = diameter_um / (2.0 * median_r), "spot_radius"
     else:  # unreachable: refused above
         raise UnsupportedAssayError(f"{sample.describe()}: no um/px", slide_id=sample.id)
+
+    parsed = [ST_SPOT_ID.match(b) for b in barcodes.tolist()] if sample.assay == "st" else []
+    if parsed and all(m is not None for m in parsed):
+        array_col = np.array([round(float(m.group(1))) for m in parsed if m], dtype=np.int32)
+        array_row = np.array([round(float(m.group(2))) for m in parsed if m], dtype=np.int32)
+    else:
+        if sample.assay == "st":
+            notes.append("ST spot ids are not all '<x>x<y>'")
+        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / mpp)
+        array_row, array_col = derived.row, derived.col
+        notes.append(derived.describe())
+    notes.append("STimage lists only the spots it kept and no tissue flag: every spot taken as in tissue")
 
     return Slide(
         sample=sample,
