@@ -233,9 +233,9 @@ def _text(value: object) -> str:
 
 
 def _column_sums(matrix: sp.csr_matrix) -> npt.NDArray[Any]:
-    """Per-feature sums: int64 for integer counts (exact below 2**53), float64 otherwise."""
-    sums = np.bincount(matrix.indices, weights=matrix.data.astype(np.float64), minlength=matrix.shape[1])
-    return np.rint(sums).astype(np.int64) if matrix.dtype.kind in "iub" else sums
+    """Per-feature sums: int64 for integer counts, float64 otherwise."""
+    dtype = np.int64 if matrix.dtype.kind in "iub" else np.float64
+    return np.asarray(matrix.sum(axis=0, dtype=dtype)).ravel()
 
 
 def _total(values: npt.NDArray[Any], mask: npt.NDArray[np.bool_]) -> float:
@@ -306,9 +306,11 @@ def map_slide_genes(
     # keeps the source dtype.
     target = feature_index[matrix.indices]
     keep = target >= 0
-    row_of = np.repeat(np.arange(n_spots), np.diff(matrix.indptr))
+    dropped_at = np.flatnonzero(~keep)  # few: a cumulative sum over every entry would cost more
+    dropped_rows = np.searchsorted(matrix.indptr, dropped_at, side="right") - 1
+    kept_per_row = np.diff(matrix.indptr) - np.bincount(dropped_rows, minlength=n_spots)
     indptr = np.zeros(n_spots + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row_of[keep], minlength=n_spots), out=indptr[1:])
+    np.cumsum(kept_per_row, out=indptr[1:])
     mapped = sp.csr_matrix(
         (matrix.data[keep], target[keep].astype(np.int32), indptr), shape=(n_spots, len(gene_ids)), dtype=matrix.dtype
     )
