@@ -284,7 +284,19 @@ def sources_markdown(sources: dict[str, Any]) -> str:
     lines += ["", "| table | rows | bytes | sha256 |", "|---|---|---|---|"]
     for name, table in sources["tables"].items():
         lines.append(f"| `{name}` | {table['rows']} | {table['bytes']} | `{table['sha256']}` |")
-    lines += ["", "## Ortholog policy", "", sources["ortholog_policy"], "", "## Figures", ""]
+    lines += [
+        "",
+        "## Ortholog policy",
+        "",
+        sources["ortholog_policy"],
+        "",
+        "## Limits",
+        "",
+        *LIMITS,
+        "",
+        "## Figures",
+        "",
+    ]
     lines += ["```json", json.dumps(sources["stats"], indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
@@ -295,6 +307,17 @@ ORTHOLOG_POLICY = (
     "(HGNC_AllianceHomology, 2024) act as a veto: a pair is dropped when MGI pairs the mouse gene with a "
     "different single human gene that no other mouse gene claims. Pairs only MGI calls one-to-one are not added."
 )
+
+
+LIMITS = [
+    "- Mouse names resolve through MGI symbols and Ensembl names only: the MGI reports shipped here carry no",
+    "  synonyms, so mouse symbols renamed since the data's reference (Olfr -> Or, Hist -> H, retired RIKEN names)",
+    "  stay unmapped and are counted (4.6% of the 1,999 mm10 symbols of squidpy's fixture).",
+    "- Biotypes come from HGNC and MGI; Ensembl-only genes (clone-based lncRNAs) have none: the BioMart export",
+    "  has no biotype column.",
+    "- The 10x names are those of GRCh38-2020-A (Ensembl 98); clone-based names of other references (such as",
+    "  GRCh38-1.2.0's Ensembl 84 names like RP11-34P13.3) resolve only where HGNC lists them as previous symbols.",
+]
 
 
 def build(reference: Path) -> dict[str, bytes]:
