@@ -405,3 +405,59 @@ def test_mtx_matrix_market_roundtrip_is_exact(tmp_path: Path) -> None:
     matrix = read_mtx(folder)
     assert matrix.counts.shape == (7, 5)
     np.testing.assert_array_equal(matrix.counts.toarray(), counts.toarray())
+
+
+def test_visium_hd_bins_use_stated_microns_per_pixel_and_a_square_lattice(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.qc import check_slide
+
+    # A 12 x 10 patch of 16 um bins at 0.5 um/px (32 px apart), laid out as SR 3.x binned_outputs/square_016um/.
+    mpp, bin_um = 0.5, 16.0
+    rows, cols = np.divmod(np.arange(120), 12)
+    barcodes = [f"s_016um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
+    spatial = tmp_path / "square_016um" / "spatial"
+    spatial.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "barcode": barcodes,
+                "in_tissue": [1] * 120,
+                "array_row": rows,
+                "array_col": cols,
+                "pxl_row_in_fullres": 40.0 + rows * bin_um / mpp,
+                "pxl_col_in_fullres": 40.0 + cols * bin_um / mpp,
+            }
+        ),
+        spatial / "tissue_positions.parquet",
+    )
+    factors = {
+        "spot_diameter_fullres": 32.0,
+        "bin_size_um": bin_um,
+        "microns_per_pixel": mpp,
+        "tissue_hires_scalef": 1.0,
+    }
+    (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
+    counts = sp.csr_matrix(np.random.default_rng(4).poisson(1.5, size=(120, 8)) + 1)
+    _write_v3(
+        tmp_path / "square_016um" / "filtered_feature_bc_matrix.h5",
+        counts,
+        barcodes,
+        [f"ENSG{i:011d}" for i in range(8)],
+        [f"G{i}" for i in range(8)],
+        ["Gene Expression"] * 8,
+    )
+    pixels = np.full((420, 470, 3), 230, dtype=np.uint8)
+    pixels[::4] = (170, 90, 160)
+    image = tmp_path / "he.png"
+    from PIL import Image
+
+    Image.fromarray(pixels).save(image)
+    sample = make_sample({"outs": tmp_path / "square_016um", "image": image}, assay="visium-hd")
+    slide = check_slide(read_slide(sample, files_of(sample)))
+    assert (slide.mpp, slide.mpp_source) == (mpp, "scalefactors")
+    assert (slide.lattice, slide.pitch_um) == ("square", bin_um)
+    assert slide.flags == []
+    agreement = next(c for c in slide.qc if c.name == "mpp_lattice_agreement")
+    assert isinstance(agreement.value, float) and agreement.value < 1e-6

@@ -14,7 +14,9 @@ scale factor. A blank hires image (some re-published folders carry a placeholder
 
 What the reader decides and records in ``Slide.notes``:
 
-* um/px: the manifest's ``mpp`` if set, else ``65 / spot_diameter_fullres`` -- Space Ranger
+* um/px: the manifest's ``mpp`` if set, else ``microns_per_pixel`` where Space Ranger 3.x
+  states it (Visium HD, whose ``bin_size_um`` also makes the lattice square with the bin
+  size as pitch), else ``65 / spot_diameter_fullres`` -- Space Ranger
   defines ``spot_diameter_fullres`` as the pixels spanning a *theoretical 65 um spot* (10x
   Space Ranger 1.3 docs, "Spatial outputs"), not the 55 um capture spot; on the real fixtures
   this agrees with the 100 um lattice fit within 0.3%, while 55 would be 15% off. Without a
@@ -51,7 +53,7 @@ from curate.readers._common import (
     single_file_in,
 )
 from curate.readers._lattice import fit_lattice
-from curate.slide import Features, MppSource, Slide, Spots
+from curate.slide import Features, Lattice, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
     from curate.manifest import Sample
@@ -70,6 +72,9 @@ LOWRES_SCALEF: Final = "tissue_lowres_scalef"
 SPOT_DIAMETER: Final = "spot_diameter_fullres"
 #: Space Ranger's spot_diameter_fullres spans a theoretical 65 um spot (10x docs, SR 1.3).
 SPOT_DIAMETER_FULLRES_UM: Final = 65.0
+#: Space Ranger 3.x (Visium HD binned outputs) states the scale and the bin size outright.
+MICRONS_PER_PIXEL: Final = "microns_per_pixel"
+BIN_SIZE: Final = "bin_size_um"
 MATRIX_KINDS: Final = ("filtered", "raw")
 #: CytAssist instrument images and QC renderings: never the H&E.
 CYTASSIST_FILES: Final = ("cytassist_image.tiff", "aligned_fiducials.jpg", "aligned_tissue_image.jpg")
@@ -290,16 +295,26 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             slide_id=sample.id,
         )
 
-    lattice, pitch = geometry(sample, notes)
+    bin_size = positive_float(scalefactors.get(BIN_SIZE))
+    lattice: Lattice
+    if bin_size is not None:  # Visium HD binned outputs: square bins, one bin apart
+        lattice, pitch = "square", bin_size
+        notes.append(f"{BIN_SIZE}={bin_size:g}: square lattice of {bin_size:g} um bins")
+    else:
+        lattice, pitch = geometry(sample, notes)
     pxl_x = positions.pxl_col[position_rows]
     pxl_y = positions.pxl_row[position_rows]
     array_row = positions.array_row[position_rows]
     array_col = positions.array_col[position_rows]
     diameter = positive_float(scalefactors.get(SPOT_DIAMETER))
+    stated_mpp = positive_float(scalefactors.get(MICRONS_PER_PIXEL))
     mpp_source: MppSource
     if sample.mpp is not None:
         full_mpp, mpp_source = sample.mpp, "manifest"
-    elif diameter is not None:
+    elif stated_mpp is not None:
+        full_mpp, mpp_source = stated_mpp, "scalefactors"
+        notes.append(f"um/px from {MICRONS_PER_PIXEL} in {SCALEFACTORS_FILE}")
+    elif diameter is not None and bin_size is None:
         full_mpp, mpp_source = SPOT_DIAMETER_FULLRES_UM / diameter, "scalefactors"
     else:
         fit = fit_lattice(
