@@ -17,7 +17,10 @@ from types import ModuleType
 from curate.errors import CurateError
 
 #: (command, module under curate.commands, one-line help), in the order ``--help`` lists them.
-COMMANDS: tuple[tuple[str, str, str], ...] = (("validate", "validate", "check manifests without downloading anything"),)
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("validate", "validate", "check manifests without downloading anything"),
+    ("fetch", "fetch", "download the manifests' sources into the cache and pin them in lock files"),
+)
 
 
 def _command_module(module: str) -> ModuleType:

@@ -258,7 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._empty(403, {"X-Error-Code": "GatedRepo", "X-Error-Message": message})
                 return
         revision = unquote(match.group("revision"))
-        commit = repo.commit if revision in ("main", repo.commit) else repo.revisions.get(revision)
+        commit: str | None = repo.revisions.get(revision)
+        if revision in ("main", repo.commit) or revision in repo.revisions.values():
+            commit = repo.commit if revision == "main" else revision
         if commit is None:
             self._empty(404, {"X-Error-Code": "RevisionNotFound"})
             return

@@ -254,9 +254,15 @@ def _unpack_tar(archive: Path, target: Path, *, budget: _Budget, name: str) -> i
                     _link_target(rel, member.linkname, archive=name, raw=member.name)
                     writer.symlink(rel, member.linkname, raw=member.name)
                 elif member.islnk():
-                    existing = _member_path(member.linkname, archive=name)
+                    try:
+                        existing = _member_path(member.linkname, archive=name)
+                    except UnsafeArchiveError:
+                        existing = None
                     if existing is None:
-                        raise UnsafeArchiveError(f"{name}: member {member.name!r} is a hard link to the archive root")
+                        raise UnsafeArchiveError(
+                            f"{name}: member {member.name!r} is a hard link to {member.linkname!r}, outside the "
+                            "archive's files; refusing"
+                        )
                     writer.copy(rel, existing, raw=member.name, budget=budget)
                 else:
                     kind = "device" if (member.ischr() or member.isblk()) else "FIFO" if member.isfifo() else "special"
