@@ -21,6 +21,7 @@ renamed into place, so that a crash never leaves a half-written checkpoint under
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from collections.abc import Mapping
@@ -88,7 +89,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}; give a checkpoint file or 'latest'")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({exc}); resume from an earlier one") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

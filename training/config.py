@@ -267,10 +267,6 @@ class TrainConfig(_Section):
                 "loss terms region_spot / patch_region / pos need the region view: "
                 "add it with data.views=[patch,region]"
             )
-        if self.optim.warmup_steps > self.optim.max_steps:
-            raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.max_steps ({self.optim.max_steps})"
-            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

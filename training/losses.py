@@ -33,20 +33,33 @@ def _world() -> tuple[int, int]:
 def gather_features(features: Tensor, *, with_grad: bool = True) -> Tensor:
     """Concatenate ``features`` of every rank along dim 0 (rank order); identity without a process group.
 
-    ``with_grad=True`` uses ``torch.distributed.nn.functional.all_gather``, whose backward sends
-    each rank the gradient of its own features. Otherwise only the local slice keeps its graph.
+    ``with_grad=True`` uses an autograd-aware all-gather, whose backward sends each rank the
+    sum over ranks of the gradient of its own features. Otherwise only the local slice keeps
+    its graph (open_clip's ``gather_with_grad=False``).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return features
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(features), dim=0)  # type: ignore[no-untyped-call]
+        return _all_gather_autograd(features)
     rank, world_size = _world()
     parts = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(parts, features.contiguous())
     parts[rank] = features
     return torch.cat(parts, dim=0)
+
+
+def _all_gather_autograd(features: Tensor) -> Tensor:
+    """All-gather with gradients through functional collectives (torch.distributed.nn's version is deprecated
+    and, on gloo, its all-to-all backward leaves the process aborting at exit)."""
+    from torch.distributed import _functional_collectives as fc
+
+    group = dist.group.WORLD
+    assert group is not None  # callers check dist.is_initialized()
+    if hasattr(fc, "all_gather_single"):  # torch >= 2.9
+        gathered: Tensor = fc.all_gather_single(features.contiguous(), 0, group)
+    else:
+        gathered = fc.all_gather_tensor_autograd(features.contiguous(), 0, group)
+    return gathered
 
 
 def clip_loss(

@@ -421,7 +421,7 @@ def _save(
             "rng": [g["rng"] for g in gathered],
             "data": [g["data"] for g in gathered],
             "metrics": dict(metrics),
-            "versions": {"torch": torch.__version__, "stcorpus": stcorpus.__version__},
+            "versions": {"torch": str(torch.__version__), "stcorpus": str(stcorpus.__version__)},
         }
         path = save_checkpoint(state, ckpt_dir, step=step, keep_last=cfg.run.keep_last)
     if env.distributed:

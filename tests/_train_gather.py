@@ -1,0 +1,81 @@
+"""Run under ``torchrun --nproc_per_node 2``: gathered losses on 2 ranks equal the 1-process loss.
+
+Each rank takes its half of one global batch of features made by a small linear "encoder"
+(same weights on every rank), computes the loss module under the process group, and then
+averages loss and parameter gradients over ranks the way DistributedDataParallel does. Rank
+0 compares that with the plain loss function on the whole batch in one process (value and
+gradients) and writes the results as JSON to the path given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from training.losses import ClipLoss, SigLipLoss, clip_loss, siglip_loss
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    global_batch, dim, local = 8, 5, 8 // world
+    x_img = torch.randn(global_batch, 6)
+    x_gene = torch.randn(global_batch, 7)
+    w_img = torch.randn(6, dim)
+    w_gene = torch.randn(7, dim)
+    scale = torch.tensor(3.0)
+    bias = torch.tensor(-2.0)
+
+    def features(rows: slice, wi: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.nn.functional.normalize(x_img[rows] @ wi, dim=-1)
+        b = torch.nn.functional.normalize(x_gene[rows] @ wg, dim=-1)
+        return a, b
+
+    results: dict[str, object] = {"world_size": world}
+    cases = {
+        "clip_local": (ClipLoss(local_loss=True), clip_loss),
+        "clip_global": (ClipLoss(local_loss=False), clip_loss),
+        "siglip": (SigLipLoss(), siglip_loss),
+    }
+    for name, (module, reference) in cases.items():
+        wi, wg = w_img.clone().requires_grad_(), w_gene.clone().requires_grad_()
+        a, b = features(slice(rank * local, (rank + 1) * local), wi, wg)
+        if name == "siglip":
+            out = module(a, b, scale, bias)
+        else:
+            out = module(a, b, scale)
+        out.loss.backward()
+        # DistributedDataParallel: gradients (and here the loss, for the comparison) averaged over ranks.
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= world
+        assert wi.grad is not None and wg.grad is not None
+        grads = torch.cat([wi.grad.flatten(), wg.grad.flatten()])
+        dist.all_reduce(grads)
+        grads /= world
+
+        ri, rg = w_img.clone().requires_grad_(), w_gene.clone().requires_grad_()
+        fa, fb = features(slice(None), ri, rg)
+        ref = reference(fa, fb, scale, bias) if name == "siglip" else reference(fa, fb, scale)  # type: ignore[operator]
+        ref.backward()
+        assert ri.grad is not None and rg.grad is not None
+        ref_grads = torch.cat([ri.grad.flatten(), rg.grad.flatten()])
+        results[name] = {
+            "logits_shape": list(out.logits_shape),
+            "loss": float(loss),
+            "reference": float(ref.detach()),
+            "max_grad_diff": float((grads - ref_grads).abs().max()),
+            "grad_scale": float(ref_grads.abs().max()),
+        }
+    if rank == 0:
+        with open(path, "w") as handle:  # noqa: PTH123 - a test helper script
+            json.dump(results, handle)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

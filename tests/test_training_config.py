@@ -1,0 +1,101 @@
+"""Run config: YAML + ``--set`` overrides, strict keys, validation, round trip, CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.config import TrainConfig, apply_override, load_config
+from training.errors import ConfigError
+
+
+def test_builtin_config_and_overrides_are_typed() -> None:
+    cfg = load_config(
+        "tiny-cpu",
+        overrides=["optim.lr=1e-4", "model.image.name=small-vit", "data.views=[patch, region]", "run.threads=2"],
+    )
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert isinstance(cfg.optim.lr, float)  # YAML reads "1e-4" as a string; the model makes it a number
+    assert cfg.model.image.name == "small-vit"
+    assert cfg.data.views == ("patch", "region")
+    assert cfg.run.threads == 2
+    # untouched keys keep the file's values, and the file's values beat the defaults
+    assert cfg.data.synthetic.n_genes == 64
+    assert TrainConfig().data.synthetic.n_genes != 64
+
+
+def test_set_accepts_several_values_and_repeats() -> None:
+    from training.pretrain import build_parser
+
+    args = build_parser().parse_args(["--set", "optim.lr=0.1", "loss.kind=siglip", "--set", "run.seed=3"])
+    cfg = load_config(None, overrides=args.overrides)
+    assert (cfg.optim.lr, cfg.loss.kind, cfg.run.seed) == (0.1, "siglip", 3)
+
+
+def test_unknown_override_key_is_named_with_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny-cpu", overrides=["optim.lrr=1e-4"])
+    message = str(info.value)
+    assert "'optim.lrr'" in message
+    assert "valid keys: lr, min_lr" in message
+
+
+def test_unknown_key_in_file_is_named(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  image:\n    nam: small-cnn\noptimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "'model.image.nam'" in message
+    assert "'optimizer'" in message  # every bad key is reported, not only the first
+    assert str(path) in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lr=abc", "optim.lr"),
+        ("loss.kind=triplet", "expected one of 'clip' or 'siglip'"),
+        ("optim.lr.x=1", "'optim.lr' is a value"),
+        ("optim.lr", "section.key=value"),
+        ("loss.pos=1", "region view"),
+        ("data.views=[region]", "must include 'patch'"),
+        ("optim.min_lr=1", "larger than lr"),
+        ("model.image.pretrained=hub", "timm encoders only"),
+        ("data.source=corpus", "data.corpus"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_reason(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny-cpu", overrides=[override])
+    assert expected in str(info.value)
+
+
+def test_unknown_config_name_lists_builtins() -> None:
+    with pytest.raises(ConfigError, match="tiny-cpu"):
+        load_config("no-such-config")
+
+
+def test_yaml_round_trip(tmp_path) -> None:
+    cfg = load_config("tiny-cpu", overrides=["loss.kind=siglip", "optim.betas=[0.8, 0.9]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.optim.betas == (0.8, 0.9)
+
+
+def test_apply_override_builds_nested_sections() -> None:
+    raw: dict = {}
+    apply_override(raw, "data.synthetic.n_genes=12")
+    apply_override(raw, "run.out_dir=")
+    assert raw == {"data": {"synthetic": {"n_genes": 12}}, "run": {"out_dir": ""}}
+
+
+def test_cli_print_config_and_error_exit(capsys, caplog) -> None:
+    from training.pretrain import main
+
+    assert main(["--config", "tiny-cpu", "--set", "optim.lr=0.5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.5" in printed
+    assert main(["--config", "tiny-cpu", "--set", "optim.nope=1"]) == 2
+    assert "'optim.nope'" in caplog.text
