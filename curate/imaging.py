@@ -1,19 +1,34 @@
 """Lazily opened slide images: pyramidal TIFF/BigTIFF, plain TIFF, PNG and JPEG.
 
 ``open_image(path)`` reads only the header. Pixels are read window by window through
-``SlideImage.read_region`` (TIFF: tifffile's zarr store decodes only the tiles a window
-touches), so a whole-slide image is never held decoded in memory. PNG and JPEG files cannot
-be read by window; they are decoded on first access (they are small in practice: Space Ranger
-hires/lowres images, STimage PNGs).
+``SlideImage.read_region``; a whole-slide image is never held decoded in memory:
+
+- TIFF (tiled or in strips; JPEG, LZW, deflate, JPEG 2000, uncompressed, ...): the file's own
+  tiles/strips are read and decoded one by one and kept in an LRU cache bounded in bytes
+  (``cache_bytes``), so a window decodes only the tiles it touches and neighbouring windows
+  reuse them. JPEG tiles in YCbCr (nearly every scanner's and pyvips' pyramid) are decoded with
+  libjpeg-turbo directly, which can also decode them at 1/2, 1/4 or 1/8 scale in the DCT
+  domain (``reduce``): a cheap, antialiased 2x/4x/8x reduction when the pyramid lacks a level.
+  Uncompressed strips are read row by row. Layouts this path does not cover (planar RGB, NDPI,
+  multi-page levels) go through tifffile's zarr store.
+- PNG and JPEG files cannot be read by window; they are decoded in full on first access
+  (in practice they are small: Space Ranger hires/lowres images, STimage PNGs).
 
 Every read returns RGB ``uint8`` (grey is expanded, alpha dropped unless asked for); pixels
 outside the image are white, as the tiles pad them.
+
+Coordinates: pixel ``(x, y)`` of a level covers ``[x, x + 1) x [y, y + 1)`` of that level;
+level ``k`` pixel ``i`` covers level-0 pixels ``[i * d, (i + 1) * d)`` with ``d`` its
+``downsample``.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +43,22 @@ WHITE: Final = 255
 TIFF_SUFFIXES: Final = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
 PIL_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
 
+#: Default bound of the decoded-tile cache of one open image. A band of 224 px patches across
+#: a 100,000 px wide slide at 0.5 um/px needs about 80 MB of decoded 256 px tiles.
+DEFAULT_CACHE_BYTES: Final = 256 * 2**20
+
+#: Scales libjpeg-turbo can decode a JPEG tile at in the DCT domain (1/1, 1/2, 1/4, 1/8).
+JPEG_REDUCTIONS: Final = (1, 2, 4, 8)
+
+# TIFF tag values used below (tifffile enums compare equal to these ints).
+_COMPRESSION_NONE: Final = 1
+_COMPRESSION_JPEG: Final = 7
+_PHOTOMETRIC_MINISBLACK: Final = 1
+_PHOTOMETRIC_RGB: Final = 2
+_PHOTOMETRIC_YCBCR: Final = 6
+#: Uncompressed strips are cut into virtual tiles of this size for the cache.
+_RAW_TILE: Final = 512
+
 RGBArray = npt.NDArray[np.uint8]
 
 
@@ -40,15 +71,111 @@ class Level:
     downsample: float
 
 
+def level_downsample(width0: int, height0: int, width: int, height: int) -> float:
+    """The downsample of a ``width`` x ``height`` level of a ``width0`` x ``height0`` image.
+
+    Pyramids are built by shrinking by an integer factor and rounding the level size up or
+    down, so ``width0 / width`` is not the factor (a 1001 px wide image gives a 500 px level
+    at 2x: 2.002). A ratio that such rounding explains on both axes is snapped to the integer;
+    over a 100,000 px slide the difference is 50 level pixels, far more than a spot can move.
+
+    >>> level_downsample(1001, 777, 500, 388)
+    2.0
+    """
+    ratio = width0 / width
+    factor = round(ratio)
+    if factor >= 1 and abs(width0 / factor - width) <= 1 and abs(height0 / factor - height) <= 1:
+        return float(factor)
+    return ratio
+
+
+@dataclass
+class CacheStats:
+    """Counters of a :class:`TileCache`."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    peak_bytes: int = 0
+
+
+class TileCache:
+    """A least-recently-used cache of decoded image tiles, bounded in bytes.
+
+    A tile larger than the bound is returned to its caller but not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, not {max_bytes}")
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._items: OrderedDict[Hashable, npt.NDArray[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> npt.NDArray[Any] | None:
+        """The tile stored under ``key`` (now the most recently used), or None."""
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.stats.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.stats.hits += 1
+            return value
+
+    def put(self, key: Hashable, value: npt.NDArray[Any]) -> None:
+        """Store ``value``, evicting the least recently used tiles to stay within the bound."""
+        size = value.nbytes
+        if size > self.max_bytes:
+            return
+        value.flags.writeable = False  # tiles are shared between reads
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.stats.bytes -= old.nbytes
+            while self._items and self.stats.bytes + size > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.stats.bytes -= evicted.nbytes
+                self.stats.evictions += 1
+            self._items[key] = value
+            self.stats.bytes += size
+            self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes)
+
+    def resize(self, max_bytes: int) -> None:
+        """Change the bound, evicting the least recently used tiles above it."""
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, not {max_bytes}")
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._items and self.stats.bytes > max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.stats.bytes -= evicted.nbytes
+                self.stats.evictions += 1
+
+    def clear(self) -> None:
+        """Drop every tile (the counters stay)."""
+        with self._lock:
+            self._items.clear()
+            self.stats.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class SlideImage(ABC):
     """A read-only image opened without decoding it."""
 
-    def __init__(self, path: Path, levels: tuple[Level, ...], *, has_alpha: bool) -> None:
+    def __init__(
+        self, path: Path, levels: tuple[Level, ...], *, has_alpha: bool, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         if not levels:
             raise ValueError(f"{path}: image has no levels")
         self.path = path
         self.levels = levels
         self.has_alpha = has_alpha
+        self.cache = TileCache(cache_bytes)
 
     @property
     def width(self) -> int:
@@ -68,46 +195,99 @@ class SlideImage(ABC):
                 best = index
         return best
 
-    def read_region(self, *, level: int, x: int, y: int, width: int, height: int, keep_alpha: bool = False) -> RGBArray:
+    def reductions(self, level: int) -> tuple[int, ...]:
+        """Factors ``read_region(reduce=...)`` accepts for ``level``: always 1, and 2/4/8 where
+        the level's tiles can be decoded at a reduced scale (JPEG tiles in YCbCr)."""
+        self._check_level(level)
+        return (1,)
+
+    def level_size(self, level: int, *, reduce: int = 1) -> tuple[int, int]:
+        """``(width, height)`` of ``level`` decoded at 1/``reduce`` scale."""
+        lvl = self.levels[level]
+        return -(-lvl.width // reduce), -(-lvl.height // reduce)
+
+    def read_region(
+        self, *, level: int, x: int, y: int, width: int, height: int, keep_alpha: bool = False, reduce: int = 1
+    ) -> RGBArray:
         """Pixels ``[y:y+height, x:x+width]`` of ``level`` (coordinates in that level's pixels).
 
-        Parts of the window outside the image are white (alpha 0 where kept).
+        ``reduce`` (one of :meth:`reductions`) decodes the level at 1/``reduce`` scale, and the
+        window is then in those reduced pixels. Parts of the window outside the image are
+        white (alpha 0 where kept).
         """
         if width <= 0 or height <= 0:
             raise ValueError(f"empty window {width}x{height}")
-        lvl = self.levels[level]
+        self._check_level(level)
+        if reduce not in self.reductions(level):
+            raise ValueError(
+                f"{self.path.name}: level {level} cannot be read at 1/{reduce} scale: "
+                f"available reductions are {self.reductions(level)}"
+            )
+        level_width, level_height = self.level_size(level, reduce=reduce)
         channels = 4 if keep_alpha and self.has_alpha else 3
+        if x >= 0 and y >= 0 and x + width <= level_width and y + height <= level_height:
+            window = _to_channels(self._read(level, y, y + height, x, x + width, reduce), channels)
+            return window if window.flags.owndata and window.flags.writeable else window.copy()
         out = np.full((height, width, channels), WHITE, dtype=np.uint8)
         if keep_alpha and self.has_alpha:
             out[..., 3] = 0
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + width, lvl.width), min(y + height, lvl.height)
+        x1, y1 = min(x + width, level_width), min(y + height, level_height)
         if x0 >= x1 or y0 >= y1:
             return out
-        window = self._read(level, y0, y1, x0, x1)
+        window = self._read(level, y0, y1, x0, x1, reduce)
         out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_channels(window, channels)
         return out
 
     def thumbnail(self, *, max_size: int = 1024, keep_alpha: bool = False) -> RGBArray:
-        """The whole image scaled to fit ``max_size`` pixels, read from the smallest level that allows it."""
+        """The whole image scaled so its longer side is ``max_size`` pixels (never enlarged).
+
+        Read from the coarsest level (and JPEG reduction) that is at least as fine as needed,
+        band by band with an area filter, so memory stays bounded however large the level.
+        """
         from PIL import Image
 
         scale = max(self.width, self.height) / max_size
-        level = self.best_level(max(scale, 1.0))
-        lvl = self.levels[level]
-        pixels = self.read_region(level=level, x=0, y=0, width=lvl.width, height=lvl.height, keep_alpha=keep_alpha)
-        if max(lvl.width, lvl.height) <= max_size:
-            return pixels
-        factor = max_size / max(lvl.width, lvl.height)
-        size = (max(1, round(lvl.width * factor)), max(1, round(lvl.height * factor)))
-        return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
+        if scale <= 1:
+            return self.read_region(level=0, x=0, y=0, width=self.width, height=self.height, keep_alpha=keep_alpha)
+        level, reduce = 0, 1
+        for index, lvl in enumerate(self.levels):
+            for factor in self.reductions(index):
+                if lvl.downsample * factor <= scale * (1 + 1e-6) and (
+                    lvl.downsample * factor > self.levels[level].downsample * reduce
+                ):
+                    level, reduce = index, factor
+        source_width, source_height = self.level_size(level, reduce=reduce)
+        step = scale / (self.levels[level].downsample * reduce)  # source pixels per output pixel, >= 1
+        out_width = max(1, round(self.width / scale))
+        out_height = max(1, round(self.height / scale))
+        # Bands of about 32 MB of source pixels.
+        band = max(1, int(2**25 // max(1, round(source_width * step * 4))))
+        pieces: list[RGBArray] = []
+        for row0 in range(0, out_height, band):
+            row1 = min(out_height, row0 + band)
+            top, bottom = row0 * step, min(row1 * step, source_height)
+            first, last = math.floor(top), max(math.ceil(bottom), math.floor(top) + 1)
+            pixels = self.read_region(
+                level=level, x=0, y=first, width=source_width, height=last - first, keep_alpha=keep_alpha, reduce=reduce
+            )
+            right = min(out_width * step, source_width)
+            box = (0.0, top - first, right, max(bottom - first, top - first + 1e-3))
+            piece = Image.fromarray(pixels).resize((out_width, row1 - row0), Image.Resampling.BOX, box=box)
+            pieces.append(np.asarray(piece))
+        return np.concatenate(pieces, axis=0)
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"{self.path.name}: no level {level}; the image has {len(self.levels)} level(s)")
 
     @abstractmethod
-    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> npt.NDArray[Any]:
+    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
         """Pixels of an in-bounds window, in the file's own channel layout."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the file handle."""
+    def close(self) -> None:
+        """Release the file handle and the cached tiles."""
+        self.cache.clear()
 
     def __enter__(self) -> SlideImage:
         return self
@@ -135,62 +315,233 @@ def _to_channels(window: npt.NDArray[Any], channels: int) -> RGBArray:
         window = np.repeat(window, 3, axis=2)
         have = 3
     if channels == 3:
-        return window[..., :3]
+        return window if have == 3 else window[..., :3]
     if have == 3:
         alpha = np.full((*window.shape[:2], 1), WHITE, dtype=np.uint8)
         return np.concatenate([window, alpha], axis=2)
     return window[..., :4]
 
 
-class TiffImage(SlideImage):
-    """A (pyramidal) TIFF read window by window through tifffile's zarr store."""
+@dataclass(frozen=True)
+class _Grid:
+    """How one TIFF level is cut into independently decodable segments (tiles or strips)."""
 
-    def __init__(self, path: Path) -> None:
+    page: Any  # tifffile.TiffPage
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    across: int  # segments per row of segments
+    samples: int
+    dtype: np.dtype[Any]
+    offsets: tuple[int, ...]
+    bytecounts: tuple[int, ...]
+    jpeg: bool  # YCbCr JPEG tiles: decoded with libjpeg-turbo, reducible
+    jpegtables: bytes | None
+    raw_rows: bool  # uncompressed strips: read row by row into virtual tiles
+    rows_per_strip: int
+
+    def reductions(self) -> tuple[int, ...]:
+        if not self.jpeg:
+            return (1,)
+        return tuple(r for r in JPEG_REDUCTIONS if self.tile_width % r == 0 and self.tile_height % r == 0)
+
+
+class TiffImage(SlideImage):
+    """A (pyramidal) TIFF read tile by tile (see the module docstring)."""
+
+    def __init__(self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         import tifffile
-        import zarr
 
         try:
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
-            store = series.aszarr()
-            root: Any = zarr.open(store, mode="r")
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+            series_levels = list(series.levels)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
             raise CorruptSourceError(f"{path}: not a readable TIFF: {exc}") from exc
         axes = series.axes
         if axes not in ("YXS", "YX", "SYX"):
+            self._tif.close()
             raise CorruptSourceError(f"{path}: TIFF axes {axes!r} are not a 2-D RGB/grey image")
         self._planar = axes == "SYX"
-        arrays: list[Any] = [root[str(i)] for i in range(len(series.levels))] if hasattr(root, "keys") else [root]
-        self._arrays = arrays
-        shapes = [a.shape for a in arrays]
-        w0 = self._hw(shapes[0])[1]
+        shapes = [tuple(level.shape) for level in series_levels]
+        height0, width0 = self._hw(shapes[0])
         levels = []
         for shape in shapes:
             h, w = self._hw(shape)
-            levels.append(Level(width=w, height=h, downsample=w0 / w))
+            levels.append(Level(width=w, height=h, downsample=level_downsample(width0, height0, w, h)))
         samples = shapes[0][0] if self._planar else (shapes[0][2] if len(shapes[0]) == 3 else 1)
-        # zarr arrays are not safe to read from several threads at once through one file handle.
-        self._lock = threading.Lock()
-        super().__init__(path, tuple(levels), has_alpha=samples == 4)
+        self._lock = threading.Lock()  # one file handle: reads are serialised
+        self._fd = self._tif.filehandle
+        self._grids: list[_Grid | None] = [self._grid(level) for level in series_levels]
+        self._series = series
+        self._zarr: list[Any] | None = None
+        super().__init__(path, tuple(levels), has_alpha=samples == 4, cache_bytes=cache_bytes)
 
     def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return (shape[1], shape[2]) if self._planar else (shape[0], shape[1])
 
-    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> npt.NDArray[Any]:
-        array = self._arrays[level]
+    def _grid(self, level: Any) -> _Grid | None:
+        """The segment layout of a level, or None where tifffile's zarr store must read it."""
+        import tifffile
+
+        pages = list(level.pages)
+        if self._planar or len(pages) != 1 or not isinstance(pages[0], tifffile.TiffPage):
+            return None
+        page = pages[0]
+        if page.is_ndpi or page.imagedepth != 1 or page.bitspersample not in (8, 16):
+            return None
+        photometric = int(page.photometric)
+        compression = int(page.compression)
+        if photometric not in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_MINISBLACK, _PHOTOMETRIC_YCBCR) or (
+            photometric == _PHOTOMETRIC_YCBCR and compression != _COMPRESSION_JPEG
+        ):
+            raise CorruptSourceError(
+                f"{self._tif.filehandle.path}: TIFF photometric {page.photometric!r} with compression "
+                f"{page.compression!r} is not an RGB or grey image this reader handles; convert it to RGB"
+            )
+        jpeg = (
+            compression == _COMPRESSION_JPEG
+            and photometric == _PHOTOMETRIC_YCBCR
+            and page.samplesperpixel == 3
+            and page.bitspersample == 8
+        )
+        width, height = int(page.imagewidth), int(page.imagelength)
+        raw_rows = False
+        if page.is_tiled:
+            tile_width, tile_height = int(page.tilewidth), int(page.tilelength)
+        elif compression == _COMPRESSION_NONE:
+            tile_width, tile_height, raw_rows = _RAW_TILE, _RAW_TILE, True
+        else:
+            tile_width, tile_height = width, int(page.rowsperstrip) or height
+        return _Grid(
+            page=page,
+            width=width,
+            height=height,
+            tile_width=tile_width,
+            tile_height=tile_height,
+            across=-(-width // tile_width),
+            samples=int(page.samplesperpixel),
+            dtype=np.dtype(page.dtype),
+            offsets=tuple(int(v) for v in page.dataoffsets),
+            bytecounts=tuple(int(v) for v in page.databytecounts),
+            jpeg=jpeg,
+            jpegtables=page.jpegtables,
+            raw_rows=raw_rows,
+            rows_per_strip=int(page.rowsperstrip) or height,
+        )
+
+    def reductions(self, level: int) -> tuple[int, ...]:
+        """See :meth:`SlideImage.reductions`."""
+        self._check_level(level)
+        grid = self._grids[level]
+        return grid.reductions() if grid is not None else (1,)
+
+    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
+        grid = self._grids[level]
+        if grid is None:
+            return self._read_zarr(level, y0, y1, x0, x1)
+        tile_width, tile_height = grid.tile_width // reduce, grid.tile_height // reduce
+        ty0, ty1 = y0 // tile_height, (y1 - 1) // tile_height
+        tx0, tx1 = x0 // tile_width, (x1 - 1) // tile_width
+        if ty0 == ty1 and tx0 == tx1:  # the common case for small windows: a view, no copy
+            tile = self._tile(level, grid, ty0, tx0, reduce)
+            oy, ox = ty0 * tile_height, tx0 * tile_width
+            return tile[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        out = np.empty((y1 - y0, x1 - x0, grid.samples), dtype=grid.dtype)
+        for ty in range(ty0, ty1 + 1):
+            oy = ty * tile_height
+            a, b = max(y0, oy), min(y1, oy + tile_height)
+            for tx in range(tx0, tx1 + 1):
+                ox = tx * tile_width
+                c, d = max(x0, ox), min(x1, ox + tile_width)
+                tile = self._tile(level, grid, ty, tx, reduce)
+                out[a - y0 : b - y0, c - x0 : d - x0] = tile[a - oy : b - oy, c - ox : d - ox]
+        return out
+
+    def _tile(self, level: int, grid: _Grid, ty: int, tx: int, reduce: int) -> npt.NDArray[Any]:
+        key = (level, reduce, ty, tx)
+        tile = self.cache.get(key)
+        if tile is None:
+            tile = self._decode(grid, ty, tx, reduce)
+            self.cache.put(key, tile)
+        return tile
+
+    def _decode(self, grid: _Grid, ty: int, tx: int, reduce: int) -> npt.NDArray[Any]:
+        """Decode tile ``(ty, tx)`` of a level: always ``(tile_height, tile_width, samples)``
+        at the reduced scale (strips at the image's bottom edge may be shorter)."""
+        if grid.raw_rows:
+            return self._read_raw(grid, ty, tx)
+        index = ty * grid.across + tx
+        height, width = grid.tile_height // reduce, grid.tile_width // reduce
+        offset, count = grid.offsets[index], grid.bytecounts[index]
+        if offset == 0 or count == 0:  # a sparse TIFF leaves empty tiles out: background
+            return np.full((height, width, grid.samples), WHITE, dtype=grid.dtype)
+        with self._lock:
+            self._fd.seek(offset)
+            data = self._fd.read(count)
+        tile: npt.NDArray[Any]
+        try:
+            if grid.jpeg:
+                import simplejpeg
+
+                if grid.jpegtables:  # abbreviated stream: splice the shared tables in
+                    data = grid.jpegtables[:-2] + data[2:]
+                tile = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height, min_width=width)
+            else:
+                decoded, _, _ = grid.page.decode(data, index, jpegtables=grid.jpegtables)
+                tile = decoded[0]
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise CorruptSourceError(f"{self.path}: tile {index} of a level cannot be decoded: {exc}") from exc
+        if tile.ndim == 2:
+            tile = tile[..., None]
+        if tile.shape[0] < height or tile.shape[1] < width:
+            # A writer that stored an edge tile cropped: pad it to the grid.
+            padded = np.full((height, width, tile.shape[2]), WHITE, dtype=tile.dtype)
+            padded[: tile.shape[0], : tile.shape[1]] = tile[:height, :width]
+            tile = padded
+        return tile
+
+    def _read_raw(self, grid: _Grid, ty: int, tx: int) -> npt.NDArray[Any]:
+        """A virtual tile of an uncompressed strip image, read row by row (never the whole strip)."""
+        itemsize = grid.dtype.itemsize * grid.samples
+        row0, row1 = ty * grid.tile_height, min(grid.height, (ty + 1) * grid.tile_height)
+        col0, col1 = tx * grid.tile_width, min(grid.width, (tx + 1) * grid.tile_width)
+        out = np.full((grid.tile_height, grid.tile_width, grid.samples), WHITE, dtype=grid.dtype)
+        length = (col1 - col0) * itemsize
+        with self._lock:
+            for row in range(row0, row1):
+                strip, within = divmod(row, grid.rows_per_strip)
+                offset = grid.offsets[strip] + (within * grid.width + col0) * itemsize
+                self._fd.seek(offset)
+                data = self._fd.read(length)
+                if len(data) != length:
+                    raise CorruptSourceError(f"{self.path}: truncated image data at row {row}")
+                out[row - row0, : col1 - col0] = np.frombuffer(data, dtype=grid.dtype).reshape(-1, grid.samples)
+        return out
+
+    def _read_zarr(self, level: int, y0: int, y1: int, x0: int, x1: int) -> npt.NDArray[Any]:
+        if self._zarr is None:
+            import zarr
+
+            root: Any = zarr.open(self._series.aszarr(), mode="r")
+            self._zarr = [root[str(i)] for i in range(len(self._series.levels))] if hasattr(root, "keys") else [root]
+        array = self._zarr[level]
         with self._lock:
             if self._planar:
                 return np.moveaxis(np.asarray(array[:, y0:y1, x0:x1]), 0, -1)
             return np.asarray(array[y0:y1, x0:x1])
 
     def close(self) -> None:
+        """Release the file handle and the cached tiles."""
+        super().close()
         self._tif.close()
 
 
 class PilImage(SlideImage):
     """A PNG or JPEG; decoded in full on first read (these formats have no random access)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         from PIL import Image, UnidentifiedImageError
 
         Image.MAX_IMAGE_PIXELS = None  # whole-slide PNGs are legitimately huge; we never trust sizes blindly
@@ -202,26 +553,38 @@ class PilImage(SlideImage):
             raise CorruptSourceError(f"{path}: not a readable image: {exc}") from exc
         self._pixels: npt.NDArray[Any] | None = None
         self._mode = mode
-        super().__init__(path, (Level(width=width, height=height, downsample=1.0),), has_alpha="A" in mode)
+        super().__init__(
+            path,
+            (Level(width=width, height=height, downsample=1.0),),
+            has_alpha="A" in mode,
+            cache_bytes=cache_bytes,
+        )
 
     def _load(self) -> npt.NDArray[Any]:
         if self._pixels is None:
             from PIL import Image
 
-            with Image.open(self.path) as im:
-                target = "RGBA" if self.has_alpha else "RGB"
-                self._pixels = np.asarray(im.convert(target))
+            try:
+                with Image.open(self.path) as im:
+                    target = "RGBA" if self.has_alpha else "RGB"
+                    self._pixels = np.asarray(im.convert(target))
+            except OSError as exc:
+                raise CorruptSourceError(f"{self.path}: image data cannot be decoded: {exc}") from exc
         return self._pixels
 
-    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> npt.NDArray[Any]:
+    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
         return self._load()[y0:y1, x0:x1]
 
     def close(self) -> None:
+        """Drop the decoded pixels."""
+        super().close()
         self._pixels = None
 
 
-def open_image(path: str | Path) -> SlideImage:
+def open_image(path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> SlideImage:
     """Open an image by its file type without decoding its pixels.
+
+    ``cache_bytes`` bounds the decoded tiles a TIFF keeps between reads.
 
     >>> with open_image("wsis/TENX95.tif") as image:  # doctest: +SKIP
     ...     tile = image.read_region(level=0, x=1000, y=2000, width=224, height=224)
@@ -231,9 +594,9 @@ def open_image(path: str | Path) -> SlideImage:
     if not path.is_file():
         raise CorruptSourceError(f"{path}: image file not found")
     if name.endswith(TIFF_SUFFIXES):
-        return TiffImage(path)
+        return TiffImage(path, cache_bytes=cache_bytes)
     if name.endswith(PIL_SUFFIXES):
-        return PilImage(path)
+        return PilImage(path, cache_bytes=cache_bytes)
     raise CorruptSourceError(
         f"{path}: unsupported image type; expected one of {', '.join(TIFF_SUFFIXES + PIL_SUFFIXES)}"
     )
