@@ -190,6 +190,7 @@ def _git_blob_id(path: Path) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "stcorpus-test/1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     state: LocalServer  # set on the subclass made per server
 
     def log_message(self, format: str, *args: Any) -> None:
