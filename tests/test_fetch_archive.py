@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import stat
 import tarfile
 import zipfile
@@ -236,3 +237,9 @@ def test_refused_archive_leaves_nothing_in_the_cache(tmp_path: Path, server: Loc
     assert not (tmp_path / "cache" / "unpacked").exists()
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
     assert not (tmp_path / "evil").exists() and not (tmp_path / "cache" / "evil").exists()
+
+
+def test_truncated_archive_is_refused_as_corrupt(tmp_path: Path) -> None:
+    full = make_tar(tmp_path / "full.tar.gz", [(entry("a.bin"), os.urandom(200_000)), (entry("b.bin"), b"b")])
+    (tmp_path / "cut.tar.gz").write_bytes(full.read_bytes()[:100_000])
+    refuse(tmp_path, tmp_path / "cut.tar.gz", "corrupt or truncated")

@@ -236,9 +236,11 @@ class _Writer:
 
 def _unpack_tar(archive: Path, target: Path, *, budget: _Budget, name: str) -> int:
     writer = _Writer(target, archive=name)
+    current = "(member headers)"
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             for member in _tar_members(tar, budget=budget, name=name):
+                current = member.name
                 rel = _member_path(member.name, archive=name)
                 if rel is None:
                     continue
@@ -268,7 +270,10 @@ def _unpack_tar(archive: Path, target: Path, *, budget: _Budget, name: str) -> i
                     kind = "device" if (member.ischr() or member.isblk()) else "FIFO" if member.isfifo() else "special"
                     raise UnsafeArchiveError(f"{name}: member {member.name!r} is a {kind} file; refusing to unpack")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as exc:
-        raise UnsafeArchiveError(f"{name}: cannot read the tar archive ({type(exc).__name__}: {exc})") from exc
+        raise UnsafeArchiveError(
+            f"{name}: member {current!r}: cannot read the tar archive ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated"
+        ) from exc
     return budget.written
 
 
@@ -300,6 +305,7 @@ def _tar_members(tar: tarfile.TarFile, *, budget: _Budget, name: str) -> Iterato
 
 def _unpack_zip(archive: Path, target: Path, *, budget: _Budget, name: str) -> int:
     writer = _Writer(target, archive=name)
+    current = "(central directory)"
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -319,9 +325,13 @@ def _unpack_zip(archive: Path, target: Path, *, budget: _Budget, name: str) -> i
                 if info.flag_bits & 0x1:
                     raise UnsafeArchiveError(f"{name}: member {info.filename!r} is encrypted; cannot unpack it")
             for info in infos:
+                current = info.filename
                 _unpack_zip_member(zf, info, writer=writer, budget=budget, name=name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as exc:
-        raise UnsafeArchiveError(f"{name}: cannot read the zip archive ({type(exc).__name__}: {exc})") from exc
+        raise UnsafeArchiveError(
+            f"{name}: member {current!r}: cannot read the zip archive ({type(exc).__name__}: {exc}); "
+            "the file is corrupt, truncated or lies about its sizes"
+        ) from exc
     return budget.written
 
 
