@@ -1,4 +1,72 @@
 """loaders: read a built corpus (local folder, HTTP, or the Hub) as a torch stream.
 
-Importing this package does not import torch; the torch dataset lives in its own module.
+>>> from loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
+>>> dataset = CorpusDataset("hf://datasets/org/corpus", LoaderSettings(split="train", batch_size=256))
+>>> loader = CorpusLoader(dataset, num_workers=8)
+>>> for batch in loader: ...   # dicts as described in loaders/batch.py
+
+Importing this package does not import torch (nor pyarrow): ``CorpusDataset``, ``CorpusLoader``
+and ``resume_state_from`` are loaded from ``loaders.dataset`` on first use.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from loaders.errors import (
+    BadSampleError,
+    CorpusError,
+    EmptySelectionError,
+    LoaderError,
+    LoaderSettingsError,
+    RemoteAuthError,
+    RemoteError,
+    ResumeError,
+    SchemaVersionError,
+    ShardError,
+)
+from loaders.settings import AugmentSettings, Filters, GeneSettings, HttpSettings, LoaderSettings
+
+if TYPE_CHECKING:
+    from loaders.corpus import Corpus, open_corpus
+    from loaders.dataset import CorpusDataset, CorpusLoader, resume_state_from
+
+__all__ = [
+    "AugmentSettings",
+    "BadSampleError",
+    "Corpus",
+    "CorpusDataset",
+    "CorpusError",
+    "CorpusLoader",
+    "EmptySelectionError",
+    "Filters",
+    "GeneSettings",
+    "HttpSettings",
+    "LoaderError",
+    "LoaderSettings",
+    "LoaderSettingsError",
+    "RemoteAuthError",
+    "RemoteError",
+    "ResumeError",
+    "SchemaVersionError",
+    "ShardError",
+    "open_corpus",
+    "resume_state_from",
+]
+
+_LAZY = {
+    "CorpusDataset": "loaders.dataset",
+    "CorpusLoader": "loaders.dataset",
+    "resume_state_from": "loaders.dataset",
+    "Corpus": "loaders.corpus",
+    "open_corpus": "loaders.corpus",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

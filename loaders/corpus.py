@@ -1,0 +1,268 @@
+"""A corpus's metadata: ``corpus.json``, ``shards.parquet``, ``slides.parquet``, ``genes.parquet``.
+
+Shard lists and sample counts come from ``shards.parquet``, never from listing folders (a Hub
+repository or an HTTP server cannot be listed cheaply, and a listing says nothing about counts).
+
+Filters are applied here, before any shard is opened:
+
+1. the built slides of the chosen splits that pass the filters are looked up in ``slides.parquet``;
+2. a shard none of whose ``slide_ids`` is selected is dropped without being opened;
+3. a shard all of whose slides are selected is read whole; its count is ``n_samples``;
+4. a shard with both (a mixed shard, the rule under the default shuffled packing) has its rows
+   selected from the ``slide_id`` column of its Parquet twin (same samples, same order in both
+   formats): one column of a few bytes per row, read once when the dataset is made (locally a
+   column read; remotely a footer request and one ranged request per row group). The epoch
+   length is then the exact number of selected rows, and it is cross-checked against the
+   ``n_spots_written`` of the selected slides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from loaders.errors import CorpusError, EmptySelectionError, SchemaVersionError, ShardError
+from loaders.plan import ShardEntry
+from loaders.settings import Filters, HttpSettings
+from loaders.source import Source, open_source
+from stcorpus import schema
+
+if TYPE_CHECKING:
+    import os
+
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+_FILTER_COLUMNS = {
+    "organ": "organ",
+    "species": "species",
+    "technology": "technology",
+    "assay": "assay",
+    "licence": "licence",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The shards (with row selections) and slides a loader reads."""
+
+    shards: tuple[ShardEntry, ...]
+    slide_ids: frozenset[str]
+    n_samples: int
+    shards_skipped: int  # shards with no selected slide, never opened
+    shards_mixed: int  # shards whose rows were selected from their slide_id column
+
+
+class Corpus:
+    """The metadata of one corpus, read once from its source (local, HTTP or Hub)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        raw = self._json()
+        if raw.get("schema") != schema.SCHEMA_ID:
+            raise SchemaVersionError(
+                f"{source.location}: corpus.json says schema {raw.get('schema')!r}; this loader reads "
+                f"{schema.SCHEMA_ID!r}: install the stcorpus version that wrote it, or rebuild the corpus"
+            )
+        self.info = raw
+        self.counts_dtype: str = raw.get("counts_dtype", "int32")
+        self.n_genes = int(raw["n_genes"])
+        self.splits: dict[str, int] = {str(k): int(v) for k, v in raw.get("splits", {}).items()}
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.source.location!r}, splits={self.splits})"
+
+    def _json(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.source.read_bytes(schema.CORPUS_FILE))
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{self.source.location}/{schema.CORPUS_FILE} is not JSON: {exc}") from exc
+        for key in ("schema", "n_genes"):
+            if key not in data:
+                raise CorpusError(f"{self.source.location}/{schema.CORPUS_FILE} has no {key!r}: not a built corpus")
+        return data
+
+    def _table(self, name: str) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(pa.BufferReader(self.source.read_bytes(name)))
+        except pa.ArrowException as exc:
+            raise CorpusError(f"{self.source.location}/{name} is not a readable Parquet table: {exc}") from exc
+
+    @cached_property
+    def shards(self) -> list[dict[str, Any]]:
+        """Rows of ``shards.parquet``."""
+        rows: list[dict[str, Any]] = self._table(schema.SHARDS_FILE).to_pylist()
+        return rows
+
+    @cached_property
+    def slides(self) -> list[dict[str, Any]]:
+        """Rows of ``slides.parquet``."""
+        rows: list[dict[str, Any]] = self._table(schema.SLIDES_FILE).to_pylist()
+        return rows
+
+    @cached_property
+    def genes(self) -> pa.Table:
+        """``genes.parquet`` as an Arrow table."""
+        table = self._table(schema.GENES_FILE)
+        index = table.column("index").to_numpy()
+        if len(index) != self.n_genes or not np.array_equal(index, np.arange(len(index))):
+            raise CorpusError(
+                f"{self.source.location}/{schema.GENES_FILE}: index must be 0..{self.n_genes - 1} in order "
+                f"(corpus.json n_genes={self.n_genes}, the table has {len(index)} rows)"
+            )
+        return table
+
+    def measured_genes(self) -> dict[str, npt.NDArray[np.int64]]:
+        """Vocabulary indices each built slide measured (``slides.parquet`` ``measured_genes``)."""
+        return {
+            row["slide_id"]: np.asarray(row["measured_genes"] or [], dtype=np.int64)
+            for row in self.slides
+            if row.get("status") == "built"
+        }
+
+    def select_slides(self, *, splits: Sequence[str], filters: Filters) -> dict[str, dict[str, Any]]:
+        """Built slides of ``splits`` that pass ``filters``, by slide id."""
+        chosen = {}
+        for row in self.slides:
+            if row.get("status") != "built" or row.get("split") not in splits:
+                continue
+            if filters.slide_ids and row["slide_id"] not in filters.slide_ids:
+                continue
+            if row["slide_id"] in filters.exclude_slide_ids:
+                continue
+            if any(
+                getattr(filters, name) and row.get(column) not in getattr(filters, name)
+                for name, column in _FILTER_COLUMNS.items()
+            ):
+                continue
+            chosen[row["slide_id"]] = row
+        return chosen
+
+    def select(self, *, splits: Sequence[str], fmt: str, filters: Filters) -> Selection:
+        """The shards of ``splits`` in format ``fmt`` and their selected rows (see the module docstring)."""
+        rows = [r for r in self.shards if r["format"] == fmt and r["split"] in splits]
+        if not rows:
+            raise EmptySelectionError(
+                f"{self.source.location}: shards.parquet lists no {fmt} shard of split(s) {list(splits)}; "
+                f"the corpus has splits {self.splits}"
+            )
+        rows.sort(key=lambda r: (list(splits).index(r["split"]), r["index"]))
+        twins = {(r["split"], r["index"]): r for r in self.shards if r["format"] == "parquet"}
+        slides = self.select_slides(splits=splits, filters=filters) if filters.active() else None
+        entries: list[ShardEntry] = []
+        skipped = mixed = 0
+        for row in rows:
+            rows_selected: npt.NDArray[np.int64] | None = None
+            if slides is not None:
+                in_shard = set(row["slide_ids"] or [])
+                keep = in_shard & slides.keys()
+                if not keep:
+                    skipped += 1
+                    continue
+                if keep != in_shard:
+                    twin = twins.get((row["split"], row["index"]))
+                    if twin is None:
+                        raise CorpusError(f"{row['path']}: no Parquet twin in shards.parquet to select rows from")
+                    rows_selected = self._rows_of_slides(twin, keep)
+                    mixed += 1
+            entries.append(
+                ShardEntry(
+                    path=row["path"],
+                    split=row["split"],
+                    index=int(row["index"]),
+                    n_rows=int(row["n_samples"]),
+                    nbytes=int(row["bytes"] or 0),
+                    rows=rows_selected,
+                    first_key=row.get("first_key") or "",
+                    last_key=row.get("last_key") or "",
+                )
+            )
+        total = sum(e.n for e in entries)
+        if slides is not None:
+            self._check_counts(slides, total, splits)
+        if total == 0:
+            raise EmptySelectionError(
+                f"no sample of split(s) {list(splits)} passes the filters {filters}: "
+                f"loosen them (slides.parquet lists the organs, species, licences...)"
+            )
+        return Selection(
+            shards=tuple(entries),
+            slide_ids=frozenset(slides) if slides is not None else frozenset(),
+            n_samples=total,
+            shards_skipped=skipped,
+            shards_mixed=mixed,
+        )
+
+    def _rows_of_slides(self, twin: dict[str, Any], keep: set[str]) -> npt.NDArray[np.int64]:
+        column = self.read_column(twin["path"], "slide_id", size=int(twin["bytes"] or 0))
+        if len(column) != int(twin["n_samples"]):
+            raise ShardError(f"{twin['path']}: {len(column)} rows, shards.parquet says {twin['n_samples']}")
+        return np.flatnonzero(np.isin(np.asarray(column, dtype=object), list(keep))).astype(np.int64)
+
+    def read_column(self, path: str, name: str, *, size: int) -> list[Any]:
+        """One column of a Parquet shard (locally a column read; remotely footer + one range per row group)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from loaders.read import SparseFile, parquet_metadata_from_tail, row_group_spans
+
+        local = self.source.local_path(path)
+        try:
+            if local is not None:
+                return list(pq.read_table(local, columns=[name]).column(name).to_pylist())
+            tail_start = max(0, size - 64 * 1024)
+            stream = self.source.open_range(path, tail_start, size, size=size)
+            try:
+                tail = stream.read()
+            finally:
+                stream.close()
+            metadata = parquet_metadata_from_tail(tail, size, path)
+            index = metadata.schema.to_arrow_schema().get_field_index(name)
+            sparse = SparseFile(size, path)
+            values: list[Any] = []
+            spans = row_group_spans(metadata)
+            for g in range(metadata.num_row_groups):
+                chunk = metadata.row_group(g).column(index)
+                start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+                stream = self.source.open_range(path, start, start + chunk.total_compressed_size, size=size)
+                try:
+                    sparse.hold(start, stream.read())
+                finally:
+                    stream.close()
+                assert spans[g][0] <= start
+                parquet = pq.ParquetFile(pa.PythonFile(sparse, mode="r"), metadata=metadata)
+                values += parquet.read_row_group(g, columns=[name]).column(name).to_pylist()
+                sparse.drop(start)
+            return values
+        except (pa.ArrowException, OSError) as exc:
+            raise ShardError(f"{path}: cannot read column {name!r}: {exc}") from exc
+
+    def _check_counts(self, slides: dict[str, dict[str, Any]], total: int, splits: Sequence[str]) -> None:
+        written = [row.get("n_spots_written") for row in slides.values()]
+        if any(w is None for w in written):
+            return
+        expected = sum(int(w) for w in written if w is not None)
+        if expected != total:
+            log.warning(
+                "the selected slides of %s have %d samples in slides.parquet (n_spots_written) but the shards "
+                "hold %d of them; reading what the shards hold",
+                list(splits),
+                expected,
+                total,
+            )
+
+
+def open_corpus(location: str | os.PathLike[str], *, http: HttpSettings | None = None) -> Corpus:
+    """The metadata of the corpus at ``location`` (folder, ``http(s)://`` URL or ``hf://datasets/...``)."""
+    return Corpus(open_source(location, http=http))

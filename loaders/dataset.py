@@ -1,0 +1,755 @@
+"""The torch corpus loader: an ``IterableDataset`` over the shards of a corpus, with exact resume.
+
+>>> from loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
+>>> settings = LoaderSettings(split="train", batch_size=256, genes=GeneSettings(transform="cp10k_log1p"))
+>>> dataset = CorpusDataset("hf://datasets/org/corpus", settings)        # or a folder, or http(s)://
+>>> loader = CorpusLoader(dataset, num_workers=8, pin_memory=True)
+>>> for epoch in range(start_epoch, epochs):
+...     loader.set_epoch(epoch)
+...     for batch in loader:                     # dicts as in loaders/batch.py
+...         step(batch)
+...         if time_to_checkpoint:
+...             save({"loader": loader.state_dict(), ...})
+>>> loader.load_state_dict(saved["loader"])       # later: continues with exactly the unseen batches
+
+Rank and world size come from ``torch.distributed`` when it is initialised, else from the
+arguments (default 0 of 1). The pipeline of one worker (``CorpusDataset._pipeline``) is a
+visible list of stages; see ``loaders.plan`` for how samples are assigned to ranks and workers
+and why that makes resume a matter of counting batches.
+
+**Resume.** A batch's content is fixed by (corpus selection, seed, epoch, rank, batch index,
+batch size, world size), never by the number of workers. ``CorpusLoader`` counts the batches
+it hands out; since a DataLoader delivers worker batches round-robin, the count gives the exact
+set of consumed batches (``loaders.plan.delivery_order``), and the state is that set. Loading
+it with another ``num_workers`` re-splits the batches left: nothing is skipped or repeated, only
+the delivery order of the remaining batches changes (``ResumeReport`` says so). Under DDP every
+rank consumes the same number of batches, so one rank's state resumes every rank. torchdata's
+``StatefulDataLoader`` works too (its per-worker snapshots hold our iterator state); it insists
+on the same ``num_workers``, so to change that, convert its state with ``resume_state_from``
+and give it to ``CorpusDataset.load_state_dict`` before making the new loader.
+
+**Request budget (HTTP / Hub).** Each worker reads its shard visits in order, one GET per tar
+visit, two (footer + row groups) per Parquet visit, with the next one opened in a background
+thread while the current is parsed. Per epoch and rank with ``W`` workers: about
+``S/R + W + 1`` visits (``S`` shards, ``R`` ranks; each worker's run may start inside a shard),
+plus 4 metadata files when the dataset is made and, with filters that split shards, 1 + row
+groups per such shard. For ``S=500`` tar shards, ``R=8`` ranks x ``W=8`` workers that is ~1,100
+GETs per epoch over all ranks, well under the Hub's ~5,000 per 5 minutes unless an epoch takes
+less than about 70 seconds; Parquet doubles the visit requests.
+
+**Bad data.** ``on_bad_sample="error"`` (default) raises; ``"warn"``/``"skip"`` drop the sample
+(or the unreadable rest of a shard), count it (``CorpusDataset.counters``) and, for ``warn``, log
+its key. A batch keeps its index even when samples are dropped; a batch with no readable sample
+is yielded empty (``B == 0``) so batch counts, DDP lockstep and resume stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import IterableDataset
+
+from loaders import batch as B
+from loaders.corpus import Corpus, Selection
+from loaders.errors import BadSampleError, EmptySelectionError, ResumeError, ShardError
+from loaders.genes import Flat, GeneSpace, GeneTransform, load_means
+from loaders.images import TILE, Augment, JpegDecoder
+from loaders.plan import (
+    STATE_FORMAT,
+    EpochPlan,
+    ResumeReport,
+    delivery_order,
+    expand,
+    intervals,
+    iter_window_batches,
+    worker_runs,
+)
+from loaders.read import Columns, RawSample, ShardReader, parse_npz
+from loaders.settings import LoaderSettings
+from loaders.source import open_source
+
+if TYPE_CHECKING:
+    import os
+
+log = logging.getLogger(__name__)
+
+#: Extra batch entries of the rank transform on niche expression (not yet in loaders/batch.py).
+NICHE_TOKENS: Final = "niche_tokens"
+NICHE_TOKENS_MASK: Final = "niche_tokens_mask"
+
+_SKIPPED, _BAD_SHARDS, _EMPTY_BATCHES = range(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# What flows between stages
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawBatch:
+    """One batch of raw samples (None where a sample could not be read), in emitted order."""
+
+    index: int
+    samples: list[RawSample | None]
+
+
+@dataclass
+class DecodedBatch:
+    """One batch after decoding: uint8 views, sparse expression, positions."""
+
+    index: int
+    keys: list[str]
+    views: dict[str, torch.Tensor]  # (B, 3, H, W) uint8, channels-last memory
+    pos: npt.NDArray[np.int64]
+    genes: list[npt.NDArray[Any]]
+    counts: list[npt.NDArray[Any]]
+    niche_genes: list[npt.NDArray[Any]]
+    niche_counts: list[npt.NDArray[Any]]
+    n_neighbors: npt.NDArray[np.float64]
+
+
+# ---------------------------------------------------------------------------------------------
+# Error policy
+# ---------------------------------------------------------------------------------------------
+
+
+class Handler:
+    """The ``on_bad_sample`` policy: raise, or count (shared across workers) and go on."""
+
+    def __init__(self, policy: str, counters: Any) -> None:
+        self.policy = policy
+        self.counters = counters
+
+    def _count(self, slot: int, n: int) -> None:
+        if self.counters is not None:
+            with self.counters.get_lock():
+                self.counters[slot] += n
+
+    def sample(self, exc: BadSampleError) -> None:
+        """A sample that cannot be decoded."""
+        if self.policy == "error":
+            raise exc
+        self._count(_SKIPPED, 1)
+        if self.policy == "warn":
+            log.warning("skipping sample %s: %s", exc.key, exc)
+
+    def shard(self, exc: ShardError, path: str, lost: int) -> None:
+        """A shard that cannot be read to its end: ``lost`` samples are missing."""
+        if self.policy == "error":
+            raise exc
+        self._count(_BAD_SHARDS, 1)
+        self._count(_SKIPPED, lost)
+        if self.policy == "warn":
+            log.warning("skipping %d samples of %s: %s", lost, path, exc)
+
+    def empty(self, index: int) -> None:
+        """A batch of which no sample could be read."""
+        self._count(_EMPTY_BATCHES, 1)
+        log.error("batch %d has no readable sample; yielding it empty to keep batch counts exact", index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages (plain callables over iterators; picklable, no lambdas)
+# ---------------------------------------------------------------------------------------------
+
+
+def window_groups(batches: Iterator[int], *, plan: EpochPlan) -> Iterator[tuple[int, list[int]]]:
+    """Batch ids -> ``(window, [batch ids])``, window by window."""
+    yield from iter_window_batches(plan, np.fromiter(batches, dtype=np.int64))
+
+
+class ReadWindows:
+    """``(window, batch ids)`` -> ``RawBatch`` per batch; each window's samples are read once, in order."""
+
+    def __init__(self, plan: EpochPlan, reader: ShardReader, windows: Sequence[int]) -> None:
+        self.plan, self.reader, self.windows = plan, reader, list(windows)
+
+    def __call__(self, groups: Iterator[tuple[int, list[int]]]) -> Iterator[RawBatch]:
+        segments = [seg for u in self.windows for seg in self.plan.segments(*self.plan.window_span(u))]
+        stream = self.reader.iter_samples(segments)
+        try:
+            expected = iter(self.windows)
+            for u, batch_ids in groups:
+                if next(expected) != u:
+                    raise RuntimeError("windows out of order")  # a bug, not a data problem
+                start, stop = self.plan.window_span(u)
+                window = [next(stream) for _ in range(stop - start)]
+                permutation = self.plan.window_permutation(u)
+                for b in batch_ids:
+                    yield RawBatch(b, [window[o] for o in self.plan.batch_offsets(b, permutation)])
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+
+class Decode:
+    """``RawBatch`` -> ``DecodedBatch``: JPEGs into one uint8 buffer per view, expression arrays."""
+
+    def __init__(self, *, views: Sequence[str], columns: Columns, decoder: JpegDecoder, handler: Handler) -> None:
+        self.views = tuple(views)
+        self.columns = columns
+        self.decoder = decoder
+        self.handler = handler
+
+    def __call__(self, batches: Iterator[RawBatch]) -> Iterator[DecodedBatch]:
+        for raw in batches:
+            yield self.decode(raw)
+
+    def decode(self, raw: RawBatch) -> DecodedBatch:
+        """Decode one batch; bad samples go to the handler and are left out."""
+        n = len(raw.samples)
+        buffers = {v: np.empty((n, TILE, TILE, 3), dtype=np.uint8) for v in self.views}
+        keys: list[str] = []
+        pos: list[int] = []
+        genes: list[npt.NDArray[Any]] = []
+        counts: list[npt.NDArray[Any]] = []
+        niche_genes: list[npt.NDArray[Any]] = []
+        niche_counts: list[npt.NDArray[Any]] = []
+        neighbours: list[int] = []
+        for sample in raw.samples:
+            if sample is None:
+                continue  # already counted by the shard handler
+            slot = len(keys)
+            try:
+                self._expression(sample)
+                for view in self.views:
+                    self.decoder(getattr(sample, view), buffers[view][slot], key=sample.key, view=view)
+            except BadSampleError as exc:
+                self.handler.sample(exc)
+                continue
+            keys.append(sample.key)
+            pos.append(int(sample.pos or 0))
+            if self.columns.expression:
+                genes.append(sample.genes)  # type: ignore[arg-type]
+                counts.append(sample.counts)  # type: ignore[arg-type]
+            if self.columns.niche:
+                niche_genes.append(sample.niche_genes)  # type: ignore[arg-type]
+                niche_counts.append(sample.niche_counts)  # type: ignore[arg-type]
+                neighbours.append(int(sample.n_neighbors or 0))
+        kept = len(keys)
+        if kept == 0:
+            self.handler.empty(raw.index)
+        views = {}
+        for view, array in buffers.items():
+            if kept < n:
+                array = array[:kept]
+            views[view] = torch.from_numpy(array).permute(0, 3, 1, 2)
+        return DecodedBatch(
+            index=raw.index,
+            keys=keys,
+            views=views,
+            pos=np.asarray(pos, dtype=np.int64),
+            genes=genes,
+            counts=counts,
+            niche_genes=niche_genes,
+            niche_counts=niche_counts,
+            n_neighbors=np.asarray(neighbours, dtype=np.float64),
+        )
+
+    def _expression(self, sample: RawSample) -> None:
+        """Fill the arrays of a tar sample from its ``expr.npz`` and ``json`` members; check them."""
+        if sample.meta_blob is not None:
+            import json
+
+            try:
+                meta = json.loads(sample.meta_blob)
+                sample.pos = int(meta["pos"])
+                sample.n_neighbors = int(meta.get("n_neighbors") or 0)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BadSampleError(f"{sample.key}: malformed json member: {exc}", key=sample.key) from exc
+        elif sample.pos is None:
+            raise BadSampleError(f"{sample.key}: no json member (metadata)", key=sample.key)
+        if sample.expr_blob is not None and (self.columns.expression or self.columns.niche):
+            try:
+                arrays = parse_npz(sample.expr_blob)
+                sample.genes, sample.counts = arrays["genes"], arrays["counts"]
+                sample.niche_genes, sample.niche_counts = arrays["niche_genes"], arrays["niche_counts"]
+            except (ValueError, KeyError, OSError, EOFError) as exc:
+                raise BadSampleError(f"{sample.key}: malformed expr.npz member: {exc}", key=sample.key) from exc
+        for genes_name, counts_name, wanted in (
+            ("genes", "counts", self.columns.expression),
+            ("niche_genes", "niche_counts", self.columns.niche),
+        ):
+            if not wanted:
+                continue
+            genes, counts = getattr(sample, genes_name), getattr(sample, counts_name)
+            if genes is None or counts is None or len(genes) != len(counts):
+                raise BadSampleError(
+                    f"{sample.key}: {genes_name}/{counts_name} missing or of unequal length", key=sample.key
+                )
+
+
+class AugmentStage:
+    """``DecodedBatch`` -> ``DecodedBatch`` with augmented views and moved ``pos``."""
+
+    def __init__(self, augment: Augment, *, epoch: int, rank: int) -> None:
+        self.augment, self.epoch, self.rank = augment, epoch, rank
+
+    def __call__(self, batches: Iterator[DecodedBatch]) -> Iterator[DecodedBatch]:
+        for batch in batches:
+            if batch.keys:
+                batch.views, batch.pos = self.augment(
+                    batch.views, batch.pos, epoch=self.epoch, rank=self.rank, batch=batch.index
+                )
+            yield batch
+
+
+class Collate:
+    """``DecodedBatch`` -> the batch dict of ``loaders/batch.py`` (gene transform applied)."""
+
+    def __init__(self, transform: GeneTransform | None, *, niche_average: bool) -> None:
+        self.transform = transform
+        self.niche_average = niche_average
+
+    def __call__(self, batches: Iterator[DecodedBatch]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            yield self.collate(batch)
+
+    def collate(self, batch: DecodedBatch) -> dict[str, Any]:
+        """One batch dict."""
+        slide_ids = [k.partition("__")[0] for k in batch.keys]
+        out: dict[str, Any] = {B.KEY: batch.keys, B.SLIDE_ID: slide_ids}
+        out.update(batch.views)
+        out[B.POS] = torch.from_numpy(batch.pos)
+        t = self.transform
+        if t is None:
+            return out
+        flat = Flat.of(batch.genes, batch.counts)
+        niche = Flat.of(batch.niche_genes, batch.niche_counts) if t.settings.niche else None
+        scale = np.maximum(batch.n_neighbors, 1.0) if self.niche_average else None
+        if t.kind == "rank":
+            tokens, mask = t.tokens(flat)
+            out[B.TOKENS], out[B.TOKENS_MASK] = torch.from_numpy(tokens), torch.from_numpy(mask)
+            if niche is not None:
+                tokens, mask = t.tokens(niche)
+                out[NICHE_TOKENS], out[NICHE_TOKENS_MASK] = torch.from_numpy(tokens), torch.from_numpy(mask)
+            return out
+        out[B.EXPR] = torch.from_numpy(t.dense(flat))
+        out[B.EXPR_MASK] = torch.from_numpy(t.mask(slide_ids))
+        if niche is not None:
+            out[B.NICHE] = torch.from_numpy(t.dense(niche, scale=scale))
+        return out
+
+
+def run_stages(items: Iterator[Any], stages: Sequence[Callable[[Iterator[Any]], Iterator[Any]]]) -> Iterator[Any]:
+    """Chain ``stages`` over ``items``."""
+    for stage in stages:
+        items = stage(items)
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int] | None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+class CorpusDataset(IterableDataset[dict[str, Any]]):
+    """Batches of a corpus split for one rank: an ``IterableDataset`` yielding batch dicts.
+
+    Use it with ``CorpusLoader`` (a DataLoader that tracks consumed batches) or with a
+    DataLoader/StatefulDataLoader given ``batch_size=None`` (the dataset batches itself).
+    ``location`` is a corpus folder, an ``http(s)://`` base URL, or ``hf://datasets/<org>/<name>``.
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str],
+        settings: LoaderSettings | Mapping[str, Any] | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if settings is None:
+            settings = LoaderSettings()
+        elif not isinstance(settings, LoaderSettings):
+            settings = LoaderSettings.from_dict(settings)
+        self.settings = settings
+        dist = _distributed()
+        self.rank = rank if rank is not None else (dist[0] if dist else 0)
+        self.world_size = world_size if world_size is not None else (dist[1] if dist else 1)
+        self.source = open_source(location, http=settings.http)
+        self.corpus: Corpus | None = Corpus(self.source)
+        self.selection: Selection = self.corpus.select(
+            splits=settings.split, fmt=settings.format, filters=settings.filters
+        )
+        g = settings.genes
+        self.columns = Columns(
+            patch="patch" in settings.views,
+            region="region" in settings.views,
+            expression=g.transform != "none",
+            niche=g.niche,
+        )
+        self.gene_transform: GeneTransform | None = None
+        if g.transform != "none":
+            space = GeneSpace.build(self.corpus.genes, g)
+            measured = self.corpus.measured_genes()
+            if self.selection.slide_ids:
+                measured = {k: v for k, v in measured.items() if k in self.selection.slide_ids}
+            means = load_means(g.gene_means) if g.gene_means else None
+            self.gene_transform = GeneTransform(space, g, measured=measured, means=means)
+        self.epoch = 0
+        self._resume: tuple[int, list[list[int]]] | None = None
+        self.counters: Any = multiprocessing.get_context().Array("q", 3)
+        plan = self.plan(0)
+        log.info(
+            "%s: split %s, %d samples in %d %s shards (%d skipped by filters, %d filtered by row); rank %d/%d: "
+            "%d batches of %d per epoch (%d samples dropped, %d repeated to even out ranks)",
+            self.source.location,
+            ",".join(settings.split),
+            self.selection.n_samples,
+            len(self.selection.shards),
+            settings.format,
+            self.selection.shards_skipped,
+            self.selection.shards_mixed,
+            self.rank,
+            self.world_size,
+            plan.n_batches,
+            settings.batch_size,
+            plan.dropped,
+            plan.repeated,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["corpus"] = None  # workers need the selection, not the metadata tables
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["counters"] = None  # shared counters only travel to worker processes being started
+        return state
+
+    # -- epochs and plans --------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration reads (like ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The order of ``epoch`` (default: the current one) on this rank."""
+        s = self.settings
+        return EpochPlan(
+            self.selection.shards,
+            seed=s.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            shuffle=s.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=s.batch_size,
+            window=s.window,
+            drop_last=s.drop_last,
+            uneven=s.uneven,
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.plan().n_batches
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per epoch on this rank."""
+        return self.plan().n_samples
+
+    def skipped(self) -> dict[str, int]:
+        """Counts of the ``on_bad_sample`` policy so far, over all workers."""
+        if self.counters is None:
+            return {"samples": 0, "shards": 0, "empty_batches": 0}
+        return {
+            "samples": int(self.counters[_SKIPPED]),
+            "shards": int(self.counters[_BAD_SHARDS]),
+            "empty_batches": int(self.counters[_EMPTY_BATCHES]),
+        }
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> EpochIterator:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        done: list[list[int]] = []
+        if self._resume is not None and self._resume[0] == self.epoch:
+            done = self._resume[1]
+        self._resume = None  # a loaded state applies to one iteration
+        return EpochIterator(self, epoch=self.epoch, done=done, worker=worker, num_workers=num_workers)
+
+    def _pipeline(self, plan: EpochPlan, batches: npt.NDArray[np.int64]) -> Iterator[dict[str, Any]]:
+        """The stages one worker runs over its batches, as a visible list."""
+        s = self.settings
+        handler = Handler(s.on_bad_sample, self.counters)
+        reader = ShardReader(
+            self.source,
+            self.selection.shards,
+            fmt=s.format,
+            columns=self.columns,
+            http=s.http,
+            on_shard_error=handler.shard,
+        )
+        stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = [
+            # shards.parquet (filtered) -> split by rank -> shuffled windows -> batches -> split by
+            # worker: all decided in EpochPlan; what enters here is this worker's batch ids.
+            # batch ids -> (window, [batch ids]) in ascending window order
+            partial(window_groups, plan=plan),
+            # (window, [batch ids]) -> RawBatch: each window's samples read once (read-ahead over
+            # HTTP), permuted, cut into batches; JPEG bytes and expression blobs, nothing decoded
+            ReadWindows(plan, reader, plan.windows_for(batches)),
+            # RawBatch -> DecodedBatch: JPEG -> uint8 (B,3,H,W), expression -> arrays; bad samples
+            # go to the on_bad_sample policy
+            Decode(views=s.views, columns=self.columns, decoder=JpegDecoder(s.decoder), handler=handler),
+        ]
+        if s.augment.active():
+            # DecodedBatch -> DecodedBatch: seeded flips/rotations (pos follows) and colour jitter
+            stages.append(AugmentStage(Augment(s.augment, seed=s.seed), epoch=plan.epoch, rank=plan.rank))
+        # DecodedBatch -> dict of loaders/batch.py: gene transform, tensors
+        stages.append(Collate(self.gene_transform, niche_average=s.genes.niche_average))
+        return run_stages(iter(batches.tolist()), stages)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_for(self, *, epoch: int, done: Sequence[Sequence[int]], num_workers: int | None) -> dict[str, Any]:
+        """The resume state of ``epoch`` after the batches ``done`` (runs ``[start, stop)``)."""
+        plan = self.plan(epoch)
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": plan.fingerprint(),
+            "epoch": epoch,
+            "n_batches": plan.n_batches,
+            "done": [list(map(int, r)) for r in done],
+            "num_workers": num_workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "batch_size": self.settings.batch_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state at the start of the next iteration (the epoch and any loaded resume point).
+
+        Batches consumed from a running iteration are known to the loader, not to the dataset:
+        take ``CorpusLoader.state_dict()`` (or torchdata's ``StatefulDataLoader.state_dict()``).
+        """
+        done = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else []
+        return self.state_for(epoch=self.epoch, done=done, num_workers=None)
+
+    def load_state_dict(self, state: Mapping[str, Any], *, num_workers: int | None = None) -> ResumeReport:
+        """Resume from ``state``: the next iteration of its epoch yields only the batches not consumed."""
+        if state.get("format") != STATE_FORMAT:
+            raise ResumeError(f"not a {STATE_FORMAT} loader state (format {state.get('format')!r})")
+        if int(state["world_size"]) != self.world_size:
+            raise ResumeError(
+                f"the state was saved with world size {state['world_size']}, this run has {self.world_size}: "
+                "mid-epoch resume needs the same world size (or start the next epoch afresh)"
+            )
+        if int(state["batch_size"]) != self.settings.batch_size:
+            raise ResumeError(
+                f"the state was saved with batch size {state['batch_size']}, this run has {self.settings.batch_size}"
+            )
+        epoch = int(state["epoch"])
+        plan = self.plan(epoch)
+        if state["fingerprint"] != plan.fingerprint():
+            raise ResumeError(
+                "the state belongs to another corpus selection or order (shards, filters, seed, shuffle, "
+                "window, drop_last or uneven differ): resume with the settings it was saved with"
+            )
+        done = intervals(expand(state["done"]))
+        remaining = plan.remaining(done)
+        self.epoch = epoch
+        self._resume = (epoch, done)
+        report = ResumeReport(
+            epoch=epoch,
+            consumed_batches=plan.n_batches - len(remaining),
+            remaining_batches=len(remaining),
+            saved_workers=state.get("num_workers"),
+            num_workers=num_workers,
+        )
+        log.info("%s", report.message())
+        return report
+
+
+class EpochIterator:
+    """One worker's iteration of one epoch; its state is what torchdata snapshots per worker."""
+
+    def __init__(
+        self, dataset: CorpusDataset, *, epoch: int, done: list[list[int]], worker: int, num_workers: int
+    ) -> None:
+        self.dataset = dataset
+        self.worker, self.num_workers = worker, num_workers
+        self._setup(epoch, done)
+        if not done and self.plan.n_batches < num_workers:
+            raise EmptySelectionError(
+                f"{self.plan.n_batches} batches per epoch cannot feed {num_workers} workers: "
+                "use fewer workers or a smaller batch size"
+            )
+        self.yielded = 0
+        self._items: Iterator[dict[str, Any]] | None = None
+
+    def _setup(self, epoch: int, done: list[list[int]]) -> None:
+        self.epoch = epoch
+        self.plan = self.dataset.plan(epoch)
+        self.done = done
+        self.batches = worker_runs(self.plan.remaining(done), self.num_workers)[self.worker]
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._items is None:
+            self._items = self.dataset._pipeline(self.plan, self.batches[self.yielded :])
+        item = next(self._items)
+        self.yielded += 1
+        return item
+
+    def state_dict(self) -> dict[str, Any]:
+        """This worker's progress: the plan it runs and how many of its batches it has yielded."""
+        state = self.dataset.state_for(epoch=self.epoch, done=self.done, num_workers=self.num_workers)
+        state.update(worker=self.worker, yielded=self.yielded)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state saved by the same worker of a loader with as many workers."""
+        if int(state["num_workers"]) != self.num_workers or int(state["worker"]) != self.worker:
+            raise ResumeError(
+                f"iterator state of worker {state['worker']}/{state['num_workers']} given to worker "
+                f"{self.worker}/{self.num_workers}: convert it with loaders.resume_state_from instead"
+            )
+        if state["fingerprint"] != self.dataset.plan(int(state["epoch"])).fingerprint():
+            raise ResumeError("the iterator state belongs to another corpus selection or order")
+        self._setup(int(state["epoch"]), [list(r) for r in state["done"]])
+        self.yielded = int(state["yielded"])
+        self._items = None
+
+
+def resume_state_from(stateful_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``CorpusDataset`` resume state from a torchdata ``StatefulDataLoader.state_dict()``.
+
+    Collects every worker's iterator state (our states carry ``format``, ``worker`` and
+    ``yielded``), and returns the consumed batches of all of them as one state, which
+    ``CorpusDataset.load_state_dict`` accepts with any number of workers.
+    """
+    found: list[Mapping[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            if node.get("format") == STATE_FORMAT and "yielded" in node:
+                found.append(node)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(stateful_state)
+    if not found:
+        raise ResumeError("no stcorpus iterator state in this StatefulDataLoader state (did it iterate at all?)")
+    first = found[0]
+    if any(s["fingerprint"] != first["fingerprint"] or s["epoch"] != first["epoch"] for s in found):
+        raise ResumeError("worker states of different epochs or plans in one StatefulDataLoader state")
+    n_workers = int(first["num_workers"])
+    if sorted(int(s["worker"]) for s in found) != list(range(n_workers)):
+        raise ResumeError(f"expected the states of {n_workers} workers, found workers {[s['worker'] for s in found]}")
+    done = set(expand(first["done"]).tolist())
+    n_batches = int(first["n_batches"])
+    mask = np.ones(n_batches, dtype=bool)
+    for a, b in first["done"]:
+        mask[a:b] = False
+    runs = worker_runs(np.flatnonzero(mask).astype(np.int64), n_workers)
+    for s in found:
+        done.update(runs[int(s["worker"])][: int(s["yielded"])].tolist())
+    state = {k: v for k, v in first.items() if k not in ("worker", "yielded")}
+    state["done"] = intervals(sorted(done))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+
+class CorpusLoader:
+    """A ``torch.utils.data.DataLoader`` over a ``CorpusDataset`` that knows which batches it delivered.
+
+    Workers are started per epoch (``persistent_workers`` would keep a stale epoch and resume
+    point in the workers). ``state_dict()`` at any point between batches, ``load_state_dict()``
+    before iterating; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        dataset: CorpusDataset,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        timeout: float = 0.0,
+        multiprocessing_context: str | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.options: dict[str, Any] = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "timeout": timeout,
+            "worker_init_fn": worker_init_fn,
+        }
+        if num_workers > 0:
+            self.options["prefetch_factor"] = prefetch_factor or 2
+            self.options["multiprocessing_context"] = multiprocessing_context
+        self._epoch = dataset.epoch
+        self._base: list[list[int]] = []
+        self._order = np.zeros(0, dtype=np.int64)
+        self._delivered = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the next iteration."""
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields on this rank."""
+        plan = self.dataset.plan()
+        resume = self.dataset._resume
+        done = resume[1] if resume is not None and resume[0] == self.dataset.epoch else []
+        return len(plan.remaining(done))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        ds = self.dataset
+        plan = ds.plan()
+        resume = ds._resume
+        self._epoch = ds.epoch
+        self._base = resume[1] if resume is not None and resume[0] == ds.epoch else []
+        runs = worker_runs(plan.remaining(self._base), max(self.num_workers, 1))
+        self._order = delivery_order(runs)
+        self._delivered = 0
+        loader = DataLoader(ds, batch_size=None, in_order=True, **self.options)
+        iterator = iter(loader)  # workers start here, with the dataset (and resume point) as it is now
+        ds._resume = None
+        for item in iterator:
+            self._delivered += 1
+            yield item
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume state: the batches delivered so far in this epoch (plus those of a loaded state)."""
+        done = expand(self._base).tolist() + self._order[: self._delivered].tolist()
+        return self.dataset.state_for(epoch=self._epoch, done=intervals(done), num_workers=self.num_workers)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> ResumeReport:
+        """Resume from ``state`` (also one saved with another number of workers)."""
+        report = self.dataset.load_state_dict(state, num_workers=self.num_workers)
+        self._epoch = int(state["epoch"])
+        self._base = intervals(expand(state["done"]))
+        self._order = np.zeros(0, dtype=np.int64)
+        self._delivered = 0
+        return report

@@ -1,0 +1,283 @@
+"""Gene-side transforms: sparse raw counts of a batch -> dense vectors or rank tokens.
+
+Shards store raw counts, sparse (vocabulary indices + counts). Everything here is done by the
+loader, per batch, vectorised over the batch's concatenated non-zeros:
+
+1. **Projection** (``to_human``): a mouse gene's counts move to its one-to-one human ortholog
+   (``genes.parquet`` ``human_ortholog``); a mouse gene without one in the vocabulary drops out
+   (``GeneSpace.dropped`` lists them). Human genes stay.
+2. **Selection**: a panel (``genes.parquet`` ``panels``), explicit vocabulary indices or Ensembl
+   ids, or every gene (every human gene after projection). Output column ``k`` is gene
+   ``GeneSpace.indices[k]`` of the vocabulary.
+3. **Value transform**, with the spot's library size taken over *all* its counts (before
+   projection and selection, like ``scanpy.pp.normalize_total`` on the full matrix):
+
+   - ``counts``: raw counts as float32;
+   - ``log1p``: ``log(1 + count)``;
+   - ``cp10k_log1p``: ``log(1 + count / library * target_sum)``;
+   - ``rank``: Nicheformer/STAMP-style tokens: ``count / library * target_sum``, divided by a
+     per-gene mean when given (genes with a non-positive or missing mean are an error), sorted
+     descending (ties: lower column first), the top ``context_length`` non-zero genes as ids
+     ``column + token_offset``, padded with 0.
+
+The mask (``expr_mask``) is True where the sample's slide measured the gene
+(``slides.parquet`` ``measured_genes``, projected the same way): a gene the slide did not
+measure is not a zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from loaders.errors import LoaderSettingsError
+from loaders.settings import GeneSettings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass
+class GeneSpace:
+    """Vocabulary -> output columns: ``lut[vocab_index]`` is the column, or -1 when dropped."""
+
+    lut: IntArray
+    indices: IntArray  # vocabulary index of each output column
+    ensembl_ids: list[str]
+    dropped: list[str] = field(default_factory=list)  # Ensembl ids with no output column after projection
+    injective: bool = True  # no two vocabulary genes share a column (then no summing is needed)
+
+    @property
+    def size(self) -> int:
+        """Number of output columns."""
+        return len(self.indices)
+
+    @classmethod
+    def build(cls, genes: pa.Table, settings: GeneSettings) -> GeneSpace:
+        """The gene space of ``settings`` over the vocabulary ``genes`` (``genes.parquet``)."""
+        n = genes.num_rows
+        ids: list[str] = genes.column("ensembl_id").to_pylist()
+        species: list[str] = genes.column("species").to_pylist()
+        remap = np.arange(n, dtype=np.int64)
+        dropped: list[str] = []
+        if settings.to_human:
+            ortholog = genes.column("human_ortholog").to_pylist()
+            for i in range(n):
+                if species[i] != "human":
+                    target = ortholog[i]
+                    remap[i] = -1 if target is None else int(target)
+                    if target is None:
+                        dropped.append(ids[i])
+        candidates = _selected(genes, settings, ids)
+        if settings.to_human:
+            not_human = [ids[i] for i in candidates if species[i] != "human"]
+            if settings.genes and not_human:
+                raise LoaderSettingsError(
+                    f"genes.to_human keeps human genes only; {len(not_human)} selected genes are not human "
+                    f"(e.g. {not_human[:3]}): select their human orthologs"
+                )
+            candidates = [i for i in candidates if species[i] == "human"]
+        column = np.full(n, -1, dtype=np.int64)
+        column[np.asarray(candidates, dtype=np.int64)] = np.arange(len(candidates))
+        lut = np.where(remap >= 0, column[np.maximum(remap, 0)], -1)
+        if settings.to_human:
+            dropped += [ids[i] for i in range(n) if species[i] != "human" and remap[i] >= 0 and lut[i] < 0]
+        mapped = lut[lut >= 0]
+        return cls(
+            lut=lut,
+            indices=np.asarray(candidates, dtype=np.int64),
+            ensembl_ids=[ids[i] for i in candidates],
+            dropped=dropped,
+            injective=len(np.unique(mapped)) == len(mapped),
+        )
+
+
+def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str]) -> list[int]:
+    n = genes.num_rows
+    if settings.panel is not None:
+        panels = genes.column("panels").to_pylist()
+        chosen = [i for i in range(n) if settings.panel in (panels[i] or [])]
+        if not chosen:
+            known = sorted({p for ps in panels for p in (ps or [])})
+            raise LoaderSettingsError(f"no gene is in panel {settings.panel!r}; panels in genes.parquet: {known}")
+        return chosen
+    if settings.genes:
+        by_id = {g: i for i, g in enumerate(ids)}
+        chosen = []
+        missing = []
+        for g in settings.genes:
+            if isinstance(g, int):
+                if not 0 <= g < n:
+                    missing.append(str(g))
+                    continue
+                chosen.append(g)
+            elif g.split(".", 1)[0] in by_id:
+                chosen.append(by_id[g.split(".", 1)[0]])
+            else:
+                missing.append(g)
+        if missing:
+            raise LoaderSettingsError(f"{len(missing)} selected genes are not in the vocabulary: {missing[:5]}")
+        if len(set(chosen)) != len(chosen):
+            raise LoaderSettingsError("genes.genes names a gene twice")
+        return chosen
+    return list(range(n))
+
+
+@dataclass
+class Flat:
+    """A batch of sparse vectors, concatenated: sample ``row[i]`` has ``values[i]`` at ``genes[i]``."""
+
+    row: IntArray
+    genes: IntArray
+    values: npt.NDArray[np.float64]
+    n: int
+
+    @classmethod
+    def of(cls, genes: Sequence[npt.NDArray[Any]], values: Sequence[npt.NDArray[Any]]) -> Flat:
+        """Concatenate per-sample ``genes``/``values``."""
+        lengths = np.fromiter((len(g) for g in genes), dtype=np.int64, count=len(genes))
+        if len(genes) == 0 or lengths.sum() == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(empty, empty, np.zeros(0), len(genes))
+        return cls(
+            row=np.repeat(np.arange(len(genes), dtype=np.int64), lengths),
+            genes=np.concatenate(genes).astype(np.int64, copy=False),
+            values=np.concatenate(values).astype(np.float64, copy=False),
+            n=len(genes),
+        )
+
+
+class GeneTransform:
+    """Turns sparse raw counts of a batch into the batch's ``expr`` (+ mask) or ``tokens``."""
+
+    def __init__(
+        self,
+        space: GeneSpace,
+        settings: GeneSettings,
+        *,
+        measured: Mapping[str, IntArray],
+        means: npt.NDArray[np.floating[Any]] | None = None,
+    ) -> None:
+        self.space = space
+        self.settings = settings
+        self.kind = settings.transform
+        self.measured = measured
+        self._masks: dict[str, npt.NDArray[np.bool_]] = {}
+        self.means: npt.NDArray[np.float64] | None = None
+        if means is not None:
+            means = np.asarray(means, dtype=np.float64)
+            if len(means) == len(space.lut):
+                means = means[space.indices]
+            if len(means) != space.size:
+                raise LoaderSettingsError(
+                    f"gene means have {len(means)} values; need one per vocabulary gene ({len(space.lut)}) "
+                    f"or per selected gene ({space.size})"
+                )
+            bad = ~np.isfinite(means) | (means <= 0)
+            if bad.any():
+                raise LoaderSettingsError(
+                    f"{int(bad.sum())} gene means are not positive finite numbers (e.g. "
+                    f"{[space.ensembl_ids[i] for i in np.flatnonzero(bad)[:3]]}): drop those genes or fix the means"
+                )
+            self.means = means.astype(np.float64)
+
+    # -- masks -------------------------------------------------------------------------------
+
+    def mask(self, slide_ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """``(B, G)`` True where each sample's slide measured the gene."""
+        out = np.zeros((len(slide_ids), self.space.size), dtype=np.bool_)
+        for i, slide in enumerate(slide_ids):
+            out[i] = self._slide_mask(slide)
+        return out
+
+    def _slide_mask(self, slide: str) -> npt.NDArray[np.bool_]:
+        mask = self._masks.get(slide)
+        if mask is None:
+            mask = np.zeros(self.space.size, dtype=np.bool_)
+            genes = self.measured.get(slide)
+            if genes is not None and len(genes):
+                cols = self.space.lut[genes]
+                mask[cols[cols >= 0]] = True
+            self._masks[slide] = mask
+        return mask
+
+    # -- values ------------------------------------------------------------------------------
+
+    def library(self, flat: Flat) -> npt.NDArray[np.float64]:
+        """Library size of each sample: the sum of all its counts."""
+        return np.bincount(flat.row, weights=flat.values, minlength=flat.n).astype(np.float64)
+
+    def dense(self, flat: Flat, *, scale: npt.NDArray[np.float64] | None = None) -> FloatArray:
+        """``(B, G)`` float32 of the dense transforms (``counts``, ``log1p``, ``cp10k_log1p``).
+
+        ``scale`` divides each sample's counts first (the niche average over neighbours).
+        """
+        values = flat.values
+        if scale is not None:
+            values = values / scale[flat.row]
+        if self.kind == "cp10k_log1p":
+            library = np.bincount(flat.row, weights=values, minlength=flat.n)
+            values = values / np.maximum(library, 1e-12)[flat.row] * self.settings.target_sum
+        cols = self.space.lut[flat.genes]
+        keep = cols >= 0
+        out = np.zeros((flat.n, self.space.size), dtype=np.float32)
+        if self.space.injective:
+            vals = values[keep]
+            if self.kind != "counts":
+                vals = np.log1p(vals)
+            out[flat.row[keep], cols[keep]] = vals
+        else:
+            np.add.at(out, (flat.row[keep], cols[keep]), values[keep])
+            if self.kind != "counts":
+                np.log1p(out, out=out)
+        return out
+
+    def tokens(self, flat: Flat) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+        """``(B, L)`` rank tokens and their mask (True on real tokens)."""
+        length = self.settings.context_length
+        library = np.maximum(self.library(flat), 1e-12)
+        values = flat.values / library[flat.row] * self.settings.target_sum
+        cols = self.space.lut[flat.genes]
+        keep = (cols >= 0) & (values > 0)
+        row, col, val = flat.row[keep], cols[keep], values[keep]
+        if not self.space.injective and len(row):
+            # Two vocabulary genes on one column (projection): sum them first.
+            key = row * self.space.size + col
+            uniq, inverse = np.unique(key, return_inverse=True)
+            val = np.bincount(inverse, weights=val).astype(np.float64)
+            row, col = uniq // self.space.size, uniq % self.space.size
+        if self.means is not None:
+            val = val / self.means[col]
+        order = np.lexsort((col, -val, row))
+        row, col = row[order], col[order]
+        starts = np.searchsorted(row, np.arange(flat.n))
+        rank = np.arange(len(row)) - starts[row]
+        take = rank < length
+        tokens = np.zeros((flat.n, length), dtype=np.int64)
+        tokens[row[take], rank[take]] = col[take] + self.settings.token_offset
+        mask = np.zeros((flat.n, length), dtype=np.bool_)
+        mask[row[take], rank[take]] = True
+        return tokens, mask
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are ``< vocab_size`` (rank transform): ``token_offset + G``."""
+        return self.settings.token_offset + self.space.size
+
+
+def load_means(path: str) -> npt.NDArray[np.float64]:
+    """A gene-mean vector saved with ``numpy.save``."""
+    try:
+        means = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise LoaderSettingsError(f"genes.gene_means: cannot read {path!r} as a .npy vector: {exc}") from exc
+    if means.ndim != 1:
+        raise LoaderSettingsError(f"genes.gene_means: {path!r} holds a {means.ndim}-D array, expected a vector")
+    return np.asarray(means, dtype=np.float64)

@@ -1,0 +1,291 @@
+"""Typed settings of the corpus loader.
+
+Every option sits in one frozen dataclass with a default; dicts and YAML only fill them
+(``LoaderSettings.from_dict``) and an unknown key is an error that names it. ``to_dict``
+gives the resolved settings back as plain JSON types, to store beside a checkpoint.
+
+>>> s = LoaderSettings.from_dict({"split": "train", "batch_size": 64, "genes": {"transform": "rank"}})
+>>> s.split, s.genes.context_length
+(('train',), 1024)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from loaders.errors import LoaderSettingsError
+from stcorpus import schema
+
+FORMATS: Final = schema.FORMATS
+GENE_TRANSFORMS: Final = ("none", "counts", "log1p", "cp10k_log1p", "rank")
+VIEWS: Final = (schema.PATCH_COLUMN, schema.REGION_COLUMN)
+DECODERS: Final = ("simplejpeg", "pil")
+ON_BAD_SAMPLE: Final = ("error", "warn", "skip")
+UNEVEN: Final = ("drop", "wrap")
+
+T = TypeVar("T")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LoaderSettingsError(f"{name} must be one of {allowed}, not {value!r}")
+
+
+def _positive(name: str, value: float, *, zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero):
+        raise LoaderSettingsError(f"{name} must be {'>= 0' if zero else '> 0'}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which slides to read, applied from ``slides.parquet`` before any shard is opened.
+
+    Every field is a tuple of allowed values; an empty tuple means no restriction. Values are
+    compared exactly (``organ=("heart",)``; ``licence`` holds SPDX ids such as ``CC-BY-4.0``).
+    Only slides with ``status == "built"`` have samples; the split is ``LoaderSettings.split``.
+    """
+
+    organ: tuple[str, ...] = ()
+    species: tuple[str, ...] = ()
+    technology: tuple[str, ...] = ()
+    assay: tuple[str, ...] = ()
+    licence: tuple[str, ...] = ()
+    slide_ids: tuple[str, ...] = ()
+    exclude_slide_ids: tuple[str, ...] = ()
+
+    def active(self) -> bool:
+        """True when at least one field restricts the slides."""
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class GeneSettings:
+    """The gene-side transform (never baked into shards; see ``loaders.genes``).
+
+    - ``transform``: ``none`` (no expression in the batch), ``counts`` (raw counts, dense),
+      ``log1p`` (log1p of raw counts), ``cp10k_log1p`` (counts per ``target_sum`` of the spot's
+      library, then log1p), ``rank`` (rank tokens, Nicheformer/STAMP style).
+    - ``panel`` / ``genes``: the genes to keep, by panel name (``genes.parquet`` ``panels``) or by
+      vocabulary index / Ensembl id; neither means the whole vocabulary (after ``to_human``: every
+      human gene).
+    - ``to_human``: project mouse genes onto their one-to-one human ortholog first.
+    - ``niche``: transform the summed neighbour expression too (``niche_average`` divides it by
+      the number of neighbours first, so it is on the scale of one spot).
+    - ``gene_means``: rank transform only: path of a ``.npy`` float vector over the vocabulary that
+      divides the scaled expression before ranking (technology means, Nicheformer); ``None`` skips it.
+    - ``context_length``, ``token_offset``: rank tokens per sample, and the id of the first gene
+      token (ids below it are special: 0 is padding).
+    """
+
+    transform: str = "log1p"
+    panel: str | None = None
+    genes: tuple[int | str, ...] = ()
+    to_human: bool = False
+    niche: bool = False
+    niche_average: bool = True
+    target_sum: float = 10_000.0
+    context_length: int = 1024
+    gene_means: str | None = None
+    token_offset: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("genes.transform", self.transform, GENE_TRANSFORMS)
+        _positive("genes.target_sum", self.target_sum)
+        _positive("genes.context_length", self.context_length)
+        _positive("genes.token_offset", self.token_offset)
+        if self.panel is not None and self.genes:
+            raise LoaderSettingsError("give genes.panel or genes.genes, not both")
+        if self.gene_means is not None and self.transform != "rank":
+            raise LoaderSettingsError("genes.gene_means is used by the rank transform only")
+        if self.niche and self.transform == "none":
+            raise LoaderSettingsError("genes.niche needs a gene transform other than 'none'")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Seeded image augmentations done in torch (no torchvision), per sample.
+
+    The geometric ones (flips, 90-degree rotations) move the patch and the region together and
+    update ``pos``, so the patch stays in its cell of the region. Colour jitter factors are drawn
+    uniformly from ``[1 - x, 1 + x]`` (0 disables) and applied alike to both views.
+    """
+
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise LoaderSettingsError(f"augment.{name} must be in [0, 1), not {value!r}")
+
+    def active(self) -> bool:
+        """True when any augmentation is on."""
+        return self.hflip or self.vflip or self.rot90 or bool(self.brightness or self.contrast or self.saturation)
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Reading over HTTP(S) and the Hub: retries, timeouts, read-ahead."""
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 60.0
+    readahead_mb: int = 64
+    chunk_kb: int = 1024
+
+    def __post_init__(self) -> None:
+        _positive("http.retries", self.retries, zero=True)
+        _positive("http.backoff_s", self.backoff_s, zero=True)
+        _positive("http.timeout_s", self.timeout_s)
+        _positive("http.readahead_mb", self.readahead_mb, zero=True)
+        _positive("http.chunk_kb", self.chunk_kb)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """Everything that decides what the loader yields, in which order.
+
+    - ``split``: one split or several (read one after another in the shard order).
+    - ``format``: ``parquet`` (default: row groups parse far faster than tar members, see
+      ``bench/LOADER.md``) or ``wds``; both hold the same samples in the same order.
+    - ``batch_size``, ``drop_last``: batches per rank; ``drop_last=False`` yields a short last batch.
+    - ``uneven``: when the samples do not divide by the world size, ``drop`` leaves out the last
+      ``N mod world_size`` samples of the epoch order, ``wrap`` repeats the first ones; either way
+      every rank yields the same number of batches (no DDP hang).
+    - ``shuffle``, ``seed``, ``shuffle_window``: shard order and a window permutation of samples,
+      both a pure function of (seed, epoch, rank); the window is rounded up to a multiple of
+      ``batch_size`` and bounds the raw samples a worker holds in memory.
+    - ``views``: which images to decode (``patch``, ``region`` or both).
+    - ``decoder``: ``simplejpeg`` (libjpeg-turbo, default) or ``pil``.
+    - ``on_bad_sample``: ``error`` (default) raises; ``warn`` skips, counts and logs the key;
+      ``skip`` skips and counts only.
+    """
+
+    split: tuple[str, ...] = ("train",)
+    format: str = "parquet"
+    batch_size: int = 256
+    drop_last: bool = True
+    uneven: str = "drop"
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_window: int = 1024
+    views: tuple[str, ...] = VIEWS
+    decoder: str = "simplejpeg"
+    on_bad_sample: str = "error"
+    filters: Filters = field(default_factory=Filters)
+    genes: GeneSettings = field(default_factory=GeneSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+
+    def __post_init__(self) -> None:
+        split: Any = self.split
+        if isinstance(split, str):  # LoaderSettings(split="train") reads naturally; store the tuple
+            object.__setattr__(self, "split", (split,))
+        if not self.split:
+            raise LoaderSettingsError(f"split must name at least one of {schema.SPLITS}")
+        for split in self.split:
+            _choice("split", split, schema.SPLITS)
+        if len(set(self.split)) != len(self.split):
+            raise LoaderSettingsError(f"split names a split twice: {self.split}")
+        _choice("format", self.format, FORMATS)
+        _positive("batch_size", self.batch_size)
+        _choice("uneven", self.uneven, UNEVEN)
+        _positive("shuffle_window", self.shuffle_window)
+        for view in self.views:
+            _choice("views", view, VIEWS)
+        if len(set(self.views)) != len(self.views):
+            raise LoaderSettingsError(f"views names a view twice: {self.views}")
+        if not self.views and self.genes.transform == "none":
+            raise LoaderSettingsError("no views and genes.transform='none' would yield empty batches")
+        _choice("decoder", self.decoder, DECODERS)
+        _choice("on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
+
+    @property
+    def window(self) -> int:
+        """The shuffle window in samples: ``shuffle_window`` rounded up to whole batches."""
+        return -(-self.shuffle_window // self.batch_size) * self.batch_size
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoaderSettings:
+        """Settings from plain data (YAML/JSON); unknown keys and wrong types are errors."""
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved settings as JSON types (tuples become lists)."""
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
+    if not isinstance(data, Mapping):
+        raise LoaderSettingsError(f"{path or 'settings'} must be a mapping, not {type(data).__name__}")
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise LoaderSettingsError(
+            f"unknown setting(s){where.rstrip('.')}: {', '.join(map(str, unknown))}; known: {', '.join(names)}"
+        )
+    kwargs = {name: _coerce(hints[name], data[name], f"{path}{name}") for name in names if name in data}
+    result: T = cls(**kwargs)
+    return result
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _build(hint, value, f"{path}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except LoaderSettingsError:
+                continue
+        raise LoaderSettingsError(f"{path}: {value!r} fits none of {hint}")
+    if origin is tuple:
+        if path == "split" and isinstance(value, str):
+            return (value,)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise LoaderSettingsError(f"{path} must be a list, not {value!r}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise LoaderSettingsError(f"{path} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LoaderSettingsError(f"{path} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoaderSettingsError(f"{path} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise LoaderSettingsError(f"{path} must be a string, not {value!r}")
+        return value
+    raise LoaderSettingsError(f"{path}: unsupported setting type {hint}")
