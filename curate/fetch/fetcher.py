@@ -168,7 +168,7 @@ class Fetcher:
                 "hf://datasets/<org>/<name>/<path>, file:// or a local path"
             )
         if source.unpack and fetched.is_folder:
-            raise UnsafeArchiveError(f"{what}: `unpack: true` but the source is a folder, not an archive")
+            raise FetchError(f"{what}: `unpack: true` but the source is a folder, not an archive; drop `unpack`")
         if wants_unpack(source, is_folder=fetched.is_folder):
             fetched = replace(fetched, unpacked=self._unpack(fetched, what=what))
         return fetched
