@@ -125,4 +125,4 @@ class Slide:
     @property
     def flags(self) -> list[str]:
         """Names of failed non-blocking checks."""
-        return [check.name for check in self.qc if not check.passed]
+        return [check.name for check in self.qc if not check.passed and not check.blocking]
