@@ -341,7 +341,7 @@ def _merge(*layers: SampleFields) -> dict[str, Any]:
     return merged
 
 
-def _resolve(model: ManifestFile, path: Path) -> tuple[Sample, ...]:
+def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sample, ...]:
     samples: list[Sample] = []
     for i, study in enumerate(model.studies):
         for j, entry in enumerate(study.samples):
@@ -364,11 +364,11 @@ def _resolve(model: ManifestFile, path: Path) -> tuple[Sample, ...]:
             if not sources:
                 raise ManifestError(f"{where}: no `sources`: name the files this sample is read from")
             local = sorted(name for name, src in sources.items() if src.is_local)
-            if local and not model.allow_local:
+            if local and not allow_local:
                 raise ManifestError(
                     f"{where}: field 'sources': {', '.join(local)} {'is a' if len(local) == 1 else 'are'} "
                     "local path(s), which this manifest does not allow; set `allow_local: true` at the "
-                    "top of the manifest if that is intended"
+                    "top of the manifest (or pass --allow-local) if that is intended"
                 )
             samples.append(
                 Sample(
@@ -384,7 +384,7 @@ def _resolve(model: ManifestFile, path: Path) -> tuple[Sample, ...]:
                     sources=sources,
                     manifest=model.name,
                     manifest_path=path,
-                    allow_local=model.allow_local,
+                    allow_local=allow_local,
                     chemistry=values.get("chemistry"),
                     organ=values.get("organ"),
                     disease_state=values.get("disease_state"),
@@ -495,8 +495,11 @@ def _fields_at(loc: Sequence[int | str]) -> list[str]:
     return [] if model is None or after_sources else list(model.model_fields)
 
 
-def parse_manifest(text: str, *, path: Path) -> Manifest:
-    """Parse manifest text read from ``path`` (used in messages and to resolve local paths)."""
+def parse_manifest(text: str, *, path: Path, allow_local: bool = False) -> Manifest:
+    """Parse manifest text read from ``path`` (used in messages and to resolve local paths).
+
+    ``allow_local=True`` allows local sources even where the manifest does not (``--allow-local``).
+    """
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -511,19 +514,20 @@ def parse_manifest(text: str, *, path: Path) -> Manifest:
         model = ManifestFile.model_validate(raw)
     except ValidationError as exc:
         raise ManifestError(_format_validation_error(path, raw, exc)) from None
-    samples = _resolve(model, path)
+    allowed = model.allow_local or allow_local
+    samples = _resolve(model, path, allow_local=allowed)
     return Manifest(
         path=path,
         name=model.name,
         description=model.description,
-        allow_local=model.allow_local,
+        allow_local=allowed,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         samples=samples,
         studies=tuple(model.studies),
     )
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
     """Read and validate one manifest file; nothing is downloaded.
 
     >>> manifest = load_manifest("manifests/demo.yaml")  # doctest: +SKIP
@@ -534,12 +538,12 @@ def load_manifest(path: str | Path) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
-    return parse_manifest(text, path=path)
+    return parse_manifest(text, path=path, allow_local=allow_local)
 
 
-def load_manifests(paths: Iterable[str | Path]) -> tuple[Manifest, ...]:
+def load_manifests(paths: Iterable[str | Path], *, allow_local: bool = False) -> tuple[Manifest, ...]:
     """Read several manifests; a sample id used in two of them is an error naming both."""
-    manifests = tuple(load_manifest(p) for p in paths)
+    manifests = tuple(load_manifest(p, allow_local=allow_local) for p in paths)
     seen: dict[str, Path] = {}
     for manifest in manifests:
         for sample in manifest.samples:

@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# The 127.0.0.1 test server (tests/httpserver.py) as the `http_server` fixture in every module.
+pytest_plugins = ["tests.httpserver"]
+
 DATA = Path(__file__).parent / "data"
 HEART = DATA / "human-heart-sr1.0"
 MOUSE_BRAIN = DATA / "mouse-brain-sr1.1"
@@ -30,3 +33,4 @@ def write_manifest(tmp_path: Path):
         return path
 
     return write
+

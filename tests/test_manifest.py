@@ -136,3 +136,9 @@ def test_validate_command(write_manifest, capsys: pytest.CaptureFixture[str], tm
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "ok: 3 samples in 2 studies" in out
+
+
+def test_allow_local_override(write_manifest) -> None:
+    path = write_manifest(GOOD.replace("allow_local: true", "allow_local: false"))
+    manifest = load_manifest(path, allow_local=True)
+    assert manifest.allow_local and all(s.allow_local for s in manifest.samples)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from curate.fetch import Fetched, Fetcher, FetchSettings, LockEntry, default_lock_path, write_lock
     from curate.manifest import load_manifests
 
-    manifests = load_manifests(args.manifests)
+    manifests = load_manifests(args.manifests, allow_local=args.allow_local)
     if args.lock and len(manifests) != 1:
         raise SettingsError("--lock names one lock file: give one manifest (each gets <stem>.lock.json by default)")
     selected = set(args.samples) if args.samples else None
