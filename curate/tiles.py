@@ -1,0 +1,796 @@
+"""Spot-centred tiles at a true physical scale: the ``patch`` and ``region`` JPEGs of every spot.
+
+For each spot of a :class:`~curate.slide.Slide` (``spots.x_px/y_px`` in level-0 pixels of
+``slide.image``, ``slide.mpp`` um/px), two views are cut and encoded as JPEG (CORPUS.md §2):
+
+``patch``
+    ``patch_size`` px at ``patch_mpp`` um/px centred on the spot (224 px at 0.5 um/px: 112 um).
+``region``
+    ``region_size`` px at ``region_mpp`` um/px (224 px at 1.5 um/px: 336 um): a 3x3 grid of
+    patch-sized cells placed so that the spot's patch is cell ``pos`` (0..8, row-major), where
+    ``pos`` is drawn from a stable hash of the sample key (:func:`region_pos`).
+
+How the pixels are made (:class:`Tiler`):
+
+1. Each view reads the coarsest pyramid level, or JPEG DCT-domain reduction of a level, whose
+   um/px is at most the view's (never coarser than needed), and resamples from there with an
+   area filter. When the level is the view's scale, the view is a plain crop; when the scale
+   ratio is p/q for small integers (2, 3, 1.5, ...), every output pixel is the exact average of
+   the source area under it (pixels repeated q times, then p x p block means); other ratios
+   use Pillow's antialiased triangle filter. An image coarser than a view's um/px is
+   enlarged by at most ``max_upsample``; beyond that the slide raises ``ImageTooCoarseError``.
+2. Spots are visited in row bands (top to bottom, left to right within a band), so each image
+   tile is decoded once while neighbouring spots use it, and the image's decoded-tile cache
+   (bounded in bytes) keeps memory flat whatever the slide size.
+3. A spot whose patch lies mostly outside the image, or shows mostly background (a cheap test
+   of colour saturation, :func:`tissue_fraction`), is rejected with a reason; rejections are
+   counted by reason in :class:`TileStats`.
+4. JPEG with libjpeg-turbo at a fixed quality and chroma subsampling, no metadata: the same
+   slide and settings give byte-identical files.
+
+The build's entry point is :func:`cut_tiles`; :func:`lattice_neighbors` gives every spot's
+in-tissue lattice neighbours (for the niche expression and the ``neighbors`` field).
+
+Coordinates: a spot at pixel ``(x_px, y_px)`` is the centre of that pixel, i.e. the point
+``(x_px + 0.5, y_px + 0.5)`` of the continuous image plane in which pixel ``(i, j)`` covers
+``[i, i + 1) x [j, j + 1)``. A view of even size has its centre on the corner shared by its four
+central pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from curate.errors import CorruptSourceError, ImageTooCoarseError, SettingsError
+from curate.imaging import RGBArray, SlideImage
+from stcorpus.schema import REGION_GRID, sample_key
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from curate.slide import Lattice, Slide
+
+Resample = Literal["area", "bilinear", "bicubic", "lanczos"]
+Subsampling = Literal["444", "422", "420"]
+Encoder = Literal["simplejpeg", "pil"]
+
+#: Rejection reasons, as counted in :class:`TileStats` and carried by :class:`TileResult`.
+REJECT_OUTSIDE: Final = "outside_image"
+REJECT_BACKGROUND: Final = "background"
+REJECT_REASONS: Final = (REJECT_OUTSIDE, REJECT_BACKGROUND)
+
+#: A pixel is tissue when max(R, G, B) - min(R, G, B) is at least this (0..255). Slide
+#: background is grey or white whatever its brightness (chroma 0-8 on the real H&E fixture,
+#: even where the glass reads dark grey), H&E-stained tissue is pink to purple (chroma 25-60).
+TISSUE_CHROMA: Final = 16
+#: The tissue test looks at every 4th pixel in each direction: 3,136 of a 224 px patch.
+_TISSUE_STRIDE: Final = 4
+
+_FILTER_SUPPORT: Final[Mapping[str, float]] = {"area": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+_PIL_SUBSAMPLING: Final[Mapping[str, int]] = {"444": 0, "422": 1, "420": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How tiles are cut and encoded. Defaults follow CORPUS.md §2 (HEST-Benchmark / STAMP).
+
+    ``region_mpp=None`` derives the region's um/px so that it spans exactly 3x3 patches:
+    ``3 * patch_size * patch_mpp / region_size`` (1.5 um/px with the defaults).
+    """
+
+    patch_size: int = 224
+    patch_mpp: float = 0.5
+    region_size: int = 224
+    region_mpp: float | None = None
+    #: Cut the region view too (False: patches only).
+    regions: bool = True
+    #: Largest enlargement of the image allowed for a view (2.0: a 1 um/px image still gives
+    #: 0.5 um/px patches; CORPUS.md §5: coarser images cannot give honest 0.5 um/px tiles).
+    max_upsample: float = 2.0
+    #: Resampling filter when reducing: "area" averages exactly the source area under each
+    #: output pixel where the scale ratio is p/q with q <= 4 (2x, 3x, 1.5x, ...) and uses the
+    #: antialiased triangle filter otherwise (Pillow's box filter would jitter pixel positions
+    #: at fractional ratios); the others are Pillow's antialiased filters. Enlarging is bicubic
+    #: with "area".
+    resample: Resample = "area"
+    jpeg_quality: int = 90
+    jpeg_subsampling: Subsampling = "420"
+    encoder: Encoder = "simplejpeg"
+    #: Reject a spot when more than this fraction of its patch lies outside the image.
+    max_outside_fraction: float = 0.5
+    #: Reject a spot when less than this fraction of its patch is tissue (:func:`tissue_fraction`).
+    #: A 55 um Visium spot covers 19% of a 112 um patch: below 10% tissue the spot itself
+    #: cannot be mostly on tissue. 0 disables the test.
+    min_tissue_fraction: float = 0.1
+    #: Seed mixed into the key hash that draws ``pos`` (change it for another draw).
+    pos_seed: int = 0
+    #: Bound of the image's decoded-tile cache while cutting (None: leave the image's own).
+    cache_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name in ("patch_size", "region_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 4096:
+                problems.append(f"{name} must be an integer number of pixels in 8..4096, not {value!r}")
+        for name in ("patch_mpp", "region_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < 1000):
+                problems.append(f"{name} must be a positive um/px, not {value!r}")
+        if not self.max_upsample >= 1:
+            problems.append(f"max_upsample must be >= 1 (1: never enlarge), not {self.max_upsample!r}")
+        if self.resample not in _FILTER_SUPPORT:
+            problems.append(f"resample must be one of {', '.join(_FILTER_SUPPORT)}, not {self.resample!r}")
+        if not (isinstance(self.jpeg_quality, int) and 1 <= self.jpeg_quality <= 100):
+            problems.append(f"jpeg_quality must be an integer in 1..100, not {self.jpeg_quality!r}")
+        if self.jpeg_subsampling not in _PIL_SUBSAMPLING:
+            problems.append(f"jpeg_subsampling must be one of 444, 422, 420, not {self.jpeg_subsampling!r}")
+        if self.encoder not in ("simplejpeg", "pil"):
+            problems.append(f"encoder must be simplejpeg or pil, not {self.encoder!r}")
+        for name in ("max_outside_fraction", "min_tissue_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                problems.append(f"{name} must be a fraction in 0..1, not {value!r}")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            problems.append(f"cache_bytes must be >= 0, not {self.cache_bytes!r}")
+        if not problems and self.region_mpp is not None:
+            expected = REGION_GRID * self.patch_size * self.patch_mpp / self.region_size
+            if not math.isclose(self.region_mpp, expected, rel_tol=1e-6):
+                problems.append(
+                    f"region_mpp={self.region_mpp} does not make the region a {REGION_GRID}x{REGION_GRID} grid of "
+                    f"patches: with patch {self.patch_size} px at {self.patch_mpp} um/px and region "
+                    f"{self.region_size} px it must be {expected:.6g} (or leave it unset)"
+                )
+        if problems:
+            raise SettingsError("tile settings: " + "; ".join(problems))
+
+    @property
+    def region_um_per_px(self) -> float:
+        """The region's um/px (``region_mpp``, or derived from the patch geometry)."""
+        if self.region_mpp is not None:
+            return self.region_mpp
+        return REGION_GRID * self.patch_size * self.patch_mpp / self.region_size
+
+    @property
+    def patch_um(self) -> float:
+        """Field of view of a patch (and of one region cell) in micrometres."""
+        return self.patch_size * self.patch_mpp
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TileSettings:
+        """Settings from a mapping (YAML/JSON/CLI); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(
+                f"unknown tile setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values, with the derived region um/px filled in (for provenance)."""
+        values = asdict(self)
+        values["region_mpp"] = self.region_um_per_px
+        return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def region_pos(key: str, *, seed: int = 0) -> int:
+    """The region cell (0..8, row-major) holding the patch of sample ``key``.
+
+    A stable hash (BLAKE2b) of the key, so every build, process and platform agrees; Python's
+    ``hash()`` is salted per process and would not.
+
+    >>> region_pos("TENX95__AAACAAGTATCTCCCA-1")
+    4
+    """
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (REGION_GRID * REGION_GRID)
+
+
+def tissue_fraction(pixels: RGBArray, *, stride: int = _TISSUE_STRIDE, chroma: int = TISSUE_CHROMA) -> float:
+    """Fraction of the (subsampled) pixels of an RGB view that look like stained tissue.
+
+    A pixel counts as tissue when ``max(R, G, B) - min(R, G, B) >= chroma``: glass, white
+    padding and grey background have almost no colour, H&E stain has plenty.
+    """
+    sample = pixels[::stride, ::stride]
+    red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]
+    # Channel by channel: numpy's max/min over a last axis of 3 is ten times slower.
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return int(np.count_nonzero(spread >= chroma)) / int(spread.size)
+
+
+def encode_jpeg(
+    pixels: RGBArray, *, quality: int = 90, subsampling: Subsampling = "420", encoder: Encoder = "simplejpeg"
+) -> bytes:
+    """Encode an RGB ``uint8`` array as a baseline JPEG with libjpeg-turbo, without metadata.
+
+    The output depends only on the pixels and the arguments (no timestamps), so it is
+    byte-identical across runs and processes for one encoder and libjpeg-turbo version.
+    """
+    if encoder == "simplejpeg":
+        import simplejpeg
+
+        data: bytes = simplejpeg.encode_jpeg(
+            np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling=subsampling
+        )
+        return data
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(
+        buffer, format="JPEG", quality=quality, subsampling=_PIL_SUBSAMPLING[subsampling], optimize=False
+    )
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale plans
+# ---------------------------------------------------------------------------------------------
+
+Method = Literal["crop", "area", "resample"]
+
+#: Largest q of an exact p/q area reduction (the view is enlarged q times in between).
+_MAX_AREA_ZOOM: Final = 4
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """Where a view's pixels are read from and how they become ``size`` x ``size`` pixels."""
+
+    view: str  # "patch" or "region"
+    size: int  # output pixels per side
+    mpp: float  # output um/px
+    level: int  # pyramid level read
+    reduce: int  # JPEG DCT-domain reduction of that level (1: none)
+    source_mpp: float  # um/px of the pixels read
+    factor: float  # source pixels per output pixel (> 1 reduces, < 1 enlarges)
+    method: Method  # crop: no resampling; area: exact p/q area means; resample: a filter
+    block: int = 1  # p for method "area": output pixels are p x p block means ...
+    zoom: int = 1  # ... of the source enlarged q times (pixel repetition)
+
+
+def plan_scale(
+    image: SlideImage,
+    *,
+    image_mpp: float,
+    mpp: float,
+    size: int,
+    max_upsample: float = 2.0,
+    resample: Resample = "area",
+    view: str = "patch",
+) -> ScalePlan:
+    """Choose where to read a ``size`` px view at ``mpp`` um/px from an image at ``image_mpp``.
+
+    The source is the coarsest (level, JPEG reduction) whose um/px is at most ``mpp``, counting
+    as equal a source coarser by less than half an output pixel over the view; among equally
+    coarse sources, the one with the least reduction. Raises :class:`ImageTooCoarseError` when
+    even level 0 would have to be enlarged by more than ``max_upsample``.
+    """
+    if not (image_mpp > 0 and math.isfinite(image_mpp)):
+        raise ImageTooCoarseError(f"{image.path.name}: image um/px {image_mpp!r} is not a positive number")
+    tolerance = 1 + 0.5 / size
+    best: tuple[float, int, int] | None = None  # (source um/px, reduce, level)
+    for index, lvl in enumerate(image.levels):
+        for reduce in image.reductions(index):
+            source = image_mpp * lvl.downsample * reduce
+            if source > mpp * tolerance:
+                continue
+            if best is None or source > best[0] * (1 + 1e-9) or (math.isclose(source, best[0]) and reduce < best[1]):
+                best = (source, reduce, index)
+    if best is None:
+        enlarge = image_mpp / mpp
+        if enlarge > max_upsample * (1 + 1e-9):
+            raise ImageTooCoarseError(
+                f"{image.path.name}: the image is {image_mpp:.4g} um/px; {view} tiles at {mpp:g} um/px would "
+                f"enlarge it {enlarge:.2f}x, more than max_upsample={max_upsample:g}. Use a finer image of the "
+                "slide, or tile settings with a coarser um/px or a larger max_upsample"
+            )
+        best = (image_mpp, 1, 0)
+    source, reduce, level = best
+    factor = mpp / source
+    method: Method = "resample"
+    block = zoom = 1
+    if abs(factor - 1) * size < 0.5:
+        method = "crop"
+    elif factor > 1 and resample == "area":
+        for q in range(1, _MAX_AREA_ZOOM + 1):
+            p = round(factor * q)
+            # p/q reproduces the view's extent to within half an output pixel.
+            if p > q and (size * p) % q == 0 and abs(factor - p / q) * size < 0.5:
+                method, block, zoom = "area", p, q
+                break
+    return ScalePlan(
+        view=view,
+        size=size,
+        mpp=mpp,
+        level=level,
+        reduce=reduce,
+        source_mpp=source,
+        factor=factor,
+        method=method,
+        block=block,
+        zoom=zoom,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """The tiles of one spot, or why it has none."""
+
+    index: int  # the spot's row in slide.spots
+    key: str  # sample key <slide_id>__<barcode>
+    pos: int  # region cell 0..8 holding the patch
+    outside_fraction: float  # fraction of the patch outside the image (padded white)
+    tissue_fraction: float | None  # fraction of the patch that is tissue (None: not looked at)
+    patch: bytes | None  # JPEG; None when rejected
+    region: bytes | None  # JPEG; None when rejected or regions are off
+    rejected: str | None = None  # one of REJECT_REASONS, or None
+
+    @property
+    def accepted(self) -> bool:
+        """True when the spot has its tiles."""
+        return self.rejected is None
+
+
+@dataclass
+class TileStats:
+    """What a :func:`cut_tiles` run did: counts by outcome, sources read, time and cache use."""
+
+    n_spots: int
+    patch_plan: ScalePlan
+    region_plan: ScalePlan | None
+    n_done: int = 0
+    n_accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    tiles_decoded: int = 0  # image tiles decoded (cache misses)
+    cache_hits: int = 0
+    cache_peak_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for build reports (JSON-ready)."""
+        return {
+            "n_spots": self.n_spots,
+            "n_done": self.n_done,
+            "n_accepted": self.n_accepted,
+            "rejected": {reason: self.rejected.get(reason, 0) for reason in REJECT_REASONS},
+            "seconds": round(self.seconds, 3),
+            "tiles_decoded": self.tiles_decoded,
+            "cache_hits": self.cache_hits,
+            "cache_peak_bytes": self.cache_peak_bytes,
+            "patch_plan": asdict(self.patch_plan),
+            "region_plan": asdict(self.region_plan) if self.region_plan is not None else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiler
+# ---------------------------------------------------------------------------------------------
+
+
+class Tiler:
+    """Cuts the patch and region of spots from one image at a known um/px.
+
+    Example::
+
+        tiler = Tiler(slide.image, mpp=slide.mpp)
+        pixels = tiler.patch_pixels(1520.0, 2210.5)  # 224x224x3 uint8 at 0.5 um/px
+    """
+
+    def __init__(self, image: SlideImage, *, mpp: float, settings: TileSettings | None = None) -> None:
+        self.image = image
+        self.mpp = float(mpp)
+        self.settings = settings = settings or TileSettings()
+        self.patch_plan = plan_scale(
+            image,
+            image_mpp=self.mpp,
+            mpp=settings.patch_mpp,
+            size=settings.patch_size,
+            max_upsample=settings.max_upsample,
+            resample=settings.resample,
+            view="patch",
+        )
+        self.region_plan = (
+            plan_scale(
+                image,
+                image_mpp=self.mpp,
+                mpp=settings.region_um_per_px,
+                size=settings.region_size,
+                max_upsample=settings.max_upsample,
+                resample=settings.resample,
+                view="region",
+            )
+            if settings.regions
+            else None
+        )
+        #: Half the patch's side in level-0 pixels.
+        self._half_patch = settings.patch_um / self.mpp / 2
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    def outside_fraction(self, x_px: float, y_px: float) -> float:
+        """Fraction of the patch around spot ``(x_px, y_px)`` that lies outside the image."""
+        if not (math.isfinite(x_px) and math.isfinite(y_px)):
+            return 1.0
+        cx, cy, half = x_px + 0.5, y_px + 0.5, self._half_patch
+        inside_x = max(0.0, min(cx + half, self.image.width) - max(cx - half, 0.0))
+        inside_y = max(0.0, min(cy + half, self.image.height) - max(cy - half, 0.0))
+        return max(0.0, 1.0 - inside_x * inside_y / (2 * half) ** 2)
+
+    def region_offset(self, pos: int) -> tuple[float, float]:
+        """Level-0 pixels from the spot to the centre of its region when the patch is cell ``pos``."""
+        row, col = divmod(pos, REGION_GRID)
+        cell = self.settings.patch_um / self.mpp
+        middle = (REGION_GRID - 1) / 2
+        return (middle - col) * cell, (middle - row) * cell
+
+    # -- pixels --------------------------------------------------------------------------------
+
+    def patch_pixels(self, x_px: float, y_px: float) -> RGBArray:
+        """The patch of the spot at level-0 pixel ``(x_px, y_px)``: ``patch_size``² RGB pixels."""
+        return self._view(self.patch_plan, x_px + 0.5, y_px + 0.5)
+
+    def region_pixels(self, x_px: float, y_px: float, pos: int) -> RGBArray:
+        """The region of the spot at ``(x_px, y_px)`` with its patch in cell ``pos``."""
+        if self.region_plan is None:
+            raise SettingsError("regions are switched off in these tile settings (regions=False)")
+        dx, dy = self.region_offset(pos)
+        return self._view(self.region_plan, x_px + 0.5 + dx, y_px + 0.5 + dy)
+
+    def _view(self, plan: ScalePlan, cx: float, cy: float) -> RGBArray:
+        """A ``plan.size`` px view centred on the level-0 point ``(cx, cy)``."""
+        downsample = self.image.levels[plan.level].downsample * plan.reduce
+        sx, sy = cx / downsample, cy / downsample  # the centre in source pixels
+        size = plan.size
+        read = self.image.read_region
+        if plan.method == "crop":
+            x0, y0 = math.floor(sx - size / 2 + 0.5), math.floor(sy - size / 2 + 0.5)
+            return read(level=plan.level, x=x0, y=y0, width=size, height=size, reduce=plan.reduce)
+        from PIL import Image
+
+        if plan.method == "area":
+            span = size * plan.block // plan.zoom  # source pixels: exact, size is a multiple of zoom
+            x0, y0 = math.floor(sx - span / 2 + 0.5), math.floor(sy - span / 2 + 0.5)
+            pixels = read(level=plan.level, x=x0, y=y0, width=span, height=span, reduce=plan.reduce)
+            image = Image.fromarray(pixels)
+            if plan.zoom > 1:  # repeat every pixel zoom x zoom times: exact fractional areas
+                image = image.resize((span * plan.zoom, span * plan.zoom), Image.Resampling.NEAREST)
+            return np.asarray(image.reduce(plan.block))
+        extent = size * plan.factor
+        left, top = sx - extent / 2, sy - extent / 2
+        name = self.settings.resample
+        if name == "area":
+            name = "bicubic" if plan.factor < 1 else "bilinear"
+        pad = math.ceil(_FILTER_SUPPORT[name] * max(plan.factor, 1.0)) + 1
+        x0, y0 = math.floor(left) - pad, math.floor(top) - pad
+        width = math.ceil(left + extent) + pad - x0
+        height = math.ceil(top + extent) + pad - y0
+        pixels = read(level=plan.level, x=x0, y=y0, width=width, height=height, reduce=plan.reduce)
+        box = (left - x0, top - y0, left - x0 + extent, top - y0 + extent)
+        resized = Image.fromarray(pixels).resize((size, size), _pil_filter(name), box=box)
+        return np.asarray(resized)
+
+    # -- one spot ------------------------------------------------------------------------------
+
+    def cut(self, x_px: float, y_px: float, *, key: str, index: int = -1) -> TileResult:
+        """Cut, test and encode the views of one spot (see the module docstring)."""
+        settings = self.settings
+        pos = region_pos(key, seed=settings.pos_seed)
+        outside = self.outside_fraction(x_px, y_px)
+        if outside > settings.max_outside_fraction:
+            return TileResult(index, key, pos, outside, None, None, None, REJECT_OUTSIDE)
+        patch = self.patch_pixels(x_px, y_px)
+        tissue = tissue_fraction(patch)
+        if tissue < settings.min_tissue_fraction:
+            return TileResult(index, key, pos, outside, tissue, None, None, REJECT_BACKGROUND)
+        encode = self._encode
+        region = encode(self.region_pixels(x_px, y_px, pos)) if self.region_plan is not None else None
+        return TileResult(index, key, pos, outside, tissue, encode(patch), region)
+
+    def _encode(self, pixels: RGBArray) -> bytes:
+        s = self.settings
+        return encode_jpeg(pixels, quality=s.jpeg_quality, subsampling=s.jpeg_subsampling, encoder=s.encoder)
+
+    # -- many spots ----------------------------------------------------------------------------
+
+    def order(self, x_px: npt.ArrayLike, y_px: npt.ArrayLike) -> npt.NDArray[np.intp]:
+        """Positions of the spots in reading order: row bands one patch high, top to bottom, and
+        left to right within a band (spots with no finite position last, in input order)."""
+        xs = np.asarray(x_px, dtype=np.float64)
+        ys = np.asarray(y_px, dtype=np.float64)
+        finite = np.isfinite(xs) & np.isfinite(ys)
+        band = np.where(finite, np.floor(ys / (2 * self._half_patch)), np.inf)
+        across = np.where(finite, xs, np.inf)
+        return np.lexsort((np.arange(xs.size), across, band))
+
+    def cut_many(
+        self,
+        x_px: npt.ArrayLike,
+        y_px: npt.ArrayLike,
+        keys: Sequence[str],
+        *,
+        indices: npt.ArrayLike | None = None,
+    ) -> TileRun:
+        """Cut every spot ``i`` at ``(x_px[i], y_px[i])`` with key ``keys[i]``, in reading order.
+
+        ``indices[i]`` is what ``TileResult.index`` reports for spot ``i`` (default ``i``).
+        """
+        xs = np.asarray(x_px, dtype=np.float64)
+        ys = np.asarray(y_px, dtype=np.float64)
+        if not xs.shape == ys.shape == (len(keys),):
+            raise ValueError(f"x_px {xs.shape}, y_px {ys.shape} and {len(keys)} keys must have one entry per spot")
+        ids = np.arange(xs.size) if indices is None else np.asarray(indices, dtype=np.int64)
+        if ids.shape != xs.shape:
+            raise ValueError(f"indices {ids.shape} must have one entry per spot {xs.shape}")
+        return TileRun(self, xs, ys, keys, ids, self.order(xs, ys))
+
+
+def _pil_filter(name: str) -> Any:
+    from PIL import Image
+
+    return {
+        "area": Image.Resampling.BOX,
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "lanczos": Image.Resampling.LANCZOS,
+    }[name]
+
+
+class TileRun(Iterator[TileResult]):
+    """An iterator of :class:`TileResult` in reading order, with running :class:`TileStats`.
+
+    When exhausted, it empties the image's tile cache (the memory goes back before the next
+    slide) and restores the cache bound it found.
+    """
+
+    def __init__(
+        self,
+        tiler: Tiler,
+        x_px: npt.NDArray[np.float64],
+        y_px: npt.NDArray[np.float64],
+        keys: Sequence[str],
+        indices: npt.NDArray[np.int64],
+        order: npt.NDArray[np.intp],
+    ) -> None:
+        self.tiler = tiler
+        self._x, self._y, self._keys, self._indices, self._order = x_px, y_px, keys, indices, order
+        self._next = 0
+        self.stats = TileStats(n_spots=int(order.size), patch_plan=tiler.patch_plan, region_plan=tiler.region_plan)
+        cache = tiler.image.cache
+        self._cache_bound: int | None = cache.max_bytes
+        if tiler.settings.cache_bytes is not None:
+            cache.resize(tiler.settings.cache_bytes)
+        self._hits0, self._misses0 = cache.stats.hits, cache.stats.misses
+        cache.stats.peak_bytes = cache.stats.bytes
+
+    def __iter__(self) -> TileRun:
+        return self
+
+    def __next__(self) -> TileResult:
+        if self._next >= self._order.size:
+            self._finish()
+            raise StopIteration
+        start = time.perf_counter()
+        spot = int(self._order[self._next])
+        self._next += 1
+        result = self.tiler.cut(
+            float(self._x[spot]), float(self._y[spot]), key=self._keys[spot], index=int(self._indices[spot])
+        )
+        stats = self.stats
+        stats.n_done += 1
+        if result.rejected is None:
+            stats.n_accepted += 1
+        else:
+            stats.rejected[result.rejected] += 1
+        stats.seconds += time.perf_counter() - start
+        self._update_cache_stats()
+        return result
+
+    def _update_cache_stats(self) -> None:
+        cache = self.tiler.image.cache.stats
+        self.stats.tiles_decoded = cache.misses - self._misses0
+        self.stats.cache_hits = cache.hits - self._hits0
+        self.stats.cache_peak_bytes = max(self.stats.cache_peak_bytes, cache.peak_bytes)
+
+    def _finish(self) -> None:
+        if self._cache_bound is None:
+            return
+        self._update_cache_stats()
+        cache = self.tiler.image.cache
+        cache.clear()
+        cache.resize(self._cache_bound)
+        self._cache_bound = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def cut_tiles(slide: Slide, *, indices: npt.ArrayLike | None = None, settings: TileSettings | None = None) -> TileRun:
+    """Cut the patch and region of spots of ``slide``: an iterator of :class:`TileResult`.
+
+    ``indices`` are rows of ``slide.spots`` (default: every in-tissue spot). Results come in
+    reading order (row bands top to bottom, left to right), the same for the same slide and
+    settings; ``result.index`` says which spot each is. The returned run's ``stats``
+    (:class:`TileStats`) count the spots done, accepted and rejected by reason.
+
+    Scales are planned before anything is read, so a slide whose image is too coarse raises
+    :class:`~curate.errors.ImageTooCoarseError` here, not halfway through.
+
+    Example::
+
+        run = cut_tiles(slide, settings=TileSettings(jpeg_quality=90))
+        for tile in run:
+            if tile.accepted:
+                write(tile.key, tile.patch, tile.region, tile.pos)
+        run.stats.rejected  # Counter({'background': 12, 'outside_image': 3})
+    """
+    spots = slide.spots
+    rows = np.flatnonzero(spots.in_tissue) if indices is None else np.asarray(indices, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(spots)):
+        raise IndexError(f"spot indices must be in 0..{len(spots) - 1}")
+    tiler = Tiler(slide.image, mpp=slide.mpp, settings=settings)
+    keys = [sample_key(slide.id, str(barcode)) for barcode in spots.barcode[rows]]
+    return tiler.cut_many(spots.x_px[rows], spots.y_px[rows], keys, indices=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lattice neighbours
+# ---------------------------------------------------------------------------------------------
+
+#: Array-coordinate offsets (row, col) of the lattice neighbours of a spot.
+LATTICE_OFFSETS: Final[Mapping[str, tuple[tuple[int, int], ...]]] = {
+    # Visium: rows alternate even/odd columns; the six neighbours sit at (r, c±2), (r±1, c±1).
+    "hex": ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)),
+    # Legacy ST: a square grid.
+    "square": ((0, -1), (0, 1), (-1, 0), (1, 0)),
+}
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """Lattice adjacency in CSR form: the neighbours of spot ``i`` are
+    ``indices[indptr[i]:indptr[i + 1]]`` (positions in the arrays given, ascending)."""
+
+    indptr: npt.NDArray[np.int64]
+    indices: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return int(self.indptr.size - 1)
+
+    @property
+    def counts(self) -> npt.NDArray[np.int32]:
+        """Number of neighbours of every spot."""
+        return np.diff(self.indptr).astype(np.int32)
+
+    def of(self, spot: int) -> npt.NDArray[np.int64]:
+        """Positions of the neighbours of ``spot``."""
+        return self.indices[self.indptr[spot] : self.indptr[spot + 1]]
+
+    def to_csr(self) -> sp.csr_matrix:
+        """The n x n 0/1 adjacency matrix: ``adjacency @ counts`` sums each spot's neighbours."""
+        import scipy.sparse as sp
+
+        n = len(self)
+        data = np.ones(self.indices.size, dtype=np.int32)
+        return sp.csr_matrix((data, self.indices, self.indptr), shape=(n, n))
+
+    def keys(self, keys: Sequence[str]) -> list[list[str]]:
+        """The neighbours of every spot named by ``keys`` (aligned with the arrays given)."""
+        return [[keys[j] for j in self.indices[a:b]] for a, b in zip(self.indptr[:-1], self.indptr[1:], strict=True)]
+
+
+def lattice_neighbors(
+    array_row: npt.ArrayLike,
+    array_col: npt.ArrayLike,
+    *,
+    lattice: Lattice = "hex",
+    include: npt.ArrayLike | None = None,
+) -> Neighbors:
+    """The lattice neighbours of every spot among the ``include``\\ d spots (default: all).
+
+    Hex (Visium): (r, c±2), (r±1, c±1); square (legacy ST): (r±1, c), (r, c±1). Two included
+    spots at the same array position are a broken spot table and raise
+    :class:`~curate.errors.CorruptSourceError`.
+
+    Example::
+
+        nbrs = lattice_neighbors(spots.array_row, spots.array_col, lattice="hex", include=spots.in_tissue)
+        niche = nbrs.to_csr() @ counts  # summed neighbour expression, one row per spot
+    """
+    if lattice not in LATTICE_OFFSETS:
+        raise ValueError(f"unknown lattice {lattice!r}; lattices are {', '.join(LATTICE_OFFSETS)}")
+    rows = np.asarray(array_row, dtype=np.int64)
+    cols = np.asarray(array_col, dtype=np.int64)
+    if rows.shape != cols.shape or rows.ndim != 1:
+        raise ValueError(f"array_row {rows.shape} and array_col {cols.shape} must be equal 1-d arrays")
+    n = rows.size
+    mask = np.ones(n, dtype=bool) if include is None else np.asarray(include, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"include {mask.shape} must have one entry per spot ({n},)")
+    if n == 0:
+        return Neighbors(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    # One integer per array position, with room for the offsets on every side.
+    row0, col0 = rows.min() - 2, cols.min() - 2
+    width = int(cols.max() - col0) + 3
+
+    def code(r: npt.NDArray[np.int64], c: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        result: npt.NDArray[np.int64] = (r - row0) * width + (c - col0)
+        return result
+
+    members = np.flatnonzero(mask)
+    member_codes = code(rows[members], cols[members])
+    sort = np.argsort(member_codes, kind="stable")
+    sorted_codes = member_codes[sort]
+    same = np.flatnonzero(sorted_codes[1:] == sorted_codes[:-1])
+    if same.size:
+        a, b = members[sort[same[0]]], members[sort[same[0] + 1]]
+        raise CorruptSourceError(
+            f"spots {a} and {b} (and {same.size - 1} more pairs) share array position "
+            f"({rows[a]}, {cols[a]}): the spot table is broken; check the positions file"
+        )
+    sources: list[npt.NDArray[np.int64]] = []
+    targets: list[npt.NDArray[np.int64]] = []
+    everyone = np.arange(n, dtype=np.int64)
+    for dr, dc in LATTICE_OFFSETS[lattice]:
+        wanted = code(rows + dr, cols + dc)
+        at = np.searchsorted(sorted_codes, wanted)
+        at_clipped = np.minimum(at, sorted_codes.size - 1)
+        found = (at < sorted_codes.size) & (sorted_codes[at_clipped] == wanted)
+        sources.append(everyone[found])
+        targets.append(members[sort[at_clipped[found]]].astype(np.int64))
+    source = np.concatenate(sources)
+    target = np.concatenate(targets)
+    order = np.lexsort((target, source))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(source, minlength=n), out=indptr[1:])
+    return Neighbors(indptr=indptr, indices=target[order])
+
+
+__all__ = [
+    "LATTICE_OFFSETS",
+    "REJECT_BACKGROUND",
+    "REJECT_OUTSIDE",
+    "REJECT_REASONS",
+    "TISSUE_CHROMA",
+    "Neighbors",
+    "ScalePlan",
+    "TileResult",
+    "TileRun",
+    "TileSettings",
+    "TileStats",
+    "Tiler",
+    "cut_tiles",
+    "encode_jpeg",
+    "lattice_neighbors",
+    "plan_scale",
+    "region_pos",
+    "tissue_fraction",
+]
