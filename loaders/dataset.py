@@ -65,12 +65,12 @@ from loaders.images import TILE, Augment, JpegDecoder
 from loaders.plan import (
     STATE_FORMAT,
     EpochPlan,
+    ResumePoint,
     ResumeReport,
-    delivery_order,
+    advance,
     expand,
     intervals,
     iter_window_batches,
-    worker_runs,
 )
 from loaders.read import Columns, RawSample, ShardReader, parse_npz
 from loaders.settings import LoaderSettings
@@ -404,7 +404,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             means = load_means(g.gene_means) if g.gene_means else None
             self.gene_transform = GeneTransform(space, g, measured=measured, means=means)
         self.epoch = 0
-        self._resume: tuple[int, list[list[int]]] | None = None
+        self._resume: ResumePoint | None = None
         self.counters: Any = multiprocessing.get_context().Array("q", 3)
         plan = self.plan(0)
         log.info(
@@ -478,11 +478,15 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
     def __iter__(self) -> EpochIterator:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        done: list[list[int]] = []
-        if self._resume is not None and self._resume[0] == self.epoch:
-            done = self._resume[1]
+        resume = self.resume_point()
         self._resume = None  # a loaded state applies to one iteration
-        return EpochIterator(self, epoch=self.epoch, done=done, worker=worker, num_workers=num_workers)
+        return EpochIterator(self, resume, worker=worker, num_workers=num_workers)
+
+    def resume_point(self) -> ResumePoint:
+        """Where the next iteration starts: a loaded state of the current epoch, else its beginning."""
+        if self._resume is not None and self._resume.epoch == self.epoch:
+            return self._resume
+        return ResumePoint(self.epoch, [])
 
     def _pipeline(self, plan: EpochPlan, batches: npt.NDArray[np.int64]) -> Iterator[dict[str, Any]]:
         """The stages one worker runs over its batches, as a visible list."""
@@ -517,15 +521,21 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
 
     # -- state -------------------------------------------------------------------------------
 
-    def state_for(self, *, epoch: int, done: Sequence[Sequence[int]], num_workers: int | None) -> dict[str, Any]:
-        """The resume state of ``epoch`` after the batches ``done`` (runs ``[start, stop)``)."""
-        plan = self.plan(epoch)
+    def state_for(
+        self,
+        point: ResumePoint,
+        *,
+        num_workers: int | None,
+    ) -> dict[str, Any]:
+        """The resume state of ``point`` (consumed batches, and each worker's rest when known)."""
+        plan = self.plan(point.epoch)
         return {
             "format": STATE_FORMAT,
             "fingerprint": plan.fingerprint(),
-            "epoch": epoch,
+            "epoch": point.epoch,
             "n_batches": plan.n_batches,
-            "done": [list(map(int, r)) for r in done],
+            "done": [[int(a), int(b)] for a, b in point.done],
+            "runs": point.runs,
             "num_workers": num_workers,
             "world_size": self.world_size,
             "rank": self.rank,
@@ -538,8 +548,8 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         Batches consumed from a running iteration are known to the loader, not to the dataset:
         take ``CorpusLoader.state_dict()`` (or torchdata's ``StatefulDataLoader.state_dict()``).
         """
-        done = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else []
-        return self.state_for(epoch=self.epoch, done=done, num_workers=None)
+        point = self.resume_point()
+        return self.state_for(point, num_workers=len(point.runs) if point.runs is not None else None)
 
     def load_state_dict(self, state: Mapping[str, Any], *, num_workers: int | None = None) -> ResumeReport:
         """Resume from ``state``: the next iteration of its epoch yields only the batches not consumed."""
@@ -563,8 +573,13 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             )
         done = intervals(expand(state["done"]))
         remaining = plan.remaining(done)
+        runs = state.get("runs")
+        if runs is not None:
+            listed = np.sort(np.concatenate([expand(r) for r in runs])) if runs else np.zeros(0, dtype=np.int64)
+            if not np.array_equal(listed, remaining):
+                raise ResumeError("the state's worker runs do not match its consumed batches: a corrupt state")
         self.epoch = epoch
-        self._resume = (epoch, done)
+        self._resume = ResumePoint(epoch, done, runs)
         report = ResumeReport(
             epoch=epoch,
             consumed_batches=plan.n_batches - len(remaining),
@@ -579,13 +594,11 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
 class EpochIterator:
     """One worker's iteration of one epoch; its state is what torchdata snapshots per worker."""
 
-    def __init__(
-        self, dataset: CorpusDataset, *, epoch: int, done: list[list[int]], worker: int, num_workers: int
-    ) -> None:
+    def __init__(self, dataset: CorpusDataset, point: ResumePoint, *, worker: int, num_workers: int) -> None:
         self.dataset = dataset
         self.worker, self.num_workers = worker, num_workers
-        self._setup(epoch, done)
-        if not done and self.plan.n_batches < num_workers:
+        self._setup(point)
+        if not point.done and self.plan.n_batches < num_workers:
             raise EmptySelectionError(
                 f"{self.plan.n_batches} batches per epoch cannot feed {num_workers} workers: "
                 "use fewer workers or a smaller batch size"
@@ -593,11 +606,11 @@ class EpochIterator:
         self.yielded = 0
         self._items: Iterator[dict[str, Any]] | None = None
 
-    def _setup(self, epoch: int, done: list[list[int]]) -> None:
-        self.epoch = epoch
-        self.plan = self.dataset.plan(epoch)
-        self.done = done
-        self.batches = worker_runs(self.plan.remaining(done), self.num_workers)[self.worker]
+    def _setup(self, point: ResumePoint) -> None:
+        self.point = point
+        self.plan = self.dataset.plan(point.epoch)
+        self.runs = point.worker_runs(self.plan, self.num_workers)
+        self.batches = self.runs[self.worker]
 
     def __iter__(self) -> EpochIterator:
         return self
@@ -610,8 +623,9 @@ class EpochIterator:
         return item
 
     def state_dict(self) -> dict[str, Any]:
-        """This worker's progress: the plan it runs and how many of its batches it has yielded."""
-        state = self.dataset.state_for(epoch=self.epoch, done=self.done, num_workers=self.num_workers)
+        """This worker's progress: the runs of all workers at the start, and its own count."""
+        point = ResumePoint(self.point.epoch, self.point.done, [intervals(r) for r in self.runs])
+        state = self.dataset.state_for(point, num_workers=self.num_workers)
         state.update(worker=self.worker, yielded=self.yielded)
         return state
 
@@ -624,7 +638,7 @@ class EpochIterator:
             )
         if state["fingerprint"] != self.dataset.plan(int(state["epoch"])).fingerprint():
             raise ResumeError("the iterator state belongs to another corpus selection or order")
-        self._setup(int(state["epoch"]), [list(r) for r in state["done"]])
+        self._setup(ResumePoint(int(state["epoch"]), [list(r) for r in state["done"]], state["runs"]))
         self.yielded = int(state["yielded"])
         self._items = None
 
@@ -658,16 +672,17 @@ def resume_state_from(stateful_state: Mapping[str, Any]) -> dict[str, Any]:
     n_workers = int(first["num_workers"])
     if sorted(int(s["worker"]) for s in found) != list(range(n_workers)):
         raise ResumeError(f"expected the states of {n_workers} workers, found workers {[s['worker'] for s in found]}")
-    done = set(expand(first["done"]).tolist())
-    n_batches = int(first["n_batches"])
-    mask = np.ones(n_batches, dtype=bool)
-    for a, b in first["done"]:
-        mask[a:b] = False
-    runs = worker_runs(np.flatnonzero(mask).astype(np.int64), n_workers)
-    for s in found:
-        done.update(runs[int(s["worker"])][: int(s["yielded"])].tolist())
+    runs = [expand(r) for r in first["runs"]]
+    yielded = {int(s["worker"]): int(s["yielded"]) for s in found}
+    prefixes = {int(b) for w, run in enumerate(runs) for b in run[: yielded[w]]}
+    done = set(expand(first["done"]).tolist()) | prefixes
+    # If the workers were asked in turn (they are), the total count also gives the delivery
+    # order of the rest; keep it when it accounts for exactly the same batches.
+    consumed, rest = advance(runs, sum(yielded.values()))
+    exact = rest is not None and set(consumed.tolist()) == prefixes
     state = {k: v for k, v in first.items() if k not in ("worker", "yielded")}
     state["done"] = intervals(sorted(done))
+    state["runs"] = [intervals(r) for r in rest] if exact and rest is not None else None
     return state
 
 
@@ -706,9 +721,12 @@ class CorpusLoader:
         if num_workers > 0:
             self.options["prefetch_factor"] = prefetch_factor or 2
             self.options["multiprocessing_context"] = multiprocessing_context
-        self._epoch = dataset.epoch
-        self._base: list[list[int]] = []
-        self._order = np.zeros(0, dtype=np.int64)
+        self._start(dataset.resume_point())
+
+    def _start(self, point: ResumePoint) -> None:
+        """Runs of each worker from ``point``; nothing delivered yet."""
+        self._point = point
+        self._runs = point.worker_runs(self.dataset.plan(point.epoch), max(self.num_workers, 1))
         self._delivered = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -717,22 +735,21 @@ class CorpusLoader:
 
     def __len__(self) -> int:
         """Batches the next iteration yields on this rank."""
-        plan = self.dataset.plan()
-        resume = self.dataset._resume
-        done = resume[1] if resume is not None and resume[0] == self.dataset.epoch else []
-        return len(plan.remaining(done))
+        point = self.dataset.resume_point()
+        return len(self.dataset.plan(point.epoch).remaining(point.done))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from torch.utils.data import DataLoader
 
         ds = self.dataset
-        plan = ds.plan()
-        resume = ds._resume
-        self._epoch = ds.epoch
-        self._base = resume[1] if resume is not None and resume[0] == ds.epoch else []
-        runs = worker_runs(plan.remaining(self._base), max(self.num_workers, 1))
-        self._order = delivery_order(runs)
-        self._delivered = 0
+        point = ds.resume_point()
+        plan = ds.plan(point.epoch)
+        if not point.done and plan.n_batches < self.num_workers:
+            raise EmptySelectionError(
+                f"{plan.n_batches} batches per epoch cannot feed {self.num_workers} workers: "
+                "use fewer workers or a smaller batch size"
+            )
+        self._start(point)
         loader = DataLoader(ds, batch_size=None, in_order=True, **self.options)
         iterator = iter(loader)  # workers start here, with the dataset (and resume point) as it is now
         ds._resume = None
@@ -742,14 +759,14 @@ class CorpusLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The resume state: the batches delivered so far in this epoch (plus those of a loaded state)."""
-        done = expand(self._base).tolist() + self._order[: self._delivered].tolist()
-        return self.dataset.state_for(epoch=self._epoch, done=intervals(done), num_workers=self.num_workers)
+        consumed, rest = advance(self._runs, self._delivered)
+        done = intervals(expand(self._point.done).tolist() + consumed.tolist())
+        runs = [intervals(r) for r in rest] if rest is not None else None
+        point = ResumePoint(self._point.epoch, done, runs)
+        return self.dataset.state_for(point, num_workers=self.num_workers)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> ResumeReport:
         """Resume from ``state`` (also one saved with another number of workers)."""
         report = self.dataset.load_state_dict(state, num_workers=self.num_workers)
-        self._epoch = int(state["epoch"])
-        self._base = intervals(expand(state["done"]))
-        self._order = np.zeros(0, dtype=np.int64)
-        self._delivered = 0
+        self._start(self.dataset.resume_point())
         return report

@@ -298,3 +298,43 @@ def iter_window_batches(plan: EpochPlan, batches: IntArray) -> Iterator[tuple[in
         group.append(b)
     if current is not None:
         yield current, group
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted epoch continues: the consumed batches and, when known, each worker's rest.
+
+    ``runs`` (intervals per worker) is rotated so that worker 0 delivers next: a DataLoader with
+    as many workers then delivers the remaining batches in exactly the order the interrupted one
+    would have. With another number of workers the remaining batches are re-split instead.
+    """
+
+    epoch: int
+    done: list[list[int]]
+    runs: list[list[list[int]]] | None = None
+
+    def worker_runs(self, plan: EpochPlan, num_workers: int) -> list[IntArray]:
+        """The batches of each of ``num_workers`` workers."""
+        if self.runs is not None and len(self.runs) == num_workers:
+            return [expand(r) for r in self.runs]
+        return worker_runs(plan.remaining(self.done), num_workers)
+
+
+def advance(runs: Sequence[IntArray], delivered: int) -> tuple[IntArray, list[IntArray] | None]:
+    """After ``delivered`` batches of these worker runs: the consumed ids and the rotated rest.
+
+    The rest is None if no rotation of the remaining runs reproduces the delivery order (it
+    always does for round-robin delivery; the check guards the assumption).
+    """
+    order = delivery_order(runs)
+    consumed = order[:delivered]
+    taken = set(consumed.tolist())
+    rest = [run[sum(1 for b in run.tolist() if b in taken) :] for run in runs]
+    if delivered >= len(order):
+        return consumed, [np.zeros(0, dtype=np.int64) for _ in runs]
+    nxt = int(order[delivered])
+    p = next(w for w, run in enumerate(runs) if nxt in set(run.tolist()))
+    rotated = rest[p:] + rest[:p]
+    if not np.array_equal(delivery_order(rotated), order[delivered:]):
+        return consumed, None
+    return consumed, rotated

@@ -545,7 +545,10 @@ class ShardReader:
         else:
             path = self.source.local_path(entry.path)
             assert path is not None
-            _check_size(path.stat().st_size, entry)
+            size = path.stat().st_size
+            if entry.nbytes and size != entry.nbytes:
+                # Not fatal yet: the samples before a cut are fine; the cursor fails where it is cut.
+                log.warning("%s: %d bytes on disk, shards.parquet says %d", entry.path, size, entry.nbytes)
             stream = self.source.open_range(entry.path)
             seekable = True
         cursor = TarCursor(stream, path=entry.path, seekable=seekable)

@@ -316,9 +316,9 @@ def _slide_row(spec: SlideSpec, slide_id: str, n_written: int, measured: Sequenc
     }
 
 
-def _card(splits: Sequence[str], counts: dict[str, int]) -> str:
+def _card(splits: Sequence[str], counts: dict[str, int], nbytes: dict[str, int]) -> str:
     files = "\n".join(f"  - split: {s}\n    path: {schema.PARQUET_DIR}/{s}/*.parquet" for s in splits)
-    info = "\n".join(f"  - name: {s}\n    num_examples: {counts[s]}" for s in splits)
+    info = "\n".join(f"  - name: {s}\n    num_bytes: {nbytes[s]}\n    num_examples: {counts[s]}" for s in splits)
     return (
         "---\nconfigs:\n- config_name: default\n  data_files:\n"
         f"{files}\ndataset_info:\n  splits:\n{info}\nlicense: other\n---\n\n"
@@ -409,7 +409,8 @@ def write_corpus(
         "build": {"samples_per_shard": samples_per_shard, "pack": pack, "seed": seed, "repeats": repeats},
     }
     (root / schema.CORPUS_FILE).write_text(json.dumps(corpus, indent=1) + "\n")
-    (root / schema.CARD_FILE).write_text(_card(splits, counts))
+    nbytes = {s: sum(i.bytes for i in shards if (i.format, i.split) == ("parquet", s)) for s in splits}
+    (root / schema.CARD_FILE).write_text(_card(splits, counts, nbytes))
     return FixtureCorpus(
         root=root,
         samples={s: per_split[s] for s in splits},
