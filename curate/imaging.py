@@ -334,8 +334,8 @@ class _Grid:
     across: int  # segments per row of segments
     samples: int
     dtype: np.dtype[Any]
-    offsets: tuple[int, ...]
-    bytecounts: tuple[int, ...]
+    offsets: npt.NDArray[np.int64]  # arrays, not tuples: a 100k x 100k slide has 150k tiles per level
+    bytecounts: npt.NDArray[np.int64]
     jpeg: bool  # YCbCr JPEG tiles: decoded with libjpeg-turbo, reducible
     jpegtables: bytes | None
     raw_rows: bool  # uncompressed strips: read row by row into virtual tiles
@@ -423,8 +423,8 @@ class TiffImage(SlideImage):
             across=-(-width // tile_width),
             samples=int(page.samplesperpixel),
             dtype=np.dtype(page.dtype),
-            offsets=tuple(int(v) for v in page.dataoffsets),
-            bytecounts=tuple(int(v) for v in page.databytecounts),
+            offsets=np.asarray(page.dataoffsets, dtype=np.int64),
+            bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
             jpeg=jpeg,
             jpegtables=page.jpegtables,
             raw_rows=raw_rows,
@@ -474,7 +474,7 @@ class TiffImage(SlideImage):
             return self._read_raw(grid, ty, tx)
         index = ty * grid.across + tx
         height, width = grid.tile_height // reduce, grid.tile_width // reduce
-        offset, count = grid.offsets[index], grid.bytecounts[index]
+        offset, count = int(grid.offsets[index]), int(grid.bytecounts[index])
         if offset == 0 or count == 0:  # a sparse TIFF leaves empty tiles out: background
             return np.full((height, width, grid.samples), WHITE, dtype=grid.dtype)
         with self._lock:
@@ -512,7 +512,7 @@ class TiffImage(SlideImage):
         with self._lock:
             for row in range(row0, row1):
                 strip, within = divmod(row, grid.rows_per_strip)
-                offset = grid.offsets[strip] + (within * grid.width + col0) * itemsize
+                offset = int(grid.offsets[strip]) + (within * grid.width + col0) * itemsize
                 self._fd.seek(offset)
                 data = self._fd.read(length)
                 if len(data) != length:
