@@ -13,7 +13,7 @@ against hand computations; the modules add the gathering and the bookkeeping.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -48,17 +48,33 @@ def gather_features(features: Tensor, *, with_grad: bool = True) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _all_gather_autograd(features: Tensor) -> Tensor:
-    """All-gather with gradients through functional collectives (torch.distributed.nn's version is deprecated
-    and, on gloo, its all-to-all backward leaves the process aborting at exit)."""
-    from torch.distributed import _functional_collectives as fc
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns each rank the summed gradient of its own rows.
 
-    group = dist.group.WORLD
-    assert group is not None  # callers check dist.is_initialized()
-    if hasattr(fc, "all_gather_single"):  # torch >= 2.9
-        gathered: Tensor = fc.all_gather_single(features.contiguous(), 0, group)
-    else:
-        gathered = fc.all_gather_tensor_autograd(features.contiguous(), 0, group)
+    Plain ``all_gather`` + ``all_reduce`` (the collectives DDP itself uses), rather than
+    ``torch.distributed.nn.functional.all_gather`` (deprecated; on gloo its all-to-all backward
+    leaves processes aborting at exit) or functional collectives (same abort, intermittently, on
+    gloo). The all-reduce of a (B_global, D) feature gradient is a few MB at most.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, features: Tensor) -> Tensor:
+        rank, world_size = _world()
+        parts = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(parts, features.contiguous())
+        ctx.rows = (rank * features.shape[0], (rank + 1) * features.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Tensor:
+        grad = grads[0].contiguous().clone()
+        dist.all_reduce(grad)
+        start, stop = ctx.rows
+        return grad[start:stop]
+
+
+def _all_gather_autograd(features: Tensor) -> Tensor:
+    gathered: Tensor = _AllGatherWithGrad.apply(features)  # type: ignore[no-untyped-call]
     return gathered
 
 

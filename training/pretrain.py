@@ -129,14 +129,12 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
 
         net = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir / "log.jsonl" if env.is_main else None)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         log.write({"kind": "event", "step": step, "message": _start_message(cfg, env, resume=checkpoint is not None)})
     key_log = (run_dir / f"keys-rank{env.rank}.jsonl").open("a") if cfg.run.log_keys else None
-    if key_log is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     needs = _needed_keys(cfg)
     accum = cfg.optim.accum_steps
