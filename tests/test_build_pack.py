@@ -18,6 +18,7 @@ from curate.build.pack import PackSettings, pack, sample_order, shard_size, unit
 from curate.build.splits import SplitSettings, assign_splits, group_of, load_holdouts, split_of_group
 from curate.build.workdir import UnitResult, WorkDir, write_samples
 from curate.errors import ManifestError, SettingsError
+from curate.genes import GeneIndex
 from curate.manifest import parse_manifest
 from curate.shards import write_shard_index
 from stcorpus import schema
@@ -161,11 +162,10 @@ def test_pack_round_trip(tmp_path: Path) -> None:
     genes_b = ["ENSG00000000005", "ENSG00000000457", "ENSG00000000460", "ENSG00000000938"]
     units = [fake_unit(work, "A", 7, genes_a), fake_unit(work, "B", 6, genes_b)]
     vocab = sorted(set(genes_a) | set(genes_b))
-    vocab_index = {g: i for i, g in enumerate(vocab)}
     out = tmp_path / "corpus"
     settings = PackSettings(samples_per_shard=4, seed=1)
     result = pack(
-        out, work=work, units=units, splits={"A": "train", "B": "train"}, vocab_index=vocab_index, settings=settings
+        out, work=work, units=units, splits={"A": "train", "B": "train"}, gene_index=GeneIndex(vocab), settings=settings
     )
     write_shard_index(out, result.shards)
     assert result.n_samples == {"train": 13} and result.samples_per_shard == 4
@@ -181,7 +181,12 @@ def test_pack_round_trip(tmp_path: Path) -> None:
     # Same inputs, same bytes.
     out2 = tmp_path / "corpus2"
     again = pack(
-        out2, work=work, units=units, splits={"A": "train", "B": "train"}, vocab_index=vocab_index, settings=settings
+        out2,
+        work=work,
+        units=units,
+        splits={"A": "train", "B": "train"},
+        gene_index=GeneIndex(vocab),
+        settings=settings,
     )
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in result.shards]
     # Slide order: slides by id, rows as the unit wrote them.
@@ -190,7 +195,7 @@ def test_pack_round_trip(tmp_path: Path) -> None:
         work=work,
         units=units,
         splits={"A": "train", "B": "train"},
-        vocab_index=vocab_index,
+        gene_index=GeneIndex(vocab),
         settings=PackSettings(order="slide", samples_per_shard=100),
     )
     table = pq.read_table(tmp_path / "c3" / ordered.shards[1].path)
@@ -217,7 +222,7 @@ def test_card_loads_with_datasets(tmp_path: Path) -> None:
         work=work,
         units=units,
         splits={"A": "train", "B": "validation"},
-        vocab_index={"ENSG1": 0},
+        gene_index=GeneIndex(["ENSG1"]),
         settings=PackSettings(),
     )
     slides = [

@@ -29,12 +29,14 @@ import numpy as np
 import numpy.typing as npt
 
 from curate.build.workdir import UnitResult, WorkDir
-from curate.errors import BuildError, SettingsError
+from curate.errors import SettingsError
 from curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 from stcorpus import schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from curate.genes import GeneIndex
 
 Order = Literal["shuffled", "slide"]
 
@@ -128,16 +130,12 @@ class _SlideSource:
     """One built slide as the pack reads it: its samples table and its gene index map."""
 
     def __init__(
-        self, unit: UnitResult, table: pa.Table, *, vocab_index: Mapping[str, int], split: str, counts_dtype: str
+        self, unit: UnitResult, table: pa.Table, *, gene_index: GeneIndex, split: str, counts_dtype: str
     ) -> None:
-        missing = [g for g in unit.gene_ids if g not in vocab_index]
-        if missing:
-            raise BuildError(
-                f"slide {unit.slide_id}: {len(missing)} genes missing from the vocabulary, e.g. {missing[:3]}"
-            )
         self.unit = unit
         self.table = table
-        self.local_to_vocab = np.array([vocab_index[g] for g in unit.gene_ids], dtype=np.int32)
+        # Raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
+        self.local_to_vocab = gene_index.indices(np.asarray(unit.gene_ids, dtype=np.str_))
         self.counts_dtype = np.dtype(counts_dtype)
         slide = unit.slide
         self.fixed = {name: slide.get(name) for name in SLIDE_SAMPLE_FIELDS} | {"split": split}
@@ -207,11 +205,14 @@ def pack(
     work: WorkDir,
     units: Sequence[UnitResult],
     splits: Mapping[str, str],
-    vocab_index: Mapping[str, int],
+    gene_index: GeneIndex,
     settings: PackSettings,
     progress: Any = None,
 ) -> PackResult:
-    """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split)."""
+    """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split).
+
+    ``gene_index`` maps each slide's measured Ensembl ids onto the corpus vocabulary.
+    """
     for stale in (out / schema.WDS_DIR, out / schema.PARQUET_DIR):
         shutil.rmtree(stale, ignore_errors=True)
     counts_dtype = corpus_counts_dtype(units)
@@ -226,7 +227,7 @@ def pack(
         if not members:
             continue
         sources = [
-            _SlideSource(u, work.samples(u.slide_id), vocab_index=vocab_index, split=split, counts_dtype=counts_dtype)
+            _SlideSource(u, work.samples(u.slide_id), gene_index=gene_index, split=split, counts_dtype=counts_dtype)
             for u in members
         ]
         slide_pos, rows = sample_order(

@@ -46,7 +46,9 @@ def plot_spots(
     axes = figure.add_subplot()
     axes.imshow(thumbnail)
     if len(x):
-        points = axes.scatter(x, y, c=np.log1p(values), s=6, cmap="viridis", alpha=0.8, linewidths=0)
+        points = axes.scatter(
+            x, y, c=np.log1p(values), s=18, cmap="viridis", alpha=0.9, linewidths=0.3, edgecolors="white"
+        )
         figure.colorbar(points, ax=axes, fraction=0.04, label="log1p(total counts)")
     axes.set_title(title, fontsize=9)
     axes.set_axis_off()

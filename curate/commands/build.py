@@ -1,0 +1,176 @@
+"""``curate build MANIFEST... --out DIR``: regenerate a corpus from manifests."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def _csv(value: str) -> frozenset[str]:
+    items = frozenset(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _ratios(value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.9,0.05,0.05, not {value!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected train,validation,test ratios, not {value!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Filters shared by ``build`` and ``plan``."""
+    group = parser.add_argument_group("which slides")
+    group.add_argument("--technology", type=_csv, help="only these technologies (e.g. spaceranger,hest)")
+    group.add_argument("--species", type=_csv, help="only these species (e.g. human)")
+    group.add_argument("--organ", type=_csv, help="only these organs (case-insensitive)")
+    group.add_argument("--ids", type=_csv, help="only these slide ids")
+    group.add_argument(
+        "--licence",
+        "--license",
+        dest="licence",
+        type=_csv,
+        help="licence allow-list (SPDX ids, e.g. CC-BY-4.0,CC0-1.0): other slides are excluded and counted",
+    )
+    group.add_argument(
+        "--holdout",
+        help="holdout list (default: holdout.yaml beside the first manifest, if any; 'none' to use none)",
+    )
+    group.add_argument("--allow-local", action="store_true", help="allow local paths in manifests that do not")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``curate build``."""
+    from curate.build.pack import PackSettings
+    from curate.build.splits import SplitSettings
+    from curate.tiles import TileSettings
+
+    tiles, pack, splits = TileSettings(), PackSettings(), SplitSettings()
+    parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest YAML files")
+    parser.add_argument("--out", required=True, type=Path, help="the corpus folder to write")
+    parser.add_argument("--name", help="the corpus's name (default: the --out folder's name)")
+    parser.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
+    parser.add_argument(
+        "--on-bad-sample",
+        choices=("error", "warn", "skip"),
+        default="skip",
+        help="a slide that cannot be built: stop the build (error), or quarantine it and go on, logging a "
+        "warning (warn) or an info line (skip, the default); quarantined slides are always reported",
+    )
+    parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
+    parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_selection_arguments(parser)
+
+    group = parser.add_argument_group("tiles")
+    group.add_argument("--patch-size", type=int, default=tiles.patch_size, help="patch side in px (default 224)")
+    group.add_argument("--patch-mpp", type=float, default=tiles.patch_mpp, help="patch um/px (default 0.5)")
+    group.add_argument("--region-size", type=int, default=tiles.region_size, help="region side in px (default 224)")
+    group.add_argument("--jpeg-quality", type=int, default=tiles.jpeg_quality, help="JPEG quality (default 90)")
+    group.add_argument("--no-regions", action="store_true", help="cut patches only")
+    group.add_argument(
+        "--max-outside",
+        type=float,
+        default=tiles.max_outside_fraction,
+        help="reject spots whose patch lies more than this fraction outside the image (default 0.5)",
+    )
+    group.add_argument(
+        "--min-tissue",
+        type=float,
+        default=tiles.min_tissue_fraction,
+        help="reject spots whose patch is less than this fraction tissue (default 0.1)",
+    )
+
+    group = parser.add_argument_group("shards")
+    group.add_argument(
+        "--order", choices=("shuffled", "slide"), default=pack.order, help="sample order (default shuffled)"
+    )
+    group.add_argument("--samples-per-shard", type=int, default=pack.samples_per_shard, help="(default 10000)")
+    group.add_argument(
+        "--max-shard-mb", type=float, default=pack.max_shard_bytes / 1024**2, help="shard size cap in MiB (default 768)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the sample order and the splits (default 0)")
+    group.add_argument(
+        "--splits",
+        type=_ratios,
+        default=(splits.train, splits.validation, splits.test),
+        help="train,validation,test ratios of patients/studies (default 0.9,0.05,0.05)",
+    )
+    group.add_argument(
+        "--holdout-policy",
+        choices=("test", "exclude"),
+        default=splits.holdout,
+        help="held-out slides go to test (default) or are left out",
+    )
+
+
+def selection_from(args: argparse.Namespace) -> Any:
+    """The ``Selection`` the filter arguments describe."""
+    from curate.build.pipeline import Selection
+
+    return Selection(
+        technologies=args.technology, species=args.species, organs=args.organ, ids=args.ids, licences=args.licence
+    )
+
+
+def holdout_from(args: argparse.Namespace) -> Path | None:
+    """The holdout list to use: the argument, or holdout.yaml beside the first manifest."""
+    if args.holdout is not None:
+        return None if args.holdout.lower() == "none" else Path(args.holdout)
+    candidate = Path(args.manifests[0]).parent / "holdout.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the corpus and print the summary."""
+    from curate.build.pack import PackSettings
+    from curate.build.pipeline import BuildSettings, build
+    from curate.build.splits import SplitSettings
+    from curate.build.unit import UnitSettings
+    from curate.fetch import FetchSettings
+    from curate.tiles import TileSettings
+
+    tiles = TileSettings(
+        patch_size=args.patch_size,
+        patch_mpp=args.patch_mpp,
+        region_size=args.region_size,
+        jpeg_quality=args.jpeg_quality,
+        regions=not args.no_regions,
+        max_outside_fraction=args.max_outside,
+        min_tissue_fraction=args.min_tissue,
+    )
+    train, validation, test = args.splits
+    settings = BuildSettings(
+        name=args.name,
+        workers=args.workers,
+        on_bad_sample=args.on_bad_sample,
+        selection=selection_from(args),
+        unit=UnitSettings(tiles=tiles),
+        splits=SplitSettings(
+            train=train, validation=validation, test=test, seed=args.seed, holdout=args.holdout_policy
+        ),
+        pack=PackSettings(
+            order=args.order,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=int(args.max_shard_mb * 1024**2),
+            seed=args.seed,
+        ),
+        holdout=holdout_from(args),
+        work_dir=args.work_dir,
+        allow_local=args.allow_local,
+        progress=not args.no_progress,
+    )
+    fetch = FetchSettings(allow_local=args.allow_local, **({"cache_dir": args.cache} if args.cache else {}))
+    summary = build(args.manifests, out=args.out, settings=settings, fetch=fetch)
+    logging.getLogger(__name__).debug("build finished")
+    print(f"curate build: wrote {args.out}")
+    for line in summary.lines():
+        print(line)
+    return 0

@@ -1,0 +1,192 @@
+"""`curate build` end to end on real data: formats agree, builds are reproducible and resumable,
+bad slides are quarantined with their reasons, licences are enforced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curate.build.pipeline import BuildSettings, Selection, build
+from curate.cli import main
+from curate.errors import BuildError
+from stcorpus import schema
+from tests.build_fixtures import bad_slides, good_slides, hest_entry, manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "manifests" / "demo.yaml"
+QUIET = BuildSettings(progress=False)
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file of a corpus; corpus.json without its one timestamp field."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or rel.parts[0] == ".work":
+            continue
+        data = path.read_bytes()
+        if rel.name == schema.CORPUS_FILE:
+            corpus = json.loads(data)
+            assert isinstance(corpus.pop("built_at"), str)
+            data = json.dumps(corpus, sort_keys=True).encode()
+        out[str(rel)] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import datasets
+
+    out = tmp_path / "demo"
+    assert main(["build", str(DEMO), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 built, 2 quarantined" in printed and "image_too_coarse" in printed
+
+    slides = pq.read_table(out / schema.SLIDES_FILE).to_pylist()
+    built = [s for s in slides if s["status"] == "built"]
+    assert [s["slide_id"] for s in built] == ["V1-Mouse-Brain-fullres-crop"]
+    assert {s["slide_id"]: s["reason"].split(":")[0] for s in slides if s["status"] == "quarantined"} == {
+        "V1-Human-Heart-subset": "image_too_coarse",
+        "V1-Mouse-Brain-Coronal-1-subset": "image_too_coarse",
+    }
+    n_written = sum(s["n_spots_written"] for s in built)
+    assert n_written == 49  # every in-tissue spot of the real crop is kept
+    assert built[0]["mpp"] == pytest.approx(0.7267) and built[0]["measured_genes"]
+
+    parquet = datasets.load_dataset(str(out), streaming=True)
+    wds = datasets.load_dataset(str(out), data_dir="wds", streaming=True)
+    assert set(parquet) == set(wds) and sum(1 for split in parquet for _ in parquet[split]) == n_written
+    for split in parquet:
+        rows_p, rows_w = list(parquet[split]), list(wds[split])
+        assert [r["__key__"] for r in rows_p] == [r["__key__"] for r in rows_w]
+        for rp, rw in zip(rows_p, rows_w, strict=True):
+            assert rp["patch"].size == (224, 224) and rp["region"].size == (224, 224)
+            assert np.array_equal(np.asarray(rp["patch"]), np.asarray(rw["patch.jpg"]))
+            assert np.array_equal(np.asarray(rp["counts"]), rw["expr.npz"]["counts"])
+            assert rp["neighbors"] == rw["json"]["neighbors"]
+    corpus = json.loads((out / schema.CORPUS_FILE).read_text())
+    assert corpus["schema"] == schema.SCHEMA_ID and corpus["splits"] == dict.fromkeys(parquet, n_written)
+    assert corpus["counts_dtype"] == "float32"  # the squidpy values are normalised (declared in the manifest)
+    report = (out / "qc" / "index.html").read_text()
+    assert "V1-Human-Heart-subset" in report and "image_too_coarse" in report
+    assert (out / "qc" / "V1-Mouse-Brain-fullres-crop__spots.png").stat().st_size > 10_000
+
+
+def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3, integer=True))
+    settings = BuildSettings(progress=False, name="same")
+    build([path], out=tmp_path / "a", settings=settings)
+    build([path], out=tmp_path / "b", settings=settings)
+    first, second = digests(tmp_path / "a"), digests(tmp_path / "b")
+    assert first == second
+    assert any(name.startswith("wds/") for name in first) and any(name.startswith("parquet/") for name in first)
+    corpus = json.loads((tmp_path / "a" / schema.CORPUS_FILE).read_text())
+    assert corpus["counts_dtype"] == "int32"
+
+
+def _complete_shards_only(out: Path) -> None:
+    """Every shard under its final name reads to the end; temporary files are hidden."""
+    for tar in out.glob("wds/*/*.tar"):
+        with tarfile.open(tar) as archive:
+            assert len(archive.getmembers()) % len(schema.Member) == 0
+    for parquet in out.glob("parquet/*/*.parquet"):
+        pq.read_table(parquet)
+
+
+def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 4))
+    reference = tmp_path / "reference"
+    build([path], out=reference, settings=BuildSettings(progress=False, name="c"))
+    out = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "curate",
+        "-q",
+        "build",
+        str(path),
+        "--out",
+        str(out),
+        "--name",
+        "c",
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for finished_units in (1, 3):  # kill after some units; the second run reuses them and is killed again
+        process = subprocess.Popen(command, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            units = out / ".work" / "units"
+            done = [p for p in units.glob("*") if not p.name.startswith(".")] if units.is_dir() else []
+            if len(done) >= finished_units:
+                break
+            time.sleep(0.02)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        _complete_shards_only(out)
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert finished.returncode == 0, finished.stderr
+    assert digests(out) == digests(reference)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial") or p.name.endswith(".tmp")]
+
+
+def test_bad_slides_are_quarantined_with_reasons(tmp_path: Path) -> None:
+    bad = bad_slides(tmp_path / "bad")
+    entries = good_slides(tmp_path / "good", 2) + [entry for entry, _ in bad.values()]
+    path = manifest(tmp_path / "m", entries)
+    summary = build([path], out=tmp_path / "out", settings=QUIET)
+    assert summary.slides == {"built": 2, "quarantined": len(bad)}
+    reasons = {slide: reason.split(":")[0] for slide, _, reason in summary.bad}
+    assert reasons == {slide: code for slide, (_, code) in bad.items()}
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).to_pylist()}
+    for slide, (_, code) in bad.items():
+        assert rows[slide]["status"] == "quarantined" and rows[slide]["reason"].startswith(code)
+        assert rows[slide]["n_spots_written"] == 0
+    report = (tmp_path / "out" / "qc" / "index.html").read_text()
+    assert all(slide in report and code in report for slide, (_, code) in bad.items())
+    assert "\n".join(summary.lines()).count("quarantined") >= len(bad)
+
+    # on_bad_sample=error: the first bad slide (in manifest order) stops the build with its reason.
+    with pytest.raises(BuildError, match=r"BAD-corrupt-h5 quarantined: corrupt_file"):
+        build([path], out=tmp_path / "strict", settings=BuildSettings(progress=False, on_bad_sample="error"))
+
+
+def test_licence_allow_list(tmp_path: Path) -> None:
+    goods = good_slides(tmp_path / "data", 2)
+    entries = [goods[0], goods[1].replace("licence: CC-BY-4.0", "licence: CC-BY-NC-4.0")]
+    path = manifest(tmp_path / "m", entries)
+    settings = BuildSettings(progress=False, selection=Selection(licences=frozenset({"CC-BY-4.0"})))
+    summary = build([path], out=tmp_path / "out", settings=settings)
+    assert summary.slides == {"built": 1, "excluded": 1}
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).to_pylist()}
+    assert rows["GOOD-1"]["status"] == "excluded" and "CC-BY-NC-4.0" in rows["GOOD-1"]["reason"]
+    assert "GOOD-1" not in {
+        s for f in pq.read_table(tmp_path / "out" / schema.SHARDS_FILE).column("slide_ids").to_pylist() for s in f
+    }
+
+
+def test_same_data_under_two_sources_is_built_once(tmp_path: Path) -> None:
+    entries = [hest_entry("COPY-hest", source="hest"), hest_entry("COPY-10x", source="10x", patient="P9")]
+    summary = build([manifest(tmp_path / "m", entries)], out=tmp_path / "out", settings=QUIET)
+    assert summary.slides == {"built": 1, "duplicate": 1}
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).to_pylist()}
+    # The original release (10x) is kept over its re-distribution (HEST).
+    assert rows["COPY-10x"]["status"] == "built"
+    assert rows["COPY-hest"]["status"] == "duplicate" and rows["COPY-hest"]["duplicate_of"] == "COPY-10x"
+
+
+def test_refuses_foreign_output_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not an stcorpus build"):
+        build([DEMO], out=tmp_path, settings=QUIET)
