@@ -37,9 +37,7 @@ def test_two_rank_losses_and_gradients_equal_the_global_batch(tmp_path) -> None:
     assert results["clip_global"]["logits_shape"] == [8, 8]
 
 
-@pytest.mark.slow
-def test_torchrun_pretrain_gathers_and_shards(tmp_path) -> None:
-    run = tmp_path / "ddp"
+def _pretrain(run: Path, *extra: str) -> None:
     _torchrun(
         "-m",
         "training.pretrain",
@@ -50,11 +48,27 @@ def test_torchrun_pretrain_gathers_and_shards(tmp_path) -> None:
         "data.batch_size=16",
         "optim.max_steps=4",
         "optim.accum_steps=2",
+        "model.gene.dropout=0.1",
         "run.log_every=2",
         "run.log_keys=true",
+        "run.ckpt_every=2",
         "eval.probe=false",
         "eval.pool_size=32",
+        *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank run (4 steps x 2 micro-batches), shared by the tests below."""
+    run: Path = tmp_path_factory.mktemp("ddp") / "whole"
+    _pretrain(run)
+    return run
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_gathers_and_shards(ddp_run: Path) -> None:
+    run = ddp_run
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert train and all(r["logits_rows"] == 16 and r["logits_cols"] == 32 for r in train)  # global batch 2 x 16
@@ -76,3 +90,19 @@ def test_torchrun_pretrain_gathers_and_shards(tmp_path) -> None:
     state = torch.load(run / "checkpoints" / "step-00000004.pt", weights_only=True)
     assert state["world_size"] == 2
     assert [d["rank"] for d in state["data"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_exact_on_every_rank(ddp_run: Path, tmp_path) -> None:
+    # fresh processes continue from the step-2 checkpoint of the uninterrupted run
+    resumed = tmp_path / "resumed"
+    _pretrain(resumed, "--resume", str(ddp_run / "checkpoints" / "step-00000002.pt"))
+    a = torch.load(ddp_run / "checkpoints" / "step-00000004.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "step-00000004.pt", weights_only=True)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["data"] == b["data"]
+    for rank in (0, 1):
+        lines = (ddp_run / f"keys-rank{rank}.jsonl").read_text().splitlines()
+        after = [line for line in lines if json.loads(line)["step"] >= 2]
+        assert (resumed / f"keys-rank{rank}.jsonl").read_text().splitlines() == after

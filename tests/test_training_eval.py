@@ -110,3 +110,17 @@ def test_gene_selection_skips_genes_not_measured_everywhere() -> None:
     assert select_genes(y, n_genes=3, test_mask=test_mask) == [0]
     with pytest.raises(ValueError, match="nothing to probe"):
         linear_probe(np.ones((3, 2)), np.ones((3, 3)), ["a", "b", "c"], np.ones((2, 2)), np.ones((2, 3)))
+
+
+def test_recall_is_chunk_independent_on_large_pools() -> None:
+    rng = np.random.default_rng(3)
+    latent = rng.normal(size=(2500, 8))
+    queries = latent + 0.5 * rng.normal(size=latent.shape)
+    gallery = latent + 0.5 * rng.normal(size=latent.shape)
+    got = recall_at_k(queries, gallery, ks=(1, 10))
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    sim = q @ g.T
+    rank = (sim > np.diag(sim)[:, None]).sum(axis=1)
+    assert got == {1: float((rank < 1).mean()), 10: float((rank < 10).mean())}
+    assert got[10] > 10 / 2500

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,6 +38,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     device: NCCL for CUDA, gloo for CPU. A single process (no ``WORLD_SIZE`` or 1) creates no group.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but this torch build sees no CUDA device; use run.device=cpu or auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

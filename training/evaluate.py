@@ -48,9 +48,13 @@ def recall_at_k(queries: FloatArray, gallery: FloatArray, *, ks: Sequence[int] =
     q, g = _unit_rows(queries), _unit_rows(gallery)
     if q.shape != g.shape or q.ndim != 2:
         raise ValueError(f"queries and gallery must be paired (N,D) arrays, got {q.shape} and {g.shape}")
-    sim = q @ g.T
-    true = np.diag(sim)
-    rank = (sim > true[:, None]).sum(axis=1)
+    rank = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), 1024):  # bounded memory for large pools
+        sim = q[start : start + 1024] @ g.T
+        rows = np.arange(len(sim))
+        # the partner's score from the same product, so rounding cannot rank it above itself
+        true = sim[rows, start + rows]
+        rank[start : start + 1024] = (sim > true[:, None]).sum(axis=1)
     return {k: float((rank < k).mean()) for k in ks}
 
 
