@@ -170,6 +170,11 @@ class SampleFields(_Strict):
     patient: str | None = None
     preservation: str | None = None
     licence: str | None = Field(default=None, description="SPDX id, or LicenseRef-<name>")
+    distribution_licence: str | None = Field(
+        default=None,
+        description="licence of the distribution the files come from when it adds terms (e.g. HEST-1k's "
+        "CC-BY-NC-SA-4.0 over each study's own licence)",
+    )
     citation: str | None = Field(default=None, description="DOI or PMID of the source study")
     mpp: float | None = Field(default=None, gt=0, description="um/px of the full-resolution image (override)")
     counts: CountsKind | None = Field(default=None, description="raw (default) or normalized")
@@ -195,7 +200,7 @@ class SampleFields(_Strict):
                 raise ValueError(f"source name {name!r} must be lower-case letters, digits and '_'")
         return value
 
-    @field_validator("licence")
+    @field_validator("licence", "distribution_licence")
     @classmethod
     def _check_licence(cls, value: str | None) -> str | None:
         if value is None or value in KNOWN_LICENCES or _LICENCE_REF.match(value):
@@ -292,6 +297,7 @@ class Sample:
     patient: str | None = None
     preservation: str | None = None
     citation: str | None = None
+    distribution_licence: str | None = None
     mpp: float | None = None
     spots: int | None = None
     image_size: tuple[int, int] | None = None
@@ -301,6 +307,11 @@ class Sample:
     def base_dir(self) -> Path:
         """The folder relative local paths in this sample are resolved against."""
         return self.manifest_path.parent
+
+    @property
+    def licences(self) -> tuple[str, ...]:
+        """Every licence the sample's data is under: its own, and its distribution's when set."""
+        return (self.licence,) if self.distribution_licence is None else (self.licence, self.distribution_licence)
 
     def describe(self) -> str:
         """Where this sample is written, for messages."""
@@ -392,6 +403,7 @@ def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sam
                     patient=values.get("patient"),
                     preservation=values.get("preservation"),
                     citation=values.get("citation"),
+                    distribution_licence=values.get("distribution_licence"),
                     mpp=values.get("mpp"),
                     spots=values.get("spots"),
                     image_size=values.get("image_size"),

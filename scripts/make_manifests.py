@@ -498,12 +498,13 @@ def build_hest(sources: Path, catalogue: Catalogue) -> None:
         "out by study_link (else that link, else download_page_link1).",
         "LICENCES: `licence` is each source study's own terms as HEST records them, mapped to SPDX by the",
         "HEST_LICENCES table in the script (blank -> LicenseRef-unknown, 'Internal' -> LicenseRef-Internal). HEST-1k",
-        "itself (its processed files, which these sources are) is released under CC BY-NC-SA 4.0.",
+        "itself (its processed files, which these sources are) is released under CC BY-NC-SA 4.0: that is every",
+        "sample's `distribution_licence`, and a build's licence allow-list must admit both.",
     ]
     document = manifest_document(
         name="hest1k",
         description="HEST-1k v1.1.0: every sample of HEST_v1_1_0.csv (MahmoodLab/hest on the Hugging Face Hub).",
-        defaults={"source": "hest", "technology": "hest"},
+        defaults={"source": "hest", "technology": "hest", "distribution_licence": "CC-BY-NC-SA-4.0"},
         studies=studies,
     )
     catalogue.files["hest1k.yaml"] = dump_yaml(header, document)

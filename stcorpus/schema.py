@@ -329,6 +329,7 @@ SLIDE_COLUMNS: Final = (
     "patient",
     "preservation",
     "licence",
+    "distribution_licence",  # licence of the distribution the files came from, when it adds terms
     "citation",
     "mpp",
     "mpp_source",

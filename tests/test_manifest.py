@@ -142,3 +142,13 @@ def test_allow_local_override(write_manifest) -> None:
     path = write_manifest(GOOD.replace("allow_local: true", "allow_local: false"))
     manifest = load_manifest(path, allow_local=True)
     assert manifest.allow_local and all(s.allow_local for s in manifest.samples)
+
+
+def test_validate_checks_holdout_ids(write_manifest, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_manifest(GOOD.replace("reader: {matrix: filtered}", "reader: {}"), "good.yaml")
+    holdout = write_manifest("holdout: stcorpus-holdout/1\nslides:\n  - {id: A1, reason: benchmark}\n", "holdout.yaml")
+    assert main(["validate", str(good), str(holdout)]) == 0
+    assert "holdout list of 1 slides (every id is in the manifests given)" in capsys.readouterr().out
+    holdout.write_text("holdout: stcorpus-holdout/1\nslides:\n  - {id: ZZ9, reason: benchmark}\n")
+    assert main(["validate", str(good), str(holdout)]) == 1
+    assert "ZZ9" in capsys.readouterr().err

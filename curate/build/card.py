@@ -68,7 +68,7 @@ def size_category(n: int) -> str:
 
 def _header(inputs: CardInputs) -> dict[str, Any]:
     built = [s for s in inputs.slides if s["status"] == "built" and s.get("n_spots_written")]
-    licences = sorted({str(s["licence"]) for s in built})
+    licences = sorted({str(lic) for s in built for lic in (s["licence"], s.get("distribution_licence")) if lic})
     parquet = [s for s in inputs.shards if s.format == "parquet"]
     splits = [split for split in schema.SPLITS if any(s.split == split for s in parquet)]
     header: dict[str, Any] = {"pretty_name": inputs.name}
@@ -208,9 +208,13 @@ def render_card(inputs: CardInputs) -> str:
         "",
         "## Licences",
         "",
-        "Every slide keeps the licence of its source; using this corpus means honouring each of them.",
+        "Every slide keeps the licence of its source; using this corpus means honouring each of them. Where "
+        "the files came through a distribution that adds its own terms (e.g. HEST-1k's CC-BY-NC-SA-4.0), both "
+        "apply.",
         "",
         _table(_counts(built, "licence"), ("licence", "slides", "samples")),
+        "",
+        _table(_counts(built, "distribution_licence"), ("distribution licence", "slides", "samples")),
         "",
         "## Slides",
         "",

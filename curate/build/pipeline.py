@@ -71,8 +71,8 @@ class Selection:
         return self.ids is None or sample.id in self.ids
 
     def licence_ok(self, sample: Sample) -> bool:
-        """True when the sample's licence is on the allow-list (or there is none)."""
-        return self.licences is None or sample.licence in self.licences
+        """True when every licence of the sample (its own and its distribution's) is on the allow-list."""
+        return self.licences is None or all(licence in self.licences for licence in sample.licences)
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,8 @@ def build(
     excluded: dict[str, tuple[Sample, str]] = {}
     for sample in samples:
         if not settings.selection.licence_ok(sample):
-            excluded[sample.id] = (sample, f"licence: {sample.licence} is not on the allow-list")
+            outside = ", ".join(lic for lic in sample.licences if lic not in (settings.selection.licences or ()))
+            excluded[sample.id] = (sample, f"licence: {outside} is not on the allow-list")
         elif splits[sample.id] is None:
             excluded[sample.id] = (sample, f"holdout: {holdouts[sample.id].reason}")
     todo = [s for s in samples if s.id not in excluded]

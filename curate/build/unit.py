@@ -92,6 +92,7 @@ def slide_row(slide_or_sample: Slide | Sample) -> dict[str, Any]:
         "patient": sample.patient,
         "preservation": sample.preservation,
         "licence": sample.licence,
+        "distribution_licence": sample.distribution_licence,
         "citation": sample.citation,
         "manifest": sample.manifest,
     }
