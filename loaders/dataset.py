@@ -107,7 +107,7 @@ class DecodedBatch:
 
     index: int
     keys: list[str]
-    views: dict[str, torch.Tensor]  # (B, 3, H, W) uint8, channels-last memory
+    views: dict[str, npt.NDArray[np.uint8]]  # (B, H, W, 3) uint8
     pos: npt.NDArray[np.int64]
     genes: list[npt.NDArray[Any]]
     counts: list[npt.NDArray[Any]]
@@ -238,11 +238,7 @@ class Decode:
         kept = len(keys)
         if kept == 0:
             self.handler.empty(raw.index)
-        views = {}
-        for view, array in buffers.items():
-            if kept < n:
-                array = array[:kept]
-            views[view] = torch.from_numpy(array).permute(0, 3, 1, 2)
+        views = {view: array[:kept] if kept < n else array for view, array in buffers.items()}
         return DecodedBatch(
             index=raw.index,
             keys=keys,
@@ -318,7 +314,8 @@ class Collate:
         """One batch dict."""
         slide_ids = [k.partition("__")[0] for k in batch.keys]
         out: dict[str, Any] = {B.KEY: batch.keys, B.SLIDE_ID: slide_ids}
-        out.update(batch.views)
+        for view, array in batch.views.items():
+            out[view] = torch.from_numpy(array).permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last memory
         out[B.POS] = torch.from_numpy(batch.pos)
         t = self.transform
         if t is None:

@@ -52,7 +52,11 @@ class GeneSpace:
     indices: IntArray  # vocabulary index of each output column
     ensembl_ids: list[str]
     dropped: list[str] = field(default_factory=list)  # Ensembl ids with no output column after projection
-    injective: bool = True  # no two vocabulary genes share a column (then no summing is needed)
+    #: Vocabulary genes moved to another gene's column by the projection (mouse -> human).
+    projected: npt.NDArray[np.bool_] | None = None
+    #: No two genes of the same group (projected / not) share a column: only a sample that mixes
+    #: both groups can need summing (``collide``).
+    injective: bool = True
 
     @property
     def size(self) -> int:
@@ -89,14 +93,30 @@ class GeneSpace:
         lut = np.where(remap >= 0, column[np.maximum(remap, 0)], -1)
         if settings.to_human:
             dropped += [ids[i] for i in range(n) if species[i] != "human" and remap[i] >= 0 and lut[i] < 0]
-        mapped = lut[lut >= 0]
+        projected = remap != np.arange(n)
+        injective = all(
+            len(np.unique(cols)) == len(cols) for cols in (lut[(lut >= 0) & projected], lut[(lut >= 0) & ~projected])
+        )
         return cls(
             lut=lut,
             indices=np.asarray(candidates, dtype=np.int64),
             ensembl_ids=[ids[i] for i in candidates],
             dropped=dropped,
-            injective=len(np.unique(mapped)) == len(mapped),
+            projected=projected if projected.any() else None,
+            injective=injective,
         )
+
+    def collide(self, row: IntArray, genes: IntArray) -> bool:
+        """True if two of a sample's genes may land on one column (then values are summed)."""
+        if not self.injective:
+            return True
+        if self.projected is None or not len(row):
+            return False
+        moved = self.projected[genes]
+        n = int(row.max()) + 1
+        count = np.bincount(row, minlength=n)
+        moved_count = np.bincount(row, weights=moved, minlength=n)
+        return bool(np.any((moved_count > 0) & (moved_count < count)))
 
 
 def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str]) -> list[int]:
@@ -228,7 +248,7 @@ class GeneTransform:
         cols = self.space.lut[flat.genes]
         keep = cols >= 0
         out = np.zeros((flat.n, self.space.size), dtype=np.float32)
-        if self.space.injective:
+        if not self.space.collide(flat.row, flat.genes):
             vals = values[keep]
             if self.kind != "counts":
                 vals = np.log1p(vals)
@@ -247,7 +267,7 @@ class GeneTransform:
         cols = self.space.lut[flat.genes]
         keep = (cols >= 0) & (values > 0)
         row, col, val = flat.row[keep], cols[keep], values[keep]
-        if not self.space.injective and len(row):
+        if len(row) and self.space.collide(flat.row, flat.genes):
             # Two vocabulary genes on one column (projection): sum them first.
             key = row * self.space.size + col
             uniq, inverse = np.unique(key, return_inverse=True)
