@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig, apply_override, load_config
+from training.config import CONFIG_DIR, TrainConfig, apply_override, load_config
 from training.errors import ConfigError
 
 
@@ -99,3 +99,9 @@ def test_cli_print_config_and_error_exit(capsys, caplog) -> None:
     assert "lr: 0.5" in printed
     assert main(["--config", "tiny-cpu", "--set", "optim.nope=1"]) == 2
     assert "'optim.nope'" in caplog.text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_builtin_config_validates(name: str) -> None:
+    cfg = load_config(name)
+    assert load_config(None, overrides=[]) != cfg  # a built-in config says something the defaults do not

@@ -158,3 +158,14 @@ def test_resolve_fills_sizes_from_the_data_and_checks_set_ones() -> None:
     wrong = load_config("tiny-cpu", overrides=["model.gene.n_genes=10"])
     with pytest.raises(ConfigError, match="n_genes"):
         resolve_config(wrong, data)
+
+
+def test_on_device_bank_gives_the_same_batches(bank) -> None:
+    moved = bank.to(torch.device("cpu"))
+    index = torch.tensor([5, 1, 7])
+    a, b = bank.batch(index), moved.batch(index)
+    assert a[B.KEY] == b[B.KEY]
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    cfg = load_config("tiny-cpu", overrides=["data.synthetic.on_device=true"])
+    data = build_run_data(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    assert next(iter(data.train))[B.PATCH].device.type == "cpu"

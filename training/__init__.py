@@ -1,1 +1,17 @@
-"""training: contrastive image-gene pretraining on streamed corpus shards."""
+"""training: contrastive image-gene pretraining on streamed corpus shards.
+
+``python -m training.pretrain --config tiny-cpu --set optim.lr=1e-4`` (or under
+``torchrun --nproc_per_node N``) trains a CLIP/SigLIP two-tower model with STAMP's optional
+multi-scale terms on batches of ``loaders/batch.py``. Modules, in the order a run uses them:
+
+- :mod:`training.config`: the typed run config (YAML + ``--set`` overrides, strict keys)
+- :mod:`training.data`: data sources (``synthetic`` in memory; ``corpus`` via ``loaders``)
+- :mod:`training.encoders`, :mod:`training.model`: image/gene encoders and the two-tower model
+- :mod:`training.losses`: CLIP / SigLIP losses gathered across ranks, the STAMP objective
+- :mod:`training.schedule`: warm-up + cosine learning rate
+- :mod:`training.pretrain`: the loop, logging, evaluation and checkpoint calls, the CLI
+- :mod:`training.evaluate`: recall@k and the linear probe (pure functions of arrays)
+- :mod:`training.checkpoint`: atomic, ``weights_only``-loadable checkpoints
+
+Importing this package imports nothing heavy; torch loads with the modules that need it.
+"""

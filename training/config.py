@@ -78,6 +78,10 @@ class SyntheticSection(_Section):
     measured_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
     #: Pixel noise (fraction of the 0..255 range) on top of the latent-driven colour and texture.
     noise: float = Field(default=0.05, ge=0.0)
+    #: Keep the training bank on the training device (no host gather, no host-to-device copy):
+    #: the upper bound of throughput comparisons. Off: batches are gathered on the host and
+    #: copied, as a loader's would be.
+    on_device: bool = False
 
     @model_validator(mode="after")
     def _check_split(self) -> SyntheticSection:

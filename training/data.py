@@ -85,6 +85,7 @@ class SyntheticBank:
     def batch(self, index: Tensor) -> Batch:
         """The samples at ``index`` as a batch of ``loaders/batch.py``."""
         rows = index.tolist()
+        index = index.to(self.patch.device)
         out: Batch = {
             B.KEY: [self.keys[i] for i in rows],
             B.SLIDE_ID: [self.slide_ids[i] for i in rows],
@@ -98,6 +99,15 @@ class SyntheticBank:
         if self.region is not None:
             out[B.REGION] = self.region[index]
         return out
+
+    def to(self, device: torch.device) -> SyntheticBank:
+        """The same bank with its tensors on ``device`` (batches are then gathered there)."""
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("patch", "pos", "expr", "expr_mask", "tokens", "tokens_mask", "latent")
+        }
+        region = self.region.to(device) if self.region is not None else None
+        return SyntheticBank(keys=self.keys, slide_ids=self.slide_ids, region=region, **moved)
 
 
 @dataclass(frozen=True)
@@ -397,8 +407,11 @@ class _CorpusPass:
         return iter(corpus_dataloader(self.cfg, split=self.split, rank=0, world_size=1, shuffle=False))
 
 
-def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int) -> RunData:
-    """The data of a run on this rank (synthetic banks are generated here, corpus loaders opened)."""
+def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device | None = None) -> RunData:
+    """The data of a run on this rank (synthetic banks are generated here, corpus loaders opened).
+
+    ``device``: where a synthetic training bank lives with ``data.synthetic.on_device``.
+    """
     data = cfg.data
     if data.source == "corpus":
         gene = cfg.model.gene
@@ -414,7 +427,9 @@ def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int) -> RunData:
     syn = data.synthetic
     train_bank = make_synthetic_bank(syn, split="train", seed=data.seed, views=data.views)
     val_bank = make_synthetic_bank(syn, split="val", seed=data.seed, views=data.views)
-    source = SyntheticSource(train_bank, batch_size=data.batch_size, seed=data.seed, rank=rank, world_size=world_size)
+    # The upper bound of throughput runs: batches gathered on the device itself, no copy at all.
+    on_device = train_bank.to(device) if syn.on_device and device is not None else train_bank
+    source = SyntheticSource(on_device, batch_size=data.batch_size, seed=data.seed, rank=rank, world_size=world_size)
     return RunData(
         train=source,
         # Evaluation visits a fixed shuffle (epoch 0) so that pools mix slides.

@@ -102,7 +102,7 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
         enabled=precision != "fp32",
     )
 
-    data = build_run_data(cfg, rank=env.rank, world_size=env.world_size)
+    data = build_run_data(cfg, rank=env.rank, world_size=env.world_size, device=env.device)
     cfg = resolve_config(cfg, data)
     checkpoint = _read_resume(resume, ckpt_dir, cfg=cfg, world_size=env.world_size)
 
