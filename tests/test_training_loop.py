@@ -179,3 +179,28 @@ def test_command_line_run(tmp_path) -> None:
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step-00000003.pt").is_file()
     assert main(["--config", "tiny-cpu", "--set", f"run.out_dir={out}", "optim.max_steps=5", "--resume", "latest"]) == 0
     assert [r["step"] for r in _records(out, "event")] == [0, 3]  # a start and a resume, one log file
+
+
+def test_an_empty_training_source_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    import training.pretrain as pretrain
+    from training.data import build_run_data
+    from training.errors import DataSourceUnavailableError
+
+    class Empty:
+        def __iter__(self):
+            return iter(())
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state) -> None:
+            pass
+
+    def empty_data(cfg, *, rank, world_size, device=None):
+        data = build_run_data(cfg, rank=rank, world_size=world_size)
+        data.train = Empty()
+        return data
+
+    monkeypatch.setattr(pretrain, "build_run_data", empty_data)
+    with pytest.raises(DataSourceUnavailableError, match="no batch in a whole epoch"):
+        train(_cfg(tmp_path, "optim.max_steps=2"))

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,9 @@ from training.checkpoint import (
     set_rng_state,
 )
 from training.config import TrainConfig, load_config
-from training.data import build_run_data, check_batch, resolve_config, to_device
+from training.data import Batch, BatchSource, RunData, build_run_data, check_batch, resolve_config, to_device
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
-from training.errors import CheckpointError, ConfigError
+from training.errors import CheckpointError, ConfigError, DataSourceUnavailableError
 from training.evaluate import evaluate_model
 from training.losses import ContrastiveObjective
 from training.model import ImageGeneModel, build_model
@@ -160,11 +160,7 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
 
         for micro in range(accum):
             started = time.perf_counter()
-            try:
-                batch = next(data_iter)
-            except StopIteration:  # end of an epoch: the source reshuffles for the next one
-                data_iter = iter(data.train)
-                batch = next(data_iter)
+            batch, data_iter = _next_batch(data_iter, data.train, rank=env.rank)
             interval.data_wait += time.perf_counter() - started
             if not checked:
                 check_batch(batch, needs=needs)
@@ -256,6 +252,21 @@ class _Interval:
         self.data_wait = 0.0
         self.samples = 0
         self.steps = 0
+
+
+def _next_batch(iterator: Iterator[Batch], source: BatchSource, *, rank: int) -> tuple[Batch, Iterator[Batch]]:
+    """The next batch, starting the source's next epoch when the current one ends."""
+    try:
+        return next(iterator), iterator
+    except StopIteration:
+        iterator = iter(source)  # the source reshuffles for the next epoch
+    try:
+        return next(iterator), iterator
+    except StopIteration:
+        raise DataSourceUnavailableError(
+            f"the training source yielded no batch in a whole epoch (rank {rank}); "
+            "check that the split is not empty and has at least one batch per rank"
+        ) from None
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -374,7 +385,7 @@ def _log_record(
 
 
 def _evaluate(
-    model: ImageGeneModel, data: Any, cfg: TrainConfig, *, env: DistInfo, autocast: Callable[[], Any]
+    model: ImageGeneModel, data: RunData, cfg: TrainConfig, *, env: DistInfo, autocast: Callable[[], Any]
 ) -> dict[str, float]:
     """Retrieval + probe on rank 0 (the others wait at a barrier)."""
     metrics: dict[str, float] = {}
@@ -393,7 +404,7 @@ def _save(
     scaler: torch.amp.GradScaler,
     cfg: TrainConfig,
     env: DistInfo,
-    data: Any,
+    data: RunData,
     metrics: dict[str, float],
     ckpt_dir: Path,
 ) -> Path | None:
