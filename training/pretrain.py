@@ -146,90 +146,91 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
     last_log: dict[str, Any] = {}
     last_ckpt: Path | None = None
 
-    # ---- loop ----------------------------------------------------------------------------------
-    while step < last_step:
-        lr = lr_at(
-            step,
-            lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr,
-            warmup_steps=cfg.optim.warmup_steps,
-            max_steps=cfg.optim.max_steps,
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        for micro in range(accum):
-            started = time.perf_counter()
-            batch, data_iter = _next_batch(data_iter, data.train, rank=env.rank)
-            interval.data_wait += time.perf_counter() - started
-            if not checked:
-                check_batch(batch, needs=needs)
-                checked = True
-            if key_log is not None:
-                key_log.write(json.dumps({"step": step, "micro": micro, "keys": batch[B.KEY]}) + "\n")
-            batch = to_device(batch, env.device)
-            # Gradients are all-reduced on the last micro-batch only.
-            sync = micro == accum - 1 or not env.distributed
-            with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
-                with autocast():
-                    outputs = net(batch)
-                    terms = objective(outputs, batch.get(B.POS))
-                scaler.scale(terms["loss"] / accum).backward()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, torch.zeros((), device=env.device)) + value.detach().float() / accum
-            interval.samples += len(batch[B.KEY])
-
-        grad_norm = torch.zeros(())
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale(cfg.loss.max_logit_scale)
-        step += 1
-        interval.steps += 1
-
-        if step % cfg.run.log_every == 0 or step == last_step:
-            last_log = _log_record(
-                step=step,
-                lr=lr,
-                sums=sums,
-                interval=interval,
-                env=env,
-                model=model,
-                objective=objective,
-                grad_norm=grad_norm,
-            )
-            if key_log is not None:
-                key_log.flush()
-            log.write(last_log)
-            sums = {}
-            interval = _Interval()
-
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.optim.max_steps:
-            metrics = _evaluate(model, data, cfg, env=env, autocast=autocast)
-            if env.is_main:
-                log.write({"kind": "eval", "step": step, **metrics})
-            interval.restart()
-
-        if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
-            last_ckpt = _save(
+    try:
+        # ---- loop ----------------------------------------------------------------------------------
+        while step < last_step:
+            lr = lr_at(
                 step,
-                model=model,
-                optimizer=optimizer,
-                scaler=scaler,
-                cfg=cfg,
-                env=env,
-                data=data,
-                metrics=metrics,
-                ckpt_dir=ckpt_dir,
+                lr=cfg.optim.lr,
+                min_lr=cfg.optim.min_lr,
+                warmup_steps=cfg.optim.warmup_steps,
+                max_steps=cfg.optim.max_steps,
             )
-            interval.restart()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-    if key_log is not None:
-        key_log.close()
-    log.close()
+            for micro in range(accum):
+                started = time.perf_counter()
+                batch, data_iter = _next_batch(data_iter, data.train, rank=env.rank)
+                interval.data_wait += time.perf_counter() - started
+                if not checked:
+                    check_batch(batch, needs=needs)
+                    checked = True
+                if key_log is not None:
+                    key_log.write(json.dumps({"step": step, "micro": micro, "keys": batch[B.KEY]}) + "\n")
+                batch = to_device(batch, env.device)
+                # Gradients are all-reduced on the last micro-batch only.
+                sync = micro == accum - 1 or not env.distributed
+                with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
+                    with autocast():
+                        outputs = net(batch)
+                        terms = objective(outputs, batch.get(B.POS))
+                    scaler.scale(terms["loss"] / accum).backward()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, torch.zeros((), device=env.device)) + value.detach().float() / accum
+                interval.samples += len(batch[B.KEY])
+
+            grad_norm = torch.zeros(())
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.clamp_logit_scale(cfg.loss.max_logit_scale)
+            step += 1
+            interval.steps += 1
+
+            if step % cfg.run.log_every == 0 or step == last_step:
+                last_log = _log_record(
+                    step=step,
+                    lr=lr,
+                    sums=sums,
+                    interval=interval,
+                    env=env,
+                    model=model,
+                    objective=objective,
+                    grad_norm=grad_norm,
+                )
+                if key_log is not None:
+                    key_log.flush()
+                log.write(last_log)
+                sums = {}
+                interval = _Interval()
+
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.optim.max_steps:
+                metrics = _evaluate(model, data, cfg, env=env, autocast=autocast)
+                if env.is_main:
+                    log.write({"kind": "eval", "step": step, **metrics})
+                interval.restart()
+
+            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
+                last_ckpt = _save(
+                    step,
+                    model=model,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    cfg=cfg,
+                    env=env,
+                    data=data,
+                    metrics=metrics,
+                    ckpt_dir=ckpt_dir,
+                )
+                interval.restart()
+    finally:
+        if key_log is not None:
+            key_log.close()
+        log.close()
     return TrainResult(step=step, run_dir=run_dir, checkpoint=last_ckpt, metrics=metrics, last_log=last_log)
 
 
