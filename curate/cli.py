@@ -20,6 +20,7 @@ from curate.errors import CurateError
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("validate", "validate", "check manifests without downloading anything"),
     ("fetch", "fetch", "download the manifests' sources into the cache and pin them in lock files"),
+    ("plan", "plan", "what a build would fetch and make: totals, licences, duplicate candidates (no download)"),
     ("build", "build", "build a corpus (WebDataset + Parquet shards, card, QC report) from manifests"),
 )
 

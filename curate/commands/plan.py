@@ -1,0 +1,70 @@
+"""``curate plan MANIFEST...``: what a build would fetch and make, without downloading anything."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``curate plan`` (the build's selection options, plus what to list)."""
+    from curate.commands.build import add_selection_arguments
+
+    parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest YAML files")
+    add_selection_arguments(parser)
+    parser.add_argument(
+        "--holdout-policy",
+        choices=("test", "exclude"),
+        default="test",
+        help="held-out slides go to test or are left out",
+    )
+    parser.add_argument("--list", action="store_true", help="list every slide with its sources and sizes")
+    parser.add_argument(
+        "--candidates", type=int, default=20, metavar="N", help="show N duplicate candidate pairs (default 20; -1: all)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan."""
+    from collections import Counter
+
+    from curate.build.splits import load_holdouts
+    from curate.commands.build import holdout_from, selection_from
+    from curate.manifest import load_manifests
+    from curate.plan import make_plan
+
+    manifests = load_manifests(args.manifests, allow_local=args.allow_local)
+    selection = selection_from(args)
+    samples = [s for m in manifests for s in m.samples if selection.matches(s)]
+    holdout = holdout_from(args)
+    holdouts = {h.slide_id: h.reason for h in load_holdouts(holdout).values()} if holdout else {}
+    plan = make_plan(
+        samples,
+        licences=selection.licences,
+        holdouts=holdouts,
+        exclude_holdouts=args.holdout_policy == "exclude",
+    )
+    for manifest in manifests:
+        chosen = [s for s in manifest.samples if selection.matches(s)]
+        print(f"{manifest.path}: {len(chosen):,} of {len(manifest.samples):,} slides selected")
+    if holdout:
+        print(f"holdout list: {holdout} ({len(holdouts):,} slides)")
+    for line in plan.lines():
+        print(line)
+    shown = plan.candidates if args.candidates < 0 else plan.candidates[: args.candidates]
+    for candidate in shown:
+        print(f"  {candidate.first} ~ {candidate.second}: {candidate.rule}: {candidate.detail}")
+    if len(shown) < len(plan.candidates):
+        print(f"  ... {len(plan.candidates) - len(shown):,} more (--candidates -1 lists all)")
+    if args.list:
+        for sample in plan.samples:
+            status = plan.excluded.get(sample.id) or (
+                "held out: " + plan.held_out[sample.id] if sample.id in plan.held_out else "build"
+            )
+            print(f"{sample.id}\t{sample.technology}\t{sample.species}\t{sample.licence}\t{status}")
+            for name, source in sorted(sample.sources.items()):
+                size = f"{source.size:,} B" if source.size is not None else "size unknown"
+                print(f"    {name}: {source.url} ({size})")
+    unknown = Counter(s.technology for s in plan.included if s.technology not in ("spaceranger", "hest", "stimage"))
+    if unknown:
+        print("no reader yet (would be quarantined): " + ", ".join(f"{t} {n}" for t, n in unknown.items()))
+    return 0
