@@ -14,10 +14,13 @@ How the pixels are made (:class:`Tiler`):
 
 1. Each view reads the coarsest pyramid level, or JPEG DCT-domain reduction of a level, whose
    um/px is at most the view's (never coarser than needed), and resamples from there with an
-   area filter. When the level is the view's scale, the view is a plain crop; when the scale
-   ratio is p/q for small integers (2, 3, 1.5, ...), every output pixel is the exact average of
+   area filter. When the level is the view's scale, the view is a plain crop of it. Otherwise
+   the image is resampled to the view's um/px tile by tile on a fixed grid (cached like image
+   tiles, so overlapping views share the work) and the view is a crop of that: where the scale
+   ratio is p/q for small integers (2, 3, 1.5, ...) every output pixel is the exact average of
    the source area under it (pixels repeated q times, then p x p block means); other ratios
-   use Pillow's antialiased triangle filter. An image coarser than a view's um/px is
+   use Pillow's antialiased triangle filter. Either way the spot lies within half an output
+   pixel of the view's centre. An image coarser than a view's um/px is
    enlarged by at most ``max_upsample``; beyond that the slide raises ``ImageTooCoarseError``.
 2. Spots are visited in row bands (top to bottom, left to right within a band), so each image
    tile is decoded once while neighbouring spots use it, and the image's decoded-tile cache
@@ -266,6 +269,7 @@ class ScalePlan:
     source_mpp: float  # um/px of the pixels read
     factor: float  # source pixels per output pixel (> 1 reduces, < 1 enlarges)
     method: Method  # crop: no resampling; area: exact p/q area means; resample: a filter
+    step: float = 1.0  # source pixels per output pixel as made: 1 (crop), p/q (area), factor
     block: int = 1  # p for method "area": output pixels are p x p block means ...
     zoom: int = 1  # ... of the source enlarged q times (pixel repetition)
 
@@ -310,15 +314,16 @@ def plan_scale(
     source, reduce, level = best
     factor = mpp / source
     method: Method = "resample"
+    step = factor
     block = zoom = 1
     if abs(factor - 1) * size < 0.5:
-        method = "crop"
+        method, step = "crop", 1.0
     elif factor > 1 and resample == "area":
         for q in range(1, _MAX_AREA_ZOOM + 1):
             p = round(factor * q)
             # p/q reproduces the view's extent to within half an output pixel.
-            if p > q and (size * p) % q == 0 and abs(factor - p / q) * size < 0.5:
-                method, block, zoom = "area", p, q
+            if p > q and abs(factor - p / q) * size < 0.5:
+                method, step, block, zoom = "area", p / q, p, q
                 break
     return ScalePlan(
         view=view,
@@ -329,6 +334,7 @@ def plan_scale(
         source_mpp=source,
         factor=factor,
         method=method,
+        step=step,
         block=block,
         zoom=zoom,
     )
@@ -431,6 +437,7 @@ class Tiler:
         )
         #: Half the patch's side in level-0 pixels.
         self._half_patch = settings.patch_um / self.mpp / 2
+        self._grids: dict[str, _ResampledGrid] = {}
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -464,37 +471,18 @@ class Tiler:
         return self._view(self.region_plan, x_px + 0.5 + dx, y_px + 0.5 + dy)
 
     def _view(self, plan: ScalePlan, cx: float, cy: float) -> RGBArray:
-        """A ``plan.size`` px view centred on the level-0 point ``(cx, cy)``."""
-        downsample = self.image.levels[plan.level].downsample * plan.reduce
-        sx, sy = cx / downsample, cy / downsample  # the centre in source pixels
+        """A ``plan.size`` px view centred (to half an output pixel) on the level-0 point ``(cx, cy)``."""
+        # The centre in pixels of the grid the view is cut from: the source level itself for
+        # a crop, else the image resampled to the view's scale.
+        scale = self.image.levels[plan.level].downsample * plan.reduce * plan.step
         size = plan.size
-        read = self.image.read_region
+        x0, y0 = math.floor(cx / scale - size / 2 + 0.5), math.floor(cy / scale - size / 2 + 0.5)
         if plan.method == "crop":
-            x0, y0 = math.floor(sx - size / 2 + 0.5), math.floor(sy - size / 2 + 0.5)
-            return read(level=plan.level, x=x0, y=y0, width=size, height=size, reduce=plan.reduce)
-        from PIL import Image
-
-        if plan.method == "area":
-            span = size * plan.block // plan.zoom  # source pixels: exact, size is a multiple of zoom
-            x0, y0 = math.floor(sx - span / 2 + 0.5), math.floor(sy - span / 2 + 0.5)
-            pixels = read(level=plan.level, x=x0, y=y0, width=span, height=span, reduce=plan.reduce)
-            image = Image.fromarray(pixels)
-            if plan.zoom > 1:  # repeat every pixel zoom x zoom times: exact fractional areas
-                image = image.resize((span * plan.zoom, span * plan.zoom), Image.Resampling.NEAREST)
-            return np.asarray(image.reduce(plan.block))
-        extent = size * plan.factor
-        left, top = sx - extent / 2, sy - extent / 2
-        name = self.settings.resample
-        if name == "area":
-            name = "bicubic" if plan.factor < 1 else "bilinear"
-        pad = math.ceil(_FILTER_SUPPORT[name] * max(plan.factor, 1.0)) + 1
-        x0, y0 = math.floor(left) - pad, math.floor(top) - pad
-        width = math.ceil(left + extent) + pad - x0
-        height = math.ceil(top + extent) + pad - y0
-        pixels = read(level=plan.level, x=x0, y=y0, width=width, height=height, reduce=plan.reduce)
-        box = (left - x0, top - y0, left - x0 + extent, top - y0 + extent)
-        resized = Image.fromarray(pixels).resize((size, size), _pil_filter(name), box=box)
-        return np.asarray(resized)
+            return self.image.read_region(level=plan.level, x=x0, y=y0, width=size, height=size, reduce=plan.reduce)
+        grid = self._grids.get(plan.view)
+        if grid is None:
+            grid = self._grids[plan.view] = _ResampledGrid(self.image, plan, self.settings.resample)
+        return grid.read(x0, y0, size)
 
     # -- one spot ------------------------------------------------------------------------------
 
@@ -560,6 +548,75 @@ def _pil_filter(name: str) -> Any:
         "bicubic": Image.Resampling.BICUBIC,
         "lanczos": Image.Resampling.LANCZOS,
     }[name]
+
+
+class _ResampledGrid:
+    """The image resampled to a view's scale on a fixed grid of ``TILE`` px tiles, made on demand
+    and kept in the image's tile cache: a virtual pyramid level at exactly the view's um/px.
+
+    Views are crops of it, so every output pixel is resampled once however many views hold it:
+    regions (336 um) overlap about 11 times on a 100 um lattice, patches (112 um) 1.5 times.
+    Tile ``(ty, tx)`` is output pixels ``[ty * TILE, (ty + 1) * TILE)``, i.e. source pixels
+    ``[ty * TILE * step, ...)``: each output pixel depends only on the source pixels under its
+    filter, so tiles join without seams.
+    """
+
+    TILE: Final = 240  # a multiple of every zoom an exact area reduction uses (1-4)
+
+    def __init__(self, image: SlideImage, plan: ScalePlan, resample: Resample) -> None:
+        self.image = image
+        self.plan = plan
+        name: str = resample
+        if name == "area":  # where no exact p/q area average applies: antialiased triangle / bicubic
+            name = "bicubic" if plan.step < 1 else "bilinear"
+        self.filter = name
+        self._key = ("resampled", plan.level, plan.reduce, plan.method, plan.step, name)
+
+    def read(self, x0: int, y0: int, size: int) -> RGBArray:
+        """Output pixels ``[y0:y0+size, x0:x0+size]`` of the grid."""
+        tile = self.TILE
+        ty0, ty1 = y0 // tile, (y0 + size - 1) // tile
+        tx0, tx1 = x0 // tile, (x0 + size - 1) // tile
+        out = np.empty((size, size, 3), dtype=np.uint8)
+        for ty in range(ty0, ty1 + 1):
+            oy = ty * tile
+            a, b = max(y0, oy), min(y0 + size, oy + tile)
+            for tx in range(tx0, tx1 + 1):
+                ox = tx * tile
+                c, d = max(x0, ox), min(x0 + size, ox + tile)
+                pixels = self._tile(ty, tx)
+                out[a - y0 : b - y0, c - x0 : d - x0] = pixels[a - oy : b - oy, c - ox : d - ox]
+        return out
+
+    def _tile(self, ty: int, tx: int) -> RGBArray:
+        key = (self._key, ty, tx)
+        cache = self.image.cache
+        pixels = cache.get(key)
+        if pixels is None:
+            pixels = self._make(ty, tx)
+            cache.put(key, pixels)
+        return pixels
+
+    def _make(self, ty: int, tx: int) -> RGBArray:
+        from PIL import Image
+
+        plan, tile = self.plan, self.TILE
+        read = self.image.read_region
+        if plan.method == "area":
+            span = tile * plan.block // plan.zoom  # whole source pixels: TILE is a multiple of zoom
+            pixels = read(level=plan.level, x=tx * span, y=ty * span, width=span, height=span, reduce=plan.reduce)
+            image = Image.fromarray(pixels)
+            if plan.zoom > 1:  # repeat every pixel zoom x zoom times: exact fractional areas
+                image = image.resize((span * plan.zoom, span * plan.zoom), Image.Resampling.NEAREST)
+            return np.asarray(image.reduce(plan.block))
+        extent = tile * plan.step
+        left, top = tx * extent, ty * extent
+        pad = math.ceil(_FILTER_SUPPORT[self.filter] * max(plan.step, 1.0)) + 1
+        x0, y0 = math.floor(left) - pad, math.floor(top) - pad
+        width, height = math.ceil(left + extent) + pad - x0, math.ceil(top + extent) + pad - y0
+        pixels = read(level=plan.level, x=x0, y=y0, width=width, height=height, reduce=plan.reduce)
+        box = (left - x0, top - y0, left - x0 + extent, top - y0 + extent)
+        return np.asarray(Image.fromarray(pixels).resize((tile, tile), _pil_filter(self.filter), box=box))
 
 
 class TileRun(Iterator[TileResult]):
