@@ -33,4 +33,3 @@ def write_manifest(tmp_path: Path):
         return path
 
     return write
-
