@@ -61,7 +61,7 @@ from loaders import batch as B
 from loaders.corpus import Corpus, Selection
 from loaders.errors import BadSampleError, EmptySelectionError, ResumeError, ShardError
 from loaders.genes import Flat, GeneSpace, GeneTransform, load_means
-from loaders.images import TILE, Augment, JpegDecoder
+from loaders.images import Augment, BufferPool, JpegDecoder
 from loaders.plan import (
     STATE_FORMAT,
     EpochPlan,
@@ -199,6 +199,7 @@ class Decode:
         self.columns = columns
         self.decoder = decoder
         self.handler = handler
+        self.pools = {view: BufferPool() for view in self.views}
 
     def __call__(self, batches: Iterator[RawBatch]) -> Iterator[DecodedBatch]:
         for raw in batches:
@@ -207,7 +208,7 @@ class Decode:
     def decode(self, raw: RawBatch) -> DecodedBatch:
         """Decode one batch; bad samples go to the handler and are left out."""
         n = len(raw.samples)
-        buffers = {v: np.empty((n, TILE, TILE, 3), dtype=np.uint8) for v in self.views}
+        buffers = {v: self.pools[v].get(n) for v in self.views}
         keys: list[str] = []
         pos: list[int] = []
         genes: list[npt.NDArray[Any]] = []
@@ -347,6 +348,11 @@ def run_stages(items: Iterator[Any], stages: Sequence[Callable[[Iterator[Any]], 
 # ---------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------
+
+
+def as_is(batch: Any) -> Any:
+    """The DataLoader ``collate_fn`` for a dataset that yields finished batches."""
+    return batch
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -747,7 +753,9 @@ class CorpusLoader:
                 "use fewer workers or a smaller batch size"
             )
         self._start(point)
-        loader = DataLoader(ds, batch_size=None, in_order=True, **self.options)
+        # The dataset yields finished batches: no collate/convert pass over them (it would walk
+        # every key string of every batch).
+        loader = DataLoader(ds, batch_size=None, collate_fn=as_is, in_order=True, **self.options)
         iterator = iter(loader)  # workers start here, with the dataset (and resume point) as it is now
         ds._resume = None
         for item in iterator:

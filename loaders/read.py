@@ -59,8 +59,8 @@ class RawSample:
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.patch: bytes | None = None
-        self.region: bytes | None = None
+        self.patch: bytes | memoryview | None = None  # JPEG (Parquet: a view into the Arrow buffer)
+        self.region: bytes | memoryview | None = None
         self.genes: npt.NDArray[Any] | None = None
         self.counts: npt.NDArray[Any] | None = None
         self.niche_genes: npt.NDArray[Any] | None = None
@@ -426,10 +426,10 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
     """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group."""
     keys = table.column(schema.KEY_COLUMN).to_pylist()
     pos = table.column("pos").to_numpy(zero_copy_only=False)
-    images: dict[str, list[Any]] = {}
+    images: dict[str, tuple[npt.NDArray[Any], memoryview]] = {}
     for view, wanted in ((schema.PATCH_COLUMN, columns.patch), (schema.REGION_COLUMN, columns.region)):
         if wanted:
-            images[view] = table.column(view).combine_chunks().field("bytes").to_pylist()
+            images[view] = _binary_views(table.column(view).combine_chunks().flatten()[0])
     lists: dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
     names = []
     if columns.expression:
@@ -445,15 +445,27 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
         sample = RawSample(keys[r])
         sample.pos = int(pos[r])
         if columns.patch:
-            sample.patch = images[schema.PATCH_COLUMN][r]
+            offsets, data = images[schema.PATCH_COLUMN]
+            sample.patch = data[offsets[r] : offsets[r + 1]]
         if columns.region:
-            sample.region = images[schema.REGION_COLUMN][r]
+            offsets, data = images[schema.REGION_COLUMN]
+            sample.region = data[offsets[r] : offsets[r + 1]]
         for name, (offsets, values) in lists.items():
             setattr(sample, name, values[offsets[r] : offsets[r + 1]])
         if neighbours is not None:
             sample.n_neighbors = int(neighbours[r])
         out.append(sample)
     return out
+
+
+def _binary_views(array: pa.Array) -> tuple[npt.NDArray[Any], memoryview]:
+    """Offsets and data of a binary array: row ``r`` is ``data[offsets[r]:offsets[r + 1]]``, no copy."""
+    import pyarrow as pa
+
+    width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    _, offsets, data = array.buffers()
+    offsets_array = np.frombuffer(offsets, dtype=width)[array.offset : array.offset + len(array) + 1]
+    return offsets_array.astype(np.int64), memoryview(data).cast("B") if data is not None else memoryview(b"")
 
 
 # ---------------------------------------------------------------------------------------------

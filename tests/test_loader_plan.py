@@ -155,3 +155,16 @@ def test_settings_from_dict_are_strict() -> None:
         LoaderSettings(format="zarr")
     with pytest.raises(LoaderSettingsError, match=r"panel or genes\.genes, not both"):
         LoaderSettings.from_dict({"genes": {"panel": "p", "genes": [1]}})
+
+
+def test_import_loaders_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loaders, loaders.settings, loaders.plan, loaders.errors; "
+        "print(sorted(m for m in ('torch', 'pyarrow', 'datasets', 'simplejpeg', 'requests', 'huggingface_hub') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", f"import loaders pulled in {out}"
