@@ -228,7 +228,11 @@ class Corpus:
             finally:
                 stream.close()
             metadata = parquet_metadata_from_tail(tail, size, path)
-            index = metadata.schema.to_arrow_schema().get_field_index(name)
+            # A Parquet leaf column, not an Arrow field: the image structs expand into two leaves each.
+            leaves = [metadata.schema.column(k).path for k in range(metadata.num_columns)]
+            if name not in leaves:
+                raise ShardError(f"{path}: no column {name!r}")
+            index = leaves.index(name)
             sparse = SparseFile(size, path)
             values: list[Any] = []
             spans = row_group_spans(metadata)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from loaders import CorpusDataset, CorpusLoader, LoaderSettings
@@ -182,3 +185,56 @@ def test_load_dataset_webdataset_over_http_matches(corpus: FixtureCorpus, server
         assert np.array_equal(np.flatnonzero(expr), genes)
         assert np.array_equal(expr[genes], np.asarray(row["expr.npz"]["counts"]))
         assert int(sample["pos"]) == row["json"]["pos"]
+
+
+def test_filters_over_http_never_touch_shards_without_a_selected_slide(tmp_path: Path) -> None:
+    packed = write_corpus(tmp_path / "packed", pack="slide")  # slide by slide: few shards mix slides
+    chosen = sorted(k for k in packed.keys("train") if k.startswith("heart-b__"))
+    index = pq.read_table(packed.root / "shards.parquet").to_pylist()
+    train = [r for r in index if r["split"] == "train" and r["format"] == "wds"]
+    touched = [r["path"] for r in train if "heart-b" in r["slide_ids"]]
+    mixed = {r["index"] for r in train if "heart-b" in r["slide_ids"] and len(r["slide_ids"]) > 1}
+    assert 0 < len(touched) < len(train) and mixed
+    with serve(packed.root) as server:
+        dataset = CorpusDataset(server.url, settings(format="wds", filters={"licence": ["CC-BY-NC-4.0"]}))
+        got = sorted(k for b in CorpusLoader(dataset) for k in b["key"])
+        assert got == chosen
+        for r in train:
+            tar = server.count(f"/{r['path']}")
+            twin = server.count(f"/{r['path'].replace('wds/', 'parquet/').replace('.tar', '.parquet')}")
+            if r["path"] not in touched:
+                assert tar == twin == 0, r["path"]
+            else:
+                assert tar == 1
+                # Rows of a mixed shard come from its Parquet twin's slide_id column: footer + 1 per row group.
+                assert twin == (1 + 3 if r["index"] in mixed else 0), r["path"]
+
+
+def test_readahead_opens_the_next_stream_while_the_current_one_is_read() -> None:
+    import threading
+
+    from loaders.source import Readahead
+
+    opened: list[int] = []
+    second_opened = threading.Event()
+
+    def job(i: int) -> Any:
+        def open_fn() -> tuple[int, Any]:
+            opened.append(i)
+            if i == 1:
+                second_opened.set()
+            return i, io.BytesIO(bytes([i]) * 10_000)
+
+        return open_fn
+
+    ahead = Readahead([(f"job{i}", job(i)) for i in range(3)], max_bytes=1 << 20, chunk_bytes=1000)
+    info, stream = ahead.take(0)
+    assert info == 0 and stream.read(10) == bytes(10)
+    assert second_opened.wait(timeout=10), "job 1 was not opened while job 0 was being read"
+    stream.close()  # abandon the rest of job 0
+    info, stream = ahead.take(1)
+    assert info == 1 and stream.read() == bytes([1]) * 10_000
+    info, stream = ahead.take(2)
+    assert stream.read(3) == bytes([2]) * 3
+    ahead.close()
+    assert opened == [0, 1, 2]
