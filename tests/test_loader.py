@@ -297,3 +297,27 @@ def test_filters_select_slides_and_count_exactly(
 def test_filter_with_nothing_left_is_an_error(corpus: FixtureCorpus) -> None:
     with pytest.raises(EmptySelectionError, match="no sample of split"):
         CorpusDataset(corpus.root, settings(filters={"organ": ["liver"]}))
+
+
+def test_rank_and_world_size_come_from_torch_distributed(corpus: FixtureCorpus) -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        dataset = CorpusDataset(corpus.root, settings())
+        assert (dataset.rank, dataset.world_size) == (0, 1)
+        explicit = CorpusDataset(corpus.root, settings(), rank=1, world_size=2)
+        assert (explicit.rank, explicit.world_size) == (1, 2), "arguments win over torch.distributed"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_several_splits_are_read_as_one(corpus: FixtureCorpus) -> None:
+    dataset = CorpusDataset(corpus.root, settings(split=["train", "validation"], genes={"transform": "none"}))
+    got = sorted(k for b in keys_of(iter(CorpusLoader(dataset))) for k in b)
+    assert got == sorted(corpus.keys("train") + corpus.keys("validation"))
