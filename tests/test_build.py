@@ -94,6 +94,13 @@ def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     assert corpus["counts_dtype"] == "int32"
 
 
+def test_worker_processes_give_the_same_bytes(tmp_path: Path) -> None:
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3))
+    build([path], out=tmp_path / "serial", settings=BuildSettings(progress=False, name="c"))
+    build([path], out=tmp_path / "parallel", settings=BuildSettings(progress=False, name="c", workers=2))
+    assert digests(tmp_path / "serial") == digests(tmp_path / "parallel")
+
+
 def _complete_shards_only(out: Path) -> None:
     """Every shard under its final name reads to the end; temporary files are hidden."""
     for tar in out.glob("wds/*/*.tar"):

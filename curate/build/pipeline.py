@@ -25,14 +25,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from curate.build.executors import LocalExecutor, UnitExecutor
 from curate.build.pack import PackSettings, pack
 from curate.build.splits import Holdout, SplitSettings, assign_splits, load_holdouts
-from curate.build.unit import UnitSettings, run_unit, slide_row
+from curate.build.unit import UnitSettings, slide_row
 from curate.build.workdir import UnitResult, WorkDir
 from curate.errors import BuildError, SettingsError
 from curate.manifest import Manifest, Sample, load_manifests
@@ -98,9 +98,11 @@ class BuildSettings:
             raise SettingsError(f"on_bad_sample must be error, warn or skip, not {self.on_bad_sample!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON-ready values (what corpus.json records)."""
+        """The settings that decide the corpus's content, as JSON-ready values (what corpus.json records).
+
+        Where units ran (workers, executor) is left out: it never changes a byte of the output.
+        """
         return {
-            "workers": self.workers,
             "on_bad_sample": self.on_bad_sample,
             "selection": {k: (sorted(v) if v is not None else None) for k, v in asdict(self.selection).items()},
             "tiles": self.unit.tiles.to_dict(),
@@ -147,17 +149,13 @@ class BuildSummary:
 # ---------------------------------------------------------------------------------------------
 
 
-def _unit_task(sample: Sample, work_root: str, unit: UnitSettings, fetch: FetchSettings) -> UnitResult:
-    # A module-level function so process pools can pickle it.
-    return run_unit(sample, work=WorkDir(Path(work_root)), settings=unit, fetch=fetch)
-
-
 def run_units(
     samples: Sequence[Sample],
     *,
     work: WorkDir,
     settings: BuildSettings,
     fetch: FetchSettings,
+    executor: UnitExecutor,
     on_result: Callable[[UnitResult], bool] | None = None,
 ) -> dict[str, UnitResult]:
     """Run (or reuse) the unit of every sample; ``on_result`` returning False stops the rest."""
@@ -175,38 +173,16 @@ def run_units(
             return results
     if not pending:
         return results
-    if settings.workers == 1:
-        for sample in pending:
-            result = run_unit(sample, work=work, settings=settings.unit, fetch=fetch)
-            results[sample.id] = result
+    running = executor.map_units(pending, work_root=work.root, unit=settings.unit, fetch=fetch)
+    try:
+        for result in running:
+            results[result.slide_id] = result
             if on_result is not None and not on_result(result):
                 break
-        return results
-    import multiprocessing
-
-    # spawn: workers start clean (no inherited locks, threads or open files from the parent).
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context) as pool:
-        futures: dict[Future[UnitResult], Sample] = {}
-        queue = list(reversed(pending))
-        stop = False
-        while queue or futures:
-            while queue and len(futures) < 2 * settings.workers and not stop:
-                sample = queue.pop()
-                futures[pool.submit(_unit_task, sample, str(work.root), settings.unit, fetch)] = sample
-            if not futures:
-                break
-            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for future in finished:
-                sample = futures.pop(future)
-                result = future.result()
-                results[sample.id] = result
-                if on_result is not None and not on_result(result):
-                    stop = True
-            if stop:
-                for future in futures:
-                    future.cancel()
-                queue.clear()
+    finally:
+        close = getattr(running, "close", None)
+        if close is not None:
+            close()  # cancels the units not yet started
     return results
 
 
@@ -240,8 +216,13 @@ def build(
     out: Path,
     settings: BuildSettings,
     fetch: FetchSettings | None = None,
+    executor: UnitExecutor | None = None,
 ) -> BuildSummary:
-    """Build a corpus from manifests into ``out``; returns the summary (see module docstring)."""
+    """Build a corpus from manifests into ``out``; returns the summary (see module docstring).
+
+    Units run on ``executor`` (default: ``LocalExecutor(settings.workers)``); the pack and
+    everything after it run here.
+    """
     from curate.fetch import FetchSettings
 
     started = time.perf_counter()
@@ -287,7 +268,9 @@ def build(
     digest = settings.unit.digest()
     summary.reused_units = sum(1 for s in todo if work.reusable(s.id, digest) is not None)
     try:
-        results = run_units(todo, work=work, settings=settings, fetch=fetch, on_result=on_result)
+        executor = executor or LocalExecutor(settings.workers)
+        log.info("units run on %s", executor.describe())
+        results = run_units(todo, work=work, settings=settings, fetch=fetch, executor=executor, on_result=on_result)
     finally:
         progress.close()
     if first_bad:
