@@ -555,7 +555,7 @@ class _ResampledGrid:
     and kept in the image's tile cache: a virtual pyramid level at exactly the view's um/px.
 
     Views are crops of it, so every output pixel is resampled once however many views hold it:
-    regions (336 um) overlap about 11 times on a 100 um lattice, patches (112 um) 1.5 times.
+    regions (336 um) overlap about 13 times on a 100 um hex lattice, patches (112 um) 1.5 times.
     Tile ``(ty, tx)`` is output pixels ``[ty * TILE, (ty + 1) * TILE)``, i.e. source pixels
     ``[ty * TILE * step, ...)``: each output pixel depends only on the source pixels under its
     filter, so tiles join without seams.
