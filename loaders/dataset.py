@@ -222,8 +222,8 @@ class Decode:
             slot = len(keys)
             try:
                 self._expression(sample)
-                for view in self.views:
-                    self.decoder(getattr(sample, view), buffers[view][slot], key=sample.key, view=view)
+                for view, buffer in buffers.items():
+                    self.decoder(getattr(sample, view), buffer[slot], key=sample.key, view=view)
             except BadSampleError as exc:
                 self.handler.sample(exc)
                 continue

@@ -39,20 +39,24 @@ class JpegDecoder:
     def __call__(self, data: bytes | memoryview | None, out: npt.NDArray[np.uint8], *, key: str, view: str) -> None:
         if not data:
             raise BadSampleError(f"{key}: no {view} image in the sample", key=key)
-        h, w = out.shape[:2]
         if self.name == "simplejpeg":
             import simplejpeg
 
             try:
-                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-                if (height, width) != (h, w):
-                    raise BadSampleError(f"{key}: {view} is {width}x{height}, expected {w}x{h}", key=key)
-                simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+                image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
             except ValueError as exc:
-                raise BadSampleError(f"{key}: {view} is not a decodable JPEG: {exc}", key=key) from exc
+                raise BadSampleError(
+                    f"{key}: {view} is not a decodable JPEG{_size_note(data, out)}: {exc}", key=key
+                ) from exc
+            if image.shape != out.shape:  # a smaller image fills only the start of the slot
+                raise BadSampleError(
+                    f"{key}: {view} is {image.shape[1]}x{image.shape[0]}, expected {out.shape[1]}x{out.shape[0]}",
+                    key=key,
+                )
             return
         from PIL import Image, UnidentifiedImageError
 
+        h, w = out.shape[:2]
         try:
             with Image.open(io.BytesIO(data)) as image:
                 if image.size != (w, h):
@@ -60,6 +64,19 @@ class JpegDecoder:
                 out[...] = np.asarray(image.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise BadSampleError(f"{key}: {view} is not a decodable JPEG: {exc}", key=key) from exc
+
+
+def _size_note(data: bytes | memoryview, out: npt.NDArray[np.uint8]) -> str:
+    """`` (WxH, expected ...)`` when the header is readable and the size is wrong, else nothing."""
+    import simplejpeg
+
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return ""
+    if (height, width) == out.shape[:2]:
+        return ""
+    return f" into {out.shape[1]}x{out.shape[0]} (it is {width}x{height})"
 
 
 class BufferPool:
