@@ -373,7 +373,11 @@ class TiffImage(SlideImage):
         samples = shapes[0][0] if self._planar else (shapes[0][2] if len(shapes[0]) == 3 else 1)
         self._lock = threading.Lock()  # one file handle: reads are serialised
         self._fd = self._tif.filehandle
-        self._grids: list[_Grid | None] = [self._grid(level) for level in series_levels]
+        try:
+            self._grids: list[_Grid | None] = [self._grid(level) for level in series_levels]
+        except CorruptSourceError:
+            self._tif.close()
+            raise
         self._series = series
         self._zarr: list[Any] | None = None
         super().__init__(path, tuple(levels), has_alpha=samples == 4, cache_bytes=cache_bytes)

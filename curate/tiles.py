@@ -622,8 +622,8 @@ class _ResampledGrid:
 class TileRun(Iterator[TileResult]):
     """An iterator of :class:`TileResult` in reading order, with running :class:`TileStats`.
 
-    When exhausted, it empties the image's tile cache (the memory goes back before the next
-    slide) and restores the cache bound it found.
+    When exhausted (or closed), it empties the image's tile cache (the memory goes back before
+    the next slide) and restores the cache bound it found.
     """
 
     def __init__(
@@ -668,6 +668,11 @@ class TileRun(Iterator[TileResult]):
         stats.seconds += time.perf_counter() - start
         self._update_cache_stats()
         return result
+
+    def close(self) -> None:
+        """Stop early: empty the image's tile cache and restore its bound (done on exhaustion)."""
+        self._next = int(self._order.size)
+        self._finish()
 
     def _update_cache_stats(self) -> None:
         cache = self.tiler.image.cache.stats
