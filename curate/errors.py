@@ -185,3 +185,11 @@ class UnsupportedAssayError(SlideError):
     """An assay a reader cannot place on a spot lattice or give a scale (e.g. no spot diameter on record)."""
 
     code = "unsupported_assay"
+
+
+# --- executors (appended by the Dask executor) ------------------------------------------------
+
+
+class ExecutorError(BuildError):
+    """A cluster that cannot run a build's units: a missing extra, an unreachable scheduler, no
+    workers, or workers that cannot see the work folder or run another stcorpus version."""
