@@ -1,6 +1,6 @@
 """The torch corpus loader: an ``IterableDataset`` over the shards of a corpus, with exact resume.
 
->>> from loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
+>>> from loaders import CorpusDataset, CorpusLoader, GeneSettings, LoaderSettings  # doctest: +SKIP
 >>> settings = LoaderSettings(split="train", batch_size=256, genes=GeneSettings(transform="cp10k_log1p"))
 >>> dataset = CorpusDataset("hf://datasets/org/corpus", settings)        # or a folder, or http(s)://
 >>> loader = CorpusLoader(dataset, num_workers=8, pin_memory=True)
@@ -21,7 +21,8 @@ and why that makes resume a matter of counting batches.
 batch size, world size), never by the number of workers. ``CorpusLoader`` counts the batches
 it hands out; since a DataLoader delivers worker batches round-robin, the count gives the exact
 set of consumed batches (``loaders.plan.delivery_order``), and the state is that set. Loading
-it with another ``num_workers`` re-splits the batches left: nothing is skipped or repeated, only
+it with as many workers continues in exactly the order the interrupted run would have taken;
+with another ``num_workers`` it re-splits the batches left: nothing is skipped or repeated, only
 the delivery order of the remaining batches changes (``ResumeReport`` says so). Under DDP every
 rank consumes the same number of batches, so one rank's state resumes every rank. torchdata's
 ``StatefulDataLoader`` works too (its per-worker snapshots hold our iterator state); it insists
@@ -33,12 +34,12 @@ visit, two (footer + row groups) per Parquet visit, with the next one opened in 
 thread while the current is parsed. Per epoch and rank with ``W`` workers: about
 ``S/R + W + 1`` visits (``S`` shards, ``R`` ranks; each worker's run may start inside a shard),
 plus 4 metadata files when the dataset is made and, with filters that split shards, 1 + row
-groups per such shard. For ``S=500`` tar shards, ``R=8`` ranks x ``W=8`` workers that is ~1,100
-GETs per epoch over all ranks, well under the Hub's ~5,000 per 5 minutes unless an epoch takes
-less than about 70 seconds; Parquet doubles the visit requests.
+groups per such shard. For ``S=500`` tar shards and ``R=8`` ranks x ``W=8`` workers that is ~570
+GETs per epoch over all ranks (~1,100 with Parquet): under the Hub's ~5,000 per 5 minutes
+unless an epoch takes less than about 35 s (70 s with Parquet). See ``bench/LOADER.md``.
 
 **Bad data.** ``on_bad_sample="error"`` (default) raises; ``"warn"``/``"skip"`` drop the sample
-(or the unreadable rest of a shard), count it (``CorpusDataset.counters``) and, for ``warn``, log
+(or the unreadable rest of a shard), count it (``CorpusDataset.skipped()``, over all workers) and, for ``warn``, log
 its key. A batch keeps its index even when samples are dropped; a batch with no readable sample
 is yielded empty (``B == 0``) so batch counts, DDP lockstep and resume stay exact.
 """
@@ -86,6 +87,11 @@ NICHE_TOKENS: Final = "niche_tokens"
 NICHE_TOKENS_MASK: Final = "niche_tokens_mask"
 
 _SKIPPED, _BAD_SHARDS, _EMPTY_BATCHES = range(3)
+_COUNTERS: Final = 3
+#: Counter rows: row 0 for the main process, row ``1 + worker id`` for a DataLoader worker. One
+#: writer per row, so no lock is needed (a lock could not travel into a process of another
+#: start method than the one it was made in).
+_COUNTER_ROWS: Final = 65
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +136,9 @@ class Handler:
 
     def _count(self, slot: int, n: int) -> None:
         if self.counters is not None:
-            with self.counters.get_lock():
-                self.counters[slot] += n
+            info = torch.utils.data.get_worker_info()
+            row = 0 if info is None else 1 + info.id % (_COUNTER_ROWS - 1)
+            self.counters[row * _COUNTERS + slot] += n
 
     def sample(self, exc: BadSampleError) -> None:
         """A sample that cannot be decoded."""
@@ -408,7 +415,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             self.gene_transform = GeneTransform(space, g, measured=measured, means=means)
         self.epoch = 0
         self._resume: ResumePoint | None = None
-        self.counters: Any = multiprocessing.get_context().Array("q", 3)
+        self.counters: Any = multiprocessing.RawArray("q", _COUNTERS * _COUNTER_ROWS)
         plan = self.plan(0)
         log.info(
             "%s: split %s, %d samples in %d %s shards (%d skipped by filters, %d filtered by row); rank %d/%d: "
@@ -471,10 +478,13 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         if self.counters is None:
             return {"samples": 0, "shards": 0, "empty_batches": 0}
         return {
-            "samples": int(self.counters[_SKIPPED]),
-            "shards": int(self.counters[_BAD_SHARDS]),
-            "empty_batches": int(self.counters[_EMPTY_BATCHES]),
+            "samples": self._total(_SKIPPED),
+            "shards": self._total(_BAD_SHARDS),
+            "empty_batches": self._total(_EMPTY_BATCHES),
         }
+
+    def _total(self, slot: int) -> int:
+        return int(sum(self.counters[row * _COUNTERS + slot] for row in range(_COUNTER_ROWS)))
 
     # -- iteration ---------------------------------------------------------------------------
 

@@ -248,6 +248,17 @@ def test_truncated_tar_raises_by_default_and_warn_skips_and_counts(
     assert "skipping 5 samples of wds/train/train-000002.tar" in caplog.text
 
 
+def test_skips_are_counted_from_spawned_workers_too(damaged: FixtureCorpus) -> None:
+    victim = damaged.samples["train"][3]
+    for path in damaged.shard_paths("parquet", "train"):
+        if victim.region in path.read_bytes():
+            corrupt_jpeg(path, victim.region)
+    dataset = CorpusDataset(damaged.root, settings(on_bad_sample="skip"))
+    loader = CorpusLoader(dataset, num_workers=1, multiprocessing_context="spawn")
+    assert sum(len(b["key"]) for b in loader) == 93
+    assert dataset.skipped()["samples"] == 1
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "wds"])
 def test_corrupt_jpeg_policy(damaged: FixtureCorpus, caplog: pytest.LogCaptureFixture, fmt: str) -> None:
     victim = damaged.samples["train"][10]
