@@ -193,3 +193,22 @@ class UnsupportedAssayError(SlideError):
 class ExecutorError(BuildError):
     """A cluster that cannot run a build's units: a missing extra, an unreachable scheduler, no
     workers, or workers that cannot see the work folder or run another stcorpus version."""
+
+
+# --- publishing (appended by the publish layer) ----------------------------------------------
+
+
+class PublishError(CurateError):
+    """A corpus that cannot be published to the target (unreachable, refused, wrong target)."""
+
+
+class CorpusValidationError(PublishError):
+    """A corpus folder whose card, provenance or shard index fails validation; ``problems`` lists each."""
+
+    def __init__(self, message: str, *, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class TargetUnreachableError(PublishError, ConnectionError):
+    """A publish target (the Hub, an fsspec URL) that cannot be reached or is offline."""
