@@ -18,7 +18,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[torch,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[torch,dev,dask]"
 	touch $@ $(VENV)/.core
 
 .PHONY: install demo test lint typecheck unit clean

@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
+    add_executor_arguments(parser)
 
     group = parser.add_argument_group("tiles")
     group.add_argument("--patch-size", type=int, default=tiles.patch_size, help="patch side in px (default 224)")
@@ -168,9 +169,58 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     fetch = FetchSettings(allow_local=args.allow_local, **({"cache_dir": args.cache} if args.cache else {}))
-    summary = build(args.manifests, out=args.out, settings=settings, fetch=fetch)
+    with executor_from(args) as executor:
+        summary = build(args.manifests, out=args.out, settings=settings, fetch=fetch, executor=executor)
     logging.getLogger(__name__).debug("build finished")
     print(f"curate build: wrote {args.out}")
     for line in summary.lines():
         print(line)
     return 0
+
+
+# --- where units run (the Dask executor, issue 10) ---------------------------------------------
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor``, ``--scheduler``, ``--dask-cluster``."""
+    group = parser.add_argument_group(
+        "where slides are processed",
+        "the pack always runs here; with Dask, --work-dir (and --cache) must be on a filesystem the workers share",
+    )
+    group.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        help="local: a pool of --workers processes on this machine (the default); dask: a Dask cluster "
+        "(the default when --scheduler or --dask-cluster is given)",
+    )
+    group.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786")
+    group.add_argument(
+        "--dask-cluster",
+        metavar="local|FILE",
+        help="start a cluster: 'local' (a LocalCluster of --workers processes, the default with --executor "
+        "dask) or a dask-jobqueue cluster file (SLURM/PBS/SGE; see curate/build/slurm-example.yaml)",
+    )
+
+
+def executor_from(args: argparse.Namespace) -> Any:
+    """The executor the arguments ask for, as a context manager that releases it."""
+    import contextlib
+
+    from curate.build.executors import LocalExecutor
+    from curate.errors import SettingsError
+
+    dask_options = args.scheduler is not None or args.dask_cluster is not None
+    if args.executor == "local" and dask_options:
+        raise SettingsError("--scheduler and --dask-cluster need --executor dask (or no --executor)")
+    if args.executor != "dask" and not dask_options:
+        return contextlib.nullcontext(LocalExecutor(args.workers))
+    from curate.build.dask_executor import open_executor
+
+    executor = open_executor(
+        scheduler=args.scheduler,
+        cluster=args.dask_cluster,
+        workers=args.workers,
+        quiet_dask=getattr(args, "verbose", 0) < 2,  # -vv shows Dask's own INFO lines
+    )
+    print(f"curate build: slides run on {executor.describe()}")  # names the Dask dashboard's address
+    return executor
