@@ -159,18 +159,24 @@ class HttpSource:
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
+        # A forked DataLoader worker must not reuse the parent's pooled sockets.
+        if session is None or getattr(self._local, "pid", None) != os.getpid():
             import requests
 
             session = requests.Session()
             self._local.session = session
+            self._local.pid = os.getpid()
         return session
 
-    def _get(self, path: str, *, start: int, stop: int | None, stream: bool) -> requests.Response:
+    def _get(
+        self, path: str, *, start: int, stop: int | None, stream: bool, if_range: str | None = None
+    ) -> requests.Response:
         """One GET with retries for refused/failed connections and 408/429/5xx (Retry-After honoured)."""
         import requests
 
         headers = self.headers()
+        if if_range is not None:
+            headers["If-Range"] = if_range
         if start or stop is not None:
             headers["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
         url = self.url(path)
@@ -291,13 +297,26 @@ class HttpStream:
         self.pos, self.stop = start, stop
         if stop is None and size is not None:
             self.stop = size
+        self.start = start
         self.resumes = 0
+        self.etag: str | None = None
         self._response: requests.Response | None = None
         self._closed = False
 
     def _open(self) -> None:
-        response = self.source._get(self.path, start=self.pos, stop=self.stop, stream=True)
+        resuming = self.pos > self.start
+        if_range = self.etag if resuming else None
+        response = self.source._get(self.path, start=self.pos, stop=self.stop, stream=True, if_range=if_range)
+        if not resuming:
+            etag = response.headers.get("ETag")
+            self.etag = etag if etag and not etag.startswith("W/") else None
         if response.status_code == 200 and self.pos:
+            if if_range is not None:
+                response.close()
+                raise ShardError(
+                    f"{self.path} changed on the server while it was being read (ETag {self.etag} no longer "
+                    "matches): the corpus is being replaced; restart from a consistent revision"
+                )
             # The server ignored Range: read past what we already have (costly, but correct).
             log.warning("%s: server ignored a Range request; skipping %d bytes", self.path, self.pos)
             _discard(response.raw, self.pos, self.path)

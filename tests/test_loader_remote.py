@@ -238,3 +238,26 @@ def test_readahead_opens_the_next_stream_while_the_current_one_is_read() -> None
     assert stream.read(3) == bytes([2]) * 3
     ahead.close()
     assert opened == [0, 1, 2]
+
+
+def test_a_file_replaced_during_a_resumed_read_is_an_error(tmp_path: Path) -> None:
+    import hashlib
+
+    from loaders.settings import HttpSettings
+    from loaders.source import HttpSource
+
+    (tmp_path / "www").mkdir()
+    shard = tmp_path / "www" / "shard.tar"
+    shard.write_bytes(bytes(range(256)) * 40)
+    with serve(tmp_path / "www") as server:
+        server.add_fault("/shard.tar", Fault(drop_after=2000))
+        source = HttpSource(server.url, http=HttpSettings(backoff_s=0.0))
+        stream = source.open_range("shard.tar", size=10240)
+        assert stream.read(1000) == shard.read_bytes()[:1000]
+        shard.write_bytes(bytes(reversed(range(256))) * 40)  # replaced before the connection drops
+        with pytest.raises(ShardError, match="changed on the server while it was being read"):
+            while stream.read(4096):
+                pass
+        first, resume = server.requests
+        assert "if-range" not in first.headers and resume.headers["range"] == "bytes=2000-10239"
+        assert resume.headers["if-range"] == f'"{hashlib.sha256(bytes(range(256)) * 40).hexdigest()}"'
