@@ -264,11 +264,6 @@ class EpochPlan:
             g += take
         return out
 
-    def batch_keys_positions(self, batch: int) -> IntArray:
-        """Global positions (into this epoch's shard order) of the samples of ``batch``, emitted order."""
-        u = self.window_of(batch)
-        return (self.start + u * self.window + self.batch_offsets(batch)) % self.total
-
     # -- workers -----------------------------------------------------------------------------
 
     def remaining(self, done: Sequence[Sequence[int]]) -> IntArray:

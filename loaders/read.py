@@ -157,6 +157,7 @@ class TarCursor:
         self.members: dict[str, bytes] = {}
         self._lookahead: tuple[str, str, int] | None = None  # header read, data not yet: key, suffix, size
         self._ended = False
+        self._emitted = -1  # last row handed out
 
     def _read(self, n: int) -> bytes:
         data = self.stream.read(n)
@@ -233,7 +234,7 @@ class TarCursor:
         """``(row, key, members)`` of each wanted row (ascending, not before the cursor)."""
         for target in wanted:
             target = int(target)
-            if target < self.row or (target == self.row and self._lookahead is None and self._ended):
+            if target <= self._emitted or target < self.row:
                 raise ShardError(f"{self.path}: row {target} is behind the cursor (row {self.row})")
             while True:
                 if self._lookahead is None and not self._ended:
@@ -261,6 +262,7 @@ class TarCursor:
     def _emit(self) -> tuple[int, str, dict[str, bytes]]:
         assert self.key is not None
         out = (self.row, self.key, self.members)
+        self._emitted = self.row
         self.members = {}
         self.key = f"\0consumed:{self.row}"  # the next member starts a new row whatever its key
         return out

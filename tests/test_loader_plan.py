@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,60 @@ def test_import_loaders_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]", f"import loaders pulled in {out}"
+
+
+def test_tar_cursor_reads_wanted_rows_and_refuses_going_back(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from loaders.errors import ShardError
+    from loaders.read import TarCursor
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key in ("a" * 120, "dir/b", "ünï", "d"):  # a long (pax) name, a folder, non-ASCII
+            for suffix in ("x.jpg", "json"):
+                data = f"{key}.{suffix}".encode()
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = archive.getvalue()
+    (tmp_path / "s.tar").write_bytes(data)
+    for seekable in (False, True):
+        stream = (tmp_path / "s.tar").open("rb") if seekable else io.BytesIO(data)
+        cursor = TarCursor(stream, path="s.tar", seekable=seekable)
+        got = list(cursor.rows([1, 2]))
+        assert [(r, k) for r, k, _ in got] == [(1, "dir/b"), (2, "ünï")]
+        assert got[1][2] == {"x.jpg": "ünï.x.jpg".encode(), "json": "ünï.json".encode()}
+        with pytest.raises(ShardError, match="behind the cursor"):
+            list(cursor.rows([2]))
+        assert [k for _, k, _ in cursor.rows([3])] == ["d"]
+        with pytest.raises(ShardError, match="sample 4 is missing"):
+            list(cursor.rows([4]))
+        stream.close()
+    cut = TarCursor(io.BytesIO(data[:2000]), path="s.tar", seekable=False)
+    with pytest.raises(ShardError, match="truncated"):
+        list(cut.rows([3]))
+    corrupt = bytearray(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        corrupt[tar.getmembers()[2].offset + 10] ^= 0xFF  # a byte of the name in dir/b.x.jpg's header
+    with pytest.raises(ShardError, match="checksum"):
+        list(TarCursor(io.BytesIO(bytes(corrupt)), path="s.tar", seekable=False).rows([3]))
+
+
+def test_parse_npz_matches_numpy() -> None:
+    import io
+
+    from curate.shards import encode_expr
+    from loaders.read import parse_npz
+
+    genes = np.array([1, 5, 9], dtype=np.int32)
+    blob = encode_expr(genes, np.array([2.5, 1, 3], dtype=np.float32), genes[:0], np.zeros(0, dtype=np.float32))
+    fast = parse_npz(blob)
+    with np.load(io.BytesIO(blob)) as slow:
+        assert set(fast) == set(slow.files)
+        for name in slow.files:
+            assert fast[name].dtype == slow[name].dtype and np.array_equal(fast[name], slow[name])
+    compressed = io.BytesIO()
+    np.savez_compressed(compressed, genes=genes)
+    assert parse_npz(compressed.getvalue())["genes"].tolist() == [1, 5, 9]  # falls back to np.load
