@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from curate.build.executors import unit_task
 from curate.build.unit import UnitSettings, slide_row
@@ -116,6 +116,12 @@ class JobOptions(_Strict):
     job_extra_directives: tuple[str, ...] = ()  # extra #SBATCH / #PBS / #$ lines
     job_directives_skip: tuple[str, ...] = ()
     worker_extra_args: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _whole_threads(self) -> JobOptions:
+        if self.processes is not None and self.cores % self.processes:
+            raise ValueError(f"cores ({self.cores}) must be a multiple of processes ({self.processes})")
+        return self
 
 
 class SlurmOptions(JobOptions):
@@ -212,7 +218,7 @@ def parse_cluster_config(
             elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 message = f"`cluster` must be one of {', '.join(_CLUSTER_CLASSES)}"
             else:
-                message = err["msg"]
+                message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{source}: {where}: {message}")
         raise SettingsError("\n".join(problems)) from None
     return config
@@ -236,10 +242,6 @@ def jobqueue_kwargs(config: SlurmClusterFile | PBSClusterFile | SGEClusterFile) 
         for name, value in config.options.model_dump(exclude_unset=True).items()
     }
     kwargs.setdefault("processes", config.options.cores)
-    if config.options.cores % kwargs["processes"]:
-        raise SettingsError(
-            f"options.cores ({config.options.cores}) must be a multiple of options.processes ({kwargs['processes']})"
-        )
     kwargs["scheduler_options"] = {
         "dashboard_address": config.dashboard_address,
         "allowed_failures": config.allowed_failures,

@@ -1,0 +1,253 @@
+"""The Dask executor: a build on a LocalCluster is byte-identical to a local one, a worker killed
+mid-slide changes nothing, cluster files are checked, and workers that cannot run units say why."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from curate.build.pipeline import BuildSettings, build
+from curate.cli import main
+from curate.errors import ExecutorError, SettingsError
+from stcorpus import __version__, schema
+from tests.build_fixtures import bad_slides, good_slides, manifest
+from tests.test_build import DEMO, digests
+
+pytest.importorskip("distributed")  # the `dask` extra; `make test` installs it
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM_EXAMPLE = ROOT / "curate" / "build" / "slurm-example.yaml"
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Temporary unit folders and executor markers left in the work folder."""
+    return sorted(p.name for p in (out / ".work").rglob(".*") if p.name.endswith((".tmp", ".marker", ".probe")))
+
+
+def test_local_cluster_build_is_byte_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo's slides (one built, two quarantined by the reader's QC) and, in a second manifest,
+    # real-data slides that build and one that is quarantined for unmapped genes.
+    bad = bad_slides(tmp_path / "bad")
+    entries = [*good_slides(tmp_path / "good", 3, integer=True), bad["BAD-unmapped"][0]]
+    second = manifest(tmp_path / "m", entries)
+    common = [str(DEMO), str(second), "--name", "c", "--no-progress", "--cache", str(tmp_path / "cache")]
+
+    assert main(["build", *common, "--out", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
+    assert main(["build", *common, "--out", str(tmp_path / "dask"), "--dask-cluster", "local", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "dask LocalCluster, 2 worker processes" in printed and "dashboard http://" in printed
+
+    local, dask = digests(tmp_path / "local"), digests(tmp_path / "dask")
+    assert local == dask
+    assert sum(name.startswith("wds/") for name in dask) >= 1 and sum(name.startswith("parquet/") for name in dask) >= 1
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "dask" / schema.SLIDES_FILE).to_pylist()}
+    statuses = {slide: (row["status"], (row["reason"] or "").split(":")[0]) for slide, row in rows.items()}
+    assert statuses == {
+        "GOOD-0": ("built", ""),
+        "GOOD-1": ("built", ""),
+        "GOOD-2": ("built", ""),
+        "BAD-unmapped": ("quarantined", "unmapped_genes"),
+        "V1-Mouse-Brain-fullres-crop": ("built", ""),
+        "V1-Human-Heart-subset": ("quarantined", "image_too_coarse"),
+        "V1-Mouse-Brain-Coronal-1-subset": ("quarantined", "image_too_coarse"),
+    }
+    assert _leftovers(tmp_path / "dask") == []
+
+
+# --- a worker killed mid-slide -------------------------------------------------------------
+
+SLOW_SLIDE = "GOOD-1"
+
+
+def _slow_unit_on_this_worker(slide_id: str, flag: str) -> int:
+    """Run on each worker with ``client.run``: that slide's unit now starts writing and then hangs.
+
+    A restarted worker process imports the module afresh, without this patch, so the slide's
+    retry runs normally.
+    """
+    import curate.build.dask_executor as module
+    from curate.build.workdir import WorkDir
+
+    original = vars(module)["unit_task"]
+
+    def slow(sample: Any, work_root: str, unit: Any, fetch: Any) -> Any:
+        if sample.id != slide_id or Path(flag).exists():  # hang once: the retry may land on the other worker
+            return original(sample, work_root, unit, fetch)
+        tmp = WorkDir(Path(work_root)).begin(sample.id)
+        (tmp / "samples.arrow").write_bytes(b"half a unit")  # what a worker lost mid-write leaves
+        Path(flag + ".part").write_text(f"{os.getpid()} {tmp}")
+        Path(flag + ".part").rename(flag)
+        time.sleep(300)
+        raise AssertionError("this worker should have been killed")
+
+    vars(module)["unit_task"] = slow
+    return os.getpid()
+
+
+def test_worker_killed_mid_slide(tmp_path: Path) -> None:
+    from curate.build.dask_executor import DaskExecutor
+
+    local_cluster: Any = importlib.import_module("distributed").LocalCluster
+
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 4))
+    settings = BuildSettings(progress=False, name="c")
+    build([path], out=tmp_path / "reference", settings=settings)
+
+    flag = tmp_path / "hanging"
+    killed: dict[str, Any] = {}
+
+    def kill_the_hanging_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not flag.exists():
+            return
+        pid, tmp = flag.read_text().split(" ", 1)
+        killed["tmp_existed"] = Path(tmp).is_dir()
+        killed["tmp"] = tmp
+        os.kill(int(pid), signal.SIGKILL)
+        killed["pid"] = int(pid)
+
+    with (
+        local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        DaskExecutor.connect(cluster.scheduler_address, progress_every=1.0) as executor,
+    ):
+        before = executor.client.run(_slow_unit_on_this_worker, SLOW_SLIDE, str(flag))
+        killer = threading.Thread(target=kill_the_hanging_worker, daemon=True)
+        killer.start()
+        summary = build([path], out=tmp_path / "dask", settings=settings, executor=executor)
+        killer.join(timeout=5)
+        after = executor.client.run(os.getpid)
+
+    assert killed.get("pid") in before.values(), "the slide never reached the patched worker"
+    assert killed["pid"] not in after.values()  # the nanny replaced the killed process
+    assert killed["tmp_existed"] and not Path(killed["tmp"]).exists()  # its half-written unit is gone
+    assert summary.slides == {"built": 4}
+    assert digests(tmp_path / "dask") == digests(tmp_path / "reference")
+    assert _leftovers(tmp_path / "dask") == []
+
+
+# --- cluster files --------------------------------------------------------------------------
+
+
+def test_slurm_example_file_makes_a_job_script(tmp_path: Path) -> None:
+    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+
+    slurm_cluster: Any = importlib.import_module("dask_jobqueue").SLURMCluster
+
+    config = load_cluster_file(SLURM_EXAMPLE)
+    assert config.cluster == "slurm" and config.jobs >= 1
+    kwargs = jobqueue_kwargs(config)
+    assert kwargs["processes"] == config.options.cores  # one single-threaded worker per core
+    kwargs["scheduler_options"]["dashboard_address"] = ":0"
+    kwargs["log_directory"] = str(tmp_path / "logs")  # SLURMCluster creates it
+    with slurm_cluster(**kwargs) as cluster:
+        script = cluster.job_script()
+    assert f"#SBATCH --cpus-per-task={config.options.cores}" in script
+    assert f"#SBATCH -A {config.options.account}" in script
+    assert f"#SBATCH -t {config.options.walltime}" in script
+    assert f"--nworkers {config.options.cores}" in script and "--nthreads 1" in script
+    assert all(line in script for line in config.options.job_script_prologue)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cluster: slurm\njobs: 2\noptions: {cores: 4, memory: 8GB, acount: lab}\n", "options.acount: unknown key"),
+        ("cluster: slurm\njobs: 2\nworkers: 3\noptions: {cores: 4, memory: 8GB}\n", "workers: unknown key"),
+        ("cluster: slurm\njobs: 2\noptions: {cores: four, memory: 8GB}\n", "options.cores"),
+        ("cluster: lsf\njobs: 2\noptions: {cores: 4, memory: 8GB}\n", "`cluster` must be one of slurm, pbs, sge"),
+        ("cluster: pbs\noptions: {cores: 4, memory: 8GB}\n", "jobs: missing required key"),
+        ("cluster: sge\njobs: 1\noptions: {cores: 4, memory: 8GB, account: lab}\n", "valid keys: "),
+        (
+            "cluster: slurm\njobs: 1\noptions: {cores: 4, processes: 3, memory: 8GB}\n",
+            "options: cores (4) must be a multiple of processes (3)",
+        ),
+        ("- a list\n", "a cluster file is a YAML mapping"),
+    ],
+)
+def test_cluster_file_errors(tmp_path: Path, text: str, message: str) -> None:
+    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=r"cluster\.yaml") as raised:
+        jobqueue_kwargs(load_cluster_file(path))
+    assert message in str(raised.value)
+
+
+def test_sge_file_keeps_its_own_keys(tmp_path: Path) -> None:
+    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+
+    path = tmp_path / "sge.yaml"
+    path.write_text("cluster: sge\njobs: 3\nadaptive: true\noptions: {cores: 8, memory: 32GB, project: p1}\n")
+    config = load_cluster_file(path)
+    assert config.adaptive and config.jobs == 3
+    assert jobqueue_kwargs(config) == {
+        "cores": 8,
+        "memory": "32GB",
+        "project": "p1",
+        "processes": 8,
+        "scheduler_options": {"dashboard_address": ":8787", "allowed_failures": 3},
+    }
+
+
+# --- workers that cannot run units, a missing extra, conflicting options ----------------------
+
+
+def test_worker_problems_name_the_folder_the_cache_and_the_version(tmp_path: Path) -> None:
+    from curate.build.dask_executor import marker_path, worker_problems
+
+    work = tmp_path / "work"
+    work.mkdir()
+    assert worker_problems(str(work), "t0k3n", __version__, str(tmp_path / "cache"), wait=0) == [
+        f"worker on {os.uname().nodename} (pid {os.getpid()}) cannot see the work folder {work} (the client's marker "
+        "file is not there): put --work-dir on a filesystem shared by the client and every worker"
+    ]
+    marker_path(work, "t0k3n").write_text("t0k3n\n")
+    assert worker_problems(str(work), "t0k3n", __version__, str(tmp_path / "cache"), wait=0) == []
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache should be")
+    problems = worker_problems(str(work), "t0k3n", "0.0.0-other", str(blocked), wait=0)
+    assert len(problems) == 2
+    assert f"runs stcorpus {__version__}, the client 0.0.0-other" in problems[0]
+    assert f"cannot write the fetch cache {blocked}" in problems[1]
+
+
+def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
+    from curate.build.dask_executor import remove_stale_temporaries
+
+    units = tmp_path / "units"
+    for name in (".GOOD-1.123.tmp", ".GOOD-1.77.old.tmp", ".GOOD-10.123.tmp", "GOOD-1", ".GOOD-2.5.tmp"):
+        (units / name).mkdir(parents=True)
+    assert remove_stale_temporaries(tmp_path, ["GOOD-1", "GOOD-3"]) == 2
+    assert sorted(p.name for p in units.iterdir()) == [".GOOD-10.123.tmp", ".GOOD-2.5.tmp", "GOOD-1"]
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from curate.build.dask_executor import DaskExecutor
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` now raises ImportError
+    with pytest.raises(ExecutorError, match=r"needs the 'dask' extra .*pip install 'stcorpus\[dask\]'"):
+        DaskExecutor.local(2)
+
+
+def test_conflicting_executor_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    assert main(["build", str(DEMO), "--out", out, "--executor", "local", "--scheduler", "tcp://h:8786"]) == 2
+    assert "need --executor dask" in capsys.readouterr().err
+    assert main(["build", str(DEMO), "--out", out, "--scheduler", "tcp://h:8786", "--dask-cluster", "local"]) == 2
+    assert "either --scheduler or --dask-cluster" in capsys.readouterr().err
+    assert main(["build", str(DEMO), "--out", out, "--dask-cluster", str(tmp_path / "nope.yaml")]) == 2
+    assert "not 'local' and not a cluster file" in capsys.readouterr().err
