@@ -4,11 +4,12 @@ Shards store raw counts, sparse (vocabulary indices + counts). Everything here i
 loader, per batch, vectorised over the batch's concatenated non-zeros:
 
 1. **Projection** (``to_human``): a mouse gene's counts move to its one-to-one human ortholog
-   (``genes.parquet`` ``human_ortholog``); a mouse gene without one in the vocabulary drops out
+   (``genes.parquet`` ``human_ortholog_id``, so also onto human genes the vocabulary does not
+   hold: a mouse-only corpus projects too); a mouse gene without one drops out
    (``GeneSpace.dropped`` lists them). Human genes stay.
-2. **Selection**: a panel (``genes.parquet`` ``panels``), explicit vocabulary indices or Ensembl
-   ids, or every gene (every human gene after projection). Output column ``k`` is gene
-   ``GeneSpace.indices[k]`` of the vocabulary.
+2. **Selection**: a panel (``genes.parquet`` ``panels``, applied to the vocabulary genes before
+   their projection), explicit vocabulary indices or Ensembl ids, or every gene. Output column
+   ``k`` is the gene ``GeneSpace.ensembl_ids[k]``.
 3. **Value transform**, with the spot's library size taken over *all* its counts (before
    projection and selection, like ``scanpy.pp.normalize_total`` on the full matrix):
 
@@ -46,12 +47,17 @@ FloatArray = npt.NDArray[np.float32]
 
 @dataclass
 class GeneSpace:
-    """Vocabulary -> output columns: ``lut[vocab_index]`` is the column, or -1 when dropped."""
+    """Vocabulary -> output columns: ``lut[vocab_index]`` is the column, or -1 when dropped.
+
+    Output columns are keyed by Ensembl id (``ensembl_ids``). After the mouse -> human projection
+    a column may be a human gene that is not itself in the vocabulary (``genes.parquet`` keeps
+    ``human_ortholog_id`` for those); its ``indices`` entry is then -1.
+    """
 
     lut: IntArray
-    indices: IntArray  # vocabulary index of each output column
+    indices: IntArray  # vocabulary index of each output column's gene, -1 if not in the vocabulary
     ensembl_ids: list[str]
-    dropped: list[str] = field(default_factory=list)  # Ensembl ids with no output column after projection
+    dropped: list[str] = field(default_factory=list)  # mouse genes without a one-to-one human ortholog
     #: Vocabulary genes moved to another gene's column by the projection (mouse -> human).
     projected: npt.NDArray[np.bool_] | None = None
     #: No two genes of the same group (projected / not) share a column: only a sample that mixes
@@ -69,38 +75,30 @@ class GeneSpace:
         n = genes.num_rows
         ids: list[str] = genes.column("ensembl_id").to_pylist()
         species: list[str] = genes.column("species").to_pylist()
-        remap = np.arange(n, dtype=np.int64)
+        target: list[str | None] = list(ids)
         dropped: list[str] = []
         if settings.to_human:
-            ortholog = genes.column("human_ortholog").to_pylist()
+            index = genes.column("human_ortholog").to_pylist()
+            names = genes.schema.names
+            ortholog_ids = genes.column("human_ortholog_id").to_pylist() if "human_ortholog_id" in names else [None] * n
             for i in range(n):
-                if species[i] != "human":
-                    target = ortholog[i]
-                    remap[i] = -1 if target is None else int(target)
-                    if target is None:
-                        dropped.append(ids[i])
-        candidates = _selected(genes, settings, ids)
-        if settings.to_human:
-            not_human = [ids[i] for i in candidates if species[i] != "human"]
-            if settings.genes and not_human:
-                raise LoaderSettingsError(
-                    f"genes.to_human keeps human genes only; {len(not_human)} selected genes are not human "
-                    f"(e.g. {not_human[:3]}): select their human orthologs"
-                )
-            candidates = [i for i in candidates if species[i] == "human"]
-        column = np.full(n, -1, dtype=np.int64)
-        column[np.asarray(candidates, dtype=np.int64)] = np.arange(len(candidates))
-        lut = np.where(remap >= 0, column[np.maximum(remap, 0)], -1)
-        if settings.to_human:
-            dropped += [ids[i] for i in range(n) if species[i] != "human" and remap[i] >= 0 and lut[i] < 0]
-        projected = remap != np.arange(n)
+                if species[i] == "human":
+                    continue
+                target[i] = ortholog_ids[i] or (ids[index[i]] if index[i] is not None else None)
+                if target[i] is None:
+                    dropped.append(ids[i])
+        out = _selected(genes, settings, ids, target)
+        column = {g: k for k, g in enumerate(out)}
+        lut = np.array([column.get(t, -1) if t is not None else -1 for t in target], dtype=np.int64)
+        vocab = {g: i for i, g in enumerate(ids)}
+        projected = np.array([t is not None and t != g for t, g in zip(target, ids, strict=True)], dtype=np.bool_)
         injective = all(
             len(np.unique(cols)) == len(cols) for cols in (lut[(lut >= 0) & projected], lut[(lut >= 0) & ~projected])
         )
         return cls(
             lut=lut,
-            indices=np.asarray(candidates, dtype=np.int64),
-            ensembl_ids=[ids[i] for i in candidates],
+            indices=np.array([vocab.get(g, -1) for g in out], dtype=np.int64),
+            ensembl_ids=out,
             dropped=dropped,
             projected=projected if projected.any() else None,
             injective=injective,
@@ -119,35 +117,55 @@ class GeneSpace:
         return bool(np.any((moved_count > 0) & (moved_count < count)))
 
 
-def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str]) -> list[int]:
+def _unique(values: list[str | None]) -> list[str]:
+    """Values in first-seen order, without None or repeats."""
+    return list(dict.fromkeys(v for v in values if v is not None))
+
+
+def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str], target: list[str | None]) -> list[str]:
+    """Ensembl ids of the output columns, in order (projection already applied through ``target``)."""
     n = genes.num_rows
     if settings.panel is not None:
         panels = genes.column("panels").to_pylist()
-        chosen = [i for i in range(n) if settings.panel in (panels[i] or [])]
+        chosen = [target[i] for i in range(n) if settings.panel in (panels[i] or [])]
         if not chosen:
             known = sorted({p for ps in panels for p in (ps or [])})
             raise LoaderSettingsError(f"no gene is in panel {settings.panel!r}; panels in genes.parquet: {known}")
-        return chosen
-    if settings.genes:
-        by_id = {g: i for i, g in enumerate(ids)}
-        chosen = []
-        missing = []
-        for g in settings.genes:
-            if isinstance(g, int):
-                if not 0 <= g < n:
-                    missing.append(str(g))
-                    continue
-                chosen.append(g)
-            elif g.split(".", 1)[0] in by_id:
-                chosen.append(by_id[g.split(".", 1)[0]])
+        return _unique(chosen)
+    if not settings.genes:
+        return _unique(target)
+    by_id = {g: i for i, g in enumerate(ids)}
+    targets = set(_unique(target))
+    out: list[str] = []
+    missing: list[str] = []
+    orphans: list[str] = []
+    for g in settings.genes:
+        if isinstance(g, int):
+            if not 0 <= g < n:
+                missing.append(str(g))
+            elif target[g] is None:
+                orphans.append(ids[g])
             else:
-                missing.append(g)
-        if missing:
-            raise LoaderSettingsError(f"{len(missing)} selected genes are not in the vocabulary: {missing[:5]}")
-        if len(set(chosen)) != len(chosen):
-            raise LoaderSettingsError("genes.genes names a gene twice")
-        return chosen
-    return list(range(n))
+                out.append(target[g])  # type: ignore[arg-type]
+            continue
+        name = g.split(".", 1)[0]  # unversioned
+        if name in targets:
+            out.append(name)
+        elif name in by_id and target[by_id[name]] is None:
+            orphans.append(name)
+        elif name in by_id:
+            out.append(target[by_id[name]])  # type: ignore[arg-type]
+        else:
+            missing.append(g)
+    if missing:
+        raise LoaderSettingsError(f"{len(missing)} selected genes are not in the vocabulary: {missing[:5]}")
+    if orphans:
+        raise LoaderSettingsError(
+            f"genes.to_human: {len(orphans)} selected genes have no one-to-one human ortholog: {orphans[:5]}"
+        )
+    if len(set(out)) != len(out):
+        raise LoaderSettingsError("genes.genes names a gene twice (after the projection to human)")
+    return out
 
 
 @dataclass
@@ -193,7 +211,12 @@ class GeneTransform:
         self.means: npt.NDArray[np.float64] | None = None
         if means is not None:
             means = np.asarray(means, dtype=np.float64)
-            if len(means) == len(space.lut):
+            if len(means) == len(space.lut) and len(means) != space.size:
+                if (space.indices < 0).any():
+                    raise LoaderSettingsError(
+                        "gene means over the vocabulary cannot cover human orthologs outside it: "
+                        f"give one mean per selected gene ({space.size})"
+                    )
                 means = means[space.indices]
             if len(means) != space.size:
                 raise LoaderSettingsError(

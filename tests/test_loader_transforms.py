@@ -87,17 +87,23 @@ def test_selection_by_panel_and_by_id() -> None:
 
 def test_mouse_to_human_projection_by_hand() -> None:
     t = transform(transform="cp10k_log1p", to_human=True)
-    assert t.space.ensembl_ids == ["ENSG0", "ENSG1", "ENSG2"]
-    assert t.space.dropped == ["ENSMUSG4", "ENSMUSG5"]
+    # ENSMUSG5's ortholog is not in the vocabulary but still gets a column (by its Ensembl id).
+    assert t.space.ensembl_ids == ["ENSG0", "ENSG1", "ENSG2", "ENSG_OUTSIDE_VOCABULARY"]
+    assert t.space.indices.tolist() == [0, 1, 2, -1]
+    assert t.space.dropped == ["ENSMUSG4"]
     out = t.dense(flat(*BATCH))
-    # The mouse spot's library (8) is taken before projection; Ensmusg3 lands on ENSG1.
-    assert np.allclose(out[1], [0, np.log1p(5 / 8 * 1e4), 0])
-    assert t.mask(["m"]).tolist() == [[False, True, False]]
+    # The mouse spot's library (8) is taken before projection; ENSMUSG3 lands on ENSG1.
+    assert np.allclose(out[1], [0, np.log1p(5 / 8 * 1e4), 0, np.log1p(1 / 8 * 1e4)])
+    assert np.allclose(out[0], [np.log1p(7500), 0, np.log1p(2500), 0]), "human spots are unchanged"
+    assert t.mask(["m"]).tolist() == [[False, True, False, False]]
     # A spot that mixes a human gene and its mouse ortholog sums them before log1p.
     mixed = transform(transform="log1p", to_human=True).dense(flat(([1, 3], [2, 5])))
-    assert np.allclose(mixed, [[0, np.log(8), 0]])
-    with pytest.raises(LoaderSettingsError, match="keeps human genes only"):
-        transform(to_human=True, genes=("ENSMUSG3",))
+    assert np.allclose(mixed, [[0, np.log(8), 0, 0]])
+    picked = transform(transform="counts", to_human=True, genes=("ENSMUSG3", "ENSG_OUTSIDE_VOCABULARY"))
+    assert picked.space.ensembl_ids == ["ENSG1", "ENSG_OUTSIDE_VOCABULARY"]
+    assert picked.dense(flat(BATCH[1])).tolist() == [[5, 1]]
+    with pytest.raises(LoaderSettingsError, match="no one-to-one human ortholog"):
+        transform(to_human=True, genes=("ENSMUSG4",))
 
 
 def test_rank_tokens_by_hand() -> None:
@@ -114,9 +120,9 @@ def test_rank_tokens_by_hand() -> None:
     assert weighted.tokens(flat(BATCH[2]))[0].tolist() == [[3, 1, 2]]
     with pytest.raises(LoaderSettingsError, match="not positive finite"):
         transform(transform="rank", means=np.array([1, 0, 1, 1, 1, 1]))
-    human = transform(transform="rank", to_human=True, context_length=2)
-    assert human.tokens(flat(BATCH[1]))[0].tolist() == [[2, 0]]
-    assert human.vocab_size == 4
+    human = transform(transform="rank", to_human=True, context_length=3)
+    assert human.tokens(flat(BATCH[1]))[0].tolist() == [[2, 4, 0]]  # ENSG1 (5), ENSG_OUTSIDE (1); ENSMUSG4 dropped
+    assert human.vocab_size == 5
 
 
 def test_fixture_vocabulary_projection_drops_genes_without_a_human_ortholog_in_it() -> None:
@@ -124,14 +130,19 @@ def test_fixture_vocabulary_projection_drops_genes_without_a_human_ortholog_in_i
     space = GeneSpace.build(genes, GeneSettings(to_human=True))
     symbols = {g["ensembl_id"]: g["symbol"] for g in vocabulary()}
     dropped = sorted(symbols[g] for g in space.dropped)
-    # 15 mouse genes have no one-to-one human ortholog (Ensembl BioMart), and the orthologs of
-    # three more were left out of the fixture vocabulary.
-    assert len(dropped) == 18
-    assert {"Sox17", "Sulf1", "Slco5a1"} <= set(dropped)
-    assert {"Gm1992", "Snhg6", "1700034P13Rik"} <= set(dropped)
-    assert "Xkr4" not in dropped and "Sox17" in dropped
-    xkr4 = next(g for g in vocabulary() if g["symbol"] == "Xkr4")
-    assert space.lut[xkr4["index"]] == list(space.indices).index(xkr4["human_ortholog"])
+    # 15 of the 49 mouse genes have no one-to-one human ortholog (Ensembl BioMart): they drop out.
+    assert len(dropped) == 15
+    assert {"Gm1992", "Snhg6", "1700034P13Rik", "4732440D04Rik"} <= set(dropped)
+    assert not {"Xkr4", "Sox17"} & set(dropped)
+    by_symbol = {g["symbol"]: g for g in vocabulary()}
+    xkr4, sox17 = by_symbol["Xkr4"], by_symbol["Sox17"]
+    assert space.indices[space.lut[xkr4["index"]]] == xkr4["human_ortholog"], "onto XKR4 of the vocabulary"
+    # SOX17 is left out of the fixture vocabulary: Sox17 still lands on a SOX17 column, by Ensembl id.
+    assert sox17["human_ortholog"] is None
+    assert space.ensembl_ids[space.lut[sox17["index"]]] == sox17["human_ortholog_id"] == "ENSG00000164736"
+    assert space.indices[space.lut[sox17["index"]]] == -1
+    assert space.size == 131 + 3, "131 human genes of the vocabulary and 3 orthologs outside it"
+    assert all(i.startswith("ENSG0") for i in space.ensembl_ids)
 
 
 # ---------------------------------------------------------------------------------------------
