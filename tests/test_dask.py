@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from curate.cli import main
 from curate.errors import ExecutorError, SettingsError
 from stcorpus import __version__, schema
 from tests.build_fixtures import bad_slides, good_slides, manifest
-from tests.test_build import DEMO, digests
+from tests.test_build import DEMO, QUIET, digests
 
 pytest.importorskip("distributed")  # the `dask` extra; `make test` installs it
 
@@ -63,40 +64,54 @@ def test_local_cluster_build_is_byte_identical(tmp_path: Path, capsys: pytest.Ca
     assert _leftovers(tmp_path / "dask") == []
 
 
-# --- a worker killed mid-slide -------------------------------------------------------------
-
-SLOW_SLIDE = "GOOD-1"
+# --- workers lost mid-slide ----------------------------------------------------------------
 
 
-def _slow_unit_on_this_worker(slide_id: str, flag: str) -> int:
-    """Run on each worker with ``client.run``: that slide's unit now starts writing and then hangs.
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """A LocalCluster of 2 single-threaded worker processes, shared by the worker-loss tests."""
+    local_cluster: Any = importlib.import_module("distributed").LocalCluster
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as running:
+        yield running
 
-    A restarted worker process imports the module afresh, without this patch, so the slide's
-    retry runs normally.
+
+def _patch_unit(slide_id: str, flag: str, action: str) -> int:
+    """Run on each worker with ``client.run``: the first unit of ``slide_id`` (on any worker; the
+    work folder is shared) starts writing its unit, records its pid in ``flag``, then hangs
+    (``action="hang"``) or kills its own process (``"die"``). Every other unit runs normally.
+
+    A worker process that the nanny starts again imports the module afresh, without the patch.
     """
     import curate.build.dask_executor as module
     from curate.build.workdir import WorkDir
 
-    original = vars(module)["unit_task"]
+    original = vars(module).setdefault("_original_unit_task", vars(module)["unit_task"])
 
-    def slow(sample: Any, work_root: str, unit: Any, fetch: Any) -> Any:
-        if sample.id != slide_id or Path(flag).exists():  # hang once: the retry may land on the other worker
+    def patched(sample: Any, work_root: str, unit: Any, fetch: Any) -> Any:
+        if sample.id != slide_id or Path(flag).exists():
             return original(sample, work_root, unit, fetch)
         tmp = WorkDir(Path(work_root)).begin(sample.id)
         (tmp / "samples.arrow").write_bytes(b"half a unit")  # what a worker lost mid-write leaves
         Path(flag + ".part").write_text(f"{os.getpid()} {tmp}")
         Path(flag + ".part").rename(flag)
+        if action == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(300)
         raise AssertionError("this worker should have been killed")
 
-    vars(module)["unit_task"] = slow
+    vars(module)["unit_task"] = patched
     return os.getpid()
 
 
-def test_worker_killed_mid_slide(tmp_path: Path) -> None:
-    from curate.build.dask_executor import DaskExecutor
+def _unpatch_unit() -> None:
+    import curate.build.dask_executor as module
 
-    local_cluster: Any = importlib.import_module("distributed").LocalCluster
+    if "_original_unit_task" in vars(module):
+        vars(module)["unit_task"] = vars(module).pop("_original_unit_task")
+
+
+def test_worker_killed_mid_slide(tmp_path: Path, cluster: Any) -> None:
+    from curate.build.dask_executor import DaskExecutor
 
     path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 4))
     settings = BuildSettings(progress=False, name="c")
@@ -117,15 +132,15 @@ def test_worker_killed_mid_slide(tmp_path: Path) -> None:
         os.kill(int(pid), signal.SIGKILL)
         killed["pid"] = int(pid)
 
-    with (
-        local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        DaskExecutor.connect(cluster.scheduler_address, progress_every=1.0) as executor,
-    ):
-        before = executor.client.run(_slow_unit_on_this_worker, SLOW_SLIDE, str(flag))
-        killer = threading.Thread(target=kill_the_hanging_worker, daemon=True)
-        killer.start()
-        summary = build([path], out=tmp_path / "dask", settings=settings, executor=executor)
-        killer.join(timeout=5)
+    with DaskExecutor.connect(cluster.scheduler_address, progress_every=1.0) as executor:
+        before = executor.client.run(_patch_unit, "GOOD-1", str(flag), "hang")
+        try:
+            killer = threading.Thread(target=kill_the_hanging_worker, daemon=True)
+            killer.start()
+            summary = build([path], out=tmp_path / "dask", settings=settings, executor=executor)
+            killer.join(timeout=5)
+        finally:
+            executor.client.run(_unpatch_unit)
         after = executor.client.run(os.getpid)
 
     assert killed.get("pid") in before.values(), "the slide never reached the patched worker"
@@ -134,6 +149,36 @@ def test_worker_killed_mid_slide(tmp_path: Path) -> None:
     assert summary.slides == {"built": 4}
     assert digests(tmp_path / "dask") == digests(tmp_path / "reference")
     assert _leftovers(tmp_path / "dask") == []
+
+
+def _set_allowed_failures(dask_scheduler: Any, n: int) -> int:
+    previous: int = dask_scheduler.allowed_failures
+    dask_scheduler.allowed_failures = n
+    return previous
+
+
+def test_slide_that_keeps_killing_workers_is_failed_not_fatal(tmp_path: Path, cluster: Any) -> None:
+    from curate.build.dask_executor import DaskExecutor
+
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 2))
+    with DaskExecutor.connect(cluster.scheduler_address) as executor:
+        # No second chance: the first lost worker makes the slide `failed` (KilledWorker).
+        previous = executor.client.run_on_scheduler(_set_allowed_failures, n=0)
+        executor.client.run(_patch_unit, "GOOD-0", str(tmp_path / "died"), "die")
+        try:
+            summary = build([path], out=tmp_path / "out", settings=QUIET, executor=executor)
+        finally:
+            executor.client.run(_unpatch_unit)
+            executor.client.run_on_scheduler(_set_allowed_failures, n=previous)
+    assert (tmp_path / "died").exists()
+    assert summary.slides == {"built": 1, "failed": 1}
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).to_pylist()}
+    assert rows["GOOD-0"]["status"] == "failed" and rows["GOOD-0"]["reason"].startswith("worker_lost: ")
+    assert rows["GOOD-1"]["status"] == "built"
+    # `failed` units are retried by the next build: the same command then builds the slide.
+    with DaskExecutor.connect(cluster.scheduler_address) as executor:
+        again = build([path], out=tmp_path / "out", settings=QUIET, executor=executor)
+    assert again.slides == {"built": 2} and again.reused_units == 1
 
 
 # --- cluster files --------------------------------------------------------------------------
