@@ -1,0 +1,85 @@
+"""A corpus made by `curate build` from real slides, read back by our loader and by `datasets`.
+
+Also reads the frozen copy of schema stcorpus/1 in tests/data/corpus-stcorpus-1 (made once by
+`curate build`, see its SOURCE.md): a change that breaks reading a released corpus fails here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curate.build.pipeline import BuildSettings, build
+from curate.build.splits import SplitSettings
+from stcorpus import schema
+from tests.build_fixtures import good_slides, manifest
+from tests.conftest import DATA
+
+FROZEN = DATA / "corpus-stcorpus-1"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("roundtrip")
+    path = manifest(root / "m", good_slides(root / "data", 3, integer=True))
+    settings = BuildSettings(
+        progress=False, name="roundtrip", splits=SplitSettings(train=1.0, validation=0.0, test=0.0)
+    )
+    build([path], out=root / "corpus", settings=settings)
+    return root / "corpus"
+
+
+def read_all(location: Path, **settings: object) -> list[dict]:
+    from loaders import CorpusDataset, LoaderSettings
+
+    options = {
+        "split": "train",
+        "batch_size": 8,
+        "drop_last": False,
+        "shuffle": False,
+        "genes": {"transform": "counts"},
+    }
+    options.update(settings)
+    dataset = CorpusDataset(str(location), LoaderSettings.from_dict(options))
+    return list(iter(dataset))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "wds"])
+def test_loader_reads_a_built_corpus_like_datasets(corpus: Path, fmt: str) -> None:
+    import datasets
+
+    batches = read_all(corpus, format=fmt)
+    keys = [k for b in batches for k in b["key"]]
+    rows = list(datasets.load_dataset(str(corpus), split="train", streaming=True))
+    assert sorted(keys) == sorted(r["__key__"] for r in rows)
+    assert len(keys) == sum(r["n_spots_written"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist())
+    by_key = {r["__key__"]: r for r in rows}
+    genes = pq.read_table(corpus / schema.GENES_FILE)
+    for batch in batches:
+        for i, key in enumerate(batch["key"]):
+            row = by_key[key]
+            patch = batch["patch"][i].permute(1, 2, 0).numpy()
+            assert np.array_equal(patch, np.asarray(row["patch"]))  # both decoders are libjpeg-turbo
+            dense = np.zeros(genes.num_rows, dtype=np.float32)
+            dense[row["genes"]] = row["counts"]
+            assert np.array_equal(batch["expr"][i].numpy(), dense)
+            assert bool(batch["expr_mask"][i][row["genes"]].all())
+            assert int(batch["pos"][i]) == row["pos"]
+
+
+def test_frozen_corpus_still_reads() -> None:
+    import datasets
+
+    corpus = (FROZEN / schema.CORPUS_FILE).read_text()
+    assert '"schema": "stcorpus/1"' in corpus
+    for fmt in ("parquet", "wds"):
+        keys = [k for b in read_all(FROZEN, format=fmt, split="test") for k in b["key"]]
+        assert len(keys) == 4
+    rows = list(datasets.load_dataset(str(FROZEN), split="test", streaming=True))
+    assert len(rows) == 4 and rows[0]["patch"].size == (224, 224)
+    wds = list(datasets.load_dataset(str(FROZEN), data_dir="wds", split="test", streaming=True))
+    assert [r["__key__"] for r in wds] == [r["__key__"] for r in rows]
+    assert np.array_equal(np.asarray(wds[0]["patch.jpg"]), np.asarray(rows[0]["patch"]))
