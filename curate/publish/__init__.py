@@ -1,0 +1,161 @@
+"""``curate publish``: send a built corpus to a Hugging Face Hub dataset repository or an fsspec URL.
+
+The steps, in order (what flows between them in brackets)::
+
+    scan       [every file to publish, hashed once: size, sha256, git blob id]
+    validate   [problems: card, provenance, shard index against the files] -> refuse on any
+    compare    [new / changed / unchanged per file, remote-only files] (skipped offline: unknown)
+    upload     [bounded commits / batches, shards first, the description files last]
+
+A dry run (the default) stops after ``compare`` and returns the plan; ``upload=True`` sends the
+files the plan marks new, changed or unknown. Nothing is sent from a folder that fails
+validation, and hidden or temporary paths (the build's ``.work/``, ``*.partial``) never are.
+
+>>> plan = publish(Path("corpora/hest-visium"), HubTarget("my-org/hest-visium"))  # doctest: +SKIP
+>>> print("\\n".join(plan.plan.lines(delete=False)))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from curate.errors import CorpusValidationError, PublishError, TargetUnreachableError
+from curate.publish.fs import INDEX_FILE, FsspecTarget
+from curate.publish.hub import HubTarget, offline_requested
+from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, make_plan
+from curate.publish.validate import CorpusScan, LocalFile, check_corpus, scan_corpus
+
+Target = HubTarget | FsspecTarget
+
+
+@dataclass
+class PublishResult:
+    """What ``publish`` did: the plan, whether it uploaded, and in how many commits (Hub) or batches."""
+
+    plan: PublishPlan
+    uploaded: bool = False
+    commits: int = 0
+
+
+def validate_for_publish(
+    root: Path, *, hub: bool = False, jobs: int = 4, progress: Callable[[int], None] | None = None
+) -> CorpusScan:
+    """Scan and validate ``root``; raise :class:`CorpusValidationError` listing every problem."""
+    if not root.is_dir():
+        raise PublishError(f"{root} is not a folder: give the --out folder of `curate build`")
+    scan = scan_corpus(root, jobs=jobs, progress=progress)
+    problems = check_corpus(scan, hub=hub)
+    if problems:
+        raise CorpusValidationError(
+            f"{root} cannot be published: {len(problems)} problem(s); nothing was uploaded", problems=problems
+        )
+    return scan
+
+
+def plan_publish(
+    root: Path,
+    target: Target,
+    *,
+    offline: bool = False,
+    for_upload: bool = False,
+    jobs: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> PublishPlan:
+    """Validate ``root`` and compare it with ``target`` (not asked when ``offline``).
+
+    An unreachable target gives a plan with unknown statuses, unless ``for_upload`` (then it raises).
+    """
+    if isinstance(target, FsspecTarget):
+        target.check_source(root)
+    scan = validate_for_publish(root, hub=isinstance(target, HubTarget), jobs=jobs, progress=progress)
+    offline = offline or (isinstance(target, HubTarget) and offline_requested())
+    if offline:
+        if for_upload:
+            raise PublishError("cannot upload offline: drop --offline (and HF_HUB_OFFLINE) to publish")
+        return make_plan(
+            target.describe(),
+            scan.files,
+            None,
+            unknown_reason="offline (--offline or HF_HUB_OFFLINE): the target was not asked",
+            skipped=scan.skipped,
+        )
+    try:
+        statuses, remote_only = target.compare(scan.files)
+    except TargetUnreachableError as exc:
+        if for_upload:
+            raise
+        return make_plan(target.describe(), scan.files, None, unknown_reason=str(exc), skipped=scan.skipped)
+    return make_plan(target.describe(), scan.files, statuses, remote_paths=remote_only, skipped=scan.skipped)
+
+
+def apply_plan(
+    root: Path,
+    target: Target,
+    plan: PublishPlan,
+    *,
+    delete: bool = False,
+    limits: CommitLimits | None = None,
+    message: str | None = None,
+    on_commit: Callable[[Sequence[PlannedFile]], None] | None = None,
+) -> int:
+    """Send what ``plan`` (from :func:`plan_publish` on ``target``) marks for upload; return the commits made.
+
+    A plan with unknown statuses (offline, unreachable) is refused: an upload compares first.
+    """
+    if not plan.remote_known:
+        raise PublishError(f"cannot upload without comparing with the target first: {plan.unknown_reason}")
+    if not plan.uploads and not (delete and plan.remote_only):
+        return 0
+    return target.upload(
+        root,
+        plan,
+        delete=delete,
+        limits=limits or CommitLimits(),
+        message=message or f"Publish {root.resolve().name} with stcorpus",
+        on_commit=on_commit,
+    )
+
+
+def publish(
+    root: Path,
+    target: Target,
+    *,
+    upload: bool = False,
+    delete: bool = False,
+    offline: bool = False,
+    jobs: int = 4,
+    limits: CommitLimits | None = None,
+    message: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_commit: Callable[[Sequence[PlannedFile]], None] | None = None,
+) -> PublishResult:
+    """Publish the corpus folder ``root`` to ``target`` (a dry run unless ``upload``).
+
+    ``delete`` removes files on the target that the corpus no longer has; ``limits`` bounds
+    each commit (Hub) or index checkpoint (fsspec); ``on_commit`` is called after each.
+    """
+    plan = plan_publish(root, target, offline=offline, for_upload=upload, jobs=jobs, progress=progress)
+    if not upload:
+        return PublishResult(plan=plan)
+    commits = apply_plan(root, target, plan, delete=delete, limits=limits, message=message, on_commit=on_commit)
+    return PublishResult(plan=plan, uploaded=True, commits=commits)
+
+
+__all__ = [
+    "INDEX_FILE",
+    "CommitLimits",
+    "CorpusScan",
+    "FsspecTarget",
+    "HubTarget",
+    "LocalFile",
+    "PlannedFile",
+    "PublishPlan",
+    "PublishResult",
+    "Target",
+    "apply_plan",
+    "plan_publish",
+    "publish",
+    "validate_for_publish",
+]
