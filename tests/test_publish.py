@@ -19,7 +19,7 @@ import yaml
 
 from curate.build.pipeline import BuildSettings, build
 from curate.cli import main
-from curate.errors import PublishError
+from curate.errors import PublishError, TargetUnreachableError
 from curate.publish import INDEX_FILE, CommitLimits, FsspecTarget, HubTarget, publish
 from curate.publish.validate import check_corpus, scan_corpus, split_front_matter
 from stcorpus import schema
@@ -366,3 +366,31 @@ def test_hub_publish_resumes_after_a_failed_commit_and_deletes_only_when_asked(
     deleted = publish(corpus, HubTarget(repo), upload=True, delete=True)
     assert deleted.commits == 1 and hub_api.commits(repo)[-1]["deleted"] == [gone]
     assert gone not in hub_api.files(repo) and ".gitattributes" in hub_api.files(repo)
+
+
+def test_hub_publish_to_a_new_branch_creates_it(corpus: Path, hub_api: HubApiStandIn) -> None:
+    repo = "my-org/branched"
+    result = publish(corpus, HubTarget(repo, revision="v2"), upload=True)
+    assert result.commits == 2 and {f.status for f in result.plan.files} == {"new"}  # data, then description
+    assert hub_api.files(repo, "main") == {".gitattributes": GITATTRIBUTES}
+    assert sorted(p for p in hub_api.files(repo, "v2") if p != ".gitattributes") == published(corpus)
+    assert {c["branch"] for c in hub_api.commits(repo)} == {"v2"}
+    again = publish(corpus, HubTarget(repo, revision="v2"))
+    assert {f.status for f in again.plan.files} == {"unchanged"}
+
+
+def test_an_unreachable_hub_gives_unknown_statuses_in_a_dry_run_and_stops_an_upload(corpus: Path) -> None:
+    import httpx2
+
+    class Down:
+        endpoint = "http://127.0.0.1:9"
+
+        def list_repo_tree(self, *args: Any, **kwargs: Any) -> Any:
+            raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+    target = HubTarget("my-org/st-corpus", api_factory=Down)
+    plan = publish(corpus, target).plan
+    assert not plan.remote_known and {f.status for f in plan.files} == {"unknown"}
+    assert "cannot be reached" in plan.unknown_reason and "status unknown" in "\n".join(plan.lines(delete=False))
+    with pytest.raises(TargetUnreachableError, match="cannot be reached"):
+        publish(corpus, target, upload=True)
