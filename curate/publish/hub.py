@@ -161,7 +161,7 @@ class HubTarget:
             if entry is None:
                 statuses[path] = "new"
             elif entry.size == file.size and (
-                entry.sha256 == file.sha256 if entry.sha256 is not None else entry.blob_id == file.git_oid
+                entry.sha256 == file.sha256 if entry.sha256 is not None else entry.blob_id == file.git_oid != ""
             ):
                 statuses[path] = "unchanged"
             else:
