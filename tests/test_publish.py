@@ -178,11 +178,14 @@ def test_files_gone_from_the_corpus_are_deleted_only_with_delete(
     assert run(capsys, str(corpus), "--to", str(target), "--yes")[0] == 0
     gone = next(p for p in published(corpus) if p.endswith("__spots.png"))
     (corpus / gone).unlink()
+    (target / ".git").mkdir()  # hidden files at the target are not the corpus's: never listed or deleted
+    (target / ".git" / "config").write_text("[core]\n")
 
     code, out, _ = run(capsys, str(corpus), "--to", str(target), "--yes")
     assert code == 0 and f"{gone}  (not in the corpus: keep)" in out and (target / gone).exists()
     code, out, _ = run(capsys, str(corpus), "--to", str(target), "--yes", "--delete")
     assert code == 0 and f"{gone}  (not in the corpus: delete)" in out and not (target / gone).exists()
+    assert ".git" not in out and (target / ".git" / "config").exists()
     assert gone not in json.loads((target / INDEX_FILE).read_text())["files"]
 
 

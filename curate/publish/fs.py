@@ -19,12 +19,12 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from curate.errors import PublishError, TargetUnreachableError
 from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
-from curate.publish.validate import LocalFile, check_unchanged, hash_file
+from curate.publish.validate import LocalFile, check_unchanged, hash_file, is_skipped
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ class FsspecTarget:
                 statuses[path] = "unchanged" if sha256 == file.sha256 else "changed"
             else:
                 statuses[path] = "changed"  # same size, content unknown without downloading it
-        remote_only = sorted(p for p in listing if p not in local and p != INDEX_FILE)
+        # Hidden files at the target (the index, a .git folder, partial copies) are not the corpus's.
+        remote_only = sorted(p for p in listing if p not in local and not is_skipped(PurePosixPath(p)))
         return statuses, remote_only
 
     # --- upload --------------------------------------------------------------------------------
@@ -189,9 +190,7 @@ class FsspecTarget:
         """Copy the plan's uploads in bounded batches, checkpointing the index after each; return the batches."""
         del message  # a folder has no commit messages
         self._fs.makedirs(self._base, exist_ok=True)
-        index: dict[str, dict[str, Any]] = {p: e for p, e in self._index.items() if p not in plan.remote_only}
-        if not delete:  # files kept on the target keep their entries
-            index.update({p: e for p, e in self._index.items() if p in plan.remote_only})
+        index = dict(self._index)  # entries of deleted files go when the files do
         for item in plan.files:
             if item.status == "unchanged":
                 index[item.file.path] = {"size": item.file.size, "sha256": item.file.sha256}

@@ -30,17 +30,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from curate.errors import PublishError, TargetUnreachableError
 from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
-from curate.publish.validate import LocalFile, check_unchanged
+from curate.publish.validate import LocalFile, check_unchanged, is_skipped
 
 log = logging.getLogger(__name__)
-
-#: Files the Hub keeps in every repository; never reported as remote-only or deleted.
-HUB_OWN_FILES: Final = frozenset({".gitattributes"})
 
 
 @dataclass(frozen=True)
@@ -166,7 +163,8 @@ class HubTarget:
                 statuses[path] = "unchanged"
             else:
                 statuses[path] = "changed"
-        return statuses, sorted(p for p in remote if p not in local and p not in HUB_OWN_FILES)
+        # Hidden files (.gitattributes, which the Hub keeps in every repository) are not the corpus's.
+        return statuses, sorted(p for p in remote if p not in local and not is_skipped(PurePosixPath(p)))
 
     # --- upload --------------------------------------------------------------------------------
 
