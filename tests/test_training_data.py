@@ -40,8 +40,10 @@ def test_batches_follow_the_batch_contract(bank) -> None:
 def test_expression_respects_the_mask_and_tokens_rank_it(bank) -> None:
     assert torch.all(bank.expr[~bank.expr_mask] == 0)
     assert not bank.expr_mask.all()  # some genes are unmeasured on some slides
+    assert torch.all(bank.tokens[~bank.tokens_mask] == 0)  # 0 is padding
     for row in range(5):
-        ids = bank.tokens[row][bank.tokens_mask[row]]
+        ids = bank.tokens[row][bank.tokens_mask[row]] - 1  # token ids are column + 1 (loaders/batch.py)
+        assert ids.min() >= 0
         values = bank.expr[row, ids]
         assert torch.all(values[:-1] >= values[1:])
         assert torch.all(bank.expr_mask[row, ids]) and torch.all(values > 0)
@@ -143,9 +145,9 @@ def test_check_batch_names_what_is_wrong(bank) -> None:
         check_batch({**batch, B.PATCH: batch[B.PATCH][:, :1]}, needs=[])
 
 
-def test_corpus_source_is_the_documented_integration_point() -> None:
-    cfg = load_config("tiny-cpu", overrides=["data.source=corpus", "data.corpus=/tmp/nowhere"])
-    with pytest.raises(DataSourceUnavailableError, match="issue 8"):
+def test_a_missing_corpus_is_a_clear_data_source_error(tmp_path) -> None:
+    cfg = load_config("tiny-cpu", overrides=["data.source=corpus", f"data.corpus={tmp_path / 'nowhere'}"])
+    with pytest.raises(DataSourceUnavailableError, match=r"cannot read split train of the corpus .*nowhere"):
         build_run_data(cfg, rank=0, world_size=1)
 
 
@@ -153,7 +155,8 @@ def test_resolve_fills_sizes_from_the_data_and_checks_set_ones() -> None:
     cfg = load_config("tiny-cpu", overrides=["model.gene.name=transformer", "model.gene.hidden=32"])
     data = build_run_data(cfg, rank=0, world_size=1)
     resolved = resolve_config(cfg, data)
-    assert resolved.model.gene.n_genes == 64 and resolved.model.gene.max_tokens == 24
+    # the transformer's vocabulary is G + 1 token ids (0 is padding)
+    assert resolved.model.gene.n_genes == 65 and resolved.model.gene.max_tokens == 24
     assert resolved.model.image.image_size == 48
     wrong = load_config("tiny-cpu", overrides=["model.gene.n_genes=10"])
     with pytest.raises(ConfigError, match="n_genes"):

@@ -90,8 +90,29 @@ class SyntheticSection(_Section):
         return self
 
 
+#: Loader settings that training decides itself, and the config key that sets each instead.
+LOADER_OWNED: Final = {
+    "split": "data.train_split / data.val_split",
+    "batch_size": "data.batch_size",
+    "seed": "data.seed",
+    "shuffle": "nothing: training shuffles, evaluation pools keep the shard order",
+    "drop_last": "nothing: training drops a short last batch, evaluation pools keep it",
+    "views": "data.views",
+}
+#: Gene transforms of the loader that each gene encoder can read.
+GENE_TRANSFORMS: Final = {"mlp": ("log1p", "cp10k_log1p", "counts"), "transformer": ("rank",)}
+
+
 class DataSection(_Section):
-    """Where batches come from. Batches follow ``loaders/batch.py`` whatever the source."""
+    """Where batches come from. Batches follow ``loaders/batch.py`` whatever the source.
+
+    ``loader`` holds ``loaders.LoaderSettings`` for ``source: corpus``, as in
+    ``LoaderSettings.from_dict`` (``format``, ``shuffle_window``, ``on_bad_sample``, ``filters``,
+    ``genes`` (``transform``, ``to_human``, ``panel``, ``genes``, ``context_length``, ...),
+    ``augment``, ``http``), checked when the config is read. The keys of :data:`LOADER_OWNED`
+    come from this section instead. ``genes.transform`` defaults to what the gene encoder
+    reads: ``log1p`` for ``mlp``, ``rank`` for ``transformer``.
+    """
 
     source: Literal["synthetic", "corpus"] = "synthetic"
     #: Per process and micro-step; the contrastive batch is ``batch_size x world_size``.
@@ -103,7 +124,12 @@ class DataSection(_Section):
     corpus: str | None = None
     train_split: str = "train"
     val_split: str = "validation"
+    #: DataLoader worker processes of the training stream (evaluation pools are read in the
+    #: main process, so that their content never depends on the number of workers).
     num_workers: int = Field(default=2, ge=0)
+    #: Batches each worker keeps ready (None: torch's default of 2).
+    prefetch_factor: int | None = Field(default=None, ge=1)
+    loader: dict[str, Any] = Field(default_factory=dict)
     synthetic: SyntheticSection = SyntheticSection()
 
     @model_validator(mode="after")
@@ -114,7 +140,32 @@ class DataSection(_Section):
             raise ValueError(f"views has duplicates: {self.views}")
         if self.source == "corpus" and not self.corpus:
             raise ValueError("source 'corpus' needs data.corpus (a corpus folder, URL or hf:// repository)")
+        owned = sorted(set(self.loader) & set(LOADER_OWNED))
+        if owned:
+            where = "; ".join(f"{key}: {LOADER_OWNED[key]}" for key in owned)
+            raise ValueError(f"data.loader must not set {', '.join(owned)} (set by training; {where})")
+        if self.loader:
+            from loaders.settings import LoaderSettings
+
+            try:
+                settings = LoaderSettings.from_dict(self.loader)
+            except ValueError as exc:  # LoaderSettingsError names the key
+                raise ValueError(f"data.loader: {exc}") from exc
+            if settings.genes.transform == "none":
+                raise ValueError("data.loader.genes.transform 'none' leaves the gene encoder without input")
+        for split in (self.train_split, self.val_split):
+            if split not in ("train", "validation", "test"):
+                raise ValueError(f"split {split!r} is not one of train, validation, test")
+        if self.source == "corpus" and self.train_split == self.val_split:
+            raise ValueError(
+                f"train_split and val_split are both {self.train_split!r}: evaluation must use held-out slides"
+            )
         return self
+
+    def loader_genes(self) -> dict[str, Any]:
+        """The ``genes`` mapping of ``loader`` (empty when not given)."""
+        genes = self.loader.get("genes", {})
+        return dict(genes) if isinstance(genes, Mapping) else {}
 
 
 class ImageEncoderSection(_Section):
@@ -127,7 +178,8 @@ class ImageEncoderSection(_Section):
     #: small-vit only.
     patch_size: int = Field(default=8, ge=2)
     heads: int = Field(default=4, ge=1)
-    #: Input size (0: the data's tile size). Needed by small-vit's position embedding.
+    #: The encoder's input size (0: the data's tile size). Tiles of another size are resized
+    #: on the device (area averaging down, bilinear up): e.g. 224 px tiles into a 56 px CPU model.
     image_size: int = Field(default=0, ge=0)
     #: timm only: ``hub`` (timm's pretrained weights, downloaded when reachable), a local
     #: weights file (.safetensors / .bin / .pth), or None for random initialisation.
@@ -238,8 +290,10 @@ class EvalSection(_Section):
     pool_size: int = Field(default=1000, ge=2)
     recall_ks: tuple[int, ...] = (1, 5, 10)
     probe: bool = True
-    #: Training-split spots the probe is fitted on.
+    #: Training-split spots the probe is fitted on (the first ones in shard order).
     probe_train_size: int = Field(default=2000, ge=4)
+    #: Corpus source: the training-split slides the probe is fitted on (empty: every one).
+    probe_train_slides: tuple[str, ...] = ()
     probe_genes: int = Field(default=50, ge=1)
     probe_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
     #: Fraction of the training slides held out to choose the ridge alpha.
@@ -270,6 +324,21 @@ class TrainConfig(_Section):
             raise ValueError(
                 "loss terms region_spot / patch_region / pos need the region view: "
                 "add it with data.views=[patch,region]"
+            )
+        genes = self.data.loader_genes()
+        encoder = self.model.gene.name
+        transform = genes.get("transform")
+        if transform is not None and transform not in GENE_TRANSFORMS[encoder]:
+            raise ValueError(
+                f"data.loader.genes.transform={transform!r} does not feed the {encoder} gene encoder; "
+                f"use one of {GENE_TRANSFORMS[encoder]}"
+            )
+        length = genes.get("context_length")
+        tokens = self.model.gene.max_tokens
+        if encoder == "transformer" and length is not None and tokens and length > tokens:
+            raise ValueError(
+                f"data.loader.genes.context_length ({length}) is above model.gene.max_tokens ({tokens}); "
+                "set one of them only (the other follows)"
             )
         return self
 

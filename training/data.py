@@ -10,7 +10,11 @@
     memory, which makes it the "in-memory synthetic tensors" baseline of throughput runs.
 
 ``data.source: corpus``
-    :func:`corpus_dataloader`, the one integration point with the torch corpus loader.
+    :func:`corpus_dataloader`, the one integration point with the torch corpus loader
+    (``loaders``): :class:`CorpusSource` wraps a ``CorpusLoader`` for this rank (epochs, the
+    loader's checkpoint state), :class:`CorpusPool` gives fixed-order evaluation passes (the
+    validation pool; the probe's training spots), and :func:`corpus_sizes` reads G, the token
+    vocabulary and the tile size from the corpus's metadata.
 
 A source is anything with ``__iter__`` (one epoch of batches from the current position),
 ``state_dict()`` and ``load_state_dict()`` (:class:`BatchSource`).
@@ -19,10 +23,11 @@ A source is anything with ``__iter__`` (one epoch of batches from the current po
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +38,19 @@ from stcorpus.schema import sample_key
 from training.config import SyntheticSection, TrainConfig
 from training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
 
+if TYPE_CHECKING:
+    from loaders import CorpusDataset, CorpusLoader, LoaderSettings
+
 Batch = dict[str, Any]
+
+#: Token id of the first gene (0 is padding), as in ``loaders/batch.py``.
+TOKEN_OFFSET: Final = 1
+#: Tile size of the corpus contract (CORPUS.md section 2), for a corpus.json that does not say.
+CONTRACT_TILE_PX: Final = 224
+#: Entries of evaluation batches that carry the probe's log1p targets when ``expr`` is another
+#: transform (or absent, with rank tokens).
+PROBE_EXPR: Final = "probe_expr"
+PROBE_EXPR_MASK: Final = "probe_expr_mask"
 
 
 class BatchSource(Protocol):
@@ -155,10 +172,13 @@ def _to_uint8(image: Tensor) -> Tensor:
 
 
 def _rank_tokens(expr: Tensor, mask: Tensor, *, length: int) -> tuple[Tensor, Tensor]:
-    """Gene ids by descending expression (measured, non-zero genes only), padded with 0 / False."""
+    """Gene ids (``column + 1``, as the loader's) by descending expression, padded with 0 / False.
+
+    Only measured, non-zero genes become tokens; the vocabulary of the ids is ``G + 1``.
+    """
     score = torch.where(mask & (expr > 0), expr, torch.full_like(expr, -1.0))
     ordered, order = torch.sort(score, dim=1, descending=True, stable=True)
-    tokens = order[:, :length].to(torch.int64)
+    tokens = order[:, :length].to(torch.int64) + TOKEN_OFFSET
     tokens_mask = ordered[:, :length] > 0
     return tokens.masked_fill(~tokens_mask, 0), tokens_mask
 
@@ -336,33 +356,262 @@ class SyntheticSource(torch.utils.data.IterableDataset[Batch]):
 # ---------------------------------------------------------------------------------------------
 
 
-def corpus_dataloader(cfg: TrainConfig, *, split: str, rank: int, world_size: int, shuffle: bool) -> BatchSource:
-    """THE integration point with the torch corpus loader (``loaders``; issue 8).
+def gene_transform(cfg: TrainConfig) -> str:
+    """The loader's gene transform for this run: ``data.loader.genes.transform``, else what the encoder reads."""
+    chosen = cfg.data.loader_genes().get("transform")
+    if chosen:
+        return str(chosen)
+    return "log1p" if cfg.model.gene.name == "mlp" else "rank"
 
-    What training needs from it, whatever its constructor looks like:
 
-    - built from ``cfg.data.corpus`` (folder, HTTP URL or ``hf://`` repo), ``split``,
-      ``cfg.data.batch_size`` (per process), ``cfg.data.views`` (always ``patch``; ``region`` for
-      STAMP's terms), the gene transform the gene encoder needs (dense ``log1p`` -> ``expr`` /
-      ``expr_mask`` for ``mlp``; rank tokens of length ``model.gene.max_tokens`` -> ``tokens`` /
-      ``tokens_mask`` for ``transformer``; evaluation batches need the dense ``log1p`` ``expr``
-      for the probe), ``cfg.data.num_workers``, ``cfg.data.seed``;
-    - sharded disjointly by ``(rank, world_size)`` and by DataLoader worker, with equal batch
-      counts per rank (or an agreed stop) so that collectives never hang;
-    - yields collated batches of ``loaders/batch.py`` with uint8 images;
-    - ``__iter__`` = the rest of the current epoch; the next ``iter()`` = the next epoch, reshuffled
-      from ``(seed, epoch)``; ``shuffle=False`` = a fixed order (evaluation pools);
-    - ``state_dict()`` -> plain containers (ints, strings, lists, dicts, tensors: it is stored
-      in a ``torch.load(weights_only=True)`` checkpoint) describing the position after the last
-      batch *handed to the caller* (not the last one prefetched by workers);
-      ``load_state_dict(state)`` -> the next batch is exactly the one that followed;
-    - the sizes training resolves the model with: the gene count G of ``expr`` (or vocabulary
-      size for tokens), the token length, and the tile size.
+def loader_settings(
+    cfg: TrainConfig,
+    *,
+    split: str,
+    shuffle: bool,
+    views: Sequence[str] | None = None,
+    transform: str | None = None,
+    slide_ids: Sequence[str] | None = None,
+) -> LoaderSettings:
+    """The ``loaders.LoaderSettings`` of one stream of a run.
+
+    ``data.loader`` plus what training decides: ``split``, ``batch_size``, ``seed``, ``views``,
+    the gene transform (:func:`gene_transform`, or ``transform``) and, for rank tokens, the
+    context length ``model.gene.max_tokens`` when that is set. ``shuffle=True`` is the training
+    stream (drop a short last batch); ``shuffle=False`` an evaluation pool: shard order, every
+    sample, no augmentation, and the slide allow-list (``filters.slide_ids``, a choice of
+    *training* slides) replaced by ``slide_ids`` (None: no allow-list).
     """
-    raise DataSourceUnavailableError(
-        f"data.source='corpus' ({cfg.data.corpus}, split {split!r}, rank {rank}/{world_size}, shuffle={shuffle}) "
-        "needs the torch corpus loader, which has not landed yet (issue 8); use data.source=synthetic meanwhile"
+    from loaders.errors import LoaderSettingsError
+    from loaders.settings import LoaderSettings
+
+    raw = json.loads(json.dumps(cfg.data.loader))  # a deep copy of plain data
+    genes = dict(raw.get("genes") or {})
+    genes["transform"] = transform or gene_transform(cfg)
+    if genes["transform"] == "rank" and "context_length" not in genes and cfg.model.gene.max_tokens:
+        genes["context_length"] = cfg.model.gene.max_tokens
+    raw["genes"] = genes
+    if not shuffle:
+        raw.pop("augment", None)
+        filters = dict(raw.get("filters") or {})
+        filters.pop("slide_ids", None)
+        if slide_ids:
+            filters["slide_ids"] = list(slide_ids)
+        raw["filters"] = filters
+    raw.update(
+        split=split,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.data.seed,
+        shuffle=shuffle,
+        drop_last=shuffle,
+        views=list(cfg.data.views if views is None else views),
     )
+    try:
+        return LoaderSettings.from_dict(raw)
+    except LoaderSettingsError as exc:
+        raise ConfigError(f"data.loader: {exc}") from exc
+
+
+def open_corpus_dataset(
+    cfg: TrainConfig, settings: LoaderSettings, *, rank: int = 0, world_size: int = 1
+) -> CorpusDataset:
+    """A ``loaders.CorpusDataset`` over ``cfg.data.corpus``; loader errors become training errors."""
+    from loaders import CorpusDataset
+    from loaders.errors import LoaderError, LoaderSettingsError
+
+    try:
+        return CorpusDataset(str(cfg.data.corpus), settings, rank=rank, world_size=world_size)
+    except LoaderSettingsError as exc:
+        raise ConfigError(f"data.loader: {exc}") from exc
+    except LoaderError as exc:
+        raise DataSourceUnavailableError(
+            f"cannot read split {','.join(settings.split)} of the corpus {cfg.data.corpus} "
+            f"(rank {rank}/{world_size}): {exc}"
+        ) from exc
+
+
+class CorpusSource:
+    """One rank's training stream over a corpus split: a ``loaders.CorpusLoader``, epoch after epoch.
+
+    ``iter()`` yields the rest of the current epoch, then moves the dataset to the next epoch
+    (reshuffled by the loader from ``(seed, epoch)``); ``state_dict()`` is the loader's own
+    JSON-clean state (the batches handed out so far this epoch, counted by the loader, not the
+    ones its workers prefetched), so a resume continues with exactly the next batch, with
+    workers or without. Every rank has the same number of batches per epoch (the loader's
+    plan evens ranks out), which keeps data-parallel steps in lockstep.
+    """
+
+    def __init__(
+        self,
+        dataset: CorpusDataset,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        n_batches = len(dataset)
+        if num_workers > n_batches:
+            raise ConfigError(
+                f"data.num_workers={num_workers} but this rank has {n_batches} batches per epoch; "
+                "every worker needs at least one: lower data.num_workers or data.batch_size"
+            )
+        self.dataset = dataset
+        self.options: dict[str, Any] = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "prefetch_factor": prefetch_factor,
+        }
+        self.loader = self._new_loader()
+
+    def _new_loader(self) -> CorpusLoader:
+        from loaders import CorpusLoader
+
+        return CorpusLoader(self.dataset, **self.options)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being read (or about to be)."""
+        return self.dataset.epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Batch]:
+        yield from self.loader
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        self.loader = self._new_loader()
+
+    def skipped(self) -> dict[str, int]:
+        """Samples, shards and whole batches the loader's ``on_bad_sample`` policy left out so far."""
+        return self.dataset.skipped()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": "corpus", "loader": CorpusLoader.state_dict()}``: plain JSON types only."""
+        return {"kind": "corpus", "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue after the last batch handed out when ``state`` was taken."""
+        from loaders.errors import ResumeError
+
+        if state.get("kind") != "corpus":
+            raise CheckpointError(
+                f"the checkpoint's data state is from a {state.get('kind')!r} source, this run reads a corpus; "
+                "resume with the data settings the checkpoint was written with"
+            )
+        loader_state = state["loader"]
+        try:
+            self.loader.load_state_dict(loader_state)
+        except ResumeError as exc:
+            raise CheckpointError(f"the checkpoint's loader state does not fit this run: {exc}") from exc
+        consumed = sum(int(b) - int(a) for a, b in loader_state["done"])
+        if consumed >= int(loader_state["n_batches"]):
+            # Taken right after the last batch of an epoch: what follows is the next epoch's first batch.
+            self.dataset.set_epoch(int(loader_state["epoch"]) + 1)
+            self.loader = self._new_loader()
+
+
+def corpus_dataloader(
+    cfg: TrainConfig,
+    *,
+    split: str,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    slide_ids: Sequence[str] | None = None,
+) -> CorpusSource:
+    """THE integration point with the torch corpus loader (``loaders``).
+
+    Opens ``cfg.data.corpus`` (folder, ``http(s)://`` URL or ``hf://datasets/...``) for
+    ``split`` with :func:`loader_settings`: ``data.batch_size`` per process, ``data.views``,
+    the gene transform the gene encoder reads (dense ``log1p``/``cp10k_log1p``/``counts`` ->
+    ``expr``/``expr_mask`` for ``mlp``; rank tokens of ``model.gene.max_tokens`` ->
+    ``tokens``/``tokens_mask`` for ``transformer``), ``data.seed``, ``data.loader`` (format,
+    on_bad_sample, filters, ``to_human``, panel, augmentation, HTTP). ``shuffle=True`` is the
+    training stream of rank ``rank`` of ``world_size`` with ``data.num_workers`` workers (pinned
+    memory on CUDA); ``shuffle=False`` a fixed-order pass read in this process.
+
+    Batches follow ``loaders/batch.py``; under ``on_bad_sample: warn``/``skip`` they may be
+    short or empty, which the training loop handles (``training.pretrain``).
+    """
+    settings = loader_settings(cfg, split=split, shuffle=shuffle, slide_ids=slide_ids)
+    dataset = open_corpus_dataset(cfg, settings, rank=rank, world_size=world_size)
+    pin = cfg.run.device != "cpu" and torch.cuda.is_available()
+    return CorpusSource(
+        dataset,
+        num_workers=cfg.data.num_workers if shuffle else 0,
+        pin_memory=pin and shuffle,
+        prefetch_factor=cfg.data.prefetch_factor if shuffle else None,
+    )
+
+
+class CorpusPool:
+    """Fresh fixed-order passes over a corpus split: the evaluation pools.
+
+    Each call returns one pass from the first sample in shard order (``shuffle: false``,
+    ``drop_last: false``, no augmentation), read in this process so that the first N spots
+    are the same whatever ``data.num_workers`` is. With a gene transform other than ``log1p``
+    a second, expression-only pass (no image decoded) adds the probe's ``log1p`` targets as
+    ``probe_expr``/``probe_expr_mask``. The datasets are opened on first use (only the rank
+    that evaluates reads their metadata).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, split: str, slide_ids: Sequence[str] = ()) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.slide_ids = tuple(slide_ids)
+        self._main: CorpusDataset | None = None
+        self._targets: CorpusDataset | None = None
+
+    def _open(self) -> CorpusDataset:
+        if self._main is None:
+            cfg = self.cfg
+            main = loader_settings(cfg, split=self.split, shuffle=False, slide_ids=self.slide_ids)
+            self._main = open_corpus_dataset(cfg, main)
+            if main.genes.transform != "log1p":
+                targets = loader_settings(
+                    cfg, split=self.split, shuffle=False, views=(), transform="log1p", slide_ids=self.slide_ids
+                )
+                self._targets = open_corpus_dataset(cfg, targets)
+        return self._main
+
+    def __call__(self) -> Iterator[Batch]:
+        from loaders import CorpusLoader
+
+        main = iter(CorpusLoader(self._open()))
+        if self._targets is None:
+            return main
+        return _with_targets(main, iter(CorpusLoader(self._targets)))
+
+
+def _with_targets(batches: Iterator[Batch], targets: Iterator[Batch]) -> Iterator[Batch]:
+    """Add the ``log1p`` expression of ``targets`` (same order, no images) to ``batches`` as probe targets."""
+    for batch, target in zip(batches, targets, strict=True):
+        row = {key: i for i, key in enumerate(target[B.KEY])}
+        try:
+            index = torch.tensor([row[key] for key in batch[B.KEY]], dtype=torch.int64)
+        except KeyError as exc:
+            raise BatchContractError(
+                f"the probe-target pass lacks sample {exc.args[0]}: the two passes over the pool disagree"
+            ) from None
+        yield {**batch, PROBE_EXPR: target[B.EXPR][index], PROBE_EXPR_MASK: target[B.EXPR_MASK][index]}
+
+
+def corpus_sizes(dataset: CorpusDataset, *, views: Sequence[str]) -> tuple[int, int, int, int]:
+    """``(tile size, G, token vocabulary, token length)`` of a corpus stream, from its metadata."""
+    transform = dataset.gene_transform
+    if transform is None:  # the config validators refuse genes.transform=none; a guard all the same
+        raise ConfigError("the corpus stream has no gene transform; set data.loader.genes.transform")
+    info = dataset.corpus.info if dataset.corpus is not None else {}
+    tiles = (info.get("settings") or {}).get("tiles") or {}
+    patch = int(tiles.get("patch_size") or CONTRACT_TILE_PX)
+    region = int(tiles.get("region_size") or patch)
+    if "region" in views and region != patch:
+        raise ConfigError(
+            f"the corpus's region tiles are {region}px but its patches {patch}px; one image encoder reads both, "
+            "so train on patches only (data.views=[patch]) or rebuild with equal tile sizes"
+        )
+    return patch, transform.space.size, transform.vocab_size, dataset.settings.genes.context_length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +628,10 @@ class RunData:
     val_batches: Callable[[], Iterator[Batch]]
     probe_train_batches: Callable[[], Iterator[Batch]]
     image_size: int
+    #: Width G of ``expr``.
     n_genes: int
+    #: Token ids are below this (``G + 1``: 0 is padding).
+    vocab_size: int
     max_tokens: int
 
 
@@ -396,17 +648,6 @@ class _EpochZero:
         return iter(source)
 
 
-class _CorpusPass:
-    """A callable returning one fixed-order pass over a corpus split (evaluation pools)."""
-
-    def __init__(self, cfg: TrainConfig, *, split: str) -> None:
-        self.cfg = cfg
-        self.split = split
-
-    def __call__(self) -> Iterator[Batch]:
-        return iter(corpus_dataloader(self.cfg, split=self.split, rank=0, world_size=1, shuffle=False))
-
-
 def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device | None = None) -> RunData:
     """The data of a run on this rank (synthetic banks are generated here, corpus loaders opened).
 
@@ -414,15 +655,16 @@ def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int, device: torc
     """
     data = cfg.data
     if data.source == "corpus":
-        gene = cfg.model.gene
+        train = corpus_dataloader(cfg, split=data.train_split, rank=rank, world_size=world_size, shuffle=True)
+        image_size, n_genes, vocab_size, max_tokens = corpus_sizes(train.dataset, views=data.views)
         return RunData(
-            train=corpus_dataloader(cfg, split=data.train_split, rank=rank, world_size=world_size, shuffle=True),
-            val_batches=_CorpusPass(cfg, split=data.val_split),
-            probe_train_batches=_CorpusPass(cfg, split=data.train_split),
-            # Until the loader reports them, the sizes come from the config (tiles are 224 px).
-            image_size=cfg.model.image.image_size or 224,
-            n_genes=gene.n_genes,
-            max_tokens=gene.max_tokens,
+            train=train,
+            val_batches=CorpusPool(cfg, split=data.val_split),
+            probe_train_batches=CorpusPool(cfg, split=data.train_split, slide_ids=cfg.eval.probe_train_slides),
+            image_size=image_size,
+            n_genes=n_genes,
+            vocab_size=vocab_size,
+            max_tokens=max_tokens,
         )
     syn = data.synthetic
     train_bank = make_synthetic_bank(syn, split="train", seed=data.seed, views=data.views)
@@ -437,24 +679,31 @@ def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int, device: torc
         probe_train_batches=_EpochZero(train_bank, batch_size=data.batch_size, seed=data.seed + 2),
         image_size=syn.image_size,
         n_genes=syn.n_genes,
+        vocab_size=syn.n_genes + TOKEN_OFFSET,
         max_tokens=syn.max_tokens,
     )
 
 
 def resolve_config(cfg: TrainConfig, data: RunData) -> TrainConfig:
-    """Fill the sizes left at 0 in the config from the data; a size set in the config must match."""
+    """Fill the sizes left at 0 in the config from the data; a size set in the config must match.
+
+    ``model.gene.n_genes`` becomes G for the ``mlp`` and the token vocabulary (``G + 1``) for the
+    ``transformer``; ``model.gene.max_tokens`` the data's token length; ``model.image.image_size``
+    the tile size.
+    """
     gene = cfg.model.gene
     image = cfg.model.image
-    if gene.n_genes and gene.n_genes != data.n_genes:
+    size = data.n_genes if gene.name == "mlp" else data.vocab_size
+    if gene.n_genes and gene.n_genes != size:
+        what = "genes" if gene.name == "mlp" else "token ids (G + 1, 0 is padding)"
         raise ConfigError(
-            f"model.gene.n_genes is {gene.n_genes} but the data has {data.n_genes} genes; "
-            "set it to 0 to follow the data"
+            f"model.gene.n_genes is {gene.n_genes} but the data has {size} {what}; set it to 0 to follow the data"
         )
     if gene.name == "transformer" and gene.max_tokens and gene.max_tokens < data.max_tokens:
         raise ConfigError(
             f"model.gene.max_tokens ({gene.max_tokens}) is below the data's token length ({data.max_tokens})"
         )
-    new_gene = gene.model_copy(update={"n_genes": data.n_genes, "max_tokens": gene.max_tokens or data.max_tokens})
+    new_gene = gene.model_copy(update={"n_genes": size, "max_tokens": gene.max_tokens or data.max_tokens})
     new_image = image.model_copy(update={"image_size": image.image_size or data.image_size})
     model = cfg.model.model_copy(update={"gene": new_gene, "image": new_image})
     return cfg.model_copy(update={"model": model})

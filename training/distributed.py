@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    #: A gloo group for small host-side exchanges (batch sizes) on NCCL runs, so that they never
+    #: wait for the GPU; None means the default group (already gloo on CPU) or no group at all.
+    cpu_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -48,9 +52,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=where)
+    cpu_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=where, cpu_group=cpu_group)
 
 
 def cleanup_distributed() -> None:

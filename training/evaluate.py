@@ -253,11 +253,16 @@ def collect(
     device: torch.device,
     autocast: Callable[[], Any],
 ) -> Embedded:
-    """Run ``model`` (an ``ImageGeneModel``, in eval mode) over batches until ``limit`` spots."""
+    """Run ``model`` (an ``ImageGeneModel``, in eval mode) over batches until ``limit`` spots.
+
+    The probe's targets are a batch's ``probe_expr``/``probe_expr_mask`` when it has them (log1p
+    beside another training transform), else its ``expr``/``expr_mask``. Empty batches (a loader
+    that skipped bad samples) are passed over.
+    """
     import torch
 
     from loaders import batch as B
-    from training.data import to_device
+    from training.data import PROBE_EXPR, PROBE_EXPR_MASK, to_device
 
     parts: dict[str, list[Any]] = {"image_emb": [], "gene_emb": [], "features": [], "expr": [], "mask": []}
     slides: list[str] = []
@@ -266,6 +271,8 @@ def collect(
     with torch.no_grad():
         for batch in batches:
             take = min(len(batch[B.KEY]), limit - seen)
+            if take == 0:
+                continue
             on_device = to_device({k: v[:take] for k, v in batch.items()}, device)
             with autocast():
                 features, image_emb = model.encode_image(on_device[B.PATCH])  # type: ignore[operator]
@@ -273,9 +280,10 @@ def collect(
             parts["image_emb"].append(image_emb.float().cpu())
             parts["gene_emb"].append(gene_emb.float().cpu())
             parts["features"].append(features.float().cpu())
-            if B.EXPR in batch:
-                parts["expr"].append(batch[B.EXPR][:take].float())
-                parts["mask"].append(batch[B.EXPR_MASK][:take])
+            target, target_mask = (PROBE_EXPR, PROBE_EXPR_MASK) if PROBE_EXPR in batch else (B.EXPR, B.EXPR_MASK)
+            if target in batch:
+                parts["expr"].append(batch[target][:take].float())
+                parts["mask"].append(batch[target_mask][:take])
             slides += list(batch[B.SLIDE_ID][:take])
             keys += list(batch[B.KEY][:take])
             seen += take
@@ -294,7 +302,18 @@ def collect(
     )
 
 
-def evaluate_model(
+@dataclass
+class Evaluation:
+    """Metrics of one evaluation and exactly which slides each side used."""
+
+    metrics: dict[str, float]
+    #: Slides of the retrieval pool, which are also the probe's test slides (validation split).
+    pool_slides: list[str]
+    #: Slides of the spots the probe was fitted on (training split; empty without a probe).
+    probe_train_slides: list[str]
+
+
+def evaluate(
     model: torch.nn.Module,
     data: Any,
     cfg: EvalSection,
@@ -302,14 +321,19 @@ def evaluate_model(
     device: torch.device,
     autocast: Callable[[], Any],
     seed: int = 0,
-) -> dict[str, float]:
+) -> Evaluation:
     """Retrieval over the validation pool and the linear probe (training spots -> held-out slides).
 
-    ``data`` is a :class:`training.data.RunData`; the probe needs ``expr`` (log1p) in its batches.
-    The model is put in eval mode and back in train mode.
+    ``data`` is a :class:`training.data.RunData`. The pool is the first ``pool_size`` spots of
+    ``data.val_batches()``; the probe is fitted on the first ``probe_train_size`` spots of
+    ``data.probe_train_batches()`` (training-split slides; alpha chosen on some of those slides)
+    and scored on the pool's spots, whose slides it never saw: a slide on both sides is an
+    error. It needs log1p targets in the batches (``probe_expr`` or ``expr``). The model is put
+    in eval mode and back.
     """
     was_training = model.training
     model.eval()
+    probe_slides: list[str] = []
     try:
         val = collect(model, data.val_batches(), limit=cfg.pool_size, device=device, autocast=autocast)
         metrics = retrieval_metrics(val.image_emb, val.gene_emb, ks=cfg.recall_ks)
@@ -317,6 +341,13 @@ def evaluate_model(
             train = collect(
                 model, data.probe_train_batches(), limit=cfg.probe_train_size, device=device, autocast=autocast
             )
+            probe_slides = sorted(set(train.slide_ids))
+            shared = sorted(set(probe_slides) & set(val.slide_ids))
+            if shared:
+                raise ValueError(
+                    f"the probe would be fitted and scored on the same slides ({shared[:5]}): the training and "
+                    "validation splits share slides; split the corpus by patient or study"
+                )
             if train.expr is not None:
                 result = linear_probe(
                     train.image_features,
@@ -332,6 +363,20 @@ def evaluate_model(
                     seed=seed,
                 )
                 metrics.update(result.metrics())
+                metrics["probe_train_spots"] = float(len(train.keys))
     finally:
         model.train(was_training)
-    return metrics
+    return Evaluation(metrics=metrics, pool_slides=sorted(set(val.slide_ids)), probe_train_slides=probe_slides)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data: Any,
+    cfg: EvalSection,
+    *,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    seed: int = 0,
+) -> dict[str, float]:
+    """The metrics of :func:`evaluate`."""
+    return evaluate(model, data, cfg, device=device, autocast=autocast, seed=seed).metrics

@@ -12,7 +12,7 @@ against hand computations; the modules add the gathering and the bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -30,22 +30,53 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_features(features: Tensor, *, with_grad: bool = True) -> Tensor:
+def batch_sizes(n: int, *, device: torch.device | None = None, group: Any = None) -> list[int]:
+    """Every rank's local batch size (rank order); ``[n]`` without a process group.
+
+    ``group``: a process group for the exchange (training passes a gloo group on CUDA runs, so
+    that reading the sizes never waits for the GPU).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [n]
+    world_size = dist.get_world_size(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p.item()) for p in parts]
+
+
+def gather_features(features: Tensor, *, with_grad: bool = True, sizes: Sequence[int] | None = None) -> Tensor:
     """Concatenate ``features`` of every rank along dim 0 (rank order); identity without a process group.
 
     ``with_grad=True`` uses an autograd-aware all-gather, whose backward sends each rank the
     sum over ranks of the gradient of its own features. Otherwise only the local slice keeps
-    its graph (open_clip's ``gather_with_grad=False``).
+    its graph (open_clip's ``gather_with_grad=False``). ``sizes``: every rank's row count
+    (:func:`batch_sizes`; asked for when None). Ranks may hold different counts (a loader that
+    skipped bad samples): rows are padded to the largest count for the collective and the
+    padding is cut out again, so the result has ``sum(sizes)`` rows.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return features
+    if sizes is None:
+        sizes = batch_sizes(features.shape[0], device=features.device)
+    sizes = tuple(int(n) for n in sizes)
     if with_grad:
-        return _all_gather_autograd(features)
-    rank, world_size = _world()
-    parts = [torch.empty_like(features) for _ in range(world_size)]
-    dist.all_gather(parts, features.contiguous())
+        return _all_gather_autograd(features, sizes)
+    rank, _ = _world()
+    parts = _gather_padded(features, sizes)
     parts[rank] = features
     return torch.cat(parts, dim=0)
+
+
+def _gather_padded(features: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Each rank's rows (``sizes[r]`` of them), through one all-gather of rows padded to ``max(sizes)``."""
+    longest = max(sizes)
+    local = features.contiguous()
+    if local.shape[0] < longest:
+        local = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
+    parts = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(parts, local)
+    return [part[:n] if n < longest else part for part, n in zip(parts, sizes, strict=True)]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -58,24 +89,33 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, features: Tensor) -> Tensor:
-        rank, world_size = _world()
-        parts = [torch.empty_like(features) for _ in range(world_size)]
-        dist.all_gather(parts, features.contiguous())
-        ctx.rows = (rank * features.shape[0], (rank + 1) * features.shape[0])
-        return torch.cat(parts, dim=0)
+    def forward(ctx: Any, features: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        rank, _ = _world()
+        start = sum(sizes[:rank])
+        ctx.rows = (start, start + features.shape[0])
+        return torch.cat(_gather_padded(features, sizes), dim=0)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Tensor:
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
         grad = grads[0].contiguous().clone()
         dist.all_reduce(grad)
         start, stop = ctx.rows
-        return grad[start:stop]
+        return grad[start:stop], None
 
 
-def _all_gather_autograd(features: Tensor) -> Tensor:
-    gathered: Tensor = _AllGatherWithGrad.apply(features)  # type: ignore[no-untyped-call]
+def _all_gather_autograd(features: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    gathered: Tensor = _AllGatherWithGrad.apply(features, sizes)  # type: ignore[no-untyped-call]
     return gathered
+
+
+def share_of_global(sizes: Sequence[int] | None) -> float:
+    """``B_local * world / B_global``: the weight that makes per-rank mean losses, averaged over
+    ranks (as DDP averages gradients), the mean over the global batch. 1.0 when ranks hold as many rows.
+    """
+    if sizes is None or len(set(sizes)) <= 1:
+        return 1.0
+    rank, _ = _world()
+    return sizes[rank] * len(sizes) / sum(sizes)
 
 
 def clip_loss(
@@ -139,17 +179,22 @@ class ClipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
         self.bidirectional = bidirectional
 
-    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor) -> PairOutput:
-        """The loss and the logits shape (rows, columns) of the a -> b direction."""
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, *, sizes: Sequence[int] | None = None) -> PairOutput:
+        """The loss and the logits shape (rows, columns) of the a -> b direction.
+
+        ``sizes``: every rank's row count (asked for when None); ranks may differ.
+        """
         rank, _ = _world()
         distributed = dist.is_available() and dist.is_initialized()
         if not distributed:
             loss = clip_loss(a, b, logit_scale, bidirectional=self.bidirectional)
             return PairOutput(loss, (a.shape[0], b.shape[0]))
-        all_a = gather_features(a, with_grad=self.gather_with_grad)
-        all_b = gather_features(b, with_grad=self.gather_with_grad)
+        if sizes is None:
+            sizes = batch_sizes(a.shape[0], device=a.device)
+        all_a = gather_features(a, with_grad=self.gather_with_grad, sizes=sizes)
+        all_b = gather_features(b, with_grad=self.gather_with_grad, sizes=sizes)
         if self.local_loss:
-            offset = rank * a.shape[0]
+            offset = sum(sizes[:rank])
             loss = clip_loss(
                 a,
                 all_b,
@@ -159,7 +204,8 @@ class ClipLoss(nn.Module):
                 gallery_queries=all_a,
                 query_gallery=b,
             )
-            return PairOutput(loss, (a.shape[0], all_b.shape[0]))
+            share = share_of_global(sizes)
+            return PairOutput(loss * share if share != 1.0 else loss, (a.shape[0], all_b.shape[0]))
         loss = clip_loss(all_a, all_b, logit_scale, bidirectional=self.bidirectional)
         return PairOutput(loss, (all_a.shape[0], all_b.shape[0]))
 
@@ -175,12 +221,19 @@ class SigLipLoss(nn.Module):
         super().__init__()
         self.gather_with_grad = gather_with_grad
 
-    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> PairOutput:
-        """The loss and the logits shape (rows, columns)."""
+    def forward(
+        self, a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor, *, sizes: Sequence[int] | None = None
+    ) -> PairOutput:
+        """The loss and the logits shape (rows, columns); ``sizes`` as in :class:`ClipLoss`."""
         rank, _ = _world()
-        all_b = gather_features(b, with_grad=self.gather_with_grad)
-        loss = siglip_loss(a, all_b, logit_scale, logit_bias, offset=rank * a.shape[0])
-        return PairOutput(loss, (a.shape[0], all_b.shape[0]))
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and sizes is None:
+            sizes = batch_sizes(a.shape[0], device=a.device)
+        all_b = gather_features(b, with_grad=self.gather_with_grad, sizes=sizes)
+        offset = sum(sizes[:rank]) if sizes is not None else 0
+        loss = siglip_loss(a, all_b, logit_scale, logit_bias, offset=offset)
+        share = share_of_global(sizes)
+        return PairOutput(loss * share if share != 1.0 else loss, (a.shape[0], all_b.shape[0]))
 
 
 class ContrastiveObjective(nn.Module):
@@ -211,39 +264,51 @@ class ContrastiveObjective(nn.Module):
             self.one_way = self.pair
         self.last_logits_shape: tuple[int, int] = (0, 0)
 
-    def _pair(self, module: nn.Module, a: Tensor, b: Tensor, outputs: Mapping[str, Tensor]) -> PairOutput:
+    def _pair(
+        self, module: nn.Module, a: Tensor, b: Tensor, outputs: Mapping[str, Tensor], sizes: Sequence[int] | None
+    ) -> PairOutput:
         if self.kind == "clip":
-            result: PairOutput = module(a, b, outputs["logit_scale"])
+            result: PairOutput = module(a, b, outputs["logit_scale"], sizes=sizes)
         else:
-            result = module(a, b, outputs["logit_scale"], outputs["logit_bias"])
+            result = module(a, b, outputs["logit_scale"], outputs["logit_bias"], sizes=sizes)
         return result
 
-    def forward(self, outputs: Mapping[str, Tensor], pos: Tensor | None = None) -> dict[str, Tensor]:
-        """Loss terms from model outputs (``patch``, ``gene``, ``region``, ``pos_logits``, ``logit_scale``, ...)."""
+    def forward(
+        self, outputs: Mapping[str, Tensor], pos: Tensor | None = None, *, sizes: Sequence[int] | None = None
+    ) -> dict[str, Tensor]:
+        """Loss terms from model outputs (``patch``, ``gene``, ``region``, ``pos_logits``, ``logit_scale``, ...).
+
+        ``sizes``: every rank's local batch size, when known (one exchange per step instead of one
+        per term); ranks may hold different counts, and each term is weighted so that its average
+        over ranks is its mean over the global batch.
+        """
         cfg = self.cfg
+        if sizes is None and dist.is_available() and dist.is_initialized():
+            sizes = batch_sizes(outputs["patch"].shape[0], device=outputs["patch"].device)
         terms: dict[str, Tensor] = {}
         total = torch.zeros((), device=outputs["patch"].device)
         if cfg.patch_spot > 0:
-            main = self._pair(self.pair, outputs["patch"], outputs["gene"], outputs)
+            main = self._pair(self.pair, outputs["patch"], outputs["gene"], outputs, sizes)
             self.last_logits_shape = main.logits_shape
             terms["patch_spot"] = main.loss
             total = total + cfg.patch_spot * main.loss
         if cfg.region_spot > 0:
-            region = self._pair(self.pair, outputs["region"], outputs["gene"], outputs)
+            region = self._pair(self.pair, outputs["region"], outputs["gene"], outputs, sizes)
             if cfg.patch_spot == 0:
                 self.last_logits_shape = region.logits_shape
             terms["region_spot"] = region.loss
             total = total + cfg.region_spot * region.loss
         if cfg.patch_region > 0:
-            cross = self._pair(self.one_way, outputs["patch"], outputs["region"], outputs)
+            cross = self._pair(self.one_way, outputs["patch"], outputs["region"], outputs, sizes)
             terms["patch_region"] = cross.loss
             total = total + cfg.patch_region * cross.loss
         if cfg.pos > 0:
             if pos is None:
                 raise ValueError("the pos term needs the batch's 'pos' labels")
             logits = outputs["pos_logits"].float()
-            terms["pos"] = F.cross_entropy(logits, pos)
-            terms["pos_acc"] = (logits.argmax(dim=1) == pos).float().mean().detach()
+            share = share_of_global(sizes)
+            terms["pos"] = F.cross_entropy(logits, pos) * share if share != 1.0 else F.cross_entropy(logits, pos)
+            terms["pos_acc"] = (logits.argmax(dim=1) == pos).float().mean().detach() * share
             total = total + cfg.pos * terms["pos"]
         terms["loss"] = total
         return terms

@@ -21,22 +21,32 @@ from training.errors import BatchContractError
 
 
 class ImageNormalize(nn.Module):
-    """uint8 (B,3,H,W) -> float, scaled to [0,1] and standardised per channel."""
+    """uint8 (B,3,H,W) -> float, scaled to [0,1], resized to the encoder's input, standardised per channel.
+
+    ``size`` (0: none) is the encoder's input: tiles of another size are area-averaged down (or
+    bilinearly scaled up) on the device, so 224 px corpus tiles can feed a small CPU model.
+    """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float], *, size: int = 0) -> None:
         super().__init__()
         # Non-persistent: constants of the config, not state; kept out of checkpoints and DDP broadcasts.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.size = size
 
     def forward(self, images: Tensor) -> Tensor:
-        """Normalised float32 images."""
+        """Normalised float32 images of the encoder's input size."""
         if images.dtype != torch.uint8:
             raise BatchContractError(f"images must arrive as uint8 (B,3,H,W), got {images.dtype}")
-        return (images.float() - self.mean) / self.std
+        x = images.float()
+        if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
+            down = x.shape[-1] > self.size or x.shape[-2] > self.size
+            mode = "area" if down else "bilinear"
+            x = F.interpolate(x, size=(self.size, self.size), mode=mode, **({} if down else {"align_corners": False}))
+        return (x - self.mean) / self.std
 
 
 class ImageGeneModel(nn.Module):
@@ -62,8 +72,9 @@ class ImageGeneModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.normalize = ImageNormalize(cfg.image.mean, cfg.image.std)
-        self.image_encoder = build_image_encoder(cfg.image, image_size=image_size)
+        input_size = cfg.image.image_size or image_size
+        self.normalize = ImageNormalize(cfg.image.mean, cfg.image.std, size=input_size)
+        self.image_encoder = build_image_encoder(cfg.image, image_size=input_size)
         self.gene_encoder = build_gene_encoder(cfg.gene)
         image_dim = self.image_encoder.out_dim
         gene_dim = self.gene_encoder.out_dim

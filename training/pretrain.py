@@ -35,6 +35,7 @@ from torch import Tensor
 
 from curate.errors import CurateError
 from loaders import batch as B
+from loaders.errors import LoaderError
 from training.checkpoint import (
     CHECKPOINT_FORMAT,
     latest_checkpoint,
@@ -47,8 +48,8 @@ from training.config import TrainConfig, load_config
 from training.data import Batch, BatchSource, RunData, build_run_data, check_batch, resolve_config, to_device
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.errors import CheckpointError, ConfigError, DataSourceUnavailableError
-from training.evaluate import evaluate_model
-from training.losses import ContrastiveObjective
+from training.evaluate import Evaluation, evaluate
+from training.losses import ContrastiveObjective, batch_sizes
 from training.model import ImageGeneModel, build_model
 from training.runlog import RunLog
 from training.schedule import lr_at
@@ -161,7 +162,8 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
 
             for micro in range(accum):
                 started = time.perf_counter()
-                batch, data_iter = _next_batch(data_iter, data.train, rank=env.rank)
+                # Every rank's batch size; a micro-batch empty on any rank is replaced on every rank.
+                batch, sizes, data_iter = _next_usable_batch(data_iter, data.train, env=env, interval=interval)
                 interval.data_wait += time.perf_counter() - started
                 if not checked:
                     check_batch(batch, needs=needs)
@@ -174,11 +176,11 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
                 with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
                     with autocast():
                         outputs = net(batch)
-                        terms = objective(outputs, batch.get(B.POS))
+                        terms = objective(outputs, batch.get(B.POS), sizes=sizes)
                     scaler.scale(terms["loss"] / accum).backward()
                 for name, value in terms.items():
                     sums[name] = sums.get(name, torch.zeros((), device=env.device)) + value.detach().float() / accum
-                interval.samples += len(batch[B.KEY])
+                interval.samples += sum(sizes)
 
             grad_norm = torch.zeros(())
             if cfg.optim.grad_clip > 0:
@@ -201,6 +203,7 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
                     model=model,
                     objective=objective,
                     grad_norm=grad_norm,
+                    source=data.train,
                 )
                 if key_log is not None:
                     key_log.flush()
@@ -209,9 +212,18 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
                 interval = _Interval()
 
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.optim.max_steps:
-                metrics = _evaluate(model, data, cfg, env=env, autocast=autocast)
-                if env.is_main:
-                    log.write({"kind": "eval", "step": step, **metrics})
+                evaluation = _evaluate(model, data, cfg, env=env, autocast=autocast)
+                if evaluation is not None:
+                    metrics = evaluation.metrics
+                    log.write(
+                        {
+                            "kind": "eval",
+                            "step": step,
+                            **metrics,
+                            "probe_train_slides": evaluation.probe_train_slides,
+                            "probe_test_slides": evaluation.pool_slides,
+                        }
+                    )
                 interval.restart()
 
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
@@ -245,14 +257,22 @@ class _Interval:
 
     start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
+    #: Samples trained on, over all ranks.
     samples: int = 0
     steps: int = 0
+    #: Micro-batches left out because they were empty on some rank.
+    skipped_batches: int = 0
 
     def restart(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.samples = 0
         self.steps = 0
+        self.skipped_batches = 0
+
+
+#: Consecutive micro-batches empty on some rank before a run gives up on its data.
+MAX_EMPTY_BATCHES = 100
 
 
 def _next_batch(iterator: Iterator[Batch], source: BatchSource, *, rank: int) -> tuple[Batch, Iterator[Batch]]:
@@ -268,6 +288,30 @@ def _next_batch(iterator: Iterator[Batch], source: BatchSource, *, rank: int) ->
             f"the training source yielded no batch in a whole epoch (rank {rank}); "
             "check that the split is not empty and has at least one batch per rank"
         ) from None
+
+
+def _next_usable_batch(
+    iterator: Iterator[Batch], source: BatchSource, *, env: DistInfo, interval: _Interval
+) -> tuple[Batch, list[int], Iterator[Batch]]:
+    """The next batch with samples on every rank, every rank's batch size, and the iterator.
+
+    Under ``on_bad_sample: warn/skip`` the loader keeps batch boundaries and may yield short or
+    empty batches. Short ones train as they are (the losses gather unequal sizes). A batch
+    that is empty on any rank is passed over on every rank (the decision is collective, so the
+    ranks stay in lockstep and DDP's all-reduce always has every rank), and counted.
+    """
+    for _ in range(MAX_EMPTY_BATCHES):
+        batch, iterator = _next_batch(iterator, source, rank=env.rank)
+        n = len(batch[B.KEY])
+        sizes = batch_sizes(n, device=env.device, group=env.cpu_group) if env.distributed else [n]
+        if min(sizes) > 0:
+            return batch, sizes, iterator
+        interval.skipped_batches += 1
+        logger.warning("rank %d: passing over a micro-batch that is empty on some rank (sizes %s)", env.rank, sizes)
+    raise DataSourceUnavailableError(
+        f"{MAX_EMPTY_BATCHES} micro-batches in a row were empty on some rank: the loader reads no sample; "
+        "check the corpus (or run with data.loader.on_bad_sample=error to see why)"
+    )
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -352,15 +396,19 @@ def _log_record(
     model: ImageGeneModel,
     objective: ContrastiveObjective,
     grad_norm: Tensor,
+    source: BatchSource,
 ) -> dict[str, Any]:
     """Loss terms averaged over the interval and the ranks, throughput and data-wait fraction."""
     names = sorted(sums)
     values = torch.stack([sums[n] for n in names]) / max(interval.steps, 1)
     timing = torch.tensor([interval.data_wait], device=values.device)
+    skipped = data_skipped(source)
+    counts = torch.tensor([skipped.get("samples", 0), skipped.get("empty_batches", 0)], device=values.device)
     if env.distributed:
         dist.all_reduce(values)
         values /= env.world_size
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+        dist.all_reduce(counts)
     if env.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = max(time.perf_counter() - interval.start, 1e-9)
@@ -376,25 +424,34 @@ def _log_record(
         grad_norm=float(grad_norm),
         logits_rows=rows,
         logits_cols=cols,
-        samples_per_s=interval.samples * env.world_size / elapsed,
+        samples_per_s=interval.samples / elapsed,
         data_wait_frac=min(1.0, float(timing[0]) / elapsed),
+        skipped_batches=interval.skipped_batches,
         time=time.time(),
     )
     if model.logit_bias is not None:
         record["logit_bias"] = float(model.logit_bias.detach())
+    if skipped:
+        record["bad_samples"], record["empty_batches"] = (int(v) for v in counts.tolist())
     return record
+
+
+def data_skipped(source: BatchSource) -> dict[str, int]:
+    """What the source's bad-sample policy left out so far on this rank ({} for sources that skip nothing)."""
+    skipped = getattr(source, "skipped", None)
+    return dict(skipped()) if callable(skipped) else {}
 
 
 def _evaluate(
     model: ImageGeneModel, data: RunData, cfg: TrainConfig, *, env: DistInfo, autocast: Callable[[], Any]
-) -> dict[str, float]:
-    """Retrieval + probe on rank 0 (the others wait at a barrier)."""
-    metrics: dict[str, float] = {}
+) -> Evaluation | None:
+    """Retrieval + probe on rank 0 (None elsewhere: the other ranks wait at a barrier)."""
+    evaluation = None
     if env.is_main:
-        metrics = evaluate_model(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
+        evaluation = evaluate(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
     if env.distributed:
         dist.barrier()
-    return metrics
+    return evaluation
 
 
 def _save(
@@ -480,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(cfg.to_yaml())
             return 0
         train(cfg, resume=args.resume, stop_at=args.stop_at)
-    except CurateError as exc:
+    except (CurateError, LoaderError) as exc:
         logger.error("%s", exc)
         return 2
     return 0
