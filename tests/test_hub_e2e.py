@@ -162,12 +162,6 @@ def test_a_copy_under_both_layouts_is_built_once_and_kept_from_hest(built: Built
     assert COPY_OF_TENX18 in card.split("## Slides not included", 1)[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curate/build/unit.py fingerprints counts after gene mapping: HEST's Ensembl ids map 1,983 of the "
-    "1,999 features, STimage's symbols 1,907, so the same slide gets two fingerprints. Fingerprinting the "
-    "reader's counts (slide.counts, before mapping) makes them equal (both f822189c...).",
-)
 def test_a_copy_named_by_ensembl_id_in_hest_and_by_symbol_in_stimage_is_built_once(built: Built) -> None:
     assert built.slides[COPY_OF_TENX52]["status"] == "duplicate"
     assert built.slides[COPY_OF_TENX52]["duplicate_of"] == "TENX52"

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: Patches shown per slide in the QC report's montage.
 MONTAGE_SIZE = 32
 
+#: Bumped whenever what a unit computes changes (e.g. revision 2: the counts fingerprint is taken
+#: before gene mapping), so units made by older code are never reused.
+UNIT_REVISION = 2
+
 
 @dataclass(frozen=True)
 class GeneSettings:
@@ -70,7 +74,13 @@ class UnitSettings:
     def digest(self) -> str:
         """A digest of the content-relevant settings and the tool version: units are reused only on a match."""
         return settings_digest(
-            {"tiles": self.tiles.to_dict(), "qc": asdict(self.qc), "genes": asdict(self.genes), "version": __version__}
+            {
+                "tiles": self.tiles.to_dict(),
+                "qc": asdict(self.qc),
+                "genes": asdict(self.genes),
+                "version": __version__,
+                "unit_revision": UNIT_REVISION,
+            }
         )
 
 
@@ -157,6 +167,9 @@ def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSetti
             min_mapped_fraction=settings.genes.min_mapped_fraction,
             slide_id=sample.id,
         )
+        # Fingerprinted before gene mapping: two sources of one slide may name genes differently (Ensembl
+        # ids vs symbols) and so map different subsets of the same features.
+        result.content_digest = content_digest(slide.counts, rows=slide.spots.in_tissue.astype(bool))
         result.mapping = genes.report.to_dict()
         result.gene_ids = [str(g) for g in genes.gene_ids]
         result.slide["mapping_rate"] = float(genes.report.mapped_fraction)
@@ -175,7 +188,6 @@ def _samples(slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResu
     spots = slide.spots
     counts = counts.tocsr()
     totals = np.asarray(counts.sum(axis=1)).ravel()
-    result.content_digest = content_digest(counts)
     in_tissue = spots.in_tissue.astype(bool)
     keep = np.flatnonzero(in_tissue & (totals > 0))
     rejected: Counter[str] = Counter({"zero_counts": int(np.count_nonzero(in_tissue & (totals <= 0)))})
@@ -248,14 +260,19 @@ def _samples(slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResu
     _qc_plots(slide, tmp / QC_SUBDIR, keep=keep, totals=totals, patches=[tiles[i].patch for i in chosen[:MONTAGE_SIZE]])
 
 
-def content_digest(counts: sp.csr_matrix) -> str:
+def content_digest(counts: sp.csr_matrix, *, rows: npt.NDArray[np.bool_] | None = None) -> str:
     """A fingerprint of a counts matrix that ignores spot order, barcode spelling and gene naming.
 
-    The sorted per-spot totals and the sorted per-gene totals of the mapped counts: two sources
-    of the same slide (e.g. HEST and STimage copies) agree on them even when they name spots and
-    genes differently, while two different slides practically never do.
+    The sorted per-spot totals (of ``rows``, e.g. the in-tissue spots, that have counts) and the
+    sorted non-zero per-gene totals of the counts as the reader gave them: two sources of the same
+    slide (e.g. HEST and STimage copies) agree on them even when they name spots and genes
+    differently, while two different slides practically never do.
     """
-    spot_totals = np.sort(np.asarray(counts.sum(axis=1)).ravel())
+    counts = counts.tocsr()
+    if rows is not None:
+        counts = counts[np.flatnonzero(rows)]
+    spot_totals = np.asarray(counts.sum(axis=1)).ravel()
+    spot_totals = np.sort(spot_totals[spot_totals > 0])
     gene_totals = np.sort(np.asarray(counts.sum(axis=0)).ravel())
     gene_totals = gene_totals[gene_totals > 0]
     digest = hashlib.sha256()
