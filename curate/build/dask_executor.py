@@ -35,6 +35,7 @@ an executor is made.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -478,6 +479,9 @@ class DaskExecutor:
             return
         token = uuid.uuid4().hex
         root = work_root.resolve()
+        # Workers start in other folders (a batch job's): every path they get is absolute.
+        fetch = dataclasses.replace(fetch, cache_dir=fetch.cache_dir.resolve())
+        samples = [dataclasses.replace(s, manifest_path=s.manifest_path.resolve()) for s in samples]
         marker = marker_path(root, token)
         marker.write_text(token + "\n", encoding="utf-8")
         futures: dict[Any, int] = {}  # distributed.Future -> index in samples
@@ -616,7 +620,8 @@ def remove_stale_temporaries(work_root: Path, slide_ids: Sequence[str]) -> int:
     wanted = {re.escape(s) for s in slide_ids}
     if not wanted:
         return 0
-    pattern = re.compile(rf"\.(?:{'|'.join(sorted(wanted))})\.\d+(?:\.old)?\.tmp")
+    # `.<slide>.<pid>.tmp` and `.<slide>.<pid>.old.tmp` (see WorkDir.begin/commit); slide ids hold no dots.
+    pattern = re.compile(rf"\.(?:{'|'.join(sorted(wanted))})\.[^/]+\.tmp")
     removed = 0
     for path in units.iterdir():
         if path.is_dir() and pattern.fullmatch(path.name):
