@@ -478,7 +478,16 @@ class CorpusSource:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from self.loader
+        batches = iter(self.loader)
+        # The DataLoader iterator made at the first next() draws its workers' base seed from the
+        # global torch RNG. Keep that draw out of the training's random stream (dropout, ...):
+        # a resume makes its iterator at another step, and must still replay the same stream.
+        # The batches do not depend on it (the loader seeds from (seed, epoch, rank, batch)).
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        if first is not None:
+            yield first
+            yield from batches
         self.dataset.set_epoch(self.dataset.epoch + 1)
         self.loader = self._new_loader()
 

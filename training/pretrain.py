@@ -448,7 +448,9 @@ def _evaluate(
     """Retrieval + probe on rank 0 (None elsewhere: the other ranks wait at a barrier)."""
     evaluation = None
     if env.is_main:
-        evaluation = evaluate(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
+        # Evaluation must not move the training's random stream (a DataLoader draws a seed from it).
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            evaluation = evaluate(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
     if env.distributed:
         dist.barrier()
     return evaluation
