@@ -1,10 +1,11 @@
 """Run under ``torchrun --nproc_per_node 2``: gathered losses on 2 ranks equal the 1-process loss.
 
-Each rank takes its half of one global batch of features made by a small linear "encoder"
+Each rank takes its part of one global batch of features made by a small linear "encoder"
 (same weights on every rank), computes the loss module under the process group, and then
 averages loss and parameter gradients over ranks the way DistributedDataParallel does. Rank
 0 compares that with the plain loss function on the whole batch in one process (value and
-gradients) and writes the results as JSON to the path given as the first argument.
+gradients) and writes the results as JSON to the path given as the first argument. The
+``*_uneven`` cases split the 8 rows 3 + 5, as a loader that skipped bad samples leaves them.
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ def main(path: str) -> None:
         "clip_local": (ClipLoss(local_loss=True), clip_loss),
         "clip_global": (ClipLoss(local_loss=False), clip_loss),
         "siglip": (SigLipLoss(), siglip_loss),
+        "clip_local_uneven": (ClipLoss(local_loss=True), clip_loss),
+        "clip_global_uneven": (ClipLoss(local_loss=False), clip_loss),
+        "siglip_uneven": (SigLipLoss(), siglip_loss),
     }
+    bounds = [0, 3, 8] if world == 2 else [global_batch * r // world for r in range(world + 1)]
     for name, (module, reference) in cases.items():
         wi, wg = w_img.clone().requires_grad_(), w_gene.clone().requires_grad_()
-        a, b = features(slice(rank * local, (rank + 1) * local), wi, wg)
-        if name == "siglip":
+        rows = slice(bounds[rank], bounds[rank + 1]) if "uneven" in name else slice(rank * local, (rank + 1) * local)
+        a, b = features(rows, wi, wg)
+        if name.startswith("siglip"):
             out = module(a, b, scale, bias)
         else:
             out = module(a, b, scale)
@@ -60,7 +66,7 @@ def main(path: str) -> None:
 
         ri, rg = w_img.clone().requires_grad_(), w_gene.clone().requires_grad_()
         fa, fb = features(slice(None), ri, rg)
-        ref = reference(fa, fb, scale, bias) if name == "siglip" else reference(fa, fb, scale)  # type: ignore[operator]
+        ref = reference(fa, fb, scale, bias) if name.startswith("siglip") else reference(fa, fb, scale)  # type: ignore[operator]
         ref.backward()
         assert ri.grad is not None and rg.grad is not None
         ref_grads = torch.cat([ri.grad.flatten(), rg.grad.flatten()])

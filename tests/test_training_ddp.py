@@ -29,12 +29,15 @@ def test_two_rank_losses_and_gradients_equal_the_global_batch(tmp_path) -> None:
     _torchrun(str(ROOT / "tests" / "_train_gather.py"), str(out))
     results = json.loads(out.read_text())
     assert results["world_size"] == 2
-    for name in ("clip_local", "clip_global", "siglip"):
+    for name in ("clip_local", "clip_global", "siglip", "clip_local_uneven", "clip_global_uneven", "siglip_uneven"):
         case = results[name]
         assert case["loss"] == pytest.approx(case["reference"], rel=1e-6), name
         assert case["max_grad_diff"] < 1e-5 * max(1.0, case["grad_scale"]), name
     assert results["clip_local"]["logits_shape"] == [4, 8]  # local rows x global columns
     assert results["clip_global"]["logits_shape"] == [8, 8]
+    # ranks holding 3 and 5 rows (a loader that skipped bad samples): rank 0's 3 rows x all 8
+    assert results["clip_local_uneven"]["logits_shape"] == [3, 8]
+    assert results["siglip_uneven"]["logits_shape"] == [3, 8]
 
 
 def _pretrain(run: Path, *extra: str) -> None:

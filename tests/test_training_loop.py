@@ -204,3 +204,38 @@ def test_an_empty_training_source_is_a_clear_error(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(pretrain, "build_run_data", empty_data)
     with pytest.raises(DataSourceUnavailableError, match="no batch in a whole epoch"):
         train(_cfg(tmp_path, "optim.max_steps=2"))
+
+
+def test_short_and_empty_batches_train_or_are_passed_over(tmp_path, monkeypatch) -> None:
+    # what a loader with on_bad_sample=warn yields: the same batch boundaries, fewer samples
+    import training.pretrain as pretrain
+    from training.data import build_run_data
+
+    class Damaged:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __iter__(self):
+            for i, batch in enumerate(self.inner):
+                keep = {0: 32, 1: 0}.get(i, 20)  # whole, empty, then short batches
+                yield {k: v[:keep] for k, v in batch.items()}
+
+        def state_dict(self) -> dict:
+            return dict(self.inner.state_dict())
+
+        def load_state_dict(self, state) -> None:
+            self.inner.load_state_dict(state)
+
+    def damaged_data(cfg, *, rank, world_size, device=None):
+        data = build_run_data(cfg, rank=rank, world_size=world_size)
+        data.train = Damaged(data.train)
+        return data
+
+    monkeypatch.setattr(pretrain, "build_run_data", damaged_data)
+    train(_cfg(tmp_path, "optim.max_steps=3", "run.log_every=1", "run.log_keys=true", "eval.probe=false"))
+    keys = [json.loads(line)["keys"] for line in (tmp_path / "keys-rank0.jsonl").read_text().splitlines()]
+    assert [len(k) for k in keys] == [32, 20, 20]
+    records = _records(tmp_path, "train")
+    assert [r["skipped_batches"] for r in records] == [0, 1, 0]
+    assert [r["logits_cols"] for r in records] == [32, 20, 20]
+    assert all(math.isfinite(r["loss"]) for r in records)
