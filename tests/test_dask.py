@@ -204,6 +204,66 @@ def test_slurm_example_file_makes_a_job_script(tmp_path: Path) -> None:
     assert all(line in script for line in config.options.job_script_prologue)
 
 
+FAKE_SBATCH = """#!/usr/bin/env bash
+# SLURM's sbatch, as far as dask-jobqueue uses it: run (a copy of) the job script, print its id.
+id=$RANDOM$RANDOM
+cp "$1" "{jobs}/job-$id.sh"
+SLURM_JOB_ID=$id setsid bash "{jobs}/job-$id.sh" > "{jobs}/job-$id.log" 2>&1 &
+echo $! > "{jobs}/job-$id.pid"
+echo "Submitted batch job $id"
+"""
+FAKE_SCANCEL = """#!/usr/bin/env bash
+for id in "$@"; do kill -- -"$(cat "{jobs}/job-$id.pid")" 2>/dev/null; done
+exit 0
+"""
+
+
+def test_slurm_cluster_file_runs_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No SLURM here: a stand-in sbatch runs dask-jobqueue's real job script on this machine.
+    import sys
+
+    jobs, bin_dir = tmp_path / "jobs", tmp_path / "bin"
+    jobs.mkdir()
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text.format(jobs=jobs))
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"""cluster: slurm
+jobs: 1
+worker_timeout: 120
+dashboard_address: ":0"
+options:
+  cores: 2
+  memory: 4GB
+  walltime: "00:10:00"
+  account: mylab
+  python: {sys.executable}
+  local_directory: {tmp_path / "scratch"}
+  log_directory: {tmp_path / "logs"}
+  job_script_prologue: ["echo prologue ran on $SLURM_JOB_ID"]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["build", str(DEMO), "--out", str(out), "--no-progress", "--dask-cluster", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "dask SLURMCluster, 1 jobs x 2 workers" in printed and "slides: 1 built, 2 quarantined" in printed
+    (script,) = jobs.glob("job-*.sh")
+    assert "#SBATCH -A mylab" in script.read_text()
+    log = script.with_suffix(".log").read_text()
+    assert "prologue ran on " in log and log.count("Start Nanny") == 2
+    # scancel (on closing the cluster) ended the job's processes.
+    pid = int(script.with_suffix(".pid").read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
