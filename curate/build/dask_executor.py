@@ -17,8 +17,15 @@ What the cluster must share with the client:
   locked per URL with ``flock``, so workers never fetch a file twice; on NFS this needs working
   lock support) or a node-local path that exists on every node (each node then downloads what
   its units need). The path travels to the workers as the client resolved it.
+- **Local sources**: manifest entries with local paths are read by the workers at the same
+  (absolute) paths.
 - **The same stcorpus version**: units record the version in their settings digest; a worker
   with another version is refused.
+
+Object storage (an ``s3://`` work folder) is not supported yet: the work folder is a path that
+the pack memory-maps unit by unit and the QC report reads plots from; supporting it means
+staging units on the workers, uploading them with a final marker object and bringing them
+back to the client before the pack.
 
 Failures: a slide that cannot be built comes back as the same ``quarantined`` or ``failed``
 ``UnitResult`` as locally. A worker lost mid-slide (killed, out of memory, its job's walltime

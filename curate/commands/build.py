@@ -185,7 +185,8 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     """``--executor``, ``--scheduler``, ``--dask-cluster``."""
     group = parser.add_argument_group(
         "where slides are processed",
-        "the pack always runs here; with Dask, --work-dir (and --cache) must be on a filesystem the workers share",
+        "the pack always runs here; with Dask, --work-dir, --cache and local source paths must be on a "
+        "filesystem the workers share",
     )
     group.add_argument(
         "--executor",
