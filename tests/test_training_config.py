@@ -105,3 +105,18 @@ def test_cli_print_config_and_error_exit(capsys, caplog) -> None:
 def test_every_builtin_config_validates(name: str) -> None:
     cfg = load_config(name)
     assert load_config(None, overrides=[]) != cfg  # a built-in config says something the defaults do not
+
+
+def test_loader_settings_are_checked_when_the_config_is_read() -> None:
+    cfg = load_config("corpus-cpu", overrides=["data.loader.genes.to_human=true", "data.loader.format=wds"])
+    assert cfg.data.loader["genes"]["to_human"] is True and cfg.data.loader["format"] == "wds"
+    with pytest.raises(ConfigError, match=r"must not set batch_size .*data\.batch_size"):
+        load_config("corpus-cpu", overrides=["data.loader.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"unknown setting.*formatt"):
+        load_config("corpus-cpu", overrides=["data.loader.formatt=wds"])
+    with pytest.raises(ConfigError, match="on_bad_sample must be one of"):
+        load_config("corpus-cpu", overrides=["data.loader.on_bad_sample=ignore"])
+    with pytest.raises(ConfigError, match="does not feed the transformer gene encoder"):
+        load_config("corpus-cpu", overrides=["model.gene.name=transformer", "data.loader.genes.transform=log1p"])
+    with pytest.raises(ConfigError, match="held-out slides"):
+        load_config("corpus-cpu", overrides=["data.val_split=train"])

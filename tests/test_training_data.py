@@ -172,3 +172,37 @@ def test_on_device_bank_gives_the_same_batches(bank) -> None:
     cfg = load_config("tiny-cpu", overrides=["data.synthetic.on_device=true"])
     data = build_run_data(cfg, rank=0, world_size=1, device=torch.device("cpu"))
     assert next(iter(data.train))[B.PATCH].device.type == "cpu"
+
+
+def test_loader_settings_training_stream_and_evaluation_pools() -> None:
+    from training.data import loader_settings
+
+    cfg = load_config(
+        "corpus-cpu",
+        overrides=[
+            "data.seed=7",
+            "data.views=[patch,region]",
+            "data.loader.filters.slide_ids=[a]",
+            "data.loader.filters.organ=[heart]",
+            "data.loader.augment.hflip=true",
+            "model.gene.name=transformer",
+            "model.gene.max_tokens=40",
+        ],
+    )
+    stream = loader_settings(cfg, split="train", shuffle=True)
+    assert (stream.split, stream.batch_size, stream.seed, stream.shuffle, stream.drop_last) == (
+        ("train",),
+        32,
+        7,
+        True,
+        True,
+    )
+    assert stream.views == ("patch", "region") and stream.augment.hflip
+    assert (stream.genes.transform, stream.genes.context_length) == ("rank", 40)
+    assert stream.filters.slide_ids == ("a",) and stream.filters.organ == ("heart",)
+    # a pool: shard order, every sample, tiles as stored, the training allow-list of slides dropped
+    pool = loader_settings(cfg, split="validation", shuffle=False)
+    assert (pool.shuffle, pool.drop_last, pool.augment.active()) == (False, False, False)
+    assert pool.filters.slide_ids == () and pool.filters.organ == ("heart",)
+    probe = loader_settings(cfg, split="train", shuffle=False, slide_ids=["b"], views=(), transform="log1p")
+    assert probe.filters.slide_ids == ("b",) and probe.views == () and probe.genes.transform == "log1p"
