@@ -218,15 +218,18 @@ class SlideImage(ABC):
         if width <= 0 or height <= 0:
             raise ValueError(f"empty window {width}x{height}")
         self._check_level(level)
-        if reduce not in self.reductions(level):
+        if reduce != 1 and reduce not in self.reductions(level):
             raise ValueError(
                 f"{self.path.name}: level {level} cannot be read at 1/{reduce} scale: "
                 f"available reductions are {self.reductions(level)}"
             )
-        level_width, level_height = self.level_size(level, reduce=reduce)
+        lvl = self.levels[level]
+        level_width, level_height = -(-lvl.width // reduce), -(-lvl.height // reduce)
         channels = 4 if keep_alpha and self.has_alpha else 3
         if x >= 0 and y >= 0 and x + width <= level_width and y + height <= level_height:
-            window = _to_channels(self._read(level, y, y + height, x, x + width, reduce), channels)
+            window = self._read(level, y, y + height, x, x + width, reduce)
+            if window.dtype != np.uint8 or window.ndim != 3 or window.shape[2] != channels:
+                window = _to_channels(window, channels)
             return window if window.flags.owndata and window.flags.writeable else window.copy()
         out = np.full((height, width, channels), WHITE, dtype=np.uint8)
         if keep_alpha and self.has_alpha:
@@ -380,6 +383,7 @@ class TiffImage(SlideImage):
             raise
         self._series = series
         self._zarr: list[Any] | None = None
+        self._reductions = tuple(grid.reductions() if grid is not None else (1,) for grid in self._grids)
         super().__init__(path, tuple(levels), has_alpha=samples == 4, cache_bytes=cache_bytes)
 
     def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -438,8 +442,7 @@ class TiffImage(SlideImage):
     def reductions(self, level: int) -> tuple[int, ...]:
         """See :meth:`SlideImage.reductions`."""
         self._check_level(level)
-        grid = self._grids[level]
-        return grid.reductions() if grid is not None else (1,)
+        return self._reductions[level]
 
     def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
         grid = self._grids[level]
