@@ -255,3 +255,19 @@ def test_torchrun_on_the_corpus_with_short_and_empty_batches(corpus: Path, tmp_p
     state = load_checkpoint(run / "checkpoints" / "step-00000002.pt")
     assert [d["loader"]["rank"] for d in state["data"]] == [0, 1]
     assert [d["loader"]["done"] for d in state["data"]] == [[[0, 3]], [[0, 3]]]  # both consumed batches 0-2
+
+
+def test_throughput_benchmark_compares_both_sources(corpus: Path, tmp_path: Path) -> None:
+    from bench.train_throughput import main as throughput
+
+    options = ["--warmup", "2", "--interval", "2", "--steps", "4", "--repeat", "1"]
+    settings = ["--set", "run.threads=1", "data.num_workers=0", "data.batch_size=16"]
+    report = throughput(["--corpus", str(corpus), "--out", str(tmp_path / "t.json"), *options, *settings])
+    assert json.loads((tmp_path / "t.json").read_text()) == report
+    for source in ("corpus", "synthetic"):
+        measured = report["results"][source]
+        assert measured["steps"] == 4 and measured["samples"] == 4 * 16  # the warm-up steps left out
+        assert measured["samples_per_s"] > 0 and 0.0 <= measured["data_wait_frac"] <= 1.0
+    assert report["ratio"] == pytest.approx(
+        report["results"]["corpus"]["samples_per_s"] / report["results"]["synthetic"]["samples_per_s"]
+    )

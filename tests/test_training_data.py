@@ -206,3 +206,10 @@ def test_loader_settings_training_stream_and_evaluation_pools() -> None:
     assert pool.filters.slide_ids == () and pool.filters.organ == ("heart",)
     probe = loader_settings(cfg, split="train", shuffle=False, slide_ids=["b"], views=(), transform="log1p")
     assert probe.filters.slide_ids == ("b",) and probe.views == () and probe.genes.transform == "log1p"
+
+
+def test_synthetic_images_are_laid_out_like_the_loaders(bank) -> None:
+    # (B,3,H,W) views of channels-last memory, as decoded JPEGs arrive from the corpus loader
+    batch = bank.batch(torch.tensor([2, 0, 5]))
+    for view in (B.PATCH, B.REGION):
+        assert batch[view].is_contiguous(memory_format=torch.channels_last), view

@@ -230,8 +230,10 @@ def make_synthetic_bank(
     return SyntheticBank(
         keys=keys,
         slide_ids=slide_ids,
-        patch=torch.cat(patches),
-        region=torch.cat(regions) if regions else None,
+        # Channels-last memory, as the loader's decoded JPEGs: throughput comparisons then
+        # differ in how batches arrive, not in the layout the model computes on.
+        patch=torch.cat(patches).contiguous(memory_format=torch.channels_last),
+        region=torch.cat(regions).contiguous(memory_format=torch.channels_last) if regions else None,
         pos=torch.cat(positions).to(torch.int64),
         expr=expr_all,
         expr_mask=mask_all,

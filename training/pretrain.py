@@ -426,6 +426,9 @@ def _log_record(
         logits_cols=cols,
         samples_per_s=interval.samples / elapsed,
         data_wait_frac=min(1.0, float(timing[0]) / elapsed),
+        interval_s=elapsed,
+        interval_steps=interval.steps,
+        interval_samples=interval.samples,
         skipped_batches=interval.skipped_batches,
         time=time.time(),
     )
