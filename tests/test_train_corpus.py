@@ -128,6 +128,29 @@ def test_overfits_a_batch_and_evaluates_on_held_out_slides(corpus: Path, tmp_pat
     assert data["loader"]["epoch"] == 39 and data["loader"]["done"] == [[0, 1]]  # one batch per epoch
 
 
+def test_stamp_terms_train_on_the_corpus_regions(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(
+        corpus,
+        tmp_path,
+        "data.views=[patch,region]",
+        "data.batch_size=16",
+        "loss.region_spot=0.5",
+        "loss.patch_region=0.5",
+        "loss.pos=0.5",
+        "optim.max_steps=3",
+        "run.log_every=1",
+        "eval.probe=false",
+        "eval.pool_size=16",
+    )
+    train(cfg)
+    records = _records(tmp_path, "train")
+    for name in ("loss/patch_spot", "loss/region_spot", "loss/patch_region", "loss/pos", "pos_acc"):
+        assert all(math.isfinite(r[name]) for r in records), name
+    # the loader's pos labels: the patch's cell in its region, 0..8
+    batch = next(iter(build_run_data(cfg, rank=0, world_size=1).train))
+    assert batch["region"].shape == batch["patch"].shape and 0 <= int(batch["pos"].min()) <= int(batch["pos"].max()) < 9
+
+
 def _resume_case(corpus: Path, tmp_path: Path, *, workers: int, stop_at: int) -> tuple[TrainResult, TrainResult]:
     common = [
         f"data.num_workers={workers}",

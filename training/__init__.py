@@ -5,7 +5,8 @@
 multi-scale terms on batches of ``loaders/batch.py``. Modules, in the order a run uses them:
 
 - :mod:`training.config`: the typed run config (YAML + ``--set`` overrides, strict keys)
-- :mod:`training.data`: data sources (``synthetic`` in memory; ``corpus`` via ``loaders``)
+- :mod:`training.data`: data sources (``synthetic`` in memory; ``corpus``: the torch corpus
+  loader of ``loaders`` over a folder, URL or ``hf://`` repository, with its resume state)
 - :mod:`training.encoders`, :mod:`training.model`: image/gene encoders and the two-tower model
 - :mod:`training.losses`: CLIP / SigLIP losses gathered across ranks, the STAMP objective
 - :mod:`training.schedule`: warm-up + cosine learning rate

@@ -111,7 +111,9 @@ class DataSection(_Section):
     ``genes`` (``transform``, ``to_human``, ``panel``, ``genes``, ``context_length``, ...),
     ``augment``, ``http``), checked when the config is read. The keys of :data:`LOADER_OWNED`
     come from this section instead. ``genes.transform`` defaults to what the gene encoder
-    reads: ``log1p`` for ``mlp``, ``rank`` for ``transformer``.
+    reads: ``log1p`` for ``mlp``, ``rank`` for ``transformer``. Evaluation pools use the same
+    settings except augmentation and ``filters.slide_ids`` (an allow-list of *training*
+    slides; the probe's training slides are ``eval.probe_train_slides``).
     """
 
     source: Literal["synthetic", "corpus"] = "synthetic"

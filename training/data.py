@@ -560,8 +560,8 @@ class CorpusPool:
     """Fresh fixed-order passes over a corpus split: the evaluation pools.
 
     Each call returns one pass from the first sample in shard order (``shuffle: false``,
-    ``drop_last: false``, no augmentation), read in this process so that the first N spots
-    are the same whatever ``data.num_workers`` is. With a gene transform other than ``log1p``
+    ``drop_last: false``, no augmentation, patches only), read in this process so that the
+    first N spots are the same whatever ``data.num_workers`` is. With a gene transform other than ``log1p``
     a second, expression-only pass (no image decoded) adds the probe's ``log1p`` targets as
     ``probe_expr``/``probe_expr_mask``. The datasets are opened on first use (only the rank
     that evaluates reads their metadata).
@@ -577,7 +577,8 @@ class CorpusPool:
     def _open(self) -> CorpusDataset:
         if self._main is None:
             cfg = self.cfg
-            main = loader_settings(cfg, split=self.split, shuffle=False, slide_ids=self.slide_ids)
+            # Evaluation encodes patches only: the region view is not decoded for it.
+            main = loader_settings(cfg, split=self.split, shuffle=False, views=("patch",), slide_ids=self.slide_ids)
             self._main = open_corpus_dataset(cfg, main)
             if main.genes.transform != "log1p":
                 targets = loader_settings(

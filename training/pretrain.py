@@ -6,6 +6,11 @@ lr from the schedule -> forward/backward over the accumulation micro-batches -> 
 log -> evaluate -> checkpoint. ``--resume latest`` continues exactly: same parameters,
 optimiser, RNG and data position, hence the same next batch.
 
+Batches from the corpus loader under ``on_bad_sample: warn/skip`` may be short or empty: a short
+batch trains as it is (the losses gather unequal batch sizes across ranks and weight each
+rank's share), and a micro-batch that is empty on any rank is passed over by every rank (the
+ranks exchange their batch sizes each micro-step), so steps stay in lockstep.
+
 Run folder (``run.out_dir``)::
 
     config.yaml            the resolved config
