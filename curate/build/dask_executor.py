@@ -529,6 +529,9 @@ class DaskExecutor:
                             f"the Dask scheduler dropped slide {sample.id}'s task ({exc}); units finished so far "
                             "are kept: run the same command again to finish the build"
                         ) from None
+                    # Drop the future: the worker then frees the result (its gene list can be ~1 MB).
+                    del futures[future]
+                    future.release()
                     progress.count(result, running=len(pending))
                     yield result
             progress.log(running=0, final=True)
