@@ -308,7 +308,8 @@ def _next_usable_batch(
     for _ in range(MAX_EMPTY_BATCHES):
         batch, iterator = _next_batch(iterator, source, rank=env.rank)
         n = len(batch[B.KEY])
-        sizes = batch_sizes(n, device=env.device, group=env.cpu_group) if env.distributed else [n]
+        # A host tensor through a gloo group (the default one on CPU, cpu_group with NCCL): no GPU sync.
+        sizes = batch_sizes(n, device=torch.device("cpu"), group=env.cpu_group) if env.distributed else [n]
         if min(sizes) > 0:
             return batch, sizes, iterator
         interval.skipped_batches += 1
