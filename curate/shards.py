@@ -355,13 +355,17 @@ class ShardWriter:
     counts_dtype: str = "int32"
     settings: ShardSettings = field(default_factory=ShardSettings)
     shards: list[ShardInfo] = field(default_factory=list)
+    #: Number of the first shard written (several writers can each write a range of shards).
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in schema.SPLITS:
             raise SettingsError(f"unknown split {self.split!r}; splits are {schema.SPLITS}")
         if self.counts_dtype not in schema.COUNT_DTYPES:
             raise SettingsError(f"counts dtype must be one of {schema.COUNT_DTYPES}, not {self.counts_dtype!r}")
-        self._index = 0
+        if self.first_index < 0:
+            raise SettingsError(f"first_index must be >= 0, not {self.first_index}")
+        self._index = self.first_index
         self._tar: _TarShard | None = None
         self._parquet: _ParquetShard | None = None
         self._n = 0

@@ -204,6 +204,29 @@ def test_pack_round_trip(tmp_path: Path) -> None:
     ]
 
 
+def test_parallel_pack_writes_the_same_bytes(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    work.prepare()
+    genes = ["ENSG00000000003", "ENSG00000000005", "ENSG00000000419", "ENSG00000000457"]
+    units = [fake_unit(work, f"S{i}", 5 + i, genes) for i in range(4)]
+    splits = {u.slide_id: ("train" if i < 3 else "test") for i, u in enumerate(units)}
+    settings = PackSettings(samples_per_shard=3, seed=4)
+    serial = pack(
+        tmp_path / "serial", work=work, units=units, splits=splits, gene_index=GeneIndex(genes), settings=settings
+    )
+    parallel = pack(
+        tmp_path / "parallel",
+        work=work,
+        units=units,
+        splits=splits,
+        gene_index=GeneIndex(genes),
+        settings=settings,
+        workers=2,
+    )
+    assert len(serial.shards) == 2 * (6 + 3)  # 18 train samples in 6 shards, 8 test samples in 3, both formats
+    assert [(s.path, s.sha256) for s in parallel.shards] == [(s.path, s.sha256) for s in serial.shards]
+
+
 def test_shard_size_respects_bytes() -> None:
     unit = UnitResult(slide_id="A", status="built", settings_digest="x", n_samples=1000, sample_bytes=1000 * 50_000)
     assert shard_size([unit], PackSettings(samples_per_shard=10_000, max_shard_bytes=1_000_000)) == 20

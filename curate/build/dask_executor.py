@@ -630,7 +630,7 @@ def remove_stale_temporaries(work_root: Path, slide_ids: Sequence[str]) -> int:
     wanted = {re.escape(s) for s in slide_ids}
     if not wanted:
         return 0
-    # `.<slide>.<pid>.tmp` and `.<slide>.<pid>.old.tmp` (see WorkDir.begin/commit); slide ids hold no dots.
+    # `.<slide>.<tag>.tmp` and `.<slide>.<tag>.old.tmp` (see WorkDir.begin/commit); slide ids hold no dots.
     pattern = re.compile(rf"\.(?:{'|'.join(sorted(wanted))})\.[^/]+\.tmp")
     removed = 0
     for path in units.iterdir():

@@ -126,36 +126,79 @@ def sample_order(
     return slide_pos, rows
 
 
+class _Rows:
+    """Zero-copy row access to a (memory-mapped) chunked column: no ``take``, which concatenates chunks."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        lengths = [len(chunk) for chunk in column.chunks]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.chunks = column.chunks
+
+    def locate(self, row: int) -> tuple[int, int]:
+        chunk = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return chunk, row - int(self.starts[chunk])
+
+
+class _ListRows(_Rows):
+    """Rows of a ``list<number>`` column as numpy views into the mapped file."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        super().__init__(column)
+        self.offsets = [chunk.offsets.to_numpy() for chunk in self.chunks]
+        self.values = [chunk.values.to_numpy(zero_copy_only=False) for chunk in self.chunks]
+
+    def __getitem__(self, row: int) -> npt.NDArray[Any]:
+        chunk, i = self.locate(row)
+        offsets = self.offsets[chunk]
+        view: npt.NDArray[Any] = self.values[chunk][offsets[i] : offsets[i + 1]]
+        return view
+
+
+class _BinaryRows(_Rows):
+    """Rows of a ``binary`` column as bytes copied straight out of the mapped file."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        super().__init__(column)
+        self.offsets = []
+        self.data = []
+        for chunk in self.chunks:
+            _, offsets, data = chunk.buffers()
+            self.offsets.append(np.frombuffer(offsets, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1])
+            self.data.append(memoryview(data))
+
+    def __getitem__(self, row: int) -> bytes:
+        chunk, i = self.locate(row)
+        offsets = self.offsets[chunk]
+        return bytes(self.data[chunk][offsets[i] : offsets[i + 1]])
+
+
 class _SlideSource:
-    """One built slide as the pack reads it: its samples table and its gene index map."""
+    """One built slide as the pack reads it: row access to its samples and its gene index map."""
 
     def __init__(
-        self, unit: UnitResult, table: pa.Table, *, gene_index: GeneIndex, split: str, counts_dtype: str
+        self, unit: UnitResult, table: pa.Table, *, local_to_vocab: npt.NDArray[np.int32], counts_dtype: str
     ) -> None:
         self.unit = unit
-        self.table = table
-        # Raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
-        self.local_to_vocab = gene_index.indices(np.asarray(unit.gene_ids, dtype=np.str_))
+        self.table = table  # keeps the memory map alive while the views below point into it
+        self.local_to_vocab = local_to_vocab
         self.counts_dtype = np.dtype(counts_dtype)
-        slide = unit.slide
-        self.fixed = {name: slide.get(name) for name in SLIDE_SAMPLE_FIELDS} | {"split": split}
+        self.fixed = {name: unit.slide.get(name) for name in SLIDE_SAMPLE_FIELDS}
+        self.keys = table.column("key").to_pylist()
+        self.images = {name: _BinaryRows(table.column(name)) for name in ("patch", "region")}
+        self.lists = {
+            name: _ListRows(table.column(name)) for name in ("genes", "counts", "niche_genes", "niche_counts")
+        }
+        self.meta = {name: table.column(name).to_pylist() for name in UNIT_SAMPLE_FIELDS}
 
-    def samples(self, rows: npt.NDArray[np.int64]) -> list[ShardSample]:
+    def samples(self, rows: npt.NDArray[np.int64], *, split: str) -> list[ShardSample]:
         """The samples at ``rows`` (in that order), ready to write."""
-        import pyarrow as pa
-
-        part = self.table.take(pa.array(rows))
-        keys = part.column("key").to_pylist()
-        patches = part.column("patch").to_pylist()
-        regions = part.column("region").to_pylist()
-        lists = {name: _list_column(part.column(name)) for name in ("genes", "counts", "niche_genes", "niche_counts")}
-        meta_columns = {name: part.column(name).to_pylist() for name in UNIT_SAMPLE_FIELDS}
+        fixed = self.fixed | {"split": split}
         out = []
-        for i, key in enumerate(keys):
-            genes = self.local_to_vocab[lists["genes"][i]]
-            niche_genes = self.local_to_vocab[lists["niche_genes"][i]]
-            counts = lossless_cast(lists["counts"][i], self.counts_dtype)
-            niche_counts = lossless_cast(lists["niche_counts"][i], self.counts_dtype)
+        for row in rows.tolist():
+            genes = self.local_to_vocab[self.lists["genes"][row]]
+            niche_genes = self.local_to_vocab[self.lists["niche_genes"][row]]
+            counts = lossless_cast(self.lists["counts"][row], self.counts_dtype)
+            niche_counts = lossless_cast(self.lists["niche_counts"][row], self.counts_dtype)
             # Local ids are sorted like the vocabulary (both by Ensembl id within a species), so the
             # mapped indices stay sorted; check rather than trust.
             if genes.size > 1 and np.any(np.diff(genes) <= 0):
@@ -164,13 +207,13 @@ class _SlideSource:
             if niche_genes.size > 1 and np.any(np.diff(niche_genes) <= 0):
                 order = np.argsort(niche_genes, kind="stable")
                 niche_genes, niche_counts = niche_genes[order], niche_counts[order]
-            meta = dict(self.fixed)
-            meta.update({name: meta_columns[name][i] for name in UNIT_SAMPLE_FIELDS})
+            meta = dict(fixed)
+            meta.update({name: self.meta[name][row] for name in UNIT_SAMPLE_FIELDS})
             out.append(
                 ShardSample(
-                    key=key,
-                    patch=patches[i],
-                    region=regions[i],
+                    key=self.keys[row],
+                    patch=self.images["patch"][row],
+                    region=self.images["region"][row],
                     genes=genes,
                     counts=counts,
                     niche_genes=niche_genes,
@@ -181,12 +224,101 @@ class _SlideSource:
         return out
 
 
-def _list_column(column: pa.ChunkedArray) -> list[npt.NDArray[Any]]:
-    """A list<number> column as one numpy array per row (views into one flat array)."""
-    array = column.combine_chunks()
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
+@dataclass(frozen=True)
+class _PackContext:
+    """What every shard writer needs (sent once to each worker process)."""
+
+    out: str
+    work_root: str
+    vocabulary_ids: npt.NDArray[np.str_]
+    counts_dtype: str
+    shard_settings: ShardSettings
+
+
+class _SlideCache:
+    """The slides one process reads: gene maps kept, open (memory-mapped) tables bounded.
+
+    With the shuffled order every shard draws from nearly every slide of its split, so a pack of
+    thousands of slides must not keep a file open per slide (the usual limit is 1,024).
+    """
+
+    def __init__(self, context: _PackContext, *, max_open: int = 256) -> None:
+        from collections import OrderedDict
+
+        from curate.genes import GeneIndex
+
+        self.context = context
+        self.work = WorkDir(Path(context.work_root))
+        self.index = GeneIndex(context.vocabulary_ids)
+        self.max_open = max_open
+        self.maps: dict[str, npt.NDArray[np.int32]] = {}
+        self.sources: OrderedDict[str, _SlideSource] = OrderedDict()
+
+    def source(self, slide_id: str) -> _SlideSource:
+        """The slide's samples and gene map, opening (or reusing) its table."""
+        source = self.sources.pop(slide_id, None)
+        if source is None:
+            unit = self.work.result(slide_id)
+            if unit is None:
+                raise FileNotFoundError(f"no finished unit for slide {slide_id} in {self.work.root}")
+            if slide_id not in self.maps:
+                # Raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
+                self.maps[slide_id] = self.index.indices(np.asarray(unit.gene_ids, dtype=np.str_))
+            source = _SlideSource(
+                unit,
+                self.work.samples(slide_id),
+                local_to_vocab=self.maps[slide_id],
+                counts_dtype=self.context.counts_dtype,
+            )
+            if len(self.sources) >= self.max_open:
+                self.sources.popitem(last=False)
+        self.sources[slide_id] = source
+        return source
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """One shard (in both formats): its split, number and samples as (slide, row) pairs."""
+
+    split: str
+    index: int
+    slide_ids: tuple[str, ...]  # slide_pos refers to this tuple
+    slide_pos: npt.NDArray[np.int32]
+    rows: npt.NDArray[np.int64]
+
+
+def _write_shard(cache: _SlideCache, job: _ShardJob) -> list[ShardInfo]:
+    context = cache.context
+    samples: list[ShardSample | None] = [None] * len(job.rows)
+    for pos in np.unique(job.slide_pos):
+        where = np.flatnonzero(job.slide_pos == pos)
+        source = cache.source(job.slide_ids[pos])
+        for i, sample in zip(where, source.samples(job.rows[where], split=job.split), strict=True):
+            samples[i] = sample
+    with ShardWriter(
+        Path(context.out),
+        split=job.split,
+        counts_dtype=context.counts_dtype,
+        settings=context.shard_settings,
+        first_index=job.index,
+    ) as writer:
+        for maybe in samples:
+            assert maybe is not None, "every position of a shard job is filled by its slides"
+            writer.add(maybe)
+    return writer.shards
+
+
+_WORKER_CACHE: _SlideCache | None = None
+
+
+def _init_worker(context: _PackContext) -> None:
+    global _WORKER_CACHE  # noqa: PLW0603 - one cache per pool process, set once by the initializer
+    _WORKER_CACHE = _SlideCache(context)
+
+
+def _write_shard_in_worker(job: _ShardJob) -> list[ShardInfo]:
+    assert _WORKER_CACHE is not None, "pack worker used without its initializer"
+    return _write_shard(_WORKER_CACHE, job)
 
 
 @dataclass
@@ -207,18 +339,29 @@ def pack(
     splits: Mapping[str, str],
     gene_index: GeneIndex,
     settings: PackSettings,
+    workers: int = 1,
     progress: Any = None,
 ) -> PackResult:
     """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split).
 
-    ``gene_index`` maps each slide's measured Ensembl ids onto the corpus vocabulary.
+    ``gene_index`` maps each slide's measured Ensembl ids onto the corpus vocabulary. Every
+    shard's samples are fixed by the seeded order before anything is written, so ``workers``
+    processes write shards side by side and the bytes are the same as with one.
     """
     for stale in (out / schema.WDS_DIR, out / schema.PARQUET_DIR):
         shutil.rmtree(stale, ignore_errors=True)
     counts_dtype = corpus_counts_dtype(units)
     per_shard = shard_size(units, settings)
-    shard_settings = ShardSettings(samples_per_shard=per_shard, row_group_size=min(settings.row_group_size, per_shard))
-    shards: list[ShardInfo] = []
+    context = _PackContext(
+        out=str(out),
+        work_root=str(work.root),
+        vocabulary_ids=gene_index.ids,
+        counts_dtype=counts_dtype,
+        shard_settings=ShardSettings(
+            samples_per_shard=per_shard, row_group_size=min(settings.row_group_size, per_shard)
+        ),
+    )
+    jobs: list[_ShardJob] = []
     n_samples: dict[str, int] = {}
     for split in schema.SPLITS:
         members = sorted(
@@ -226,36 +369,36 @@ def pack(
         )
         if not members:
             continue
-        sources = [
-            _SlideSource(u, work.samples(u.slide_id), gene_index=gene_index, split=split, counts_dtype=counts_dtype)
-            for u in members
-        ]
+        slide_ids = tuple(u.slide_id for u in members)
         slide_pos, rows = sample_order(
             [u.n_samples for u in members], order=settings.order, seed=settings.seed, split=split
         )
         n_samples[split] = len(rows)
-        with ShardWriter(out, split=split, counts_dtype=counts_dtype, settings=shard_settings) as writer:
-            for chunk in _chunks(len(rows), per_shard):
-                for sample in _gather(sources, slide_pos[chunk], rows[chunk]):
-                    writer.add(sample)
+        for index, chunk in enumerate(_chunks(len(rows), per_shard)):
+            jobs.append(_ShardJob(split, index, slide_ids, slide_pos[chunk], rows[chunk]))
+    shards: list[ShardInfo] = []
+    if workers <= 1 or len(jobs) <= 1:
+        cache = _SlideCache(context)
+        for job in jobs:
+            shards.extend(_write_shard(cache, job))
+            if progress is not None:
+                progress.update(len(job.rows))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context_spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context_spawn, initializer=_init_worker, initargs=(context,)
+        ) as pool:
+            # map keeps the jobs' order, so shards.parquet lists shards as a serial pack would.
+            for job, written in zip(jobs, pool.map(_write_shard_in_worker, jobs), strict=True):
+                shards.extend(written)
                 if progress is not None:
-                    progress.update(chunk.stop - chunk.start)
-        shards.extend(writer.shards)
+                    progress.update(len(job.rows))
     return PackResult(shards=shards, counts_dtype=counts_dtype, samples_per_shard=per_shard, n_samples=n_samples)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
-
-
-def _gather(
-    sources: Sequence[_SlideSource], slide_pos: npt.NDArray[np.int32], rows: npt.NDArray[np.int64]
-) -> list[ShardSample]:
-    """The samples at (slide_pos[i], rows[i]) in order, reading each slide once per chunk."""
-    result: list[ShardSample | None] = [None] * len(rows)
-    for pos in np.unique(slide_pos):
-        where = np.flatnonzero(slide_pos == pos)
-        for i, sample in zip(where, sources[pos].samples(rows[where]), strict=True):
-            result[i] = sample
-    return [s for s in result if s is not None]

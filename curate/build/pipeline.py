@@ -307,6 +307,7 @@ def build(
             splits={u.slide_id: str(splits[u.slide_id]) for u in kept},
             gene_index=index,
             settings=settings.pack,
+            workers=settings.workers,
             progress=pack_progress,
         )
     finally:

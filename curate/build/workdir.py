@@ -103,8 +103,13 @@ class WorkDir:
         return result
 
     def begin(self, slide_id: str) -> Path:
-        """A fresh temporary folder to write a unit into."""
-        tmp = self.units / f".{slide_id}.{os.getpid()}.tmp"
+        """A fresh temporary folder to write a unit into.
+
+        Named after the slide, the host, the process and a random token: on a cluster a worker
+        presumed lost may still be writing while its replacement (possibly with the same pid on
+        another host) starts, and neither may delete the other's folder.
+        """
+        tmp = self.units / f".{slide_id}.{_writer_tag()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp
@@ -119,7 +124,7 @@ class WorkDir:
         final = self.unit_dir(result.slide_id)
         if final.exists():
             # Replace an outdated unit: move it aside first so `final` is never half old, half new.
-            old = self.units / f".{result.slide_id}.{os.getpid()}.old.tmp"
+            old = self.units / f".{result.slide_id}.{_writer_tag()}.old.tmp"
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -143,6 +148,14 @@ class WorkDir:
         for path in sorted(self.units.iterdir()):
             if not path.name.startswith(".") and (path / RESULT_FILE).is_file():
                 yield UnitResult.from_json((path / RESULT_FILE).read_text(encoding="utf-8"))
+
+
+def _writer_tag() -> str:
+    import socket
+    import uuid
+
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def write_samples(path: Path, table: pa.Table) -> None:
