@@ -253,7 +253,17 @@ def build(
     progress = _progress(len(todo), enabled=settings.progress)
     first_bad: list[UnitResult] = []
 
+    totals: Counter[str] = Counter()
+
     def on_result(result: UnitResult) -> bool:
+        totals[result.status] += 1
+        totals["tiles"] += result.n_samples
+        totals["bytes"] += result.sample_bytes
+        progress.set_postfix_str(
+            f"{totals['built']} built, {totals['quarantined']} quarantined, {totals['failed']} failed; "
+            f"{totals['tiles']:,} tiles, {totals['bytes'] / 1e6:,.0f} MB",
+            refresh=False,
+        )
         progress.update(1)
         if result.status != "built":
             if settings.on_bad_sample == "warn":
@@ -509,6 +519,9 @@ def _mapping_of(work: WorkDir, slide_id: str) -> Mapping[str, Any]:
 
 class _NoProgress:
     def update(self, n: int = 1) -> None:
+        """Nothing to show."""
+
+    def set_postfix_str(self, text: str, *, refresh: bool = True) -> None:
         """Nothing to show."""
 
     def close(self) -> None:
