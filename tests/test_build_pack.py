@@ -227,6 +227,18 @@ def test_parallel_pack_writes_the_same_bytes(tmp_path: Path) -> None:
     assert [(s.path, s.sha256) for s in parallel.shards] == [(s.path, s.sha256) for s in serial.shards]
 
 
+def test_hub_layout_warnings() -> None:
+    from curate.build.pipeline import hub_layout_warnings
+    from curate.shards import ShardInfo
+
+    def shard(i: int) -> ShardInfo:
+        return ShardInfo(f"wds/train/train-{i:06d}.tar", "wds", "train", i, 1, 1, "", "", "", ())
+
+    assert hub_layout_warnings([shard(i) for i in range(1000)]) == []
+    (warning,) = hub_layout_warnings([shard(i) for i in range(1001)])
+    assert "wds/train/ holds 1,001 shards" in warning and "--max-shard-mb" in warning
+
+
 def test_shard_size_respects_bytes() -> None:
     unit = UnitResult(slide_id="A", status="built", settings_digest="x", n_samples=1000, sample_bytes=1000 * 50_000)
     assert shard_size([unit], PackSettings(samples_per_shard=10_000, max_shard_bytes=1_000_000)) == 20

@@ -323,6 +323,8 @@ def build(
     finally:
         pack_progress.close()
     write_shard_index(out, packed.shards)
+    for warning in hub_layout_warnings(packed.shards):
+        log.warning("%s", warning)
     write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
     measured = {u.slide_id: index.indices(_ids(u.gene_ids)).tolist() for u in kept}
     rows = _slide_rows(samples, results, excluded, duplicates, splits, measured=measured)
@@ -366,6 +368,25 @@ def build(
     _write_card(out, name=name, rows=rows, packed=packed, n_genes=vocabulary.num_rows, settings=settings)
     _write_report(out, name=name, rows=rows, work=work, kept=kept, summary=summary)
     return summary
+
+
+#: The Hub's guidance: under 10,000 files per folder (keep under 1,000) and 100,000 per repository.
+HUB_FILES_PER_FOLDER = 1_000
+HUB_FILES_PER_REPO = 100_000
+
+
+def hub_layout_warnings(shards: Sequence[Any]) -> list[str]:
+    """Warnings when a corpus's shards exceed what the Hub handles well (files per folder / repository)."""
+    folders = Counter(str(Path(s.path).parent) for s in shards)
+    warnings = [
+        f"{folder}/ holds {n:,} shards (the Hub handles folders of under {HUB_FILES_PER_FOLDER:,} files best): "
+        "raise --max-shard-mb or --samples-per-shard"
+        for folder, n in sorted(folders.items())
+        if n > HUB_FILES_PER_FOLDER
+    ]
+    if len(shards) > HUB_FILES_PER_REPO:
+        warnings.append(f"{len(shards):,} shard files exceed the Hub's {HUB_FILES_PER_REPO:,} files per repository")
+    return warnings
 
 
 def _ids(gene_ids: Iterable[str]) -> Any:
