@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from curate.atomic import fsync_dir
 from curate.errors import SettingsError
 from stcorpus import schema
 
@@ -178,29 +179,6 @@ class _AtomicFile:
         if not self.handle.closed:
             self.handle.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file + fsync + rename."""
-    out = _AtomicFile(path)
-    try:
-        out.write(data)
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
 
 
 class _HashingSink(io.RawIOBase):

@@ -36,7 +36,8 @@ from curate.build.unit import UnitSettings, slide_row
 from curate.build.workdir import UnitResult, WorkDir
 from curate.errors import BuildError, SettingsError
 from curate.manifest import Manifest, Sample, load_manifests
-from curate.shards import write_atomic, write_parquet_atomic, write_shard_index
+from curate.atomic import write_atomic
+from curate.shards import write_parquet_atomic, write_shard_index
 from stcorpus import __version__, schema
 
 if TYPE_CHECKING:

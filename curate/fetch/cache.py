@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from curate.atomic import fsync_dir, write_atomic
+
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
 _UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._+\-]")
 HASH_CHUNK: Final = 1 << 20
@@ -62,17 +64,6 @@ def safe_file_name(name: str) -> str:
     """A file name that is safe on every platform, keeping the suffixes (``spatial.tar.gz``)."""
     name = _UNSAFE_NAME.sub("_", name).strip("._") or "file"
     return name[-200:]
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (a rename into it) to disk, where the platform allows it."""
-    if os.name != "posix":  # pragma: no cover - Windows has no directory fsync
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -224,21 +215,3 @@ class Cache:
         finally:
             if path.exists():
                 shutil.rmtree(path)
-
-
-def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = tmp_dir if tmp_dir is not None else path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -617,6 +617,6 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _write_meta(path: Path, payload: dict[str, Any]) -> None:
-    from curate.fetch.cache import write_atomic
+    from curate.atomic import write_atomic
 
     write_atomic(path, (json.dumps(payload, sort_keys=True) + "\n").encode())

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from curate.atomic import write_atomic
 from curate.errors import FetchError
-from curate.fetch.cache import write_atomic
 
 if TYPE_CHECKING:
     from curate.fetch.fetcher import Fetched
