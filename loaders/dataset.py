@@ -51,6 +51,7 @@ import multiprocessing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -188,10 +189,13 @@ class ReadWindows:
                 if next(expected) != u:
                     raise RuntimeError("windows out of order")  # a bug, not a data problem
                 start, stop = self.plan.window_span(u)
-                window = [next(stream) for _ in range(stop - start)]
+                window = list(islice(stream, stop - start))
+                if len(window) != stop - start:
+                    raise RuntimeError(f"window {u}: the reader gave {len(window)} of {stop - start} samples")
                 permutation = self.plan.window_permutation(u)
                 for b in batch_ids:
-                    yield RawBatch(b, [window[o] for o in self.plan.batch_offsets(b, permutation)])
+                    offsets = self.plan.batch_offsets(b, permutation).tolist()
+                    yield RawBatch(b, [window[o] for o in offsets])
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -216,51 +220,54 @@ class Decode:
         """Decode one batch; bad samples go to the handler and are left out."""
         n = len(raw.samples)
         buffers = {v: self.pools[v].get(n) for v in self.views}
-        keys: list[str] = []
-        pos: list[int] = []
-        genes: list[npt.NDArray[Any]] = []
-        counts: list[npt.NDArray[Any]] = []
-        niche_genes: list[npt.NDArray[Any]] = []
-        niche_counts: list[npt.NDArray[Any]] = []
-        neighbours: list[int] = []
+        slots = list(buffers.items())
+        decoder, handler = self.decoder, self.handler
+        kept: list[RawSample] = []
         for sample in raw.samples:
             if sample is None:
                 continue  # already counted by the shard handler
-            slot = len(keys)
+            slot = len(kept)
             try:
                 self._expression(sample)
-                for view, buffer in buffers.items():
-                    self.decoder(getattr(sample, view), buffer[slot], key=sample.key, view=view)
+                for view, buffer in slots:
+                    decoder(getattr(sample, view), buffer[slot], key=sample.key, view=view)
             except BadSampleError as exc:
-                self.handler.sample(exc)
+                handler.sample(exc)
                 continue
-            keys.append(sample.key)
-            pos.append(int(sample.pos or 0))
-            if self.columns.expression:
-                genes.append(sample.genes)  # type: ignore[arg-type]
-                counts.append(sample.counts)  # type: ignore[arg-type]
-            if self.columns.niche:
-                niche_genes.append(sample.niche_genes)  # type: ignore[arg-type]
-                niche_counts.append(sample.niche_counts)  # type: ignore[arg-type]
-                neighbours.append(int(sample.n_neighbors or 0))
-        kept = len(keys)
-        if kept == 0:
-            self.handler.empty(raw.index)
-        views = {view: array[:kept] if kept < n else array for view, array in buffers.items()}
+            kept.append(sample)
+        n_kept = len(kept)
+        if n_kept == 0:
+            handler.empty(raw.index)
+        views = {view: array[:n_kept] if n_kept < n else array for view, array in buffers.items()}
+        expression, niche = self.columns.expression, self.columns.niche
         return DecodedBatch(
             index=raw.index,
-            keys=keys,
+            keys=[s.key for s in kept],
             views=views,
-            pos=np.asarray(pos, dtype=np.int64),
-            genes=genes,
-            counts=counts,
-            niche_genes=niche_genes,
-            niche_counts=niche_counts,
-            n_neighbors=np.asarray(neighbours, dtype=np.float64),
+            pos=np.fromiter([s.pos or 0 for s in kept], dtype=np.int64, count=n_kept),
+            genes=[s.genes for s in kept] if expression else [],  # type: ignore[misc]
+            counts=[s.counts for s in kept] if expression else [],  # type: ignore[misc]
+            niche_genes=[s.niche_genes for s in kept] if niche else [],  # type: ignore[misc]
+            niche_counts=[s.niche_counts for s in kept] if niche else [],  # type: ignore[misc]
+            n_neighbors=np.fromiter([s.n_neighbors or 0 for s in kept] if niche else [], dtype=np.float64),
         )
 
     def _expression(self, sample: RawSample) -> None:
         """Fill the arrays of a tar sample from its ``expr.npz`` and ``json`` members; check them."""
+        if sample.meta_blob is None and sample.expr_blob is None and sample.pos is not None:
+            # A Parquet row: only check what the columns gave (the common case, kept cheap).
+            columns = self.columns
+            if columns.expression:
+                genes, counts = sample.genes, sample.counts
+                if genes is None or counts is None or len(genes) != len(counts):
+                    raise BadSampleError(f"{sample.key}: genes/counts missing or of unequal length", key=sample.key)
+            if columns.niche:
+                genes, counts = sample.niche_genes, sample.niche_counts
+                if genes is None or counts is None or len(genes) != len(counts):
+                    raise BadSampleError(
+                        f"{sample.key}: niche_genes/niche_counts missing or of unequal length", key=sample.key
+                    )
+            return
         if sample.meta_blob is not None:
             import json
 

@@ -180,7 +180,7 @@ class Flat:
     @classmethod
     def of(cls, genes: Sequence[npt.NDArray[Any]], values: Sequence[npt.NDArray[Any]]) -> Flat:
         """Concatenate per-sample ``genes``/``values``."""
-        lengths = np.fromiter((len(g) for g in genes), dtype=np.int64, count=len(genes))
+        lengths = np.fromiter(map(len, genes), dtype=np.int64, count=len(genes))
         if len(genes) == 0 or lengths.sum() == 0:
             empty = np.zeros(0, dtype=np.int64)
             return cls(empty, empty, np.zeros(0), len(genes))
@@ -208,6 +208,8 @@ class GeneTransform:
         self.kind = settings.transform
         self.measured = measured
         self._masks: dict[str, npt.NDArray[np.bool_]] = {}
+        self._mask_rows: dict[str, int] = {}  # slide -> its row of _mask_table
+        self._mask_table: npt.NDArray[np.bool_] | None = None
         self.means: npt.NDArray[np.float64] | None = None
         if means is not None:
             means = np.asarray(means, dtype=np.float64)
@@ -235,10 +237,19 @@ class GeneTransform:
 
     def mask(self, slide_ids: Sequence[str]) -> npt.NDArray[np.bool_]:
         """``(B, G)`` True where each sample's slide measured the gene."""
-        out = np.zeros((len(slide_ids), self.space.size), dtype=np.bool_)
-        for i, slide in enumerate(slide_ids):
-            out[i] = self._slide_mask(slide)
-        return out
+        # One row per slide seen so far; a batch's mask is one gather from those rows.
+        rows = self._mask_rows
+        index = [rows.get(slide) for slide in slide_ids]
+        if None in index:
+            for slide in slide_ids:
+                self._slide_mask(slide)
+            index = [rows[slide] for slide in slide_ids]
+        table = self._mask_table
+        if table is None or len(table) < len(rows):
+            table = self._mask_table = np.stack([self._masks[slide] for slide in rows]) if rows else None
+        if table is None:
+            return np.zeros((0, self.space.size), dtype=np.bool_)
+        return table[np.asarray(index, dtype=np.intp)]
 
     def _slide_mask(self, slide: str) -> npt.NDArray[np.bool_]:
         mask = self._masks.get(slide)
@@ -249,6 +260,7 @@ class GeneTransform:
                 cols = self.space.lut[genes]
                 mask[cols[cols >= 0]] = True
             self._masks[slide] = mask
+            self._mask_rows[slide] = len(self._mask_rows)
         return mask
 
     # -- values ------------------------------------------------------------------------------

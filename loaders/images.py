@@ -15,7 +15,7 @@ uses the same factors for both views of a sample.
 from __future__ import annotations
 
 import io
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -35,15 +35,22 @@ class JpegDecoder:
 
     def __init__(self, name: str = "simplejpeg") -> None:
         self.name = name
+        self._decode: Any = None  # simplejpeg.decode_jpeg, bound on first use (not pickled)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"name": self.name, "_decode": None}
 
     def __call__(self, data: bytes | memoryview | None, out: npt.NDArray[np.uint8], *, key: str, view: str) -> None:
         if not data:
             raise BadSampleError(f"{key}: no {view} image in the sample", key=key)
         if self.name == "simplejpeg":
-            import simplejpeg
+            decode = self._decode
+            if decode is None:
+                import simplejpeg
 
+                decode = self._decode = simplejpeg.decode_jpeg
             try:
-                image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+                image = decode(data, colorspace="RGB", buffer=out)
             except ValueError as exc:
                 raise BadSampleError(
                     f"{key}: {view} is not a decodable JPEG{_size_note(data, out)}: {exc}", key=key

@@ -427,37 +427,49 @@ def parquet_metadata_from_tail(tail: bytes, size: int, path: str) -> pq.FileMeta
 def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Columns) -> list[RawSample]:
     """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group."""
     keys = table.column(schema.KEY_COLUMN).to_pylist()
-    pos = table.column("pos").to_numpy(zero_copy_only=False)
-    images: dict[str, tuple[npt.NDArray[Any], memoryview]] = {}
-    for view, wanted in ((schema.PATCH_COLUMN, columns.patch), (schema.REGION_COLUMN, columns.region)):
-        if wanted:
-            images[view] = _binary_views(table.column(view).combine_chunks().flatten()[0])
-    lists: dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
-    names = []
+    pos = table.column("pos").to_numpy(zero_copy_only=False).tolist()
+    # Offsets as Python lists: indexing a list is several times cheaper than a numpy array.
+    patch = region = None
+    if columns.patch:
+        offsets, data = _binary_views(table.column(schema.PATCH_COLUMN).combine_chunks().flatten()[0])
+        patch = (offsets.tolist(), data)
+    if columns.region:
+        offsets, data = _binary_views(table.column(schema.REGION_COLUMN).combine_chunks().flatten()[0])
+        region = (offsets.tolist(), data)
+    expression = niche = None
     if columns.expression:
-        names += [schema.Expr.GENES.value, schema.Expr.COUNTS.value]
+        expression = (_list_column(table, schema.Expr.GENES.value), _list_column(table, schema.Expr.COUNTS.value))
     if columns.niche:
-        names += [schema.Expr.NICHE_GENES.value, schema.Expr.NICHE_COUNTS.value]
-    for name in names:
-        array = table.column(name).combine_chunks()
-        lists[name] = (array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False))
-    neighbours = table.column("n_neighbors").to_numpy(zero_copy_only=False) if columns.niche else None
+        niche = (
+            _list_column(table, schema.Expr.NICHE_GENES.value),
+            _list_column(table, schema.Expr.NICHE_COUNTS.value),
+        )
+        neighbours = table.column("n_neighbors").to_numpy(zero_copy_only=False).tolist()
     out = []
     for r in rows.tolist():
         sample = RawSample(keys[r])
         sample.pos = int(pos[r])
-        if columns.patch:
-            offsets, data = images[schema.PATCH_COLUMN]
-            sample.patch = data[offsets[r] : offsets[r + 1]]
-        if columns.region:
-            offsets, data = images[schema.REGION_COLUMN]
-            sample.region = data[offsets[r] : offsets[r + 1]]
-        for name, (offsets, values) in lists.items():
-            setattr(sample, name, values[offsets[r] : offsets[r + 1]])
-        if neighbours is not None:
+        if patch is not None:
+            offsets_list, data = patch
+            sample.patch = data[offsets_list[r] : offsets_list[r + 1]]
+        if region is not None:
+            offsets_list, data = region
+            sample.region = data[offsets_list[r] : offsets_list[r + 1]]
+        if expression is not None:
+            (go, gv), (co, cv) = expression
+            sample.genes, sample.counts = gv[go[r] : go[r + 1]], cv[co[r] : co[r + 1]]
+        if niche is not None:
+            (go, gv), (co, cv) = niche
+            sample.niche_genes, sample.niche_counts = gv[go[r] : go[r + 1]], cv[co[r] : co[r + 1]]
             sample.n_neighbors = int(neighbours[r])
         out.append(sample)
     return out
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[list[int], npt.NDArray[Any]]:
+    """Offsets (a list) and flat values of a list column: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``."""
+    array = table.column(name).combine_chunks()
+    return array.offsets.to_numpy().tolist(), array.values.to_numpy(zero_copy_only=False)
 
 
 def _binary_views(array: pa.Array) -> tuple[npt.NDArray[Any], memoryview]:
@@ -587,7 +599,9 @@ class ShardReader:
             assert path is not None
             _check_size(path.stat().st_size, entry)
             try:
-                parquet = pq.ParquetFile(path)
+                # No pre-buffering: it reads through pyarrow's I/O threads, which costs more CPU
+                # than reading one row group in this thread (6.4 against 6.0 us per sample).
+                parquet = pq.ParquetFile(path, pre_buffer=False)
             except (pa.ArrowException, OSError) as exc:
                 raise ShardError(f"{entry.path}: not a readable Parquet file: {exc}") from exc
             starts = row_group_starts(parquet.metadata)
@@ -703,10 +717,12 @@ def _check_key(entry: ShardEntry, row: int, key: str) -> None:
 
 
 def _checked(entry: ShardEntry, rows: npt.NDArray[np.int64], samples: list[RawSample]) -> list[RawSample]:
-    if entry.first_key or entry.last_key:
-        for row, sample in zip(rows.tolist(), samples, strict=True):
+    if (entry.first_key or entry.last_key) and len(rows):
+        # Rows ascend: only the first and the last sample can be row 0 or the shard's last row.
+        for at in (0, -1):
+            row = int(rows[at])
             if row == 0 or row == entry.n_rows - 1:
-                _check_key(entry, row, sample.key)
+                _check_key(entry, row, samples[at].key)
     return samples
 
 
