@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 BLOCK: Final = 512
 _ZERO_BLOCK: Final = bytes(BLOCK)
+_IMAGE_SUFFIXES: Final = ("jpg", "jpeg", "png")
+
+#: The members of one tar sample by suffix (images as views into the read buffer).
+Members = dict[str, bytes | memoryview]
 _PARQUET_TAIL: Final = 64 * 1024
 
 
@@ -116,7 +121,7 @@ def _octal(field: bytes, what: str) -> int:
 
 def _checksum_ok(header: bytes) -> bool:
     stored = _octal(header[148:156], "checksum")
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
     if stored == unsigned:
         return True
     signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32
@@ -154,7 +159,7 @@ class TarCursor:
         self.offset = 0
         self.row = -1  # row of the sample whose members are being collected
         self.key: str | None = None
-        self.members: dict[str, bytes] = {}
+        self.members: Members = {}
         self._lookahead: tuple[str, str, int] | None = None  # header read, data not yet: key, suffix, size
         self._ended = False
         self._emitted = -1  # last row handed out
@@ -222,15 +227,18 @@ class TarCursor:
             key, suffix = split_member_name(name)
             return key, suffix, size
 
-    def _member_data(self, size: int, *, keep: bool) -> bytes | None:
+    def _member_data(self, size: int, *, keep: bool, view: bool = False) -> bytes | memoryview | None:
+        """The member's bytes (``view``: a view that skips copying off the block padding)."""
         padded = size + (-size % BLOCK)
         if keep:
             data = self._read(padded)
-            return data[:size] if padded != size else data
+            if padded == size:
+                return data
+            return memoryview(data)[:size] if view else data[:size]
         self._skip(padded)
         return None
 
-    def rows(self, wanted: Sequence[int] | npt.NDArray[np.int64]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    def rows(self, wanted: Sequence[int] | npt.NDArray[np.int64]) -> Iterator[tuple[int, str, Members]]:
         """``(row, key, members)`` of each wanted row (ascending, not before the cursor)."""
         for target in wanted:
             target = int(target)
@@ -255,11 +263,12 @@ class TarCursor:
                     self.key = key
                     self.members = {}
                 self._lookahead = None
-                data = self._member_data(size, keep=self.row == target)
+                # Images as views (no copy of 17 kB per JPEG); expr.npz and json stay bytes.
+                data = self._member_data(size, keep=self.row == target, view=suffix.endswith(_IMAGE_SUFFIXES))
                 if data is not None:
                     self.members[suffix] = data
 
-    def _emit(self) -> tuple[int, str, dict[str, bytes]]:
+    def _emit(self) -> tuple[int, str, Members]:
         assert self.key is not None
         out = (self.row, self.key, self.members)
         self._emitted = self.row
@@ -272,14 +281,24 @@ class TarCursor:
         self.stream.close()
 
 
-def raw_from_members(key: str, members: dict[str, bytes]) -> RawSample:
+_PATCH_MEMBER: Final = schema.Member.PATCH.value
+_REGION_MEMBER: Final = schema.Member.REGION.value
+_EXPR_MEMBER: Final = schema.Member.EXPR.value
+_META_MEMBER: Final = schema.Member.META.value
+
+
+def raw_from_members(key: str, members: Mapping[str, bytes | memoryview]) -> RawSample:
     """A raw sample from the tar members of one key."""
     sample = RawSample(key)
-    sample.patch = members.get(schema.Member.PATCH.value)
-    sample.region = members.get(schema.Member.REGION.value)
-    sample.expr_blob = members.get(schema.Member.EXPR.value)
-    sample.meta_blob = members.get(schema.Member.META.value)
+    sample.patch = members.get(_PATCH_MEMBER)
+    sample.region = members.get(_REGION_MEMBER)
+    sample.expr_blob = _as_bytes(members.get(_EXPR_MEMBER))
+    sample.meta_blob = _as_bytes(members.get(_META_MEMBER))
     return sample
+
+
+def _as_bytes(data: bytes | memoryview | None) -> bytes | None:
+    return bytes(data) if isinstance(data, memoryview) else data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,35 +308,39 @@ def raw_from_members(key: str, members: dict[str, bytes]) -> RawSample:
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d*),?\), \}")
 
 
+#: A zip local file header: signature, version, flags, method, time, date, crc, sizes, name/extra lengths.
+_ZIP_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+#: Parsed ``.npy`` headers (dtype, count) by their bytes: samples repeat the same few headers.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], int]] = {}
+
+
 def parse_npz(data: bytes) -> dict[str, npt.NDArray[Any]]:
     """The arrays of an uncompressed ``.npz`` (what our writer makes), without ``zipfile``.
 
     Anything unusual (compression, data descriptors, non-1-D arrays) goes through ``np.load``.
     """
     out: dict[str, npt.NDArray[Any]] = {}
-    view = memoryview(data)
     pos = 0
-    while pos + 30 <= len(data) and data[pos : pos + 4] == b"PK\x03\x04":
-        flags = int.from_bytes(data[pos + 6 : pos + 8], "little")
-        method = int.from_bytes(data[pos + 8 : pos + 10], "little")
-        size = int.from_bytes(data[pos + 18 : pos + 22], "little")
-        name_len = int.from_bytes(data[pos + 26 : pos + 28], "little")
-        extra_len = int.from_bytes(data[pos + 28 : pos + 30], "little")
+    while pos + 30 <= len(data) and data.startswith(b"PK\x03\x04", pos):
+        _, _, flags, method, _, _, _, size, _, name_len, extra_len = _ZIP_LOCAL.unpack_from(data, pos)
         if method != 0 or flags & 0x08 or size == 0xFFFFFFFF:
             return _np_load(data)
         name = data[pos + 30 : pos + 30 + name_len].decode("utf-8")
         start = pos + 30 + name_len + extra_len
-        npy = view[start : start + size]
-        if bytes(npy[:6]) != b"\x93NUMPY" or npy[6] != 1:
+        if not data.startswith(b"\x93NUMPY\x01", start):
             return _np_load(data)
-        header_len = int.from_bytes(npy[8:10], "little")
-        match = _NPY_HEADER.match(bytes(npy[10 : 10 + header_len]))
-        if match is None:
-            return _np_load(data)
-        dtype = np.dtype(match.group(1).decode())
-        count = int(match.group(2) or 1) if match.group(2) else 1
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=start + 10 + header_len)
-        out[name.removesuffix(".npy")] = array
+        header_len = int.from_bytes(data[start + 8 : start + 10], "little")
+        header = data[start + 10 : start + 10 + header_len]
+        parsed = _NPY_HEADERS.get(header)
+        if parsed is None:
+            match = _NPY_HEADER.match(header)
+            if match is None:
+                return _np_load(data)
+            parsed = (np.dtype(match.group(1).decode()), int(match.group(2)) if match.group(2) else 1)
+            if len(_NPY_HEADERS) < 4096:
+                _NPY_HEADERS[header] = parsed
+        dtype, count = parsed
+        out[name.removesuffix(".npy")] = np.frombuffer(data, dtype=dtype, count=count, offset=start + 10 + header_len)
         pos = start + size
     return out if out else _np_load(data)
 
