@@ -61,7 +61,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=where, cpu_group=cpu_group)
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group, if one was joined."""
+def cleanup_distributed(*, synchronize: bool = True) -> None:
+    """Leave the process group, if one was joined.
+
+    ``synchronize`` waits at a barrier first, so that no rank tears down its connections while a
+    peer is still finishing a collective (gloo then aborts the peer at exit with "terminate called
+    without an active exception"). Pass False after a failure: a barrier could wait forever on a
+    rank that is gone.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
