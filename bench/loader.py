@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.timing import best_of
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
@@ -47,16 +49,14 @@ OUT = HERE / "out"
 
 def _best(repeat: int, run: Callable[[], int]) -> dict[str, float]:
     """Best (least CPU) of ``repeat`` runs of ``run``, which returns how many samples it made."""
-    best: tuple[float, float, int] | None = None
-    for _ in range(repeat):
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        count = run()
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        if best is None or cpu < best[0]:
-            best = (cpu, wall, count)
-    assert best is not None
-    cpu, wall, count = best
-    return {"samples": count, "cpu_s": cpu, "wall_s": wall, "per_cpu_s": count / cpu, "per_wall_s": count / wall}
+    t = best_of(repeat, run)
+    return {
+        "samples": t.count,
+        "cpu_s": t.cpu_s,
+        "wall_s": t.wall_s,
+        "per_cpu_s": t.count / t.cpu_s,
+        "per_wall_s": t.count / t.wall_s,
+    }
 
 
 def _wall(repeat: int, run: Callable[[], int]) -> dict[str, float]:

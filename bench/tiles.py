@@ -42,24 +42,22 @@ from typing import Any
 import numpy as np
 
 from bench.synth import visium_spots, write_pyramid_tiff
+from bench.timing import best_of
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 HEST_PYTHON = HERE / ".venv-hest" / "bin" / "python"
 
 
-def _best(repeat: int, run: Callable[[], int]) -> dict[str, float]:
+def _best(repeat: int, run: Callable[[], int]) -> dict[str, Any]:
     """Best of ``repeat`` runs of ``run`` (which returns how many items it made)."""
-    best: tuple[float, float, int] | None = None
-    for _ in range(repeat):
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        count = run()
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        if best is None or cpu < best[0]:
-            best = (cpu, wall, count)
-    assert best is not None
-    cpu, wall, count = best
-    return {"n": count, "cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "per_cpu_s": round(count / cpu, 1)}
+    t = best_of(repeat, run)
+    return {
+        "n": t.count,
+        "cpu_s": round(t.cpu_s, 4),
+        "wall_s": round(t.wall_s, 4),
+        "per_cpu_s": round(t.count / t.cpu_s, 1),
+    }
 
 
 def measure_stcorpus(

@@ -350,23 +350,30 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """Run ``handler`` on 127.0.0.1 (a free port, ``server_address[1]``) for the ``with`` block."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@contextmanager
 def serve(root: Path) -> Iterator[LocalServer]:
     """Run a server for ``root`` on 127.0.0.1 (a free port) for the ``with`` block."""
     root.mkdir(parents=True, exist_ok=True)
     state = LocalServer(root)
     handler = type("Handler", (_Handler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    state._httpd = httpd
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serve_in_thread(handler) as httpd:
+        state._httpd = httpd
+        state.port = httpd.server_address[1]
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -29,12 +29,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
+
+from tests.httpserver import serve_in_thread
 
 # --- the write API --------------------------------------------------------------------------
 
@@ -256,17 +258,9 @@ def serve_hub_api() -> Iterator[HubApiStandIn]:
     """Run the write-API stand-in on 127.0.0.1 for the ``with`` block."""
     state = HubApiStandIn()
     handler = type("ApiHandler", (_ApiHandler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serve_in_thread(handler) as httpd:
+        state.port = httpd.server_address[1]
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 # --- HEST-1k and STimage-1K4M layouts from real fixture slides ------------------------------
