@@ -197,3 +197,18 @@ def test_refuses_foreign_output_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="not an stcorpus build"):
         build([DEMO], out=tmp_path, settings=QUIET)
+
+
+def test_summary_lines_name_rejection_reasons_only_when_there_are_some() -> None:
+    from collections import Counter
+
+    from curate.build.pipeline import BuildSummary
+
+    clean = BuildSummary(slides=Counter(built=1), samples={"test": 49})
+    assert clean.lines()[1] == "samples written: 49 (test 49); spots rejected: 0"
+    rejected = BuildSummary(
+        slides=Counter(built=2), samples={"train": 90, "test": 10}, spots_rejected=Counter(background=3, outside=1)
+    )
+    assert (
+        rejected.lines()[1] == "samples written: 100 (train 90, test 10); spots rejected: 4 (background 3, outside 1)"
+    )

@@ -130,14 +130,13 @@ class BuildSummary:
     def lines(self) -> list[str]:
         """The summary as lines of text."""
         total = sum(self.samples.values())
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(self.spots_rejected.items()) if n)
         lines = [
             "slides: " + (", ".join(f"{n} {status}" for status, n in sorted(self.slides.items())) or "none"),
             f"samples written: {total:,} ("
             + ", ".join(f"{split} {n:,}" for split, n in self.samples.items())
-            + f"); spots rejected: {sum(self.spots_rejected.values()):,} "
-            + "("
-            + ", ".join(f"{reason} {n:,}" for reason, n in sorted(self.spots_rejected.items()) if n)
-            + ")",
+            + f"); spots rejected: {sum(self.spots_rejected.values()):,}"
+            + (f" ({reasons})" if reasons else ""),
             f"shard bytes: {self.bytes / 1e6:,.1f} MB; time: {self.seconds:,.1f} s "
             f"({self.reused_units} slides reused from an earlier run)",
         ]
