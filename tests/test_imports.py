@@ -1,4 +1,6 @@
-"""Importing the packages has no side effects: no network, no logging setup, no heavy imports."""
+"""Importing the packages has no side effects: no network, no logging setup, no heavy imports.
+
+How long an import takes is not asserted (timings belong in bench/); which modules it pulls in is."""
 
 from __future__ import annotations
 
@@ -6,36 +8,33 @@ import subprocess
 import sys
 
 PROBE = """
-import logging, socket, sys, time
+import logging, socket, sys
 def no_network(*args, **kwargs):
     raise AssertionError("network access at import time")
 socket.socket.connect = no_network
 socket.create_connection = no_network
 handlers_before = list(logging.getLogger().handlers)
-start = time.perf_counter()
 import {module}
-elapsed = time.perf_counter() - start
 assert logging.getLogger().handlers == handlers_before, "logging configured at import"
 assert logging.getLogger().level == logging.WARNING, "root log level changed at import"
 heavy = sorted(m for m in ("torch", "h5py", "anndata", "datasets", "pyarrow", "tifffile", "polars") if m in sys.modules)
-print(elapsed, ",".join(heavy))
+print(",".join(heavy))
 """
 
 
-def probe(module: str) -> tuple[float, str]:
-    out = subprocess.run(
+def probe(module: str) -> str:
+    """The heavy modules that importing ``module`` in a fresh interpreter loads, comma-separated."""
+    return subprocess.run(
         [sys.executable, "-c", PROBE.format(module=module)], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return float(out[0]), (out[1] if len(out) > 1 else "")
+    ).stdout.strip()
 
 
 def test_import_curate_is_light() -> None:
-    elapsed, heavy = probe("curate")
+    heavy = probe("curate")
     assert heavy == "", f"import curate pulled in {heavy}"
-    assert elapsed < 1.0
 
 
 def test_import_schema_and_cli_are_light() -> None:
-    for module in ("stcorpus.schema", "curate.cli", "curate.manifest"):
-        _, heavy = probe(module)
+    for module in ("stcorpus.schema", "curate.cli", "curate.manifest", "loaders", "training"):
+        heavy = probe(module)
         assert heavy == "", f"import {module} pulled in {heavy}"
