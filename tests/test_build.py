@@ -183,6 +183,18 @@ def test_licence_allow_list(tmp_path: Path) -> None:
     }
 
 
+def test_nothing_to_build_says_why_for_every_slide(tmp_path: Path) -> None:
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 2))
+    settings = BuildSettings(progress=False, selection=Selection(licences=frozenset({"CC0-1.0"})))
+    with pytest.raises(BuildError) as caught:
+        build([path], out=tmp_path / "out", settings=settings)
+    message = str(caught.value)
+    assert "2 excluded" in message and "GOOD-0: licence: CC-BY-4.0 is not on the allow-list" in message
+    assert "GOOD-1: licence" in message and "Widen the licence allow-list" in message
+    statuses = pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).column("status").to_pylist()
+    assert statuses == ["excluded", "excluded"]
+
+
 def test_same_data_under_two_sources_is_built_once(tmp_path: Path) -> None:
     entries = [hest_entry("COPY-hest", source="hest"), hest_entry("COPY-10x", source="10x", patient="P9")]
     summary = build([manifest(tmp_path / "m", entries)], out=tmp_path / "out", settings=QUIET)

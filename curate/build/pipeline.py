@@ -297,10 +297,7 @@ def build(
     if not kept:
         describe_only = _slide_rows(samples, results, excluded, duplicates, splits, measured={})
         _write_slides(out, describe_only)
-        raise BuildError(
-            "no slide could be built: "
-            + "; ".join(f"{r.slide_id}: {r.reason}" for r in results.values() if r.status != "built")
-        )
+        raise BuildError(_nothing_built(results, excluded))
     from curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
 
     vocabulary = build_vocabulary(
@@ -421,6 +418,21 @@ SOURCE_PREFERENCE = ("10x", "geo", "hest", "stimage")
 
 def _source_rank(source: str) -> int:
     return SOURCE_PREFERENCE.index(source) if source in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE)
+
+
+def _nothing_built(results: Mapping[str, UnitResult], excluded: Mapping[str, tuple[Sample, str]]) -> str:
+    """Why a build has no slide to pack: every slide's reason (the first 10 of each kind)."""
+    kinds = [
+        ("not built", [f"{r.slide_id} {r.status}: {r.reason}" for r in results.values() if r.status != "built"]),
+        ("excluded", [f"{slide}: {why}" for slide, (_, why) in excluded.items()]),
+    ]
+    parts = [
+        f"{len(lines)} {kind} ({'; '.join(lines[:10])}{f'; ... {len(lines) - 10} more' if len(lines) > 10 else ''})"
+        for kind, lines in kinds
+        if lines
+    ]
+    hint = " Widen the licence allow-list or the filters." if excluded else ""
+    return "no slide could be built: " + ", ".join(parts) + "; slides.parquet lists every slide's status." + hint
 
 
 def _slide_rows(
