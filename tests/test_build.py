@@ -77,6 +77,14 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     corpus = json.loads((out / schema.CORPUS_FILE).read_text())
     assert corpus["schema"] == schema.SCHEMA_ID and corpus["splits"] == dict.fromkeys(parquet, n_written)
     assert corpus["counts_dtype"] == "float32"  # the squidpy values are normalised (declared in the manifest)
+    import platform
+
+    import pyarrow
+    import simplejpeg
+
+    software = corpus["software"]  # what decides the bytes, for whoever rebuilds the corpus
+    assert software["python"] == platform.python_version() and software["pyarrow"] == pyarrow.__version__
+    assert software["simplejpeg"] == simplejpeg.__version__ and "not installed" not in software.values()
     report = (out / "qc" / "index.html").read_text()
     assert "V1-Human-Heart-subset" in report and "image_too_coarse" in report
     assert (out / "qc" / "V1-Mouse-Brain-fullres-crop__spots.png").stat().st_size > 10_000

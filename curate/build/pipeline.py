@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -358,6 +359,7 @@ def build(
         ),
         "settings": settings.to_dict(),
         "references": {"genes": reference_sources()},
+        "software": software_versions(),
         # The only field that changes between two builds of the same inputs.
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -410,6 +412,40 @@ def find_duplicates(units: Sequence[UnitResult]) -> dict[str, str]:
         for unit in ordered[1:]:
             duplicates[unit.slide_id] = ordered[0].slide_id
     return duplicates
+
+
+#: Distributions whose versions decide the bytes a build writes (decoding, resampling, JPEG
+#: encoding, h5/h5ad and TIFF reading, Parquet writing).
+BYTE_DEPENDENCIES = (
+    "numpy",
+    "scipy",
+    "pillow",
+    "simplejpeg",
+    "imagecodecs",
+    "tifffile",
+    "zarr",
+    "h5py",
+    "anndata",
+    "pyarrow",
+    "polars",
+)
+
+
+def software_versions() -> dict[str, str]:
+    """Python and the versions of :data:`BYTE_DEPENDENCIES` in this process, for ``corpus.json``.
+
+    Two builds give the same bytes when these agree (units run on Dask workers should use the
+    same environment as the process that packs).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in BYTE_DEPENDENCIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 #: Which copy of a duplicated slide is kept: the original release first, re-distributions after.
