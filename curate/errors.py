@@ -7,7 +7,18 @@ other ``CurateError`` stops the command.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import asyncio
+import concurrent.futures
+from typing import ClassVar, Final
+
+#: Every "timed out" exception a library may raise: on Python 3.10 asyncio's and
+#: concurrent.futures' are not the builtin ``TimeoutError`` (dask.distributed's waits raise
+#: asyncio's); from 3.11 on all three are the same class.
+TIMEOUT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    TimeoutError,
+    asyncio.TimeoutError,
+    concurrent.futures.TimeoutError,
+)
 
 
 class CurateError(Exception):

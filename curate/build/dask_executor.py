@@ -60,8 +60,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from curate.build.executors import unit_task
 from curate.build.unit import UnitSettings, slide_row
 from curate.build.workdir import UnitResult
-from curate.errors import ExecutorError, SettingsError
+from curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 from stcorpus import __version__
+
+#: What a target or scheduler that cannot be reached raises.
+_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
 
 if TYPE_CHECKING:
     from curate.fetch import FetchSettings
@@ -414,7 +417,7 @@ class DaskExecutor:
                 client = dd.Client(scheduler_file=address, timeout=timeout)
             else:
                 client = dd.Client(address, timeout=timeout)
-        except (OSError, TimeoutError) as exc:
+        except _UNREACHABLE as exc:
             raise ExecutorError(
                 f"cannot reach the Dask scheduler at {address}: {exc} (start one with `dask scheduler` and workers "
                 "with `dask worker <address> --nthreads 1`, or check the address)"
@@ -515,7 +518,7 @@ class DaskExecutor:
             while pending:
                 try:
                     done, pending = dd.wait(pending, timeout=self.progress_every, return_when="FIRST_COMPLETED")
-                except TimeoutError:
+                except TIMEOUT_ERRORS:
                     progress.log(running=len(pending))
                     continue
                 for future in sorted(done, key=futures.__getitem__):
@@ -550,7 +553,7 @@ class DaskExecutor:
         """Wait for a first worker, then ask every worker present whether it can run units."""
         try:
             self.client.wait_for_workers(1, timeout=self.worker_timeout)
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             raise ExecutorError(
                 f"no Dask worker joined within {self.worker_timeout:.0f} s: are the batch jobs still queued "
                 "(squeue / qstat), or did the workers fail to start (their job logs say why)?"

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from curate.errors import PublishError, TargetUnreachableError
+from curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
 from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
 from curate.publish.validate import LocalFile, check_unchanged, hash_file, is_skipped
+
+#: What a target or scheduler that cannot be reached raises.
+_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class FsspecTarget:
             if not self._fs.exists(self._base):
                 return {}
             found = self._fs.find(self._base, detail=True, withdirs=False)
-        except (OSError, TimeoutError) as exc:
+        except _UNREACHABLE as exc:
             raise TargetUnreachableError(f"cannot list {self.url}: {exc}") from exc
         prefix = self._base.rstrip("/") + "/"
         out = {}

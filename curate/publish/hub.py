@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from curate.errors import PublishError, TargetUnreachableError
+from curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
 from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
 from curate.publish.validate import LocalFile, check_unchanged, is_skipped
 
@@ -61,7 +61,7 @@ def offline_requested() -> bool:
 def _unreachable_types() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    types: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    types: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, *TIMEOUT_ERRORS]
     try:
         import httpx2
 
