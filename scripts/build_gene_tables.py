@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from curate.fetch.cache import sha256_file
 from curate.genes.reference import LIST_SEPARATOR, SOURCES_FILE, TABLE_COLUMNS, TABLE_FILES
 
 # What each input is: where it came from, its version and licence (from the SOURCE.md files).
@@ -79,11 +80,6 @@ INPUTS: dict[str, dict[str, str]] = {
 PROTEIN_CODING_HGNC = "protein-coding gene"
 PROTEIN_CODING_MGI = "protein coding gene"
 ONE2ONE = "ortholog_one2one"
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_tsv_gz(path: Path) -> Iterator[dict[str, str]]:
@@ -333,7 +329,7 @@ def build(reference: Path) -> dict[str, bytes]:
             {
                 "name": name,
                 **meta,
-                "sha256": sha256(reference / meta["path"]),
+                "sha256": sha256_file(reference / meta["path"]),
                 "bytes": (reference / meta["path"]).stat().st_size,
             }
             for name, meta in INPUTS.items()
