@@ -56,7 +56,7 @@ def synthetic_h5ad(path: Path, *, size: int, seed: int) -> int:
     import anndata
     import scipy.sparse as sp
 
-    from curate.genes.reference import read_table
+    from stcorpus.curate.genes.reference import read_table
 
     pd: Any = importlib.import_module("pandas")  # untyped here (no pandas-stubs)
     genes = [r for r in read_table("mouse") if r.get("biotype") == "protein coding gene"][:N_GENES]
@@ -148,10 +148,10 @@ def prepare(data: Path, *, size: int, copies: int) -> tuple[Path, dict[str, str]
 
 def per_core(manifest: Path, kinds: dict[str, str], *, work: Path, cache: Path, repeat: int) -> dict[str, Any]:
     """Units in this process, pinned to one CPU: CPU and wall seconds per slide, best of ``repeat``."""
-    from curate.build.unit import UnitSettings, run_unit
-    from curate.build.workdir import WorkDir
-    from curate.fetch import FetchSettings
-    from curate.manifest import load_manifests
+    from stcorpus.curate.build.unit import UnitSettings, run_unit
+    from stcorpus.curate.build.workdir import WorkDir
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.manifest import load_manifests
 
     samples = {s.id: s for m in load_manifests([manifest]) for s in m.samples}
     fetch = FetchSettings(cache_dir=cache, allow_local=True)
@@ -220,9 +220,9 @@ def _workers_cpu(client: Any) -> float:
 
 def on_cluster(manifest: Path, *, out: Path, cache: Path, workers: int) -> dict[str, Any]:
     """A whole ``curate build`` on a LocalCluster: units (wall), then the pack."""
-    from curate.build.dask_executor import DaskExecutor
-    from curate.build.pipeline import BuildSettings, build
-    from curate.fetch import FetchSettings
+    from stcorpus.curate.build.dask_executor import DaskExecutor
+    from stcorpus.curate.build.pipeline import BuildSettings, build
+    from stcorpus.curate.fetch import FetchSettings
 
     shutil.rmtree(out, ignore_errors=True)
     settings = BuildSettings(progress=False, name="build-throughput")

@@ -149,7 +149,7 @@ def decode_limit(images: list[tuple[bytes, bytes]], decoder: str, batch: int | N
 
 
 def ours(location: Any, fmt: str, workers: int, batch: int, **options: Any) -> Iterator[dict[str, Any]]:
-    from loaders import CorpusDataset, CorpusLoader, LoaderSettings
+    from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
 
     settings = LoaderSettings.from_dict(
         {

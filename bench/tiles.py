@@ -7,7 +7,7 @@ One run, one synthetic slide, the same spots for everyone:
   4x apart like Aperio SVS, so no level sits at 0.5 um/px);
 - the spots: a full Visium capture area (6.5 mm, hex lattice, 100 um pitch) in its middle,
   handed over in a random order as barcodes sort (``stcorpus`` sorts them itself);
-- ``stcorpus``: ``curate.tiles`` cutting the 224 px / 0.5 um/px patch (+ tissue test + JPEG
+- ``stcorpus``: ``stcorpus.curate.tiles`` cutting the 224 px / 0.5 um/px patch (+ tissue test + JPEG
   encode), then patch + 1.5 um/px region; ``cut only`` leaves the encode out;
 - the encode limit: encoding already-cut patches (and regions) with the same encoder;
 - ``hestcore``: hestcore 1.0.4's ``OpenSlideWSIPatcher`` called as HEST's ``dump_patches``
@@ -64,8 +64,8 @@ def measure_stcorpus(
     path: Path, *, mpp: float, xs: np.ndarray, ys: np.ndarray, repeat: int, encode_sample: int
 ) -> dict[str, Any]:
     """Throughput of curate.tiles on the slide, and of encoding alone."""
-    from curate.imaging import open_image
-    from curate.tiles import Encoder, Tiler, TileSettings, encode_jpeg
+    from stcorpus.curate.imaging import open_image
+    from stcorpus.curate.tiles import Encoder, Tiler, TileSettings, encode_jpeg
 
     keys = [f"BENCH__spot{i:06d}" for i in range(xs.size)]
     results: dict[str, Any] = {}

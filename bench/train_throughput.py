@@ -1,6 +1,6 @@
 """Benchmark: training samples/s fed by the streaming corpus loader vs in-memory synthetic tensors.
 
-The same model, optimiser and batch run twice through ``training.pretrain.train``:
+The same model, optimiser and batch run twice through ``stcorpus.training.pretrain.train``:
 
 - ``corpus``: ``data.source=corpus``, the torch corpus loader reading a built corpus (folder,
   ``http(s)://`` URL or ``hf://`` repository) with the config's workers, decode and gene transform;
@@ -72,8 +72,8 @@ def measured(records: list[dict[str, Any]], *, warmup: int) -> dict[str, float]:
 
 def run(overrides: list[str], *, config: str, out: Path, warmup: int, steps: int, interval: int) -> dict[str, float]:
     """Train ``warmup + steps`` steps with ``overrides`` and measure the steps after the warm-up."""
-    from training.config import load_config
-    from training.pretrain import train
+    from stcorpus.training.config import load_config
+    from stcorpus.training.pretrain import train
 
     total = warmup + steps
     cfg = load_config(
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from training.config import load_config
-    from training.data import build_run_data
+    from stcorpus.training.config import load_config
+    from stcorpus.training.data import build_run_data
 
     corpus = args.corpus or str(make_corpus(OUT / "train-corpus", repeats=args.repeats))
     base = [f"data.corpus={corpus}", *args.overrides]

@@ -1,5 +1,5 @@
 """``python -m curate`` runs the ``curate`` command line."""
 
-from curate.cli import main
+from stcorpus.curate.cli import main
 
 raise SystemExit(main())

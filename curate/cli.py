@@ -1,6 +1,6 @@
 """The ``curate`` command line: ``curate <command> ...``.
 
-Each command is a module in :mod:`curate.commands` with ``add_arguments(parser)`` and
+Each command is a module in :mod:`stcorpus.curate.commands` with ``add_arguments(parser)`` and
 ``run(args) -> int``; those modules import only argparse at the top, so ``curate --help``
 stays fast and heavy libraries load only for the command that needs them.
 """
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from curate.errors import CurateError
+from stcorpus.curate.errors import CurateError
 
 #: (command, module under curate.commands, one-line help), in the order ``--help`` lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -27,12 +27,12 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 
 def _command_module(module: str) -> ModuleType:
-    return importlib.import_module(f"curate.commands.{module}")
+    return importlib.import_module(f"stcorpus.curate.commands.{module}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``curate`` with every command."""
-    from curate import __version__
+    from stcorpus.curate import __version__
 
     parser = argparse.ArgumentParser(
         prog="curate",

@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 from typing import ClassVar, Final
 
+from stcorpus.errors import StcorpusError
+
 #: Every "timed out" exception a library may raise: on Python 3.10 asyncio's and
 #: concurrent.futures' are not the builtin ``TimeoutError`` (dask.distributed's waits raise
 #: asyncio's); from 3.11 on all three are the same class.
@@ -21,7 +23,7 @@ TIMEOUT_ERRORS: Final[tuple[type[BaseException], ...]] = (
 )
 
 
-class CurateError(Exception):
+class CurateError(StcorpusError):
     """Base class of every error ``curate`` raises on purpose."""
 
 

@@ -37,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError
+from stcorpus.curate.errors import CorruptSourceError
 
 WHITE: Final = 255
 TIFF_SUFFIXES: Final = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")

@@ -39,7 +39,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curate.errors import ManifestError
+from stcorpus.curate.errors import ManifestError
 from stcorpus.schema import SLIDE_ID_PATTERN
 
 MANIFEST_FORMAT: Final = "stcorpus-manifest/1"

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from curate.manifest import Sample
+from stcorpus.curate.manifest import Sample
 
 #: A Visium slide covered edge to edge has every spot of the array: that count says nothing.
 FULL_VISIUM_ARRAY: Final = 4992

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import (
+from stcorpus.curate.errors import (
     BarcodeMismatchError,
     BlankImageError,
     CorruptSourceError,
@@ -48,11 +48,11 @@ from curate.errors import (
     ScaleMismatchError,
     SpotsOutsideImageError,
 )
-from curate.slide import QCCheck
+from stcorpus.curate.slide import QCCheck
 
 if TYPE_CHECKING:
-    from curate.imaging import SlideImage
-    from curate.slide import Slide
+    from stcorpus.curate.imaging import SlideImage
+    from stcorpus.curate.slide import Slide
 
 _GEM_SUFFIX: Final = re.compile(r"-\d+$")
 
@@ -89,7 +89,7 @@ class QCSettings:
     max_thumbnail_source_pixels: int = 16_000_000
 
     def __post_init__(self) -> None:
-        from curate.errors import SettingsError
+        from stcorpus.curate.errors import SettingsError
 
         if not 0 < self.mpp_tolerance < 1:
             raise SettingsError(f"QCSettings.mpp_tolerance must be in (0, 1), not {self.mpp_tolerance}")
@@ -363,7 +363,7 @@ def _check_image(slide: Slide, settings: QCSettings) -> tuple[list[QCCheck], lis
 
 
 def _check_scale(slide: Slide, settings: QCSettings) -> tuple[QCCheck, QCError | None]:
-    from curate.readers._lattice import fit_lattice
+    from stcorpus.curate.readers._lattice import fit_lattice
 
     spots = slide.spots
     blocking = settings.scale_mismatch_blocking

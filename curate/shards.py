@@ -27,9 +27,9 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.atomic import fsync_dir
-from curate.errors import SettingsError
 from stcorpus import schema
+from stcorpus.curate.atomic import fsync_dir
+from stcorpus.curate.errors import SettingsError
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -21,8 +21,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.imaging import SlideImage
-    from curate.manifest import Sample
+    from stcorpus.curate.imaging import SlideImage
+    from stcorpus.curate.manifest import Sample
 
 #: Where a slide's um/px came from, in order of preference when sources disagree.
 MppSource = Literal["manifest", "metadata", "scalefactors", "lattice", "spot_radius"]

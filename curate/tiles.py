@@ -54,14 +54,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError, ImageTooCoarseError, SettingsError
-from curate.imaging import RGBArray, SlideImage
+from stcorpus.curate.errors import CorruptSourceError, ImageTooCoarseError, SettingsError
+from stcorpus.curate.imaging import RGBArray, SlideImage
 from stcorpus.schema import REGION_GRID, sample_key
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.slide import Lattice, Slide
+    from stcorpus.curate.slide import Lattice, Slide
 
 Resample = Literal["area", "bilinear", "bicubic", "lanczos"]
 Subsampling = Literal["444", "422", "420"]

@@ -1,19 +1,19 @@
 """loaders: read a built corpus (local folder, HTTP, or the Hub) as a torch stream.
 
->>> from loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
+>>> from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
 >>> dataset = CorpusDataset("hf://datasets/org/corpus", LoaderSettings(split="train", batch_size=256))
 >>> loader = CorpusLoader(dataset, num_workers=8)
 >>> for batch in loader: ...   # dicts as described in loaders/batch.py
 
 Importing this package does not import torch (nor pyarrow): ``CorpusDataset``, ``CorpusLoader``
-and ``resume_state_from`` are loaded from ``loaders.dataset`` on first use.
+and ``resume_state_from`` are loaded from ``stcorpus.loaders.dataset`` on first use.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loaders.errors import (
+from stcorpus.loaders.errors import (
     BadSampleError,
     CorpusError,
     EmptySelectionError,
@@ -25,11 +25,11 @@ from loaders.errors import (
     SchemaVersionError,
     ShardError,
 )
-from loaders.settings import AugmentSettings, Filters, GeneSettings, HttpSettings, LoaderSettings
+from stcorpus.loaders.settings import AugmentSettings, Filters, GeneSettings, HttpSettings, LoaderSettings
 
 if TYPE_CHECKING:
-    from loaders.corpus import Corpus, open_corpus
-    from loaders.dataset import CorpusDataset, CorpusLoader, resume_state_from
+    from stcorpus.loaders.corpus import Corpus, open_corpus
+    from stcorpus.loaders.dataset import CorpusDataset, CorpusLoader, resume_state_from
 
 __all__ = [
     "AugmentSettings",
@@ -55,18 +55,18 @@ __all__ = [
 ]
 
 _LAZY = {
-    "CorpusDataset": "loaders.dataset",
-    "CorpusLoader": "loaders.dataset",
-    "resume_state_from": "loaders.dataset",
-    "Corpus": "loaders.corpus",
-    "open_corpus": "loaders.corpus",
+    "CorpusDataset": "stcorpus.loaders.dataset",
+    "CorpusLoader": "stcorpus.loaders.dataset",
+    "resume_state_from": "stcorpus.loaders.dataset",
+    "Corpus": "stcorpus.loaders.corpus",
+    "open_corpus": "stcorpus.loaders.corpus",
 }
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+        raise AttributeError(f"module 'stcorpus.loaders' has no attribute {name!r}")
     import importlib
 
     return getattr(importlib.import_module(module), name)

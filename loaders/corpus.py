@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from loaders.errors import CorpusError, EmptySelectionError, SchemaVersionError, ShardError
-from loaders.plan import ShardEntry
-from loaders.settings import Filters, HttpSettings
-from loaders.source import Source, open_source
 from stcorpus import schema
+from stcorpus.loaders.errors import CorpusError, EmptySelectionError, SchemaVersionError, ShardError
+from stcorpus.loaders.plan import ShardEntry
+from stcorpus.loaders.settings import Filters, HttpSettings
+from stcorpus.loaders.source import Source, open_source
 
 if TYPE_CHECKING:
     import os
@@ -215,7 +215,7 @@ class Corpus:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from loaders.read import SparseFile, parquet_metadata_from_tail, row_group_spans
+        from stcorpus.loaders.read import SparseFile, parquet_metadata_from_tail, row_group_spans
 
         local = self.source.local_path(path)
         try:

@@ -1,6 +1,6 @@
 """The torch corpus loader: an ``IterableDataset`` over the shards of a corpus, with exact resume.
 
->>> from loaders import CorpusDataset, CorpusLoader, GeneSettings, LoaderSettings  # doctest: +SKIP
+>>> from stcorpus.loaders import CorpusDataset, CorpusLoader, GeneSettings, LoaderSettings  # doctest: +SKIP
 >>> settings = LoaderSettings(split="train", batch_size=256, genes=GeneSettings(transform="cp10k_log1p"))
 >>> dataset = CorpusDataset("hf://datasets/org/corpus", settings)        # or a folder, or http(s)://
 >>> loader = CorpusLoader(dataset, num_workers=8, pin_memory=True)
@@ -14,13 +14,13 @@
 
 Rank and world size come from ``torch.distributed`` when it is initialised, else from the
 arguments (default 0 of 1). The pipeline of one worker (``CorpusDataset._pipeline``) is a
-visible list of stages; see ``loaders.plan`` for how samples are assigned to ranks and workers
+visible list of stages; see ``stcorpus.loaders.plan`` for how samples are assigned to ranks and workers
 and why that makes resume a matter of counting batches.
 
 **Resume.** A batch's content is fixed by (corpus selection, seed, epoch, rank, batch index,
 batch size, world size), never by the number of workers. ``CorpusLoader`` counts the batches
 it hands out; since a DataLoader delivers worker batches round-robin, the count gives the exact
-set of consumed batches (``loaders.plan.delivery_order``), and the state is that set. Loading
+set of consumed batches (``stcorpus.loaders.plan.delivery_order``), and the state is that set. Loading
 it with as many workers continues in exactly the order the interrupted run would have taken;
 with another ``num_workers`` it re-splits the batches left: nothing is skipped or repeated, only
 the delivery order of the remaining batches changes (``ResumeReport`` says so). Under DDP every
@@ -59,12 +59,12 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import IterableDataset
 
-from loaders import batch as B
-from loaders.corpus import Corpus, Selection
-from loaders.errors import BadSampleError, EmptySelectionError, ResumeError, ShardError
-from loaders.genes import Flat, GeneSpace, GeneTransform, load_means
-from loaders.images import Augment, BufferPool, JpegDecoder
-from loaders.plan import (
+from stcorpus.loaders import batch as B
+from stcorpus.loaders.corpus import Corpus, Selection
+from stcorpus.loaders.errors import BadSampleError, EmptySelectionError, ResumeError, ShardError
+from stcorpus.loaders.genes import Flat, GeneSpace, GeneTransform, load_means
+from stcorpus.loaders.images import Augment, BufferPool, JpegDecoder
+from stcorpus.loaders.plan import (
     STATE_FORMAT,
     EpochPlan,
     ResumePoint,
@@ -74,9 +74,9 @@ from loaders.plan import (
     intervals,
     iter_window_batches,
 )
-from loaders.read import Columns, RawSample, ShardReader, parse_npz
-from loaders.settings import LoaderSettings
-from loaders.source import open_source
+from stcorpus.loaders.read import Columns, RawSample, ShardReader, parse_npz
+from stcorpus.loaders.settings import LoaderSettings
+from stcorpus.loaders.source import open_source
 
 if TYPE_CHECKING:
     import os

@@ -1,13 +1,15 @@
 """Errors of ``loaders``: one hierarchy, messages that say what is wrong and what to do next.
 
 ``loaders`` does not import ``curate`` (training imports loaders, never the build), so it has
-its own small hierarchy under ``LoaderError``.
+its own small hierarchy under ``LoaderError``, which derives from the project's one base error.
 """
 
 from __future__ import annotations
 
+from stcorpus.errors import StcorpusError
 
-class LoaderError(Exception):
+
+class LoaderError(StcorpusError):
     """Base class of every error ``loaders`` raises on purpose."""
 
 

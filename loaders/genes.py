@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from loaders.errors import LoaderSettingsError
-from loaders.settings import GeneSettings
+from stcorpus.loaders.errors import LoaderSettingsError
+from stcorpus.loaders.settings import GeneSettings
 
 if TYPE_CHECKING:
     import pyarrow as pa

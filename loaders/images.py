@@ -20,9 +20,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from loaders.errors import BadSampleError
-from loaders.settings import AugmentSettings
 from stcorpus import schema
+from stcorpus.loaders.errors import BadSampleError
+from stcorpus.loaders.settings import AugmentSettings
 
 #: The patch/region size of schema stcorpus/1.
 TILE: Final = 224

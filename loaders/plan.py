@@ -40,7 +40,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from loaders.errors import EmptySelectionError, ResumeError
+from stcorpus.loaders.errors import EmptySelectionError, ResumeError
 
 STATE_FORMAT: Final = "stcorpus-loader/1"
 

@@ -1,7 +1,7 @@
 """Shard readers: the selected rows of WebDataset tars and Parquet files, as raw samples.
 
 Reading stops at bytes: images stay JPEG, a tar sample's expression stays an ``expr.npz`` blob
-and its metadata a JSON blob (``loaders.decode`` turns them into arrays). Skipping a sample
+and its metadata a JSON blob (``stcorpus.loaders.decode`` turns them into arrays). Skipping a sample
 costs a header parse (tar; a seek on local files) or nothing (Parquet rows of another row group
 are never read), so a resume never decodes what it skips.
 
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from loaders.errors import ShardError
-from loaders.plan import Segment, ShardEntry
-from loaders.settings import HttpSettings
-from loaders.source import Readahead, Source, Stream
 from stcorpus import schema
+from stcorpus.loaders.errors import ShardError
+from stcorpus.loaders.plan import Segment, ShardEntry
+from stcorpus.loaders.settings import HttpSettings
+from stcorpus.loaders.source import Readahead, Source, Stream
 
 if TYPE_CHECKING:
     import pyarrow as pa

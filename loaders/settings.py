@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from loaders.errors import LoaderSettingsError
 from stcorpus import schema
+from stcorpus.loaders.errors import LoaderSettingsError
 
 FORMATS: Final = schema.FORMATS
 GENE_TRANSFORMS: Final = ("none", "counts", "log1p", "cp10k_log1p", "rank")
@@ -65,7 +65,7 @@ class Filters:
 
 @dataclass(frozen=True)
 class GeneSettings:
-    """The gene-side transform (never baked into shards; see ``loaders.genes``).
+    """The gene-side transform (never baked into shards; see ``stcorpus.loaders.genes``).
 
     - ``transform``: ``none`` (no expression in the batch), ``counts`` (raw counts, dense),
       ``log1p`` (log1p of raw counts), ``cp10k_log1p`` (counts per ``target_sum`` of the spot's

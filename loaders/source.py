@@ -16,7 +16,7 @@ cache). Tokens are never logged or put into error messages; the Hub's redirect t
 followed by ``requests``, which drops the Authorization header on the way to another host.
 
 Every remote GET is counted per path (``request_counts``), for the request budget (see
-``loaders.dataset``): the Hub allows about 5,000 resolver requests per 5 minutes per account.
+``stcorpus.loaders.dataset``): the Hub allows about 5,000 resolver requests per 5 minutes per account.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from loaders.errors import CorpusError, RemoteAuthError, RemoteError, ShardError
-from loaders.settings import HttpSettings
+from stcorpus.loaders.errors import CorpusError, RemoteAuthError, RemoteError, ShardError
+from stcorpus.loaders.settings import HttpSettings
 
 if TYPE_CHECKING:
     import requests

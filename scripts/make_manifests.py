@@ -38,8 +38,8 @@ from typing import Any, Final
 
 import yaml
 
-from curate.errors import ManifestError
-from curate.manifest import KNOWN_LICENCES, MANIFEST_FORMAT, SPECIES
+from stcorpus.curate.errors import ManifestError
+from stcorpus.curate.manifest import KNOWN_LICENCES, MANIFEST_FORMAT, SPECIES
 from stcorpus.schema import SLIDE_ID_PATTERN
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from training.losses import ClipLoss, SigLipLoss, clip_loss, siglip_loss
+from stcorpus.training.losses import ClipLoss, SigLipLoss, clip_loss, siglip_loss
 
 
 def main(path: str) -> None:

@@ -20,7 +20,7 @@ heart-q     human    heart   (none)      quarantined: in slides.parquet, no samp
 
 ``repeats=k`` writes every slide ``k`` times (``heart-a``, ``heart-a-r1``, ...), with other
 crops, for a corpus of a few thousand samples (benchmarks). Shards are written with
-``curate.shards`` (the real writer), ``genes.parquet`` from ``tests/data/loader-genes``
+``stcorpus.curate.shards`` (the real writer), ``genes.parquet`` from ``tests/data/loader-genes``
 (real Ensembl / HGNC / MGI facts), and the card carries the ``configs:`` that
 ``datasets.load_dataset(folder)`` reads. The real ``curate build`` replaces this in
 end-to-end tests; this helper exists so the loader can be tested before and apart from it.
@@ -42,8 +42,15 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, write_parquet_atomic, write_shard_index
 from stcorpus import schema
+from stcorpus.curate.shards import (
+    ShardInfo,
+    ShardSample,
+    ShardSettings,
+    ShardWriter,
+    write_parquet_atomic,
+    write_shard_index,
+)
 
 DATA = Path(__file__).parent / "data"
 HEART = DATA / "human-heart-sr1.0"

@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curate.build.pipeline import BuildSettings, Selection, build
-from curate.cli import main
-from curate.errors import BuildError
 from stcorpus import schema
+from stcorpus.curate.build.pipeline import BuildSettings, Selection, build
+from stcorpus.curate.cli import main
+from stcorpus.curate.errors import BuildError
 from tests.build_fixtures import bad_slides, good_slides, hest_entry, manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "curate",
+        "stcorpus.curate",
         "-q",
         "build",
         str(path),
@@ -222,7 +222,7 @@ def test_refuses_foreign_output_folder(tmp_path: Path) -> None:
 def test_summary_lines_name_rejection_reasons_only_when_there_are_some() -> None:
     from collections import Counter
 
-    from curate.build.pipeline import BuildSummary
+    from stcorpus.curate.build.pipeline import BuildSummary
 
     clean = BuildSummary(slides=Counter(built=1), samples={"test": 49})
     assert clean.lines()[1] == "samples written: 49 (test 49); spots rejected: 0"

@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.build.card import CardInputs, render_card
-from curate.build.pack import PackSettings, pack, sample_order, shard_size, unit_sample_schema
-from curate.build.splits import SplitSettings, assign_splits, group_of, load_holdouts, split_of_group
-from curate.build.workdir import UnitResult, WorkDir, write_samples
-from curate.errors import ManifestError, SettingsError
-from curate.genes import GeneIndex
-from curate.manifest import parse_manifest
-from curate.shards import write_shard_index
 from stcorpus import schema
+from stcorpus.curate.build.card import CardInputs, render_card
+from stcorpus.curate.build.pack import PackSettings, pack, sample_order, shard_size, unit_sample_schema
+from stcorpus.curate.build.splits import SplitSettings, assign_splits, group_of, load_holdouts, split_of_group
+from stcorpus.curate.build.workdir import UnitResult, WorkDir, write_samples
+from stcorpus.curate.errors import ManifestError, SettingsError
+from stcorpus.curate.genes import GeneIndex
+from stcorpus.curate.manifest import parse_manifest
+from stcorpus.curate.shards import write_shard_index
 from tests.conftest import FULLRES
 
 IMAGE = Image.open(FULLRES / "test_img.jpg").convert("RGB")
@@ -227,8 +227,8 @@ def test_parallel_pack_writes_the_same_bytes(tmp_path: Path) -> None:
 
 
 def test_hub_layout_warnings() -> None:
-    from curate.build.pipeline import hub_layout_warnings
-    from curate.shards import ShardInfo
+    from stcorpus.curate.build.pipeline import hub_layout_warnings
+    from stcorpus.curate.shards import ShardInfo
 
     def shard(i: int) -> ShardInfo:
         return ShardInfo(f"wds/train/train-{i:06d}.tar", "wds", "train", i, 1, 1, "", "", "", ())

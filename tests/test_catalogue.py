@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from curate.build.splits import load_holdouts
-from curate.cli import main as curate_main
-from curate.errors import ManifestError
-from curate.manifest import KNOWN_LICENCES, load_manifests
+from stcorpus.curate.build.splits import load_holdouts
+from stcorpus.curate.cli import main as curate_main
+from stcorpus.curate.errors import ManifestError
+from stcorpus.curate.manifest import KNOWN_LICENCES, load_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_manifests.py"

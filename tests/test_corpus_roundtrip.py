@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curate.build.pipeline import BuildSettings, build
-from curate.build.splits import SplitSettings
 from stcorpus import schema
+from stcorpus.curate.build.pipeline import BuildSettings, build
+from stcorpus.curate.build.splits import SplitSettings
 from tests.build_fixtures import good_slides, manifest
 from tests.conftest import DATA
 
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def read_all(location: Path, **settings: object) -> list[dict]:
-    from loaders import CorpusDataset, LoaderSettings
+    from stcorpus.loaders import CorpusDataset, LoaderSettings
 
     options = {
         "split": "train",

@@ -15,10 +15,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from curate.build.pipeline import BuildSettings, build
-from curate.cli import main
-from curate.errors import ExecutorError, SettingsError
 from stcorpus import __version__, schema
+from stcorpus.curate.build.pipeline import BuildSettings, build
+from stcorpus.curate.cli import main
+from stcorpus.curate.errors import ExecutorError, SettingsError
 from tests.build_fixtures import bad_slides, good_slides, manifest
 from tests.test_build import DEMO, QUIET, digests
 
@@ -81,8 +81,8 @@ def _patch_unit(slide_id: str, flag: str, action: str) -> int:
 
     A worker process that the nanny starts again imports the module afresh, without the patch.
     """
-    import curate.build.dask_executor as module
-    from curate.build.workdir import WorkDir
+    import stcorpus.curate.build.dask_executor as module
+    from stcorpus.curate.build.workdir import WorkDir
 
     original = vars(module).setdefault("_original_unit_task", vars(module)["unit_task"])
 
@@ -103,14 +103,14 @@ def _patch_unit(slide_id: str, flag: str, action: str) -> int:
 
 
 def _unpatch_unit() -> None:
-    import curate.build.dask_executor as module
+    import stcorpus.curate.build.dask_executor as module
 
     if "_original_unit_task" in vars(module):
         vars(module)["unit_task"] = vars(module).pop("_original_unit_task")
 
 
 def test_worker_killed_mid_slide(tmp_path: Path, cluster: Any) -> None:
-    from curate.build.dask_executor import DaskExecutor
+    from stcorpus.curate.build.dask_executor import DaskExecutor
 
     path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3))
     settings = BuildSettings(progress=False, name="c")
@@ -157,7 +157,7 @@ def _set_allowed_failures(dask_scheduler: Any, n: int) -> int:
 
 
 def test_slide_that_keeps_killing_workers_is_failed_not_fatal(tmp_path: Path, cluster: Any) -> None:
-    from curate.build.dask_executor import DaskExecutor
+    from stcorpus.curate.build.dask_executor import DaskExecutor
 
     path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 2))
     with DaskExecutor.connect(cluster.scheduler_address) as executor:
@@ -184,7 +184,7 @@ def test_slide_that_keeps_killing_workers_is_failed_not_fatal(tmp_path: Path, cl
 
 
 def test_slurm_example_file_makes_a_job_script(tmp_path: Path) -> None:
-    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+    from stcorpus.curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
 
     slurm_cluster: Any = importlib.import_module("dask_jobqueue").SLURMCluster
 
@@ -280,7 +280,7 @@ options:
     ],
 )
 def test_cluster_file_errors(tmp_path: Path, text: str, message: str) -> None:
-    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+    from stcorpus.curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
 
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -290,7 +290,7 @@ def test_cluster_file_errors(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_sge_file_keeps_its_own_keys(tmp_path: Path) -> None:
-    from curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
+    from stcorpus.curate.build.dask_executor import jobqueue_kwargs, load_cluster_file
 
     path = tmp_path / "sge.yaml"
     path.write_text("cluster: sge\njobs: 3\nadaptive: true\noptions: {cores: 8, memory: 32GB, project: p1}\n")
@@ -309,7 +309,7 @@ def test_sge_file_keeps_its_own_keys(tmp_path: Path) -> None:
 
 
 def test_worker_problems_name_the_folder_the_cache_and_the_version(tmp_path: Path) -> None:
-    from curate.build.dask_executor import marker_path, worker_problems
+    from stcorpus.curate.build.dask_executor import marker_path, worker_problems
 
     work = tmp_path / "work"
     work.mkdir()
@@ -328,7 +328,7 @@ def test_worker_problems_name_the_folder_the_cache_and_the_version(tmp_path: Pat
 
 
 def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
-    from curate.build.dask_executor import remove_stale_temporaries
+    from stcorpus.curate.build.dask_executor import remove_stale_temporaries
 
     units = tmp_path / "units"
     for name in (".GOOD-1.123.tmp", ".GOOD-1.77.old.tmp", ".GOOD-10.123.tmp", "GOOD-1", ".GOOD-2.5.tmp"):
@@ -340,7 +340,7 @@ def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from curate.build.dask_executor import DaskExecutor
+    from stcorpus.curate.build.dask_executor import DaskExecutor
 
     monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` now raises ImportError
     with pytest.raises(ExecutorError, match=r"needs the 'dask' extra .*pip install 'stcorpus\[dask\]'"):

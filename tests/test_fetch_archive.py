@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.errors import UnsafeArchiveError
-from curate.fetch import Fetcher
-from curate.fetch.archive import Limits, unpack_archive
+from stcorpus.curate.errors import UnsafeArchiveError
+from stcorpus.curate.fetch import Fetcher
+from stcorpus.curate.fetch.archive import Limits, unpack_archive
 from tests.conftest import HEART
 from tests.httpserver import LocalServer, serve
 from tests.test_fetch_http import make_sample, settings

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.cli import main
-from curate.fetch import read_lock
+from stcorpus.curate.cli import main
+from stcorpus.curate.fetch import read_lock
 from tests.conftest import HEART
 from tests.httpserver import Fault, LocalServer, serve
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from curate.errors import (
+from stcorpus.curate.errors import (
     ChecksumMismatchError,
     FetchError,
     HttpStatusError,
@@ -23,9 +23,9 @@ from curate.errors import (
     SizeMismatchError,
     UnsupportedSchemeError,
 )
-from curate.fetch import Fetcher, FetchSettings, default_cache_dir
-from curate.fetch.http import backoff_delay, parse_retry_after, redact_url
-from curate.manifest import Sample, Source, parse_manifest
+from stcorpus.curate.fetch import Fetcher, FetchSettings, default_cache_dir
+from stcorpus.curate.fetch.http import backoff_delay, parse_retry_after, redact_url
+from stcorpus.curate.manifest import Sample, Source, parse_manifest
 from tests.httpserver import Fault, LocalServer, serve
 
 
@@ -299,7 +299,7 @@ def test_threads_fetching_one_url_download_it_once(tmp_path: Path, server: Local
 
 
 def _fetch_in_child(cache_dir: str, manifest_path: str, queue: Any) -> None:
-    from curate.manifest import load_manifest
+    from stcorpus.curate.manifest import load_manifest
 
     sample = load_manifest(manifest_path).samples[0]
     settings = FetchSettings(cache_dir=Path(cache_dir), retries=1, backoff_base=0.01)
@@ -378,7 +378,7 @@ def test_failures_are_logged_without_credentials(tmp_path: Path, server: LocalSe
     caplog.set_level(logging.DEBUG)
     with Fetcher(settings(tmp_path)) as fetcher:
         fetcher.fetch(sample.sources["f"], sample=sample)
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("curate"))
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("stcorpus.curate"))
     assert "HTTP 503" in ours and "alice:***@" in ours and "token=***" in ours
     assert "hunter2" not in ours and "t0ps3cret" not in ours
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from curate.errors import AccessDeniedError, ChecksumMismatchError, FetchError, UnsupportedSchemeError
-from curate.fetch import Fetcher
-from curate.fetch.hub import HubFile, parse_hf_url
+from stcorpus.curate.errors import AccessDeniedError, ChecksumMismatchError, FetchError, UnsupportedSchemeError
+from stcorpus.curate.fetch import Fetcher
+from stcorpus.curate.fetch.hub import HubFile, parse_hf_url
 from tests.httpserver import Fault, HubRepo, LocalServer, serve
 from tests.test_fetch_http import make_sample, settings
 
@@ -119,7 +119,7 @@ def test_gated_dataset_without_a_token_says_to_accept_the_terms_and_log_in(tmp_p
 def test_token_never_appears_in_logs_errors_cache_or_lock_file(
     tmp_path: Path, hub: LocalServer, monkeypatch: pytest.MonkeyPatch, caplog, capsys
 ) -> None:
-    from curate.cli import main
+    from stcorpus.curate.cli import main
 
     data = os.urandom(120_000)
     sha = hashlib.sha256(data).hexdigest()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from curate.errors import ChecksumMismatchError, FetchError, LocalSourceNotAllowedError, SizeMismatchError
-from curate.fetch import Fetcher
-from curate.fetch.cache import Cache
-from curate.fetch.local import local_path, tree_digest
+from stcorpus.curate.errors import ChecksumMismatchError, FetchError, LocalSourceNotAllowedError, SizeMismatchError
+from stcorpus.curate.fetch import Fetcher
+from stcorpus.curate.fetch.cache import Cache
+from stcorpus.curate.fetch.local import local_path, tree_digest
 from tests.conftest import HEART, MOUSE_BRAIN
 from tests.test_fetch_http import make_sample, settings
 

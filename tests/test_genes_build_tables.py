@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from curate.genes.reference import GeneReference, Tier
+from stcorpus.curate.genes.reference import GeneReference, Tier
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_gene_tables.py"
 

@@ -15,10 +15,10 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curate.errors import GeneMappingError, SettingsError, UnsupportedSpeciesError
-from curate.genes import SlideGenes, Tier, load_reference, map_slide_genes
-from curate.genes.reference import GeneReference, read_table
-from curate.slide import Features
+from stcorpus.curate.errors import GeneMappingError, SettingsError, UnsupportedSpeciesError
+from stcorpus.curate.genes import SlideGenes, Tier, load_reference, map_slide_genes
+from stcorpus.curate.genes.reference import GeneReference, read_table
+from stcorpus.curate.slide import Features
 from tests.conftest import DATA, FULLRES, HEART, MOUSE_BRAIN
 
 FEATURE_LIST = DATA / "feature-lists" / "GRCh38-2020-A_features.tsv.gz"

@@ -8,9 +8,9 @@ from importlib import resources
 
 import pytest
 
-from curate.errors import SettingsError, UnsupportedSpeciesError
-from curate.genes import PANELS, Tier, check_panels, load_reference, normalise_id, reference_sources
-from curate.genes.reference import TABLE_COLUMNS, TABLE_FILES, GeneReference, check_species, read_table
+from stcorpus.curate.errors import SettingsError, UnsupportedSpeciesError
+from stcorpus.curate.genes import PANELS, Tier, check_panels, load_reference, normalise_id, reference_sources
+from stcorpus.curate.genes.reference import TABLE_COLUMNS, TABLE_FILES, GeneReference, check_species, read_table
 
 # A small table with every situation name resolution has to decide.
 ROWS = [
@@ -124,7 +124,7 @@ def test_shipped_tables_match_their_recorded_checksums_and_stay_small() -> None:
     sources = reference_sources()
     total = 0
     for species, name in TABLE_FILES.items():
-        data = resources.files("curate.genes").joinpath("data", name).read_bytes()
+        data = resources.files("stcorpus.curate.genes").joinpath("data", name).read_bytes()
         total += len(data)
         assert hashlib.sha256(data).hexdigest() == sources["tables"][name]["sha256"], name
         assert len(read_table(species)) == sources["tables"][name]["rows"]

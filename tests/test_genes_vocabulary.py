@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from curate.errors import GeneVocabularyError, SettingsError
-from curate.genes import (
+from stcorpus.curate.errors import GeneVocabularyError, SettingsError
+from stcorpus.curate.genes import (
     GeneIndex,
     MeasuredGenes,
     build_vocabulary,
@@ -20,7 +20,7 @@ from curate.genes import (
     vocabulary_digest,
     vocabulary_indices,
 )
-from curate.slide import Features
+from stcorpus.curate.slide import Features
 from stcorpus.schema import GENE_COLUMNS
 
 GAPDH, TP53, MT_CO1, ACTB = "ENSG00000111640", "ENSG00000141510", "ENSG00000198804", "ENSG00000075624"

@@ -30,8 +30,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from curate.cli import main
 from stcorpus import schema
+from stcorpus.curate.cli import main
 from tests.httpserver import HubRepo, Request, serve
 from tests.hub_standin import (
     HEST_REPO,

@@ -11,8 +11,8 @@ import tifffile
 from PIL import Image
 
 from bench.synth import write_pyramid_tiff
-from curate.errors import CorruptSourceError
-from curate.imaging import TileCache, level_downsample, open_image
+from stcorpus.curate.errors import CorruptSourceError
+from stcorpus.curate.imaging import TileCache, level_downsample, open_image
 from tests.conftest import FULLRES
 
 HE = FULLRES / "test_img.jpg"

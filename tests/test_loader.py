@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import CorpusDataset, CorpusLoader, LoaderSettings, resume_state_from
-from loaders.errors import EmptySelectionError, ResumeError, ShardError
+from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings, resume_state_from
+from stcorpus.loaders.errors import EmptySelectionError, ResumeError, ShardError
 from tests.corpus_fixture import FixtureCorpus, write_corpus
 
 
@@ -156,7 +156,7 @@ def test_resume_twice_and_with_another_worker_count(corpus: FixtureCorpus, caplo
     first = CorpusLoader(make(corpus, 5), num_workers=2)
     part1 = take(first, 7)
     second = CorpusLoader(make(corpus, 5), num_workers=3)
-    with caplog.at_level(logging.INFO, logger="loaders"):
+    with caplog.at_level(logging.INFO, logger="stcorpus.loaders"):
         report = second.load_state_dict(first.state_dict())
     assert "saved with 2 workers, resuming with 3" in caplog.text
     assert "0 samples skipped, 0 repeated" in caplog.text
@@ -243,7 +243,7 @@ def test_truncated_tar_raises_by_default_and_warn_skips_and_counts(
     assert dataset.skipped() == {"samples": 5, "shards": 1, "empty_batches": 0}
     # ... and logged (in this process, where caplog sees it).
     dataset = CorpusDataset(damaged.root, settings(format="wds", on_bad_sample="warn"))
-    with caplog.at_level(logging.WARNING, logger="loaders"):
+    with caplog.at_level(logging.WARNING, logger="stcorpus.loaders"):
         assert len(keys_of(iter(CorpusLoader(dataset)))) == len(dataset)
     assert "skipping 5 samples of wds/train/train-000002.tar" in caplog.text
 
@@ -265,12 +265,12 @@ def test_corrupt_jpeg_policy(damaged: FixtureCorpus, caplog: pytest.LogCaptureFi
     for path in damaged.shard_paths(fmt, "train"):
         if victim.patch in path.read_bytes():
             corrupt_jpeg(path, victim.patch)
-    from loaders.errors import BadSampleError
+    from stcorpus.loaders.errors import BadSampleError
 
     with pytest.raises(BadSampleError, match=f"{victim.key}: patch is not a decodable JPEG"):
         list(CorpusLoader(CorpusDataset(damaged.root, settings(format=fmt))))
     dataset = CorpusDataset(damaged.root, settings(format=fmt, on_bad_sample="warn"))
-    with caplog.at_level(logging.WARNING, logger="loaders"):
+    with caplog.at_level(logging.WARNING, logger="stcorpus.loaders"):
         got = [k for b in keys_of(iter(CorpusLoader(dataset))) for k in b]
     assert victim.key not in got and len(got) == 93
     assert dataset.skipped()["samples"] == 1

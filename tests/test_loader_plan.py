@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loaders.errors import EmptySelectionError, LoaderSettingsError
-from loaders.plan import (
+from stcorpus.loaders.errors import EmptySelectionError, LoaderSettingsError
+from stcorpus.loaders.plan import (
     EpochPlan,
     ShardEntry,
     delivery_order,
@@ -18,7 +18,7 @@ from loaders.plan import (
     iter_window_batches,
     worker_runs,
 )
-from loaders.settings import LoaderSettings
+from stcorpus.loaders.settings import LoaderSettings
 
 
 def shards(counts: list[int], *, selected: dict[int, list[int]] | None = None) -> list[ShardEntry]:
@@ -175,8 +175,8 @@ def test_tar_cursor_reads_wanted_rows_and_refuses_going_back(tmp_path: Path) -> 
     import io
     import tarfile
 
-    from loaders.errors import ShardError
-    from loaders.read import TarCursor
+    from stcorpus.loaders.errors import ShardError
+    from stcorpus.loaders.read import TarCursor
 
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -213,8 +213,8 @@ def test_tar_cursor_reads_wanted_rows_and_refuses_going_back(tmp_path: Path) -> 
 def test_parse_npz_matches_numpy() -> None:
     import io
 
-    from curate.shards import encode_expr
-    from loaders.read import parse_npz
+    from stcorpus.curate.shards import encode_expr
+    from stcorpus.loaders.read import parse_npz
 
     genes = np.array([1, 5, 9], dtype=np.int32)
     blob = encode_expr(genes, np.array([2.5, 1, 3], dtype=np.float32), genes[:0], np.zeros(0, dtype=np.float32))

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from loaders import CorpusDataset, CorpusLoader, LoaderSettings
-from loaders.errors import RemoteAuthError, ShardError
+from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
+from stcorpus.loaders.errors import RemoteAuthError, ShardError
 from tests.corpus_fixture import FixtureCorpus, write_corpus
 from tests.httpserver import Fault, HubRepo, LocalServer, serve
 
@@ -78,7 +78,7 @@ def test_a_dropped_connection_is_resumed_with_range(
 ) -> None:
     victim = "/" + str(corpus.shard_paths(fmt, "train")[5].relative_to(corpus.root))
     server.add_fault(victim, Fault(drop_after=3000))
-    with caplog.at_level(logging.WARNING, logger="loaders"):
+    with caplog.at_level(logging.WARNING, logger="stcorpus.loaders"):
         same_batches(epoch(server.url, format=fmt), epoch(corpus.root, format=fmt))
     counts = shard_requests(server, corpus, fmt)
     assert counts[5] == per_shard + 1 and counts[:5] + counts[6:] == [per_shard] * 13
@@ -213,7 +213,7 @@ def test_filters_over_http_never_touch_shards_without_a_selected_slide(tmp_path:
 def test_readahead_opens_the_next_stream_while_the_current_one_is_read() -> None:
     import threading
 
-    from loaders.source import Readahead
+    from stcorpus.loaders.source import Readahead
 
     opened: list[int] = []
     second_opened = threading.Event()
@@ -243,8 +243,8 @@ def test_readahead_opens_the_next_stream_while_the_current_one_is_read() -> None
 def test_a_file_replaced_during_a_resumed_read_is_an_error(tmp_path: Path) -> None:
     import hashlib
 
-    from loaders.settings import HttpSettings
-    from loaders.source import HttpSource
+    from stcorpus.loaders.settings import HttpSettings
+    from stcorpus.loaders.source import HttpSource
 
     (tmp_path / "www").mkdir()
     shard = tmp_path / "www" / "shard.tar"

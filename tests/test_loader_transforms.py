@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from loaders import CorpusDataset, CorpusLoader, LoaderSettings
-from loaders.errors import BadSampleError, LoaderSettingsError
-from loaders.genes import Flat, GeneSpace, GeneTransform
-from loaders.images import Augment, JpegDecoder
-from loaders.settings import AugmentSettings, GeneSettings
+from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
+from stcorpus.loaders.errors import BadSampleError, LoaderSettingsError
+from stcorpus.loaders.genes import Flat, GeneSpace, GeneTransform
+from stcorpus.loaders.images import Augment, JpegDecoder
+from stcorpus.loaders.settings import AugmentSettings, GeneSettings
 from tests.corpus_fixture import FixtureCorpus, vocabulary, write_corpus
 
 # ---------------------------------------------------------------------------------------------

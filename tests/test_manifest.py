@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.cli import main
-from curate.errors import ManifestError
-from curate.manifest import TECHNOLOGIES, load_manifest, load_manifests
+from stcorpus.curate.cli import main
+from stcorpus.curate.errors import ManifestError
+from stcorpus.curate.manifest import TECHNOLOGIES, load_manifest, load_manifests
 
 GOOD = """
 manifest: stcorpus-manifest/1

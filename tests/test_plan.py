@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.cli import main
-from curate.manifest import Sample, parse_manifest
-from curate.plan import duplicate_candidates, make_plan
+from stcorpus.curate.cli import main
+from stcorpus.curate.manifest import Sample, parse_manifest
+from stcorpus.curate.plan import duplicate_candidates, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = [ROOT / "manifests" / name for name in ("hest1k.yaml", "stimage1k4m.yaml", "10x-visium.yaml")]

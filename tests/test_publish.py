@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from curate.build.pipeline import BuildSettings, build
-from curate.cli import main
-from curate.errors import PublishError, TargetUnreachableError
-from curate.publish import INDEX_FILE, CommitLimits, FsspecTarget, HubTarget, publish
-from curate.publish.validate import check_corpus, scan_corpus, split_front_matter
 from stcorpus import schema
+from stcorpus.curate.build.pipeline import BuildSettings, build
+from stcorpus.curate.cli import main
+from stcorpus.curate.errors import PublishError, TargetUnreachableError
+from stcorpus.curate.publish import INDEX_FILE, CommitLimits, FsspecTarget, HubTarget, publish
+from stcorpus.curate.publish.validate import check_corpus, scan_corpus, split_front_matter
 from tests.build_fixtures import good_slides, manifest
 from tests.hub_standin import GITATTRIBUTES, HubApiStandIn, serve_hub_api
 

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
-from curate.errors import (
+from stcorpus.curate.errors import (
     BarcodeMismatchError,
     BlankImageError,
     CorruptSourceError,
@@ -21,9 +21,9 @@ from curate.errors import (
     SettingsError,
     SpotsOutsideImageError,
 )
-from curate.imaging import open_image
-from curate.qc import QCSettings, blank_reason, check_slide, image_blank_reason, match_barcodes, summary
-from curate.slide import Features, QCCheck, Slide, Spots
+from stcorpus.curate.imaging import open_image
+from stcorpus.curate.qc import QCSettings, blank_reason, check_slide, image_blank_reason, match_barcodes, summary
+from stcorpus.curate.slide import Features, QCCheck, Slide, Spots
 from tests.test_readers_support import make_sample
 
 N_GENES = 20

@@ -13,10 +13,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from curate.errors import NonIntegerCountsError, ScaleMismatchError
-from curate.qc import QCSettings, check_slide
-from curate.readers import read_slide
-from curate.slide import Slide
+from stcorpus.curate.errors import NonIntegerCountsError, ScaleMismatchError
+from stcorpus.curate.qc import QCSettings, check_slide
+from stcorpus.curate.readers import read_slide
+from stcorpus.curate.slide import Slide
 from tests.test_readers_support import FULLRES, HEST_TENX52_MPP, expected, files_of, make_sample, write_pyramid
 
 H5AD = FULLRES / "test_data.h5ad"

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from curate.readers._lattice import derive_array_coords, fit_lattice
-from curate.readers._tenx import Positions, read_positions
+from stcorpus.curate.readers._lattice import derive_array_coords, fit_lattice
+from stcorpus.curate.readers._tenx import Positions, read_positions
 from tests.test_readers_support import HEART, MOUSE_BRAIN
 
 HEART_POSITIONS = HEART / "spatial" / "tissue_positions_list.csv"

@@ -28,8 +28,8 @@ LIMIT_BYTES = 512 * 2**20
 PROBE = """
 import json, resource, sys
 from pathlib import Path
-from curate.qc import check_slide
-from curate.readers import read_slide
+from stcorpus.curate.qc import check_slide
+from stcorpus.curate.readers import read_slide
 from tests.test_readers_support import make_sample
 sources = {k: Path(v) for k, v in json.loads(sys.argv[1]).items()}
 sample = make_sample(sources, technology="hest", assay="visium", species="human")

@@ -13,15 +13,15 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from curate.errors import (
+from stcorpus.curate.errors import (
     BarcodeMismatchError,
     CorruptSourceError,
     NonIntegerCountsError,
     SourceMissingError,
 )
-from curate.readers import read_slide
-from curate.readers._tenx import read_h5, read_mtx, read_positions
-from curate.readers.spaceranger import SPOT_DIAMETER_FULLRES_UM
+from stcorpus.curate.readers import read_slide
+from stcorpus.curate.readers._tenx import read_h5, read_mtx, read_positions
+from stcorpus.curate.readers.spaceranger import SPOT_DIAMETER_FULLRES_UM
 from tests.test_readers_support import HEART, MOUSE_BRAIN, expected, files_of, make_sample, write_repeated_pyramid
 
 HEART_H5 = HEART / "filtered_feature_bc_matrix.h5"
@@ -411,7 +411,7 @@ def test_visium_hd_bins_use_stated_microns_per_pixel_and_a_square_lattice(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.qc import check_slide
+    from stcorpus.curate.qc import check_slide
 
     # A 12 x 10 patch of 16 um bins at 0.5 um/px (32 px apart), laid out as SR 3.x binned_outputs/square_016um/.
     mpp, bin_um = 0.5, 16.0

@@ -10,11 +10,11 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
-from curate.errors import BarcodeMismatchError, CorruptSourceError, ImageTooCoarseError, UnsupportedAssayError
-from curate.qc import check_slide
-from curate.readers import read_slide
-from curate.readers._tenx import read_mtx, read_positions
-from curate.slide import Slide
+from stcorpus.curate.errors import BarcodeMismatchError, CorruptSourceError, ImageTooCoarseError, UnsupportedAssayError
+from stcorpus.curate.qc import check_slide
+from stcorpus.curate.readers import read_slide
+from stcorpus.curate.readers._tenx import read_mtx, read_positions
+from stcorpus.curate.slide import Slide
 from tests.test_readers_support import MOUSE_BRAIN, files_of, make_sample
 
 OUTS = MOUSE_BRAIN / "outs"

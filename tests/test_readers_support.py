@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from curate.manifest import Sample, Source
+from stcorpus.curate.manifest import Sample, Source
 
 DATA = Path(__file__).parent / "data"
 HEART = DATA / "human-heart-sr1.0"

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.shards import ShardSample, ShardSettings, ShardWriter, encode_expr, write_shard_index
 from stcorpus import schema
+from stcorpus.curate.shards import ShardSample, ShardSettings, ShardWriter, encode_expr, write_shard_index
 from tests.conftest import FULLRES
 
 IMAGE = Image.open(FULLRES / "test_img.jpg").convert("RGB")
@@ -153,7 +153,7 @@ def test_counts_dtype_checked(tmp_path: Path) -> None:
 
 
 def test_lossless_cast() -> None:
-    from curate.shards import lossless_cast
+    from stcorpus.curate.shards import lossless_cast
 
     assert lossless_cast(np.array([1, 2], dtype=np.int64), np.dtype(np.int32)).dtype == np.int32
     assert lossless_cast(np.array([1.0, 2.0]), np.dtype(np.int32)).tolist() == [1, 2]

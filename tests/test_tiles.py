@@ -17,11 +17,11 @@ import tifffile
 from PIL import Image
 
 from bench.synth import write_pyramid_tiff
-from curate.errors import ImageTooCoarseError, SettingsError
-from curate.imaging import open_image
-from curate.manifest import Sample
-from curate.slide import Features, Slide, Spots
-from curate.tiles import (
+from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
+from stcorpus.curate.imaging import open_image
+from stcorpus.curate.manifest import Sample
+from stcorpus.curate.slide import Features, Slide, Spots
+from stcorpus.curate.tiles import (
     REJECT_BACKGROUND,
     REJECT_OUTSIDE,
     Encoder,
@@ -298,7 +298,7 @@ DIGEST_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, {root!r})
 from tests.test_tiles import make_slide, fullres_spots, FULLRES_MPP, HE
-from curate.tiles import TileSettings, cut_tiles
+from stcorpus.curate.tiles import TileSettings, cut_tiles
 xs, ys, barcodes = fullres_spots()
 digest = hashlib.sha256()
 for encoder in ("simplejpeg", "pil"):

@@ -26,8 +26,8 @@ CUT_SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})
 import numpy as np
-from curate.imaging import open_image
-from curate.tiles import Tiler, TileSettings
+from stcorpus.curate.imaging import open_image
+from stcorpus.curate.tiles import Tiler, TileSettings
 spots = np.load({spots!r})
 image = open_image({path!r})
 tiler = Tiler(image, mpp={mpp}, settings=TileSettings(cache_bytes={cache}, regions={regions}))

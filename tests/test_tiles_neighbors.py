@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from curate.errors import CorruptSourceError
-from curate.tiles import lattice_neighbors
+from stcorpus.curate.errors import CorruptSourceError
+from stcorpus.curate.tiles import lattice_neighbors
 from tests.conftest import HEART
 
 

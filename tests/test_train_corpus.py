@@ -23,16 +23,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from curate.build.pipeline import BuildSettings, build
-from curate.build.splits import SplitSettings
-from loaders import CorpusDataset, CorpusLoader
 from stcorpus import schema
+from stcorpus.curate.build.pipeline import BuildSettings, build
+from stcorpus.curate.build.splits import SplitSettings
+from stcorpus.loaders import CorpusDataset, CorpusLoader
+from stcorpus.training.checkpoint import load_checkpoint
+from stcorpus.training.config import TrainConfig, load_config
+from stcorpus.training.data import build_run_data, loader_settings
+from stcorpus.training.pretrain import TrainResult, train
 from tests.build_fixtures import good_slides, manifest
 from tests.httpserver import LocalServer
-from training.checkpoint import load_checkpoint
-from training.config import TrainConfig, load_config
-from training.data import build_run_data, loader_settings
-from training.pretrain import TrainResult, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SLIDES = ["GOOD-0", "GOOD-1", "GOOD-3"]
@@ -259,7 +259,7 @@ def test_torchrun_on_the_corpus_with_short_and_empty_batches(corpus: Path, tmp_p
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     overrides = [f"data.corpus={broken}", f"run.out_dir={run}", "run.threads=1", "data.num_workers=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "training.pretrain", "--config", "corpus-cpu", "--set", *overrides, *DDP_SETTINGS]
+    command += ["-m", "stcorpus.training.pretrain", "--config", "corpus-cpu", "--set", *overrides, *DDP_SETTINGS]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import CONFIG_DIR, TrainConfig, apply_override, load_config
-from training.errors import ConfigError
+from stcorpus.training.config import CONFIG_DIR, TrainConfig, apply_override, load_config
+from stcorpus.training.errors import ConfigError
 
 
 def test_builtin_config_and_overrides_are_typed() -> None:
@@ -24,7 +24,7 @@ def test_builtin_config_and_overrides_are_typed() -> None:
 
 
 def test_set_accepts_several_values_and_repeats() -> None:
-    from training.pretrain import build_parser
+    from stcorpus.training.pretrain import build_parser
 
     args = build_parser().parse_args(["--set", "optim.lr=0.1", "loss.kind=siglip", "--set", "run.seed=3"])
     cfg = load_config(None, overrides=args.overrides)
@@ -92,7 +92,7 @@ def test_apply_override_builds_nested_sections() -> None:
 
 
 def test_cli_print_config_and_error_exit(capsys, caplog) -> None:
-    from training.pretrain import main
+    from stcorpus.training.pretrain import main
 
     assert main(["--config", "tiny-cpu", "--set", "optim.lr=0.5", "--print-config"]) == 0
     printed = capsys.readouterr().out

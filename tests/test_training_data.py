@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loaders import batch as B
+from stcorpus.loaders import batch as B
 from stcorpus.schema import parse_key
-from training.config import SyntheticSection, load_config
-from training.data import (
+from stcorpus.training.config import SyntheticSection, load_config
+from stcorpus.training.data import (
     SyntheticSource,
     build_run_data,
     check_batch,
     make_synthetic_bank,
     resolve_config,
 )
-from training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
+from stcorpus.training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
 
 SMALL = SyntheticSection(n_slides=4, spots_per_slide=24, val_slides=1, n_genes=16, image_size=24, max_tokens=8)
 
@@ -175,7 +175,7 @@ def test_on_device_bank_gives_the_same_batches(bank) -> None:
 
 
 def test_loader_settings_training_stream_and_evaluation_pools() -> None:
-    from training.data import loader_settings
+    from stcorpus.training.data import loader_settings
 
     cfg = load_config(
         "corpus-cpu",

@@ -43,7 +43,7 @@ def test_two_rank_losses_and_gradients_equal_the_global_batch(tmp_path) -> None:
 def _pretrain(run: Path, *extra: str) -> None:
     _torchrun(
         "-m",
-        "training.pretrain",
+        "stcorpus.training.pretrain",
         "--config",
         "tiny-cpu",
         "--set",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.evaluate import linear_probe, pearson_per_column, recall_at_k, retrieval_metrics, select_genes
+from stcorpus.training.evaluate import linear_probe, pearson_per_column, recall_at_k, retrieval_metrics, select_genes
 
 
 def test_recall_counts_fixed_points_of_a_permutation() -> None:

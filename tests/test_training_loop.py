@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from training.checkpoint import CHECKPOINT_FORMAT, list_checkpoints, load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.errors import CheckpointError
-from training.model import build_model
-from training.pretrain import main, train
+from stcorpus.training.checkpoint import CHECKPOINT_FORMAT, list_checkpoints, load_checkpoint, save_checkpoint
+from stcorpus.training.config import load_config
+from stcorpus.training.errors import CheckpointError
+from stcorpus.training.model import build_model
+from stcorpus.training.pretrain import main, train
 
 
 def _cfg(out: Path, *overrides: str):
@@ -182,9 +182,9 @@ def test_command_line_run(tmp_path) -> None:
 
 
 def test_an_empty_training_source_is_a_clear_error(tmp_path, monkeypatch) -> None:
-    import training.pretrain as pretrain
-    from training.data import build_run_data
-    from training.errors import DataSourceUnavailableError
+    import stcorpus.training.pretrain as pretrain
+    from stcorpus.training.data import build_run_data
+    from stcorpus.training.errors import DataSourceUnavailableError
 
     class Empty:
         def __iter__(self):
@@ -208,8 +208,8 @@ def test_an_empty_training_source_is_a_clear_error(tmp_path, monkeypatch) -> Non
 
 def test_short_and_empty_batches_train_or_are_passed_over(tmp_path, monkeypatch) -> None:
     # what a loader with on_bad_sample=warn yields: the same batch boundaries, fewer samples
-    import training.pretrain as pretrain
-    from training.data import build_run_data
+    import stcorpus.training.pretrain as pretrain
+    from stcorpus.training.data import build_run_data
 
     class Damaged:
         def __init__(self, inner) -> None:

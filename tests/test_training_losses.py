@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training.config import LossSection
-from training.losses import ClipLoss, ContrastiveObjective, SigLipLoss, clip_loss, siglip_loss
+from stcorpus.training.config import LossSection
+from stcorpus.training.losses import ClipLoss, ContrastiveObjective, SigLipLoss, clip_loss, siglip_loss
 
 
 def _softmax_ce(row: list[float], target: int) -> float:

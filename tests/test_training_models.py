@@ -8,11 +8,18 @@ import types
 import pytest
 import torch
 
-from loaders import batch as B
-from training.config import GeneEncoderSection, ImageEncoderSection, load_config
-from training.encoders import GeneMLP, GeneTransformer, SmallCNN, SmallViT, build_image_encoder, build_timm_encoder
-from training.errors import BatchContractError, ConfigError, MissingExtraError, TrainingError
-from training.model import ImageNormalize, build_model
+from stcorpus.loaders import batch as B
+from stcorpus.training.config import GeneEncoderSection, ImageEncoderSection, load_config
+from stcorpus.training.encoders import (
+    GeneMLP,
+    GeneTransformer,
+    SmallCNN,
+    SmallViT,
+    build_image_encoder,
+    build_timm_encoder,
+)
+from stcorpus.training.errors import BatchContractError, ConfigError, MissingExtraError, TrainingError
+from stcorpus.training.model import ImageNormalize, build_model
 
 
 def test_image_encoders_give_feature_vectors() -> None:
@@ -156,7 +163,7 @@ def test_timm_errors_say_what_to_do(fake_timm, tmp_path) -> None:
 
 
 def test_gene_encoder_needs_resolved_sizes() -> None:
-    from training.encoders import build_gene_encoder
+    from stcorpus.training.encoders import build_gene_encoder
 
     with pytest.raises(ConfigError, match="n_genes"):
         build_gene_encoder(GeneEncoderSection())

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from training.schedule import lr_at
+from stcorpus.training.schedule import lr_at
 
 KW: dict = {"lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10, "max_steps": 110}
 

@@ -1,18 +1,18 @@
 """training: contrastive image-gene pretraining on streamed corpus shards.
 
-``python -m training.pretrain --config tiny-cpu --set optim.lr=1e-4`` (or under
+``python -m stcorpus.training.pretrain --config tiny-cpu --set optim.lr=1e-4`` (or under
 ``torchrun --nproc_per_node N``) trains a CLIP/SigLIP two-tower model with STAMP's optional
 multi-scale terms on batches of ``loaders/batch.py``. Modules, in the order a run uses them:
 
-- :mod:`training.config`: the typed run config (YAML + ``--set`` overrides, strict keys)
-- :mod:`training.data`: data sources (``synthetic`` in memory; ``corpus``: the torch corpus
+- :mod:`stcorpus.training.config`: the typed run config (YAML + ``--set`` overrides, strict keys)
+- :mod:`stcorpus.training.data`: data sources (``synthetic`` in memory; ``corpus``: the torch corpus
   loader of ``loaders`` over a folder, URL or ``hf://`` repository, with its resume state)
-- :mod:`training.encoders`, :mod:`training.model`: image/gene encoders and the two-tower model
-- :mod:`training.losses`: CLIP / SigLIP losses gathered across ranks, the STAMP objective
-- :mod:`training.schedule`: warm-up + cosine learning rate
-- :mod:`training.pretrain`: the loop, logging, evaluation and checkpoint calls, the CLI
-- :mod:`training.evaluate`: recall@k and the linear probe (pure functions of arrays)
-- :mod:`training.checkpoint`: atomic, ``weights_only``-loadable checkpoints
+- :mod:`stcorpus.training.encoders`, :mod:`stcorpus.training.model`: image/gene encoders and the two-tower model
+- :mod:`stcorpus.training.losses`: CLIP / SigLIP losses gathered across ranks, the STAMP objective
+- :mod:`stcorpus.training.schedule`: warm-up + cosine learning rate
+- :mod:`stcorpus.training.pretrain`: the loop, logging, evaluation and checkpoint calls, the CLI
+- :mod:`stcorpus.training.evaluate`: recall@k and the linear probe (pure functions of arrays)
+- :mod:`stcorpus.training.checkpoint`: atomic, ``weights_only``-loadable checkpoints
 
 Importing this package imports nothing heavy; torch loads with the modules that need it.
 """

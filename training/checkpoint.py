@@ -31,7 +31,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from training.errors import CheckpointError
+from stcorpus.training.errors import CheckpointError
 
 CHECKPOINT_FORMAT: Final = "stcorpus-train-ckpt/1"
 _NAME: Final = re.compile(r"^step-(\d{8,})\.pt$")

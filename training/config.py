@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.errors import ConfigError
+from stcorpus.training.errors import ConfigError
 
 #: Built-in config files (``--config tiny-cpu`` finds ``training/configs/tiny-cpu.yaml``).
 CONFIG_DIR: Final = Path(__file__).parent / "configs"
@@ -64,7 +64,7 @@ class RunSection(_Section):
 
 
 class SyntheticSection(_Section):
-    """The in-memory synthetic source: a learnable image <-> expression structure, see ``training.data``."""
+    """The in-memory synthetic source: a learnable image <-> expression structure, see ``stcorpus.training.data``."""
 
     n_slides: int = Field(default=8, ge=2)
     spots_per_slide: int = Field(default=64, ge=1)
@@ -147,7 +147,7 @@ class DataSection(_Section):
             where = "; ".join(f"{key}: {LOADER_OWNED[key]}" for key in owned)
             raise ValueError(f"data.loader must not set {', '.join(owned)} (set by training; {where})")
         if self.loader:
-            from loaders.settings import LoaderSettings
+            from stcorpus.loaders.settings import LoaderSettings
 
             try:
                 settings = LoaderSettings.from_dict(self.loader)

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loaders import batch as B
+from stcorpus.loaders import batch as B
 from stcorpus.schema import sample_key
-from training.config import SyntheticSection, TrainConfig
-from training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
+from stcorpus.training.config import SyntheticSection, TrainConfig
+from stcorpus.training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
 
 if TYPE_CHECKING:
-    from loaders import CorpusDataset, CorpusLoader, LoaderSettings
+    from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
 
 Batch = dict[str, Any]
 
@@ -384,8 +384,8 @@ def loader_settings(
     sample, no augmentation, and the slide allow-list (``filters.slide_ids``, a choice of
     *training* slides) replaced by ``slide_ids`` (None: no allow-list).
     """
-    from loaders.errors import LoaderSettingsError
-    from loaders.settings import LoaderSettings
+    from stcorpus.loaders.errors import LoaderSettingsError
+    from stcorpus.loaders.settings import LoaderSettings
 
     raw = json.loads(json.dumps(cfg.data.loader))  # a deep copy of plain data
     genes = dict(raw.get("genes") or {})
@@ -418,8 +418,8 @@ def open_corpus_dataset(
     cfg: TrainConfig, settings: LoaderSettings, *, rank: int = 0, world_size: int = 1
 ) -> CorpusDataset:
     """A ``loaders.CorpusDataset`` over ``cfg.data.corpus``; loader errors become training errors."""
-    from loaders import CorpusDataset
-    from loaders.errors import LoaderError, LoaderSettingsError
+    from stcorpus.loaders import CorpusDataset
+    from stcorpus.loaders.errors import LoaderError, LoaderSettingsError
 
     try:
         return CorpusDataset(str(cfg.data.corpus), settings, rank=rank, world_size=world_size)
@@ -466,7 +466,7 @@ class CorpusSource:
         self.loader = self._new_loader()
 
     def _new_loader(self) -> CorpusLoader:
-        from loaders import CorpusLoader
+        from stcorpus.loaders import CorpusLoader
 
         return CorpusLoader(self.dataset, **self.options)
 
@@ -503,7 +503,7 @@ class CorpusSource:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue after the last batch handed out when ``state`` was taken."""
-        from loaders.errors import ResumeError
+        from stcorpus.loaders.errors import ResumeError
 
         if state.get("kind") != "corpus":
             raise CheckpointError(
@@ -543,7 +543,7 @@ def corpus_dataloader(
     memory on CUDA); ``shuffle=False`` a fixed-order pass read in this process.
 
     Batches follow ``loaders/batch.py``; under ``on_bad_sample: warn``/``skip`` they may be
-    short or empty, which the training loop handles (``training.pretrain``).
+    short or empty, which the training loop handles (``stcorpus.training.pretrain``).
     """
     settings = loader_settings(cfg, split=split, shuffle=shuffle, slide_ids=slide_ids)
     dataset = open_corpus_dataset(cfg, settings, rank=rank, world_size=world_size)
@@ -588,7 +588,7 @@ class CorpusPool:
         return self._main
 
     def __call__(self) -> Iterator[Batch]:
-        from loaders import CorpusLoader
+        from stcorpus.loaders import CorpusLoader
 
         main = iter(CorpusLoader(self._open()))
         if self._targets is None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.errors import ConfigError
+from stcorpus.training.errors import ConfigError
 
 
 @dataclass(frozen=True)

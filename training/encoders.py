@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from training.config import GeneEncoderSection, ImageEncoderSection
-from training.errors import ConfigError, MissingExtraError, TrainingError
+from stcorpus.training.config import GeneEncoderSection, ImageEncoderSection
+from stcorpus.training.errors import ConfigError, MissingExtraError, TrainingError
 
 
 class Encoder(nn.Module):

@@ -1,16 +1,15 @@
 """Errors of ``training``: messages say what is wrong and what to do next.
 
-They hang under :class:`curate.errors.CurateError` so that one ``except`` catches every error
-this project raises on purpose; ``curate.errors`` is a leaf module (no heavy imports), so the
-dependency costs nothing.
+They hang under :class:`stcorpus.errors.StcorpusError`, the base of every error this project
+raises on purpose, so ``training`` never imports ``curate`` to catch them.
 """
 
 from __future__ import annotations
 
-from curate.errors import CurateError
+from stcorpus.errors import StcorpusError
 
 
-class TrainingError(CurateError):
+class TrainingError(StcorpusError):
     """Base class of every error ``training`` raises on purpose."""
 
 

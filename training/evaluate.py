@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     import torch
 
-    from training.config import EvalSection
+    from stcorpus.training.config import EvalSection
 
 FloatArray = NDArray[np.floating[Any]]
 
@@ -261,8 +261,8 @@ def collect(
     """
     import torch
 
-    from loaders import batch as B
-    from training.data import PROBE_EXPR, PROBE_EXPR_MASK, to_device
+    from stcorpus.loaders import batch as B
+    from stcorpus.training.data import PROBE_EXPR, PROBE_EXPR_MASK, to_device
 
     parts: dict[str, list[Any]] = {"image_emb": [], "gene_emb": [], "features": [], "expr": [], "mask": []}
     slides: list[str] = []
@@ -324,7 +324,7 @@ def evaluate(
 ) -> Evaluation:
     """Retrieval over the validation pool and the linear probe (training spots -> held-out slides).
 
-    ``data`` is a :class:`training.data.RunData`. The pool is the first ``pool_size`` spots of
+    ``data`` is a :class:`stcorpus.training.data.RunData`. The pool is the first ``pool_size`` spots of
     ``data.val_batches()``; the probe is fitted on the first ``probe_train_size`` spots of
     ``data.probe_train_batches()`` (training-split slides; alpha chosen on some of those slides)
     and scored on the pool's spots, whose slides it never saw: a slide on both sides is an

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.config import LossSection
+from stcorpus.training.config import LossSection
 
 
 def _world() -> tuple[int, int]:

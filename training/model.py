@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loaders import batch as B
-from training.config import ModelSection, TrainConfig
-from training.encoders import build_gene_encoder, build_image_encoder, projection_head
-from training.errors import BatchContractError
+from stcorpus.loaders import batch as B
+from stcorpus.training.config import ModelSection, TrainConfig
+from stcorpus.training.encoders import build_gene_encoder, build_image_encoder, projection_head
+from stcorpus.training.errors import BatchContractError
 
 
 class ImageNormalize(nn.Module):
@@ -123,7 +123,7 @@ class ImageGeneModel(nn.Module):
 
 
 def build_model(cfg: TrainConfig, *, image_size: int) -> ImageGeneModel:
-    """The model a run config describes (``cfg.model.gene`` sizes resolved, see ``training.data``)."""
+    """The model a run config describes (``cfg.model.gene`` sizes resolved, see ``stcorpus.training.data``)."""
     loss = cfg.loss
     default_scale = 1.0 / 0.07 if loss.kind == "clip" else 10.0
     return ImageGeneModel(

@@ -1,6 +1,6 @@
-"""Contrastive image-gene pretraining: ``python -m training.pretrain --config tiny-cpu --set optim.lr=1e-4``.
+"""Contrastive image-gene pretraining: ``python -m stcorpus.training.pretrain --config tiny-cpu --set optim.lr=1e-4``.
 
-Data-parallel with ``torchrun --nproc_per_node N -m training.pretrain ...`` (gloo on CPU, NCCL on
+Data-parallel with ``torchrun --nproc_per_node N -m stcorpus.training.pretrain ...`` (gloo on CPU, NCCL on
 CUDA). The loop in :func:`train` reads top to bottom, nanoGPT style: set-up, then per step
 lr from the schedule -> forward/backward over the accumulation micro-batches -> clip, step ->
 log -> evaluate -> checkpoint. ``--resume latest`` continues exactly: same parameters,
@@ -38,10 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curate.errors import CurateError
-from loaders import batch as B
-from loaders.errors import LoaderError
-from training.checkpoint import (
+from stcorpus.errors import StcorpusError
+from stcorpus.loaders import batch as B
+from stcorpus.training.checkpoint import (
     CHECKPOINT_FORMAT,
     latest_checkpoint,
     load_checkpoint,
@@ -49,17 +48,17 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.config import TrainConfig, load_config
-from training.data import Batch, BatchSource, RunData, build_run_data, check_batch, resolve_config, to_device
-from training.distributed import DistInfo, cleanup_distributed, init_distributed
-from training.errors import CheckpointError, ConfigError, DataSourceUnavailableError
-from training.evaluate import Evaluation, evaluate
-from training.losses import ContrastiveObjective, batch_sizes
-from training.model import ImageGeneModel, build_model
-from training.runlog import RunLog
-from training.schedule import lr_at
+from stcorpus.training.config import TrainConfig, load_config
+from stcorpus.training.data import Batch, BatchSource, RunData, build_run_data, check_batch, resolve_config, to_device
+from stcorpus.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from stcorpus.training.errors import CheckpointError, ConfigError, DataSourceUnavailableError
+from stcorpus.training.evaluate import Evaluation, evaluate
+from stcorpus.training.losses import ContrastiveObjective, batch_sizes
+from stcorpus.training.model import ImageGeneModel, build_model
+from stcorpus.training.runlog import RunLog
+from stcorpus.training.schedule import lr_at
 
-logger = logging.getLogger("training")
+logger = logging.getLogger("stcorpus.training")
 
 
 @dataclass(frozen=True)
@@ -517,9 +516,9 @@ def _save(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m training.pretrain``."""
+    """Arguments of ``python -m stcorpus.training.pretrain``."""
     parser = argparse.ArgumentParser(
-        prog="python -m training.pretrain",
+        prog="python -m stcorpus.training.pretrain",
         description="Contrastive image-gene pretraining (single process or under torchrun).",
     )
     parser.add_argument("--config", default=None, help="a YAML config file or a built-in config name (tiny-cpu, ...)")
@@ -552,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(cfg.to_yaml())
             return 0
         train(cfg, resume=args.resume, stop_at=args.stop_at)
-    except (CurateError, LoaderError) as exc:
+    except StcorpusError as exc:
         logger.error("%s", exc)
         return 2
     return 0

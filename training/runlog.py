@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-logger = logging.getLogger("training")
+logger = logging.getLogger("stcorpus.training")
 
 
 def _plain(value: Any) -> Any:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from curate.shards import ShardInfo
 from stcorpus import schema
+from stcorpus.curate.shards import ShardInfo
 
 #: SPDX ids the Hub's ``license`` field knows under a lower-case name.
 _HUB_LICENCES = {

@@ -57,18 +57,18 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from curate.build.executors import unit_task
-from curate.build.unit import UnitSettings, slide_row
-from curate.build.workdir import UnitResult
-from curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 from stcorpus import __version__
+from stcorpus.curate.build.executors import unit_task
+from stcorpus.curate.build.unit import UnitSettings, slide_row
+from stcorpus.curate.build.workdir import UnitResult
+from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 
 #: What a target or scheduler that cannot be reached raises.
 _UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
 
 if TYPE_CHECKING:
-    from curate.fetch import FetchSettings
-    from curate.manifest import Sample
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.manifest import Sample
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from curate.build.unit import UnitSettings, run_unit
-from curate.build.workdir import UnitResult, WorkDir
-from curate.errors import SettingsError
+from stcorpus.curate.build.unit import UnitSettings, run_unit
+from stcorpus.curate.build.workdir import UnitResult, WorkDir
+from stcorpus.curate.errors import SettingsError
 
 if TYPE_CHECKING:
-    from curate.fetch import FetchSettings
-    from curate.manifest import Sample
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.manifest import Sample
 
 
 class UnitExecutor(Protocol):

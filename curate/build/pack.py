@@ -2,7 +2,7 @@
 
 The pack reads each built slide's samples (memory-mapped Arrow, see ``workdir``), maps the slide's
 local gene indices onto the corpus vocabulary, orders the samples of each split, and writes
-them with ``curate.shards.ShardWriter``.
+them with ``stcorpus.curate.shards.ShardWriter``.
 
 Order (``PackSettings.order``):
 
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from curate.build.workdir import UnitResult, WorkDir
-from curate.errors import SettingsError
-from curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 from stcorpus import schema
+from stcorpus.curate.build.workdir import UnitResult, WorkDir
+from stcorpus.curate.errors import SettingsError
+from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from curate.genes import GeneIndex
+    from stcorpus.curate.genes import GeneIndex
 
 Order = Literal["shuffled", "slide"]
 
@@ -245,7 +245,7 @@ class _SlideCache:
     def __init__(self, context: _PackContext, *, max_open: int = 256) -> None:
         from collections import OrderedDict
 
-        from curate.genes import GeneIndex
+        from stcorpus.curate.genes import GeneIndex
 
         self.context = context
         self.work = WorkDir(Path(context.work_root))

@@ -30,21 +30,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from curate.build.executors import LocalExecutor, UnitExecutor
-from curate.build.pack import PackSettings, pack
-from curate.build.splits import Holdout, SplitSettings, assign_splits, load_holdouts
-from curate.build.unit import UnitSettings, slide_row
-from curate.build.workdir import UnitResult, WorkDir
-from curate.errors import BuildError, SettingsError
-from curate.manifest import Manifest, Sample, load_manifests
-from curate.atomic import write_atomic
-from curate.shards import write_parquet_atomic, write_shard_index
 from stcorpus import __version__, schema
+from stcorpus.curate.atomic import write_atomic
+from stcorpus.curate.build.executors import LocalExecutor, UnitExecutor
+from stcorpus.curate.build.pack import PackSettings, pack
+from stcorpus.curate.build.splits import Holdout, SplitSettings, assign_splits, load_holdouts
+from stcorpus.curate.build.unit import UnitSettings, slide_row
+from stcorpus.curate.build.workdir import UnitResult, WorkDir
+from stcorpus.curate.errors import BuildError, SettingsError
+from stcorpus.curate.manifest import Manifest, Sample, load_manifests
+from stcorpus.curate.shards import write_parquet_atomic, write_shard_index
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from curate.fetch import FetchSettings
+    from stcorpus.curate.fetch import FetchSettings
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def build(
     Units run on ``executor`` (default: ``LocalExecutor(settings.workers)``); the pack and
     everything after it run here.
     """
-    from curate.fetch import FetchSettings
+    from stcorpus.curate.fetch import FetchSettings
 
     started = time.perf_counter()
     fetch = fetch or FetchSettings(allow_local=settings.allow_local)
@@ -299,7 +299,7 @@ def build(
         describe_only = _slide_rows(samples, results, excluded, duplicates, splits, measured={})
         _write_slides(out, describe_only)
         raise BuildError(_nothing_built(results, excluded))
-    from curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
+    from stcorpus.curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
 
     vocabulary = build_vocabulary(
         [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
@@ -536,7 +536,7 @@ def _write_slides(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def _write_card(
     out: Path, *, name: str, rows: Sequence[Mapping[str, Any]], packed: Any, n_genes: int, settings: BuildSettings
 ) -> None:
-    from curate.build.card import CardInputs, render_card
+    from stcorpus.curate.build.card import CardInputs, render_card
 
     text = render_card(
         CardInputs(
@@ -561,8 +561,8 @@ def _write_report(
     kept: Sequence[UnitResult],
     summary: BuildSummary,
 ) -> None:
-    from curate.build.report import write_report
-    from curate.build.unit import read_unit_histograms
+    from stcorpus.curate.build.report import write_report
+    from stcorpus.curate.build.unit import read_unit_histograms
 
     write_report(
         out / schema.QC_DIR,

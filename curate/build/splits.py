@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from curate.errors import ManifestError, SettingsError
-from curate.manifest import Sample
+from stcorpus.curate.errors import ManifestError, SettingsError
+from stcorpus.curate.manifest import Sample
 
 HoldoutPolicy = Literal["test", "exclude"]
 

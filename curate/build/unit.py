@@ -30,20 +30,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from curate.build.workdir import QC_SUBDIR, SAMPLES_FILE, UnitResult, WorkDir, settings_digest, write_samples
-from curate.errors import FetchError, SlideError
-from curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
-from curate.qc import QCSettings
-from curate.tiles import TileSettings
 from stcorpus import __version__
+from stcorpus.curate.build.workdir import QC_SUBDIR, SAMPLES_FILE, UnitResult, WorkDir, settings_digest, write_samples
+from stcorpus.curate.errors import FetchError, SlideError
+from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
+from stcorpus.curate.qc import QCSettings
+from stcorpus.curate.tiles import TileSettings
 from stcorpus.schema import sample_key
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.fetch import FetchSettings
-    from curate.manifest import Sample
-    from curate.slide import Slide
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.manifest import Sample
+    from stcorpus.curate.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ UNIT_REVISION = 2
 
 @dataclass(frozen=True)
 class GeneSettings:
-    """How features map onto the gene vocabulary (see ``curate.genes``)."""
+    """How features map onto the gene vocabulary (see ``stcorpus.curate.genes``)."""
 
     min_mapped_fraction: float = DEFAULT_MIN_MAPPED_FRACTION
     panel: tuple[str, ...] | None = None  # named panels to keep (None: every mapped gene)
@@ -134,7 +134,7 @@ def run_unit(
 
 
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
-    from curate.fetch import Fetcher
+    from stcorpus.curate.fetch import Fetcher
 
     files: dict[str, Path] = {}
     with Fetcher(fetch) as fetcher:
@@ -146,9 +146,9 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
 
 
 def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSettings, fetch: FetchSettings) -> None:
-    from curate.genes import map_slide_genes
-    from curate.qc import check_slide
-    from curate.readers import read_slide
+    from stcorpus.curate.genes import map_slide_genes
+    from stcorpus.curate.qc import check_slide
+    from stcorpus.curate.readers import read_slide
 
     files = _fetch(sample, fetch=fetch, result=result)
     slide = read_slide(sample, files)
@@ -181,9 +181,9 @@ def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSetti
 def _samples(slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResult, settings: UnitSettings) -> None:
     import pyarrow as pa
 
-    from curate.build.pack import unit_sample_schema
-    from curate.errors import NoSpotsError
-    from curate.tiles import cut_tiles, lattice_neighbors
+    from stcorpus.curate.build.pack import unit_sample_schema
+    from stcorpus.curate.errors import NoSpotsError
+    from stcorpus.curate.tiles import cut_tiles, lattice_neighbors
 
     spots = slide.spots
     counts = counts.tocsr()
@@ -289,7 +289,7 @@ def _qc_plots(
     totals: npt.NDArray[Any],
     patches: list[bytes],
 ) -> None:
-    from curate.build.report import plot_montage, plot_spots
+    from stcorpus.curate.build.report import plot_montage, plot_spots
 
     folder.mkdir(parents=True, exist_ok=True)
     thumbnail = slide.image.thumbnail(max_size=1024)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from curate.atomic import fsync_dir
+from stcorpus.curate.atomic import fsync_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -48,9 +48,9 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``curate build``."""
-    from curate.build.pack import PackSettings
-    from curate.build.splits import SplitSettings
-    from curate.tiles import TileSettings
+    from stcorpus.curate.build.pack import PackSettings
+    from stcorpus.curate.build.splits import SplitSettings
+    from stcorpus.curate.tiles import TileSettings
 
     tiles, pack, splits = TileSettings(), PackSettings(), SplitSettings()
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest YAML files")
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def selection_from(args: argparse.Namespace) -> Any:
     """The ``Selection`` the filter arguments describe."""
-    from curate.build.pipeline import Selection
+    from stcorpus.curate.build.pipeline import Selection
 
     return Selection(
         technologies=args.technology, species=args.species, organs=args.organ, ids=args.ids, licences=args.licence
@@ -131,12 +131,12 @@ def holdout_from(args: argparse.Namespace) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the corpus and print the summary."""
-    from curate.build.pack import PackSettings
-    from curate.build.pipeline import BuildSettings, build
-    from curate.build.splits import SplitSettings
-    from curate.build.unit import UnitSettings
-    from curate.fetch import FetchSettings
-    from curate.tiles import TileSettings
+    from stcorpus.curate.build.pack import PackSettings
+    from stcorpus.curate.build.pipeline import BuildSettings, build
+    from stcorpus.curate.build.splits import SplitSettings
+    from stcorpus.curate.build.unit import UnitSettings
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.tiles import TileSettings
 
     tiles = TileSettings(
         patch_size=args.patch_size,
@@ -207,15 +207,15 @@ def executor_from(args: argparse.Namespace) -> Any:
     """The executor the arguments ask for, as a context manager that releases it."""
     import contextlib
 
-    from curate.build.executors import LocalExecutor
-    from curate.errors import SettingsError
+    from stcorpus.curate.build.executors import LocalExecutor
+    from stcorpus.curate.errors import SettingsError
 
     dask_options = args.scheduler is not None or args.dask_cluster is not None
     if args.executor == "local" and dask_options:
         raise SettingsError("--scheduler and --dask-cluster need --executor dask (or no --executor)")
     if args.executor != "dask" and not dask_options:
         return contextlib.nullcontext(LocalExecutor(args.workers))
-    from curate.build.dask_executor import open_executor
+    from stcorpus.curate.build.dask_executor import open_executor
 
     executor = open_executor(
         scheduler=args.scheduler,

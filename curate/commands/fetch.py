@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from curate.errors import CurateError, SettingsError
-    from curate.fetch import Fetched, Fetcher, FetchSettings, LockEntry, default_lock_path, write_lock
-    from curate.manifest import load_manifests
+    from stcorpus.curate.errors import CurateError, SettingsError
+    from stcorpus.curate.fetch import Fetched, Fetcher, FetchSettings, LockEntry, default_lock_path, write_lock
+    from stcorpus.curate.manifest import load_manifests
 
     manifests = load_manifests(args.manifests, allow_local=args.allow_local)
     if args.lock and len(manifests) != 1:
@@ -161,7 +161,7 @@ class _RedactQuery:
     """A logging filter for urllib3's request lines: signed CDN URLs and ?token= stay out of -vv logs."""
 
     def filter(self, record: object) -> bool:
-        from curate.fetch.http import redact_url
+        from stcorpus.curate.fetch.http import redact_url
 
         args = getattr(record, "args", None)
         if isinstance(args, tuple):

@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``curate plan`` (the build's selection options, plus what to list)."""
-    from curate.commands.build import add_selection_arguments
+    from stcorpus.curate.commands.build import add_selection_arguments
 
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest YAML files")
     add_selection_arguments(parser)
@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     """Print the plan."""
     from collections import Counter
 
-    from curate.build.splits import load_holdouts
-    from curate.commands.build import holdout_from, selection_from
-    from curate.manifest import load_manifests
-    from curate.plan import make_plan
+    from stcorpus.curate.build.splits import load_holdouts
+    from stcorpus.curate.commands.build import holdout_from, selection_from
+    from stcorpus.curate.manifest import load_manifests
+    from stcorpus.curate.plan import make_plan
 
     manifests = load_manifests(args.manifests, allow_local=args.allow_local)
     selection = selection_from(args)

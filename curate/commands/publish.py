@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _target(args: argparse.Namespace) -> Any:
-    from curate.publish import FsspecTarget, HubTarget
+    from stcorpus.curate.publish import FsspecTarget, HubTarget
 
     if args.repo:
         return HubTarget(args.repo, revision=args.revision, private=True if args.private else None)
@@ -50,8 +50,8 @@ def _target(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, compare, print the plan; upload with ``--yes``. Exit 1 when the corpus fails validation."""
-    from curate.errors import CorpusValidationError, SettingsError
-    from curate.publish import CommitLimits, apply_plan, plan_publish
+    from stcorpus.curate.errors import CorpusValidationError, SettingsError
+    from stcorpus.curate.publish import CommitLimits, apply_plan, plan_publish
 
     if args.yes and args.offline:
         raise SettingsError("--yes uploads and --offline forbids contacting the target: choose one")

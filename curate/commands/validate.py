@@ -31,10 +31,10 @@ def _is_holdout(path: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Validate every file; print one line per file and every problem found; exit 1 on any."""
-    from curate.build.splits import load_holdouts
-    from curate.errors import ManifestError
-    from curate.manifest import Manifest, load_manifest, load_manifests
-    from curate.readers import check_sample
+    from stcorpus.curate.build.splits import load_holdouts
+    from stcorpus.curate.errors import ManifestError
+    from stcorpus.curate.manifest import Manifest, load_manifest, load_manifests
+    from stcorpus.curate.readers import check_sample
 
     paths = [Path(p) for p in args.manifests]
     holdout_paths = [p for p in paths if _is_holdout(p)]

@@ -1,6 +1,6 @@
 """The fetch layer: manifest sources -> verified local paths in a content-addressed cache.
 
->>> from curate.fetch import Fetcher, FetchSettings
+>>> from stcorpus.curate.fetch import Fetcher, FetchSettings
 >>> with Fetcher(FetchSettings(per_host=2)) as fetcher:  # doctest: +SKIP
 ...     files = fetcher.fetch_sample(sample)  # {"matrix": Path, "spatial": Path (unpacked folder)}
 
@@ -16,9 +16,9 @@ writes), ``locking`` (cross-process locks), ``local`` (local paths, tree digests
 ``lockfile`` (``<manifest>.lock.json``).
 """
 
-from curate.fetch.fetcher import Fetched, Fetcher
-from curate.fetch.lockfile import LockEntry, default_lock_path, read_lock, write_lock
-from curate.fetch.settings import FetchSettings, default_cache_dir
+from stcorpus.curate.fetch.fetcher import Fetched, Fetcher
+from stcorpus.curate.fetch.lockfile import LockEntry, default_lock_path, read_lock, write_lock
+from stcorpus.curate.fetch.settings import FetchSettings, default_cache_dir
 
 __all__ = [
     "FetchSettings",

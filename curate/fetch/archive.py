@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Final, Literal
 
-from curate.errors import UnsafeArchiveError
+from stcorpus.curate.errors import UnsafeArchiveError
 
 ArchiveFormat = Literal["tar", "zip"]
 

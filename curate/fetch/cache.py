@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from curate.atomic import fsync_dir, write_atomic
+from stcorpus.curate.atomic import fsync_dir, write_atomic
 
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
 _UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._+\-]")

@@ -1,7 +1,7 @@
 """``Fetcher``: a manifest ``Source`` in, a verified local path out.
 
->>> from curate.fetch import Fetcher, FetchSettings
->>> from curate.manifest import load_manifest
+>>> from stcorpus.curate.fetch import Fetcher, FetchSettings
+>>> from stcorpus.curate.manifest import load_manifest
 >>> manifest = load_manifest("manifests/demo.yaml")  # doctest: +SKIP
 >>> with Fetcher(FetchSettings()) as fetcher:  # doctest: +SKIP
 ...     files = fetcher.fetch_sample(manifest.samples[0])  # {"matrix": Path(...), "spatial": Path(...)}
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from curate.errors import (
+from stcorpus.curate.errors import (
     AccessDeniedError,
     ChecksumMismatchError,
     FetchError,
@@ -29,19 +29,19 @@ from curate.errors import (
     UnsafeArchiveError,
     UnsupportedSchemeError,
 )
-from curate.fetch.archive import Limits, is_archive_name, unpack_archive
-from curate.fetch.cache import Cache, UrlRecord, url_key
-from curate.fetch.hub import access_hint, auth_headers, metadata_from_head, parse_hf_url, resolve_url, token_of
-from curate.fetch.local import local_path, tree_digest
-from curate.fetch.locking import file_lock
-from curate.fetch.settings import FetchSettings
+from stcorpus.curate.fetch.archive import Limits, is_archive_name, unpack_archive
+from stcorpus.curate.fetch.cache import Cache, UrlRecord, url_key
+from stcorpus.curate.fetch.hub import access_hint, auth_headers, metadata_from_head, parse_hf_url, resolve_url, token_of
+from stcorpus.curate.fetch.local import local_path, tree_digest
+from stcorpus.curate.fetch.locking import file_lock
+from stcorpus.curate.fetch.settings import FetchSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from curate.fetch.http import HttpClient, ProgressFn
-    from curate.manifest import Sample, Source
+    from stcorpus.curate.fetch.http import HttpClient, ProgressFn
+    from stcorpus.curate.manifest import Sample, Source
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Fetcher:
     """
 
     def __init__(self, settings: FetchSettings | None = None, *, on_bytes: ProgressFn | None = None) -> None:
-        from curate.fetch.http import HttpClient
+        from stcorpus.curate.fetch.http import HttpClient
 
         self.settings = settings if settings is not None else FetchSettings()
         self.cache = Cache(self.settings.cache_dir)
@@ -343,7 +343,7 @@ def _name_in(sample: Sample, source: Source) -> str:
 
 
 def _display(url: str) -> str:
-    from curate.fetch.http import redact_url
+    from stcorpus.curate.fetch.http import redact_url
 
     return url if url_scheme(url) in (None, "file", "hf") else redact_url(url)
 

@@ -39,10 +39,16 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 import urllib3
 
-from curate.errors import AccessDeniedError, FetchError, HttpStatusError, RemoteNotFoundError, SizeMismatchError
+from stcorpus.curate.errors import (
+    AccessDeniedError,
+    FetchError,
+    HttpStatusError,
+    RemoteNotFoundError,
+    SizeMismatchError,
+)
 
 if TYPE_CHECKING:
-    from curate.fetch.settings import FetchSettings
+    from stcorpus.curate.fetch.settings import FetchSettings
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +248,7 @@ class HttpClient:
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            from curate import __version__
+            from stcorpus.curate import __version__
 
             session = requests.Session()
             adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(1, self._settings.per_host), max_retries=0)
@@ -617,6 +623,6 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _write_meta(path: Path, payload: dict[str, Any]) -> None:
-    from curate.atomic import write_atomic
+    from stcorpus.curate.atomic import write_atomic
 
     write_atomic(path, (json.dumps(payload, sort_keys=True) + "\n").encode())

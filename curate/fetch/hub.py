@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from curate.errors import FetchError, UnsupportedSchemeError
+from stcorpus.curate.errors import FetchError, UnsupportedSchemeError
 
 if TYPE_CHECKING:
-    from curate.fetch.http import HeadResult
+    from stcorpus.curate.fetch.http import HeadResult
 
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
 _HF_URL: Final = re.compile(r"^hf://datasets/(?P<org>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<path>.+)$")
@@ -80,7 +80,7 @@ def auth_headers() -> dict[str, str]:
     # Exported lazily by huggingface_hub.utils, which mypy cannot see.
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    from curate import __version__
+    from stcorpus.curate import __version__
 
     headers: dict[str, str] = build_hf_headers(library_name="stcorpus", library_version=__version__)
     return {k: v for k, v in headers.items() if k.lower() in ("authorization", "user-agent")}

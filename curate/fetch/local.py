@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-from curate.errors import FetchError
+from stcorpus.curate.errors import FetchError
 
 if TYPE_CHECKING:
-    from curate.fetch.cache import Cache
+    from stcorpus.curate.fetch.cache import Cache
 
 TREE_DIGEST_VERSION: Final = "stcorpus-tree/1"
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")

@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from curate.atomic import write_atomic
-from curate.errors import FetchError
+from stcorpus.curate.atomic import write_atomic
+from stcorpus.curate.errors import FetchError
 
 if TYPE_CHECKING:
-    from curate.fetch.fetcher import Fetched
-    from curate.manifest import Manifest
+    from stcorpus.curate.fetch.fetcher import Fetched
+    from stcorpus.curate.manifest import Manifest
 
 LOCK_FORMAT: Final = "stcorpus-lock/1"
 

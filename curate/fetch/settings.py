@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final
 
-from curate.errors import SettingsError
+from stcorpus.curate.errors import SettingsError
 
 #: Environment variable that moves the cache (wins over ``XDG_CACHE_HOME``).
 CACHE_ENV: Final = "STCORPUS_CACHE"

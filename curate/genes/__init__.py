@@ -10,9 +10,9 @@
 Arrow is imported only by the vocabulary functions that build tables.
 """
 
-from curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION, MappingReport, SlideGenes, map_slide_genes
-from curate.genes.panels import PANELS, Panel, check_panels
-from curate.genes.reference import (
+from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION, MappingReport, SlideGenes, map_slide_genes
+from stcorpus.curate.genes.panels import PANELS, Panel, check_panels
+from stcorpus.curate.genes.reference import (
     GENE_SPECIES,
     GeneReference,
     Tier,
@@ -20,7 +20,7 @@ from curate.genes.reference import (
     normalise_id,
     reference_sources,
 )
-from curate.genes.vocabulary import (
+from stcorpus.curate.genes.vocabulary import (
     GeneIndex,
     MeasuredGenes,
     build_vocabulary,

@@ -1,7 +1,7 @@
 """Per-slide gene mapping: a slide's features -> sorted unique Ensembl ids, counts re-indexed onto them.
 
 A feature is mapped by its Ensembl id when it has one the reference knows (Space Ranger), else
-by its name through the name tiers of :mod:`curate.genes.reference` (HEST h5ad, STimage); a
+by its name through the name tiers of :mod:`stcorpus.curate.genes.reference` (HEST h5ad, STimage); a
 scanpy ``var_names_make_unique`` suffix (``TBCE-1``) is dropped only when the full name is
 unknown and the base name maps. Features landing on one gene are summed. Nothing is dropped
 without a number: the :class:`MappingReport` counts every feature and every count by outcome.
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import GeneMappingError
-from curate.genes.panels import PANELS, check_panels
-from curate.genes.reference import (
+from stcorpus.curate.errors import GeneMappingError
+from stcorpus.curate.genes.panels import PANELS, check_panels
+from stcorpus.curate.genes.reference import (
     GeneReference,
     NameMatch,
     Tier,
@@ -32,7 +32,7 @@ from curate.genes.reference import (
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.slide import Features
+    from stcorpus.curate.slide import Features
 
 #: Default of ``min_mapped_fraction``. A Space Ranger feature list maps >99% by id and a
 #: symbol-only list from the same reference >99% by name, while a slide whose species is wrong

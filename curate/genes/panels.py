@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from curate.errors import SettingsError
+from stcorpus.curate.errors import SettingsError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ tables records versions, licences and checksums). Columns (tab-separated, ``|`` 
 ``key``        Ensembl gene id (unversioned); ``HGNC:<n>`` for an HGNC gene without one
 ``symbol``     approved symbol(s): HGNC / MGI (several when records share an Ensembl id)
 ``biotype``    HGNC locus group / MGI feature type
-``panels``     named panels the gene belongs to (:mod:`curate.genes.panels`)
+``panels``     named panels the gene belongs to (:mod:`stcorpus.curate.genes.panels`)
 ``ensembl``    the Ensembl gene name, where it differs from the approved symbol
 ``reference``  the name 10x GRCh38-2020-A (Ensembl 98) gives the gene, where it differs from both
 ``previous``   HGNC previous symbols
@@ -36,7 +36,7 @@ from enum import Enum
 from importlib import resources
 from typing import Any, Final
 
-from curate.errors import UnsupportedSpeciesError
+from stcorpus.curate.errors import UnsupportedSpeciesError
 
 #: Species with a shipped gene table.
 GENE_SPECIES: Final = ("human", "mouse")
@@ -290,7 +290,7 @@ def _is_id(key: str) -> bool:
 
 
 def _data_bytes(name: str) -> bytes:
-    return resources.files("curate.genes").joinpath("data", name).read_bytes()
+    return resources.files("stcorpus.curate.genes").joinpath("data", name).read_bytes()
 
 
 def read_table(species: str) -> list[dict[str, str]]:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import GeneVocabularyError, SettingsError
-from curate.genes.panels import check_panels
-from curate.genes.reference import GENE_SPECIES, check_species, id_species, load_reference, reference_sources
+from stcorpus.curate.errors import GeneVocabularyError, SettingsError
+from stcorpus.curate.genes.panels import check_panels
+from stcorpus.curate.genes.reference import GENE_SPECIES, check_species, id_species, load_reference, reference_sources
 from stcorpus.schema import GENE_COLUMNS, SCHEMA_ID
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.errors import CorpusValidationError, PublishError, TargetUnreachableError
-from curate.publish.fs import INDEX_FILE, FsspecTarget
-from curate.publish.hub import HubTarget, offline_requested
-from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, make_plan
-from curate.publish.validate import CorpusScan, LocalFile, check_corpus, scan_corpus
+from stcorpus.curate.errors import CorpusValidationError, PublishError, TargetUnreachableError
+from stcorpus.curate.publish.fs import INDEX_FILE, FsspecTarget
+from stcorpus.curate.publish.hub import HubTarget, offline_requested
+from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, make_plan
+from stcorpus.curate.publish.validate import CorpusScan, LocalFile, check_corpus, scan_corpus
 
 Target = HubTarget | FsspecTarget
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
-from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
-from curate.publish.validate import LocalFile, check_unchanged, hash_file, is_skipped
+from stcorpus.curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
+from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
+from stcorpus.curate.publish.validate import LocalFile, check_unchanged, hash_file, is_skipped
 
 #: What a target or scheduler that cannot be reached raises.
 _UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
@@ -138,7 +138,7 @@ class FsspecTarget:
     # --- upload --------------------------------------------------------------------------------
 
     def _write_index(self, files: Mapping[str, Mapping[str, Any]]) -> None:
-        from curate import __version__
+        from stcorpus.curate import __version__
 
         document = {
             "format": INDEX_FORMAT,

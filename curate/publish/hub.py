@@ -17,7 +17,7 @@ streamed pipeline would also batch, but it commits in path order -- ``README.md`
 ``configs`` name the new shards) would land in the first commit, before the shards it
 describes -- and it cannot skip the files the comparison already found unchanged without a
 glob pattern per file. Here the description files and any ``--delete`` go last, in one commit
-(see ``curate.publish.plan``).
+(see ``stcorpus.curate.publish.plan``).
 
 Tokens are huggingface_hub's own (``hf auth login`` or ``HF_TOKEN``); nothing here reads,
 prints or stores them. The endpoint is ``HF_ENDPOINT`` read at call time (as the fetch layer
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
-from curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
-from curate.publish.validate import LocalFile, check_unchanged, is_skipped
+from stcorpus.curate.errors import TIMEOUT_ERRORS, PublishError, TargetUnreachableError
+from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, Status, batches
+from stcorpus.curate.publish.validate import LocalFile, check_unchanged, is_skipped
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def default_api() -> Any:
     """An ``HfApi`` on the endpoint of ``HF_ENDPOINT`` (read now), with huggingface_hub's own token."""
     from huggingface_hub import HfApi
 
-    from curate import __version__
-    from curate.fetch.hub import endpoint
+    from stcorpus.curate import __version__
+    from stcorpus.curate.fetch.hub import endpoint
 
     return HfApi(endpoint=endpoint(), library_name="stcorpus", library_version=__version__)
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from curate.errors import SettingsError
-from curate.publish.validate import LocalFile
 from stcorpus import schema
+from stcorpus.curate.errors import SettingsError
+from stcorpus.curate.publish.validate import LocalFile
 
 Status = Literal["new", "changed", "unchanged", "unknown"]
 STATUSES: Final[tuple[Status, ...]] = ("new", "changed", "unknown", "unchanged")

@@ -104,7 +104,7 @@ def hash_file(path: Path, *, size: int | None = None) -> tuple[str, str]:
 
 def check_unchanged(root: Path, file: LocalFile) -> None:
     """Refuse to send a file that changed after it was validated (a build still writing into the folder)."""
-    from curate.errors import PublishError
+    from stcorpus.curate.errors import PublishError
 
     stat = (root / file.path).stat()
     if stat.st_size != file.size or (file.mtime_ns and stat.st_mtime_ns != file.mtime_ns):

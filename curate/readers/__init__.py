@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from curate.errors import NoReaderError
+from stcorpus.curate.errors import NoReaderError
 
 if TYPE_CHECKING:
-    from curate.manifest import Sample
-    from curate.slide import Slide
+    from stcorpus.curate.manifest import Sample
+    from stcorpus.curate.slide import Slide
 
 ReadFn = Callable[..., "Slide"]
 
@@ -51,7 +51,7 @@ class ReaderSpec:
 
     def load(self) -> ReadFn:
         """Import the reader module and return its ``read`` function."""
-        read: ReadFn = importlib.import_module(f"curate.readers.{self.module}").read
+        read: ReadFn = importlib.import_module(f"stcorpus.curate.readers.{self.module}").read
         return read
 
 

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError, NonIntegerCountsError, SourceMissingError
-from curate.slide import LATTICE_KIND, LATTICE_PITCH_UM, Lattice
+from stcorpus.curate.errors import CorruptSourceError, NonIntegerCountsError, SourceMissingError
+from stcorpus.curate.slide import LATTICE_KIND, LATTICE_PITCH_UM, Lattice
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.manifest import Sample
+    from stcorpus.curate.manifest import Sample
 
 #: Unversioned or versioned Ensembl gene ids of any species (ENSG, ENSMUSG, ENSDARG, ...).
 ENSEMBL_ID: Final = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")

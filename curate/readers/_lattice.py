@@ -19,7 +19,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.slide import Lattice
+from stcorpus.curate.slide import Lattice
 
 SQRT3_2: Final = math.sqrt(3.0) / 2.0
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError, SourceMissingError
-from curate.readers._common import as_str_array
+from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
+from stcorpus.curate.readers._common import as_str_array
 
 if TYPE_CHECKING:
     import scipy.sparse as sp

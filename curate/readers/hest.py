@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError
-from curate.imaging import open_image
-from curate.readers._common import (
+from stcorpus.curate.errors import CorruptSourceError
+from stcorpus.curate.imaging import open_image
+from stcorpus.curate.readers._common import (
     as_str_array,
     geometry,
     is_ensembl,
@@ -44,11 +44,11 @@ from curate.readers._common import (
     read_json,
     require_file,
 )
-from curate.readers._lattice import derive_array_coords, fit_lattice
-from curate.slide import Features, MppSource, Slide, Spots
+from stcorpus.curate.readers._lattice import derive_array_coords, fit_lattice
+from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
-    from curate.manifest import Sample
+    from stcorpus.curate.manifest import Sample
 
 # --- HEST's literal names ------------------------------------------------------------------
 SPATIAL_KEY: Final = "spatial"

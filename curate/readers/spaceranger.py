@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from curate.errors import CorruptSourceError, SourceMissingError
-from curate.imaging import PIL_SUFFIXES, TIFF_SUFFIXES, SlideImage, open_image
-from curate.qc import image_blank_reason, match_barcodes
-from curate.readers import _tenx
-from curate.readers._common import (
+from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
+from stcorpus.curate.imaging import PIL_SUFFIXES, TIFF_SUFFIXES, SlideImage, open_image
+from stcorpus.curate.qc import image_blank_reason, match_barcodes
+from stcorpus.curate.readers import _tenx
+from stcorpus.curate.readers._common import (
     geometry,
     option,
     positive_float,
@@ -52,11 +52,11 @@ from curate.readers._common import (
     require_file,
     single_file_in,
 )
-from curate.readers._lattice import fit_lattice
-from curate.slide import Features, Lattice, MppSource, Slide, Spots
+from stcorpus.curate.readers._lattice import fit_lattice
+from stcorpus.curate.slide import Features, Lattice, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
-    from curate.manifest import Sample
+    from stcorpus.curate.manifest import Sample
 
 # --- Space Ranger's literal names ----------------------------------------------------------
 OUTS: Final = "outs"

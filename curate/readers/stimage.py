@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from curate.errors import CorruptSourceError, UnsupportedAssayError
-from curate.imaging import open_image
-from curate.qc import match_barcodes
-from curate.readers._common import geometry, option, raw_counts, require_file
-from curate.readers._lattice import derive_array_coords
-from curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
+from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
+from stcorpus.curate.imaging import open_image
+from stcorpus.curate.qc import match_barcodes
+from stcorpus.curate.readers._common import geometry, option, raw_counts, require_file
+from stcorpus.curate.readers._lattice import derive_array_coords
+from stcorpus.curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from curate.manifest import Sample
+    from stcorpus.curate.manifest import Sample
 
 # --- STimage-1K4M's literal names ----------------------------------------------------------
 COORD_SUFFIX: Final = "_coord.csv"
