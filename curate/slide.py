@@ -35,6 +35,15 @@ SPOT_DIAMETER_UM: dict[str, float] = {"visium": 55.0, "visium-cytassist": 55.0, 
 LATTICE_KIND: dict[str, Lattice] = {"visium": "hex", "visium-cytassist": "hex", "st": "square"}
 
 
+class SpotDrop:
+    """Why a reader dropped a spot it read (the keys of ``Slide.dropped_spots``)."""
+
+    NOT_IN_POSITIONS = "barcode_not_in_positions"  # a matrix row with no row in the positions file
+    NOT_IN_MATRIX = "barcode_not_in_matrix"  # an in-tissue position with no matrix row (legacy ST: no count row)
+    NAN_COORDINATES = "nan_coordinates"  # a spot centre that is NaN or infinite
+    DUPLICATE_BARCODE = "duplicate_barcode"  # a barcode listed twice (the later rows are dropped)
+
+
 @dataclass(frozen=True)
 class Features:
     """The features (genes) of a matrix, as the source names them, aligned with its columns."""
@@ -109,6 +118,9 @@ class Slide:
     qc: list[QCCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. image fallbacks, features dropped
     dropped_features: int = 0  # non "Gene Expression" features removed by the reader
+    #: Spots the reader read but could not keep, by reason (``SpotDrop`` values): every one is
+    #: counted here and shown in the build summary, ``slides.parquet`` and the QC report.
+    dropped_spots: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n_spots, n_features = self.counts.shape

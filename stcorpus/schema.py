@@ -328,6 +328,7 @@ SLIDE_COLUMNS: Final = (
     "oncotree_code",
     "patient",
     "preservation",
+    "count_kind",  # raw | normalized: what the slide's values are (the manifest's `counts`)
     "licence",
     "distribution_licence",  # licence of the distribution the files came from, when it adds terms
     "citation",

@@ -101,6 +101,7 @@ def slide_row(slide_or_sample: Slide | Sample) -> dict[str, Any]:
         "oncotree_code": sample.oncotree_code,
         "patient": sample.patient,
         "preservation": sample.preservation,
+        "count_kind": sample.counts,
         "licence": sample.licence,
         "distribution_licence": sample.distribution_licence,
         "citation": sample.citation,
