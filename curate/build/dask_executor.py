@@ -33,8 +33,10 @@ over) makes the scheduler run the slide again on another worker, up to ``allowed
 times, after which the slide is recorded as ``failed`` (``worker_lost``) and retried by the next
 build. A half-written unit is never read: a unit is written into a temporary folder and renamed
 into place, and the temporaries of lost workers are deleted when the build's units are done.
-A task that raises (a bug, a full disk) is retried ``retries`` times and then stops the build,
-as it does locally.
+Any exception inside a slide's unit makes that slide ``failed`` in the unit itself; a task that
+raises outside it (a bug, a full disk) is retried ``retries`` times and then recorded as that
+slide's ``failed`` result too: one slide never stops a build. Only a worker that cannot run units
+at all (an ``ExecutorError``: another stcorpus version, no shared work folder) stops it.
 
 The Dask extra is optional (``pip install 'stcorpus[dask]'``); nothing here imports Dask until
 an executor is made.
@@ -59,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from stcorpus import __version__
 from stcorpus.curate.build.executors import unit_task
-from stcorpus.curate.build.unit import UnitSettings, slide_row
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, slide_row
 from stcorpus.curate.build.workdir import UnitResult
 from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 
@@ -532,6 +534,10 @@ class DaskExecutor:
                             f"the Dask scheduler dropped slide {sample.id}'s task ({exc}); units finished so far "
                             "are kept: run the same command again to finish the build"
                         ) from None
+                    except ExecutorError:
+                        raise  # a worker that cannot run units at all (wrong version, no shared folder)
+                    except Exception as exc:  # noqa: BLE001 - one slide never stops a build
+                        result = failed_unit(sample, settings=unit, exc=exc, stage="running on a Dask worker")
                     # Drop the future: the worker then frees the result (its gene list can be ~1 MB).
                     del futures[future]
                     future.release()
