@@ -141,8 +141,8 @@ class Plan:
     def holdout_line(self) -> str:
         """Which holdout list applied and how many of the selected slides it held out."""
         n = len(self.held_out) + sum(reason.startswith("holdout:") for reason in self.excluded.values())
-        where = "built into test" if self.held_out or not n else "left out"
-        return f"holdout list: {self.holdout.describe()}: {n:,} of the selected slides held out ({where})"
+        where = "" if not n else (" (built into test)" if self.held_out else " (left out)")
+        return f"holdout list: {self.holdout.describe()}: {n:,} of the selected slides held out{where}"
 
     def lines(self, *, by: Sequence[str] = ("technology", "assay", "species", "licence")) -> list[str]:
         """The plan as printable lines."""

@@ -641,3 +641,43 @@ def test_unit_stages_on_a_real_slide(tmp_path: Path) -> None:
     import stcorpus.curate.build.pack as pack
 
     assert not hasattr(pack, "unit_sample_schema")  # the work format lives in workdir.py only
+
+
+_DIE_HOOK = """
+import os
+
+if os.environ.get("STCORPUS_TEST_DIE_ON"):  # set by test_a_worker_process_that_dies_...
+    import stcorpus.curate.readers.hest as hest
+
+    _read = hest.read
+
+    def read(*, sample, files):
+        if sample.id == os.environ["STCORPUS_TEST_DIE_ON"]:
+            os._exit(9)  # the worker process dies, as the kernel's OOM killer makes it
+        return _read(sample=sample, files=files)
+
+    hest.read = read
+"""
+
+
+def test_a_worker_process_that_dies_fails_its_slides_not_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DIE_HOOK)  # runs in every spawned worker process, not here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("STCORPUS_TEST_DIE_ON", "GOOD-2")
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3))
+    out = tmp_path / "out"
+    summary = build([path], out=out, settings=BuildSettings(progress=False, workers=2))
+    rows = slides(out)
+    assert rows["GOOD-2"]["status"] == "failed" and rows["GOOD-2"]["reason"].startswith("worker_lost: ")
+    assert summary.exit_code == EXIT_SLIDES_FAILED
+    for row in rows.values():  # a slide in flight with it fails too; none is lost without a word
+        assert row["status"] == "built" or row["reason_codes"] == ["worker_lost"]
+    built = summary.slides["built"]
+
+    monkeypatch.delenv("STCORPUS_TEST_DIE_ON")
+    again = build([path], out=out, settings=BuildSettings(progress=False, workers=2))
+    assert again.slides == {"built": 3} and again.reused_units == built

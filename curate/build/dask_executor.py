@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from stcorpus import __version__
 from stcorpus.curate.build.executors import unit_task
-from stcorpus.curate.build.unit import UnitSettings, failed_unit, slide_row
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult
 from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 
@@ -528,7 +528,9 @@ class DaskExecutor:
                     try:
                         result = future.result()
                     except dd.KilledWorker as exc:
-                        result = _worker_lost(sample, unit, exc)
+                        result = worker_lost_unit(
+                            sample, settings=unit, detail=f"every worker that ran this slide died ({exc})"
+                        )
                     except dd.client.FutureCancelledError as exc:
                         raise ExecutorError(
                             f"the Dask scheduler dropped slide {sample.id}'s task ({exc}); units finished so far "
@@ -584,19 +586,6 @@ class DaskExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _worker_lost(sample: Sample, unit: UnitSettings, exc: BaseException) -> UnitResult:
-    return UnitResult(
-        slide_id=sample.id,
-        status="failed",
-        settings_digest=unit.digest(),
-        reason=(
-            f"worker_lost: every worker that ran this slide died ({exc}); often out of memory or past a job's "
-            "walltime: give workers more memory or time, and run the build again to retry it"
-        ),
-        slide=slide_row(sample),
-    )
 
 
 class _Progress:

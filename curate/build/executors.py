@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stcorpus.curate.build.unit import UnitSettings, failed_unit, run_unit
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, run_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 
@@ -41,6 +41,12 @@ class UnitExecutor(Protocol):
 def unit_task(sample: Sample, work_root: str, unit: UnitSettings, fetch: FetchSettings) -> UnitResult:
     """One unit, as a picklable module-level function (what process pools and clusters call)."""
     return run_unit(sample, work=WorkDir(Path(work_root)), settings=unit, fetch=fetch)
+
+
+_LOST = (
+    "a worker process died while this slide was in its pool (this slide's or another's unit killed it: "
+    "the units in flight at that moment all fail)"
+)
 
 
 class LocalExecutor:
@@ -82,21 +88,17 @@ class LocalExecutor:
                     sample = futures.pop(future)
                     try:
                         result = future.result()
-                    except BrokenProcessPool as exc:
-                        # A worker process died (killed, out of memory): every unit it held fails, the rest go on.
+                    except BrokenProcessPool:
+                        # A worker process died (killed, out of memory): the pool is gone with every unit
+                        # it held. Those slides fail (and are retried by the next run); the rest go on.
                         broken = True
-                        result = failed_unit(sample, settings=unit, exc=exc, stage="running in a worker process")
+                        result = worker_lost_unit(sample, settings=unit, detail=_LOST)
                     except Exception as exc:  # noqa: BLE001 - one slide never stops a build
                         result = failed_unit(sample, settings=unit, exc=exc, stage="running in a worker process")
                     yield result
                 if broken:
                     for sample in futures.values():
-                        yield failed_unit(
-                            sample,
-                            settings=unit,
-                            exc=BrokenProcessPool("a worker process died while this slide was queued"),
-                            stage="waiting for a worker process",
-                        )
+                        yield worker_lost_unit(sample, settings=unit, detail=_LOST)
                     futures.clear()
                     pool.shutdown(wait=True, cancel_futures=True)
                     pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)

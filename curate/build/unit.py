@@ -279,6 +279,20 @@ def failed_unit(sample: Sample, *, settings: UnitSettings, exc: BaseException, s
     return result
 
 
+def worker_lost_unit(sample: Sample, *, settings: UnitSettings, detail: str) -> UnitResult:
+    """The ``failed`` result of a slide whose worker process died (killed, out of memory, past a walltime)."""
+    return UnitResult(
+        slide_id=sample.id,
+        status="failed",
+        settings_digest=settings.digest(),
+        unit_key=unit_key(sample, settings),
+        reason=f"worker_lost: {detail}; often out of memory: give workers more memory (or use fewer --workers) "
+        "and run the build again to retry it",
+        failures=["worker_lost"],
+        slide=slide_row(sample),
+    )
+
+
 def _no_samples(tmp: Path, result: UnitResult) -> None:
     (tmp / SAMPLES_FILE).unlink(missing_ok=True)
     result.n_samples = result.sample_bytes = 0
@@ -608,4 +622,5 @@ __all__ = [
     "site_tiles",
     "slide_row",
     "unit_key",
+    "worker_lost_unit",
 ]
