@@ -73,11 +73,19 @@ class SlideError(CurateError):
     def __init__(self, message: str, *, slide_id: str | None = None) -> None:
         super().__init__(message)
         self.slide_id = slide_id
+        #: Further failures of the same slide found by the same step (QC records every failing check).
+        self.also: tuple[SlideError, ...] = ()
+
+    @property
+    def codes(self) -> list[str]:
+        """The code of this failure and of every further one, in the order they were found."""
+        return [self.code, *(other.code for other in self.also)]
 
     @property
     def reason(self) -> str:
-        """``"<code>: <message>"``, as written to ``slides.parquet`` and the QC report."""
-        return f"{self.code}: {self}"
+        """``"<code>: <message>"`` (and ``"; also <code>: <message>"`` for each further failure), as written
+        to ``slides.parquet`` and the QC report."""
+        return "; also ".join(f"{error.code}: {error}" for error in (self, *self.also))
 
 
 class SourceMissingError(SlideError):

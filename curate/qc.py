@@ -92,11 +92,16 @@ class QCSettings:
         from stcorpus.curate.errors import SettingsError
 
         if not 0 < self.mpp_tolerance < 1:
-            raise SettingsError(f"QCSettings.mpp_tolerance must be in (0, 1), not {self.mpp_tolerance}")
+            raise SettingsError(
+                f"mpp_tolerance must be in (0, 1) (curate build --mpp-tolerance), not {self.mpp_tolerance}"
+            )
         if not self.max_mpp > 0:
-            raise SettingsError(f"QCSettings.max_mpp must be positive, not {self.max_mpp}")
+            raise SettingsError(f"max_mpp must be positive (curate build --max-mpp), not {self.max_mpp}")
         if not 0 <= self.max_outside_fraction <= 1:
-            raise SettingsError(f"QCSettings.max_outside_fraction must be in [0, 1], not {self.max_outside_fraction}")
+            raise SettingsError(
+                f"max_outside_fraction must be in [0, 1] (curate build --max-spots-outside), not "
+                f"{self.max_outside_fraction}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +335,8 @@ def _check_image(slide: Slide, settings: QCSettings) -> tuple[list[QCCheck], lis
             ImageTooCoarseError(
                 f"image {name} is {slide.mpp:.3g} um/px ({slide.mpp_source}), coarser than the "
                 f"{settings.max_mpp:g} um/px needed for honest 0.5 um/px tiles.{fallback} Provide the "
-                "full-resolution H&E as the sample's `image` source, or raise QCSettings.max_mpp knowingly",
+                "full-resolution H&E as the sample's `image` source, or accept coarser images knowingly with "
+                f"`curate build --max-mpp` (now {settings.max_mpp:g})",
                 slide_id=slide.id,
             )
         )
@@ -415,8 +421,8 @@ def _check_scale(slide: Slide, settings: QCSettings) -> tuple[QCCheck, QCError |
     return check, ScaleMismatchError(
         f"the slide's scale and its spot lattice disagree: {described}, more than the {settings.mpp_tolerance:.0%} "
         "allowed. The image may not be the one the positions were registered to (or is downscaled), or the "
-        "um/px metadata is wrong; set the sample's `mpp` in the manifest if it is known, or allow it with "
-        "QCSettings(scale_mismatch_blocking=False) to build the slide flagged",
+        "um/px metadata is wrong; set the sample's `mpp` in the manifest if it is known, or build the slide "
+        "flagged with `curate build --scale-mismatch flag` (the default)",
         slide_id=slide.id,
     )
 
@@ -425,7 +431,8 @@ def check_slide(slide: Slide, *, settings: QCSettings | None = None) -> Slide:
     """Run every check on ``slide``, record them in ``slide.qc``, raise on a blocking failure.
 
     All checks are recorded before the first blocking failure (in the table's order) is
-    raised, so a quarantined slide still carries every number. Running it twice replaces the
+    raised, with every further blocking failure in its ``also``, so a quarantined slide still
+    carries every number and every reason. Running it twice replaces the
     earlier records. Returns the same slide.
 
     >>> slide = check_slide(read_slide(sample, files))  # doctest: +SKIP
@@ -441,7 +448,9 @@ def check_slide(slide: Slide, *, settings: QCSettings | None = None) -> Slide:
     slide.qc[:] = [check for check in slide.qc if check.name not in names] + new
     errors = [e for e in (spot_error, *image_errors, scale_error) if e is not None]
     if errors:
-        raise errors[0]
+        first = errors[0]
+        first.also = tuple(errors[1:])  # a slide failing several checks is quarantined with all of them
+        raise first
     return slide
 
 

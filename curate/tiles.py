@@ -310,7 +310,7 @@ def plan_scale(
             raise ImageTooCoarseError(
                 f"{image.path.name}: the image is {image_mpp:.4g} um/px; {view} tiles at {mpp:g} um/px would "
                 f"enlarge it {enlarge:.2f}x, more than max_upsample={max_upsample:g}. Use a finer image of the "
-                "slide, or tile settings with a coarser um/px or a larger max_upsample"
+                "slide, or coarser tiles (`curate build --patch-mpp`) or more enlargement (`--max-upsample`)"
             )
         best = (image_mpp, 1, 0)
     source, reduce, level = best

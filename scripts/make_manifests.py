@@ -13,7 +13,9 @@ from) and writes four files into ``--out``:
 - ``10x-visium.yaml``: the 10x Genomics public Visium datasets that scanpy and squidpy download (H&E only),
   with their ``cf.10xgenomics.com`` files;
 - ``holdout.yaml``: the benchmark slides kept out of pretraining (HEST-Benchmark, DLPFC, HER2ST), with the
-  copies of those slides that the metadata shows in the other manifests.
+  copies of those slides that the metadata shows in the other manifests. Written twice, the same bytes:
+  ``manifests/holdout.yaml`` and the copy that ships inside the package (``curate/build/holdout.yaml``,
+  the default of ``curate build/plan --holdout``), so a manifest copied anywhere keeps its holdouts.
 
 Every value comes from those tables or from the explicit tables in this file (licence spellings, the 10x
 datasets' species/organ read off their names); nothing is fetched. Output is deterministic: studies and
@@ -45,6 +47,8 @@ from stcorpus.schema import SLIDE_ID_PATTERN
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES: Final = REPO_ROOT / "manifests" / "sources"
 DEFAULT_OUT: Final = REPO_ROOT / "manifests"
+#: Generated files that are also written (when writing to DEFAULT_OUT) to where the package ships them.
+PACKAGE_COPIES: Final = {"holdout.yaml": REPO_ROOT / "curate" / "build" / "holdout.yaml"}
 HOLDOUT_FORMAT: Final = "stcorpus-holdout/1"  # curate.build.splits.HOLDOUT_FORMAT
 REGENERATE: Final = ".venv/bin/python scripts/make_manifests.py"
 
@@ -1133,8 +1137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"make_manifests: error: {exc}", file=sys.stderr)
         return 2
     status = 0
-    for name in OUTPUTS:
-        path = args.out / name
+    package = args.out.resolve() == DEFAULT_OUT.resolve()
+    targets = [(args.out / name, name) for name in OUTPUTS]
+    targets += [(path, name) for name, path in PACKAGE_COPIES.items() if package]
+    for path, name in targets:
         text = catalogue.files[name]
         if args.check:
             current = path.read_text(encoding="utf-8") if path.exists() else None
@@ -1142,7 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{path}: differs from what the sources generate; rerun {REGENERATE}", file=sys.stderr)
                 status = 1
         else:
-            args.out.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(path)

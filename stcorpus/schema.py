@@ -334,13 +334,15 @@ SLIDE_COLUMNS: Final = (
     "citation",
     "mpp",
     "mpp_source",
-    "n_spots",
+    "n_spots",  # in-tissue spots read (null when nothing could be read)
     "n_spots_written",
+    "spots_rejected",  # spots read but not written, by reason: the reader's drops (SpotDrop) and the build's
     "measured_genes",
     "mapping_rate",
-    "status",  # built | quarantined | excluded | duplicate
+    "status",  # built | quarantined | failed | excluded | duplicate
     "qc_flags",
     "reason",
+    "reason_codes",  # the code of every reason the slide was not built (every failed check), in order
     "split",
     "duplicate_of",
 )

@@ -14,9 +14,9 @@ from PIL import Image
 
 from stcorpus import schema
 from stcorpus.curate.build.card import CardInputs, render_card
-from stcorpus.curate.build.pack import PackSettings, pack, sample_order, shard_size, unit_sample_schema
+from stcorpus.curate.build.pack import PackSettings, pack, sample_order, shard_size
 from stcorpus.curate.build.splits import SplitSettings, assign_splits, group_of, load_holdouts, split_of_group
-from stcorpus.curate.build.workdir import UnitResult, WorkDir, write_samples
+from stcorpus.curate.build.workdir import UnitResult, WorkDir, unit_sample_schema, write_samples
 from stcorpus.curate.errors import ManifestError, SettingsError
 from stcorpus.curate.genes import GeneIndex
 from stcorpus.curate.manifest import parse_manifest
@@ -123,6 +123,7 @@ def fake_unit(work: WorkDir, slide_id: str, n: int, gene_ids: list[str], *, dtyp
         slide_id=slide_id,
         status="built",
         settings_digest="x",
+        unit_key="x",
         slide={
             "slide_id": slide_id,
             "study_id": "s",

@@ -180,6 +180,62 @@ def test_slide_that_keeps_killing_workers_is_failed_not_fatal(tmp_path: Path, cl
     assert again.slides == {"built": 2} and again.reused_units == 1
 
 
+def _patch_reader(slide_id: str, kind: str) -> int:
+    """Run on each worker: the HEST reader raises ``kind`` (MemoryError, EOFError) for ``slide_id``."""
+    import stcorpus.curate.readers.hest as hest
+
+    original = vars(hest).setdefault("_original_read", vars(hest)["read"])
+    error = {"MemoryError": MemoryError, "EOFError": EOFError}[kind]
+
+    def read(*, sample: Any, files: Any) -> Any:
+        if sample.id == slide_id:
+            raise error("crafted")
+        return original(sample=sample, files=files)
+
+    vars(hest)["read"] = read
+    return os.getpid()
+
+
+def _unpatch_reader() -> None:
+    import stcorpus.curate.readers.hest as hest
+
+    if "_original_read" in vars(hest):
+        vars(hest)["read"] = vars(hest).pop("_original_read")
+
+
+def _patch_task_raise(slide_id: str) -> None:
+    """Run on each worker: the unit task of ``slide_id`` raises outside the unit (a broken task)."""
+    import stcorpus.curate.build.dask_executor as module
+
+    original = vars(module).setdefault("_original_unit_task", vars(module)["unit_task"])
+
+    def patched(sample: Any, work_root: str, unit: Any, fetch: Any) -> Any:
+        if sample.id == slide_id:
+            raise RuntimeError("a task that raised")
+        return original(sample, work_root, unit, fetch)
+
+    vars(module)["unit_task"] = patched
+
+
+def test_an_exception_in_one_slide_does_not_stop_a_dask_build(tmp_path: Path, cluster: Any) -> None:
+    from stcorpus.curate.build.dask_executor import DaskExecutor
+
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3))
+    with DaskExecutor.connect(cluster.scheduler_address, retries=0) as executor:
+        executor.client.run(_patch_reader, "GOOD-0", "MemoryError")
+        executor.client.run(_patch_task_raise, "GOOD-2")
+        try:
+            summary = build([path], out=tmp_path / "out", settings=QUIET, executor=executor)
+        finally:
+            executor.client.run(_unpatch_reader)
+            executor.client.run(_unpatch_unit)
+    assert summary.slides == {"built": 1, "failed": 2} and summary.exit_code == 1
+    rows = {r["slide_id"]: r for r in pq.read_table(tmp_path / "out" / schema.SLIDES_FILE).to_pylist()}
+    assert rows["GOOD-0"]["reason"].startswith("error: MemoryError: crafted (while reading: ")
+    assert rows["GOOD-2"]["reason"].startswith("error: RuntimeError: a task that raised (while running on a Dask")
+    assert rows["GOOD-1"]["status"] == "built"
+
+
 # --- cluster files --------------------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from stcorpus.curate.build.splits import Holdout, HoldoutList
 from stcorpus.curate.cli import main
-from stcorpus.curate.manifest import Sample, parse_manifest
-from stcorpus.curate.plan import duplicate_candidates, make_plan
+from stcorpus.curate.manifest import Manifest, Sample, parse_manifest
+from stcorpus.curate.plan import Selection, duplicate_candidates, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = [ROOT / "manifests" / name for name in ("hest1k.yaml", "stimage1k4m.yaml", "10x-visium.yaml")]
@@ -40,8 +41,12 @@ studies:
 """
 
 
+def manifest() -> Manifest:
+    return parse_manifest(TEXT, path=Path("t.yaml"))
+
+
 def samples() -> tuple[Sample, ...]:
-    return parse_manifest(TEXT, path=Path("t.yaml")).samples
+    return manifest().samples
 
 
 def test_duplicate_rules() -> None:
@@ -53,7 +58,8 @@ def test_duplicate_rules() -> None:
 
 
 def test_plan_licences_and_holdouts() -> None:
-    plan = make_plan(samples(), licences=["CC-BY-4.0"], holdouts={"H3": "HEST-Benchmark"})
+    holdout = HoldoutList(name="t", slides={"H3": Holdout("H3", "HEST-Benchmark")})
+    plan = make_plan([manifest()], selection=Selection(licences=frozenset({"CC-BY-4.0"})), holdout=holdout)
     assert set(plan.excluded) == {"S3", "S4", "S5", "S6"} and set(plan.held_out) == {"H3"}
     text = "\n".join(plan.lines())
     assert "slides: 9 in the manifests, 5 to build, 4 excluded" in text and "licence 4" in text

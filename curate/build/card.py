@@ -56,6 +56,7 @@ class CardInputs:
     tool_version: str
     settings: Mapping[str, Any]
     repo_id: str | None = None  # "<org>/<name>" when known, for the loading examples
+    holdout: Mapping[str, Any] | None = None  # the holdout list that applied (corpus.json "holdout")
 
 
 def size_category(n: int) -> str:
@@ -124,11 +125,65 @@ def _counts(slides: Sequence[Mapping[str, Any]], field: str) -> list[tuple[str, 
     return [(value, n_slides[value], n_spots[value]) for value in sorted(n_slides)]
 
 
+def _count_kind_text(built: Sequence[Mapping[str, Any]]) -> tuple[str, str, list[str]]:
+    """(what the values are, the normalisation advice, the lines of a count-kind section) for the built slides.
+
+    A slide declared ``counts: normalized`` is never called raw: the card names every such slide.
+    """
+    normalized = sorted(str(s["slide_id"]) for s in built if (s.get("count_kind") or "raw") != "raw")
+    if not normalized:
+        return "raw counts", "Counts are raw: normalise in the loader, never in the shards.", []
+    what = (
+        "normalised values, not raw counts"
+        if len(normalized) == len(built)
+        else f"counts (raw, but normalised values for {len(normalized)} of {len(built)} slides: see Count kinds)"
+    )
+    advice = (
+        "Not every slide holds raw counts (`slides.parquet` column `count_kind`): the loader's count-based "
+        "transforms (log1p, CP10k, rank) refuse normalised slides unless told otherwise."
+    )
+    section = [
+        "## Count kinds",
+        "",
+        f"{len(normalized)} of {len(built)} slides hold values their source published already normalised "
+        "(`count_kind: normalized`), not raw counts; the others hold raw counts:",
+        "",
+        _table(
+            [
+                (s["slide_id"], s.get("count_kind"), s.get("n_spots_written"))
+                for s in built
+                if s["slide_id"] in normalized
+            ],
+            ("slide", "count kind", "samples"),
+        ),
+        "",
+    ]
+    return what, advice, section
+
+
+def _holdout_text(holdout: Mapping[str, Any] | None) -> str:
+    """What the Splits section says about benchmark slides."""
+    if holdout is None:
+        return "benchmark slides listed in the build's holdout list never reach `train`."
+    if holdout.get("name") == "none":
+        return (
+            "no holdout list was applied (`--holdout none`): benchmark slides (HEST-Benchmark, DLPFC, HER2ST) "
+            "may be in `train`."
+        )
+    policy = "built into `test`" if holdout.get("policy") == "test" else "left out"
+    return (
+        f"benchmark slides never reach `train`: the holdout list `{holdout.get('name')}` "
+        f"({holdout.get('slides', 0):,} slides, sha256 `{holdout.get('sha256')}`) held out "
+        f"{holdout.get('held_out', 0):,} of this build's slides ({policy})."
+    )
+
+
 def render_card(inputs: CardInputs) -> str:
     """The full text of the corpus's ``README.md``."""
     header = yaml.safe_dump(_header(inputs), sort_keys=False, allow_unicode=True, width=1000)
     slides = list(inputs.slides)
     built = [s for s in slides if s["status"] == "built" and s.get("n_spots_written")]
+    values, advice, kinds_section = _count_kind_text(built)
     others = [s for s in slides if s not in built]
     parquet = [s for s in inputs.shards if s.format == "parquet"]
     by_split = Counter({split: sum(s.n_samples for s in parquet if s.split == split) for split in schema.SPLITS})
@@ -142,7 +197,7 @@ def render_card(inputs: CardInputs) -> str:
         "",
         f"A corpus of (H&E tile, gene expression) pairs from spatial transcriptomics, schema `{schema.SCHEMA_ID}`, "
         f"built by `curate build` (stcorpus {inputs.tool_version}). One sample is one spot: a 224x224 patch at "
-        "0.5 um/px centred on the spot, a 224x224 region at 1.5 um/px around it, the spot's raw counts on one "
+        f"0.5 um/px centred on the spot, a 224x224 region at 1.5 um/px around it, the spot's {values} on one "
         "Ensembl-keyed gene vocabulary, and the summed counts of its in-tissue lattice neighbours.",
         "",
         f"{sum(by_split.values()):,} samples from {len(built)} slides; {inputs.n_genes:,} genes "
@@ -159,15 +214,16 @@ def render_card(inputs: CardInputs) -> str:
         "",
         "Both decode images for you; for training at GPU speed use the `loaders` package of stcorpus, which "
         "decodes in its own workers, resumes exactly and applies gene transforms (log1p, CP10k, rank tokens, "
-        "panels, mouse-to-human orthologs). Counts are raw: normalise in the loader, never in the shards.",
+        f"panels, mouse-to-human orthologs). {advice}",
         "",
         "## Splits",
         "",
         _table([(split, f"{by_split[split]:,}") for split in schema.SPLITS if by_split[split]], ("split", "samples")),
         "",
-        "Slides are split by patient (or by study where patients are unknown) with a seeded hash; benchmark "
-        "slides listed in the build's holdout list never reach `train`.",
+        "Slides are split by patient (or by study where patients are unknown) with a seeded hash; "
+        + _holdout_text(inputs.holdout),
         "",
+        *kinds_section,
         "## Sample format",
         "",
         _table(
@@ -179,7 +235,8 @@ def render_card(inputs: CardInputs) -> str:
                 ),
                 (
                     f"`{schema.Member.EXPR.value}` / `genes`, `counts`",
-                    "sorted int32 indices into genes.parquet of non-zero genes, and their raw counts",
+                    "sorted int32 indices into genes.parquet of non-zero genes, and their counts (raw unless the "
+                    "slide's `count_kind` in slides.parquet is `normalized`)",
                 ),
                 (
                     f"`{schema.Member.EXPR.value}` / `niche_genes`, `niche_counts`",

@@ -33,8 +33,10 @@ over) makes the scheduler run the slide again on another worker, up to ``allowed
 times, after which the slide is recorded as ``failed`` (``worker_lost``) and retried by the next
 build. A half-written unit is never read: a unit is written into a temporary folder and renamed
 into place, and the temporaries of lost workers are deleted when the build's units are done.
-A task that raises (a bug, a full disk) is retried ``retries`` times and then stops the build,
-as it does locally.
+Any exception inside a slide's unit makes that slide ``failed`` in the unit itself; a task that
+raises outside it (a bug, a full disk) is retried ``retries`` times and then recorded as that
+slide's ``failed`` result too: one slide never stops a build. Only a worker that cannot run units
+at all (an ``ExecutorError``: another stcorpus version, no shared work folder) stops it.
 
 The Dask extra is optional (``pip install 'stcorpus[dask]'``); nothing here imports Dask until
 an executor is made.
@@ -59,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from stcorpus import __version__
 from stcorpus.curate.build.executors import unit_task
-from stcorpus.curate.build.unit import UnitSettings, slide_row
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult
 from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
 
@@ -526,12 +528,18 @@ class DaskExecutor:
                     try:
                         result = future.result()
                     except dd.KilledWorker as exc:
-                        result = _worker_lost(sample, unit, exc)
+                        result = worker_lost_unit(
+                            sample, settings=unit, detail=f"every worker that ran this slide died ({exc})"
+                        )
                     except dd.client.FutureCancelledError as exc:
                         raise ExecutorError(
                             f"the Dask scheduler dropped slide {sample.id}'s task ({exc}); units finished so far "
                             "are kept: run the same command again to finish the build"
                         ) from None
+                    except ExecutorError:
+                        raise  # a worker that cannot run units at all (wrong version, no shared folder)
+                    except Exception as exc:  # noqa: BLE001 - one slide never stops a build
+                        result = failed_unit(sample, settings=unit, exc=exc, stage="running on a Dask worker")
                     # Drop the future: the worker then frees the result (its gene list can be ~1 MB).
                     del futures[future]
                     future.release()
@@ -578,19 +586,6 @@ class DaskExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _worker_lost(sample: Sample, unit: UnitSettings, exc: BaseException) -> UnitResult:
-    return UnitResult(
-        slide_id=sample.id,
-        status="failed",
-        settings_digest=unit.digest(),
-        reason=(
-            f"worker_lost: every worker that ran this slide died ({exc}); often out of memory or past a job's "
-            "walltime: give workers more memory or time, and run the build again to retry it"
-        ),
-        slide=slide_row(sample),
-    )
 
 
 class _Progress:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stcorpus.curate.build.unit import UnitSettings, run_unit
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, run_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 
@@ -42,6 +43,12 @@ def unit_task(sample: Sample, work_root: str, unit: UnitSettings, fetch: FetchSe
     return run_unit(sample, work=WorkDir(Path(work_root)), settings=unit, fetch=fetch)
 
 
+_LOST = (
+    "a worker process died while this slide was in its pool (this slide's or another's unit killed it: "
+    "the units in flight at that moment all fail)"
+)
+
+
 class LocalExecutor:
     """Units in this process (``workers=1``) or in a pool of fresh (spawned) processes."""
 
@@ -67,16 +74,34 @@ class LocalExecutor:
         # spawn: workers start clean (no inherited locks, threads or open files from the parent).
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-        futures: set[Future[UnitResult]] = set()
+        futures: dict[Future[UnitResult], Sample] = {}
         queue = list(reversed(samples))
         try:
             while queue or futures:
                 # Keep a short queue per worker so a stop leaves little running work behind.
                 while queue and len(futures) < 2 * self.workers:
-                    futures.add(pool.submit(unit_task, queue.pop(), str(work_root), unit, fetch))
-                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    sample = queue.pop()
+                    futures[pool.submit(unit_task, sample, str(work_root), unit, fetch)] = sample
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                broken = False
                 for future in finished:
-                    yield future.result()
+                    sample = futures.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        # A worker process died (killed, out of memory): the pool is gone with every unit
+                        # it held. Those slides fail (and are retried by the next run); the rest go on.
+                        broken = True
+                        result = worker_lost_unit(sample, settings=unit, detail=_LOST)
+                    except Exception as exc:  # noqa: BLE001 - one slide never stops a build
+                        result = failed_unit(sample, settings=unit, exc=exc, stage="running in a worker process")
+                    yield result
+                if broken:
+                    for sample in futures.values():
+                        yield worker_lost_unit(sample, settings=unit, detail=_LOST)
+                    futures.clear()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         finally:
             for future in futures:
                 future.cancel()

@@ -1,6 +1,6 @@
 """Pack: finished units -> equal-count shards of every split, in both formats.
 
-The pack reads each built slide's samples (memory-mapped Arrow, see ``workdir``), maps the slide's
+The pack reads each built slide's samples (memory-mapped Arrow in the unit work format of ``workdir``), maps the slide's
 local gene indices onto the corpus vocabulary, orders the samples of each split, and writes
 them with ``stcorpus.curate.shards.ShardWriter``.
 
@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import schema
-from stcorpus.curate.build.workdir import UnitResult, WorkDir
+from stcorpus.curate.build.workdir import UNIT_SAMPLE_FIELDS, UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 
@@ -40,20 +40,6 @@ if TYPE_CHECKING:
 
 Order = Literal["shuffled", "slide"]
 
-#: Metadata fields a unit stores per sample; the others come from the slide (and the split).
-UNIT_SAMPLE_FIELDS = (
-    "barcode",
-    "x_um",
-    "y_um",
-    "array_row",
-    "array_col",
-    "pos",
-    "neighbors",
-    "n_neighbors",
-    "total_counts",
-    "n_genes",
-    "outside_fraction",
-)
 SLIDE_SAMPLE_FIELDS = ("slide_id", "study_id", "species", "organ", "technology", "assay")
 
 
@@ -73,26 +59,6 @@ class PackSettings:
             raise SettingsError(f"order must be 'shuffled' or 'slide', not {self.order!r}")
         if self.samples_per_shard < 1 or self.max_shard_bytes < 1 or self.row_group_size < 1:
             raise SettingsError("samples_per_shard, max_shard_bytes and row_group_size must be >= 1")
-
-
-def unit_sample_schema(counts_dtype: str) -> pa.Schema:
-    """Arrow schema of a unit's ``samples.arrow`` (gene indices are local to the slide)."""
-    import pyarrow as pa
-
-    counts = pa.list_(pa.int32() if counts_dtype == "int32" else pa.float32())
-    meta_types = {f.name: schema._arrow_type(f.arrow) for f in schema.META_FIELDS}
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("patch", pa.binary()),
-            ("region", pa.binary()),
-            ("genes", pa.list_(pa.int32())),
-            ("counts", counts),
-            ("niche_genes", pa.list_(pa.int32())),
-            ("niche_counts", counts),
-            *((name, meta_types[name]) for name in UNIT_SAMPLE_FIELDS),
-        ]
-    )
 
 
 def corpus_counts_dtype(units: Sequence[UnitResult]) -> str:

@@ -3,7 +3,8 @@
 The pipeline, stage by stage (what flows between stages in brackets)::
 
     load manifests            [Sample per slide]
-    select                    [Sample | excluded: filters, licence allow-list, holdouts]
+    plan (curate.plan)        [validated manifests and filters; Sample | excluded: licence allow-list,
+                               holdouts; the split of every slide; the holdout list that applied]
     run units (in parallel)   [UnitResult per slide; samples.arrow in the work folder]
     on_bad_sample policy      [stop at the first bad slide, or count and go on]
     deduplicate               [built slides minus copies of a kept slide]
@@ -12,9 +13,17 @@ The pipeline, stage by stage (what flows between stages in brackets)::
     describe                  [slides.parquet, corpus.json, README.md, qc/]
 
 Units are the expensive part (reading whole-slide images, cutting tiles) and are never redone
-once finished with the same settings: a build killed at any moment and started again finishes
-the remaining slides and produces the same bytes. The pack and the description are cheap and
-always rewritten.
+once finished with the same identity (settings, manifest entry, input bytes): a build killed at
+any moment and started again finishes the remaining slides and produces the same bytes, and a
+build after a manifest edit rebuilds the slides whose entries or files changed. The pack and the
+description are cheap and always rewritten.
+
+One slide never stops a build: whatever goes wrong in a slide's unit makes that slide
+``quarantined`` (its data cannot give samples) or ``failed`` (fetch errors, exceptions; retried by
+the next run), and the build goes on. ``BuildSummary.exit_code`` is 1 when some slide failed.
+
+``--out`` holding a corpus (or a killed build) of other manifests is refused unless
+``overwrite``; the same manifests resume.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,11 +44,12 @@ from stcorpus import __version__, schema
 from stcorpus.curate.atomic import write_atomic
 from stcorpus.curate.build.executors import LocalExecutor, UnitExecutor
 from stcorpus.curate.build.pack import PackSettings, pack
-from stcorpus.curate.build.splits import Holdout, SplitSettings, assign_splits, load_holdouts
-from stcorpus.curate.build.unit import UnitSettings, slide_row
-from stcorpus.curate.build.workdir import UnitResult, WorkDir
+from stcorpus.curate.build.splits import DEFAULT, SplitSettings, resolve_holdout
+from stcorpus.curate.build.unit import UnitSettings, reusable_unit, slide_row
+from stcorpus.curate.build.workdir import BuildRecord, UnitResult, WorkDir
 from stcorpus.curate.errors import BuildError, SettingsError
 from stcorpus.curate.manifest import Manifest, Sample, load_manifests
+from stcorpus.curate.plan import Plan, Selection, make_plan
 from stcorpus.curate.shards import write_parquet_atomic, write_shard_index
 
 if TYPE_CHECKING:
@@ -51,30 +62,12 @@ log = logging.getLogger(__name__)
 OnBadSample = Literal["error", "warn", "skip"]
 BUILD_MARKER = ".work"
 
+#: Exit codes of ``curate build`` (README: "Exit codes").
+EXIT_OK = 0  # the corpus was written; no slide failed (quarantined slides are reported, not failures)
+EXIT_SLIDES_FAILED = 1  # the corpus was written without some slides that failed: run again to retry them
+EXIT_ERROR = 2  # nothing was written: bad arguments or manifests, no slide built, a stop on a bad slide
 
-@dataclass(frozen=True)
-class Selection:
-    """Which samples of the manifests a build takes (None: no restriction)."""
-
-    technologies: frozenset[str] | None = None
-    species: frozenset[str] | None = None
-    organs: frozenset[str] | None = None  # compared case-insensitively
-    ids: frozenset[str] | None = None
-    licences: frozenset[str] | None = None  # the licence allow-list
-
-    def matches(self, sample: Sample) -> bool:
-        """True when the sample passes the technology/species/organ/id filters (not the licence list)."""
-        if self.technologies is not None and sample.technology not in self.technologies:
-            return False
-        if self.species is not None and sample.species not in self.species:
-            return False
-        if self.organs is not None and (sample.organ or "").lower() not in {o.lower() for o in self.organs}:
-            return False
-        return self.ids is None or sample.id in self.ids
-
-    def licence_ok(self, sample: Sample) -> bool:
-        """True when every licence of the sample (its own and its distribution's) is on the allow-list."""
-        return self.licences is None or all(licence in self.licences for licence in sample.licences)
+__all__ = ["BuildSettings", "BuildSummary", "Selection", "build", "run_units"]
 
 
 @dataclass(frozen=True)
@@ -88,16 +81,17 @@ class BuildSettings:
     unit: UnitSettings = field(default_factory=UnitSettings)
     splits: SplitSettings = field(default_factory=SplitSettings)
     pack: PackSettings = field(default_factory=PackSettings)
-    holdout: Path | None = None  # a holdout list (manifests/holdout.yaml)
+    holdout: str | Path = DEFAULT  # "default" (the list shipped with stcorpus), a holdout file, or "none"
     work_dir: Path | None = None  # default: <out>/.work
     allow_local: bool = False
+    overwrite: bool = False  # replace a corpus of other manifests in `out`
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise SettingsError(f"workers must be >= 1, not {self.workers}")
+            raise SettingsError(f"--workers must be >= 1, not {self.workers}")
         if self.on_bad_sample not in ("error", "warn", "skip"):
-            raise SettingsError(f"on_bad_sample must be error, warn or skip, not {self.on_bad_sample!r}")
+            raise SettingsError(f"--on-bad-sample must be error, warn or skip, not {self.on_bad_sample!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that decide the corpus's content, as JSON-ready values (what corpus.json records).
@@ -112,7 +106,7 @@ class BuildSettings:
             "genes": {"min_mapped_fraction": self.unit.genes.min_mapped_fraction, "panel": self.unit.genes.panel},
             "splits": asdict(self.splits),
             "pack": asdict(self.pack),
-            "holdout": self.holdout.name if self.holdout else None,
+            "holdout": str(self.holdout),
         }
 
 
@@ -122,11 +116,17 @@ class BuildSummary:
 
     slides: Counter[str] = field(default_factory=Counter)  # by status
     samples: dict[str, int] = field(default_factory=dict)  # by split
-    spots_rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    spots_rejected: Counter[str] = field(default_factory=Counter)  # by reason (reader drops and rejections)
     bad: list[tuple[str, str, str]] = field(default_factory=list)  # (slide, status, reason)
     bytes: int = 0
     seconds: float = 0.0
     reused_units: int = 0
+    holdout: str = ""  # which holdout list applied and how many slides it held out
+
+    @property
+    def exit_code(self) -> int:
+        """``EXIT_SLIDES_FAILED`` when some slide failed (and can be retried), else ``EXIT_OK``."""
+        return EXIT_SLIDES_FAILED if self.slides.get("failed") else EXIT_OK
 
     def lines(self) -> list[str]:
         """The summary as lines of text."""
@@ -141,7 +141,14 @@ class BuildSummary:
             f"shard bytes: {self.bytes / 1e6:,.1f} MB; time: {self.seconds:,.1f} s "
             f"({self.reused_units} slides reused from an earlier run)",
         ]
+        if self.holdout:
+            lines.append(self.holdout)
         lines += [f"  {slide}: {status}: {reason}" for slide, status, reason in self.bad]
+        if self.slides.get("failed"):
+            lines.append(
+                f"{self.slides['failed']} slide(s) failed: fix what their reasons name and run the same command "
+                "again; only the failed slides are redone"
+            )
         return lines
 
 
@@ -158,15 +165,20 @@ def run_units(
     fetch: FetchSettings,
     executor: UnitExecutor,
     on_result: Callable[[UnitResult], bool] | None = None,
+    reused: set[str] | None = None,
 ) -> dict[str, UnitResult]:
-    """Run (or reuse) the unit of every sample; ``on_result`` returning False stops the rest."""
+    """Run (or reuse) the unit of every sample; ``on_result`` returning False stops the rest.
+
+    The ids of the slides whose finished units were reused are added to ``reused``.
+    """
     results: dict[str, UnitResult] = {}
-    digest = settings.unit.digest()
     pending: list[Sample] = []
     for sample in samples:
-        done = work.reusable(sample.id, digest)
+        done = reusable_unit(sample, work=work, settings=settings.unit, fetch=fetch)
         if done is not None:
             results[sample.id] = done
+            if reused is not None:
+                reused.add(sample.id)
         else:
             pending.append(sample)
     for result in list(results.values()):
@@ -188,11 +200,35 @@ def run_units(
 
 
 # ---------------------------------------------------------------------------------------------
-# The build
+# The output folder
 # ---------------------------------------------------------------------------------------------
 
+#: What a build writes into ``out`` (and ``--overwrite`` removes).
+_OUTPUT_FILES = (schema.CARD_FILE, schema.CORPUS_FILE, schema.GENES_FILE, schema.SLIDES_FILE, schema.SHARDS_FILE)
+_OUTPUT_DIRS = (schema.WDS_DIR, schema.PARQUET_DIR, schema.QC_DIR)
 
-def _check_out(out: Path) -> None:
+
+def _previous_manifests(out: Path, work: WorkDir) -> tuple[str, ...] | None:
+    """The manifest names of the corpus (or killed build) in ``out``, or None for a fresh folder."""
+    corpus = out / schema.CORPUS_FILE
+    if corpus.is_file():
+        try:
+            recorded = json.loads(corpus.read_text(encoding="utf-8")).get("manifests") or []
+        except (OSError, ValueError) as exc:
+            raise BuildError(
+                f"--out {out}: {corpus.name} cannot be read ({exc}); pass --overwrite to replace the corpus"
+            ) from None
+        return tuple(sorted(str(m.get("name")) for m in recorded))
+    record = work.record()
+    return tuple(sorted(record.manifests)) if record is not None else None
+
+
+def check_out(out: Path, *, work: WorkDir, manifests: Sequence[Manifest], overwrite: bool) -> None:
+    """Refuse an ``out`` that is not ours, or holds a corpus of other manifests (unless ``overwrite``).
+
+    A corpus of the same manifests (by name: an edited manifest is the same build) is resumed.
+    With ``overwrite`` the other corpus's files and units are removed first.
+    """
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -201,14 +237,26 @@ def _check_out(out: Path) -> None:
             raise BuildError(
                 f"--out {out} is a non-empty folder that is not an stcorpus build; choose an empty or new folder"
             )
+    names = tuple(sorted(m.name for m in manifests))
+    previous = _previous_manifests(out, work)
+    if previous is None or previous == names:
+        return
+    if not overwrite:
+        raise BuildError(
+            f"--out {out} holds a corpus built from manifest(s) {', '.join(previous)}, not from "
+            f"{', '.join(names)}: choose another --out, or pass --overwrite to replace that corpus"
+        )
+    log.warning("--overwrite: replacing the corpus of %s in %s", ", ".join(previous), out)
+    for name in _OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _OUTPUT_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    work.remove_units()
 
 
-def default_holdout(manifests: Sequence[Manifest]) -> Path | None:
-    """``holdout.yaml`` beside the first manifest, if there is one."""
-    if not manifests:
-        return None
-    candidate = manifests[0].path.parent / "holdout.yaml"
-    return candidate if candidate.is_file() else None
+# ---------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------
 
 
 def build(
@@ -228,27 +276,25 @@ def build(
 
     started = time.perf_counter()
     fetch = fetch or FetchSettings(allow_local=settings.allow_local)
-    _check_out(out)
     manifests = load_manifests(manifest_paths, allow_local=settings.allow_local)
+    plan = make_plan(
+        manifests,
+        selection=settings.selection,
+        splits=settings.splits,
+        holdout=resolve_holdout(settings.holdout),
+        candidates=False,
+    )
     work = WorkDir(settings.work_dir or out / BUILD_MARKER)
+    check_out(out, work=work, manifests=manifests, overwrite=settings.overwrite)
     work.prepare()
-    summary = BuildSummary()
-
-    # select
-    samples = [s for m in manifests for s in m.samples if settings.selection.matches(s)]
-    if not samples:
-        raise BuildError("no sample of the manifests passes the filters: nothing to build")
-    holdouts: Mapping[str, Holdout] = load_holdouts(settings.holdout) if settings.holdout else {}
-    splits = assign_splits(samples, settings=settings.splits, holdouts=holdouts)
-    excluded: dict[str, tuple[Sample, str]] = {}
-    for sample in samples:
-        if not settings.selection.licence_ok(sample):
-            outside = ", ".join(lic for lic in sample.licences if lic not in (settings.selection.licences or ()))
-            excluded[sample.id] = (sample, f"licence: {outside} is not on the allow-list")
-        elif splits[sample.id] is None:
-            excluded[sample.id] = (sample, f"holdout: {holdouts[sample.id].reason}")
-    todo = [s for s in samples if s.id not in excluded]
-    log.info("building %d slides (%d excluded) into %s", len(todo), len(excluded), out)
+    work.write_record(BuildRecord(name=settings.name, manifests=tuple(sorted(m.name for m in manifests))))
+    summary = BuildSummary(holdout=plan.holdout_line())
+    todo = plan.included
+    log.info("building %d slides (%d excluded) into %s", len(todo), len(plan.excluded), out)
+    log.info("%s", summary.holdout)
+    no_reader = plan.checked.no_reader_line()
+    if no_reader:
+        log.warning("%s", no_reader)
 
     # units
     progress = _progress(len(todo), enabled=settings.progress)
@@ -267,7 +313,7 @@ def build(
         )
         progress.update(1)
         if result.status != "built":
-            if settings.on_bad_sample == "warn":
+            if settings.on_bad_sample == "warn" or result.status == "failed":
                 log.warning("slide %s %s: %s", result.slide_id, result.status, result.reason)
             else:
                 log.info("slide %s %s: %s", result.slide_id, result.status, result.reason)
@@ -276,14 +322,16 @@ def build(
                 return False
         return True
 
-    digest = settings.unit.digest()
-    summary.reused_units = sum(1 for s in todo if work.reusable(s.id, digest) is not None)
+    reused: set[str] = set()
     try:
         executor = executor or LocalExecutor(settings.workers)
         log.info("units run on %s", executor.describe())
-        results = run_units(todo, work=work, settings=settings, fetch=fetch, executor=executor, on_result=on_result)
+        results = run_units(
+            todo, work=work, settings=settings, fetch=fetch, executor=executor, on_result=on_result, reused=reused
+        )
     finally:
         progress.close()
+    summary.reused_units = len(reused)
     if first_bad:
         bad = first_bad[0]
         raise BuildError(
@@ -295,10 +343,13 @@ def build(
     built = [results[s.id] for s in todo if results[s.id].status == "built"]
     duplicates = find_duplicates(built)
     kept = [u for u in built if u.slide_id not in duplicates]
+    name = settings.name or out.resolve().name
     if not kept:
-        describe_only = _slide_rows(samples, results, excluded, duplicates, splits, measured={})
-        _write_slides(out, describe_only)
-        raise BuildError(_nothing_built(results, excluded))
+        rows = _slide_rows(plan, results, duplicates, measured={})
+        _write_slides(out, rows)
+        _count(summary, rows, built)
+        _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
+        raise BuildError(_nothing_built(results, plan.excluded))
     from stcorpus.curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
 
     vocabulary = build_vocabulary(
@@ -312,7 +363,7 @@ def build(
             out,
             work=work,
             units=kept,
-            splits={u.slide_id: str(splits[u.slide_id]) for u in kept},
+            splits={u.slide_id: str(plan.splits[u.slide_id]) for u in kept},
             gene_index=index,
             settings=settings.pack,
             workers=settings.workers,
@@ -325,33 +376,29 @@ def build(
         log.warning("%s", warning)
     write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
     measured = {u.slide_id: index.indices(_ids(u.gene_ids)).tolist() for u in kept}
-    rows = _slide_rows(samples, results, excluded, duplicates, splits, measured=measured)
+    rows = _slide_rows(plan, results, duplicates, measured=measured)
     _write_slides(out, rows)
 
     # summary, provenance, card, report
-    for row in rows:
-        summary.slides[row["status"]] += 1
-        if row["status"] not in ("built",):
-            summary.bad.append((row["slide_id"], row["status"], row["reason"] or ""))
-    for unit in built:
-        for reason, n in (unit.tiles.get("rejected") or {}).items():
-            summary.spots_rejected[reason] += int(n)
+    _count(summary, rows, built)
     summary.samples = dict(packed.n_samples)
     summary.bytes = sum(s.bytes for s in packed.shards)
     summary.seconds = time.perf_counter() - started
-    name = settings.name or out.resolve().name
+    holdout = _holdout_record(plan, rows, policy=settings.splits.holdout)
     corpus = {
         "schema": schema.SCHEMA_ID,
         "name": name,
         "tool": "stcorpus",
         "tool_version": __version__,
         "counts_dtype": packed.counts_dtype,
+        "count_kinds": count_kinds(rows),
         "n_genes": vocabulary.num_rows,
         "vocabulary_sha256": vocabulary_digest(vocabulary),
         "splits": packed.n_samples,
         "samples_per_shard": packed.samples_per_shard,
         "slides": dict(sorted(summary.slides.items())),
         "spots_rejected": dict(sorted(summary.spots_rejected.items())),
+        "holdout": holdout,
         "manifests": [{"name": m.name, "file": m.path.name, "sha256": m.sha256} for m in manifests],
         "sources": sorted(
             ({"slide_id": r.slide_id, **i} for r in results.values() for i in r.inputs),
@@ -364,9 +411,38 @@ def build(
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_atomic(out / schema.CORPUS_FILE, (json.dumps(corpus, indent=1, sort_keys=True) + "\n").encode())
-    _write_card(out, name=name, rows=rows, packed=packed, n_genes=vocabulary.num_rows, settings=settings)
-    _write_report(out, name=name, rows=rows, work=work, kept=kept, summary=summary)
+    _write_card(
+        out, name=name, rows=rows, packed=packed, n_genes=vocabulary.num_rows, settings=settings, holdout=holdout
+    )
+    _write_report(out, name=name, rows=rows, work=work, kept=kept, results=results, summary=summary)
     return summary
+
+
+def _count(summary: BuildSummary, rows: Sequence[Mapping[str, Any]], built: Sequence[UnitResult]) -> None:
+    """Slides by status, the bad ones with their reasons, and every rejected spot of the built slides."""
+    for row in rows:
+        summary.slides[row["status"]] += 1
+        if row["status"] != "built":
+            summary.bad.append((row["slide_id"], row["status"], row["reason"] or ""))
+    for unit in built:
+        summary.spots_rejected.update(unit.spots_rejected)
+
+
+def count_kinds(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The built slides by count kind (``raw`` | ``normalized``), as corpus.json records them."""
+    kinds: dict[str, list[str]] = {}
+    for row in rows:
+        if row["status"] == "built":
+            kinds.setdefault(str(row["count_kind"] or "raw"), []).append(str(row["slide_id"]))
+    return {kind: sorted(ids) for kind, ids in sorted(kinds.items())}
+
+
+def _holdout_record(plan: Plan, rows: Sequence[Mapping[str, Any]], *, policy: str) -> dict[str, Any]:
+    """The holdout list as corpus.json and the card record it: name, digest, size, what it held out."""
+    listed = plan.holdout.slides
+    in_corpus = sorted(r["slide_id"] for r in rows if r["slide_id"] in listed and r["status"] == "built")
+    held = len(plan.held_out) + sum(reason.startswith("holdout:") for reason in plan.excluded.values())
+    return plan.holdout.to_dict() | {"policy": policy, "held_out": held, "held_out_built": in_corpus}
 
 
 #: The Hub's guidance: under 10,000 files per folder (keep under 1,000) and 100,000 per repository.
@@ -427,7 +503,6 @@ BYTE_DEPENDENCIES = (
     "h5py",
     "anndata",
     "pyarrow",
-    "polars",
 )
 
 
@@ -456,11 +531,11 @@ def _source_rank(source: str) -> int:
     return SOURCE_PREFERENCE.index(source) if source in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE)
 
 
-def _nothing_built(results: Mapping[str, UnitResult], excluded: Mapping[str, tuple[Sample, str]]) -> str:
+def _nothing_built(results: Mapping[str, UnitResult], excluded: Mapping[str, str]) -> str:
     """Why a build has no slide to pack: every slide's reason (the first 10 of each kind)."""
     kinds = [
         ("not built", [f"{r.slide_id} {r.status}: {r.reason}" for r in results.values() if r.status != "built"]),
-        ("excluded", [f"{slide}: {why}" for slide, (_, why) in excluded.items()]),
+        ("excluded", [f"{slide}: {why}" for slide, why in excluded.items()]),
     ]
     parts = [
         f"{len(lines)} {kind} ({'; '.join(lines[:10])}{f'; ... {len(lines) - 10} more' if len(lines) > 10 else ''})"
@@ -468,41 +543,52 @@ def _nothing_built(results: Mapping[str, UnitResult], excluded: Mapping[str, tup
         if lines
     ]
     hint = " Widen the licence allow-list or the filters." if excluded else ""
-    return "no slide could be built: " + ", ".join(parts) + "; slides.parquet lists every slide's status." + hint
+    return (
+        "no slide could be built: "
+        + ", ".join(parts)
+        + "; slides.parquet and qc/index.html list every slide's status."
+        + hint
+    )
 
 
 def _slide_rows(
-    samples: Sequence[Sample],
+    plan: Plan,
     results: Mapping[str, UnitResult],
-    excluded: Mapping[str, tuple[Sample, str]],
     duplicates: Mapping[str, str],
-    splits: Mapping[str, str | None],
     *,
     measured: Mapping[str, list[int]],
 ) -> list[dict[str, Any]]:
+    """One ``slides.parquet`` row per selected slide, whatever became of it, with what was read."""
     rows = []
-    for sample in sorted(samples, key=lambda s: s.id):
+    for sample in sorted(plan.samples, key=lambda s: s.id):
         row: dict[str, Any] = dict.fromkeys(schema.SLIDE_COLUMNS)
         row.update({k: v for k, v in slide_row(sample).items() if k in row})
-        row["split"] = splits.get(sample.id)
+        row["split"] = plan.splits.get(sample.id)
         row["measured_genes"] = measured.get(sample.id, [])
         row["qc_flags"] = []
-        row["n_spots"] = row["n_spots_written"] = 0
+        row["reason_codes"] = []
+        row["spots_rejected"] = {}
+        row["n_spots_written"] = 0
         result = results.get(sample.id)
-        if sample.id in excluded:
-            row["status"], row["reason"] = "excluded", excluded[sample.id][1]
+        if sample.id in plan.excluded:
+            reason = plan.excluded[sample.id]
+            row["status"], row["reason"], row["reason_codes"] = "excluded", reason, [reason.split(":")[0]]
         elif result is None:
             row["status"], row["reason"] = "failed", "not run (the build stopped before this slide)"
+            row["reason_codes"] = ["not_run"]
         else:
+            # What was read, also for a slide that was not built (n_spots stays null when nothing was).
             for name in ("mpp", "mpp_source", "n_spots", "n_spots_written", "mapping_rate", "qc_flags"):
                 if result.slide.get(name) is not None:
                     row[name] = result.slide[name]
+            row["spots_rejected"] = result.spots_rejected
             row["status"], row["reason"] = result.status, result.reason or None
+            row["reason_codes"] = list(result.failures)
             if sample.id in duplicates:
                 row["status"] = "duplicate"
                 row["duplicate_of"] = duplicates[sample.id]
                 row["reason"] = f"duplicate: same counts as {duplicates[sample.id]}"
-                row["n_spots_written"] = 0
+                row["reason_codes"] = ["duplicate"]
         if row["status"] != "built":
             row["n_spots_written"] = 0
             row["measured_genes"] = []
@@ -522,6 +608,8 @@ def slides_arrow_schema() -> pa.Schema:
         measured_genes=pa.list_(pa.int32()),
         mapping_rate=pa.float64(),
         qc_flags=pa.list_(pa.string()),
+        reason_codes=pa.list_(pa.string()),
+        spots_rejected=pa.map_(pa.string(), pa.int64()),
     )
     return pa.schema([(name, types[name]) for name in schema.SLIDE_COLUMNS], metadata={"stcorpus": schema.SCHEMA_ID})
 
@@ -534,7 +622,14 @@ def _write_slides(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _write_card(
-    out: Path, *, name: str, rows: Sequence[Mapping[str, Any]], packed: Any, n_genes: int, settings: BuildSettings
+    out: Path,
+    *,
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    packed: Any,
+    n_genes: int,
+    settings: BuildSettings,
+    holdout: Mapping[str, Any],
 ) -> None:
     from stcorpus.curate.build.card import CardInputs, render_card
 
@@ -547,6 +642,7 @@ def _write_card(
             counts_dtype=packed.counts_dtype,
             tool_version=__version__,
             settings=settings.to_dict(),
+            holdout=holdout,
         )
     )
     write_atomic(out / schema.CARD_FILE, text.encode("utf-8"))
@@ -559,31 +655,25 @@ def _write_report(
     rows: Sequence[Mapping[str, Any]],
     work: WorkDir,
     kept: Sequence[UnitResult],
+    results: Mapping[str, UnitResult],
     summary: BuildSummary,
 ) -> None:
     from stcorpus.curate.build.report import write_report
-    from stcorpus.curate.build.unit import read_unit_histograms
 
     write_report(
         out / schema.QC_DIR,
         name=name,
         slides=rows,
         unit_qc_dirs={u.slide_id: work.unit_dir(u.slide_id) / "qc" for u in kept},
-        histograms={u.slide_id: read_unit_histograms(work, u.slide_id) for u in kept},
-        mapping={
-            r["slide_id"]: _mapping_of(work, r["slide_id"]) for r in rows if r["status"] in ("built", "duplicate")
-        },
+        histograms={u.slide_id: work.histograms(u.slide_id) for u in kept},
+        mapping={slide_id: r.mapping for slide_id, r in sorted(results.items()) if r.mapping},
         summary={
             "slides": ", ".join(f"{n} {s}" for s, n in sorted(summary.slides.items())),
-            "samples": ", ".join(f"{k}: {v:,}" for k, v in summary.samples.items()),
-            "spots rejected": ", ".join(f"{k}: {v:,}" for k, v in sorted(summary.spots_rejected.items())),
+            "samples": ", ".join(f"{k}: {v:,}" for k, v in summary.samples.items()) or "none",
+            "spots rejected": ", ".join(f"{k}: {v:,}" for k, v in sorted(summary.spots_rejected.items())) or "none",
+            "holdout": summary.holdout,
         },
     )
-
-
-def _mapping_of(work: WorkDir, slide_id: str) -> Mapping[str, Any]:
-    result = work.result(slide_id)
-    return result.mapping if result is not None else {}
 
 
 class _NoProgress:

@@ -1,8 +1,10 @@
 """The QC report of a build: ``qc/index.html`` with PNG plots.
 
 Per slide: a thumbnail with the spots overlaid and coloured by total counts, a montage of sample
-patches, histograms of counts and genes per spot, the gene mapping report; and a table of every
-slide that was not built, with its reason. The per-slide images are drawn inside the slide's work
+patches, histograms of counts and genes per spot, the spots read and written and every spot not
+written with its reason, the gene mapping report (the numbers of the unit's ``MappingReport``);
+and a table of every slide that was not built, with every reason (a failed slide's exception,
+stage and file). The per-slide images are drawn inside the slide's work
 unit (where the image is open) and copied here by the pack.
 
 Plots use matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no global state,
@@ -98,6 +100,19 @@ def _rows(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _pairs(value: Any) -> list[tuple[str, int]]:
+    """(reason, count) pairs of a ``spots_rejected`` value (a dict, or Arrow's list of pairs)."""
+    items = value.items() if isinstance(value, Mapping) else (value or [])
+    return [(str(reason), int(n)) for reason, n in items if n]
+
+
+def _by_symbol(report: Mapping[str, Any]) -> int | None:
+    """Features mapped by name (approved, previous or alias symbol, ...): mapped less those mapped by id."""
+    if report.get("mapped") is None or report.get("by_id") is None:
+        return None
+    return int(report["mapped"]) - int(report["by_id"])
+
+
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
     "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#eee}"
@@ -125,24 +140,51 @@ def write_report(
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(name)}: build report</h1>",
         _rows([(k, v) for k, v in summary.items()], ("", "")),
         "<h2>Slides not built</h2>",
-        _rows([(s["slide_id"], s["status"], s.get("reason") or "") for s in others], ("slide", "status", "reason"))
+        _rows(
+            [
+                (s["slide_id"], s["status"], ", ".join(s.get("reason_codes") or []), s.get("n_spots"), s.get("reason"))
+                for s in others
+            ],
+            ("slide", "status", "codes", "spots read", "reason"),
+        )
         if others
         else "<p>None: every slide was built.</p>",
+        "<h2>Spots not written</h2>",
+        _rows(
+            [
+                (s["slide_id"], s["status"], s.get("n_spots"), s.get("n_spots_written"), reason, n)
+                for s in slides
+                for reason, n in _pairs(s.get("spots_rejected"))
+            ],
+            ("slide", "status", "spots read", "written", "reason", "spots"),
+        ),
         "<h2>Gene mapping</h2>",
         _rows(
             [
                 (
                     slide_id,
                     report.get("n_features"),
-                    report.get("mapped_by_id"),
-                    report.get("mapped_by_symbol"),
+                    report.get("by_id"),
+                    _by_symbol(report),
                     report.get("ambiguous"),
                     report.get("unmapped"),
-                    f"{float(report.get('unmapped_count_fraction') or 0.0):.4f}",
+                    report.get("outside_panel"),
+                    report.get("n_genes"),
+                    f"{float(report.get('lost_fraction') or 0.0):.4f}",
                 )
                 for slide_id, report in sorted(mapping.items())
             ],
-            ("slide", "features", "by id", "by symbol", "ambiguous", "unmapped", "counts lost"),
+            (
+                "slide",
+                "features",
+                "by id",
+                "by symbol",
+                "ambiguous",
+                "unmapped",
+                "outside panel",
+                "genes kept",
+                "counts lost",
+            ),
         ),
         "<h2>Slides</h2>",
     ]
@@ -157,12 +199,14 @@ def write_report(
                         slide.get("species"),
                         slide.get("assay"),
                         f"{slide.get('mpp') or 0:.4f} ({slide.get('mpp_source')})",
+                        slide.get("count_kind"),
                         slide.get("n_spots"),
                         slide.get("n_spots_written"),
+                        ", ".join(f"{reason} {n:,}" for reason, n in _pairs(slide.get("spots_rejected"))) or "none",
                         ", ".join(slide.get("qc_flags") or []) or "none",
                     )
                 ],
-                ("organ", "species", "assay", "um/px", "spots", "written", "QC flags"),
+                ("organ", "species", "assay", "um/px", "counts", "spots", "written", "not written", "QC flags"),
             )
         )
         source = unit_qc_dirs.get(slide_id)

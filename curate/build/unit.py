@@ -1,14 +1,30 @@
-"""One slide's work unit: fetch -> read -> QC -> genes -> neighbours -> tiles -> samples.
+"""One slide's work unit, as a line of stages (what flows between them in brackets)::
 
-``run_unit`` does everything one slide needs and writes the result into the work folder
-(``workdir``), atomically. It is the unit of parallel (and distributed) work: it takes a
-manifest ``Sample`` and settings, reads its inputs from the fetch cache itself (large slides
-never travel through a scheduler), and returns a small ``UnitResult``.
+    fetch           [the sources as local paths; url, sha256 and size of each recorded]
+    read            [Slide: counts, features, spots, image; the spots the reader dropped, by reason]
+    check           [every QC check recorded; blocking failures quarantine the slide, all of them named]
+    map genes       [counts on the slide's measured Ensembl ids]
+    choose sites    [Sites: in-tissue spots with counts, in lattice order; zero-count spots rejected]
+    neighbours      [Niche: each site's in-tissue lattice neighbours and their summed counts]
+    tiles           [the sites' accepted patch/region tiles; rejected ones counted by reason]
+    columns         [samples.arrow in the unit work format (``workdir.unit_sample_schema``)]
 
-A slide that cannot be built (a ``SlideError``: corrupt file, blank image, too coarse, unmapped
-genes, ...) is recorded as ``quarantined`` with its reason and is not retried by later runs
-with the same settings; a slide whose sources could not be fetched (a ``FetchError``) is
-recorded as ``failed`` and is retried by the next run.
+``run_unit`` runs the line for one slide and writes the result into the work folder (``workdir``),
+atomically. It is the unit of parallel (and distributed) work: it takes a manifest ``Sample`` and
+settings, reads its inputs from the fetch cache itself (large slides never travel through a
+scheduler), and returns a small ``UnitResult``.
+
+A unit's identity (``unit_key``) is the build settings and the sample's resolved manifest entry
+(every field, its sources' URLs and pinned digests, its reader options); a finished unit is reused
+only when that identity matches and its recorded inputs are still the bytes of its sources
+(``reusable_unit``, checked without network). Any change rebuilds that slide and only it.
+
+Outcomes: a slide that cannot be built from its data (a ``SlideError``: corrupt file, blank image,
+too coarse, unmapped genes, ...) is ``quarantined`` with every reason found and is not retried while
+its identity and inputs stay the same. A slide whose sources could not be fetched (a ``FetchError``),
+or on which anything else went wrong (an exception of a reader or a library: ``EOFError``,
+``UnicodeDecodeError``, ``MemoryError``, ...) is ``failed`` with the exception's type, message,
+stage and files, and is retried by the next run. No exception of one slide leaves its unit.
 
 Which spots become samples: in-tissue spots with a non-zero total over the mapped genes, whose
 tiles were not rejected (outside the image, background). Samples are stored in lattice order
@@ -20,10 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
+import traceback
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +49,15 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import __version__
-from stcorpus.curate.build.workdir import QC_SUBDIR, SAMPLES_FILE, UnitResult, WorkDir, settings_digest, write_samples
+from stcorpus.curate.build.workdir import (
+    QC_SUBDIR,
+    SAMPLES_FILE,
+    UnitResult,
+    WorkDir,
+    settings_digest,
+    unit_sample_schema,
+    write_samples,
+)
 from stcorpus.curate.errors import FetchError, SlideError
 from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
 from stcorpus.curate.qc import QCSettings
@@ -39,11 +65,13 @@ from stcorpus.curate.tiles import TileSettings
 from stcorpus.schema import sample_key
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import scipy.sparse as sp
 
     from stcorpus.curate.fetch import FetchSettings
     from stcorpus.curate.manifest import Sample
     from stcorpus.curate.slide import Slide
+    from stcorpus.curate.tiles import Neighbors, TileResult
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +79,9 @@ log = logging.getLogger(__name__)
 MONTAGE_SIZE = 32
 
 #: Bumped whenever what a unit computes changes (e.g. revision 2: the counts fingerprint is taken
-#: before gene mapping), so units made by older code are never reused.
-UNIT_REVISION = 2
+#: before gene mapping; 3: the identity covers the manifest entry and reader drops are recorded),
+#: so units made by older code are never reused.
+UNIT_REVISION = 3
 
 
 @dataclass(frozen=True)
@@ -72,7 +101,7 @@ class UnitSettings:
     genes: GeneSettings = field(default_factory=GeneSettings)
 
     def digest(self) -> str:
-        """A digest of the content-relevant settings and the tool version: units are reused only on a match."""
+        """A digest of the content-relevant settings and the tool version."""
         return settings_digest(
             {
                 "tiles": self.tiles.to_dict(),
@@ -82,6 +111,79 @@ class UnitSettings:
                 "unit_revision": UNIT_REVISION,
             }
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------------------------
+
+#: Sample fields that do not change what a unit contains: where the manifest was read from (its
+#: relative paths are checked through the inputs' digests instead) and whether local paths were allowed.
+_NOT_IDENTITY = ("manifest_path", "allow_local")
+
+
+def manifest_entry(sample: Sample) -> dict[str, Any]:
+    """The sample's resolved manifest entry as JSON-ready values: every field, sources and reader options."""
+    entry: dict[str, Any] = {f.name: getattr(sample, f.name) for f in fields(sample) if f.name not in _NOT_IDENTITY}
+    entry["sources"] = {name: sample.sources[name].model_dump() for name in sorted(sample.sources)}
+    entry["reader"] = dict(sorted(sample.reader.items()))
+    entry["image_size"] = list(sample.image_size) if sample.image_size is not None else None
+    return entry
+
+
+def unit_key(sample: Sample, settings: UnitSettings) -> str:
+    """The identity of a sample's unit: the build settings and the resolved manifest entry."""
+    return settings_digest({"settings": settings.digest(), "entry": manifest_entry(sample)})
+
+
+def known_inputs(sample: Sample, fetch: FetchSettings) -> list[dict[str, str]] | None:
+    """(name, url, sha256) of every source as it is now, without network; None when one is not known.
+
+    Local files are hashed (memoised in the fetch cache by size, mtime and inode); a remote source's
+    digest is the manifest's pinned ``sha256`` or, unpinned, the one the cache holds for its URL.
+    """
+    from stcorpus.curate.fetch.cache import Cache
+    from stcorpus.curate.fetch.local import local_path, tree_digest
+
+    cache = Cache(fetch.cache_dir)
+    inputs = []
+    for name in sorted(sample.sources):
+        source = sample.sources[name]
+        if source.is_local:
+            path = local_path(source.url, base_dir=sample.base_dir)
+            if not path.exists():
+                return None
+            sha256 = tree_digest(path, cache=cache)[0] if path.is_dir() else cache.local_sha256(path)
+        elif source.sha256 is not None:
+            sha256 = source.sha256
+        else:
+            record = cache.lookup_url(source.url)
+            if record is None:
+                return None
+            sha256 = record.sha256
+        inputs.append({"name": name, "url": source.url, "sha256": sha256})
+    return inputs
+
+
+def _same_inputs(recorded: list[dict[str, Any]], current: list[dict[str, Any]]) -> bool:
+    def key(inputs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+        return sorted((str(i["name"]), str(i["url"]), str(i["sha256"])) for i in inputs)
+
+    return key(recorded) == key(current)
+
+
+def reusable_unit(sample: Sample, *, work: WorkDir, settings: UnitSettings, fetch: FetchSettings) -> UnitResult | None:
+    """The sample's finished unit when its identity matches and its inputs are unchanged (no network)."""
+    done = work.reusable(sample.id, unit_key(sample, settings))
+    if done is None:
+        return None
+    current = known_inputs(sample, fetch)
+    return done if current is not None and _same_inputs(done.inputs, current) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit
+# ---------------------------------------------------------------------------------------------
 
 
 def slide_row(slide_or_sample: Slide | Sample) -> dict[str, Any]:
@@ -109,29 +211,125 @@ def slide_row(slide_or_sample: Slide | Sample) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Where:
+    """The stage a unit is in and the files it works on, for the report of an unexpected exception."""
+
+    stage: str = "start"
+    files: list[str] = field(default_factory=list)
+
+    def enter(self, stage: str, files: list[str] | None = None) -> None:
+        self.stage = stage
+        if files is not None:
+            self.files = files
+
+
 def run_unit(
     sample: Sample, *, work: WorkDir, settings: UnitSettings, fetch: FetchSettings, reuse: bool = True
 ) -> UnitResult:
-    """Build one slide into the work folder (or return its finished unit) and say what happened."""
-    digest = settings.digest()
+    """Build one slide into the work folder (or return its finished unit) and say what happened.
+
+    Never raises for a problem of this slide: the result is ``quarantined`` or ``failed`` with why.
+    """
     if reuse:
-        done = work.reusable(sample.id, digest)
+        done = reusable_unit(sample, work=work, settings=settings, fetch=fetch)
         if done is not None:
             return done
+    key = unit_key(sample, settings)
     start = time.perf_counter()
     tmp = work.begin(sample.id)
-    result = UnitResult(slide_id=sample.id, status="built", settings_digest=digest, slide=slide_row(sample))
+    result = UnitResult(
+        slide_id=sample.id, status="built", settings_digest=settings.digest(), unit_key=key, slide=slide_row(sample)
+    )
+    where = _Where()
     try:
-        _build(sample, tmp=tmp, result=result, settings=settings, fetch=fetch)
+        where.enter("fetching", [f"{name}={sample.sources[name].url}" for name in sorted(sample.sources)])
+        files = _fetch(sample, fetch=fetch, result=result)
+        earlier = work.reusable(sample.id, key) if reuse else None
+        if earlier is not None and _same_inputs(earlier.inputs, result.inputs):
+            # The cache had lost the inputs' record, and the bytes fetched again are the same.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return earlier
+        _build(sample, files, tmp=tmp, result=result, settings=settings, where=where)
     except SlideError as exc:
-        result.status, result.reason = "quarantined", exc.reason
-        (tmp / SAMPLES_FILE).unlink(missing_ok=True)
-        result.n_samples = result.sample_bytes = 0
+        result.status, result.reason, result.failures = "quarantined", exc.reason, exc.codes
+        _no_samples(tmp, result)
     except FetchError as exc:
-        result.status, result.reason = "failed", f"fetch: {exc}"
+        result.status, result.reason, result.failures = "failed", f"fetch: {exc}", ["fetch"]
+        _no_samples(tmp, result)
+    except Exception as exc:  # noqa: BLE001 - one slide never stops a build: any error of this slide is its `failed` record
+        _failed(result, exc, where=where)
+        _no_samples(tmp, result)
     result.seconds = round(time.perf_counter() - start, 3)
     work.commit(tmp, result)
     return result
+
+
+def failed_unit(sample: Sample, *, settings: UnitSettings, exc: BaseException, stage: str) -> UnitResult:
+    """The ``failed`` result of a unit that did not return one (its worker died, its task raised)."""
+    result = UnitResult(
+        slide_id=sample.id,
+        status="failed",
+        settings_digest=settings.digest(),
+        unit_key=unit_key(sample, settings),
+        slide=slide_row(sample),
+    )
+    where = _Where(stage=stage, files=[f"{name}={sample.sources[name].url}" for name in sorted(sample.sources)])
+    _failed(result, exc, where=where)
+    return result
+
+
+def worker_lost_unit(sample: Sample, *, settings: UnitSettings, detail: str) -> UnitResult:
+    """The ``failed`` result of a slide whose worker process died (killed, out of memory, past a walltime)."""
+    return UnitResult(
+        slide_id=sample.id,
+        status="failed",
+        settings_digest=settings.digest(),
+        unit_key=unit_key(sample, settings),
+        reason=f"worker_lost: {detail}; often out of memory: give workers more memory (or use fewer --workers) "
+        "and run the build again to retry it",
+        failures=["worker_lost"],
+        slide=slide_row(sample),
+    )
+
+
+def _no_samples(tmp: Path, result: UnitResult) -> None:
+    (tmp / SAMPLES_FILE).unlink(missing_ok=True)
+    result.n_samples = result.sample_bytes = 0
+    result.slide["n_spots_written"] = 0
+
+
+def _failed(result: UnitResult, exc: BaseException, *, where: _Where) -> None:
+    """Record an unexpected exception: its type, message, the stage, the files and where it was raised."""
+    kind = type(exc).__name__
+    message = str(exc)
+    filename = getattr(exc, "filename", None)
+    files = [str(filename)] if filename else where.files
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "stcorpus" in f.filename or "/curate/" in f.filename]
+    raised = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    called = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else ""
+    where_raised = raised + (f", called from {called}" if called and called != raised else "")
+    hint = (
+        "give the build more memory (fewer --workers) and run it again"
+        if isinstance(exc, MemoryError)
+        else "check that file; failed slides are retried by the next run"
+    )
+    result.status = "failed"
+    result.failures = ["error"]
+    result.error = {
+        "type": kind,
+        "message": message,
+        "stage": where.stage,
+        "files": files,
+        "raised_at": raised,
+        "called_from": called,
+    }
+    result.reason = (
+        f"error: {kind}{': ' + message if message else ''} (while {where.stage}: {', '.join(files) or 'no file'}; "
+        f"raised at {where_raised or 'an unknown place'}); {hint}"
+    )
+    log.debug("slide %s failed", result.slide_id, exc_info=exc)
 
 
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
@@ -146,20 +344,37 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
     return files
 
 
-def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSettings, fetch: FetchSettings) -> None:
+def _build(
+    sample: Sample,
+    files: Mapping[str, Path],
+    *,
+    tmp: Path,
+    result: UnitResult,
+    settings: UnitSettings,
+    where: _Where,
+) -> None:
     from stcorpus.curate.genes import map_slide_genes
     from stcorpus.curate.qc import check_slide
     from stcorpus.curate.readers import read_slide
 
-    files = _fetch(sample, fetch=fetch, result=result)
+    where.enter("reading", [f"{name}={files[name]}" for name in sorted(files)])
     slide = read_slide(sample, files)
     try:
-        result.slide.update(mpp=slide.mpp, mpp_source=slide.mpp_source, notes=list(slide.notes))
+        # What was read is recorded before any check, so a quarantined slide keeps its numbers.
+        result.dropped_spots = {str(reason): int(n) for reason, n in sorted(slide.dropped_spots.items()) if n}
+        result.slide.update(
+            mpp=slide.mpp,
+            mpp_source=slide.mpp_source,
+            notes=list(slide.notes),
+            n_spots=int(np.count_nonzero(slide.spots.in_tissue)),
+        )
+        where.enter("checking", [str(slide.image.path)])
         try:
             check_slide(slide, settings=settings.qc)
         finally:
             result.qc = [asdict(check) for check in slide.qc]
             result.slide["qc_flags"] = slide.flags
+        where.enter("mapping genes", [f"{name}={files[name]}" for name in sorted(files)])
         genes = map_slide_genes(
             slide.features,
             slide.counts,
@@ -174,91 +389,162 @@ def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSetti
         result.mapping = genes.report.to_dict()
         result.gene_ids = [str(g) for g in genes.gene_ids]
         result.slide["mapping_rate"] = float(genes.report.mapped_fraction)
-        _samples(slide, genes.counts, tmp=tmp, result=result, settings=settings)
+        _samples(slide, genes.counts, tmp=tmp, result=result, settings=settings, where=where)
     finally:
         slide.image.close()
 
 
-def _samples(slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResult, settings: UnitSettings) -> None:
-    import pyarrow as pa
+# ---------------------------------------------------------------------------------------------
+# Sites -> neighbours -> tiles -> columns
+# ---------------------------------------------------------------------------------------------
 
-    from stcorpus.curate.build.pack import unit_sample_schema
+
+@dataclass(frozen=True)
+class Sites:
+    """The spots that may become samples, in lattice order: rows of ``slide.spots``, keys, counts."""
+
+    spots: npt.NDArray[np.intp]
+    keys: list[str]
+    counts: sp.csr_matrix  # one row per site, indices sorted
+
+
+@dataclass(frozen=True)
+class Niche:
+    """Each site's in-tissue lattice neighbours (their keys, how many) and their summed counts."""
+
+    keys: list[list[str]]
+    n_neighbors: npt.NDArray[np.int32]
+    counts: sp.csr_matrix  # one row per site, indices sorted
+
+
+def choose_sites(slide: Slide, counts: sp.csr_matrix, *, rejected: Counter[str]) -> Sites:
+    """In-tissue spots with a non-zero total on the mapped genes, in lattice order (array_row, array_col)."""
     from stcorpus.curate.errors import NoSpotsError
-    from stcorpus.curate.tiles import cut_tiles, lattice_neighbors
 
     spots = slide.spots
     counts = counts.tocsr()
     totals = np.asarray(counts.sum(axis=1)).ravel()
     in_tissue = spots.in_tissue.astype(bool)
     keep = np.flatnonzero(in_tissue & (totals > 0))
-    rejected: Counter[str] = Counter({"zero_counts": int(np.count_nonzero(in_tissue & (totals <= 0)))})
-    result.slide["n_spots"] = int(np.count_nonzero(in_tissue))
+    rejected["zero_counts"] += int(np.count_nonzero(in_tissue & (totals <= 0)))
     if keep.size == 0:
         raise NoSpotsError(
             f"no in-tissue spot has counts on the mapped genes ({int(np.count_nonzero(in_tissue))} in tissue)",
             slide_id=slide.id,
         )
-    # Lattice order: samples of a slide are stored (and packed with order="slide") row by row.
     keep = keep[np.lexsort((spots.array_col[keep], spots.array_row[keep]))]
-    keys = [sample_key(slide.id, str(b)) for b in spots.barcode[keep]]
-    neighbors = lattice_neighbors(spots.array_row[keep], spots.array_col[keep], lattice=slide.lattice)
-    kept_counts = counts[keep]
-    niche = (neighbors.to_csr() @ kept_counts).tocsr()
-    niche.sort_indices()
-    kept_counts.sort_indices()
-    neighbor_keys = neighbors.keys(keys)
-    n_neighbors = neighbors.counts
+    kept = counts[keep]
+    kept.sort_indices()
+    return Sites(spots=keep, keys=[sample_key(slide.id, str(b)) for b in spots.barcode[keep]], counts=kept)
 
-    position = {int(spot): i for i, spot in enumerate(keep)}
-    tiles: dict[int, Any] = {}
-    run = cut_tiles(slide, indices=keep, settings=settings.tiles)
+
+def neighbours(slide: Slide, sites: Sites) -> Niche:
+    """The in-tissue lattice neighbours of every site among the sites, and their summed counts."""
+    from stcorpus.curate.tiles import lattice_neighbors
+
+    adjacency: Neighbors = lattice_neighbors(
+        slide.spots.array_row[sites.spots], slide.spots.array_col[sites.spots], lattice=slide.lattice
+    )
+    summed = (adjacency.to_csr() @ sites.counts).tocsr()
+    summed.sort_indices()
+    return Niche(keys=adjacency.keys(sites.keys), n_neighbors=adjacency.counts, counts=summed)
+
+
+def site_tiles(
+    slide: Slide, sites: Sites, *, settings: TileSettings, rejected: Counter[str]
+) -> tuple[dict[int, TileResult], dict[str, Any]]:
+    """The accepted tiles by site position, and the tile run's statistics; rejections counted by reason."""
+    from stcorpus.curate.tiles import cut_tiles
+
+    position = {int(spot): i for i, spot in enumerate(sites.spots)}
+    tiles: dict[int, TileResult] = {}
+    run = cut_tiles(slide, indices=sites.spots, settings=settings)
     for tile in run:
         if tile.accepted:
             tiles[position[tile.index]] = tile
     for reason, n in run.stats.rejected.items():
         rejected[reason] += n
-    result.tiles = run.stats.as_dict() | {"rejected": dict(rejected)}
+    return tiles, run.stats.as_dict() | {"rejected": dict(rejected)}
 
-    chosen = sorted(tiles)
-    if not chosen:
-        raise NoSpotsError(f"every spot's tiles were rejected ({dict(rejected)})", slide_id=slide.id)
-    dtype = "int32" if np.issubdtype(kept_counts.dtype, np.integer) else "float32"
-    columns: dict[str, list[Any]] = {name: [] for name in unit_sample_schema(dtype).names}
-    mpp = slide.mpp
+
+def counts_dtype(counts: sp.csr_matrix) -> str:
+    """How a unit stores a slide's counts: int32 for integer counts, float32 otherwise."""
+    return "int32" if np.issubdtype(counts.dtype, np.integer) else "float32"
+
+
+def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileResult]) -> tuple[pa.Table, int]:
+    """The samples of the sites with tiles, as a table in the unit work format, and their bytes."""
+    import pyarrow as pa
+
+    counts = sites.counts
+    dtype = counts_dtype(counts)
+    out: dict[str, list[Any]] = {name: [] for name in unit_sample_schema(dtype).names}
+    spots, mpp = slide.spots, slide.mpp
     sample_bytes = 0
-    for i in chosen:
-        tile = tiles[i]
-        spot = keep[i]
-        row = kept_counts.indices[kept_counts.indptr[i] : kept_counts.indptr[i + 1]]
-        values = kept_counts.data[kept_counts.indptr[i] : kept_counts.indptr[i + 1]]
-        nrow = niche.indices[niche.indptr[i] : niche.indptr[i + 1]]
-        nvalues = niche.data[niche.indptr[i] : niche.indptr[i + 1]]
-        columns["key"].append(keys[i])
-        columns["patch"].append(tile.patch)
-        columns["region"].append(tile.region)
-        columns["genes"].append(row.astype(np.int32))
-        columns["counts"].append(values)
-        columns["niche_genes"].append(nrow.astype(np.int32))
-        columns["niche_counts"].append(nvalues)
-        columns["barcode"].append(str(spots.barcode[spot]))
-        columns["x_um"].append(float(spots.x_px[spot]) * mpp)
-        columns["y_um"].append(float(spots.y_px[spot]) * mpp)
-        columns["array_row"].append(int(spots.array_row[spot]))
-        columns["array_col"].append(int(spots.array_col[spot]))
-        columns["pos"].append(int(tile.pos))
-        columns["neighbors"].append(neighbor_keys[i])
-        columns["n_neighbors"].append(int(n_neighbors[i]))
-        columns["total_counts"].append(float(values.sum()))
-        columns["n_genes"].append(int(row.size))
-        columns["outside_fraction"].append(float(tile.outside_fraction))
-        sample_bytes += len(tile.patch) + len(tile.region or b"") + 8 * row.size + 8 * nrow.size
-    table = pa.Table.from_pydict(columns, schema=unit_sample_schema(dtype))
+    for i in sorted(tiles):
+        tile, spot = tiles[i], sites.spots[i]
+        assert tile.patch is not None, "an accepted tile has its patch"
+        genes = counts.indices[counts.indptr[i] : counts.indptr[i + 1]]
+        values = counts.data[counts.indptr[i] : counts.indptr[i + 1]]
+        niche_genes = niche.counts.indices[niche.counts.indptr[i] : niche.counts.indptr[i + 1]]
+        niche_values = niche.counts.data[niche.counts.indptr[i] : niche.counts.indptr[i + 1]]
+        out["key"].append(sites.keys[i])
+        out["patch"].append(tile.patch)
+        out["region"].append(tile.region)
+        out["genes"].append(genes.astype(np.int32))
+        out["counts"].append(values)
+        out["niche_genes"].append(niche_genes.astype(np.int32))
+        out["niche_counts"].append(niche_values)
+        out["barcode"].append(str(spots.barcode[spot]))
+        out["x_um"].append(float(spots.x_px[spot]) * mpp)
+        out["y_um"].append(float(spots.y_px[spot]) * mpp)
+        out["array_row"].append(int(spots.array_row[spot]))
+        out["array_col"].append(int(spots.array_col[spot]))
+        out["pos"].append(int(tile.pos))
+        out["neighbors"].append(niche.keys[i])
+        out["n_neighbors"].append(int(niche.n_neighbors[i]))
+        out["total_counts"].append(float(values.sum()))
+        out["n_genes"].append(int(genes.size))
+        out["outside_fraction"].append(float(tile.outside_fraction))
+        sample_bytes += len(tile.patch) + len(tile.region or b"") + 8 * genes.size + 8 * niche_genes.size
+    return pa.Table.from_pydict(out, schema=unit_sample_schema(dtype)), sample_bytes
+
+
+def _samples(
+    slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResult, settings: UnitSettings, where: _Where
+) -> None:
+    from stcorpus.curate.errors import NoSpotsError
+
+    # sites -> neighbours -> tiles -> columns; every in-tissue spot not written is counted in `rejected`.
+    rejected: Counter[str] = Counter()
+    where.enter("choosing sites")
+    try:
+        sites = choose_sites(slide, counts, rejected=rejected)
+    finally:
+        result.tiles = {"rejected": dict(rejected)}
+    where.enter("finding neighbours")
+    niche = neighbours(slide, sites)
+    where.enter("cutting tiles", [str(slide.image.path)])
+    tiles, result.tiles = site_tiles(slide, sites, settings=settings.tiles, rejected=rejected)
+    if not tiles:
+        raise NoSpotsError(f"every spot's tiles were rejected ({dict(rejected)})", slide_id=slide.id)
+    where.enter("writing samples", [str(tmp / SAMPLES_FILE)])
+    table, sample_bytes = columns(slide, sites, niche, tiles)
     write_samples(tmp / SAMPLES_FILE, table)
-    result.counts_dtype = dtype
-    result.n_samples = len(chosen)
+    result.counts_dtype = counts_dtype(sites.counts)
+    result.n_samples = table.num_rows
     result.sample_bytes = sample_bytes
-    result.slide["n_spots_written"] = len(chosen)
-    _qc_plots(slide, tmp / QC_SUBDIR, keep=keep, totals=totals, patches=[tiles[i].patch for i in chosen[:MONTAGE_SIZE]])
+    result.slide["n_spots_written"] = table.num_rows
+    where.enter("drawing QC plots", [str(slide.image.path)])
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    chosen = sorted(tiles)[:MONTAGE_SIZE]
+    _qc_plots(
+        slide,
+        tmp / QC_SUBDIR,
+        keep=sites.spots,
+        totals=totals,
+        patches=[p for i in chosen if (p := tiles[i].patch) is not None],
+    )
 
 
 def content_digest(counts: sp.csr_matrix, *, rows: npt.NDArray[np.bool_] | None = None) -> str:
@@ -306,18 +592,6 @@ def _qc_plots(
     plot_montage(folder / "patches.png", jpegs=patches, title=f"{slide.id}: first patches in lattice order")
 
 
-def read_unit_histograms(work: WorkDir, slide_id: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    """Total counts and detected genes of a built unit's samples, for the QC report."""
-    table = work.samples(slide_id)
-    return (
-        table.column("total_counts").to_numpy(),
-        table.column("n_genes").to_numpy(),
-    )
-
-
-__all__ = ["GeneSettings", "UnitSettings", "content_digest", "run_unit", "slide_row"]
-
-
 def describe(result: UnitResult) -> str:
     """One line about a unit, for logs and summaries."""
     if result.status == "built":
@@ -328,3 +602,25 @@ def describe(result: UnitResult) -> str:
 def results_by_status(results: Mapping[str, UnitResult]) -> Counter[str]:
     """How many units ended in each status."""
     return Counter(r.status for r in results.values())
+
+
+__all__ = [
+    "GeneSettings",
+    "Niche",
+    "Sites",
+    "UnitSettings",
+    "choose_sites",
+    "columns",
+    "content_digest",
+    "counts_dtype",
+    "failed_unit",
+    "known_inputs",
+    "manifest_entry",
+    "neighbours",
+    "reusable_unit",
+    "run_unit",
+    "site_tiles",
+    "slide_row",
+    "unit_key",
+    "worker_lost_unit",
+]

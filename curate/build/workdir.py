@@ -2,14 +2,17 @@
 
 Layout (``<out>/.work/`` by default)::
 
+    build.json                       which manifests this work folder builds (``BuildRecord``)
     units/<slide_id>/result.json     what happened: status, reason, slide row, QC, mapping, tiles
-    units/<slide_id>/samples.arrow   the slide's samples (Arrow IPC, uncompressed: memory-mapped by pack)
+    units/<slide_id>/samples.arrow   the slide's samples (Arrow IPC, uncompressed: memory-mapped by pack;
+                                     schema ``unit_sample_schema``)
     units/<slide_id>/qc/*.png        the slide's QC plots (thumbnail with spots, patch montage)
 
 A unit is written into ``units/.<slide_id>.<pid>.tmp/`` and renamed into place in one step, so a
 unit folder that exists is complete: a build killed at any moment leaves at most a temporary
-folder, which the next run deletes. A unit is reused only when its ``settings_digest`` matches
-the current settings (the settings that change what a unit contains).
+folder, which the next run deletes. A unit is reused only when its ``unit_key`` (the settings and
+the resolved manifest entry, see ``curate.build.unit.unit_key``) matches and its recorded inputs
+are still the sources' bytes; a unit written in another work format is not reused.
 """
 
 from __future__ import annotations
@@ -22,17 +25,57 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from stcorpus.curate.atomic import fsync_dir
+from stcorpus import schema
+from stcorpus.curate.atomic import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
     import pyarrow as pa
 
-UNIT_FORMAT: Final = "stcorpus-unit/1"
+#: stcorpus-unit/2: ``unit_key`` (settings + resolved manifest entry), reader drops, failure details.
+UNIT_FORMAT: Final = "stcorpus-unit/2"
 RESULT_FILE: Final = "result.json"
 SAMPLES_FILE: Final = "samples.arrow"
 QC_SUBDIR: Final = "qc"
+BUILD_RECORD_FILE: Final = "build.json"
 
 UnitStatus = Literal["built", "quarantined", "failed"]
+
+#: Metadata fields a unit stores per sample; the others come from the slide (and the split).
+UNIT_SAMPLE_FIELDS: Final = (
+    "barcode",
+    "x_um",
+    "y_um",
+    "array_row",
+    "array_col",
+    "pos",
+    "neighbors",
+    "n_neighbors",
+    "total_counts",
+    "n_genes",
+    "outside_fraction",
+)
+
+
+def unit_sample_schema(counts_dtype: str) -> pa.Schema:
+    """Arrow schema of a unit's ``samples.arrow`` (gene indices are local to the slide)."""
+    import pyarrow as pa
+
+    counts = pa.list_(pa.int32() if counts_dtype == "int32" else pa.float32())
+    meta_types = {f.name: schema._arrow_type(f.arrow) for f in schema.META_FIELDS}
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("patch", pa.binary()),
+            ("region", pa.binary()),
+            ("genes", pa.list_(pa.int32())),
+            ("counts", counts),
+            ("niche_genes", pa.list_(pa.int32())),
+            ("niche_counts", counts),
+            *((name, meta_types[name]) for name in UNIT_SAMPLE_FIELDS),
+        ]
+    )
 
 
 @dataclass
@@ -41,8 +84,11 @@ class UnitResult:
 
     slide_id: str
     status: UnitStatus  # built; quarantined (bad data, not retried); failed (e.g. network, retried next run)
-    settings_digest: str
-    reason: str = ""  # "<code>: <message>" when not built
+    settings_digest: str  # of the settings alone (UnitSettings.digest)
+    unit_key: str = ""  # the unit's identity: settings + resolved manifest entry (unit.unit_key)
+    reason: str = ""  # "<code>: <message>" when not built (every failed check when several failed)
+    failures: list[str] = field(default_factory=list)  # quarantine codes of every failed check / exception type
+    error: dict[str, Any] = field(default_factory=dict)  # failed on an exception: type, message, stage, files
     slide: dict[str, Any] = field(default_factory=dict)  # the slides.parquet row, less corpus-level fields
     qc: list[dict[str, Any]] = field(default_factory=list)
     mapping: dict[str, Any] = field(default_factory=dict)  # the gene mapping report
@@ -53,8 +99,18 @@ class UnitResult:
     sample_bytes: int = 0  # total bytes of the samples' images + expression, for shard sizing
     inputs: list[dict[str, Any]] = field(default_factory=list)  # name, url, sha256, size of each source
     content_digest: str = ""  # fingerprint of the counts (and image), for deduplication
+    dropped_spots: dict[str, int] = field(default_factory=dict)  # spots the reader dropped, by SpotDrop reason
     seconds: float = 0.0
     format: str = UNIT_FORMAT
+
+    @property
+    def spots_rejected(self) -> dict[str, int]:
+        """Every spot read but not written, by reason: the reader's drops and the build's rejections."""
+        rejected = {reason: int(n) for reason, n in self.dropped_spots.items() if n}
+        for reason, n in (self.tiles.get("rejected") or {}).items():
+            if n:
+                rejected[reason] = rejected.get(reason, 0) + int(n)
+        return dict(sorted(rejected.items()))
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys; ``seconds`` is the only run-dependent field)."""
@@ -89,16 +145,22 @@ class WorkDir:
         return self.units / slide_id
 
     def result(self, slide_id: str) -> UnitResult | None:
-        """The finished unit of a slide, or None."""
+        """The finished unit of a slide, or None (also for a unit of an older work format: it is rebuilt)."""
         path = self.unit_dir(slide_id) / RESULT_FILE
         if not path.is_file():
             return None
-        return UnitResult.from_json(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if json.loads(text).get("format") != UNIT_FORMAT:
+            return None
+        return UnitResult.from_json(text)
 
-    def reusable(self, slide_id: str, settings_digest: str) -> UnitResult | None:
-        """The finished unit of a slide if it was made with these settings and need not be retried."""
+    def reusable(self, slide_id: str, unit_key: str) -> UnitResult | None:
+        """The finished unit of a slide if it has this identity and need not be retried (not ``failed``).
+
+        Whether its inputs are still the sources' bytes is for the caller to check (``unit.reusable_unit``).
+        """
         result = self.result(slide_id)
-        if result is None or result.settings_digest != settings_digest or result.status == "failed":
+        if result is None or result.unit_key != unit_key or result.status == "failed":
             return None
         return result
 
@@ -141,13 +203,55 @@ class WorkDir:
         source = pa.memory_map(str(self.unit_dir(slide_id) / SAMPLES_FILE), "r")
         return pa.ipc.open_file(source).read_all()
 
+    def histograms(self, slide_id: str) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.integer]]:
+        """Total counts and detected genes of a built unit's samples, for the QC report."""
+        table = self.samples(slide_id)
+        return table.column("total_counts").to_numpy(), table.column("n_genes").to_numpy()
+
     def results(self) -> Iterator[UnitResult]:
-        """Every finished unit, by slide id."""
+        """Every finished unit (of this work format), by slide id."""
         if not self.units.is_dir():
             return
         for path in sorted(self.units.iterdir()):
-            if not path.name.startswith(".") and (path / RESULT_FILE).is_file():
-                yield UnitResult.from_json((path / RESULT_FILE).read_text(encoding="utf-8"))
+            if not path.name.startswith("."):
+                result = self.result(path.name)
+                if result is not None:
+                    yield result
+
+    def remove_units(self) -> None:
+        """Delete every unit (``curate build --overwrite``: the folder built another corpus)."""
+        shutil.rmtree(self.units, ignore_errors=True)
+        self.record_path.unlink(missing_ok=True)
+
+    @property
+    def record_path(self) -> Path:
+        """``build.json``: the manifests this work folder builds."""
+        return self.root / BUILD_RECORD_FILE
+
+    def record(self) -> BuildRecord | None:
+        """What ``write_record`` wrote, or None for a fresh (or pre-record) work folder."""
+        try:
+            data = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return BuildRecord(name=data.get("name"), manifests=tuple(data.get("manifests") or ()))
+
+    def write_record(self, record: BuildRecord) -> None:
+        """Say which manifests this work folder builds (checked by the next build into it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.record_path, (json.dumps(asdict(record), indent=1, sort_keys=True) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """The identity of a build, for refusing to replace another corpus: its manifests' names.
+
+    Names, not digests: editing a manifest (a fixed URL, a new slide) is the same build resumed,
+    and only the slides whose entries changed are rebuilt.
+    """
+
+    name: str | None
+    manifests: tuple[str, ...]
 
 
 def _writer_tag() -> str:

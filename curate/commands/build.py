@@ -41,7 +41,10 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--holdout",
-        help="holdout list (default: holdout.yaml beside the first manifest, if any; 'none' to use none)",
+        default="default",
+        metavar="default|FILE|none",
+        help="benchmark slides kept out of train: 'default' (the list shipped with stcorpus: HEST-Benchmark, "
+        "DLPFC, HER2ST and their copies), a holdout file, or 'none' (the only way to use none)",
     )
     group.add_argument("--allow-local", action="store_true", help="allow local paths in manifests that do not")
 
@@ -63,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="skip",
         help="a slide that cannot be built: stop the build (error), or quarantine it and go on, logging a "
         "warning (warn) or an info line (skip, the default); quarantined slides are always reported",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a corpus of other manifests that --out holds (without it the build refuses; a corpus of "
+        "the same manifests is resumed either way)",
     )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
@@ -87,6 +96,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=tiles.min_tissue_fraction,
         help="reject spots whose patch is less than this fraction tissue (default 0.1)",
+    )
+
+    group.add_argument(
+        "--max-upsample",
+        type=float,
+        default=tiles.max_upsample,
+        help="largest enlargement of an image too coarse for --patch-mpp (default 2; 1: never enlarge)",
+    )
+
+    from stcorpus.curate.build.unit import GeneSettings
+    from stcorpus.curate.qc import QCSettings
+
+    qc, genes = QCSettings(), GeneSettings()
+    group = parser.add_argument_group("quality control")
+    group.add_argument(
+        "--max-mpp",
+        type=float,
+        default=qc.max_mpp,
+        help=f"coarsest image accepted, in um/px (default {qc.max_mpp:g}: coarser slides are quarantined, as "
+        "0.5 um/px tiles from them would be upsampled guesses)",
+    )
+    group.add_argument(
+        "--mpp-tolerance",
+        type=float,
+        default=qc.mpp_tolerance,
+        help=f"largest relative difference between a slide's um/px and its spot lattice's (default "
+        f"{qc.mpp_tolerance:g})",
+    )
+    group.add_argument(
+        "--scale-mismatch",
+        choices=("flag", "quarantine"),
+        default="quarantine" if qc.scale_mismatch_blocking else "flag",
+        help="a slide whose um/px and lattice disagree by more than --mpp-tolerance: build it flagged (default) "
+        "or quarantine it",
+    )
+    group.add_argument(
+        "--max-spots-outside",
+        type=float,
+        default=qc.max_outside_fraction,
+        help=f"largest fraction of in-tissue spot centres outside the image before a slide is quarantined "
+        f"(default {qc.max_outside_fraction:g})",
+    )
+    group.add_argument(
+        "--min-mapped-fraction",
+        type=float,
+        default=genes.min_mapped_fraction,
+        help=f"fewest of a slide's features that must map to genes (default {genes.min_mapped_fraction:g})",
     )
 
     group = parser.add_argument_group("shards")
@@ -121,12 +177,11 @@ def selection_from(args: argparse.Namespace) -> Any:
     )
 
 
-def holdout_from(args: argparse.Namespace) -> Path | None:
-    """The holdout list to use: the argument, or holdout.yaml beside the first manifest."""
-    if args.holdout is not None:
-        return None if args.holdout.lower() == "none" else Path(args.holdout)
-    candidate = Path(args.manifests[0]).parent / "holdout.yaml"
-    return candidate if candidate.is_file() else None
+def holdout_from(args: argparse.Namespace) -> Any:
+    """The holdout list the arguments name (``--holdout``: default, a file, or none)."""
+    from stcorpus.curate.build.splits import resolve_holdout
+
+    return resolve_holdout(args.holdout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
     from stcorpus.curate.build.pack import PackSettings
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.build.splits import SplitSettings
-    from stcorpus.curate.build.unit import UnitSettings
+    from stcorpus.curate.build.unit import GeneSettings, UnitSettings
     from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.qc import QCSettings
     from stcorpus.curate.tiles import TileSettings
 
     tiles = TileSettings(
@@ -146,14 +202,22 @@ def run(args: argparse.Namespace) -> int:
         regions=not args.no_regions,
         max_outside_fraction=args.max_outside,
         min_tissue_fraction=args.min_tissue,
+        max_upsample=args.max_upsample,
     )
+    qc = QCSettings(
+        max_mpp=args.max_mpp,
+        mpp_tolerance=args.mpp_tolerance,
+        scale_mismatch_blocking=args.scale_mismatch == "quarantine",
+        max_outside_fraction=args.max_spots_outside,
+    )
+    genes = GeneSettings(min_mapped_fraction=args.min_mapped_fraction)
     train, validation, test = args.splits
     settings = BuildSettings(
         name=args.name,
         workers=args.workers,
         on_bad_sample=args.on_bad_sample,
         selection=selection_from(args),
-        unit=UnitSettings(tiles=tiles),
+        unit=UnitSettings(tiles=tiles, qc=qc, genes=genes),
         splits=SplitSettings(
             train=train, validation=validation, test=test, seed=args.seed, holdout=args.holdout_policy
         ),
@@ -163,9 +227,10 @@ def run(args: argparse.Namespace) -> int:
             max_shard_bytes=int(args.max_shard_mb * 1024**2),
             seed=args.seed,
         ),
-        holdout=holdout_from(args),
+        holdout=args.holdout,
         work_dir=args.work_dir,
         allow_local=args.allow_local,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     fetch = FetchSettings(allow_local=args.allow_local, **({"cache_dir": args.cache} if args.cache else {}))
@@ -175,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"curate build: wrote {args.out}")
     for line in summary.lines():
         print(line)
-    return 0
+    return summary.exit_code  # 0, or 1 when some slides failed (README: exit codes)
 
 
 # --- where units run (the Dask executor, issue 10) ---------------------------------------------

@@ -24,30 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan."""
-    from collections import Counter
-
-    from stcorpus.curate.build.splits import load_holdouts
-    from stcorpus.curate.commands.build import holdout_from, selection_from
+    """Print the plan (the one ``curate build`` would run: same validation, filters, holdout list)."""
+    from stcorpus.curate.build.splits import SplitSettings, resolve_holdout
+    from stcorpus.curate.commands.build import selection_from
     from stcorpus.curate.manifest import load_manifests
     from stcorpus.curate.plan import make_plan
 
     manifests = load_manifests(args.manifests, allow_local=args.allow_local)
     selection = selection_from(args)
-    samples = [s for m in manifests for s in m.samples if selection.matches(s)]
-    holdout = holdout_from(args)
-    holdouts = {h.slide_id: h.reason for h in load_holdouts(holdout).values()} if holdout else {}
     plan = make_plan(
-        samples,
-        licences=selection.licences,
-        holdouts=holdouts,
-        exclude_holdouts=args.holdout_policy == "exclude",
+        manifests,
+        selection=selection,
+        splits=SplitSettings(holdout=args.holdout_policy),
+        holdout=resolve_holdout(args.holdout),
     )
     for manifest in manifests:
         chosen = [s for s in manifest.samples if selection.matches(s)]
         print(f"{manifest.path}: {len(chosen):,} of {len(manifest.samples):,} slides selected")
-    if holdout:
-        print(f"holdout list: {holdout} ({len(holdouts):,} slides)")
     for line in plan.lines():
         print(line)
     shown = plan.candidates if args.candidates < 0 else plan.candidates[: args.candidates]
@@ -64,7 +57,4 @@ def run(args: argparse.Namespace) -> int:
             for name, source in sorted(sample.sources.items()):
                 size = f"{source.size:,} B" if source.size is not None else "size unknown"
                 print(f"    {name}: {source.url} ({size})")
-    unknown = Counter(s.technology for s in plan.included if s.technology not in ("spaceranger", "hest", "stimage"))
-    if unknown:
-        print("no reader yet (would be quarantined): " + ", ".join(f"{t} {n}" for t, n in unknown.items()))
     return 0

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from stcorpus.curate.build.splits import load_holdouts
     from stcorpus.curate.errors import ManifestError
     from stcorpus.curate.manifest import Manifest, load_manifest, load_manifests
-    from stcorpus.curate.readers import check_sample
+    from stcorpus.curate.validation import check_manifests
 
     paths = [Path(p) for p in args.manifests]
     holdout_paths = [p for p in paths if _is_holdout(p)]
@@ -48,16 +48,20 @@ def run(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             failed += 1
             continue
-        problems = [p for sample in manifest.samples for p in check_sample(sample)]
-        for problem in problems:
+        # The validation `curate plan` and `curate build` run too (curate.validation).
+        checked = check_manifests([manifest])
+        for problem in checked.problems:
             print(problem, file=sys.stderr)
-        if problems:
+        if checked.problems:
             failed += 1
             continue
         manifests.append(manifest)
         by_tech = Counter(s.technology for s in manifest.samples)
         summary = ", ".join(f"{n} {t}" for t, n in sorted(by_tech.items()))
         print(f"{path}: ok: {len(manifest.samples)} samples in {len(manifest.studies)} studies ({summary})")
+        note = checked.no_reader_line()
+        if note:
+            print(f"{path}: note: {note}")
     if failed == 0 and len(manifest_paths) > 1:
         try:
             load_manifests(manifest_paths, allow_local=args.allow_local)
@@ -81,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
             )
             failed += 1
             continue
-        checked = " (every id is in the manifests given)" if manifest_paths else ""
-        print(f"{path}: ok: holdout list of {len(holdouts)} slides{checked}")
+        against = " (every id is in the manifests given)" if manifest_paths else ""
+        print(f"{path}: ok: holdout list of {len(holdouts)} slides{against}")
     return 1 if failed else 0

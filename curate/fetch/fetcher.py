@@ -179,8 +179,8 @@ class Fetcher:
         if not (sample.allow_local or self.settings.allow_local):
             raise LocalSourceNotAllowedError(
                 f"{what}: local paths and file:// URLs are not allowed for this sample; set `allow_local: true` at "
-                "the top of its manifest, or allow them for this run (`curate fetch --allow-local`, "
-                "FetchSettings(allow_local=True))"
+                "the top of its manifest, or allow them for this run (`--allow-local` on curate fetch, plan and "
+                "build)"
             )
         path = local_path(source.url, base_dir=sample.base_dir)
         if not path.exists():

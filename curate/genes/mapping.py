@@ -331,9 +331,10 @@ def map_slide_genes(
         examples = ", ".join(repr(e["name"] or e["id"]) for e in report.unmapped_examples[:5])
         raise GeneMappingError(
             f"{where}only {report.mapped:,} of {report.n_features:,} features ({report.mapped_fraction:.1%}) map to "
-            f"{species} genes, below min_mapped_fraction={min_mapped_fraction}: {report.ambiguous:,} ambiguous, "
+            f"{species} genes, below the {min_mapped_fraction:g} required: {report.ambiguous:,} ambiguous, "
             f"{report.unmapped:,} unmapped ({reasons}; e.g. {examples}). Check the slide's species and that its "
-            "feature table holds gene ids or symbols",
+            "feature table holds gene ids or symbols (or accept fewer knowingly: `curate build "
+            "--min-mapped-fraction`)",
             slide_id=slide_id,
         )
     return SlideGenes(species=species, gene_ids=gene_ids, counts=mapped, report=report, feature_index=feature_index)
