@@ -135,7 +135,12 @@ class AugmentSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Reading over HTTP(S) and the Hub: retries, timeouts, read-ahead."""
+    """Reading remote corpora (HTTP(S), the Hub, fsspec stores): retries, timeouts, read-ahead.
+
+    ``block_mb``: stores other than HTTP(S), the Hub and S3 read a shard range in blocks of this
+    many MiB, one request each (a shard no larger than a block is one request); a block is held in
+    memory while it is read.
+    """
 
     retries: int = 5
     backoff_s: float = 1.0
@@ -143,6 +148,7 @@ class HttpSettings:
     timeout_s: float = 60.0
     readahead_mb: int = 64
     chunk_kb: int = 1024
+    block_mb: int = 64
 
     def __post_init__(self) -> None:
         _positive("http.retries", self.retries, zero=True)
@@ -150,6 +156,7 @@ class HttpSettings:
         _positive("http.timeout_s", self.timeout_s)
         _positive("http.readahead_mb", self.readahead_mb, zero=True)
         _positive("http.chunk_kb", self.chunk_kb)
+        _positive("http.block_mb", self.block_mb)
 
 
 @dataclass(frozen=True)

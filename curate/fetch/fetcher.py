@@ -31,16 +31,17 @@ from stcorpus.curate.errors import (
 )
 from stcorpus.curate.fetch.archive import Limits, is_archive_name, unpack_archive
 from stcorpus.curate.fetch.cache import Cache, UrlRecord, url_key
-from stcorpus.curate.fetch.hub import access_hint, auth_headers, metadata_from_head, parse_hf_url, resolve_url, token_of
+from stcorpus.curate.fetch.hub import parse_hf_url
 from stcorpus.curate.fetch.local import local_path, tree_digest
 from stcorpus.curate.fetch.locking import file_lock
 from stcorpus.curate.fetch.settings import FetchSettings
+from stcorpus.hub import access_hint, auth_headers, metadata_from_head, resolve_url, token_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from stcorpus.curate.fetch.http import HttpClient, ProgressFn
+    from stcorpus.curate.fetch.http import Downloader, ProgressFn
     from stcorpus.curate.manifest import Sample, Source
 
 logger = logging.getLogger(__name__)
@@ -120,11 +121,11 @@ class Fetcher:
     """
 
     def __init__(self, settings: FetchSettings | None = None, *, on_bytes: ProgressFn | None = None) -> None:
-        from stcorpus.curate.fetch.http import HttpClient
+        from stcorpus.curate.fetch.http import Downloader
 
         self.settings = settings if settings is not None else FetchSettings()
         self.cache = Cache(self.settings.cache_dir)
-        self._http: HttpClient = HttpClient(self.settings, on_bytes=on_bytes)
+        self._http: Downloader = Downloader(self.settings, on_bytes=on_bytes)
 
     def close(self) -> None:
         """Close the HTTP sessions."""
@@ -343,7 +344,7 @@ def _name_in(sample: Sample, source: Source) -> str:
 
 
 def _display(url: str) -> str:
-    from stcorpus.curate.fetch.http import redact_url
+    from stcorpus.http import redact_url
 
     return url if url_scheme(url) in (None, "file", "hf") else redact_url(url)
 

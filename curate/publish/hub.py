@@ -78,7 +78,7 @@ def default_api() -> Any:
     from huggingface_hub import HfApi
 
     from stcorpus.curate import __version__
-    from stcorpus.curate.fetch.hub import endpoint
+    from stcorpus.hub import endpoint
 
     return HfApi(endpoint=endpoint(), library_name="stcorpus", library_version=__version__)
 
