@@ -382,7 +382,7 @@ def test_hub_publish_to_a_new_branch_creates_it(corpus: Path, hub_api: HubApiSta
     assert {f.status for f in again.plan.files} == {"unchanged"}
 
 
-def test_an_unreachable_hub_gives_unknown_statuses_in_a_dry_run_and_stops_an_upload(corpus: Path) -> None:
+def test_an_unreachable_hub_fails_fast_in_a_dry_run_and_an_upload(corpus: Path) -> None:
     import httpx2
 
     class Down:
@@ -392,8 +392,41 @@ def test_an_unreachable_hub_gives_unknown_statuses_in_a_dry_run_and_stops_an_upl
             raise httpx2.ConnectError("[Errno 111] Connection refused")
 
     target = HubTarget("my-org/st-corpus", api_factory=Down)
-    plan = publish(corpus, target).plan
-    assert not plan.remote_known and {f.status for f in plan.files} == {"unknown"}
-    assert "cannot be reached" in plan.unknown_reason and "status unknown" in "\n".join(plan.lines(delete=False))
-    with pytest.raises(TargetUnreachableError, match="cannot be reached"):
-        publish(corpus, target, upload=True)
+    for upload in (False, True):
+        with pytest.raises(TargetUnreachableError, match=r"cannot be reached \(\[Errno 111\].*Add --offline"):
+            publish(corpus, target, upload=upload)
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "http://stcorpus-no-such-host.invalid"])
+def test_a_dry_run_without_the_hub_fails_at_once_with_one_message_naming_offline(
+    corpus: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    endpoint: str,
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # nothing listens there / the name does not resolve
+    code, out, err = run(capsys, str(corpus), "--repo", "my-org/st-corpus")
+    assert code == 2 and out.splitlines() == [f"publish {corpus} -> hf://datasets/my-org/st-corpus (dry run)"]
+    (message,) = err.splitlines()
+    assert message.startswith(f"curate publish: error: the Hub at {endpoint} cannot be reached ([Errno ")
+    assert "Add --offline for a dry run that does not contact the Hub" in message
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()], "huggingface_hub's retries never start"
+
+
+def test_huggingface_hub_warnings_are_printed_once(corpus: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from stcorpus.curate.cli import main\n"
+        f"code = main(['publish', {str(corpus)!r}, '--repo', 'o/n', '--offline', '--no-progress'])\n"
+        "import huggingface_hub.utils.logging  # as a real publish does: its logger gets its own handler\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+        "raise SystemExit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr

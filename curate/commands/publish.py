@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SettingsError(f"--jobs must be >= 1, not {args.jobs}")
     limits = CommitLimits(max_files=args.max_files_per_commit, max_bytes=int(args.max_commit_gb * (1 << 30)))
+    _one_line_per_hub_warning()
     target = _target(args)
     progress = None if args.no_progress else _Progress(str(args.corpus))
     print(f"publish {args.corpus} -> {target.describe()}" + ("" if args.yes else " (dry run)"))
@@ -87,6 +88,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{target.describe()} is up to date: nothing to upload")
     return 0
+
+
+def _one_line_per_hub_warning() -> None:
+    """Print each huggingface_hub warning once: it adds its own handler to its logger *and* lets its
+    records reach the root logger, whose handler ``curate`` configures, so every warning came twice."""
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401 - adds its handler to its logger on import
+
+    if not logging.getLogger().handlers:
+        return
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
 
 
 class _Progress:

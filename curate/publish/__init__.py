@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stcorpus.curate.errors import CorpusValidationError, PublishError, TargetUnreachableError
+from stcorpus.curate.errors import CorpusValidationError, PublishError
 from stcorpus.curate.publish.fs import INDEX_FILE, FsspecTarget
 from stcorpus.curate.publish.hub import HubTarget, offline_requested
 from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, make_plan
@@ -63,9 +63,10 @@ def plan_publish(
     jobs: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> PublishPlan:
-    """Validate ``root`` and compare it with ``target`` (not asked when ``offline``).
+    """Validate ``root`` and compare it with ``target`` (not asked when ``offline``: every status unknown).
 
-    An unreachable target gives a plan with unknown statuses, unless ``for_upload`` (then it raises).
+    An unreachable target raises :class:`TargetUnreachableError` at once (the Hub is probed with
+    one request before huggingface_hub's retries could start).
     """
     if isinstance(target, FsspecTarget):
         target.check_source(root)
@@ -81,12 +82,9 @@ def plan_publish(
             unknown_reason="offline (--offline or HF_HUB_OFFLINE): the target was not asked",
             skipped=scan.skipped,
         )
-    try:
-        statuses, remote_only = target.compare(scan.files)
-    except TargetUnreachableError as exc:
-        if for_upload:
-            raise
-        return make_plan(target.describe(), scan.files, None, unknown_reason=str(exc), skipped=scan.skipped)
+    # An unreachable target raises TargetUnreachableError, in a dry run too: its message says to add
+    # --offline, the one way to list what would be sent without contacting the target.
+    statuses, remote_only = target.compare(scan.files)
     return make_plan(target.describe(), scan.files, statuses, remote_paths=remote_only, skipped=scan.skipped)
 
 
