@@ -46,7 +46,7 @@ def _reason(exc: BaseException) -> str:
     text = str(exc)
     found = re.findall(r"\[Errno -?\d+\] [^'\")\]]+", text)
     if found:
-        return found[-1].strip()
+        return str(found[-1]).strip()
     return "timed out" if "timed out" in text.lower() else type(exc).__name__
 
 
