@@ -160,6 +160,26 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    """A local copy of the shards of a remote corpus (HTTP(S), the Hub, an fsspec store).
+
+    With a ``folder``, each shard streamed from a remote corpus is written there as it is read,
+    checked against ``shards.parquet``'s size and sha256 and renamed into place; later epochs and
+    later runs (a resume, another training) read it from local disk. Shards are kept by sha256,
+    so corpora and revisions share what they have in common. ``max_gb`` bounds the folder: the
+    least recently used shards go first; a shard larger than the budget is streamed uncached.
+    The workers and ranks of one node may share a folder (file locks, atomic renames). ``None``
+    (the default): no cache, every epoch streams every shard again. Local corpora never use it.
+    """
+
+    folder: str | None = None
+    max_gb: float = 100.0
+
+    def __post_init__(self) -> None:
+        _positive("cache.max_gb", self.max_gb)
+
+
+@dataclass(frozen=True)
 class LoaderSettings:
     """Everything that decides what the loader yields, in which order.
 
@@ -176,7 +196,14 @@ class LoaderSettings:
     - ``views``: which images to decode (``patch``, ``region`` or both).
     - ``decoder``: ``simplejpeg`` (libjpeg-turbo, default) or ``pil``.
     - ``on_bad_sample``: ``error`` (default) raises; ``warn`` skips, counts and logs the key;
-      ``skip`` skips and counts only.
+      ``skip`` skips and counts only. A shard that is missing, shorter or longer than
+      ``shards.parquet`` says, or corrupt is a ``ShardError`` naming it; ``warn``/``skip`` skip
+      the samples it would have given and count it.
+    - ``verify_sha256``: hash every shard against ``shards.parquet``'s sha256 before its first
+      sample (local shards once per process that opens them; remote ones are downloaded whole
+      first, into ``cache.folder`` or a temporary file). Off by default: sizes are always checked,
+      tar header checksums and Parquet footers catch most damage, and hashing reads every byte.
+    - ``cache``: a local shard cache for remote corpora (``CacheSettings``).
     """
 
     split: tuple[str, ...] = ("train",)
@@ -194,6 +221,8 @@ class LoaderSettings:
     genes: GeneSettings = field(default_factory=GeneSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    verify_sha256: bool = False
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         split: Any = self.split

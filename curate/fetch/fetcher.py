@@ -33,9 +33,9 @@ from stcorpus.curate.fetch.archive import Limits, is_archive_name, unpack_archiv
 from stcorpus.curate.fetch.cache import Cache, UrlRecord, url_key
 from stcorpus.curate.fetch.hub import parse_hf_url
 from stcorpus.curate.fetch.local import local_path, tree_digest
-from stcorpus.curate.fetch.locking import file_lock
 from stcorpus.curate.fetch.settings import FetchSettings
 from stcorpus.hub import access_hint, auth_headers, metadata_from_head, resolve_url, token_of
+from stcorpus.locking import file_lock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
