@@ -294,32 +294,49 @@ class FsspecSource:
 
     The filesystem is made with ``fsspec.core.url_to_fs(location, **storage_options)``, so the
     store's own configuration applies. A range of an S3 object (s3fs) is one streamed GET; other
-    stores read it with ``cat_file`` in blocks of ``http.block_mb`` MiB. The source pickles with
-    its filesystem (fsspec filesystems re-create themselves in a DataLoader worker).
+    stores read it with ``cat_file`` in blocks of ``http.block_mb`` MiB. Each process (a DataLoader
+    worker, forked or spawned) makes its own filesystem from the URL and ``storage_options``.
     """
 
     remote = True
 
     def __init__(self, location: str, *, http: HttpSettings, storage_options: Mapping[str, Any] | None = None) -> None:
-        from fsspec.core import url_to_fs
-
         from stcorpus.http import redact_url
 
         self.location = redact_url(location)
         self.http = http
-        try:
-            self.fs, root = url_to_fs(location, **dict(storage_options or {}))
-        except ImportError as exc:
-            scheme = urlsplit(location).scheme
-            raise CorpusError(
-                f"{self.location}: no fsspec filesystem for {scheme}:// is installed ({exc}); install its backend "
-                "(s3fs for s3://, gcsfs for gs://, adlfs for az:// and abfs://)"
-            ) from exc
-        except ValueError as exc:
-            raise CorpusError(f"{self.location}: not a location fsspec can open ({exc})") from exc
-        self.root = str(root).rstrip("/")
-        protocol = self.fs.protocol
+        self._url = location
+        self._options = dict(storage_options or {})  # in memory only: may hold credentials
+        self._fs: Any = None
+        self._pid = -1
+        fs = self.fs
+        self.root = str(fs._strip_protocol(location)).rstrip("/")
+        protocol = fs.protocol
         self.protocols = tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem, made again in a new process (fsspec's async filesystems are not fork-safe)."""
+        if self._fs is None or self._pid != os.getpid():
+            from fsspec.core import url_to_fs
+
+            try:
+                self._fs, _ = url_to_fs(self._url, **self._options)
+            except ImportError as exc:
+                scheme = urlsplit(self._url).scheme
+                raise CorpusError(
+                    f"{self.location}: no fsspec filesystem for {scheme}:// is installed ({exc}); install its "
+                    "backend (s3fs for s3://, gcsfs for gs://, adlfs for az:// and abfs://)"
+                ) from exc
+            except ValueError as exc:
+                raise CorpusError(f"{self.location}: not a location fsspec can open ({exc})") from exc
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs"], state["_pid"] = None, -1  # a DataLoader worker makes its own
+        return state
 
     def __repr__(self) -> str:
         return f"FsspecSource({self.location!r})"

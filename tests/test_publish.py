@@ -430,3 +430,24 @@ def test_huggingface_hub_warnings_are_printed_once(corpus: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+
+
+def test_publish_to_s3_then_the_loader_streams_it(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`curate publish --to s3://...` against an S3-compatible server on 127.0.0.1, read back by the loader."""
+    import fsspec
+
+    from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
+    from tests.s3_standin import serve_s3
+
+    with serve_s3():
+        fsspec.filesystem("s3").mkdir("pub")
+        code, out, err = run(capsys, str(corpus), "--to", "s3://pub/corpus", "--yes")
+        assert code == 0, err
+        assert "testing" not in out + err  # credentials come from the AWS configuration, never printed
+        settings = LoaderSettings(split=("train",), batch_size=8, drop_last=False)
+        remote = list(CorpusLoader(CorpusDataset("s3://pub/corpus", settings)))
+        index = fsspec.filesystem("s3").cat_file("pub/corpus/.stcorpus-publish.json").decode()
+        assert "testing" not in index
+    local = list(CorpusLoader(CorpusDataset(corpus, settings)))
+    assert [b["key"] for b in remote] == [b["key"] for b in local] and remote
+    assert all(x["patch"].equal(y["patch"]) for x, y in zip(remote, local, strict=True))
