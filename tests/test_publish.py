@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from stcorpus import schema
+from stcorpus.curate.build.card import card_for_repo
 from stcorpus.curate.build.pipeline import BuildSettings, build
 from stcorpus.curate.cli import main
 from stcorpus.curate.errors import PublishError, TargetUnreachableError
@@ -317,6 +318,12 @@ def test_hub_publish_commits_in_bounded_batches_with_the_description_last(
     files = hub_api.files(repo)
     assert files.pop(".gitattributes") == GITATTRIBUTES
     assert sorted(files) == published(corpus)
+    card = files.pop(schema.CARD_FILE)  # sent naming the repository in its examples
+    assert (
+        card.decode()
+        == card_for_repo((corpus / schema.CARD_FILE).read_text(), repo)
+        != (corpus / "README.md").read_text()
+    )
     assert all(files[p] == (corpus / p).read_bytes() for p in files)
     commits = hub_api.commits(repo)
     data = [p for p in published(corpus) if p not in DESCRIPTION]
@@ -451,3 +458,61 @@ def test_publish_to_s3_then_the_loader_streams_it(corpus: Path, capsys: pytest.C
     local = list(CorpusLoader(CorpusDataset(corpus, settings)))
     assert [b["key"] for b in remote] == [b["key"] for b in local] and remote
     assert all(x["patch"].equal(y["patch"]) for x, y in zip(remote, local, strict=True))
+
+
+def test_the_published_card_names_the_repository_and_its_examples_run_as_written(
+    corpus: Path, hub_api: HubApiStandIn, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`curate publish --repo` sends a card whose usage examples name the repository and whose dataset_info
+    carries the features; each of its code blocks then runs as written against the stand-in (HF_ENDPOINT)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from datasets import Features
+
+    repo = "my-org/st-corpus"
+    local_card = (corpus / schema.CARD_FILE).read_text()
+    assert 'load_dataset("<org>/<name>", streaming=True)' in local_card
+    code, out, err = run(capsys, str(corpus), "--repo", repo, "--yes")
+    assert code == 0, err
+    assert f'ds = load_dataset("{repo}", streaming=True)' in out
+    assert f'dataset = CorpusDataset("hf://datasets/{repo}", LoaderSettings(split=' in out
+    card = hub_api.files(repo)[schema.CARD_FILE].decode()
+    assert "<org>/<name>" not in card and f'load_dataset("{repo}", streaming=True)' in card
+    assert f'CorpusDataset("hf://datasets/{repo}", settings)' in card
+    assert (corpus / schema.CARD_FILE).read_text() == local_card, "the folder's own card is left as it is"
+    header, _ = split_front_matter(card)
+    assert header is not None
+    features = Features._from_yaml_list(yaml.safe_load(header)["dataset_info"]["features"])
+    shard = next(corpus.glob(f"{schema.PARQUET_DIR}/*/*.parquet"))
+    assert features == Features.from_arrow_schema(pq.read_schema(shard))
+    # A re-publish finds the card it sent unchanged.
+    code, out, _ = run(capsys, str(corpus), "--repo", repo, "--yes")
+    assert code == 0 and "is up to date" in out
+
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 2
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_api.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    keys = {row["slide_id"] for row in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{block}\n{done.stderr[-3000:]}"
+        printed = done.stdout.strip().splitlines()[-1]
+        assert any(f"{slide}__" in printed for slide in keys), printed
+    assert any(r.path.startswith(f"/datasets/{repo}/resolve/") for r in hub_api.requests)

@@ -1,7 +1,10 @@
 """``curate publish DIR --repo <org>/<name> | --to URL``: send a built corpus to the Hub or an fsspec target.
 
 A dry run unless ``--yes``: every file is listed with its size and status (new, changed,
-unchanged, or unknown when the target is not asked), then the totals.
+unchanged, or unknown when the target is not asked), then the totals, then the commands that
+read the corpus from the target. With ``--repo`` the card is sent with its usage examples
+naming the repository (the folder's own card is left as it is). ``--offline``: a dry run that
+does not contact the target at all.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if not args.yes:
         print("dry run: nothing was uploaded; add --yes to upload")
+        _print_read_commands(target, plan, published=False)
         return 0
     commits = apply_plan(
         args.corpus, target, plan, delete=args.delete, limits=limits, message=args.message, on_commit=_CommitLog()
@@ -87,7 +91,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"uploaded {len(plan.uploads):,} file(s) to {target.describe()} in {commits} {what}")
     else:
         print(f"{target.describe()} is up to date: nothing to upload")
+    _print_read_commands(target, plan, published=True)
     return 0
+
+
+def _print_read_commands(target: Any, plan: Any, *, published: bool) -> None:
+    """The lines that read the published corpus (``datasets`` and the stcorpus loader)."""
+    from stcorpus.curate.publish import read_commands
+
+    datasets_line, loader_line = read_commands(target, plan)
+    print("read it with:" if published else "once uploaded, read it with:")
+    print(f">>> from datasets import load_dataset; ds = {datasets_line}")
+    print(f">>> from stcorpus.loaders import CorpusDataset, LoaderSettings; dataset = {loader_line}")
 
 
 def _one_line_per_hub_warning() -> None:

@@ -54,6 +54,20 @@ def validate_for_publish(
     return scan
 
 
+def name_the_repository(scan: CorpusScan, repo_id: str) -> None:
+    """Publish the card with its usage examples naming ``repo_id`` (the folder's own card stays as it is)."""
+    from stcorpus import schema
+    from stcorpus.curate.build.card import card_for_repo
+
+    card = scan.files.get(schema.CARD_FILE)
+    if card is None:
+        return
+    text = (scan.root / card.path).read_text(encoding="utf-8")
+    named = card_for_repo(text, repo_id)
+    if named != text:
+        scan.files[card.path] = card.with_content(named.encode("utf-8"))
+
+
 def plan_publish(
     root: Path,
     target: Target,
@@ -71,6 +85,8 @@ def plan_publish(
     if isinstance(target, FsspecTarget):
         target.check_source(root)
     scan = validate_for_publish(root, hub=isinstance(target, HubTarget), jobs=jobs, progress=progress)
+    if isinstance(target, HubTarget):
+        name_the_repository(scan, target.repo_id)
     offline = offline or (isinstance(target, HubTarget) and offline_requested())
     if offline:
         if for_upload:
@@ -86,6 +102,31 @@ def plan_publish(
     # --offline, the one way to list what would be sent without contacting the target.
     statuses, remote_only = target.compare(scan.files)
     return make_plan(target.describe(), scan.files, statuses, remote_paths=remote_only, skipped=scan.skipped)
+
+
+def read_commands(target: Target, plan: PublishPlan) -> list[str]:
+    """How to read what ``plan`` publishes to ``target``: a ``datasets`` line and a stcorpus loader line."""
+    from stcorpus import schema
+
+    splits = sorted(
+        {p.split("/")[1] for p in (f.file.path for f in plan.files) if p.startswith(f"{schema.PARQUET_DIR}/")},
+        key=lambda split: schema.SPLITS.index(split) if split in schema.SPLITS else len(schema.SPLITS),
+    )
+    settings = f'LoaderSettings(split="{splits[0] if splits else schema.SPLITS[0]}")'
+    if isinstance(target, HubTarget):
+        revision = f', revision="{target.revision}"' if target.revision != "main" else ""
+        at = f"@{target.revision}" if target.revision != "main" else ""
+        return [
+            f'load_dataset("{target.repo_id}"{revision}, streaming=True)',
+            f'CorpusDataset("hf://datasets/{target.repo_id}{at}", {settings})',
+        ]
+    url = target.url.rstrip("/")
+    if target.is_local:
+        datasets_line = f'load_dataset("{url.removeprefix("file://")}", streaming=True)'
+    else:
+        files = ", ".join(f'"{split}": "{url}/{schema.PARQUET_DIR}/{split}/*.parquet"' for split in splits)
+        datasets_line = f'load_dataset("parquet", data_files={{{files}}}, streaming=True)'
+    return [datasets_line, f'CorpusDataset("{url}", {settings})']
 
 
 def apply_plan(
@@ -155,5 +196,6 @@ __all__ = [
     "apply_plan",
     "plan_publish",
     "publish",
+    "read_commands",
     "validate_for_publish",
 ]

@@ -246,7 +246,10 @@ class HubTarget:
             for item in group:
                 check_unchanged(root, item.file)
             operations: list[Any] = [
-                CommitOperationAdd(path_in_repo=item.file.path, path_or_fileobj=str(root / item.file.path))
+                CommitOperationAdd(
+                    path_in_repo=item.file.path,
+                    path_or_fileobj=item.file.content if item.file.content is not None else str(root / item.file.path),
+                )
                 for item in group
             ]
             if number == len(groups):
