@@ -36,7 +36,9 @@ thread while the current is parsed. Per epoch and rank with ``W`` workers: about
 plus 4 metadata files when the dataset is made and, with filters that split shards, 1 + row
 groups per such shard. For ``S=500`` tar shards and ``R=8`` ranks x ``W=8`` workers that is ~570
 GETs per epoch over all ranks (~1,100 with Parquet): under the Hub's ~5,000 per 5 minutes
-unless an epoch takes less than about 35 s (70 s with Parquet). See ``bench/LOADER.md``.
+unless an epoch takes less than about 35 s (70 s with Parquet). See ``bench/LOADER.md``. With a
+shard cache (``LoaderSettings.cache``, ``stcorpus.loaders.shard_cache``) a shard costs one GET
+the first time a process of the node reads it, and none in later epochs or runs.
 
 **Bad data.** ``on_bad_sample="error"`` (default) raises; ``"warn"``/``"skip"`` drop the sample
 (or the unreadable rest of a shard), count it (``CorpusDataset.skipped()``, over all workers) and, for ``warn``, log

@@ -263,3 +263,19 @@ def test_one_process_fills_a_shard_while_the_others_stream_it(tmp_path: Path) ->
     assert other.exitcode == 0
     hit = cache.lookup(record)
     assert hit is not None and hit.read_bytes() == data
+
+
+def test_workers_share_one_cache_folder(corpus: FixtureCorpus, server: LocalServer, tmp_path: Path) -> None:
+    """Two DataLoader worker processes fill one folder (each shard once), and the next epoch reads it."""
+    cache = {"folder": str(tmp_path / "cache")}
+    dataset = CorpusDataset(server.url, settings(format="wds", cache=cache))
+    first = list(CorpusLoader(dataset, num_workers=2))
+    shard_paths = ["/" + str(p.relative_to(corpus.root)) for p in corpus.shard_paths("wds", "train")]
+    assert len(list((tmp_path / "cache" / "shards").glob("*/*"))) == len(shard_paths)
+    assert not list((tmp_path / "cache" / "partial").glob("*"))
+    server.requests.clear()
+    loader = CorpusLoader(dataset, num_workers=2)
+    loader.set_epoch(1)
+    second = list(loader)
+    assert not [r for r in server.requests if r.path in shard_paths]
+    assert sorted(keys(first)) == sorted(keys(second)) == sorted(corpus.keys("train"))
