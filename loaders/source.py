@@ -417,6 +417,26 @@ class _BlockRange:
         self._buffer = memoryview(b"")
 
 
+def _s3_transport_errors() -> tuple[type[BaseException], ...]:
+    """What a dropped or stalled S3 body raises: OS and timeout errors, aiohttp's and botocore's own."""
+    import asyncio
+
+    found: list[type[BaseException]] = [OSError, TimeoutError, asyncio.TimeoutError]
+    try:
+        import aiohttp
+
+        found.append(aiohttp.ClientError)
+    except ImportError:  # s3fs without aiohttp cannot exist, but keep the loader importable
+        pass
+    try:
+        import botocore.exceptions
+
+        found.append(botocore.exceptions.BotoCoreError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 class _S3Range:
     """``[start, stop)`` of an S3 object as one streamed ``GetObject`` (with Range), resumed after a drop."""
 
@@ -455,11 +475,9 @@ class _S3Range:
                 if self._body is None:
                     self._open()
                 data: bytes = sync(self.source.fs.loop, self._body.read, n)
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, PermissionError) as exc:
                 raise self.source.translate(exc, self.path) from exc
-            except PermissionError as exc:
-                raise self.source.translate(exc, self.path) from exc
-            except (OSError, ConnectionError, TimeoutError) as exc:
+            except _s3_transport_errors() as exc:
                 self._drop(f"{type(exc).__name__}: {exc}")
                 continue
             if data:
