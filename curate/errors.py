@@ -43,7 +43,7 @@ class FetchError(CurateError):
 
 
 class UnsupportedSchemeError(FetchError, ValueError):
-    """A source URL whose scheme the fetch layer does not handle (ftp://, s3://, ...)."""
+    """A source URL whose scheme the fetch layer does not handle (ftp://, or a store without its fsspec backend)."""
 
 
 class LocalSourceNotAllowedError(FetchError, PermissionError):
@@ -56,6 +56,10 @@ class ChecksumMismatchError(FetchError):
 
 class SizeMismatchError(FetchError):
     """A download that ended short (truncated body) or long of its announced size."""
+
+
+class NotADataFileError(FetchError):
+    """An HTML page (a directory listing, a login page) served where a data file or archive is expected."""
 
 
 class UnsafeArchiveError(FetchError):

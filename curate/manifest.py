@@ -91,7 +91,7 @@ KNOWN_LICENCES: Final = (
 _LICENCE_REF: Final = re.compile(r"^LicenseRef-[A-Za-z0-9.\-]+$")
 
 #: URL schemes the fetch layer handles; anything else is refused when the manifest is read.
-REMOTE_SCHEMES: Final = ("https", "http", "hf")
+REMOTE_SCHEMES: Final = ("https", "http", "hf", "s3", "gs", "gcs", "az", "abfs", "abfss")
 LOCAL_SCHEMES: Final = ("file",)
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -107,7 +107,9 @@ class _Strict(BaseModel):
 class Source(_Strict):
     """One named file (or archive, or folder) a sample is read from."""
 
-    url: str = Field(description="https://, http://, hf://datasets/<repo>[@<rev>]/<path>, file:// or a path")
+    url: str = Field(
+        description="https://, http://, hf://datasets/<repo>[@<rev>]/<path>, s3://, gs://, az://, file:// or a path"
+    )
     sha256: str | None = Field(default=None, description="expected sha256 (hex); recorded by `curate fetch`")
     size: int | None = Field(default=None, ge=0, description="expected size in bytes")
     unpack: bool | None = Field(

@@ -1,4 +1,4 @@
-"""loaders: read a built corpus (local folder, HTTP, or the Hub) as a torch stream.
+"""loaders: read a built corpus (a folder, HTTP(S), the Hub, or any fsspec store) as a torch stream.
 
 >>> from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings  # doctest: +SKIP
 >>> dataset = CorpusDataset("hf://datasets/org/corpus", LoaderSettings(split="train", batch_size=256))
@@ -25,7 +25,14 @@ from stcorpus.loaders.errors import (
     SchemaVersionError,
     ShardError,
 )
-from stcorpus.loaders.settings import AugmentSettings, Filters, GeneSettings, HttpSettings, LoaderSettings
+from stcorpus.loaders.settings import (
+    AugmentSettings,
+    CacheSettings,
+    Filters,
+    GeneSettings,
+    HttpSettings,
+    LoaderSettings,
+)
 
 if TYPE_CHECKING:
     from stcorpus.loaders.corpus import Corpus, open_corpus
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AugmentSettings",
     "BadSampleError",
+    "CacheSettings",
     "Corpus",
     "CorpusDataset",
     "CorpusError",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -62,7 +62,7 @@ class Selection:
 
 
 class Corpus:
-    """The metadata of one corpus, read once from its source (local, HTTP or Hub)."""
+    """The metadata of one corpus, read once from its source (a folder, HTTP, the Hub, an fsspec store)."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
@@ -267,6 +267,11 @@ class Corpus:
             )
 
 
-def open_corpus(location: str | os.PathLike[str], *, http: HttpSettings | None = None) -> Corpus:
-    """The metadata of the corpus at ``location`` (folder, ``http(s)://`` URL or ``hf://datasets/...``)."""
-    return Corpus(open_source(location, http=http))
+def open_corpus(
+    location: str | os.PathLike[str],
+    *,
+    http: HttpSettings | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Corpus:
+    """The metadata of the corpus at ``location`` (a folder, ``http(s)://``, ``hf://datasets/...``, an fsspec URL)."""
+    return Corpus(open_source(location, http=http, storage_options=storage_options))

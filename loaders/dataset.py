@@ -36,7 +36,9 @@ thread while the current is parsed. Per epoch and rank with ``W`` workers: about
 plus 4 metadata files when the dataset is made and, with filters that split shards, 1 + row
 groups per such shard. For ``S=500`` tar shards and ``R=8`` ranks x ``W=8`` workers that is ~570
 GETs per epoch over all ranks (~1,100 with Parquet): under the Hub's ~5,000 per 5 minutes
-unless an epoch takes less than about 35 s (70 s with Parquet). See ``bench/LOADER.md``.
+unless an epoch takes less than about 35 s (70 s with Parquet). See ``bench/LOADER.md``. With a
+shard cache (``LoaderSettings.cache``, ``stcorpus.loaders.shard_cache``) a shard costs one GET
+the first time a process of the node reads it, and none in later epochs or runs.
 
 **Bad data.** ``on_bad_sample="error"`` (default) raises; ``"warn"``/``"skip"`` drop the sample
 (or the unreadable rest of a shard), count it (``CorpusDataset.skipped()``, over all workers) and, for ``warn``, log
@@ -76,6 +78,7 @@ from stcorpus.loaders.plan import (
 )
 from stcorpus.loaders.read import Columns, RawSample, ShardReader, parse_npz
 from stcorpus.loaders.settings import LoaderSettings
+from stcorpus.loaders.shard_cache import ShardCache, ShardSource, shard_records
 from stcorpus.loaders.source import open_source
 
 if TYPE_CHECKING:
@@ -380,7 +383,9 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
 
     Use it with ``CorpusLoader`` (a DataLoader that tracks consumed batches) or with a
     DataLoader/StatefulDataLoader given ``batch_size=None`` (the dataset batches itself).
-    ``location`` is a corpus folder, an ``http(s)://`` base URL, or ``hf://datasets/<org>/<name>``.
+    ``location`` is a corpus folder, ``file://``, an ``http(s)://`` base URL, ``hf://datasets/<org>/<name>``
+    or any fsspec URL (``s3://``, ``gs://``, ``az://``, ...; ``storage_options`` go to its filesystem,
+    and are kept in memory only: leave them out to use the store's own configuration).
     """
 
     def __init__(
@@ -390,6 +395,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         *,
         rank: int | None = None,
         world_size: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if settings is None:
@@ -400,10 +406,17 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         dist = _distributed()
         self.rank = rank if rank is not None else (dist[0] if dist else 0)
         self.world_size = world_size if world_size is not None else (dist[1] if dist else 1)
-        self.source = open_source(location, http=settings.http)
+        self.source = open_source(location, http=settings.http, storage_options=storage_options)
         self.corpus: Corpus | None = Corpus(self.source)
         self.selection: Selection = self.corpus.select(
             splits=settings.split, fmt=settings.format, filters=settings.filters
+        )
+        # What the shard reader reads through: shards held to shards.parquet, cached when remote.
+        self.shard_source = ShardSource(
+            self.source,
+            shard_records(self.corpus.shards),
+            verify=settings.verify_sha256,
+            cache=ShardCache.from_settings(settings.cache),
         )
         g = settings.genes
         self.columns = Columns(
@@ -513,7 +526,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         s = self.settings
         handler = Handler(s.on_bad_sample, self.counters)
         reader = ShardReader(
-            self.source,
+            self.shard_source,
             self.selection.shards,
             fmt=s.format,
             columns=self.columns,

@@ -6,6 +6,8 @@ its own small hierarchy under ``LoaderError``, which derives from the project's 
 
 from __future__ import annotations
 
+from stcorpus.errors import RemoteAuthError as _BaseRemoteAuthError
+from stcorpus.errors import RemoteError as _BaseRemoteError
 from stcorpus.errors import StcorpusError
 
 
@@ -25,16 +27,20 @@ class SchemaVersionError(CorpusError):
     """A corpus written under a schema version this loader does not read."""
 
 
-class RemoteError(LoaderError, OSError):
-    """An HTTP(S) or Hub request that failed after its retries."""
+class MissingFileError(CorpusError, FileNotFoundError):
+    """A file of the corpus that is not where it should be (locally, on a server, in a store)."""
 
 
-class RemoteAuthError(RemoteError, PermissionError):
+class RemoteError(LoaderError, _BaseRemoteError):
+    """An HTTP(S), Hub or store request that failed after its retries."""
+
+
+class RemoteAuthError(RemoteError, _BaseRemoteAuthError):
     """The server refused the request (401/403): a gated or private dataset without a valid token."""
 
 
 class ShardError(LoaderError):
-    """A shard that cannot be read to its end (truncated, corrupt, wrong size)."""
+    """A shard that cannot be read to its end: missing, truncated, corrupt, or not the bytes recorded."""
 
 
 class BadSampleError(LoaderError):

@@ -135,7 +135,12 @@ class AugmentSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Reading over HTTP(S) and the Hub: retries, timeouts, read-ahead."""
+    """Reading remote corpora (HTTP(S), the Hub, fsspec stores): retries, timeouts, read-ahead.
+
+    ``block_mb``: stores other than HTTP(S), the Hub and S3 read a shard range in blocks of this
+    many MiB, one request each (a shard no larger than a block is one request); a block is held in
+    memory while it is read.
+    """
 
     retries: int = 5
     backoff_s: float = 1.0
@@ -143,6 +148,7 @@ class HttpSettings:
     timeout_s: float = 60.0
     readahead_mb: int = 64
     chunk_kb: int = 1024
+    block_mb: int = 64
 
     def __post_init__(self) -> None:
         _positive("http.retries", self.retries, zero=True)
@@ -150,6 +156,27 @@ class HttpSettings:
         _positive("http.timeout_s", self.timeout_s)
         _positive("http.readahead_mb", self.readahead_mb, zero=True)
         _positive("http.chunk_kb", self.chunk_kb)
+        _positive("http.block_mb", self.block_mb)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A local copy of the shards of a remote corpus (HTTP(S), the Hub, an fsspec store).
+
+    With a ``folder``, each shard streamed from a remote corpus is written there as it is read,
+    checked against ``shards.parquet``'s size and sha256 and renamed into place; later epochs and
+    later runs (a resume, another training) read it from local disk. Shards are kept by sha256,
+    so corpora and revisions share what they have in common. ``max_gb`` bounds the folder: the
+    least recently used shards go first; a shard larger than the budget is streamed uncached.
+    The workers and ranks of one node may share a folder (file locks, atomic renames). ``None``
+    (the default): no cache, every epoch streams every shard again. Local corpora never use it.
+    """
+
+    folder: str | None = None
+    max_gb: float = 100.0
+
+    def __post_init__(self) -> None:
+        _positive("cache.max_gb", self.max_gb)
 
 
 @dataclass(frozen=True)
@@ -169,7 +196,14 @@ class LoaderSettings:
     - ``views``: which images to decode (``patch``, ``region`` or both).
     - ``decoder``: ``simplejpeg`` (libjpeg-turbo, default) or ``pil``.
     - ``on_bad_sample``: ``error`` (default) raises; ``warn`` skips, counts and logs the key;
-      ``skip`` skips and counts only.
+      ``skip`` skips and counts only. A shard that is missing, shorter or longer than
+      ``shards.parquet`` says, or corrupt is a ``ShardError`` naming it; ``warn``/``skip`` skip
+      the samples it would have given and count it.
+    - ``verify_sha256``: hash every shard against ``shards.parquet``'s sha256 before its first
+      sample (local shards once per process that opens them; remote ones are downloaded whole
+      first, into ``cache.folder`` or a temporary file). Off by default: sizes are always checked,
+      tar header checksums and Parquet footers catch most damage, and hashing reads every byte.
+    - ``cache``: a local shard cache for remote corpora (``CacheSettings``).
     """
 
     split: tuple[str, ...] = ("train",)
@@ -187,6 +221,8 @@ class LoaderSettings:
     genes: GeneSettings = field(default_factory=GeneSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    verify_sha256: bool = False
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         split: Any = self.split

@@ -1,22 +1,32 @@
-"""Where a corpus lives: a local folder, an ``http(s)://`` base URL, or ``hf://datasets/<org>/<name>``.
+"""Where a corpus lives: a folder, ``file://``, ``http(s)://``, ``hf://datasets/<org>/<name>``, or any fsspec store.
 
 A ``Source`` answers two kinds of reads, both by path relative to the corpus root:
 
 - ``read_bytes(path)``: a whole small file (``corpus.json``, ``shards.parquet``, ...).
 - ``open_range(path, start, stop, size=...)``: a sequential stream of bytes ``[start, stop)``.
-  Over HTTP this is one GET (``Range`` when not the whole file); a dropped connection is
-  resumed with ``Range: bytes=<pos>-`` (the retry counts against ``http.retries``); 429/503
-  are waited out with their ``Retry-After``; a body shorter than the size ``shards.parquet``
-  recorded is an error (``ShardError``), never a silently short shard.
 
-``hf://datasets/<org>/<name>[@<revision>]`` resolves every file with ``huggingface_hub.hf_hub_url``
-against ``HF_ENDPOINT`` read at call time (so a test or a mirror can set it late), with the
-headers of ``huggingface_hub.utils.build_hf_headers()`` (token from ``HF_TOKEN`` or the login
-cache). Tokens are never logged or put into error messages; the Hub's redirect to its CDN is
-followed by ``requests``, which drops the Authorization header on the way to another host.
+Which source a location gets:
 
-Every remote GET is counted per path (``request_counts``), for the request budget (see
-``stcorpus.loaders.dataset``): the Hub allows about 5,000 resolver requests per 5 minutes per account.
+- a folder or ``file://...``: :class:`LocalSource` (files opened in place, seekable);
+- ``http(s)://<base>``: :class:`HttpSource`, on the one HTTP client of :mod:`stcorpus.http`.
+  A range is one GET (``Range`` when not the whole file); a dropped connection is resumed with
+  ``Range: bytes=<pos>-`` (counted against ``http.retries``); 408/429/5xx are retried and their
+  ``Retry-After`` waited out; a body shorter than ``shards.parquet`` recorded is a ``ShardError``;
+- ``hf://datasets/<org>/<name>[@<revision>][/<folder>]``: :class:`HubSource`, the same client on
+  the resolve URLs of :mod:`stcorpus.hub` (``HF_ENDPOINT`` read at call time, the token of
+  ``HF_TOKEN`` or ``hf auth login``, sent to the Hub's origin only, never to its CDN);
+- any other fsspec URL (``s3://``, ``gs://``, ``az://``/``abfs://``, ``memory://``, ...):
+  :class:`FsspecSource`. Credentials come from the store's own usual configuration (for S3:
+  ``AWS_*`` variables, ``~/.aws``, instance roles; ``AWS_ENDPOINT_URL`` for an S3-compatible
+  server; for GCS: application-default credentials; for Azure: ``AZURE_STORAGE_*``), or from
+  ``storage_options`` given in Python; they are never stored in settings, logs or states. A
+  range of an S3 object is one streamed GET (resumed on a drop); other stores read a range in
+  blocks of ``http.block_mb`` MiB, one request per block.
+
+Tokens and credentials are never logged or put into error messages; URLs in messages go
+through :func:`stcorpus.http.redact_url`. A missing file is :class:`MissingFileError` (a
+``CorpusError`` and a ``FileNotFoundError``); the shard reader sees missing, short and corrupt
+shards as ``ShardError`` (``stcorpus.loaders.shard_cache.ShardSource``).
 """
 
 from __future__ import annotations
@@ -24,23 +34,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import unquote, urlsplit
 
-from stcorpus.loaders.errors import CorpusError, RemoteAuthError, RemoteError, ShardError
+from stcorpus.errors import HubUrlError
+from stcorpus.errors import RemoteAuthError as BaseAuthError
+from stcorpus.errors import RemoteChangedError as BaseChangedError
+from stcorpus.errors import RemoteError as BaseRemoteError
+from stcorpus.errors import RemoteNotFoundError as BaseNotFoundError
+from stcorpus.errors import RemoteTruncatedError as BaseTruncatedError
+from stcorpus.loaders.errors import CorpusError, MissingFileError, RemoteAuthError, RemoteError, ShardError
 from stcorpus.loaders.settings import HttpSettings
 
 if TYPE_CHECKING:
-    import requests
+    from stcorpus.http import HttpClient, RangeStream
 
 log = logging.getLogger(__name__)
 
-HF_PREFIX: Final = "hf://datasets/"
-DEFAULT_ENDPOINT: Final = "https://huggingface.co"
-RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Schemes read through the HTTP client rather than fsspec.
+HTTP_SCHEMES: Final = ("http", "https")
 
 
 class Stream(Protocol):
@@ -70,22 +84,35 @@ class Source(Protocol):
         ...
 
 
-def open_source(location: str | os.PathLike[str], *, http: HttpSettings | None = None) -> Source:
-    """The ``Source`` for a local folder, an ``http(s)://`` URL or ``hf://datasets/<org>/<name>[@rev]``."""
+def open_source(
+    location: str | os.PathLike[str],
+    *,
+    http: HttpSettings | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Source:
+    """The ``Source`` for ``location``: a folder, ``file://``, ``http(s)://``, ``hf://datasets/...`` or an fsspec URL.
+
+    ``storage_options`` go to the fsspec filesystem of an fsspec URL (credentials, an endpoint);
+    leave them out to use the store's own configuration.
+    """
     http = http or HttpSettings()
     text = os.fspath(location)
-    if text.startswith(("http://", "https://")):
+    scheme = urlsplit(text).scheme.lower() if "://" in text else ""
+    if scheme in HTTP_SCHEMES:
         return HttpSource(text, http=http)
-    if text.startswith("hf://"):
+    if scheme == "hf":
         return HubSource(text, http=http)
-    if "://" in text:
-        raise CorpusError(
-            f"unsupported corpus location {text!r}: use a folder, http(s)://... or hf://datasets/<org>/<name>"
-        )
-    root = Path(text)
+    if scheme == "file":
+        return LocalSource(_local_folder(Path(unquote(urlsplit(text).path)), text))
+    if scheme:
+        return FsspecSource(text, http=http, storage_options=storage_options)
+    return LocalSource(_local_folder(Path(text), text))
+
+
+def _local_folder(root: Path, location: str) -> Path:
     if not root.is_dir():
-        raise CorpusError(f"corpus folder {root} does not exist (or is not a folder)")
-    return LocalSource(root)
+        raise CorpusError(f"corpus folder {location} does not exist (or is not a folder)")
+    return root
 
 
 class LocalSource:
@@ -109,14 +136,37 @@ class LocalSource:
         try:
             return (self.root / path).read_bytes()
         except FileNotFoundError as exc:
-            raise CorpusError(f"{self.root / path} is missing: is {self.root} a built corpus?") from exc
+            raise MissingFileError(f"{self.root / path} is missing: is {self.root} a built corpus?") from exc
 
     def open_range(self, path: str, start: int = 0, stop: int | None = None, *, size: int | None = None) -> Stream:
         """The file opened for reading at ``start`` (``stop`` and ``size`` are checked by the readers)."""
-        handle = (self.root / path).open("rb", buffering=1 << 20)
+        try:
+            handle = (self.root / path).open("rb", buffering=1 << 20)
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"{self.root / path} is missing: is {self.root} a built corpus?") from exc
         if start:
             handle.seek(start)
         return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP(S) and the Hub, on the one client
+# ---------------------------------------------------------------------------------------------
+
+
+def client_for(http: HttpSettings) -> HttpClient:
+    """The shared HTTP client with the loader's retries and timeouts."""
+    from stcorpus.http import HttpClient, RetryPolicy
+
+    policy = RetryPolicy(
+        retries=http.retries,
+        backoff_base=http.backoff_s,
+        backoff_max=http.max_backoff_s,
+        retry_after_max=http.max_backoff_s,
+        connect_timeout=http.timeout_s,
+        read_timeout=http.timeout_s,
+    )
+    return HttpClient(policy)
 
 
 class HttpSource:
@@ -124,26 +174,14 @@ class HttpSource:
 
     remote = True
 
-    def __init__(self, base_url: str, *, http: HttpSettings) -> None:
+    def __init__(self, base_url: str, *, http: HttpSettings, client: HttpClient | None = None) -> None:
         self.location = base_url
         self.base = base_url.rstrip("/") + "/"
         self.http = http
-        self.request_counts: Counter[str] = Counter()
-        self._local = threading.local()
+        self.client = client if client is not None else client_for(http)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Sessions and counters stay in their process: a DataLoader worker opens its own.
-        state = dict(self.__dict__)
-        state.pop("_local")
-        state["request_counts"] = Counter()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def local_path(self, path: str) -> None:
         """None: the files are remote."""
@@ -154,75 +192,32 @@ class HttpSource:
         return self.base + path
 
     def headers(self) -> dict[str, str]:
-        """Request headers (identity encoding: byte offsets must be file offsets for Range resumes)."""
-        return {"Accept-Encoding": "identity"}
+        """Request headers beyond the client's own (none for plain HTTP)."""
+        return {}
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        # A forked DataLoader worker must not reuse the parent's pooled sockets.
-        if session is None or getattr(self._local, "pid", None) != os.getpid():
-            import requests
+    def access_hint(self) -> str:
+        """What to do about a 401/403."""
+        return "check that you may read this URL (credentials in the URL or a proxy are not sent for you)"
 
-            session = requests.Session()
-            self._local.session = session
-            self._local.pid = os.getpid()
-        return session
+    def public(self, path: str) -> str:
+        """The URL of ``path`` fit for messages (no query string, no credentials)."""
+        from stcorpus.http import redact_url
 
-    def _get(
-        self, path: str, *, start: int, stop: int | None, stream: bool, if_range: str | None = None
-    ) -> requests.Response:
-        """One GET with retries for refused/failed connections and 408/429/5xx (Retry-After honoured)."""
-        import requests
+        return redact_url(self.url(path)).split("?", 1)[0]
 
-        headers = self.headers()
-        if if_range is not None:
-            headers["If-Range"] = if_range
-        if start or stop is not None:
-            headers["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
-        url = self.url(path)
-        attempt = 0
-        while True:
-            self.request_counts[path] += 1
-            try:
-                response = self._session().get(url, headers=headers, stream=stream, timeout=self.http.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                attempt = self._retry_or_raise(path, attempt, f"{type(exc).__name__}", None)
-                continue
-            status = response.status_code
-            if status in (200, 206):
-                return response
-            response.close()
-            if status in (401, 403):
-                raise RemoteAuthError(
-                    f"{self._public(url)} answered {status}: the dataset is gated or private; "
-                    "log in (huggingface-cli login) or set HF_TOKEN, and accept its terms on the Hub"
-                )
-            if status == 404:
-                raise CorpusError(f"{self._public(url)} answered 404: is {self.location} a built corpus?")
-            if status == 416:
-                raise ShardError(
-                    f"{self._public(url)} answered 416 for bytes {start}-{stop}: the file is shorter than recorded"
-                )
-            if status not in RETRY_STATUS:
-                raise RemoteError(f"{self._public(url)} answered {status}")
-            attempt = self._retry_or_raise(path, attempt, f"HTTP {status}", response.headers.get("Retry-After"))
-
-    def _retry_or_raise(self, path: str, attempt: int, what: str, retry_after: str | None) -> int:
-        if attempt >= self.http.retries:
-            raise RemoteError(f"{self._public(self.url(path))}: {what}, still failing after {attempt} retries")
-        wait = min(self.http.backoff_s * 2**attempt, self.http.max_backoff_s)
-        if retry_after is not None:
-            try:
-                wait = min(max(float(retry_after), 0.0), self.http.max_backoff_s)
-            except ValueError:
-                log.debug("ignoring a Retry-After that is not a number of seconds: %r", retry_after)
-        log.warning("%s: %s; retry %d/%d in %.1f s", path, what, attempt + 1, self.http.retries, wait)
-        time.sleep(wait)
-        return attempt + 1
-
-    @staticmethod
-    def _public(url: str) -> str:
-        return url.split("?", 1)[0]
+    def translate(self, exc: BaseRemoteError, path: str) -> Exception:
+        """The loader's error for an error of the HTTP client about ``path``."""
+        where = self.public(path)
+        if isinstance(exc, BaseAuthError):
+            return RemoteAuthError(
+                f"{where} answered {exc.status}: the dataset is gated or private; {self.access_hint()}",
+                status=exc.status,
+            )
+        if isinstance(exc, BaseNotFoundError):
+            return MissingFileError(f"{where} answered {exc.status}: is {self.location} a built corpus?")
+        if isinstance(exc, (BaseTruncatedError, BaseChangedError)):
+            return ShardError(str(exc))
+        return RemoteError(f"{where}: {exc}", status=exc.status)
 
     def read_bytes(self, path: str) -> bytes:
         """The whole file ``path`` (streamed, resumed on a dropped connection)."""
@@ -234,147 +229,276 @@ class HttpSource:
 
     def open_range(self, path: str, start: int = 0, stop: int | None = None, *, size: int | None = None) -> Stream:
         """Bytes ``[start, stop)`` of ``path`` as one streaming GET, resumed with Range on failure."""
-        return HttpStream(self, path, start=start, stop=stop, size=size)
+        inner = self.client.open_range(self.url(path), start, stop, size=size, headers=self.headers, what=path)
+        return _Translating(inner, self, path)
 
 
 class HubSource(HttpSource):
-    """A corpus in a Hugging Face dataset repository: ``hf://datasets/<org>/<name>[@<revision>]``."""
+    """A corpus in a Hugging Face dataset repository: ``hf://datasets/<org>/<name>[@<revision>][/<folder>]``."""
 
-    def __init__(self, location: str, *, http: HttpSettings) -> None:
-        if not location.startswith(HF_PREFIX):
-            raise CorpusError(f"{location!r}: Hub corpora are addressed as hf://datasets/<org>/<name>[@<revision>]")
-        repo, _, revision = location[len(HF_PREFIX) :].strip("/").partition("@")
-        if repo.count("/") != 1:
-            raise CorpusError(f"{location!r}: expected hf://datasets/<org>/<name>, got repo {repo!r}")
-        self.repo_id = repo
-        self.revision = revision or "main"
-        super().__init__(location, http=http)
+    def __init__(self, location: str, *, http: HttpSettings, client: HttpClient | None = None) -> None:
+        from stcorpus.hub import parse_hf
+
+        try:
+            self.root = parse_hf(location, file=False)
+        except HubUrlError as exc:
+            raise CorpusError(str(exc)) from None
+        self.repo_id = self.root.repo_id
+        self.revision = self.root.revision
+        super().__init__(location, http=http, client=client)
 
     def url(self, path: str) -> str:
         """The resolve URL of ``path``, against ``HF_ENDPOINT`` as it is now."""
-        from huggingface_hub import hf_hub_url
+        from stcorpus.hub import resolve_url
 
-        endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
-        return hf_hub_url(
-            self.repo_id, path, repo_type="dataset", revision=self.revision, endpoint=endpoint.rstrip("/")
-        )
+        return resolve_url(self.root.child(path))
 
     def headers(self) -> dict[str, str]:
-        """Hub headers (token, user agent) built at call time, plus identity encoding."""
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+        """Hub headers (token, user agent), built at call time."""
+        from stcorpus.hub import auth_headers
 
-        headers = build_hf_headers(library_name="stcorpus")
-        headers["Accept-Encoding"] = "identity"
-        return headers
+        return auth_headers()
 
+    def access_hint(self) -> str:
+        """Log in, or accept the dataset's terms."""
+        from stcorpus.hub import access_hint, auth_headers, token_of
 
-_RESUMABLE: tuple[type[BaseException], ...] | None = None
-
-
-def _resumable_errors() -> tuple[type[BaseException], ...]:
-    global _RESUMABLE  # noqa: PLW0603 - computed once, after requests is imported on first use
-    if _RESUMABLE is None:
-        import requests
-        import urllib3.exceptions
-
-        _RESUMABLE = (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.ProtocolError,
-            urllib3.exceptions.ReadTimeoutError,
-            ConnectionError,
-            TimeoutError,
-        )
-    return _RESUMABLE
+        return access_hint(self.root, logged_in=token_of(auth_headers()) is not None)
 
 
-class HttpStream:
-    """Bytes ``[start, stop)`` of one remote file, read from one GET, resumed with Range after a drop."""
+class _Translating:
+    """A client stream whose errors are the loader's (the first read sends the request)."""
 
-    def __init__(self, source: HttpSource, path: str, *, start: int, stop: int | None, size: int | None) -> None:
-        self.source, self.path = source, path
-        self.pos, self.stop = start, stop
-        if stop is None and size is not None:
-            self.stop = size
-        self.start = start
-        self.resumes = 0
-        self.etag: str | None = None
-        self._response: requests.Response | None = None
-        self._closed = False
-
-    def _open(self) -> None:
-        resuming = self.pos > self.start
-        if_range = self.etag if resuming else None
-        response = self.source._get(self.path, start=self.pos, stop=self.stop, stream=True, if_range=if_range)
-        if not resuming:
-            etag = response.headers.get("ETag")
-            self.etag = etag if etag and not etag.startswith("W/") else None
-        if response.status_code == 200 and self.pos:
-            if if_range is not None:
-                response.close()
-                raise ShardError(
-                    f"{self.path} changed on the server while it was being read (ETag {self.etag} no longer "
-                    "matches): the corpus is being replaced; restart from a consistent revision"
-                )
-            # The server ignored Range: read past what we already have (costly, but correct).
-            log.warning("%s: server ignored a Range request; skipping %d bytes", self.path, self.pos)
-            _discard(response.raw, self.pos, self.path)
-        self._response = response
+    def __init__(self, inner: RangeStream, source: HttpSource, path: str) -> None:
+        self.inner, self.source, self.path = inner, source, path
 
     def read(self, n: int = -1, /) -> bytes:
-        """Up to ``n`` bytes (all that is left for ``n < 0``); ``b""`` at the end of the range."""
+        """Up to ``n`` bytes of the range."""
+        try:
+            return self.inner.read(n)
+        except BaseRemoteError as exc:
+            raise self.source.translate(exc, self.path) from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# fsspec stores
+# ---------------------------------------------------------------------------------------------
+
+
+class FsspecSource:
+    """A corpus in any fsspec store (``s3://bucket/corpus``, ``gs://...``, ``az://...``, ``memory://...``).
+
+    The filesystem is made with ``fsspec.core.url_to_fs(location, **storage_options)``, so the
+    store's own configuration applies. A range of an S3 object (s3fs) is one streamed GET; other
+    stores read it with ``cat_file`` in blocks of ``http.block_mb`` MiB. Each process (a DataLoader
+    worker, forked or spawned) makes its own filesystem from the URL and ``storage_options``.
+    """
+
+    remote = True
+
+    def __init__(self, location: str, *, http: HttpSettings, storage_options: Mapping[str, Any] | None = None) -> None:
+        from stcorpus.http import redact_url
+
+        self.location = redact_url(location)
+        self.http = http
+        self._url = location
+        self._options = dict(storage_options or {})  # in memory only: may hold credentials
+        self._fs: Any = None
+        self._pid = -1
+        fs = self.fs
+        self.root = str(fs._strip_protocol(location)).rstrip("/")
+        protocol = fs.protocol
+        self.protocols = tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem, made again in a new process (fsspec's async filesystems are not fork-safe)."""
+        if self._fs is None or self._pid != os.getpid():
+            from fsspec.core import url_to_fs
+
+            try:
+                self._fs, _ = url_to_fs(self._url, **self._options)
+            except ImportError as exc:
+                scheme = urlsplit(self._url).scheme
+                raise CorpusError(
+                    f"{self.location}: no fsspec filesystem for {scheme}:// is installed ({exc}); install its "
+                    "backend (s3fs for s3://, gcsfs for gs://, adlfs for az:// and abfs://)"
+                ) from exc
+            except ValueError as exc:
+                raise CorpusError(f"{self.location}: not a location fsspec can open ({exc})") from exc
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs"], state["_pid"] = None, -1  # a DataLoader worker makes its own
+        return state
+
+    def __repr__(self) -> str:
+        return f"FsspecSource({self.location!r})"
+
+    def local_path(self, path: str) -> None:
+        """None: read through the store."""
+        return None
+
+    def full(self, path: str) -> str:
+        """The store path of ``path``."""
+        return f"{self.root}/{path}"
+
+    def translate(self, exc: OSError, path: str) -> Exception:
+        """The loader's error for a store error about ``path``."""
+        where = f"{self.location.rstrip('/')}/{path}"
+        if isinstance(exc, FileNotFoundError):
+            return MissingFileError(f"{where} is missing: is {self.location} a built corpus?")
+        if isinstance(exc, PermissionError):
+            return RemoteAuthError(
+                f"{where}: access denied ({exc}); check the store's credentials (its usual configuration, e.g. "
+                "AWS_PROFILE / AWS_ACCESS_KEY_ID for s3://, application-default credentials for gs://)"
+            )
+        return RemoteError(f"{where}: {type(exc).__name__}: {exc}")
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole file ``path``."""
+        try:
+            data: bytes = self.fs.cat_file(self.full(path))
+        except OSError as exc:
+            raise self.translate(exc, path) from exc
+        return data
+
+    def open_range(self, path: str, start: int = 0, stop: int | None = None, *, size: int | None = None) -> Stream:
+        """Bytes ``[start, stop)`` of ``path``: one streamed GET on S3, blocks elsewhere."""
+        end = size if stop is None else stop
+        try:
+            if end is None:
+                end = int(self.fs.size(self.full(path)))
+            if "s3" in self.protocols and hasattr(self.fs, "_call_s3"):
+                return _S3Range(self, path, start, end)
+        except OSError as exc:
+            raise self.translate(exc, path) from exc
+        return _BlockRange(self, path, start, end)
+
+
+class _BlockRange:
+    """``[start, stop)`` of a store file, fetched ``http.block_mb`` MiB per request."""
+
+    def __init__(self, source: FsspecSource, path: str, start: int, stop: int) -> None:
+        self.source, self.path = source, path
+        self.pos, self.stop = start, stop
+        self.block = max(1, source.http.block_mb) << 20
+        self._buffer = memoryview(b"")
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (all that is left for ``n < 0``)."""
         if n < 0:
-            parts = []
-            while chunk := self.read(1 << 20):
-                parts.append(chunk)
-            return b"".join(parts)
-        if self.stop is not None:
-            n = min(n, self.stop - self.pos)
-        if n <= 0 or self._closed:
+            n = self.stop - self.pos + len(self._buffer)
+        if not self._buffer and self.pos < self.stop:
+            end = min(self.stop, self.pos + max(self.block, n))
+            try:
+                data = self.source.fs.cat_file(self.source.full(self.path), start=self.pos, end=end)
+            except OSError as exc:
+                raise self.source.translate(exc, self.path) from exc
+            if len(data) != end - self.pos:
+                raise ShardError(
+                    f"{self.path}: asked the store for bytes {self.pos}-{end} and got {len(data)}: the file is "
+                    "shorter than recorded"
+                )
+            self.pos = end
+            self._buffer = memoryview(data)
+        out = bytes(self._buffer[:n])
+        self._buffer = self._buffer[len(out) :]
+        return out
+
+    def close(self) -> None:
+        """Drop the buffer."""
+        self._buffer = memoryview(b"")
+
+
+def _s3_transport_errors() -> tuple[type[BaseException], ...]:
+    """What a dropped or stalled S3 body raises: OS and timeout errors, aiohttp's and botocore's own."""
+    import asyncio
+
+    found: list[type[BaseException]] = [OSError, TimeoutError, asyncio.TimeoutError]
+    try:
+        import aiohttp
+
+        found.append(aiohttp.ClientError)
+    except ImportError:  # s3fs without aiohttp cannot exist, but keep the loader importable
+        pass
+    try:
+        import botocore.exceptions
+
+        found.append(botocore.exceptions.BotoCoreError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+class _S3Range:
+    """``[start, stop)`` of an S3 object as one streamed ``GetObject`` (with Range), resumed after a drop."""
+
+    def __init__(self, source: FsspecSource, path: str, start: int, stop: int) -> None:
+        self.source, self.path = source, path
+        self.pos, self.stop = start, stop
+        self.resumes = 0
+        self._body: Any = None
+        self._etag: str | None = None
+
+    def _open(self) -> None:
+        from fsspec.asyn import sync
+
+        fs = self.source.fs
+        bucket, key, version = fs.split_path(self.source.full(self.path))
+        request: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={self.pos}-{self.stop - 1}"}
+        if version:
+            request["VersionId"] = version
+        if self._etag is not None:
+            request["IfMatch"] = self._etag  # a resume must read the same object
+        answer = sync(fs.loop, fs._call_s3, "get_object", **request)
+        self._etag = self._etag or answer.get("ETag")
+        self._body = answer["Body"]
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (all that is left for ``n < 0``)."""
+        from fsspec.asyn import sync
+
+        if n < 0:
+            n = self.stop - self.pos
+        n = min(n, self.stop - self.pos)
+        if n <= 0:
             return b""
         while True:
-            if self._response is None:
-                self._open()
-            assert self._response is not None
             try:
-                data: bytes = self._response.raw.read(n, decode_content=False)
-            except _resumable_errors() as exc:
-                self._drop(f"connection dropped at byte {self.pos} ({type(exc).__name__})")
+                if self._body is None:
+                    self._open()
+                data: bytes = sync(self.source.fs.loop, self._body.read, n)
+            except (FileNotFoundError, PermissionError) as exc:
+                raise self.source.translate(exc, self.path) from exc
+            except _s3_transport_errors() as exc:
+                self._drop(f"{type(exc).__name__}: {exc}")
                 continue
             if data:
                 self.pos += len(data)
                 return data
-            if self.stop is None or self.pos >= self.stop:
-                return b""
-            # The body ended early without an error from the transport: the file is shorter than
-            # recorded, or the connection was closed cleanly mid-body. One resume tells which.
             self._drop(f"body ended at byte {self.pos} of {self.stop}")
 
     def _drop(self, why: str) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
+        self.close()
         self.resumes += 1
         if self.resumes > self.source.http.retries:
             raise ShardError(f"{self.path}: {why}; gave up after {self.source.http.retries} resumes")
-        log.warning("%s: %s; resuming with Range (%d/%d)", self.path, why, self.resumes, self.source.http.retries)
-        time.sleep(min(self.source.http.backoff_s * 2 ** (self.resumes - 1), self.source.http.max_backoff_s) / 10)
+        log.warning(
+            "%s: %s; resuming at byte %d (%d/%d)", self.path, why, self.pos, self.resumes, self.source.http.retries
+        )
 
     def close(self) -> None:
-        """Close the connection (the rest of the body is not downloaded)."""
-        self._closed = True
-        if self._response is not None:
-            self._response.close()
-            self._response = None
-
-
-def _discard(raw: Any, n: int, path: str) -> None:
-    while n > 0:
-        chunk = raw.read(min(n, 1 << 20))
-        if not chunk:
-            raise ShardError(f"{path}: body ended while skipping bytes the server should have left out (ignored Range)")
-        n -= len(chunk)
+        """Close the body (the rest is not downloaded)."""
+        if self._body is not None:
+            self._body.close()
+            self._body = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,4 +14,51 @@ class StcorpusError(Exception):
     """Base class of every error stcorpus raises on purpose; messages say what to do next."""
 
 
-__all__ = ["StcorpusError"]
+class RemoteError(StcorpusError, OSError):
+    """A remote read (HTTP(S), the Hub, an fsspec store) that failed, after its retries where they made sense.
+
+    ``status`` is the HTTP status when one was answered. The wings turn these into their own
+    errors with their own advice (``stcorpus.curate.errors.FetchError``, ``stcorpus.loaders.errors``).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """401/403: a gated or private file, or a missing, expired or insufficient token."""
+
+
+class RemoteNotFoundError(RemoteError, FileNotFoundError):
+    """404/410: nothing at that URL or path."""
+
+
+class RemoteTruncatedError(RemoteError):
+    """A body that ended before the bytes it announced (or the caller recorded), after every resume."""
+
+
+class RemoteChangedError(RemoteError):
+    """A file that was replaced on the server while it was being read (its validator changed)."""
+
+
+class HubUrlError(StcorpusError, ValueError):
+    """An ``hf://`` URL that does not name a Hub dataset repository (or a file of one)."""
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+__all__ = [
+    "HubUrlError",
+    "RemoteAuthError",
+    "RemoteChangedError",
+    "RemoteError",
+    "RemoteNotFoundError",
+    "RemoteTruncatedError",
+    "StcorpusError",
+]

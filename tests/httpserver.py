@@ -11,6 +11,9 @@ purpose, per path, for the first K requests:
 - ``Fault(ignore_range=True)``: answer a Range request with 200 and the whole file;
 - ``Fault(delay=0.2)``: wait before answering (with ``max_in_flight`` to check concurrency limits).
 
+``LocalServer.rate`` (bytes per second per connection, ``None``: no limit) throttles file bodies
+like a remote store's link; ``bytes_sent`` counts the body bytes sent (benchmarks of caches).
+
 A Hub stand-in answers ``/datasets/<org>/<name>/resolve/<revision>/<path>`` like
 huggingface.co: HEAD/GET with ``ETag``, ``X-Linked-Etag`` (sha256), ``X-Linked-Size`` and
 ``X-Repo-Commit``, optionally ``401``/``403`` for a gated repository, optionally a ``302`` to a
@@ -104,6 +107,10 @@ class LocalServer:
         self.in_flight = 0
         #: The most requests the server was answering at once.
         self.max_in_flight = 0
+        #: Body bytes per second per connection (None: as fast as the loopback goes).
+        self.rate: float | None = None
+        #: Body bytes sent so far.
+        self.bytes_sent = 0
 
     # --- addresses -----------------------------------------------------------------------------
 
@@ -158,6 +165,10 @@ class LocalServer:
     def _leave(self) -> None:
         with self._lock:
             self.in_flight -= 1
+
+    def _sent(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
 
     def _take_fault(self, path: str, method: str) -> Fault | None:
         with self._lock:
@@ -335,11 +346,31 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault and fault.drop_after is not None:
             self.wfile.write(body[: fault.drop_after])
+            self.state._sent(min(len(body), fault.drop_after))
             self._drop()
             return
-        self.wfile.write(body)
+        self._write_body(body)
         if announced != len(body):
             self._drop()
+
+    def _write_body(self, body: bytes) -> None:
+        rate = self.state.rate
+        if rate is None:
+            self.wfile.write(body)
+            self.state._sent(len(body))
+            return
+        start = time.monotonic()
+        chunk = 64 * 1024
+        for offset in range(0, len(body), chunk):
+            part = body[offset : offset + chunk]
+            try:
+                self.wfile.write(part)
+            except OSError:  # the client closed the connection (it read what it needed)
+                return
+            self.state._sent(len(part))
+            ahead = (offset + len(part)) / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
 
     def _drop(self) -> None:
         """End the connection now, mid-body as far as the client can tell."""

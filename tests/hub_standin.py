@@ -14,8 +14,18 @@ publish a folder, on 127.0.0.1, so the real client code runs against it:
 - ``POST /api/datasets/<org>/<name>/commit/<revision>``: the NDJSON commit (``file``,
   ``deletedFile``), applied atomically; ``fail_commits`` makes chosen commits answer 500.
 
-The read side (``resolve`` URLs) is ``tests.httpserver``'s Hub stand-in; the helpers below lay
-real fixture slides out as HEST-1k and STimage-1K4M publish them, for that server to serve.
+and the read side that ``datasets.load_dataset("<org>/<name>")`` and ``HfFileSystem`` use on what
+was published there, so a published card's examples run as written (``HF_ENDPOINT``):
+
+- ``GET  /api/datasets/<org>/<name>[/revision/<revision>]``: the repository's info (``sha``,
+  ``siblings``, ``cardData``);
+- ``POST /api/datasets/<org>/<name>/paths-info/<revision>``: entries of the paths asked for;
+- ``HEAD``/``GET /datasets/<org>/<name>/resolve/<revision>/<path>``: the file, with ``Range``
+  (206), ``ETag``, ``X-Repo-Commit`` and, for LFS/Xet files, ``X-Linked-Etag``/``X-Linked-Size``.
+
+A revision is a branch or a commit id the stand-in answered a commit with. ``tests.httpserver``
+has the resolve-only Hub stand-in used for fetching sources; the helpers below lay real fixture
+slides out as HEST-1k and STimage-1K4M publish them, for that server to serve.
 """
 
 from __future__ import annotations
@@ -45,7 +55,12 @@ LFS_PATTERNS = ("*.parquet", "*.tar", "*.png", "*.jpg", "*.npz", "*.h5", "*.h5ad
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = b"".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n".encode() for p in LFS_PATTERNS)
 
-_API = re.compile(r"^/api/datasets/(?P<org>[^/]+)/(?P<name>[^/]+)/(?P<verb>tree|preupload|commit|branch)/(?P<rest>.+)$")
+_API = re.compile(
+    r"^/api/datasets/(?P<org>[^/]+)/(?P<name>[^/]+)/(?P<verb>tree|preupload|commit|branch|paths-info)/(?P<rest>.+)$"
+)
+_INFO = re.compile(r"^/api/datasets/(?P<org>[^/]+)/(?P<name>[^/]+)(?:/revision/(?P<rest>[^/]+))?$")
+_RESOLVE = re.compile(r"^/datasets/(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/(?P<rest>[^/]+)/(?P<path>.+)$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 def git_blob_id(data: bytes) -> str:
@@ -66,6 +81,16 @@ class StoredRepo:
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {".gitattributes": GITATTRIBUTES}})
     commits: list[dict[str, Any]] = field(default_factory=list)  # {"summary", "files", "deleted", "branch"}
     private: bool = False
+    heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})  # branch -> last commit id
+    snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit id -> files
+
+    def files_at(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """``(commit id, files)`` of a branch or a commit id, or None."""
+        if revision in self.branches:
+            return self.heads.get(revision, "0" * 40), self.branches[revision]
+        if revision in self.snapshots:
+            return revision, self.snapshots[revision]
+        return None
 
 
 @dataclass(frozen=True)
@@ -135,8 +160,116 @@ class _ApiHandler(BaseHTTPRequestHandler):
         repo_id = f"{match.group('org')}/{match.group('name')}"
         return repo_id, self.state.repos.get(repo_id)
 
+    def do_HEAD(self) -> None:
+        path = self._record("HEAD")
+        resolve = _RESOLVE.match(path)
+        if resolve:
+            self._resolve(resolve, body=False)
+        else:
+            self._send(404, None)
+
+    def _resolve(self, match: re.Match[str], *, body: bool) -> None:
+        _, repo = self._repo(match)
+        if repo is None:
+            self._send(404, None, {"X-Error-Code": "RepoNotFound"})
+            return
+        found = repo.files_at(unquote(match.group("rest")))
+        if found is None:
+            self._send(404, None, {"X-Error-Code": "RevisionNotFound"})
+            return
+        commit, files = found
+        name = match.group("path")
+        data = files.get(name)
+        if data is None:
+            self._send(404, None, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+            return
+        headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "ETag": f'"{git_blob_id(data)}"'}
+        if is_lfs(name, len(data)):
+            sha = hashlib.sha256(data).hexdigest()
+            headers |= {"ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}
+        status, start, end = 200, 0, len(data) - 1
+        asked = _RANGE.match((self.headers.get("Range") or "").strip())
+        if asked:
+            start = int(asked.group(1))
+            end = min(int(asked.group(2)), len(data) - 1) if asked.group(2) else len(data) - 1
+            if start >= len(data):
+                self._send(416, None, {"Content-Range": f"bytes */{len(data)}"})
+                return
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        chunk = data[start : end + 1]
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(chunk)))
+        self.end_headers()
+        if body:
+            self.wfile.write(chunk)
+
+    def _info(self, match: re.Match[str]) -> None:
+        repo_id, repo = self._repo(match)
+        if repo is None:
+            self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            return
+        found = repo.files_at(unquote(match.group("rest") or "main"))
+        if found is None:
+            self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+            return
+        commit, files = found
+        self._send(
+            200,
+            {
+                "_id": hashlib.sha1(repo_id.encode(), usedforsecurity=False).hexdigest()[:24],
+                "id": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit,
+                "private": repo.private,
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "siblings": [{"rfilename": name} for name in sorted(files)],
+            },
+        )
+
+    def _paths_info(self, repo: StoredRepo, revision: str, body: bytes) -> None:
+        found = repo.files_at(revision)
+        if found is None:
+            self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+            return
+        _, files = found
+        content_type = self.headers.get("Content-Type", "")
+        if "json" in content_type:
+            asked = list(json.loads(body or b"{}").get("paths", []))
+        else:
+            asked = parse_qs(body.decode()).get("paths", [])
+        entries: list[dict[str, Any]] = []
+        for name in asked:
+            name = name.strip("/")
+            data = files.get(name)
+            if data is not None:
+                entry: dict[str, Any] = {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": name}
+                if is_lfs(name, len(data)):
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entries.append(entry)
+            elif any(f.startswith(name + "/") for f in files) or name == "":
+                entries.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": name})
+        self._send(200, entries)
+
     def do_GET(self) -> None:
         path = self._record("GET")
+        resolve = _RESOLVE.match(path)
+        if resolve:
+            self._resolve(resolve, body=True)
+            return
+        info = _INFO.match(path)
+        if info:
+            self._info(info)
+            return
         match = _API.match(path)
         if not match or match.group("verb") != "tree":
             self._send(404, {"error": "not found"})
@@ -146,10 +279,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             return
         revision, _, prefix = match.group("rest").partition("/")
-        files = repo.branches.get(revision)
-        if files is None:
+        found = repo.files_at(unquote(revision))
+        if found is None:
             self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             return
+        files = found[1]
         recursive = parse_qs(urlsplit(self.path).query).get("recursive", ["false"])[0].lower() == "true"
         entries: list[dict[str, Any]] = []
         folders: set[str] = set()
@@ -192,6 +326,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             return
         verb, revision = match.group("verb"), match.group("rest")
+        if verb == "paths-info":
+            self._paths_info(repo, unquote(revision), body)
+            return
         if verb == "branch":
             with self.state.lock:
                 repo.branches.setdefault(revision, dict(repo.branches["main"]))
@@ -250,6 +387,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 del files[name]
             repo.commits.append({"summary": summary, "files": sorted(added), "deleted": deleted, "branch": revision})
             oid = hashlib.sha1(f"{repo_id}{len(repo.commits)}".encode(), usedforsecurity=False).hexdigest()
+            repo.heads[revision] = oid
+            repo.snapshots[oid] = dict(files)
         self._send(200, {"commitUrl": f"{self.state.url}/datasets/{repo_id}/commit/{oid}", "commitOid": oid})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -138,3 +139,35 @@ def test_fetch_refuses_lock_path_for_several_manifests(tmp_path: Path, server: L
     two.write_text(one.read_text().replace("V1_Human_Heart", "Second"))
     assert main(["fetch", str(one), str(two), "--lock", str(tmp_path / "x.json")]) == 2
     assert "--lock" in capsys.readouterr().err
+
+
+def test_an_html_directory_listing_is_refused_and_not_pinned(tmp_path: Path, capsys) -> None:
+    """A `spatial` folder URL answered with a real directory listing (http.server's) is not a data file."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    from tests.httpserver import serve_in_thread
+
+    www = tmp_path / "listing"
+    shutil.copytree(HEART, www / "heart")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(www))
+    with serve_in_thread(handler) as httpd:  # type: ignore[arg-type]
+        base = f"http://127.0.0.1:{httpd.server_address[1]}/heart"
+        manifest = tmp_path / "listing.yaml"
+        manifest.write_text(
+            "manifest: stcorpus-manifest/1\nname: listing\n"
+            "defaults: {source: 10x, technology: spaceranger, species: human, licence: CC-BY-4.0}\n"
+            "studies:\n  - id: tenx\n    samples:\n      - id: V1_Human_Heart\n        sources:\n"
+            f"          matrix: {base}/filtered_feature_bc_matrix.h5\n"
+            f"          spatial: {base}/spatial/\n"
+        )
+        code = main(["fetch", str(manifest), "--cache", str(tmp_path / "cache"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 of 2 sources ready" in captured.out and "1 failed" in captured.out
+    (failure,) = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
+    assert failure.startswith("FAILED V1_Human_Heart/spatial:") and "HTML page (text/html" in failure
+    assert "as an archive (.tar.gz, .zip) or file by file" in failure
+    lock = read_lock(tmp_path / "listing.lock.json")
+    assert [e["source"] for e in lock["sources"]] == ["matrix"] and lock["complete"] is False  # never pinned
+    assert not list((tmp_path / "cache").rglob("*.partial"))

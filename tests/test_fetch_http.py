@@ -24,8 +24,8 @@ from stcorpus.curate.errors import (
     UnsupportedSchemeError,
 )
 from stcorpus.curate.fetch import Fetcher, FetchSettings, default_cache_dir
-from stcorpus.curate.fetch.http import backoff_delay, parse_retry_after, redact_url
 from stcorpus.curate.manifest import Sample, Source, parse_manifest
+from stcorpus.http import backoff_delay, parse_retry_after, redact_url
 from tests.httpserver import Fault, LocalServer, serve
 
 
@@ -378,7 +378,7 @@ def test_failures_are_logged_without_credentials(tmp_path: Path, server: LocalSe
     caplog.set_level(logging.DEBUG)
     with Fetcher(settings(tmp_path)) as fetcher:
         fetcher.fetch(sample.sources["f"], sample=sample)
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("stcorpus.curate"))
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("stcorpus."))
     assert "HTTP 503" in ours and "alice:***@" in ours and "token=***" in ours
     assert "hunter2" not in ours and "t0ps3cret" not in ours
 

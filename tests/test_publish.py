@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from stcorpus import schema
+from stcorpus.curate.build.card import card_for_repo
 from stcorpus.curate.build.pipeline import BuildSettings, build
 from stcorpus.curate.cli import main
 from stcorpus.curate.errors import PublishError, TargetUnreachableError
@@ -317,6 +318,12 @@ def test_hub_publish_commits_in_bounded_batches_with_the_description_last(
     files = hub_api.files(repo)
     assert files.pop(".gitattributes") == GITATTRIBUTES
     assert sorted(files) == published(corpus)
+    card = files.pop(schema.CARD_FILE)  # sent naming the repository in its examples
+    assert (
+        card.decode()
+        == card_for_repo((corpus / schema.CARD_FILE).read_text(), repo)
+        != (corpus / "README.md").read_text()
+    )
     assert all(files[p] == (corpus / p).read_bytes() for p in files)
     commits = hub_api.commits(repo)
     data = [p for p in published(corpus) if p not in DESCRIPTION]
@@ -382,7 +389,7 @@ def test_hub_publish_to_a_new_branch_creates_it(corpus: Path, hub_api: HubApiSta
     assert {f.status for f in again.plan.files} == {"unchanged"}
 
 
-def test_an_unreachable_hub_gives_unknown_statuses_in_a_dry_run_and_stops_an_upload(corpus: Path) -> None:
+def test_an_unreachable_hub_fails_fast_in_a_dry_run_and_an_upload(corpus: Path) -> None:
     import httpx2
 
     class Down:
@@ -392,8 +399,120 @@ def test_an_unreachable_hub_gives_unknown_statuses_in_a_dry_run_and_stops_an_upl
             raise httpx2.ConnectError("[Errno 111] Connection refused")
 
     target = HubTarget("my-org/st-corpus", api_factory=Down)
-    plan = publish(corpus, target).plan
-    assert not plan.remote_known and {f.status for f in plan.files} == {"unknown"}
-    assert "cannot be reached" in plan.unknown_reason and "status unknown" in "\n".join(plan.lines(delete=False))
-    with pytest.raises(TargetUnreachableError, match="cannot be reached"):
-        publish(corpus, target, upload=True)
+    for upload in (False, True):
+        with pytest.raises(TargetUnreachableError, match=r"cannot be reached \(\[Errno 111\].*Add --offline"):
+            publish(corpus, target, upload=upload)
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "http://stcorpus-no-such-host.invalid"])
+def test_a_dry_run_without_the_hub_fails_at_once_with_one_message_naming_offline(
+    corpus: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    endpoint: str,
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # nothing listens there / the name does not resolve
+    code, out, err = run(capsys, str(corpus), "--repo", "my-org/st-corpus")
+    assert code == 2 and out.splitlines() == [f"publish {corpus} -> hf://datasets/my-org/st-corpus (dry run)"]
+    (message,) = err.splitlines()
+    assert message.startswith(f"curate publish: error: the Hub at {endpoint} cannot be reached ([Errno ")
+    assert "Add --offline for a dry run that does not contact the Hub" in message
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()], "huggingface_hub's retries never start"
+
+
+def test_huggingface_hub_warnings_are_printed_once(corpus: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from stcorpus.curate.cli import main\n"
+        f"code = main(['publish', {str(corpus)!r}, '--repo', 'o/n', '--offline', '--no-progress'])\n"
+        "import huggingface_hub.utils.logging  # as a real publish does: its logger gets its own handler\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+        "raise SystemExit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+
+
+def test_publish_to_s3_then_the_loader_streams_it(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`curate publish --to s3://...` against an S3-compatible server on 127.0.0.1, read back by the loader."""
+    import fsspec
+
+    from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
+    from tests.s3_standin import serve_s3
+
+    with serve_s3():
+        fsspec.filesystem("s3").mkdir("pub")
+        code, out, err = run(capsys, str(corpus), "--to", "s3://pub/corpus", "--yes")
+        assert code == 0, err
+        assert "testing" not in out + err  # credentials come from the AWS configuration, never printed
+        settings = LoaderSettings(split=("train",), batch_size=8, drop_last=False)
+        remote = list(CorpusLoader(CorpusDataset("s3://pub/corpus", settings)))
+        index = fsspec.filesystem("s3").cat_file("pub/corpus/.stcorpus-publish.json").decode()
+        assert "testing" not in index
+    local = list(CorpusLoader(CorpusDataset(corpus, settings)))
+    assert [b["key"] for b in remote] == [b["key"] for b in local] and remote
+    assert all(x["patch"].equal(y["patch"]) for x, y in zip(remote, local, strict=True))
+
+
+def test_the_published_card_names_the_repository_and_its_examples_run_as_written(
+    corpus: Path, hub_api: HubApiStandIn, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`curate publish --repo` sends a card whose usage examples name the repository and whose dataset_info
+    carries the features; each of its code blocks then runs as written against the stand-in (HF_ENDPOINT)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from datasets import Features
+
+    repo = "my-org/st-corpus"
+    local_card = (corpus / schema.CARD_FILE).read_text()
+    assert 'load_dataset("<org>/<name>", streaming=True)' in local_card
+    code, out, err = run(capsys, str(corpus), "--repo", repo, "--yes")
+    assert code == 0, err
+    assert f'ds = load_dataset("{repo}", streaming=True)' in out
+    assert f'dataset = CorpusDataset("hf://datasets/{repo}", LoaderSettings(split=' in out
+    card = hub_api.files(repo)[schema.CARD_FILE].decode()
+    assert "<org>/<name>" not in card and f'load_dataset("{repo}", streaming=True)' in card
+    assert f'CorpusDataset("hf://datasets/{repo}", settings)' in card
+    assert (corpus / schema.CARD_FILE).read_text() == local_card, "the folder's own card is left as it is"
+    header, _ = split_front_matter(card)
+    assert header is not None
+    features = Features._from_yaml_list(yaml.safe_load(header)["dataset_info"]["features"])
+    shard = next(corpus.glob(f"{schema.PARQUET_DIR}/*/*.parquet"))
+    assert features == Features.from_arrow_schema(pq.read_schema(shard))
+    # A re-publish finds the card it sent unchanged.
+    code, out, _ = run(capsys, str(corpus), "--repo", repo, "--yes")
+    assert code == 0 and "is up to date" in out
+
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 2
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_api.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    keys = {row["slide_id"] for row in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{block}\n{done.stderr[-3000:]}"
+        printed = done.stdout.strip().splitlines()[-1]
+        assert any(f"{slide}__" in printed for slide in keys), printed
+    assert any(r.path.startswith(f"/datasets/{repo}/resolve/") for r in hub_api.requests)

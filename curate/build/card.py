@@ -7,7 +7,10 @@ know epoch lengths without opening a shard. The tar shards hold the same samples
 a config, because ``datasets`` picks one builder per repository (huggingface/datasets#7101).
 
 The card has no timestamp: two builds of the same inputs give the same bytes (the build time
-is kept in ``corpus.json`` alone).
+is kept in ``corpus.json`` alone). Its usage examples name the repository as ``<org>/<name>``
+(``REPO_PLACEHOLDER``) until ``curate publish --repo ORG/NAME`` sends a copy that names the
+repository (:func:`card_for_repo`); ``dataset_info.features`` are the Parquet rows' ``datasets``
+features (``stcorpus.schema.hf_sample_features``), in the YAML form ``datasets`` reads.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from stcorpus import schema
 from stcorpus.curate.shards import ShardInfo
+
+#: What the usage examples call the repository until it is known.
+REPO_PLACEHOLDER: Final = "<org>/<name>"
 
 #: SPDX ids the Hub's ``license`` field knows under a lower-case name.
 _HUB_LICENCES = {
@@ -98,11 +104,28 @@ def _header(inputs: CardInputs) -> dict[str, Any]:
     total = sum(s.bytes for s in parquet)
     header["dataset_info"] = {
         "config_name": "default",
+        "features": _yaml_features(inputs.counts_dtype),
         "splits": split_infos,
         "download_size": total,
         "dataset_size": total,
     }
     return header
+
+
+def _yaml_features(counts_dtype: str) -> list[dict[str, Any]]:
+    """The Parquet rows' features as ``dataset_info.features`` in a card (``datasets``' own YAML form)."""
+    from datasets import Features
+
+    features = Features.from_dict(schema.hf_sample_features(counts_dtype))
+    listed: list[dict[str, Any]] = features._to_yaml_list()
+    return listed
+
+
+def card_for_repo(text: str, repo_id: str) -> str:
+    """The card ``text`` with its usage examples naming the Hub repository ``repo_id`` (``<org>/<name>``)."""
+    return text.replace(f'"{REPO_PLACEHOLDER}"', f'"{repo_id}"').replace(
+        f"hf://datasets/{REPO_PLACEHOLDER}", f"hf://datasets/{repo_id}"
+    )
 
 
 def _table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
@@ -187,7 +210,8 @@ def render_card(inputs: CardInputs) -> str:
     others = [s for s in slides if s not in built]
     parquet = [s for s in inputs.shards if s.format == "parquet"]
     by_split = Counter({split: sum(s.n_samples for s in parquet if s.split == split) for split in schema.SPLITS})
-    repo = inputs.repo_id or "<org>/<name>"
+    repo = inputs.repo_id or REPO_PLACEHOLDER
+    first = next((split for split in schema.SPLITS if by_split[split]), schema.SPLITS[0])  # what the examples read
     lines = [
         "---",
         header.rstrip(),
@@ -205,16 +229,30 @@ def render_card(inputs: CardInputs) -> str:
         "",
         "## Load it",
         "",
+        "With `datasets` (images decode to PIL):",
+        "",
         "```python",
         "from datasets import load_dataset",
         "",
         f'ds = load_dataset("{repo}", streaming=True)                  # Parquet shards, every split',
         f'wds = load_dataset("{repo}", data_dir="wds", streaming=True)  # the same samples as WebDataset tars',
+        f'print(next(iter(ds["{first}"]))["__key__"], next(iter(wds["{first}"]))["__key__"])',
         "```",
         "",
-        "Both decode images for you; for training at GPU speed use the `loaders` package of stcorpus, which "
-        "decodes in its own workers, resumes exactly and applies gene transforms (log1p, CP10k, rank tokens, "
-        f"panels, mouse-to-human orthologs). {advice}",
+        "For training at GPU speed, the torch loader of stcorpus (`pip install 'stcorpus[torch]'`) decodes in "
+        "its own workers, resumes exactly and applies gene transforms (log1p, CP10k, rank tokens, panels, "
+        "mouse-to-human orthologs); it reads the repository directly, with a local shard cache for later epochs "
+        "if you give it a folder:",
+        "",
+        "```python",
+        "from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings",
+        "",
+        f'settings = LoaderSettings.from_dict({{"split": "{first}", "batch_size": 8, "drop_last": False}})',
+        f'loader = CorpusLoader(CorpusDataset("hf://datasets/{repo}", settings), num_workers=0)',
+        'print(next(iter(loader))["key"][:2])',
+        "```",
+        "",
+        advice,
         "",
         "## Splits",
         "",

@@ -161,7 +161,7 @@ class _RedactQuery:
     """A logging filter for urllib3's request lines: signed CDN URLs and ?token= stay out of -vv logs."""
 
     def filter(self, record: object) -> bool:
-        from stcorpus.curate.fetch.http import redact_url
+        from stcorpus.http import redact_url
 
         args = getattr(record, "args", None)
         if isinstance(args, tuple):

@@ -1,7 +1,10 @@
 """``curate publish DIR --repo <org>/<name> | --to URL``: send a built corpus to the Hub or an fsspec target.
 
 A dry run unless ``--yes``: every file is listed with its size and status (new, changed,
-unchanged, or unknown when the target is not asked), then the totals.
+unchanged, or unknown when the target is not asked), then the totals, then the commands that
+read the corpus from the target. With ``--repo`` the card is sent with its usage examples
+naming the repository (the folder's own card is left as it is). ``--offline``: a dry run that
+does not contact the target at all.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SettingsError(f"--jobs must be >= 1, not {args.jobs}")
     limits = CommitLimits(max_files=args.max_files_per_commit, max_bytes=int(args.max_commit_gb * (1 << 30)))
+    _one_line_per_hub_warning()
     target = _target(args)
     progress = None if args.no_progress else _Progress(str(args.corpus))
     print(f"publish {args.corpus} -> {target.describe()}" + ("" if args.yes else " (dry run)"))
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if not args.yes:
         print("dry run: nothing was uploaded; add --yes to upload")
+        _print_read_commands(target, plan, published=False)
         return 0
     commits = apply_plan(
         args.corpus, target, plan, delete=args.delete, limits=limits, message=args.message, on_commit=_CommitLog()
@@ -86,7 +91,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"uploaded {len(plan.uploads):,} file(s) to {target.describe()} in {commits} {what}")
     else:
         print(f"{target.describe()} is up to date: nothing to upload")
+    _print_read_commands(target, plan, published=True)
     return 0
+
+
+def _print_read_commands(target: Any, plan: Any, *, published: bool) -> None:
+    """The lines that read the published corpus (``datasets`` and the stcorpus loader)."""
+    from stcorpus.curate.publish import read_commands
+
+    datasets_line, loader_line = read_commands(target, plan)
+    print("read it with:" if published else "once uploaded, read it with:")
+    print(f">>> from datasets import load_dataset; ds = {datasets_line}")
+    print(f">>> from stcorpus.loaders import CorpusDataset, LoaderSettings; dataset = {loader_line}")
+
+
+def _one_line_per_hub_warning() -> None:
+    """Print each huggingface_hub warning once: it adds its own handler to its logger *and* lets its
+    records reach the root logger, whose handler ``curate`` configures, so every warning came twice."""
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401 - adds its handler to its logger on import
+
+    if not logging.getLogger().handlers:
+        return
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
 
 
 class _Progress:

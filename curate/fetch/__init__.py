@@ -11,9 +11,10 @@
 - archives (``.tar.gz``/``.tgz``/``.tar``/``.zip``, or ``unpack: true``) unpacked safely, once.
 
 Modules: ``settings`` (``FetchSettings``), ``fetcher`` (``Fetcher``, ``Fetched``), ``http``
-(downloads), ``hub`` (hf:// URLs), ``archive`` (safe unpacking), ``cache`` (layout, atomic
-writes), ``locking`` (cross-process locks), ``local`` (local paths, tree digests),
-``lockfile`` (``<manifest>.lock.json``).
+(downloads into the cache, on the shared client of ``stcorpus.http``), ``hub`` (hf:// source
+URLs; resolution in ``stcorpus.hub``), ``archive`` (safe unpacking), ``cache`` (layout, atomic
+writes), ``local`` (local paths, tree digests), ``lockfile`` (``<manifest>.lock.json``);
+cross-process locks are ``stcorpus.locking``, shared with the loader's shard cache.
 """
 
 from stcorpus.curate.fetch.fetcher import Fetched, Fetcher

@@ -13,11 +13,12 @@ threads, and several processes may share one cache folder.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from stcorpus.curate.errors import (
@@ -25,27 +26,32 @@ from stcorpus.curate.errors import (
     ChecksumMismatchError,
     FetchError,
     LocalSourceNotAllowedError,
+    NotADataFileError,
     SizeMismatchError,
     UnsafeArchiveError,
     UnsupportedSchemeError,
 )
+from stcorpus.curate.errors import RemoteNotFoundError as StoreNotFoundError
 from stcorpus.curate.fetch.archive import Limits, is_archive_name, unpack_archive
 from stcorpus.curate.fetch.cache import Cache, UrlRecord, url_key
-from stcorpus.curate.fetch.hub import access_hint, auth_headers, metadata_from_head, parse_hf_url, resolve_url, token_of
+from stcorpus.curate.fetch.hub import parse_hf_url
 from stcorpus.curate.fetch.local import local_path, tree_digest
-from stcorpus.curate.fetch.locking import file_lock
 from stcorpus.curate.fetch.settings import FetchSettings
+from stcorpus.hub import access_hint, auth_headers, metadata_from_head, resolve_url, token_of
+from stcorpus.locking import file_lock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from stcorpus.curate.fetch.http import HttpClient, ProgressFn
+    from stcorpus.curate.fetch.http import Downloader, ProgressFn
     from stcorpus.curate.manifest import Sample, Source
 
 logger = logging.getLogger(__name__)
 
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+#: Object stores read through fsspec (with the store's own credentials).
+STORE_SCHEMES: Final = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 _NAME_PARAMS: Final = ("file", "filename", "name")
 
 
@@ -120,11 +126,12 @@ class Fetcher:
     """
 
     def __init__(self, settings: FetchSettings | None = None, *, on_bytes: ProgressFn | None = None) -> None:
-        from stcorpus.curate.fetch.http import HttpClient
+        from stcorpus.curate.fetch.http import Downloader
 
         self.settings = settings if settings is not None else FetchSettings()
         self.cache = Cache(self.settings.cache_dir)
-        self._http: HttpClient = HttpClient(self.settings, on_bytes=on_bytes)
+        self._on_bytes = on_bytes
+        self._http: Downloader = Downloader(self.settings, on_bytes=on_bytes)
 
     def close(self) -> None:
         """Close the HTTP sessions."""
@@ -162,10 +169,12 @@ class Fetcher:
             fetched = self._fetch_remote(source, what=what, plan=lambda: plain)
         elif scheme == "hf":
             fetched = self._fetch_remote(source, what=what, plan=lambda: self._plan_hub(source, what=what))
+        elif scheme in STORE_SCHEMES:
+            fetched = self._fetch_store(source, what=what)
         else:
             raise UnsupportedSchemeError(
                 f"{what}: URL scheme {scheme}:// is not supported; use https://, http://, "
-                "hf://datasets/<org>/<name>/<path>, file:// or a local path"
+                "hf://datasets/<org>/<name>/<path>, s3://, gs://, az://, file:// or a local path"
             )
         if source.unpack and fetched.is_folder:
             raise FetchError(f"{what}: `unpack: true` but the source is a folder, not an archive; drop `unpack`")
@@ -272,6 +281,75 @@ class Fetcher:
                 source, sha256=downloaded.sha256, size=downloaded.size, cache_hit=False, commit=resolved.commit
             )
 
+    def _fetch_store(self, source: Source, *, what: str) -> Fetched:
+        """An object of an fsspec store (``s3://``, ``gs://``, ``az://``): streamed into the cache, hashed, verified.
+
+        Credentials are the store's own configuration (``AWS_*`` / ``~/.aws``, application-default
+        credentials, ``AZURE_STORAGE_*``); stores retry on their own, and an interrupted copy starts over.
+        """
+        from stcorpus.curate.fetch.http import looks_like_html
+
+        hit = self._cached(source)
+        if hit is not None:
+            return hit
+        cache = self.cache
+        with file_lock(cache.lock_path("url", url_key(source.url)), what=what):
+            hit = self._cached(source)
+            if hit is not None:
+                return hit
+            fs, path = _store(source.url, what=what)
+            partial = cache.partial_path(source.url)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            digest, size = hashlib.sha256(), 0
+            logger.info("downloading %s", what)
+            try:
+                announced = int(fs.size(path))
+                if source.size is not None and announced != source.size:
+                    raise SizeMismatchError(
+                        f"{what}: the store holds {announced} bytes, the manifest says size {source.size}; "
+                        "check the URL, or correct `size` in the manifest"
+                    )
+                with fs.open(path, "rb", block_size=self.settings.chunk_size) as remote, partial.open("wb") as out:
+                    while chunk := remote.read(self.settings.chunk_size):
+                        if size == 0 and looks_like_html(None, chunk):
+                            raise NotADataFileError(
+                                f"{what}: the object is an HTML page, not a data file or archive; give a folder as "
+                                "an archive (.tar.gz, .zip) or file by file, one source per file"
+                            )
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        if self._on_bytes is not None:
+                            self._on_bytes(len(chunk))
+            except FileNotFoundError:
+                partial.unlink(missing_ok=True)
+                raise StoreNotFoundError(f"{what}: no such object; check the URL") from None
+            except PermissionError as exc:
+                partial.unlink(missing_ok=True)
+                raise AccessDeniedError(
+                    f"{what}: the store refused access ({exc}); check its credentials (AWS_PROFILE or "
+                    "AWS_ACCESS_KEY_ID for s3://, application-default credentials for gs://, AZURE_STORAGE_* for az://)"
+                ) from None
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise FetchError(f"{what}: reading from the store failed: {type(exc).__name__}: {exc}") from None
+            except FetchError:
+                partial.unlink(missing_ok=True)
+                raise
+            if size != announced:
+                partial.unlink(missing_ok=True)
+                raise SizeMismatchError(f"{what}: read {size} bytes, the store announced {announced}")
+            sha256 = digest.hexdigest()
+            if source.sha256 is not None and sha256 != source.sha256:
+                partial.unlink(missing_ok=True)
+                raise ChecksumMismatchError(
+                    f"{what}: sha256 mismatch: expected {source.sha256}, downloaded {sha256} ({size} bytes); "
+                    "nothing was kept in the cache. If the file changed at its source on purpose, update `sha256`"
+                )
+            cache.commit_blob(partial, sha256)
+            cache.record_url(UrlRecord(url=source.url, sha256=sha256, size=size))
+            return self._result(source, sha256=sha256, size=size, cache_hit=False, commit=None)
+
     def _plan_hub(self, source: Source, *, what: str) -> _Plan:
         file = parse_hf_url(source.url)
         headers = auth_headers()
@@ -332,6 +410,20 @@ class Fetcher:
         return target
 
 
+def _store(url: str, *, what: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a store URL and the object's path in it."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(url)
+    except ImportError as exc:
+        raise UnsupportedSchemeError(
+            f"{what}: no fsspec filesystem for {url_scheme(url)}:// is installed ({exc}); install its backend "
+            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)"
+        ) from None
+    return fs, str(path)
+
+
 def _name_in(sample: Sample, source: Source) -> str:
     for name, candidate in sample.sources.items():
         if candidate is source:
@@ -343,7 +435,7 @@ def _name_in(sample: Sample, source: Source) -> str:
 
 
 def _display(url: str) -> str:
-    from stcorpus.curate.fetch.http import redact_url
+    from stcorpus.http import redact_url
 
     return url if url_scheme(url) in (None, "file", "hf") else redact_url(url)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stcorpus.curate.errors import CorpusValidationError, PublishError, TargetUnreachableError
+from stcorpus.curate.errors import CorpusValidationError, PublishError
 from stcorpus.curate.publish.fs import INDEX_FILE, FsspecTarget
 from stcorpus.curate.publish.hub import HubTarget, offline_requested
 from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan, make_plan
@@ -54,6 +54,20 @@ def validate_for_publish(
     return scan
 
 
+def name_the_repository(scan: CorpusScan, repo_id: str) -> None:
+    """Publish the card with its usage examples naming ``repo_id`` (the folder's own card stays as it is)."""
+    from stcorpus import schema
+    from stcorpus.curate.build.card import card_for_repo
+
+    card = scan.files.get(schema.CARD_FILE)
+    if card is None:
+        return
+    text = (scan.root / card.path).read_text(encoding="utf-8")
+    named = card_for_repo(text, repo_id)
+    if named != text:
+        scan.files[card.path] = card.with_content(named.encode("utf-8"))
+
+
 def plan_publish(
     root: Path,
     target: Target,
@@ -63,13 +77,16 @@ def plan_publish(
     jobs: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> PublishPlan:
-    """Validate ``root`` and compare it with ``target`` (not asked when ``offline``).
+    """Validate ``root`` and compare it with ``target`` (not asked when ``offline``: every status unknown).
 
-    An unreachable target gives a plan with unknown statuses, unless ``for_upload`` (then it raises).
+    An unreachable target raises :class:`TargetUnreachableError` at once (the Hub is probed with
+    one request before huggingface_hub's retries could start).
     """
     if isinstance(target, FsspecTarget):
         target.check_source(root)
     scan = validate_for_publish(root, hub=isinstance(target, HubTarget), jobs=jobs, progress=progress)
+    if isinstance(target, HubTarget):
+        name_the_repository(scan, target.repo_id)
     offline = offline or (isinstance(target, HubTarget) and offline_requested())
     if offline:
         if for_upload:
@@ -81,13 +98,35 @@ def plan_publish(
             unknown_reason="offline (--offline or HF_HUB_OFFLINE): the target was not asked",
             skipped=scan.skipped,
         )
-    try:
-        statuses, remote_only = target.compare(scan.files)
-    except TargetUnreachableError as exc:
-        if for_upload:
-            raise
-        return make_plan(target.describe(), scan.files, None, unknown_reason=str(exc), skipped=scan.skipped)
+    # An unreachable target raises TargetUnreachableError, in a dry run too: its message says to add
+    # --offline, the one way to list what would be sent without contacting the target.
+    statuses, remote_only = target.compare(scan.files)
     return make_plan(target.describe(), scan.files, statuses, remote_paths=remote_only, skipped=scan.skipped)
+
+
+def read_commands(target: Target, plan: PublishPlan) -> list[str]:
+    """How to read what ``plan`` publishes to ``target``: a ``datasets`` line and a stcorpus loader line."""
+    from stcorpus import schema
+
+    splits = sorted(
+        {p.split("/")[1] for p in (f.file.path for f in plan.files) if p.startswith(f"{schema.PARQUET_DIR}/")},
+        key=lambda split: schema.SPLITS.index(split) if split in schema.SPLITS else len(schema.SPLITS),
+    )
+    settings = f'LoaderSettings(split="{splits[0] if splits else schema.SPLITS[0]}")'
+    if isinstance(target, HubTarget):
+        revision = f', revision="{target.revision}"' if target.revision != "main" else ""
+        at = f"@{target.revision}" if target.revision != "main" else ""
+        return [
+            f'load_dataset("{target.repo_id}"{revision}, streaming=True)',
+            f'CorpusDataset("hf://datasets/{target.repo_id}{at}", {settings})',
+        ]
+    url = target.url.rstrip("/")
+    if target.is_local:
+        datasets_line = f'load_dataset("{url.removeprefix("file://")}", streaming=True)'
+    else:
+        files = ", ".join(f'"{split}": "{url}/{schema.PARQUET_DIR}/{split}/*.parquet"' for split in splits)
+        datasets_line = f'load_dataset("parquet", data_files={{{files}}}, streaming=True)'
+    return [datasets_line, f'CorpusDataset("{url}", {settings})']
 
 
 def apply_plan(
@@ -157,5 +196,6 @@ __all__ = [
     "apply_plan",
     "plan_publish",
     "publish",
+    "read_commands",
     "validate_for_publish",
 ]

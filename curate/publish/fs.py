@@ -165,7 +165,9 @@ class FsspecTarget:
         source = root / file.path
         destination = self._remote(file.path)
         self._fs.makedirs(destination.rpartition("/")[0] or "/", exist_ok=True)
-        if self.is_local:
+        if file.content is not None:
+            self._put_bytes(file.path, file.content)
+        elif self.is_local:
             tmp = self._tmp_name(destination)
             try:
                 self._fs.put_file(str(source), tmp)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,15 @@ from stcorpus.curate.publish.plan import CommitLimits, PlannedFile, PublishPlan,
 from stcorpus.curate.publish.validate import LocalFile, check_unchanged, is_skipped
 
 log = logging.getLogger(__name__)
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost ``[Errno N] ...`` of a transport error (requests wraps it three times), else its type."""
+    text = str(exc)
+    found = re.findall(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if found:
+        return str(found[-1]).strip()
+    return "timed out" if "timed out" in text.lower() else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def default_api() -> Any:
     from huggingface_hub import HfApi
 
     from stcorpus.curate import __version__
-    from stcorpus.curate.fetch.hub import endpoint
+    from stcorpus.hub import endpoint
 
     return HfApi(endpoint=endpoint(), library_name="stcorpus", library_version=__version__)
 
@@ -114,10 +124,37 @@ class HubTarget:
 
     # --- comparison ----------------------------------------------------------------------------
 
+    def check_reachable(self) -> None:
+        """Raise :class:`TargetUnreachableError` at once when nothing answers at the Hub's endpoint.
+
+        One request, no retries: without a network, huggingface_hub's own backoff spends about
+        25 s in five retries before it gives up, which a dry run should not.
+        """
+        import requests
+
+        from stcorpus.http import HttpClient, RetryPolicy, redact_url
+
+        url = str(getattr(self.api, "endpoint", "") or "").rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            return  # a stand-in API object with no HTTP endpoint of its own
+        client = HttpClient(RetryPolicy(retries=0, connect_timeout=10.0, read_timeout=20.0))
+        try:
+            response, _ = client.send("HEAD", f"{url}/", {}, follow="same-origin")
+            response.close()
+        except requests.RequestException as exc:
+            raise TargetUnreachableError(
+                f"the Hub at {redact_url(url)} cannot be reached ({_reason(exc)}): nothing was compared or sent. "
+                "Add --offline for a dry run that does not contact the Hub (every status unknown), or try again "
+                "when the network is back"
+            ) from None
+        finally:
+            client.close()
+
     def remote_files(self) -> dict[str, RemoteEntry] | None:
         """Every file of the repository (None: no such repository yet); TargetUnreachableError without the Hub."""
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+        self.check_reachable()
         try:
             entries = list(
                 self.api.list_repo_tree(
@@ -133,7 +170,8 @@ class HubTarget:
             return None
         except _unreachable_types() as exc:
             raise TargetUnreachableError(
-                f"the Hub at {getattr(self.api, 'endpoint', '?')} cannot be reached: {exc}"
+                f"the Hub at {getattr(self.api, 'endpoint', '?')} cannot be reached ({exc}): nothing was compared "
+                "or sent. Add --offline for a dry run that does not contact the Hub"
             ) from exc
         except HfHubHTTPError as exc:
             raise PublishError(f"listing {self.describe()} failed: {exc}") from exc
@@ -208,7 +246,10 @@ class HubTarget:
             for item in group:
                 check_unchanged(root, item.file)
             operations: list[Any] = [
-                CommitOperationAdd(path_in_repo=item.file.path, path_or_fileobj=str(root / item.file.path))
+                CommitOperationAdd(
+                    path_in_repo=item.file.path,
+                    path_or_fileobj=item.file.content if item.file.content is not None else str(root / item.file.path),
+                )
                 for item in group
             ]
             if number == len(groups):

@@ -68,6 +68,22 @@ class LocalFile:
     sha256: str
     git_oid: str  # git blob id: sha1 of b"blob <size>\\0" + content ("" above GIT_BLOB_MAX)
     mtime_ns: int = 0  # when it was hashed, to notice a file rewritten before it is sent
+    #: Bytes sent instead of the file's (the card naming its Hub repository); size and digests are theirs.
+    content: bytes | None = None
+    disk_size: int | None = None  # the file's own size when ``content`` replaces it
+
+    def with_content(self, content: bytes) -> LocalFile:
+        """This file published as ``content`` (its size and digests become those of ``content``)."""
+        sha256, oid = hash_bytes(content)
+        return LocalFile(
+            path=self.path,
+            size=len(content),
+            sha256=sha256,
+            git_oid=oid,
+            mtime_ns=self.mtime_ns,
+            content=content,
+            disk_size=self.disk_size if self.content is not None else self.size,
+        )
 
     @property
     def top(self) -> str:
@@ -102,12 +118,19 @@ def hash_file(path: Path, *, size: int | None = None) -> tuple[str, str]:
     return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else ""
 
 
+def hash_bytes(data: bytes) -> tuple[str, str]:
+    """``(sha256, git blob id)`` of ``data`` (the blob id is "" above ``GIT_BLOB_MAX``)."""
+    sha1 = hashlib.sha1(b"blob %d\x00" % len(data) + data, usedforsecurity=False) if len(data) <= GIT_BLOB_MAX else None
+    return hashlib.sha256(data).hexdigest(), sha1.hexdigest() if sha1 is not None else ""
+
+
 def check_unchanged(root: Path, file: LocalFile) -> None:
     """Refuse to send a file that changed after it was validated (a build still writing into the folder)."""
     from stcorpus.curate.errors import PublishError
 
     stat = (root / file.path).stat()
-    if stat.st_size != file.size or (file.mtime_ns and stat.st_mtime_ns != file.mtime_ns):
+    size = file.disk_size if file.content is not None and file.disk_size is not None else file.size
+    if stat.st_size != size or (file.mtime_ns and stat.st_mtime_ns != file.mtime_ns):
         raise PublishError(
             f"{file.path} changed after it was validated (is a build still writing to {root}?); publish again"
         )

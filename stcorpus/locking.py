@@ -1,8 +1,9 @@
 """Advisory file locks that serialise work on one cache entry across threads and processes.
 
-``flock`` locks belong to an open file description, so two threads of one process that each
-open the lock file exclude each other just as two processes do. The lock files stay in
-``locks/`` (deleting a lock file while another process waits on it would split the lock).
+Used by the fetch cache (``curate fetch``) and the loader's shard cache. ``flock`` locks belong
+to an open file description, so two threads of one process that each open the lock file
+exclude each other just as two processes do. The lock files stay in ``locks/`` (deleting a lock
+file while another process waits on it would split the lock).
 """
 
 from __future__ import annotations
@@ -37,6 +38,40 @@ def file_lock(path: Path, *, what: str = "") -> Iterator[None]:
         os.close(fd)
 
 
+def try_lock(path: Path) -> int | None:
+    """Take the exclusive lock on ``path`` if nobody holds it: the open descriptor, else None.
+
+    For work that may as well be skipped when another thread or process is doing it; release
+    with :func:`unlock`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if _try_acquire(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken with :func:`try_lock` (or :func:`wait_lock`) and close its descriptor."""
+    try:
+        _release(fd)
+    finally:
+        os.close(fd)
+
+
+def wait_lock(path: Path, *, what: str = "") -> int:
+    """Take the exclusive lock on ``path``, waiting for it; the open descriptor (release with :func:`unlock`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path=path, what=what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
@@ -52,6 +87,13 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
                     waited = True
                 time.sleep(0.1)
 
+    def _try_acquire(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
     def _release(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
@@ -65,6 +107,13 @@ else:
         except BlockingIOError:
             logger.debug("waiting for %s (locked by another thread or process: %s)", what or path.name, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _try_acquire(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     def _release(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
