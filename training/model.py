@@ -248,9 +248,17 @@ def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu") 
 
 
 def init_gene_encoder(encoder: nn.Module, path: Path, *, gene: GeneEncoderSection) -> None:
-    """Load the gene encoder of a checkpoint (STAMP stage 1's) into ``encoder``; gene settings must match."""
-    from stcorpus.training.checkpoint import load_checkpoint
+    """Load the gene encoder of a checkpoint (STAMP stage 1's) into ``encoder``; gene settings must match.
 
+    ``path``: a checkpoint file, or a run folder (its latest checkpoint).
+    """
+    from stcorpus.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    if path.is_dir():  # a run folder: its latest checkpoint
+        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"model.gene.init={str(path)!r}: the folder holds no checkpoint (run stage 1 first)")
+        path = found
     state = load_checkpoint(path)
     saved = json.loads(state["config"])["model"]["gene"]
     now = gene.model_dump(mode="json")

@@ -34,7 +34,7 @@ from stcorpus.training.losses import share_of_global
 def hide_genes(mask: Tensor, *, ratio: float, generator: torch.Generator | None = None) -> Tensor:
     """A (B,G) bool of measured genes to hide: each measured gene with probability ``ratio``.
 
-    Every spot with two or more measured genes keeps at least one visible and hides at least one.
+    A spot keeps at least one measured gene visible, and one with two or more hides at least one.
     """
     scores = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
     hidden = (scores < ratio) & mask
@@ -45,7 +45,7 @@ def hide_genes(mask: Tensor, *, ratio: float, generator: torch.Generator | None 
     none_hidden = (hidden.sum(dim=1) == 0) & (measured >= 2)
     hidden[none_hidden, lowest[none_hidden]] = True
     highest = scores.masked_fill(~mask, -1.0).argmax(dim=1)
-    all_hidden = (hidden.sum(dim=1) == measured) & (measured >= 2)
+    all_hidden = (hidden.sum(dim=1) == measured) & (measured >= 1)
     hidden[all_hidden, highest[all_hidden]] = False
     return hidden
 
