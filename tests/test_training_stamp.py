@@ -105,6 +105,10 @@ def test_stamp_stage_1_then_stage_2(corpus: FixtureCorpus, tmp_path: Path) -> No
     for term in ("patch_spot", "region_spot", "patch_region", "pos"):
         assert math.isfinite(last[f"loss/{term}"]), term
     assert "image_to_gene_r@5" in result2.metrics and "probe_pearson" in result2.metrics
+    # recall per held-out slide beside the pooled one (the validation split is the one slide mbrain-b)
+    assert result2.metrics["pool_size/slide/mbrain-b"] == 25
+    assert result2.metrics["gene_to_image_r@5/slide/mbrain-b"] == result2.metrics["gene_to_image_r@5"]
+    assert "image_to_gene_r@5/slide_mean" in _records(stage2, "eval")[-1]
 
     # stage 2 with other gene settings than stage 1 is refused, naming the setting
     with pytest.raises(CheckpointError, match=r"differs in hidden \(32 there, 48 here\)"):
