@@ -427,7 +427,6 @@ BYTE_DEPENDENCIES = (
     "h5py",
     "anndata",
     "pyarrow",
-    "polars",
 )
 
 
