@@ -24,6 +24,7 @@ from stcorpus.training.errors import DataSourceUnavailableError
 from stcorpus.training.hestbench import (
     PUBLISHED,
     default_alpha,
+    embed_patches,
     image_embedder,
     main,
     probe_fold,
@@ -156,6 +157,24 @@ def test_files_not_laid_out_as_hest_bench_are_named(bench: Path, tmp_path: Path)
     with pytest.raises(DataSourceUnavailableError, match="no column patches_path, expr_path"):
         task_folds(task)
     assert main(["--bench-root", str(tmp_path / "missing"), "--encoder", "MahmoodLab/UNI", "--small"]) == 2
+    no_barcodes = tmp_path / "patches.h5"
+    with h5py.File(no_barcodes, "w") as f:
+        f.create_dataset("img", data=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(DataSourceUnavailableError, match=r"patches\.h5: needs an image dataset .* and barcodes"):
+        embed_patches(no_barcodes, lambda x: x.reshape(len(x), -1).astype(np.float32))
+
+
+def test_patches_are_embedded_a_chunk_at_a_time(bench: Path) -> None:
+    seen: list[int] = []
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        seen.append(len(images))
+        return images.reshape(len(images), -1)[:, :5].astype(np.float32)
+
+    whole, barcodes = embed_patches(bench / "IDC" / "patches" / "TENX1.h5", embed)
+    parts, same = embed_patches(bench / "IDC" / "patches" / "TENX1.h5", embed, chunk=7)
+    assert np.array_equal(whole, parts) and barcodes == same and barcodes[0] == "TENX1-0000-1"
+    assert seen == [40, *[7] * 5, 5]
 
 
 def test_the_protocol_on_a_corpus_held_out_slides(tmp_path: Path) -> None:

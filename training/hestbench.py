@@ -246,8 +246,8 @@ def read_gene_list(task_dir: Path, name: str = GENE_LIST) -> list[str]:
     return [str(g) for g in genes]
 
 
-def read_patches(path: Path) -> tuple[NDArray[np.uint8], list[str]]:
-    """A patch file's images (N,H,W,3 uint8) and barcodes."""
+def embed_patches(path: Path, embed: Embed, *, chunk: int = 1024) -> tuple[NDArray[np.float32], list[str]]:
+    """The features of a patch file's images (read ``chunk`` at a time, never the whole file) and its barcodes."""
     import h5py
 
     if not path.is_file():
@@ -260,12 +260,15 @@ def read_patches(path: Path) -> tuple[NDArray[np.uint8], list[str]]:
                 f"{path}: needs an image dataset ({'/'.join(IMAGE_KEYS)}) and barcodes ({'/'.join(BARCODE_KEYS)}); "
                 f"it has {sorted(f)}"
             )
-        images = np.asarray(f[image_key][()], dtype=np.uint8)
+        images = f[image_key]
         raw = np.asarray(f[barcode_key][()]).reshape(-1)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(raw):
+            raise DataSourceUnavailableError(f"{path}: images {images.shape} and {len(raw)} barcodes do not pair up")
+        parts = [
+            embed(np.asarray(images[start : start + chunk], dtype=np.uint8)) for start in range(0, len(raw), chunk)
+        ]
     barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in raw]
-    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(barcodes):
-        raise DataSourceUnavailableError(f"{path}: images {images.shape} and {len(barcodes)} barcodes do not pair up")
-    return images, barcodes
+    return np.concatenate(parts), barcodes
 
 
 def read_expression(path: Path, *, barcodes: Sequence[str], genes: Sequence[str]) -> FloatArray:
@@ -372,8 +375,8 @@ def run_task(
 
     def sample(split: Split) -> tuple[NDArray[np.float32], FloatArray]:
         if split.sample_id not in cache:
-            images, barcodes = read_patches(split.patches)
-            cache[split.sample_id] = (embed(images), read_expression(split.expr, barcodes=barcodes, genes=genes))
+            features, barcodes = embed_patches(split.patches, embed)
+            cache[split.sample_id] = (features, read_expression(split.expr, barcodes=barcodes, genes=genes))
             logger.info("%s: embedded %s (%d spots)", task_dir.name, split.sample_id, len(barcodes))
         return cache[split.sample_id]
 
