@@ -148,3 +148,13 @@ def test_a_seal_run_checkpoints_what_trained_and_loads_back_onto_the_base(tmp_pa
 def test_gene_recon_needs_dense_expression() -> None:
     with pytest.raises(ConfigError, match="gene_recon"):
         load_config("tiny-cpu", overrides=["loss.gene_recon=1", "model.gene.name=transformer"])
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path: Path) -> None:
+    from stcorpus.training.checkpoint import save_checkpoint
+
+    old = save_checkpoint({"format": "stcorpus-train-ckpt/1", "step": 1}, tmp_path, step=1, keep_last=2)
+    assert load_checkpoint(old)["step"] == 1
+    newer = save_checkpoint({"format": "stcorpus-train-ckpt/9", "step": 2}, tmp_path, step=2, keep_last=2)
+    with pytest.raises(CheckpointError, match="is not a stcorpus-train-ckpt/2 checkpoint"):
+        load_checkpoint(newer)
