@@ -7,6 +7,7 @@ compare with the published model sizes; loading checks use the same family at a 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,48 @@ def test_normalisation_follows_the_pretrained_config() -> None:
     assert encoder_defaults(given, tile=224).mean == (0.5, 0.5, 0.5)
     with pytest.raises(ConfigError, match="unknown image encoder 'uni'"):
         load_config(None, overrides=["model.image.name=uni"])
+
+
+def _transformers4_name(key: str, *, vit: bool) -> str:
+    """The key a transformers 4.x ViT/Dinov2 wrote (Phikon's files are 4.x's) for a 5.x key."""
+    key = re.sub(r"^layers\.", "encoder.layer.", key)
+    for new, old in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+        key = key.replace(f"attention.{new}", f"attention.attention.{old}")
+    key = key.replace("attention.o_proj", "attention.output.dense")
+    if vit:
+        key = key.replace(".mlp.fc1.", ".intermediate.dense.").replace(".mlp.fc2.", ".output.dense.")
+    return key
+
+
+@pytest.mark.parametrize("name", ["owkin/phikon", "owkin/phikon-v2"])
+def test_phikon_files_written_by_transformers_4_load(name: str, tmp_path: Path) -> None:
+    original, _ = _small(name, tmp_path)
+    vit = name == "owkin/phikon"
+    state = {_transformers4_name(k, vit=vit): v for k, v in original.model.state_dict().items()}
+    assert "encoder.layer.0.attention.attention.query.weight" in state
+    if vit:  # the published ViTModel file carries its pooler, which the feature extractor drops
+        state |= {"pooler.dense.weight": torch.zeros(48, 48), "pooler.dense.bias": torch.zeros(48)}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    torch.manual_seed(3)
+    loaded = build_image_encoder(ImageEncoderSection(name=name, small=True, pretrained=str(tmp_path)), image_size=0)
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(images), original(images), atol=1e-5)
+    del state[next(k for k in state if "attention.attention.query.weight" in k)]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f"does not hold {name} weights .*missing keys"):
+        build_image_encoder(ImageEncoderSection(name=name, small=True, pretrained=str(path)), image_size=0)
+
+
+@pytest.mark.parametrize("name", ["owkin/phikon", "owkin/phikon-v2", "paige-ai/Virchow2", "MahmoodLab/CONCH"])
+def test_lora_adapts_attention_and_mlp_of_every_block(name: str) -> None:
+    from stcorpus.training.config import LoraSection
+
+    encoder = build_image_encoder(
+        ImageEncoderSection(name=name, small=True, finetune="lora", lora=LoraSection(rank=2)), image_size=0
+    )
+    adapted = {n.split(".lora_")[0] for n, p in encoder.named_parameters() if p.requires_grad}
+    per_block = {re.sub(r"\.\d+\.", ".N.", n) for n in adapted}
+    assert len(adapted) == 2 * len(per_block) and len(per_block) in (4, 6)  # 2 blocks; qkv fused in timm
+    assert all("patch_embed" not in n and "embeddings" not in n for n in adapted)

@@ -218,6 +218,7 @@ def build_preset_encoder(cfg: ImageEncoderSection, *, image_size: int = 0) -> To
         build_preset_model,
         find_preset,
         load_strict,
+        load_transformers_strict,
         read_state_dict,
         resolve_weights,
     )
@@ -231,10 +232,14 @@ def build_preset_encoder(cfg: ImageEncoderSection, *, image_size: int = 0) -> To
         raise ConfigError(f"{preset.hub_id} is a transformers model: model.image.timm_kwargs does not apply")
     # The weights first: a missing file fails before a billion parameters are initialised.
     source = resolve_weights(preset, cfg.pretrained) if cfg.pretrained is not None else None
-    model = build_preset_model(preset, small=cfg.small, extra=cfg.timm_kwargs)
     identity = {"name": preset.hub_id}
+    if source is not None and preset.backend == "transformers":
+        model = load_transformers_strict(preset, source.path, small=cfg.small)
+    else:
+        model = build_preset_model(preset, small=cfg.small, extra=cfg.timm_kwargs)
+        if source is not None:
+            load_strict(model, read_state_dict(source.path), preset=preset, where=str(source.path))
     if source is not None:
-        load_strict(model, read_state_dict(source.path), preset=preset, where=str(source.path))
         identity.update(source.identity())
     size = image_size or preset.input_size
     if preset.backend == "timm":

@@ -47,9 +47,14 @@ HOPTIMUS_STD: Final = (0.211883, 0.230117, 0.177517)
 #: LoRA targets by backend: attention (qkv / q,k,v and the output projection) and MLP, in
 #: every transformer block (peft ``target_modules`` as a full-match regex).
 TIMM_LORA_TARGETS: Final = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+#: transformers 5 names the blocks ``layers.<i>`` (ViT) / ``encoder.layer.<i>`` (Dinov2) with
+#: ``attention.{q,k,v,o}_proj`` and ``mlp.fc1/fc2``; transformers 4 ``encoder.layer.<i>`` with
+#: ``attention.attention.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
+#: ``output.dense``. Both are matched.
 HF_LORA_TARGETS: Final = (
-    r".*encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense|mlp\.(fc1|fc2|weights_in|weights_out))"
+    r".*(layers|encoder\.layer)\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)"
+    r"|attention\.attention\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense"
+    r"|mlp\.(fc1|fc2|weights_in|weights_out))"
 )
 
 Pool = Literal["model", "cls_mean", "cls"]
@@ -405,6 +410,56 @@ def build_preset_model(preset: Preset, *, small: bool = False, extra: Mapping[st
     raise ConfigError(f"{preset.hub_id}: no transformers architecture {preset.architecture!r} (vit, dinov2)")
 
 
+def load_transformers_strict(
+    preset: Preset, path: Path, *, small: bool = False, extra: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """A transformers preset with the weights of ``path``, every key accounted for.
+
+    Through ``from_pretrained`` (the preset's config, the file under its canonical name): it maps
+    the key names of files written by other transformers versions (Phikon's were written by 4.x,
+    whose ``attention.attention.query`` is 5.x's ``attention.q_proj``). Its loading report must
+    be empty: a missing, unexpected (beyond ``preset.dropped_keys``) or mis-shaped key is a
+    :class:`CheckpointError` naming them.
+    """
+    import tempfile
+
+    import transformers
+
+    args = {**preset.kwargs, **(preset.small if small else {}), **(extra or {})}
+    name = "model.safetensors" if path.suffix == ".safetensors" else "pytorch_model.bin"
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / name).symlink_to(path.resolve())
+        loaded: Any
+        try:
+            if preset.architecture == "vit":
+                loaded = transformers.ViTModel.from_pretrained(
+                    folder, config=transformers.ViTConfig(**args), add_pooling_layer=False, output_loading_info=True
+                )
+            else:
+                loaded = transformers.Dinov2Model.from_pretrained(
+                    folder, config=transformers.Dinov2Config(**args), output_loading_info=True
+                )
+        except (RuntimeError, ValueError, OSError) as exc:  # shape mismatches raise here
+            raise CheckpointError(f"{path} does not hold {preset.hub_id} weights: {exc}") from exc
+    model: nn.Module = loaded[0]
+    info: dict[str, Any] = loaded[1]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not any(k.startswith(p) for p in preset.dropped_keys)]
+    problems = []
+    for label, keys in (
+        ("missing keys", sorted(info.get("missing_keys", []))),
+        ("unexpected keys", sorted(unexpected)),
+        ("shape mismatches", sorted(str(k) for k in info.get("mismatched_keys", []))),
+    ):
+        if keys:
+            problems.append(f"{label}: {_sample(list(keys))}")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not hold {preset.hub_id} weights ({'; '.join(problems)}). Give the weights file published "
+            f"at huggingface.co/{preset.hub_id}, or the preset that matches this file"
+        )
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
@@ -579,10 +634,10 @@ def pooled_features(model: nn.Module, images: Tensor, *, backend: str, pool: Poo
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a timm ViT (``blocks``) or a transformers ViT/Dinov2 (``encoder.layer``)."""
+    """The transformer blocks: timm ``blocks``, transformers ``layers`` (ViT) / ``encoder.layer`` (Dinov2)."""
     from torch import nn
 
-    blocks = getattr(model, "blocks", None)
+    blocks = getattr(model, "blocks", None) or getattr(model, "layers", None)
     if blocks is None and hasattr(model, "encoder"):
         blocks = getattr(model.encoder, "layer", None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
