@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The torch build the project is tested with (CPU or CUDA, whichever pip finds for 2.13.0).
-TORCH_SPEC ?= torch==2.13.0
+# The torch build the project is tested with, and the torchvision built for it (timm needs it; a
+# torchvision of another torch build fails to import). CPU or CUDA, whichever pip finds for 2.14.1.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo-corpus
 
 $(BIN)/python:
@@ -17,7 +18,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[torch,dev,dask]"
 	touch $@ $(VENV)/.core
 

@@ -14,7 +14,8 @@ purpose, per path, for the first K requests:
 ``LocalServer.rate`` (bytes per second per connection, ``None``: no limit) throttles file bodies
 like a remote store's link; ``bytes_sent`` counts the body bytes sent (benchmarks of caches).
 
-A Hub stand-in answers ``/datasets/<org>/<name>/resolve/<revision>/<path>`` like
+A Hub stand-in answers ``/datasets/<org>/<name>/resolve/<revision>/<path>`` (and model repos,
+``/<org>/<name>/resolve/...``) like
 huggingface.co: HEAD/GET with ``ETag``, ``X-Linked-Etag`` (sha256), ``X-Linked-Size`` and
 ``X-Repo-Commit``, optionally ``401``/``403`` for a gated repository, optionally a ``302`` to a
 "CDN" route ``/cdn/<sha256>`` addressed through ``localhost`` (another origin than
@@ -43,7 +44,8 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-_RESOLVE = re.compile(r"^/datasets/(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+# Dataset repos (/datasets/<org>/<name>/...) and model repos (/<org>/<name>/...: model weights).
+_RESOLVE = re.compile(r"^/(?:datasets/)?(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def test_unknown_key_in_file_is_named(tmp_path) -> None:
         ("loss.pos=1", "region view"),
         ("data.views=[region]", "must include 'patch'"),
         ("optim.min_lr=1", "larger than lr"),
-        ("model.image.pretrained=hub", "timm encoders only"),
+        ("model.image.pretrained=hub", "timm encoders and presets"),
         ("data.source=corpus", "data.corpus"),
     ],
 )

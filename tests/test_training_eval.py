@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from stcorpus.training.evaluate import linear_probe, pearson_per_column, recall_at_k, retrieval_metrics, select_genes
+from stcorpus.training.evaluate import (
+    linear_probe,
+    pearson_per_column,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_per_slide,
+    select_genes,
+)
 
 
 def test_recall_counts_fixed_points_of_a_permutation() -> None:
@@ -124,3 +131,23 @@ def test_recall_is_chunk_independent_on_large_pools() -> None:
     rank = (sim > np.diag(sim)[:, None]).sum(axis=1)
     assert got == {1: float((rank < 1).mean()), 10: float((rank < 10).mean())}
     assert got[10] > 10 / 2500
+
+
+def test_recall_is_reported_per_held_out_slide_as_well_as_pooled() -> None:
+
+    rng = np.random.default_rng(0)
+    # slide a: genes are the images (perfect); slide b: genes are noise; c: a single spot
+    img_a, img_b, img_c = rng.normal(size=(10, 8)), rng.normal(size=(10, 8)), rng.normal(size=(1, 8))
+    image = np.concatenate([img_a, img_b, img_c])
+    gene = np.concatenate([img_a, rng.normal(size=(10, 8)), img_c])
+    slides = ["a"] * 10 + ["b"] * 10 + ["c"]
+    per = retrieval_per_slide(image, gene, slides, ks=(1, 5))
+    assert per["image_to_gene_r@1/slide/a"] == 1.0 and per["gene_to_image_r@1/slide/a"] == 1.0
+    assert per["image_to_gene_r@1/slide/b"] < 0.5
+    assert per["pool_size/slide/b"] == 10 and per["chance_r@5/slide/b"] == 0.5
+    assert per["image_to_gene_r@1/slide/c"] == 1.0  # listed, but left out of the mean
+    expected = (per["image_to_gene_r@1/slide/a"] + per["image_to_gene_r@1/slide/b"]) / 2
+    assert per["image_to_gene_r@1/slide_mean"] == pytest.approx(expected)
+    pooled = retrieval_metrics(image, gene, ks=(1, 5))
+    assert pooled["pool_size"] == 21  # the pooled numbers stay, over the whole pool
+    assert pooled["image_to_gene_r@1"] != per["image_to_gene_r@1/slide_mean"]

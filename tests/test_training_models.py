@@ -1,9 +1,8 @@
-"""Encoders, the two-tower model, and the lazy timm path (with a stand-in timm module)."""
+"""Encoders, the two-tower model, and the timm path (real timm models, test-sized)."""
 
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from stcorpus.training.encoders import (
     build_image_encoder,
     build_timm_encoder,
 )
-from stcorpus.training.errors import BatchContractError, ConfigError, MissingExtraError, TrainingError
+from stcorpus.training.errors import BatchContractError, CheckpointError, ConfigError, MissingExtraError, TrainingError
 from stcorpus.training.model import ImageNormalize, build_model
 
 
@@ -119,45 +118,31 @@ def test_missing_timm_is_a_clear_error(monkeypatch) -> None:
         build_image_encoder(ImageEncoderSection(name="timm:resnet18"), image_size=224)
 
 
-@pytest.fixture
-def fake_timm(monkeypatch):
-    calls: list[tuple[str, dict]] = []
-    module = types.ModuleType("timm")
-
-    def create_model(name: str, **kwargs):
-        calls.append((name, kwargs))
-        if name == "nope":
-            raise RuntimeError(f"Unknown model ({name})")
-        if kwargs.get("pretrained") and "pretrained_cfg_overlay" not in kwargs:
-            raise OSError("We couldn't connect to 'https://huggingface.co'")
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        net.num_features = 7  # type: ignore[assignment]
-        return net
-
-    module.create_model = create_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "timm", module)
-    return calls
+def test_timm_encoder_by_name_with_local_weights(tmp_path) -> None:
+    small = {"depth": 1}
+    encoder = build_timm_encoder("vit_tiny_patch16_224", pretrained=None, kwargs=small)
+    assert encoder.out_dim == 192 and encoder.input_size == 224
+    weights = tmp_path / "model.pth"
+    torch.save(encoder.model.state_dict(), weights)
+    loaded = build_timm_encoder("vit_tiny_patch16_224", pretrained=str(weights), kwargs=small)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(images), encoder.eval()(images), atol=1e-5)
+    assert loaded.identity["origin"] == "file" and loaded.identity["weights"] == str(weights)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1"):
+        build_timm_encoder("vit_tiny_patch16_224", pretrained=str(weights), kwargs={"depth": 2})
 
 
-def test_timm_encoder_by_name_with_local_weights(fake_timm, tmp_path) -> None:
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"stand-in")
-    encoder = build_timm_encoder("vit_small_patch16_224", pretrained=str(weights))
-    assert encoder.out_dim == 7
-    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, 7)
-    name, kwargs = fake_timm[-1]
-    assert name == "vit_small_patch16_224"
-    assert kwargs == {"num_classes": 0, "pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
-
-    build_timm_encoder("resnet18", pretrained=None)
-    assert fake_timm[-1][1] == {"num_classes": 0}
-
-
-def test_timm_errors_say_what_to_do(fake_timm, tmp_path) -> None:
+def test_timm_errors_say_what_to_do(tmp_path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="no model 'nope'"):
         build_timm_encoder("nope", pretrained=None)
     with pytest.raises(ConfigError, match="neither 'hub' nor an existing weights file"):
         build_timm_encoder("resnet18", pretrained=str(tmp_path / "missing.pt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TrainingError, match=r"set model\.image\.pretrained to the local file"):
         build_timm_encoder("resnet18", pretrained="hub")
 

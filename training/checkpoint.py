@@ -2,9 +2,11 @@
 
 A checkpoint is a dict of tensors and plain containers only (no pickled classes)::
 
-    format       "stcorpus-train-ckpt/1"
+    format       "stcorpus-train-ckpt/2"
     step         optimiser steps done
-    model        the unwrapped model's state_dict
+    model        the unwrapped model's state_dict, less a frozen or LoRA-adapted image tower's base
+                 weights (``stcorpus.training.model.trainable_state``)
+    base         the image tower's base weights: preset, file, sha256, origin ({} if none)
     optimizer    the optimiser's state_dict
     scaler       the gradient scaler's state_dict ({} without one)
     config       the resolved run config as a JSON string
@@ -33,7 +35,9 @@ import torch
 
 from stcorpus.training.errors import CheckpointError
 
-CHECKPOINT_FORMAT: Final = "stcorpus-train-ckpt/1"
+CHECKPOINT_FORMAT: Final = "stcorpus-train-ckpt/2"
+#: Formats :func:`load_checkpoint` reads: /1 held the whole model and no ``base``.
+READABLE_FORMATS: Final = ("stcorpus-train-ckpt/1", CHECKPOINT_FORMAT)
 _NAME: Final = re.compile(r"^step-(\d{8,})\.pt$")
 
 
@@ -91,7 +95,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({exc}); resume from an earlier one") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format {found!r})")
     return state

@@ -61,6 +61,9 @@ class RunSection(_Section):
     threads: int | None = Field(default=None, ge=1)
     #: Write every batch's sample keys to ``keys-rank<r>.jsonl`` (to audit sharding; costs I/O).
     log_keys: bool = False
+    #: ``align``: image-gene alignment (CLIP/SigLIP, STAMP's multi-scale terms, SEAL's head);
+    #: ``gene``: STAMP stage 1, the gene encoder alone by masked-expression modelling (no images).
+    stage: Literal["align", "gene"] = "align"
 
 
 class SyntheticSection(_Section):
@@ -119,6 +122,7 @@ class DataSection(_Section):
     source: Literal["synthetic", "corpus"] = "synthetic"
     #: Per process and micro-step; the contrastive batch is ``batch_size x world_size``.
     batch_size: int = Field(default=64, ge=2)
+    #: Tile views to read; [] reads expression only (``run.stage: gene``).
     views: tuple[View, ...] = ("patch",)
     #: Seed of the data order (shuffles are a function of ``(seed, epoch)``).
     seed: int = 0
@@ -136,8 +140,8 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
-        if "patch" not in self.views:
-            raise ValueError("views must include 'patch' (the spot's own tile)")
+        if self.views and "patch" not in self.views:
+            raise ValueError("views must include 'patch' (the spot's own tile), or be [] (run.stage gene)")
         if len(set(self.views)) != len(self.views):
             raise ValueError(f"views has duplicates: {self.views}")
         if self.source == "corpus" and not self.corpus:
@@ -170,8 +174,26 @@ class DataSection(_Section):
         return dict(genes) if isinstance(genes, Mapping) else {}
 
 
+class LoraSection(_Section):
+    """LoRA adapters on the image tower (``model.image.finetune: lora``), through the ``peft`` library."""
+
+    rank: int = Field(default=8, ge=1)
+    #: Scale numerator: the adapter's update is scaled by alpha / rank (peft's lora_alpha).
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: Modules to adapt, a full-match regex over module names (None: attention qkv/proj and the
+    #: MLP of every block, for the tower's backend; see ``stcorpus.training.pathology``).
+    targets: str | None = None
+
+
 class ImageEncoderSection(_Section):
-    """Image encoder: ``small-cnn``, ``small-vit``, or ``timm:<model name>`` (needs the timm extra)."""
+    """Image encoder: ``small-cnn``, ``small-vit``, ``timm:<model name>`` or a pathology preset by Hub name.
+
+    Presets (``MahmoodLab/UNI``, ``MahmoodLab/UNI2-h``, ``paige-ai/Virchow``, ``paige-ai/Virchow2``,
+    ``bioptimus/H-optimus-0``, ``bioptimus/H-optimus-1``, ``prov-gigapath/prov-gigapath``,
+    ``owkin/phikon``, ``owkin/phikon-v2``, ``MahmoodLab/CONCH``) bring their architecture, input
+    size and normalisation (``stcorpus.training.pathology``). timm and presets need the timm extra.
+    """
 
     name: str = "small-cnn"
     #: Feature width of the built-in encoders (timm models bring their own).
@@ -180,24 +202,66 @@ class ImageEncoderSection(_Section):
     #: small-vit only.
     patch_size: int = Field(default=8, ge=2)
     heads: int = Field(default=4, ge=1)
-    #: The encoder's input size (0: the data's tile size). Tiles of another size are resized
-    #: on the device (area averaging down, bilinear up): e.g. 224 px tiles into a 56 px CPU model.
+    #: The encoder's input size (0: the preset's or timm model's pretrained input size; the
+    #: data's tile size for the built-in encoders). Tiles of another size are resized on the
+    #: device (area averaging down, bilinear up): e.g. 224 px tiles into a 56 px CPU model.
     image_size: int = Field(default=0, ge=0)
-    #: timm only: ``hub`` (timm's pretrained weights, downloaded when reachable), a local
-    #: weights file (.safetensors / .bin / .pth), or None for random initialisation.
+    #: timm and presets: ``hub`` (the weights on the Hugging Face Hub, downloaded when
+    #: reachable), a local weights file (.safetensors / .bin / .pth) or folder, or None for
+    #: random initialisation. Preset weights are loaded strictly (every key, no other).
     pretrained: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    #: Extra ``timm.create_model`` arguments (``init_values``, ``mlp_layer: SwiGLUPacked``,
+    #: ``act_layer: silu``, ``dynamic_img_size``, ``img_size``, ...), over a preset's own.
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Presets only: the same model family at a test size (smoke runs, CI; weights of that shape only).
+    small: bool = False
+    #: Per-channel normalisation (None: the preset's / the timm model's pretrained config; ImageNet
+    #: for the built-in encoders).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    #: What of the tower trains: ``full``; ``frozen`` (nothing; kept in eval mode); ``last_blocks``
+    #: (the last ``train_blocks`` transformer blocks and the final norm); ``lora`` (adapters only,
+    #: SEAL-style). Projection heads, the gene side and the temperature always train.
+    finetune: Literal["full", "frozen", "last_blocks", "lora"] = "full"
+    train_blocks: int = Field(default=0, ge=0)
+    lora: LoraSection = LoraSection()
+
+    def is_builtin(self) -> bool:
+        """True for the small built-in encoders."""
+        return self.name in ("small-cnn", "small-vit")
+
+    def is_preset(self) -> bool:
+        """True when ``name`` is a pathology preset."""
+        from stcorpus.training.pathology import find_preset
+
+        return find_preset(self.name) is not None
 
     @model_validator(mode="after")
     def _check(self) -> ImageEncoderSection:
         builtin = ("small-cnn", "small-vit")
-        if self.name not in builtin and not (self.name.startswith("timm:") and len(self.name) > len("timm:")):
-            raise ValueError(f"unknown image encoder {self.name!r}; use one of {builtin} or 'timm:<model name>'")
-        if self.pretrained is not None and not self.name.startswith("timm:"):
-            raise ValueError(f"pretrained weights are for timm encoders only, not {self.name!r}")
+        timm_name = self.name.startswith("timm:") and len(self.name) > len("timm:")
+        preset = not self.is_builtin() and not timm_name and self.is_preset()
+        if not (self.is_builtin() or timm_name or preset):
+            from stcorpus.training.pathology import PRESETS
+
+            raise ValueError(
+                f"unknown image encoder {self.name!r}; use one of {builtin}, 'timm:<model name>' or a pathology "
+                f"preset: {', '.join(PRESETS)}"
+            )
+        if self.is_builtin() and (self.pretrained is not None or self.timm_kwargs):
+            raise ValueError(f"pretrained weights and timm_kwargs are for timm encoders and presets, not {self.name!r}")
+        if self.small and not preset:
+            raise ValueError("model.image.small is for the pathology presets only")
         if self.name == "small-vit" and self.width % self.heads:
             raise ValueError(f"small-vit width ({self.width}) must be divisible by heads ({self.heads})")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set model.image.mean and model.image.std together (or neither: the model's own)")
+        if self.finetune == "last_blocks" and self.train_blocks < 1:
+            raise ValueError("finetune last_blocks needs model.image.train_blocks >= 1")
+        if self.finetune != "last_blocks" and self.train_blocks:
+            raise ValueError("model.image.train_blocks is for finetune: last_blocks")
+        if self.finetune in ("last_blocks", "lora") and self.is_builtin():
+            raise ValueError(f"finetune {self.finetune} is for timm encoders and presets, not {self.name!r}")
         return self
 
 
@@ -213,11 +277,19 @@ class GeneEncoderSection(_Section):
     #: transformer: longest token sequence (size of the rank embedding). 0: from the data source.
     max_tokens: int = Field(default=0, ge=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: mlp: read the spot's niche too (the loader's ``niche``, summed neighbour expression, with
+    #: ``data.loader.genes.niche: true``): STAMP's spatially aware gene encoder.
+    niche: bool = False
+    #: Start from the gene encoder of a checkpoint (STAMP stage 1's, ``run.stage: gene``); its gene
+    #: settings must equal these.
+    init: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> GeneEncoderSection:
         if self.name == "transformer" and self.hidden % self.heads:
             raise ValueError(f"transformer hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.niche and self.name != "mlp":
+            raise ValueError("model.gene.niche is for the mlp gene encoder (dense niche expression)")
         return self
 
 
@@ -248,10 +320,16 @@ class LossSection(_Section):
     region_spot: float = Field(default=0.0, ge=0.0)
     patch_region: float = Field(default=0.0, ge=0.0)
     pos: float = Field(default=0.0, ge=0.0)
+    #: SEAL's gene-reconstruction head: predict the spot's (transformed) expression from the
+    #: patch features, masked MSE over the measured genes, beside the contrastive terms.
+    gene_recon: float = Field(default=0.0, ge=0.0)
+    #: run.stage gene (STAMP stage 1): the fraction of each spot's measured genes hidden from the
+    #: gene encoder and reconstructed (masked-expression modelling).
+    mask_ratio: float = Field(default=0.3, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> LossSection:
-        if not any(w > 0 for w in (self.patch_spot, self.region_spot, self.patch_region, self.pos)):
+        if not any(w > 0 for w in (self.patch_spot, self.region_spot, self.patch_region, self.pos, self.gene_recon)):
             raise ValueError("every loss weight is zero; set at least one of patch_spot, region_spot, ...")
         if self.init_logit_scale is not None and self.init_logit_scale > self.max_logit_scale:
             raise ValueError(f"init_logit_scale {self.init_logit_scale} exceeds max_logit_scale {self.max_logit_scale}")
@@ -322,6 +400,19 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.run.stage == "align" and not self.data.views:
+            raise ValueError("data.views is empty: image-gene alignment needs [patch] (or run.stage=gene)")
+        if self.run.stage == "gene" and self.model.gene.name != "mlp":
+            raise ValueError(
+                "run.stage gene (masked-expression modelling) needs model.gene.name=mlp (dense expression)"
+            )
+        if self.loss.gene_recon > 0 and self.model.gene.name != "mlp":
+            raise ValueError("loss.gene_recon reconstructs dense expression: it needs model.gene.name=mlp")
+        niche = bool(self.data.loader_genes().get("niche"))
+        if self.model.gene.niche and self.data.source == "corpus" and not niche:
+            raise ValueError("model.gene.niche reads the loader's niche: set data.loader.genes.niche=true")
+        if self.model.gene.niche and self.data.source == "synthetic":
+            raise ValueError("model.gene.niche needs a corpus (the synthetic source has no niche expression)")
         if self.loss.uses_region() and "region" not in self.data.views:
             raise ValueError(
                 "loss terms region_spot / patch_region / pos need the region view: "

@@ -36,6 +36,7 @@ from torch import Tensor
 from stcorpus.loaders import batch as B
 from stcorpus.schema import sample_key
 from stcorpus.training.config import SyntheticSection, TrainConfig
+from stcorpus.training.encoders import encoder_defaults
 from stcorpus.training.errors import BatchContractError, CheckpointError, ConfigError, DataSourceUnavailableError
 
 if TYPE_CHECKING:
@@ -577,8 +578,10 @@ class CorpusPool:
     def _open(self) -> CorpusDataset:
         if self._main is None:
             cfg = self.cfg
-            # Evaluation encodes patches only: the region view is not decoded for it.
-            main = loader_settings(cfg, split=self.split, shuffle=False, views=("patch",), slide_ids=self.slide_ids)
+            # Evaluation encodes patches only: the region view is not decoded for it (nor any
+            # image for a run without views: STAMP's gene stage).
+            views = ("patch",) if cfg.data.views else ()
+            main = loader_settings(cfg, split=self.split, shuffle=False, views=views, slide_ids=self.slide_ids)
             self._main = open_corpus_dataset(cfg, main)
             if main.genes.transform != "log1p":
                 targets = loader_settings(
@@ -701,7 +704,8 @@ def resolve_config(cfg: TrainConfig, data: RunData) -> TrainConfig:
 
     ``model.gene.n_genes`` becomes G for the ``mlp`` and the token vocabulary (``G + 1``) for the
     ``transformer``; ``model.gene.max_tokens`` the data's token length; ``model.image.image_size``
-    the tile size.
+    and ``mean``/``std`` the encoder's own (its pretrained config's; the tile size and ImageNet
+    for the built-in encoders, :func:`stcorpus.training.encoders.encoder_defaults`).
     """
     gene = cfg.model.gene
     image = cfg.model.image
@@ -716,7 +720,7 @@ def resolve_config(cfg: TrainConfig, data: RunData) -> TrainConfig:
             f"model.gene.max_tokens ({gene.max_tokens}) is below the data's token length ({data.max_tokens})"
         )
     new_gene = gene.model_copy(update={"n_genes": size, "max_tokens": gene.max_tokens or data.max_tokens})
-    new_image = image.model_copy(update={"image_size": image.image_size or data.image_size})
+    new_image = encoder_defaults(image, tile=data.image_size)
     model = cfg.model.model_copy(update={"gene": new_gene, "image": new_image})
     return cfg.model_copy(update={"model": model})
 

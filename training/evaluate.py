@@ -6,7 +6,10 @@ the only part that runs a model.
 
 - Retrieval: in a pool of N held-out spots, image i's true partner is gene profile i. The rank
   of the partner is the number of gallery items scored strictly higher (ties favour the truth);
-  recall@k is the fraction ranked below k. Chance is k / N.
+  recall@k is the fraction ranked below k. Chance is k / N. Reported pooled (the whole pool is
+  the gallery) and per held-out slide (each slide's spots against that slide's spots only:
+  ``image_to_gene_r@5/slide/<id>``, chance ``k / n_slide``), with the mean over slides
+  (``image_to_gene_r@5/slide_mean``).
 - Linear probe: ridge regression from frozen image features to log1p expression of the most
   variable genes (chosen on the training spots), alpha chosen on held-out *training slides*,
   refitted on all training spots and scored on held-out slides as the Pearson correlation per
@@ -70,6 +73,38 @@ def retrieval_metrics(
         out[f"gene_to_image_r@{k}"] = value
     for k in ks:
         out[f"chance_r@{k}"] = min(1.0, k / n)
+    return out
+
+
+def retrieval_per_slide(
+    image_emb: FloatArray, gene_emb: FloatArray, slide_ids: Sequence[str], *, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k within each slide (its spots are the gallery) and the mean over slides, as flat names.
+
+    Slides with a single spot in the pool are left out of the mean (recall is 1 trivially) but
+    still listed. Keys: ``<direction>_r@<k>/slide/<id>``, ``pool_size/slide/<id>``,
+    ``chance_r@<k>/slide/<id>`` and ``<direction>_r@<k>/slide_mean``.
+    """
+    slides = np.asarray(slide_ids)
+    if len(slides) != len(image_emb):
+        raise ValueError("one slide id per pooled spot is needed")
+    out: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
+    for slide in sorted(set(slides.tolist())):
+        rows = np.flatnonzero(slides == slide)
+        n = len(rows)
+        out[f"pool_size/slide/{slide}"] = float(n)
+        for direction, (q, g) in {
+            "image_to_gene": (image_emb[rows], gene_emb[rows]),
+            "gene_to_image": (gene_emb[rows], image_emb[rows]),
+        }.items():
+            for k, value in recall_at_k(q, g, ks=ks).items():
+                out[f"{direction}_r@{k}/slide/{slide}"] = value
+                if n > 1:
+                    means.setdefault(f"{direction}_r@{k}/slide_mean", []).append(value)
+        for k in ks:
+            out[f"chance_r@{k}/slide/{slide}"] = min(1.0, k / n)
+    out.update({name: float(np.mean(values)) for name, values in means.items()})
     return out
 
 
@@ -322,7 +357,7 @@ def evaluate(
     autocast: Callable[[], Any],
     seed: int = 0,
 ) -> Evaluation:
-    """Retrieval over the validation pool and the linear probe (training spots -> held-out slides).
+    """Retrieval over the validation pool (pooled, per slide) and the linear probe (training spots -> held-out slides).
 
     ``data`` is a :class:`stcorpus.training.data.RunData`. The pool is the first ``pool_size`` spots of
     ``data.val_batches()``; the probe is fitted on the first ``probe_train_size`` spots of
@@ -337,6 +372,7 @@ def evaluate(
     try:
         val = collect(model, data.val_batches(), limit=cfg.pool_size, device=device, autocast=autocast)
         metrics = retrieval_metrics(val.image_emb, val.gene_emb, ks=cfg.recall_ks)
+        metrics.update(retrieval_per_slide(val.image_emb, val.gene_emb, val.slide_ids, ks=cfg.recall_ks))
         if cfg.probe and val.expr is not None:
             train = collect(
                 model, data.probe_train_batches(), limit=cfg.probe_train_size, device=device, autocast=autocast

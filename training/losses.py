@@ -104,7 +104,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def _all_gather_autograd(features: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    gathered: Tensor = _AllGatherWithGrad.apply(features, sizes)  # type: ignore[no-untyped-call]
+    gathered: Tensor = _AllGatherWithGrad.apply(features, sizes)
     return gathered
 
 
@@ -157,6 +157,12 @@ def siglip_loss(
     rows = torch.arange(queries.shape[0], device=queries.device)
     labels[rows, rows + offset] = 1.0
     return -F.logsigmoid(labels * logits).sum() / queries.shape[0]
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over the entries where ``mask`` is True (an unmeasured gene is no target)."""
+    err = (pred.float() - target.float()) ** 2 * mask
+    return err.sum() / mask.sum().clamp(min=1)
 
 
 class PairOutput(NamedTuple):
@@ -245,6 +251,8 @@ class ContrastiveObjective(nn.Module):
     - ``region_spot``: region embedding <-> gene embedding
     - ``patch_region``: patch -> region (which region holds this patch), one direction
     - ``pos``: 9-way classification of the patch's cell inside its region
+    - ``gene_recon``: SEAL's reconstruction of the spot's expression from the patch features
+      (mean squared error over the measured genes, :func:`masked_mse`)
 
     ``forward(outputs, pos)`` returns a dict with ``loss`` (weighted sum) and each active term;
     :attr:`last_logits_shape` holds the (rows, columns) of the main term's logits.
@@ -310,5 +318,10 @@ class ContrastiveObjective(nn.Module):
             terms["pos"] = F.cross_entropy(logits, pos) * share if share != 1.0 else F.cross_entropy(logits, pos)
             terms["pos_acc"] = (logits.argmax(dim=1) == pos).float().mean().detach() * share
             total = total + cfg.pos * terms["pos"]
+        if cfg.gene_recon > 0:
+            recon = masked_mse(outputs["gene_pred"], outputs["gene_target"], outputs["gene_target_mask"])
+            share = share_of_global(sizes)
+            terms["gene_recon"] = recon * share if share != 1.0 else recon
+            total = total + cfg.gene_recon * terms["gene_recon"]
         terms["loss"] = total
         return terms

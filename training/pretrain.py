@@ -54,9 +54,10 @@ from stcorpus.training.distributed import DistInfo, cleanup_distributed, init_di
 from stcorpus.training.errors import CheckpointError, ConfigError, DataSourceUnavailableError
 from stcorpus.training.evaluate import Evaluation, evaluate
 from stcorpus.training.losses import ContrastiveObjective, batch_sizes
-from stcorpus.training.model import ImageGeneModel, build_model
+from stcorpus.training.model import ImageGeneModel, base_identity, build_run_model, restore_state, trainable_state
 from stcorpus.training.runlog import RunLog
 from stcorpus.training.schedule import lr_at
+from stcorpus.training.stamp import MaskedExpressionObjective, MaskedGeneModel, evaluate_gene
 
 logger = logging.getLogger("stcorpus.training")
 
@@ -116,15 +117,17 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
     checkpoint = _read_resume(resume, ckpt_dir, cfg=cfg, world_size=env.world_size)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_model(cfg, image_size=data.image_size).to(env.device)
-    objective = ContrastiveObjective(cfg.loss)
+    model = build_run_model(cfg, image_size=data.image_size).to(env.device)
+    objective: torch.nn.Module = (
+        MaskedExpressionObjective() if cfg.run.stage == "gene" else ContrastiveObjective(cfg.loss)
+    )
     optimizer = _optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout etc. differ across ranks
     step = 0
     metrics: dict[str, float] = {}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        restore_state(model, checkpoint, where=str(resume))
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -197,7 +200,8 @@ def _train(cfg: TrainConfig, env: DistInfo, *, resume: str | Path | None, stop_a
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            model.clamp_logit_scale(cfg.loss.max_logit_scale)
+            if isinstance(model, ImageGeneModel):
+                model.clamp_logit_scale(cfg.loss.max_logit_scale)
             step += 1
             interval.steps += 1
 
@@ -341,8 +345,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def _needed_keys(cfg: TrainConfig) -> list[str]:
-    needs = [B.KEY, B.SLIDE_ID, B.PATCH]
+    needs = [B.KEY, B.SLIDE_ID] + ([B.PATCH] if cfg.run.stage == "align" else [])
     needs += [B.EXPR, B.EXPR_MASK] if cfg.model.gene.name == "mlp" else [B.TOKENS, B.TOKENS_MASK]
+    if cfg.model.gene.niche:
+        needs.append(B.NICHE)
     if cfg.loss.uses_region():
         needs.append(B.REGION)
     if cfg.loss.pos > 0:
@@ -352,11 +358,17 @@ def _needed_keys(cfg: TrainConfig) -> list[str]:
 
 def _start_message(cfg: TrainConfig, env: DistInfo, *, resume: bool) -> str:
     verb = "resuming" if resume else "starting"
+    image = cfg.model.image
+    niche = ", niche" if cfg.model.gene.niche else ""
+    what = (
+        f"gene stage (masked expression, ratio {cfg.loss.mask_ratio})"
+        if cfg.run.stage == "gene"
+        else f"image {image.name} ({image.finetune}, {image.image_size} px, mean {image.mean}), loss {cfg.loss.kind}"
+    )
     return (
         f"{verb} run in {cfg.run.out_dir}: world size {env.world_size} on {env.device.type}, "
         f"global batch {cfg.data.batch_size * env.world_size} x {cfg.optim.accum_steps} accumulation, "
-        f"image {cfg.model.image.name}, gene {cfg.model.gene.name} ({cfg.model.gene.n_genes} genes), "
-        f"loss {cfg.loss.kind}"
+        f"{what}, gene {cfg.model.gene.name} ({cfg.model.gene.n_genes} genes{niche})"
     )
 
 
@@ -402,8 +414,8 @@ def _log_record(
     sums: dict[str, Tensor],
     interval: _Interval,
     env: DistInfo,
-    model: ImageGeneModel,
-    objective: ContrastiveObjective,
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
     grad_norm: Tensor,
     source: BatchSource,
 ) -> dict[str, Any]:
@@ -421,15 +433,15 @@ def _log_record(
     if env.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = max(time.perf_counter() - interval.start, 1e-9)
-    scale = float(model.logit_scale.detach().exp())
     record: dict[str, Any] = {"kind": "train", "step": step}
     for name, value in zip(names, values.tolist(), strict=True):
         record[name if name in ("loss", "pos_acc") else f"loss/{name}"] = value
-    rows, cols = objective.last_logits_shape
+    rows, cols = getattr(objective, "last_logits_shape", (0, 0))
+    if isinstance(model, ImageGeneModel):
+        scale = float(model.logit_scale.detach().exp())
+        record.update(logit_scale=scale, temperature=1.0 / scale)
     record.update(
         lr=lr,
-        logit_scale=scale,
-        temperature=1.0 / scale,
         grad_norm=float(grad_norm),
         logits_rows=rows,
         logits_cols=cols,
@@ -441,7 +453,7 @@ def _log_record(
         skipped_batches=interval.skipped_batches,
         time=time.time(),
     )
-    if model.logit_bias is not None:
+    if isinstance(model, ImageGeneModel) and model.logit_bias is not None:
         record["logit_bias"] = float(model.logit_bias.detach())
     if skipped:
         record["bad_samples"], record["empty_batches"] = (int(v) for v in counts.tolist())
@@ -455,14 +467,23 @@ def data_skipped(source: BatchSource) -> dict[str, int]:
 
 
 def _evaluate(
-    model: ImageGeneModel, data: RunData, cfg: TrainConfig, *, env: DistInfo, autocast: Callable[[], Any]
+    model: torch.nn.Module, data: RunData, cfg: TrainConfig, *, env: DistInfo, autocast: Callable[[], Any]
 ) -> Evaluation | None:
-    """Retrieval + probe on rank 0 (None elsewhere: the other ranks wait at a barrier)."""
+    """Retrieval + probe on rank 0 (None elsewhere: the other ranks wait at a barrier).
+
+    STAMP's gene stage evaluates the masked reconstruction of the validation pool instead.
+    """
     evaluation = None
     if env.is_main:
         # Evaluation must not move the training's random stream (a DataLoader draws a seed from it).
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-            evaluation = evaluate(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
+            if isinstance(model, MaskedGeneModel):
+                metrics = evaluate_gene(
+                    model, data.val_batches(), cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed
+                )
+                evaluation = Evaluation(metrics=metrics, pool_slides=[], probe_train_slides=[])
+            else:
+                evaluation = evaluate(model, data, cfg.eval, device=env.device, autocast=autocast, seed=cfg.run.seed)
     if env.distributed:
         dist.barrier()
     return evaluation
@@ -471,7 +492,7 @@ def _evaluate(
 def _save(
     step: int,
     *,
-    model: ImageGeneModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     cfg: TrainConfig,
@@ -494,7 +515,9 @@ def _save(
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
-            "model": model.state_dict(),
+            # What trained; a frozen / LoRA tower's base weights are named in "base" instead.
+            "model": trainable_state(model),
+            "base": base_identity(model),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "config": cfg.to_json(),
