@@ -184,7 +184,8 @@ def _samples(slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResu
 
     from stcorpus.curate.build.pack import unit_sample_schema
     from stcorpus.curate.errors import NoSpotsError
-    from stcorpus.curate.tiles import cut_tiles, lattice_neighbors
+    from stcorpus.curate.geometry import lattice_neighbors
+    from stcorpus.curate.tiles import cut_tiles
 
     spots = slide.spots
     counts = counts.tocsr()

@@ -90,11 +90,11 @@ READERS: dict[str, ReaderSpec] = {
             technology="stimage",
             module="stimage",
             required_any=(frozenset({"counts", "coords", "image"}),),
-            options={"spot_diameter_um": float},
+            options={"spot_diameter_um": float, "bin_size_um": float},
             doc=(
                 "An STimage-1K4M slide. Sources: counts (<slide>_count.csv), coords (<slide>_coord.csv), "
                 "image (<slide>.png). Options: spot_diameter_um (float; default 55.0 Visium, 100.0 ST) turns "
-                "the coord file's radius r into um/px."
+                "the coord file's radius r into um/px; bin_size_um (float) the bin side of a Visium HD slide."
             ),
         ),
     )

@@ -21,7 +21,7 @@ the coord file name without ``_coord.csv``). um/px = spot diameter (55 um Visium
 another way -- e.g. ``65.0`` if a study's ``r`` is half Space Ranger's ``spot_diameter_fullres``
 (a theoretical 65 um spot); QC's lattice check shows such a study as a ~15% disagreement. ST array coordinates
 come from the ``<x>x<y>`` ids (rounded to the nearest lattice site); Visium slides carry no
-array coordinates, so they are derived from the pixel lattice (``_lattice``: neighbours exact,
+array coordinates, so they are derived from the pixel lattice (``curate.geometry``: neighbours exact,
 origin and orientation arbitrary), which is all the neighbour features need. STimage lists
 only the spots it kept, with no tissue flag: every spot is taken as in tissue. Counts are
 parsed in blocks (pyarrow) straight into a sparse matrix, so a 300 MB CSV never becomes a
@@ -40,11 +40,10 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
+from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import open_image
-from stcorpus.curate.qc import match_barcodes
-from stcorpus.curate.readers._common import geometry, option, raw_counts, require_file
-from stcorpus.curate.readers._lattice import derive_array_coords
-from stcorpus.curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
+from stcorpus.curate.readers._common import join_spots, option, raw_counts, require_file
+from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -133,19 +132,40 @@ def _strip_prefix(ids: npt.NDArray[np.str_], prefix: str) -> npt.NDArray[np.str_
     return ids
 
 
+def _geometry(sample: Sample) -> Geometry:
+    """The assay's lattice; square bins of the reader option ``bin_size_um`` for Visium HD."""
+    bin_size = option(sample, "bin_size_um", default=None)
+    if bin_size is not None:
+        return square_bins(float(bin_size))
+    geometry = assay_geometry(
+        sample.assay,
+        slide_id=sample.id,
+        pitch_hint="STimage's files do not state it: set the reader option `bin_size_um` (e.g. 8.0)",
+    )
+    if not geometry.is_lattice:
+        raise UnsupportedAssayError(
+            f"{sample.describe()}: assay {sample.assay!r} is {geometry.describe()}; STimage slides are spots on a "
+            "lattice: check the sample's `assay`",
+            slide_id=sample.id,
+        )
+    return geometry
+
+
 def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     """Read an STimage-1K4M slide into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     counts_path = require_file(files, "counts", sample=sample)
     coords_path = require_file(files, "coords", sample=sample)
     image_path = require_file(files, "image", sample=sample)
-    lattice, pitch = geometry(sample, notes)
+    geometry = _geometry(sample)
     diameter_option = option(sample, "spot_diameter_um", default=None)
-    diameter_um = float(diameter_option) if diameter_option is not None else SPOT_DIAMETER_UM.get(sample.assay)
+    diameter_um = float(diameter_option) if diameter_option is not None else geometry.spot_diameter_um
     if diameter_um is None and sample.mpp is None:
+        known = sorted(key for key, g in GEOMETRIES.items() if g.spot_diameter_um is not None)
         raise UnsupportedAssayError(
             f"{sample.describe()}: assay {sample.assay!r} has no spot diameter on record, so um/px cannot be taken "
-            f"from the spot radius (known: {', '.join(sorted(SPOT_DIAMETER_UM))}); set the sample's `mpp`",
+            f"from the spot radius (known: {', '.join(known)}); set the sample's `mpp` or the reader option "
+            "`spot_diameter_um`",
             slide_id=sample.id,
         )
 
@@ -154,9 +174,18 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     slide_name = coords_path.name[: -len(COORD_SUFFIX)] if coords_path.name.endswith(COORD_SUFFIX) else ""
     prefix = f"{slide_name}_" if slide_name else ""
     count_barcodes, coord_barcodes = _strip_prefix(count_ids, prefix), _strip_prefix(coord_ids, prefix)
-    rows, coord_rows, barcode_check = match_barcodes(
-        count_barcodes, coord_barcodes, slide_id=sample.id, what=coords_path.name
+    # STimage lists only the spots it kept: every coord row is in tissue.
+    join = join_spots(
+        count_barcodes,
+        coord_barcodes,
+        in_tissue=np.ones(coord_barcodes.shape[0], dtype=bool),
+        finite=np.isfinite(x) & np.isfinite(y),
+        sample=sample,
+        counts_name=counts_path.name,
+        positions_name=coords_path.name,
+        notes=notes,
     )
+    rows, coord_rows = join.rows, join.position_rows
     counts = raw_counts(counts[rows], sample=sample, source=counts_path, notes=notes)
     barcodes = count_barcodes[rows]
     x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
@@ -181,6 +210,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     else:
         if sample.assay == "st":
             notes.append("ST spot ids are not all '<x>x<y>'")
+        lattice, pitch = geometry.lattice_and_pitch()
         derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / mpp)
         array_row, array_col = derived.row, derived.col
         notes.append(derived.describe())
@@ -201,8 +231,8 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         image=open_image(image_path),
         mpp=mpp,
         mpp_source=mpp_source,
-        lattice=lattice,
-        pitch_um=pitch,
-        qc=[barcode_check],
+        geometry=geometry,
+        qc=[join.check],
         notes=notes,
+        dropped_spots=join.dropped,
     )
