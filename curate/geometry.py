@@ -58,6 +58,9 @@ IntArray = npt.NDArray[np.int32]
 #: Neighbour distances within this fraction of the median nearest-neighbour distance count
 #: as lattice edges. Visium spot detection jitters by a few pixels at ~140-300 px pitch.
 _EDGE_TOLERANCE: Final = 0.25
+#: A lattice fit needs sites spread across both directions: a standard deviation of at least
+#: this fraction of the pitch along the narrower one.
+_MIN_SPREAD: Final = 0.25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +250,11 @@ def fit_lattice(
     finite = np.isfinite(target).all(axis=1)
     inliers = finite.copy()
     if inliers.sum() < 3 or np.linalg.matrix_rank(design[inliers]) < 3:
+        return None
+    # Sites along one lattice line, jittered off it (fractional corrected coordinates), are of
+    # full rank but fix the scale across the line only by their jitter: no fit.
+    spread = design[inliers, :2] - design[inliers, :2].mean(axis=0)
+    if np.linalg.svd(spread, compute_uv=False)[-1] / math.sqrt(int(inliers.sum())) < _MIN_SPREAD * pitch_um:
         return None
     coef: npt.NDArray[np.float64] = np.zeros((3, 2))
     for _ in range(iterations):

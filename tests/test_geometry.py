@@ -145,6 +145,10 @@ def test_fit_takes_fractional_corrected_coordinates() -> None:
     x, y = 100 + new_x * 200 / mpp, 50 + new_y * 200 / mpp
     fit = fit_lattice(x, y, new_y, new_x, lattice="square", pitch_um=200.0)
     assert fit is not None and fit.mpp == pytest.approx(mpp, rel=1e-9)
+    # one lattice row, jittered off it as corrected coordinates are, fixes no 2-D scale
+    row_x = np.arange(1.0, 30.0)
+    row_y = 15 + rng.normal(0, 0.03, row_x.size)
+    assert fit_lattice(row_x * 200 / mpp, row_y * 200 / mpp, row_y, row_x, lattice="square", pitch_um=200.0) is None
     # rounding them to the integer grid costs the fit its precision
     coarse = fit_lattice(x, y, np.rint(new_y), np.rint(new_x), lattice="square", pitch_um=200.0)
     assert coarse is not None and coarse.rms_residual_px > 10

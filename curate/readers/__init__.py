@@ -97,6 +97,16 @@ READERS: dict[str, ReaderSpec] = {
                 "the coord file's radius r into um/px; bin_size_um (float) the bin side of a Visium HD slide."
             ),
         ),
+        ReaderSpec(
+            technology="st",
+            module="st",
+            required_any=(frozenset({"counts", "spots", "image"}),),
+            doc=(
+                "Legacy Spatial Transcriptomics. Sources: counts (spots x genes TSV[.gz], rows keyed '<x>x<y>'), "
+                "spots (spot file: x y new_x new_y pixel_x pixel_y selected), image (the full-resolution H&E). "
+                "um/px is fitted from pixel_x/pixel_y against new_x/new_y at 200 um per array unit."
+            ),
+        ),
     )
 }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -258,3 +261,67 @@ def join_spots(
         notes.append(f"{n_bad:,} spot(s) of {positions_name} have a NaN or infinite centre (e.g. {example!r}): dropped")
         rows, position_rows = rows[good], position_rows[good]
     return SpotJoin(rows=rows, position_rows=position_rows, check=check, dropped=dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spots x genes text tables (STimage CSV, legacy ST TSV)
+# ---------------------------------------------------------------------------------------------
+
+#: Text block parsed at a time; one block becomes one dense float64 chunk before going sparse.
+_BLOCK_BYTES: Final = 8 << 20
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """A text file, read through gzip when its name ends in ``.gz``."""
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open("r", encoding="utf-8", newline="")
+
+
+def read_count_table(
+    path: Path, *, delimiter: str, sample: Sample
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_], sp.csr_matrix]:
+    """Row ids, column names and the values (sparse, float64 as parsed) of a delimited table.
+
+    The first column holds the row ids and the header row the column names, with or without an
+    empty cell above the ids (R's ``write.table`` leaves it out). A ``.gz`` file is read
+    through gzip. The table is parsed in blocks (pyarrow) straight into a sparse matrix, so a
+    300 MB file never becomes a dense array.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import scipy.sparse as sp
+
+    try:
+        with open_text(path) as handle:
+            lines = csv.reader(handle, delimiter=delimiter)
+            header = next(lines)
+            first = next(lines, None)
+    except (OSError, EOFError, UnicodeDecodeError, StopIteration, csv.Error) as exc:
+        raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
+    offset = 0 if first is not None and len(first) == len(header) + 1 else 1
+    genes = np.array([g.strip() for g in header[offset:]], dtype=np.str_)
+    if genes.shape[0] == 0:
+        raise CorruptSourceError(f"{path}: header has no gene columns", slide_id=sample.id)
+    names = ["spot", *(f"g{i}" for i in range(genes.shape[0]))]  # generated: gene names may repeat
+    types = {name: pa.float64() for name in names[1:]}
+    types["spot"] = pa.string()
+    ids: list[str] = []
+    blocks: list[sp.csr_matrix] = []
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
+        for batch in reader:
+            ids.extend(str(v) for v in batch.column(0).to_pylist())
+            dense = np.asarray(batch.drop_columns(["spot"]).to_tensor(null_to_nan=True, row_major=True))
+            blocks.append(sp.csr_matrix(dense))
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise CorruptSourceError(f"{path}: malformed counts {kind}: {exc}", slide_id=sample.id) from exc
+    if not blocks:
+        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
+    return np.array(ids, dtype=np.str_), genes, sp.vstack(blocks, format="csr")

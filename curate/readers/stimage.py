@@ -42,12 +42,10 @@ import numpy.typing as npt
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import open_image
-from stcorpus.curate.readers._common import join_spots, option, raw_counts, require_file
+from stcorpus.curate.readers._common import join_spots, option, raw_counts, read_count_table, require_file
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
-    import scipy.sparse as sp
-
     from stcorpus.curate.manifest import Sample
 
 # --- STimage-1K4M's literal names ----------------------------------------------------------
@@ -57,44 +55,6 @@ X_COLUMN: Final = "xaxis"
 Y_COLUMN: Final = "yaxis"
 RADIUS_COLUMN: Final = "r"
 ST_SPOT_ID: Final = re.compile(r"^(\d+(?:\.\d+)?)x(\d+(?:\.\d+)?)$")
-#: Text block parsed at a time; one block becomes one dense float64 chunk before going sparse.
-_BLOCK_BYTES: Final = 8 << 20
-
-
-def _read_counts(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_], sp.csr_matrix]:
-    """Spot ids, gene symbols and the counts (sparse, float64 as parsed) of a ``_count.csv``."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import scipy.sparse as sp
-
-    try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, StopIteration) as exc:
-        raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
-    genes = np.array([g.strip() for g in header[1:]], dtype=np.str_)
-    if genes.shape[0] == 0:
-        raise CorruptSourceError(f"{path}: header has no gene columns", slide_id=sample.id)
-    names = ["spot", *(f"g{i}" for i in range(genes.shape[0]))]  # generated: gene names may repeat
-    types = {name: pa.float64() for name in names[1:]}
-    types["spot"] = pa.string()
-    ids: list[str] = []
-    blocks: list[sp.csr_matrix] = []
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK_BYTES),
-            convert_options=pacsv.ConvertOptions(column_types=types),
-        )
-        for batch in reader:
-            ids.extend(str(v) for v in batch.column(0).to_pylist())
-            dense = np.asarray(batch.drop_columns(["spot"]).to_tensor(null_to_nan=True, row_major=True))
-            blocks.append(sp.csr_matrix(dense))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CorruptSourceError(f"{path}: malformed counts CSV: {exc}", slide_id=sample.id) from exc
-    if not blocks:
-        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
-    return np.array(ids, dtype=np.str_), genes, sp.vstack(blocks, format="csr")
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -169,7 +129,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             slide_id=sample.id,
         )
 
-    count_ids, genes, counts = _read_counts(counts_path, sample=sample)
+    count_ids, genes, counts = read_count_table(counts_path, delimiter=",", sample=sample)
     coord_ids, x, y, radius = _read_coords(coords_path, sample=sample)
     slide_name = coords_path.name[: -len(COORD_SUFFIX)] if coords_path.name.endswith(COORD_SUFFIX) else ""
     prefix = f"{slide_name}_" if slide_name else ""
