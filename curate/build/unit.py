@@ -34,6 +34,7 @@ from stcorpus import __version__
 from stcorpus.curate.build.workdir import QC_SUBDIR, SAMPLES_FILE, UnitResult, WorkDir, settings_digest, write_samples
 from stcorpus.curate.errors import FetchError, SlideError
 from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
+from stcorpus.curate.imaging import ImageSettings
 from stcorpus.curate.qc import QCSettings
 from stcorpus.curate.tiles import TileSettings
 from stcorpus.schema import sample_key
@@ -70,6 +71,7 @@ class UnitSettings:
     tiles: TileSettings = field(default_factory=TileSettings)
     qc: QCSettings = field(default_factory=QCSettings)
     genes: GeneSettings = field(default_factory=GeneSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
 
     def digest(self) -> str:
         """A digest of the content-relevant settings and the tool version: units are reused only on a match."""
@@ -78,6 +80,7 @@ class UnitSettings:
                 "tiles": self.tiles.to_dict(),
                 "qc": asdict(self.qc),
                 "genes": asdict(self.genes),
+                "images": asdict(self.images),
                 "version": __version__,
                 "unit_revision": UNIT_REVISION,
             }
@@ -152,7 +155,7 @@ def _build(sample: Sample, *, tmp: Path, result: UnitResult, settings: UnitSetti
     from stcorpus.curate.readers import read_slide
 
     files = _fetch(sample, fetch=fetch, result=result)
-    slide = read_slide(sample, files)
+    slide = read_slide(sample, files, images=settings.images)
     try:
         result.slide.update(mpp=slide.mpp, mpp_source=slide.mpp_source, notes=list(slide.notes))
         try:

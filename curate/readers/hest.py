@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, fit_lattice, square_bins
-from stcorpus.curate.imaging import open_image
+from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
     as_str_array,
     count_drop,
@@ -136,7 +136,7 @@ def _geometry(sample: Sample, meta_pitch: float | None, notes: list[str]) -> Geo
     return geometry
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read a HEST-1k sample into a :class:`Slide` (see the module docstring)."""
     import anndata
     import scipy.sparse as sp
@@ -207,7 +207,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     else:  # cell-level sites have no array coordinates
         array_row = array_col = np.zeros(barcodes.shape[0], dtype=np.int32)
 
-    image = open_image(wsi_path)
+    image = open_image(wsi_path, max_pixels=images.max_pixels)
     width, height = positive_float(metadata.get(META_WIDTH)), positive_float(metadata.get(META_HEIGHT))
     if width is not None and height is not None and (round(width), round(height)) != (image.width, image.height):
         notes.append(

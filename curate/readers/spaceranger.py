@@ -41,7 +41,7 @@ import numpy as np
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
 from stcorpus.curate.geometry import Geometry, assay_geometry, fit_lattice, square_bins
-from stcorpus.curate.imaging import PIL_SUFFIXES, TIFF_SUFFIXES, SlideImage, open_image
+from stcorpus.curate.imaging import DEFAULT_IMAGES, PIL_SUFFIXES, TIFF_SUFFIXES, ImageSettings, SlideImage, open_image
 from stcorpus.curate.qc import image_blank_reason
 from stcorpus.curate.readers import _tenx
 from stcorpus.curate.readers._common import (
@@ -181,7 +181,12 @@ def _full_resolution_image(path: Path, *, sample: Sample) -> Path:
 
 
 def _fallback_image(
-    spatial: Path | None, scalefactors: Mapping[str, object], notes: list[str], *, sample: Sample
+    spatial: Path | None,
+    scalefactors: Mapping[str, object],
+    notes: list[str],
+    *,
+    sample: Sample,
+    images: ImageSettings,
 ) -> tuple[SlideImage, float]:
     """Space Ranger's hires PNG, else lowres PNG, skipping a blank one; with its scale factor."""
     tried: list[str] = []
@@ -194,7 +199,7 @@ def _fallback_image(
         if scale is None:
             tried.append(f"{name}: no {key} in {SCALEFACTORS_FILE}")
             continue
-        image = open_image(path)
+        image = open_image(path, max_pixels=images.max_pixels)
         blank = image_blank_reason(image)
         if blank is not None:
             image.close()
@@ -213,7 +218,7 @@ def _fallback_image(
     )
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read a Space Ranger output into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     kind = str(option(sample, "matrix", default="filtered"))
@@ -292,10 +297,13 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
 
     # Image: the named full-resolution image, else a downscaled PNG when allowed.
     if "image" in files:
-        image = open_image(_full_resolution_image(require_file(files, "image", sample=sample), sample=sample))
+        image = open_image(
+            _full_resolution_image(require_file(files, "image", sample=sample), sample=sample),
+            max_pixels=images.max_pixels,
+        )
         scale = 1.0
     elif fallback_allowed:
-        image, scale = _fallback_image(spatial, scalefactors, notes, sample=sample)
+        image, scale = _fallback_image(spatial, scalefactors, notes, sample=sample, images=images)
     else:
         raise SourceMissingError(
             f"{sample.describe()}: no full-resolution image: name it as the `image` source, or allow Space Ranger's "

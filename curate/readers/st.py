@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError
 from stcorpus.curate.geometry import LEGACY_ST, fit_lattice
-from stcorpus.curate.imaging import PIL_SUFFIXES, TIFF_SUFFIXES, open_image
+from stcorpus.curate.imaging import DEFAULT_IMAGES, PIL_SUFFIXES, TIFF_SUFFIXES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
     is_ensembl,
     join_spots,
@@ -222,7 +222,7 @@ def _canonical_keys(keys: npt.NDArray[np.str_], spots: SpotFile) -> tuple[npt.ND
     return canonical, f"by corrected coordinates ({int(matched.sum()):,} of {keys.shape[0]:,} matched)"
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read a legacy ST section into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     counts_path = require_file(files, "counts", sample=sample)
@@ -307,7 +307,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             x_px=spot_file.pixel_x[spot_rows],
             y_px=spot_file.pixel_y[spot_rows],
         ),
-        image=open_image(image_path),
+        image=open_image(image_path, max_pixels=images.max_pixels),
         mpp=mpp,
         mpp_source=mpp_source,
         geometry=LEGACY_ST,

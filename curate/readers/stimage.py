@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
-from stcorpus.curate.imaging import open_image
+from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import join_spots, option, raw_counts, read_count_table, require_file
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
@@ -111,7 +111,7 @@ def _geometry(sample: Sample) -> Geometry:
     return geometry
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read an STimage-1K4M slide into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     counts_path = require_file(files, "counts", sample=sample)
@@ -188,7 +188,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             x_px=x,
             y_px=y,
         ),
-        image=open_image(image_path),
+        image=open_image(image_path, max_pixels=images.max_pixels),
         mpp=mpp,
         mpp_source=mpp_source,
         geometry=geometry,
