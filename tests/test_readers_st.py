@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stcorpus.curate.errors import CorruptSourceError, ImageTooCoarseError, SpotsOutsideImageError
+from stcorpus.curate.errors import (
+    CorruptSourceError,
+    ImageTooCoarseError,
+    NonIntegerCountsError,
+    SpotsOutsideImageError,
+)
 from stcorpus.curate.geometry import LEGACY_ST
 from stcorpus.curate.qc import check_slide
 from stcorpus.curate.readers import check_sample, read_slide
@@ -224,3 +229,24 @@ def test_malformed_inputs_name_the_file_and_the_fault(tmp_path: Path) -> None:
         _read({**_files("C2"), "spots": one_line})
     assert _read({**_files("C2"), "spots": one_line}, mpp=0.69).mpp_source == "manifest"
     assert LEGACY_ST.pitch_um == 200.0
+
+
+def test_format_quirks_of_other_studies_read_alike(tmp_path: Path) -> None:
+    reference = _read(_files("C2"))
+    header, counts = _count_rows("C2")
+    spot_header, spots = _spot_rows("C2")
+    # a tab at the end of every line, Windows line ends; a comma-separated spot file without `selected`
+    trailing = tmp_path / "C2.tsv"
+    trailing.write_bytes("".join("\t".join(row) + "\t\r\n" for row in [header, *counts]).encode())
+    no_selected = [",".join(row[:6]) for row in [spot_header.split("\t"), *spots]]
+    files = {**_files("C2"), "counts": trailing, "spots": _write(tmp_path / "C2_selection.csv", no_selected)}
+    slide = _read(files)
+    assert slide.counts.shape == reference.counts.shape and (slide.counts != reference.counts).nnz == 0
+    assert slide.spots.in_tissue.all() and any("no selected column" in note for note in slide.notes)
+    # and the faults are named
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(CorruptSourceError, match=r"empty\.tsv: the file is empty"):
+        _read({**_files("C2"), "counts": tmp_path / "empty.tsv"})
+    negative = _write(tmp_path / "neg.tsv", ["\t".join(header), "\t".join([counts[0][0], "-3", *counts[0][2:]])])
+    with pytest.raises(NonIntegerCountsError, match=r"neg\.tsv: 1 of [\d,]+ stored values .* \(e\.g\. -3; min -3"):
+        _read({**_files("C2"), "counts": negative})

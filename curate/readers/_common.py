@@ -76,16 +76,16 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
             f"{source.name}: count matrix has dtype {data.dtype}, expected numbers", slide_id=sample.id
         )
     finite = np.isfinite(data)
-    whole = finite & (data == np.round(data))
-    if whole.all() and (not data.size or (data.min() >= 0 and data.max() <= _INT32_MAX)):
+    good = finite & (data == np.round(data)) & (data >= 0) & (data <= _INT32_MAX)
+    if good.all():
         if data.size:
             notes.append(f"counts stored as {data.dtype} are whole numbers: cast to int32 losslessly")
         return sp.csr_matrix((data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
     if sample.counts == "normalized":
         notes.append(f"counts are not integers (declared `counts: normalized`): kept as float32 from {data.dtype}")
         return sp.csr_matrix((data.astype(np.float32), csr.indices, csr.indptr), shape=csr.shape)
-    bad = data[~whole]
-    example = float(bad[0]) if bad.size else float("nan")
+    bad = data[~good]
+    example = float(bad[0])
     raise NonIntegerCountsError(
         f"{source.name}: {bad.size:,} of {data.size:,} stored values are not whole non-negative numbers "
         f"(e.g. {example:.4g}; min {float(np.nanmin(data)):.4g}, max {float(np.nanmax(data)):.4g}): this is not raw "
@@ -295,10 +295,12 @@ def read_count_table(
     try:
         with open_text(path) as handle:
             lines = csv.reader(handle, delimiter=delimiter)
-            header = next(lines)
+            header = next(lines, None)
             first = next(lines, None)
-    except (OSError, EOFError, UnicodeDecodeError, StopIteration, csv.Error) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
+    if header is None:
+        raise CorruptSourceError(f"{path}: the file is empty", slide_id=sample.id)
     offset = 0 if first is not None and len(first) == len(header) + 1 else 1
     genes = np.array([g.strip() for g in header[offset:]], dtype=np.str_)
     if genes.shape[0] == 0:
@@ -324,4 +326,13 @@ def read_count_table(
         raise CorruptSourceError(f"{path}: malformed counts {kind}: {exc}", slide_id=sample.id) from exc
     if not blocks:
         raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
-    return np.array(ids, dtype=np.str_), genes, sp.vstack(blocks, format="csr")
+    values = sp.vstack(blocks, format="csr")
+    # A delimiter at the end of every line makes a column with no name and no values: not data.
+    unnamed = genes == ""
+    if unnamed.any():
+        missing = np.bincount(values.indices[np.isnan(values.data)], minlength=values.shape[1])
+        empty = unnamed & (missing == values.shape[0])
+        if empty.any():
+            keep = np.flatnonzero(~empty)
+            values, genes = values[:, keep].tocsr(), genes[keep]
+    return np.array(ids, dtype=np.str_), genes, values
