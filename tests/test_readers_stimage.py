@@ -202,7 +202,7 @@ def test_every_dropped_spot_is_counted_by_reason(tmp_path: Path) -> None:
     prefix = "Human_Breast_Test_ST_A1_"
     by_id = {row.split(",")[0][len(prefix) :]: row for row in rows}
     kept = [row for row in rows if row.split(",")[0][len(prefix) :] not in ("10x3", "11x3", "12x3")]
-    nan_rows = [f"{prefix}13x3,nan,{by_id['13x3'].split(',')[2]},45.0", f"{prefix}14x3,100.0,inf,45.0"]
+    nan_rows = [f"{prefix}13x3,NA,{by_id['13x3'].split(',')[2]},45.0", f"{prefix}14x3,100.0,inf,45.0"]
     kept = [row for row in kept if row.split(",")[0][len(prefix) :] not in ("13x3", "14x3")] + nan_rows
     kept += [by_id["15x3"], f"{prefix}40x40,10.0,10.0,45.0", f"{prefix}41x40,20.0,10.0,45.0"]
     coords.write_text(header + "\n" + "\n".join(kept) + "\n")

@@ -95,6 +95,17 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
     )
 
 
+#: How text tables write a missing number (R: NA; pandas: empty or NaN).
+MISSING_NUMBER: Final = frozenset({"", "na", "nan", "n/a", "null", "none"})
+
+
+def coordinate(text: str) -> float:
+    """A coordinate from a text table: NaN where the table marks it missing; ValueError if not a number."""
+    if text.strip().lower() in MISSING_NUMBER:
+        return float("nan")
+    return float(text)
+
+
 def option(sample: Sample, name: str, *, default: Any) -> Any:
     """A reader option from the manifest, or its default."""
     return sample.reader.get(name, default)

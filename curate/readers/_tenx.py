@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.readers._common import as_str_array, open_text
+from stcorpus.curate.readers._common import as_str_array, coordinate, open_text
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -246,8 +246,8 @@ def read_positions(path: Path) -> Positions:
         in_tissue = np.array([int(float(r[1])) for r in table], dtype=np.int64) != 0
         array_row = np.array([round(float(r[2])) for r in table], dtype=np.int32)
         array_col = np.array([round(float(r[3])) for r in table], dtype=np.int32)
-        pxl_row = np.array([float(r[4]) for r in table], dtype=np.float64)
-        pxl_col = np.array([float(r[5]) for r in table], dtype=np.float64)
+        pxl_row = np.array([coordinate(r[4]) for r in table], dtype=np.float64)
+        pxl_col = np.array([coordinate(r[5]) for r in table], dtype=np.float64)
     except (IndexError, ValueError) as exc:
         raise CorruptSourceError(
             f"{path}: malformed positions row ({exc}); expected {', '.join(POSITION_COLUMNS)}"

@@ -45,6 +45,7 @@ from stcorpus.curate.errors import CorruptSourceError
 from stcorpus.curate.geometry import LEGACY_ST, fit_lattice
 from stcorpus.curate.imaging import DEFAULT_IMAGES, PIL_SUFFIXES, TIFF_SUFFIXES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
+    coordinate,
     is_ensembl,
     join_spots,
     open_text,
@@ -132,7 +133,7 @@ def read_spot_file(path: Path, *, sample: Sample, notes: list[str]) -> SpotFile:
     def column(name: str) -> FloatArray:
         index = header.index(name)
         try:
-            return np.array([float(row[index]) for row in rows], dtype=np.float64)
+            return np.array([coordinate(row[index]) for row in rows], dtype=np.float64)
         except ValueError as exc:
             raise CorruptSourceError(f"{path}: column {name!r} is not numeric: {exc}", slide_id=sample.id) from exc
 
@@ -147,7 +148,14 @@ def read_spot_file(path: Path, *, sample: Sample, notes: list[str]) -> SpotFile:
         new_x, new_y = x.copy(), y.copy()
         notes.append(f"{path.name} has no {CORRECTED_X}/{CORRECTED_Y}: the scale is fitted to {SPOT_X}/{SPOT_Y}")
     if SELECTED in header:
-        selected = column(SELECTED) != 0
+        flags = column(SELECTED)
+        if not np.isfinite(flags).all():
+            raise CorruptSourceError(
+                f"{path}: column {SELECTED!r} is missing for {int((~np.isfinite(flags)).sum())} spot(s): which spots "
+                "are under tissue is unknown",
+                slide_id=sample.id,
+            )
+        selected = flags != 0
     else:
         selected = np.ones(x.shape[0], dtype=bool)
         notes.append(f"{path.name} has no {SELECTED} column: every spot taken as under tissue")

@@ -42,7 +42,7 @@ import numpy.typing as npt
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
-from stcorpus.curate.readers._common import join_spots, option, raw_counts, read_count_table, require_file
+from stcorpus.curate.readers._common import coordinate, join_spots, option, raw_counts, read_count_table, require_file
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
@@ -78,8 +78,8 @@ def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], F
     ix, iy, ir = (columns.index(c) for c in (X_COLUMN, Y_COLUMN, RADIUS_COLUMN))
     try:
         ids = np.array([r[0].strip() for r in rows[1:]], dtype=np.str_)
-        x = np.array([float(r[ix]) for r in rows[1:]], dtype=np.float64)
-        y = np.array([float(r[iy]) for r in rows[1:]], dtype=np.float64)
+        x = np.array([coordinate(r[ix]) for r in rows[1:]], dtype=np.float64)
+        y = np.array([coordinate(r[iy]) for r in rows[1:]], dtype=np.float64)
         radius = np.array([float(r[ir]) for r in rows[1:]], dtype=np.float64)
     except (IndexError, ValueError) as exc:
         raise CorruptSourceError(f"{path}: malformed row: {exc}", slide_id=sample.id) from exc
