@@ -250,3 +250,12 @@ def test_format_quirks_of_other_studies_read_alike(tmp_path: Path) -> None:
     negative = _write(tmp_path / "neg.tsv", ["\t".join(header), "\t".join([counts[0][0], "-3", *counts[0][2:]])])
     with pytest.raises(NonIntegerCountsError, match=r"neg\.tsv: 1 of [\d,]+ stored values .* \(e\.g\. -3; min -3"):
         _read({**_files("C2"), "counts": negative})
+
+
+def test_a_stray_row_does_not_turn_the_table_around(tmp_path: Path) -> None:
+    header, counts = _count_rows("C2")
+    stray = ["total", *counts[0][1:]]  # a summary row some scripts append
+    files = {**_files("C2"), "counts": _write(tmp_path / "C2.tsv", ["\t".join(r) for r in [header, *counts, stray]])}
+    slide = _read(files)
+    assert len(slide.spots) == 187 and not any("transposed" in note for note in slide.notes)
+    assert slide.dropped_spots == {SpotDrop.NOT_IN_POSITIONS: 1}

@@ -180,14 +180,17 @@ def _key(x: float, y: float) -> str:
     return f"{text(x)}x{text(y)}"
 
 
-def _parse_keys(keys: npt.NDArray[np.str_]) -> tuple[FloatArray, FloatArray] | None:
-    """The (x, y) of every ``<x>x<y>`` key, or None if any key is not one."""
+def _parse_keys(keys: npt.NDArray[np.str_]) -> tuple[FloatArray, FloatArray, npt.NDArray[np.bool_]]:
+    """The (x, y) of every ``<x>x<y>`` key (NaN where a key is not one), and which keys are."""
     matches = [SPOT_KEY.match(key) for key in keys.tolist()]
-    if not matches or any(m is None for m in matches):
-        return None
-    x = np.array([float(m.group(1)) for m in matches if m], dtype=np.float64)
-    y = np.array([float(m.group(2)) for m in matches if m], dtype=np.float64)
-    return x, y
+    x = np.array([float(m.group(1)) if m else np.nan for m in matches], dtype=np.float64)
+    y = np.array([float(m.group(2)) if m else np.nan for m in matches], dtype=np.float64)
+    return x, y, np.array([m is not None for m in matches], dtype=bool)
+
+
+def _mostly_keys(keys: npt.NDArray[np.str_]) -> bool:
+    """Whether most of ``keys`` are spot keys (a stray summary row does not turn a table around)."""
+    return bool(keys.shape[0]) and float(_parse_keys(keys)[2].mean()) > 0.5
 
 
 def _read_counts(
@@ -196,9 +199,9 @@ def _read_counts(
     """Spot keys, feature names and counts (spots x features) of a count table, either way round."""
     ids, columns, values = read_count_table(path, delimiter=COUNTS_DELIMITER, sample=sample)
     ids, columns = np.char.strip(ids), np.char.strip(columns)
-    if _parse_keys(ids) is not None:
+    if _mostly_keys(ids):
         return ids, columns, values
-    if _parse_keys(columns) is not None:
+    if _mostly_keys(columns):
         notes.append(f"{path.name} is genes x spots (the spot keys head the columns): read transposed")
         return columns, ids, values.T.tocsr()
     examples = ", ".join(repr(k) for k in ids[:3].tolist())
@@ -214,20 +217,25 @@ def _canonical_keys(keys: npt.NDArray[np.str_], spots: SpotFile) -> tuple[npt.ND
 
     Integer keys are array coordinates and need only a uniform spelling (``10.0x14`` is
     ``10x14``). Decimal keys are corrected coordinates: each is matched to the spot whose
-    ``new_x, new_y`` it gives (within 0.01 array units); a key that matches none stays as it is.
+    ``new_x, new_y`` it gives (within 0.01 array units). A key that matches none stays as it
+    is (and is counted as a count row without a spot).
     """
-    parsed = _parse_keys(keys)
-    if parsed is None:  # unreachable: _read_counts checked
-        return keys, "as written"
-    x, y = parsed
-    if np.all(x == np.round(x)) and np.all(y == np.round(y)):
-        return np.array([_key(a, b) for a, b in zip(x, y, strict=True)], dtype=np.str_), "by array coordinates"
+    x, y, ok = _parse_keys(keys)
+    whole = ok & (x == np.round(x)) & (y == np.round(y))
+    canonical = keys.astype(object)  # a spot key may be longer than the key it replaces
+    if whole[ok].all():
+        canonical[ok] = [_key(a, b) for a, b in zip(x[ok], y[ok], strict=True)]
+        return canonical.astype(np.str_), "by array coordinates"
     from scipy.spatial import cKDTree
 
-    distance, index = cKDTree(np.column_stack([spots.new_x, spots.new_y])).query(np.column_stack([x, y]))
+    known = np.flatnonzero(np.isfinite(spots.new_x) & np.isfinite(spots.new_y))
+    distance, index = cKDTree(np.column_stack([spots.new_x[known], spots.new_y[known]])).query(
+        np.column_stack([x[ok], y[ok]])
+    )
     matched = distance <= _KEY_TOLERANCE
-    canonical = np.where(matched, spots.keys[np.minimum(index, len(spots) - 1)], keys).astype(np.str_)
-    return canonical, f"by corrected coordinates ({int(matched.sum()):,} of {keys.shape[0]:,} matched)"
+    rows = np.flatnonzero(ok)
+    canonical[rows[matched]] = spots.keys[known[index[matched]]]
+    return canonical.astype(np.str_), f"by corrected coordinates ({int(matched.sum()):,} of {keys.shape[0]:,} matched)"
 
 
 def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
