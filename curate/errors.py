@@ -152,6 +152,12 @@ class ImageTooCoarseError(QCError):
     code = "image_too_coarse"
 
 
+class ImageTooLargeError(SlideError):
+    """An image that must be decoded whole (PNG, JPEG, a flat TIFF) and is larger than the pixel budget."""
+
+    code = "image_too_large"
+
+
 class SpotsOutsideImageError(QCError):
     """Spot centres outside the image (wrong image, wrong scale or swapped axes)."""
 

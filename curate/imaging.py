@@ -12,7 +12,13 @@
   Uncompressed strips are read row by row. Layouts this path does not cover (planar RGB, NDPI,
   multi-page levels) go through tifffile's zarr store.
 - PNG and JPEG files cannot be read by window; they are decoded in full on first access
-  (in practice they are small: Space Ranger hires/lowres images, STimage PNGs).
+  (in practice they are small: Space Ranger hires/lowres images, STimage PNGs, legacy ST JPEGs).
+
+Whatever must be decoded at once -- a whole PNG or JPEG, one tile or strip of a TIFF (a flat
+TIFF may be a single strip) -- is checked against a pixel budget (``ImageSettings.max_pixels``,
+``curate build --max-image-pixels``) when the image is opened, from the header alone: a
+778-byte PNG declaring 60,000 x 60,000 px is refused with :class:`ImageTooLargeError` before a
+byte of it is decoded. Tiled TIFFs are read tile by tile whatever their size.
 
 Every read returns RGB ``uint8`` (grey is expanded, alpha dropped unless asked for); pixels
 outside the image are white, as the tiles pad them.
@@ -37,7 +43,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from stcorpus.curate.errors import CorruptSourceError
+from stcorpus.curate.errors import CorruptSourceError, ImageTooLargeError, SettingsError
 
 WHITE: Final = 255
 TIFF_SUFFIXES: Final = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
@@ -46,6 +52,13 @@ PIL_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
 #: Default bound of the decoded-tile cache of one open image. A band of 224 px patches across
 #: a 100,000 px wide slide at 0.5 um/px needs about 80 MB of decoded 256 px tiles.
 DEFAULT_CACHE_BYTES: Final = 256 * 2**20
+
+#: Default budget of pixels decoded at once (a PNG or JPEG, or one TIFF tile or strip): 2**29 px,
+#: a 23,170 px square, 1.5 GiB as RGB. Whole-slide images belong in tiled TIFFs, which this
+#: never limits; a larger PNG/JPEG is refused unless the budget is raised knowingly.
+DEFAULT_MAX_PIXELS: Final = 2**29
+#: The command-line flag that sets ``ImageSettings.max_pixels`` (named in refusals).
+MAX_PIXELS_FLAG: Final = "--max-image-pixels"
 
 #: Scales libjpeg-turbo can decode a JPEG tile at in the DCT domain (1/1, 1/2, 1/4, 1/8).
 JPEG_REDUCTIONS: Final = (1, 2, 4, 8)
@@ -60,6 +73,40 @@ _PHOTOMETRIC_YCBCR: Final = 6
 _RAW_TILE: Final = 512
 
 RGBArray = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images are opened.
+
+    ``max_pixels`` bounds the pixels decoded at once: a PNG or JPEG whole, or one tile or strip
+    of a TIFF. An image over it is refused when it is opened (:class:`ImageTooLargeError`),
+    before anything is decoded, so a decompression bomb costs nothing.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_pixels, int) or isinstance(self.max_pixels, bool) or self.max_pixels < 1:
+            raise SettingsError(f"max_pixels must be a positive number of pixels, not {self.max_pixels!r}")
+
+
+def check_decode_budget(path: Path, width: int, height: int, *, what: str, max_pixels: int) -> None:
+    """Raise :class:`ImageTooLargeError` when ``width`` x ``height`` pixels decoded at once exceed the budget."""
+    pixels = width * height
+    if pixels <= max_pixels:
+        return
+    raise ImageTooLargeError(
+        f"{path}: {what} is {width:,} x {height:,} px ({pixels / 1e6:,.0f} Mpx, {pixels * 3 / 2**30:,.1f} GiB as RGB) "
+        f"and must be decoded at once, over the budget of {max_pixels:,} px ({MAX_PIXELS_FLAG}). "
+        "A decompression bomb or a broken header looks like this; a real whole-slide "
+        "image should be a tiled pyramidal TIFF (e.g. `vips tiffsave in.png out.tif --tile --pyramid "
+        f"--compression jpeg`), or raise {MAX_PIXELS_FLAG} if the machine has the memory"
+    )
+
+
+#: The default settings (a module constant, so readers can default to it).
+DEFAULT_IMAGES: Final = ImageSettings()
 
 
 @dataclass(frozen=True)
@@ -353,7 +400,9 @@ class _Grid:
 class TiffImage(SlideImage):
     """A (pyramidal) TIFF read tile by tile (see the module docstring)."""
 
-    def __init__(self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         import tifffile
 
         try:
@@ -378,7 +427,11 @@ class TiffImage(SlideImage):
         self._fd = self._tif.filehandle
         try:
             self._grids: list[_Grid | None] = [self._grid(level) for level in series_levels]
-        except CorruptSourceError:
+            for index, (level, grid) in enumerate(zip(series_levels, self._grids, strict=True)):
+                segment = self._segment_size(level, grid)
+                what = f"one {'tile' if grid is not None and grid.page.is_tiled else 'strip'} of level {index}"
+                check_decode_budget(path, segment[1], segment[0], what=what, max_pixels=max_pixels)
+        except (CorruptSourceError, ImageTooLargeError):
             self._tif.close()
             raise
         self._series = series
@@ -388,6 +441,18 @@ class TiffImage(SlideImage):
 
     def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return (shape[1], shape[2]) if self._planar else (shape[0], shape[1])
+
+    @staticmethod
+    def _segment_size(level: Any, grid: _Grid | None) -> tuple[int, int]:
+        """``(height, width)`` of what one read of ``level`` decodes at once (a tile or strip)."""
+        if grid is not None:
+            # uncompressed strips are read row by row into virtual tiles: never more at once
+            return (grid.tile_height, grid.tile_width)
+        chunks = getattr(level.pages[0], "chunks", None) if level.pages else None
+        if chunks is not None and len(chunks) >= 2:
+            return (int(chunks[0]), int(chunks[1]))
+        height, width = level.shape[:2] if level.shape[-1] in (1, 3, 4) else level.shape[-2:]
+        return (int(height), int(width))
 
     def _grid(self, level: Any) -> _Grid | None:
         """The segment layout of a level, or None where tifffile's zarr store must read it."""
@@ -548,16 +613,23 @@ class TiffImage(SlideImage):
 class PilImage(SlideImage):
     """A PNG or JPEG; decoded in full on first read (these formats have no random access)."""
 
-    def __init__(self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, path: Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         from PIL import Image, UnidentifiedImageError
 
-        Image.MAX_IMAGE_PIXELS = None  # whole-slide PNGs are legitimately huge; we never trust sizes blindly
+        # Pillow's own bomb check (a warning over 89 Mpx, an error over 179 Mpx) would refuse real
+        # legacy-ST and STimage images; the budget below replaces it, checked from the header.
+        Image.MAX_IMAGE_PIXELS = None
         try:
             with Image.open(path) as im:
                 width, height = im.size
                 mode = im.mode
         except (UnidentifiedImageError, OSError) as exc:
             raise CorruptSourceError(f"{path}: not a readable image: {exc}") from exc
+        check_decode_budget(
+            path, width, height, what=f"the {path.suffix.lstrip('.').upper() or 'image'}", max_pixels=max_pixels
+        )
         self._pixels: npt.NDArray[Any] | None = None
         self._mode = mode
         super().__init__(
@@ -568,13 +640,28 @@ class PilImage(SlideImage):
         )
 
     def _load(self) -> npt.NDArray[Any]:
+        if self._pixels is None and self._mode == "RGB" and self.path.name.lower().endswith((".jpg", ".jpeg")):
+            # libjpeg-turbo straight into one array: the same pixels as Pillow's decoder (ISLOW DCT,
+            # fancy upsampling), at a third of its peak memory (Pillow holds its image, then a
+            # bytes copy, then the array).
+            import simplejpeg
+
+            try:
+                pixels = simplejpeg.decode_jpeg(self.path.read_bytes(), colorspace="RGB")
+            except (ValueError, OSError):
+                pixels = None  # a JPEG libjpeg-turbo will not take whole: Pillow below says why
+            if pixels is not None:
+                pixels.flags.writeable = False
+                self._pixels = pixels
         if self._pixels is None:
             from PIL import Image
 
             try:
                 with Image.open(self.path) as im:
                     target = "RGBA" if self.has_alpha else "RGB"
-                    self._pixels = np.asarray(im.convert(target))
+                    im.load()
+                    # the same mode needs no converted copy: one whole-image allocation fewer
+                    self._pixels = np.asarray(im if im.mode == target else im.convert(target))
             except OSError as exc:
                 raise CorruptSourceError(f"{self.path}: image data cannot be decoded: {exc}") from exc
         return self._pixels
@@ -588,10 +675,14 @@ class PilImage(SlideImage):
         self._pixels = None
 
 
-def open_image(path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> SlideImage:
+def open_image(
+    path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> SlideImage:
     """Open an image by its file type without decoding its pixels.
 
-    ``cache_bytes`` bounds the decoded tiles a TIFF keeps between reads.
+    ``cache_bytes`` bounds the decoded tiles a TIFF keeps between reads; ``max_pixels`` the
+    pixels decoded at once (a whole PNG/JPEG, one TIFF tile or strip): an image over it raises
+    :class:`~curate.errors.ImageTooLargeError` here, before anything is decoded.
 
     >>> with open_image("wsis/TENX95.tif") as image:  # doctest: +SKIP
     ...     tile = image.read_region(level=0, x=1000, y=2000, width=224, height=224)
@@ -601,9 +692,9 @@ def open_image(path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> S
     if not path.is_file():
         raise CorruptSourceError(f"{path}: image file not found")
     if name.endswith(TIFF_SUFFIXES):
-        return TiffImage(path, cache_bytes=cache_bytes)
+        return TiffImage(path, cache_bytes=cache_bytes, max_pixels=max_pixels)
     if name.endswith(PIL_SUFFIXES):
-        return PilImage(path, cache_bytes=cache_bytes)
+        return PilImage(path, cache_bytes=cache_bytes, max_pixels=max_pixels)
     raise CorruptSourceError(
         f"{path}: unsupported image type; expected one of {', '.join(TIFF_SUFFIXES + PIL_SUFFIXES)}"
     )

@@ -44,7 +44,7 @@ from stcorpus.schema import SLIDE_ID_PATTERN
 
 MANIFEST_FORMAT: Final = "stcorpus-manifest/1"
 
-#: Reader keys. The first three have readers; the others are accepted in manifests so that
+#: Reader keys. spaceranger, hest, stimage and st have readers; the others are accepted in manifests so that
 #: catalogues can list them, and are quarantined as ``no_reader`` by builds until one lands.
 TECHNOLOGIES: Final = ("spaceranger", "hest", "stimage", "visium-hd", "xenium", "st")
 Technology = Literal["spaceranger", "hest", "stimage", "visium-hd", "xenium", "st"]

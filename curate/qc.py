@@ -48,6 +48,7 @@ from stcorpus.curate.errors import (
     ScaleMismatchError,
     SpotsOutsideImageError,
 )
+from stcorpus.curate.geometry import fit_lattice
 from stcorpus.curate.slide import QCCheck
 
 if TYPE_CHECKING:
@@ -369,8 +370,6 @@ def _check_image(slide: Slide, settings: QCSettings) -> tuple[list[QCCheck], lis
 
 
 def _check_scale(slide: Slide, settings: QCSettings) -> tuple[QCCheck, QCError | None]:
-    from stcorpus.curate.readers._lattice import fit_lattice
-
     spots = slide.spots
     blocking = settings.scale_mismatch_blocking
     if len(spots) < settings.min_lattice_spots:

@@ -2,7 +2,9 @@
 
 A slide is raw counts (spots x features, sparse, as stored), the features as the source names
 them, a spot table in full-resolution image pixels, a lazily opened image, the um/px of that
-image and where it came from, the manifest sample, and the QC checks run on it so far.
+image and where it came from, how its spots are laid out (a ``curate.geometry.Geometry``: a
+lattice and its pitch, or a cell-level neighbour rule), the manifest sample, the QC checks run
+on it so far, and every spot the reader read but could not keep, counted by reason.
 
 Coordinates: ``spots.x_px`` / ``spots.y_px`` are in level-0 pixels of ``slide.image`` (x to the
 right, y down), and ``slide.mpp`` is the um/px of that level. When a reader falls back to a
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
+from stcorpus.curate.geometry import VISIUM, Geometry, Kind
+
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
@@ -26,13 +30,6 @@ if TYPE_CHECKING:
 
 #: Where a slide's um/px came from, in order of preference when sources disagree.
 MppSource = Literal["manifest", "metadata", "scalefactors", "lattice", "spot_radius"]
-
-Lattice = Literal["hex", "square"]
-
-#: Spot centre-to-centre distance (um) and spot diameter (um) per assay.
-LATTICE_PITCH_UM: dict[str, float] = {"visium": 100.0, "visium-cytassist": 100.0, "st": 200.0}
-SPOT_DIAMETER_UM: dict[str, float] = {"visium": 55.0, "visium-cytassist": 55.0, "st": 100.0}
-LATTICE_KIND: dict[str, Lattice] = {"visium": "hex", "visium-cytassist": "hex", "st": "square"}
 
 
 class SpotDrop:
@@ -113,8 +110,8 @@ class Slide:
     image: SlideImage
     mpp: float  # um/px of level 0 of `image`
     mpp_source: MppSource
-    lattice: Lattice = "hex"
-    pitch_um: float = 100.0
+    #: How the spots are laid out (lattice kind and pitch, or a cell-level neighbour rule).
+    geometry: Geometry = VISIUM
     qc: list[QCCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. image fallbacks, features dropped
     dropped_features: int = 0  # non "Gene Expression" features removed by the reader
@@ -128,6 +125,18 @@ class Slide:
             raise ValueError(f"counts has {n_spots} rows but the spot table has {len(self.spots)}")
         if n_features != len(self.features):
             raise ValueError(f"counts has {n_features} columns but there are {len(self.features)} features")
+        if not self.geometry.complete:
+            raise ValueError(f"geometry {self.geometry.key!r} has no pitch: give the slide its stated pitch")
+
+    @property
+    def lattice(self) -> Kind:
+        """The kind of layout: ``hex``, ``square`` (lattices) or ``cells``."""
+        return self.geometry.kind
+
+    @property
+    def pitch_um(self) -> float | None:
+        """The lattice pitch in micrometres (None for cell-level sites)."""
+        return self.geometry.pitch_um
 
     @property
     def id(self) -> str:

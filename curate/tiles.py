@@ -31,8 +31,8 @@ How the pixels are made (:class:`Tiler`):
 4. JPEG with libjpeg-turbo at a fixed quality and chroma subsampling, no metadata: the same
    slide and settings give byte-identical files.
 
-The build's entry point is :func:`cut_tiles`; :func:`lattice_neighbors` gives every spot's
-in-tissue lattice neighbours (for the niche expression and the ``neighbors`` field).
+The build's entry point is :func:`cut_tiles`; the pyramid level each view reads is chosen by
+:func:`curate.geometry.choose_level`, and neighbours live in :mod:`curate.geometry` too.
 
 Coordinates: a spot at pixel ``(x_px, y_px)`` is the centre of that pixel, i.e. the point
 ``(x_px + 0.5, y_px + 0.5)`` of the continuous image plane in which pixel ``(i, j)`` covers
@@ -54,14 +54,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from stcorpus.curate.errors import CorruptSourceError, ImageTooCoarseError, SettingsError
+from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
+from stcorpus.curate.geometry import LevelChoice, choose_level
 from stcorpus.curate.imaging import RGBArray, SlideImage
 from stcorpus.schema import REGION_GRID, sample_key
 
 if TYPE_CHECKING:
-    import scipy.sparse as sp
-
-    from stcorpus.curate.slide import Lattice, Slide
+    from stcorpus.curate.slide import Slide
 
 Resample = Literal["area", "bilinear", "bicubic", "lanczos"]
 Subsampling = Literal["444", "422", "420"]
@@ -295,16 +294,8 @@ def plan_scale(
     """
     if not (image_mpp > 0 and math.isfinite(image_mpp)):
         raise ImageTooCoarseError(f"{image.path.name}: image um/px {image_mpp!r} is not a positive number")
-    tolerance = 1 + 0.5 / size
-    best: tuple[float, int, int] | None = None  # (source um/px, reduce, level)
-    for index, lvl in enumerate(image.levels):
-        for reduce in image.reductions(index):
-            source = image_mpp * lvl.downsample * reduce
-            if source > mpp * tolerance:
-                continue
-            if best is None or source > best[0] * (1 + 1e-9) or (math.isclose(source, best[0]) and reduce < best[1]):
-                best = (source, reduce, index)
-    if best is None:
+    choice = choose_level(image, image_mpp=image_mpp, target_mpp=mpp, tolerance=0.5 / size)
+    if choice is None:
         enlarge = image_mpp / mpp
         if enlarge > max_upsample * (1 + 1e-9):
             raise ImageTooCoarseError(
@@ -312,8 +303,8 @@ def plan_scale(
                 f"enlarge it {enlarge:.2f}x, more than max_upsample={max_upsample:g}. Use a finer image of the "
                 "slide, or coarser tiles (`curate build --patch-mpp`) or more enlargement (`--max-upsample`)"
             )
-        best = (image_mpp, 1, 0)
-    source, reduce, level = best
+        choice = LevelChoice(level=0, reduce=1, mpp=image_mpp)
+    source, reduce, level = choice.mpp, choice.reduce, choice.level
     factor = mpp / source
     method: Method = "resample"
     step = factor
@@ -725,126 +716,11 @@ def cut_tiles(slide: Slide, *, indices: npt.ArrayLike | None = None, settings: T
     return tiler.cut_many(spots.x_px[rows], spots.y_px[rows], keys, indices=rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# Lattice neighbours
-# ---------------------------------------------------------------------------------------------
-
-#: Array-coordinate offsets (row, col) of the lattice neighbours of a spot.
-LATTICE_OFFSETS: Final[Mapping[str, tuple[tuple[int, int], ...]]] = {
-    # Visium: rows alternate even/odd columns; the six neighbours sit at (r, c±2), (r±1, c±1).
-    "hex": ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)),
-    # Legacy ST: a square grid.
-    "square": ((0, -1), (0, 1), (-1, 0), (1, 0)),
-}
-
-
-@dataclass(frozen=True)
-class Neighbors:
-    """Lattice adjacency in CSR form: the neighbours of spot ``i`` are
-    ``indices[indptr[i]:indptr[i + 1]]`` (positions in the arrays given, ascending)."""
-
-    indptr: npt.NDArray[np.int64]
-    indices: npt.NDArray[np.int64]
-
-    def __len__(self) -> int:
-        return int(self.indptr.size - 1)
-
-    @property
-    def counts(self) -> npt.NDArray[np.int32]:
-        """Number of neighbours of every spot."""
-        return np.diff(self.indptr).astype(np.int32)
-
-    def of(self, spot: int) -> npt.NDArray[np.int64]:
-        """Positions of the neighbours of ``spot``."""
-        return self.indices[self.indptr[spot] : self.indptr[spot + 1]]
-
-    def to_csr(self) -> sp.csr_matrix:
-        """The n x n 0/1 adjacency matrix: ``adjacency @ counts`` sums each spot's neighbours."""
-        import scipy.sparse as sp
-
-        n = len(self)
-        data = np.ones(self.indices.size, dtype=np.int32)
-        return sp.csr_matrix((data, self.indices, self.indptr), shape=(n, n))
-
-    def keys(self, keys: Sequence[str]) -> list[list[str]]:
-        """The neighbours of every spot named by ``keys`` (aligned with the arrays given)."""
-        return [[keys[j] for j in self.indices[a:b]] for a, b in zip(self.indptr[:-1], self.indptr[1:], strict=True)]
-
-
-def lattice_neighbors(
-    array_row: npt.ArrayLike,
-    array_col: npt.ArrayLike,
-    *,
-    lattice: Lattice = "hex",
-    include: npt.ArrayLike | None = None,
-) -> Neighbors:
-    """The lattice neighbours of every spot among the ``include``\\ d spots (default: all).
-
-    Hex (Visium): (r, c±2), (r±1, c±1); square (legacy ST): (r±1, c), (r, c±1). Two included
-    spots at the same array position are a broken spot table and raise
-    :class:`~curate.errors.CorruptSourceError`.
-
-    Example::
-
-        nbrs = lattice_neighbors(spots.array_row, spots.array_col, lattice="hex", include=spots.in_tissue)
-        niche = nbrs.to_csr() @ counts  # summed neighbour expression, one row per spot
-    """
-    if lattice not in LATTICE_OFFSETS:
-        raise ValueError(f"unknown lattice {lattice!r}; lattices are {', '.join(LATTICE_OFFSETS)}")
-    rows = np.asarray(array_row, dtype=np.int64)
-    cols = np.asarray(array_col, dtype=np.int64)
-    if rows.shape != cols.shape or rows.ndim != 1:
-        raise ValueError(f"array_row {rows.shape} and array_col {cols.shape} must be equal 1-d arrays")
-    n = rows.size
-    mask = np.ones(n, dtype=bool) if include is None else np.asarray(include, dtype=bool)
-    if mask.shape != (n,):
-        raise ValueError(f"include {mask.shape} must have one entry per spot ({n},)")
-    if n == 0:
-        return Neighbors(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    # One integer per array position, with room for the offsets on every side.
-    row0, col0 = rows.min() - 2, cols.min() - 2
-    width = int(cols.max() - col0) + 3
-
-    def code(r: npt.NDArray[np.int64], c: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        result: npt.NDArray[np.int64] = (r - row0) * width + (c - col0)
-        return result
-
-    members = np.flatnonzero(mask)
-    member_codes = code(rows[members], cols[members])
-    sort = np.argsort(member_codes, kind="stable")
-    sorted_codes = member_codes[sort]
-    same = np.flatnonzero(sorted_codes[1:] == sorted_codes[:-1])
-    if same.size:
-        a, b = members[sort[same[0]]], members[sort[same[0] + 1]]
-        raise CorruptSourceError(
-            f"spots {a} and {b} (and {same.size - 1} more pairs) share array position "
-            f"({rows[a]}, {cols[a]}): the spot table is broken; check the positions file"
-        )
-    sources: list[npt.NDArray[np.int64]] = []
-    targets: list[npt.NDArray[np.int64]] = []
-    everyone = np.arange(n, dtype=np.int64)
-    for dr, dc in LATTICE_OFFSETS[lattice]:
-        wanted = code(rows + dr, cols + dc)
-        at = np.searchsorted(sorted_codes, wanted)
-        at_clipped = np.minimum(at, sorted_codes.size - 1)
-        found = (at < sorted_codes.size) & (sorted_codes[at_clipped] == wanted)
-        sources.append(everyone[found])
-        targets.append(members[sort[at_clipped[found]]].astype(np.int64))
-    source = np.concatenate(sources)
-    target = np.concatenate(targets)
-    order = np.lexsort((target, source))
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(source, minlength=n), out=indptr[1:])
-    return Neighbors(indptr=indptr, indices=target[order])
-
-
 __all__ = [
-    "LATTICE_OFFSETS",
     "REJECT_BACKGROUND",
     "REJECT_OUTSIDE",
     "REJECT_REASONS",
     "TISSUE_CHROMA",
-    "Neighbors",
     "ScalePlan",
     "TileResult",
     "TileRun",
@@ -853,7 +729,6 @@ __all__ = [
     "Tiler",
     "cut_tiles",
     "encode_jpeg",
-    "lattice_neighbors",
     "plan_scale",
     "region_pos",
     "tissue_fraction",

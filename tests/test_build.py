@@ -50,18 +50,28 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "demo"
     assert main(["build", str(DEMO), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "1 built, 2 quarantined" in printed and "image_too_coarse" in printed
+    assert "3 built, 2 quarantined" in printed and "image_too_coarse" in printed
 
     slides = pq.read_table(out / schema.SLIDES_FILE).to_pylist()
-    built = [s for s in slides if s["status"] == "built"]
-    assert [s["slide_id"] for s in built] == ["V1-Mouse-Brain-fullres-crop"]
+    built = {s["slide_id"]: s for s in slides if s["status"] == "built"}
+    assert sorted(built) == ["HER2ST-B4", "HER2ST-C2", "V1-Mouse-Brain-fullres-crop"]
     assert {s["slide_id"]: s["reason"].split(":")[0] for s in slides if s["status"] == "quarantined"} == {
         "V1-Human-Heart-subset": "image_too_coarse",
         "V1-Mouse-Brain-Coronal-1-subset": "image_too_coarse",
     }
-    n_written = sum(s["n_spots_written"] for s in built)
-    assert n_written == 49  # every in-tissue spot of the real crop is kept
-    assert built[0]["mpp"] == pytest.approx(0.7267) and built[0]["measured_genes"]
+    n_written = sum(s["n_spots_written"] for s in built.values())
+    # every in-tissue spot of the real crop (49) and of the legacy ST sections (283 + 187) is kept
+    assert {slide_id: s["n_spots_written"] for slide_id, s in built.items()} == {
+        "V1-Mouse-Brain-fullres-crop": 49,
+        "HER2ST-B4": 283,
+        "HER2ST-C2": 187,
+    }
+    crop = built["V1-Mouse-Brain-fullres-crop"]
+    assert crop["mpp"] == pytest.approx(0.7267) and crop["measured_genes"]
+    # legacy ST um/px from the spot lattice, within 2% of HEST's (SPA145 0.6889, SPA141 0.6961)
+    assert built["HER2ST-B4"]["mpp"] == pytest.approx(0.6889, rel=0.02)
+    assert built["HER2ST-C2"]["mpp"] == pytest.approx(0.6961, rel=0.02)
+    assert {built[i]["patient"] for i in ("HER2ST-B4", "HER2ST-C2")} == {"B", "C"}
 
     parquet = datasets.load_dataset(str(out), streaming=True)
     wds = datasets.load_dataset(str(out), data_dir="wds", streaming=True)
@@ -75,7 +85,8 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             assert np.array_equal(np.asarray(rp["counts"]), rw["expr.npz"]["counts"])
             assert rp["neighbors"] == rw["json"]["neighbors"]
     corpus = json.loads((out / schema.CORPUS_FILE).read_text())
-    assert corpus["schema"] == schema.SCHEMA_ID and corpus["splits"] == dict.fromkeys(parquet, n_written)
+    per_split = {split: sum(1 for _ in parquet[split]) for split in parquet}
+    assert corpus["schema"] == schema.SCHEMA_ID and corpus["splits"] == per_split
     assert corpus["counts_dtype"] == "float32"  # the squidpy values are normalised (declared in the manifest)
     import platform
 

@@ -263,8 +263,8 @@ def _dropping_reader(monkeypatch: pytest.MonkeyPatch, drops: dict[str, dict[str,
 
     original = hest.read
 
-    def read(*, sample: Any, files: Any) -> Any:
-        slide = original(sample=sample, files=files)
+    def read(*, sample: Any, files: Any, images: Any) -> Any:
+        slide = original(sample=sample, files=files, images=images)
         reasons = drops.get(sample.id)
         if not reasons:
             return slide
@@ -458,7 +458,9 @@ def test_messages_name_flags_and_keys_that_exist() -> None:
     offenders = [f"{p.name}: {text!r}" for p, text in _string_constants() if internal.search(text)]
     assert offenders == []
     flags = {flag for _, text in _string_constants() for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]+", text)}
-    other_tools = {"--nthreads"}  # `dask worker --nthreads 1`, named in the Dask executor's hint
+    # `dask worker --nthreads 1` (the Dask executor's hint); `vips tiffsave --tile --pyramid --compression`
+    # (how the image-budget refusal says to make a tiled pyramid)
+    other_tools = {"--nthreads", "--tile", "--pyramid", "--compression"}
     assert sorted(flags - options - other_tools) == []
 
 
@@ -481,10 +483,10 @@ def test_any_exception_fails_one_slide_and_the_build_goes_on(
 
     original = hest.read
 
-    def read(*, sample: Any, files: Any) -> Any:
+    def read(*, sample: Any, files: Any, images: Any) -> Any:
         if sample.id in CRASHES:
             raise CRASHES[sample.id]
-        return original(sample=sample, files=files)
+        return original(sample=sample, files=files, images=images)
 
     monkeypatch.setattr(hest, "read", read)
     entries = good_slides(tmp_path / "data", 1) + [hest_entry(slide_id) for slide_id in CRASHES]
@@ -652,10 +654,10 @@ if os.environ.get("STCORPUS_TEST_DIE_ON"):  # set by test_a_worker_process_that_
 
     _read = hest.read
 
-    def read(*, sample, files):
+    def read(*, sample, files, images):
         if sample.id == os.environ["STCORPUS_TEST_DIE_ON"]:
             os._exit(9)  # the worker process dies, as the kernel's OOM killer makes it
-        return _read(sample=sample, files=files)
+        return _read(sample=sample, files=files, images=images)
 
     hest.read = read
 """

@@ -57,6 +57,8 @@ def test_local_cluster_build_is_byte_identical(tmp_path: Path, capsys: pytest.Ca
         "GOOD-1": ("built", ""),
         "BAD-unmapped": ("quarantined", "unmapped_genes"),
         "V1-Mouse-Brain-fullres-crop": ("built", ""),
+        "HER2ST-B4": ("built", ""),
+        "HER2ST-C2": ("built", ""),
         "V1-Human-Heart-subset": ("quarantined", "image_too_coarse"),
         "V1-Mouse-Brain-Coronal-1-subset": ("quarantined", "image_too_coarse"),
     }
@@ -187,10 +189,10 @@ def _patch_reader(slide_id: str, kind: str) -> int:
     original = vars(hest).setdefault("_original_read", vars(hest)["read"])
     error = {"MemoryError": MemoryError, "EOFError": EOFError}[kind]
 
-    def read(*, sample: Any, files: Any) -> Any:
+    def read(*, sample: Any, files: Any, images: Any) -> Any:
         if sample.id == slide_id:
             raise error("crafted")
-        return original(sample=sample, files=files)
+        return original(sample=sample, files=files, images=images)
 
     vars(hest)["read"] = read
     return os.getpid()
@@ -306,7 +308,7 @@ options:
     out = tmp_path / "out"
     assert main(["build", str(DEMO), "--out", str(out), "--no-progress", "--dask-cluster", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert "dask SLURMCluster, 1 jobs x 2 workers" in printed and "slides: 1 built, 2 quarantined" in printed
+    assert "dask SLURMCluster, 1 jobs x 2 workers" in printed and "slides: 3 built, 2 quarantined" in printed
     (script,) = jobs.glob("job-*.sh")
     assert "#SBATCH -A mylab" in script.read_text()
     log = script.with_suffix(".log").read_text()

@@ -235,3 +235,40 @@ def test_corrupt_tile_data_is_a_corrupt_source(tmp_path: Path) -> None:
         with pytest.raises(CorruptSourceError, match="cannot be decoded"):
             image.read_region(level=0, x=0, y=0, width=10, height=10)
         assert image.read_region(level=0, x=300, y=300, width=10, height=10).shape == (10, 10, 3)
+
+
+def test_the_pixel_budget_bounds_what_is_decoded_at_once(tmp_path: Path) -> None:
+    from stcorpus.curate.errors import ImageTooLargeError, SettingsError
+    from stcorpus.curate.imaging import DEFAULT_MAX_PIXELS, ImageSettings
+
+    pixels = np.full((600, 800, 3), 200, dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "whole.png")
+    with pytest.raises(ImageTooLargeError, match=r"whole\.png: the PNG is 800 x 600 px .* budget of 479,999 px"):
+        open_image(tmp_path / "whole.png", max_pixels=479_999)
+    assert open_image(tmp_path / "whole.png", max_pixels=480_000).width == 800
+    # a flat TIFF in one strip is decoded whole; a tiled one tile by tile, whatever its size
+    flat = write_tiff(tmp_path / "flat.tif", [pixels], compression="zlib", rowsperstrip=600)
+    with pytest.raises(ImageTooLargeError, match=r"flat\.tif: one strip of level 0 is 800 x 600 px"):
+        open_image(flat, max_pixels=100_000)
+    tiled = write_tiff(tmp_path / "tiled.tif", [pixels], compression="zlib", tile=(128, 128))
+    with open_image(tiled, max_pixels=128 * 128) as image:
+        assert image.read_region(level=0, x=0, y=0, width=800, height=600).shape == (600, 800, 3)
+    with pytest.raises(ImageTooLargeError, match=r"one tile of level 0 is 128 x 128 px"):
+        open_image(tiled, max_pixels=128 * 128 - 1)
+    # uncompressed strips are read row by row: never more than a 512 px virtual tile at once
+    raw = write_tiff(tmp_path / "raw.tif", [pixels], rowsperstrip=600)
+    assert open_image(raw, max_pixels=512 * 512).height == 600
+    assert ImageSettings().max_pixels == DEFAULT_MAX_PIXELS == 2**29
+    with pytest.raises(SettingsError, match="max_pixels must be a positive number"):
+        ImageSettings(max_pixels=0)
+
+
+def test_a_jpeg_decodes_to_pillows_pixels_and_a_truncated_one_is_corrupt(tmp_path: Path) -> None:
+    expected_pixels = np.asarray(Image.open(HE).convert("RGB"))
+    with open_image(HE) as image:
+        whole = image.read_region(level=0, x=0, y=0, width=image.width, height=image.height)
+    np.testing.assert_array_equal(whole, expected_pixels)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(HE.read_bytes()[: HE.stat().st_size // 2])
+    with open_image(truncated) as image, pytest.raises(CorruptSourceError, match=r"cut\.jpg: image data cannot be"):
+        image.read_region(level=0, x=0, y=0, width=10, height=10)

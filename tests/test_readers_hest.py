@@ -10,13 +10,14 @@ from typing import Any
 import anndata
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
-from stcorpus.curate.errors import NonIntegerCountsError, ScaleMismatchError
+from stcorpus.curate.errors import CorruptSourceError, NonIntegerCountsError, ScaleMismatchError, UnsupportedAssayError
 from stcorpus.curate.qc import QCSettings, check_slide
 from stcorpus.curate.readers import read_slide
-from stcorpus.curate.slide import Slide
+from stcorpus.curate.slide import Slide, SpotDrop
 from tests.test_readers_support import FULLRES, HEST_TENX52_MPP, expected, files_of, make_sample, write_pyramid
 
 H5AD = FULLRES / "test_data.h5ad"
@@ -182,3 +183,49 @@ def test_ensembl_var_names_and_feature_types(tmp_path: Path) -> None:
     # given array coordinates are used as they are
     assert slide.spots.array_col.tolist() == (np.arange(49) * 2).tolist()
     assert not any("derived" in note for note in slide.notes)
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_spots_without_a_centre_and_repeated_obs_names_are_counted_and_dropped(tmp_path: Path) -> None:
+    adata = anndata.read_h5ad(H5AD)
+    names = adata.obs_names.to_numpy().astype(str).copy()
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64).copy()
+    xy[3, 0], xy[10, 1] = np.nan, np.inf
+    names[20] = names[19]  # listed twice: the second row goes
+    adata.obs_names = names
+    adata.obsm["spatial"] = xy
+    path = tmp_path / "faulty.h5ad"
+    adata.write_h5ad(path)
+    slide = _read(tmp_path, h5ad=path)
+    assert slide.dropped_spots == {SpotDrop.NAN_COORDINATES: 2, SpotDrop.DUPLICATE_BARCODE: 1}
+    assert len(slide.spots) == slide.counts.shape[0] == 49 - 3
+    assert np.isfinite(slide.spots.x_px).all() and np.isfinite(slide.spots.y_px).all()
+    reference = anndata.read_h5ad(H5AD)
+    kept = [i for i in range(49) if i not in (3, 10, 20)]
+    np.testing.assert_array_equal(slide.spots.x_px, np.asarray(reference.obsm["spatial"])[kept, 0])
+    assert (slide.counts != sp.csr_matrix(reference.X)[kept]).nnz == 0
+    assert any("NaN or infinite centre" in note for note in slide.notes)
+    assert _read(tmp_path).dropped_spots == {}
+
+    xy[:] = np.nan
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(path)
+    with pytest.raises(CorruptSourceError, match=r"SQUIDPY1\.h5ad: every spot's centre is NaN or infinite"):
+        _read(tmp_path, h5ad=path)
+
+
+def test_an_assay_without_a_geometry_is_refused_not_guessed(tmp_path: Path) -> None:
+    _, files = _hest_sample(tmp_path)
+    odd = make_sample(files, technology="hest", assay="slide-seq", counts="normalized", species="mouse")
+    with pytest.raises(UnsupportedAssayError, match=r"assay 'slide-seq' has no spot geometry on record \(known: st, "):
+        read_slide(odd, files)
+    # Visium HD bins: HEST's metadata states their size; without it nothing does
+    no_metadata = {name: path for name, path in files.items() if name != "metadata"}
+    bins = make_sample(no_metadata, technology="hest", assay="visium-hd", counts="normalized", species="mouse", mpp=0.7)
+    with pytest.raises(UnsupportedAssayError, match=r"square bins .* name the sample's `metadata` source"):
+        read_slide(bins, no_metadata)
+    # HEST's Xenium samples are square pseudo-spots of 100 um (hest's xenium_to_pseudo_visium)
+    xenium = make_sample(files, technology="hest", assay="xenium", counts="normalized", species="mouse")
+    slide = read_slide(xenium, files)
+    assert (slide.lattice, slide.pitch_um) == ("square", 100.0)
+    assert any("pseudo-spots" in note for note in slide.notes)

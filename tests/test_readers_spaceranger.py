@@ -22,6 +22,7 @@ from stcorpus.curate.errors import (
 from stcorpus.curate.readers import read_slide
 from stcorpus.curate.readers._tenx import read_h5, read_mtx, read_positions
 from stcorpus.curate.readers.spaceranger import SPOT_DIAMETER_FULLRES_UM
+from stcorpus.curate.slide import SpotDrop
 from tests.test_readers_support import HEART, MOUSE_BRAIN, expected, files_of, make_sample, write_repeated_pyramid
 
 HEART_H5 = HEART / "filtered_feature_bc_matrix.h5"
@@ -304,6 +305,66 @@ def test_barcodes_missing_from_positions_are_counted_and_dropped(tmp_path: Path)
     check = next(c for c in slide.qc if c.name == "barcodes_with_position")
     assert check.value == 2
     assert "2 of 100 matrix barcodes have no row in tissue_positions_list.csv: dropped" in check.reason
+    assert slide.dropped_spots[SpotDrop.NOT_IN_POSITIONS] == 2
+
+
+def test_every_dropped_spot_is_counted_by_reason(tmp_path: Path) -> None:
+    """Missing from the positions, NaN/inf centres, repeated barcodes, in-tissue spots without counts."""
+    spatial = _copy_spatial(tmp_path)
+    positions = spatial / "tissue_positions_list.csv"
+    reference = read_h5(HEART_H5)
+    barcodes = reference.barcodes.tolist()
+    lines = positions.read_text().splitlines()
+    table = {line.split(",")[0]: line for line in lines}
+    out = []
+    for line in lines:
+        fields = line.split(",")
+        if fields[0] in barcodes[:2]:
+            continue  # two matrix barcodes without a position
+        if fields[0] == barcodes[2]:
+            fields[4] = "NA"  # as R writes a missing number
+        if fields[0] == barcodes[3]:
+            fields[5] = "inf"
+        out.append(",".join(fields))
+    duplicate = table[barcodes[4]].split(",")
+    duplicate[4] = "1.0"  # listed twice, the second time elsewhere: the first row wins
+    out.append(",".join(duplicate))
+    positions.write_text("\n".join(out) + "\n")
+    matrix = tmp_path / "m.h5"  # and one barcode repeated in the matrix
+    counts = sp.vstack([reference.counts, reference.counts[5]]).tocsr()
+    _write_v3(
+        matrix,
+        counts,
+        [*barcodes, barcodes[5]],
+        reference.ids.tolist(),
+        reference.names.tolist(),
+        reference.types.tolist(),
+    )
+    sample = make_sample({"matrix": matrix, "spatial": spatial})
+    slide = read_slide(sample, files_of(sample))
+
+    in_tissue_without_counts = sum(
+        1 for barcode, line in table.items() if line.split(",")[1] == "1" and barcode not in barcodes
+    )
+    assert in_tissue_without_counts > 4000  # the fixture is a 100-spot subset of a 4,992-spot slide
+    assert slide.dropped_spots == {
+        SpotDrop.DUPLICATE_BARCODE: 2,
+        SpotDrop.NOT_IN_POSITIONS: 2,
+        SpotDrop.NOT_IN_MATRIX: in_tissue_without_counts,
+        SpotDrop.NAN_COORDINATES: 2,
+    }
+    assert len(slide.spots) == 100 - 2 - 2
+    assert np.isfinite(slide.spots.x_px).all() and np.isfinite(slide.spots.y_px).all()
+    assert len(set(slide.spots.barcode.tolist())) == len(slide.spots)
+    kept = slide.spots.barcode.tolist().index(barcodes[4])
+    assert slide.spots.y_px[kept] != pytest.approx(1.0 * 0.045004502)  # the first row of the repeated one
+    assert sum(slide.dropped_spots.values()) == 2 + 2 + 2 + in_tissue_without_counts
+    for text in ("repeat a spot id", "have no spot in tissue_positions_list.csv", "NaN or infinite centre"):
+        assert any(text in note for note in slide.notes), text
+
+    # the same files without any fault drop nothing but the subset's missing spots
+    sample = make_sample({"matrix": HEART_H5, "spatial": HEART / "spatial"})
+    assert read_slide(sample, files_of(sample)).dropped_spots == {SpotDrop.NOT_IN_MATRIX: in_tissue_without_counts}
 
 
 def test_no_barcode_in_common_is_a_barcode_mismatch(tmp_path: Path) -> None:

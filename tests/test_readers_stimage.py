@@ -14,7 +14,7 @@ from stcorpus.curate.errors import BarcodeMismatchError, CorruptSourceError, Ima
 from stcorpus.curate.qc import check_slide
 from stcorpus.curate.readers import read_slide
 from stcorpus.curate.readers._tenx import read_mtx, read_positions
-from stcorpus.curate.slide import Slide
+from stcorpus.curate.slide import Slide, SpotDrop
 from tests.test_readers_support import MOUSE_BRAIN, files_of, make_sample
 
 OUTS = MOUSE_BRAIN / "outs"
@@ -187,5 +187,35 @@ def test_malformed_coord_header_and_unknown_assay(tmp_path: Path) -> None:
     with pytest.raises(CorruptSourceError, match=r"lacks xaxis, yaxis, r; expected ',yaxis,xaxis,r'"):
         _read(files, assay="st")
     files["coords"].write_text(text)
-    with pytest.raises(UnsupportedAssayError, match=r"assay 'xenium' has no spot diameter on record"):
+    with pytest.raises(UnsupportedAssayError, match=r"assay 'xenium' is cell-level sites.*check the sample's `assay`"):
         _read(files, assay="xenium")
+    with pytest.raises(UnsupportedAssayError, match=r"assay 'slide-seq' has no spot geometry on record \(known: st, "):
+        _read(files, assay="slide-seq")
+    with pytest.raises(UnsupportedAssayError, match=r"square bins .* set the reader option `bin_size_um`"):
+        _read(files, assay="visium-hd")
+
+
+def test_every_dropped_spot_is_counted_by_reason(tmp_path: Path) -> None:
+    files, _ = _st_slide(tmp_path)
+    coords, counts = files["coords"], files["counts"]
+    header, *rows = coords.read_text().splitlines()
+    prefix = "Human_Breast_Test_ST_A1_"
+    by_id = {row.split(",")[0][len(prefix) :]: row for row in rows}
+    kept = [row for row in rows if row.split(",")[0][len(prefix) :] not in ("10x3", "11x3", "12x3")]
+    nan_rows = [f"{prefix}13x3,NA,{by_id['13x3'].split(',')[2]},45.0", f"{prefix}14x3,100.0,inf,45.0"]
+    kept = [row for row in kept if row.split(",")[0][len(prefix) :] not in ("13x3", "14x3")] + nan_rows
+    kept += [by_id["15x3"], f"{prefix}40x40,10.0,10.0,45.0", f"{prefix}41x40,20.0,10.0,45.0"]
+    coords.write_text(header + "\n" + "\n".join(kept) + "\n")
+    count_lines = counts.read_text().splitlines()
+    counts.write_text("\n".join([*count_lines, count_lines[5]]) + "\n")  # one spot's row twice
+
+    slide = _read(files, assay="st")
+    assert slide.dropped_spots == {
+        SpotDrop.DUPLICATE_BARCODE: 2,  # the repeated count row and the repeated coord row
+        SpotDrop.NOT_IN_POSITIONS: 3,  # count rows of 10x3, 11x3, 12x3: no coord row
+        SpotDrop.NOT_IN_MATRIX: 2,  # coord rows 40x40 and 41x40: no count row
+        SpotDrop.NAN_COORDINATES: 2,  # 13x3 and 14x3
+    }
+    assert len(slide.spots) == 30 - 3 - 2
+    assert not {"10x3", "13x3", "14x3", "40x40"} & set(slide.spots.barcode.tolist())
+    assert slide.qc[0].value == 3

@@ -60,6 +60,7 @@ from stcorpus.curate.build.workdir import (
 )
 from stcorpus.curate.errors import FetchError, SlideError
 from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
+from stcorpus.curate.imaging import ImageSettings
 from stcorpus.curate.qc import QCSettings
 from stcorpus.curate.tiles import TileSettings
 from stcorpus.schema import sample_key
@@ -69,9 +70,10 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.geometry import Neighbors
     from stcorpus.curate.manifest import Sample
     from stcorpus.curate.slide import Slide
-    from stcorpus.curate.tiles import Neighbors, TileResult
+    from stcorpus.curate.tiles import TileResult
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class UnitSettings:
     tiles: TileSettings = field(default_factory=TileSettings)
     qc: QCSettings = field(default_factory=QCSettings)
     genes: GeneSettings = field(default_factory=GeneSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
 
     def digest(self) -> str:
         """A digest of the content-relevant settings and the tool version."""
@@ -107,6 +110,7 @@ class UnitSettings:
                 "tiles": self.tiles.to_dict(),
                 "qc": asdict(self.qc),
                 "genes": asdict(self.genes),
+                "images": asdict(self.images),
                 "version": __version__,
                 "unit_revision": UNIT_REVISION,
             }
@@ -358,7 +362,7 @@ def _build(
     from stcorpus.curate.readers import read_slide
 
     where.enter("reading", [f"{name}={files[name]}" for name in sorted(files)])
-    slide = read_slide(sample, files)
+    slide = read_slide(sample, files, images=settings.images)
     try:
         # What was read is recorded before any check, so a quarantined slide keeps its numbers.
         result.dropped_spots = {str(reason): int(n) for reason, n in sorted(slide.dropped_spots.items()) if n}
@@ -440,7 +444,7 @@ def choose_sites(slide: Slide, counts: sp.csr_matrix, *, rejected: Counter[str])
 
 def neighbours(slide: Slide, sites: Sites) -> Niche:
     """The in-tissue lattice neighbours of every site among the sites, and their summed counts."""
-    from stcorpus.curate.tiles import lattice_neighbors
+    from stcorpus.curate.geometry import lattice_neighbors
 
     adjacency: Neighbors = lattice_neighbors(
         slide.spots.array_row[sites.spots], slide.spots.array_col[sites.spots], lattice=slide.lattice

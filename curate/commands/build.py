@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``curate build``."""
     from stcorpus.curate.build.pack import PackSettings
     from stcorpus.curate.build.splits import SplitSettings
+    from stcorpus.curate.imaging import DEFAULT_MAX_PIXELS
     from stcorpus.curate.tiles import TileSettings
 
     tiles, pack, splits = TileSettings(), PackSettings(), SplitSettings()
@@ -145,6 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fewest of a slide's features that must map to genes (default {genes.min_mapped_fraction:g})",
     )
 
+    group = parser.add_argument_group("images")
+    group.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="largest image decoded at once (a PNG/JPEG whole, one tile or strip of a TIFF), in pixels; larger ones "
+        f"are refused before decoding as image_too_large (default {DEFAULT_MAX_PIXELS:_}, 1.5 GiB as RGB)",
+    )
+
     group = parser.add_argument_group("shards")
     group.add_argument(
         "--order", choices=("shuffled", "slide"), default=pack.order, help="sample order (default shuffled)"
@@ -191,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from stcorpus.curate.build.splits import SplitSettings
     from stcorpus.curate.build.unit import GeneSettings, UnitSettings
     from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.imaging import ImageSettings
     from stcorpus.curate.qc import QCSettings
     from stcorpus.curate.tiles import TileSettings
 
@@ -217,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         on_bad_sample=args.on_bad_sample,
         selection=selection_from(args),
-        unit=UnitSettings(tiles=tiles, qc=qc, genes=genes),
+        unit=UnitSettings(tiles=tiles, qc=qc, genes=genes, images=ImageSettings(max_pixels=args.max_image_pixels)),
         splits=SplitSettings(
             train=train, validation=validation, test=test, seed=args.seed, holdout=args.holdout_policy
         ),

@@ -3,11 +3,13 @@
 Dispatch is by the manifest's declared ``technology`` through ``READERS``, never by guessing
 from file names. A reader is a keyword-only function::
 
-    read(*, sample: Sample, files: Mapping[str, Path]) -> Slide
+    read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings) -> Slide
 
 ``files`` maps the sample's source names to local paths (a file, or the folder an archive was
 unpacked into). Each reader declares the source names it accepts and the ``reader:`` options
 it understands, so ``curate validate`` can check a manifest without downloading anything.
+``images`` (``ImageSettings``: the pixel budget of images decoded whole) is the build's, the
+same for every reader.
 
 Reader modules are imported only when a reader is used (they pull in h5py, anndata, ...).
 """
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 from stcorpus.curate.errors import NoReaderError
 
 if TYPE_CHECKING:
+    from stcorpus.curate.imaging import ImageSettings
     from stcorpus.curate.manifest import Sample
     from stcorpus.curate.slide import Slide
 
@@ -90,11 +93,21 @@ READERS: dict[str, ReaderSpec] = {
             technology="stimage",
             module="stimage",
             required_any=(frozenset({"counts", "coords", "image"}),),
-            options={"spot_diameter_um": float},
+            options={"spot_diameter_um": float, "bin_size_um": float},
             doc=(
                 "An STimage-1K4M slide. Sources: counts (<slide>_count.csv), coords (<slide>_coord.csv), "
                 "image (<slide>.png). Options: spot_diameter_um (float; default 55.0 Visium, 100.0 ST) turns "
-                "the coord file's radius r into um/px."
+                "the coord file's radius r into um/px; bin_size_um (float) the bin side of a Visium HD slide."
+            ),
+        ),
+        ReaderSpec(
+            technology="st",
+            module="st",
+            required_any=(frozenset({"counts", "spots", "image"}),),
+            doc=(
+                "Legacy Spatial Transcriptomics. Sources: counts (spots x genes TSV[.gz], rows keyed '<x>x<y>'), "
+                "spots (spot file: x y new_x new_y pixel_x pixel_y selected), image (the full-resolution H&E). "
+                "um/px is fitted from pixel_x/pixel_y against new_x/new_y at 200 um per array unit."
             ),
         ),
     )
@@ -140,9 +153,14 @@ def check_sample(sample: Sample) -> list[str]:
     return problems
 
 
-def read_slide(sample: Sample, files: Mapping[str, Path]) -> Slide:
-    """Read ``sample`` from its fetched ``files`` with the reader of its technology."""
-    return get_reader(sample.technology).load()(sample=sample, files=files)
+def read_slide(sample: Sample, files: Mapping[str, Path], *, images: ImageSettings | None = None) -> Slide:
+    """Read ``sample`` from its fetched ``files`` with the reader of its technology.
+
+    ``images`` bounds what may be decoded at once (default: ``ImageSettings()``).
+    """
+    from stcorpus.curate.imaging import ImageSettings
+
+    return get_reader(sample.technology).load()(sample=sample, files=files, images=images or ImageSettings())
 
 
 __all__ = ["READERS", "ReaderSpec", "check_sample", "get_reader", "read_slide"]

@@ -1,10 +1,14 @@
-"""What every reader does the same way: counts dtypes, feature names, files, geometry by assay."""
+"""What every reader does the same way: counts dtypes, feature names, files."""
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -12,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, NonIntegerCountsError, SourceMissingError
-from stcorpus.curate.slide import LATTICE_KIND, LATTICE_PITCH_UM, Lattice
+from stcorpus.curate.qc import match_barcodes
+from stcorpus.curate.slide import QCCheck, SpotDrop
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -71,16 +76,16 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
             f"{source.name}: count matrix has dtype {data.dtype}, expected numbers", slide_id=sample.id
         )
     finite = np.isfinite(data)
-    whole = finite & (data == np.round(data))
-    if whole.all() and (not data.size or (data.min() >= 0 and data.max() <= _INT32_MAX)):
+    good = finite & (data == np.round(data)) & (data >= 0) & (data <= _INT32_MAX)
+    if good.all():
         if data.size:
             notes.append(f"counts stored as {data.dtype} are whole numbers: cast to int32 losslessly")
         return sp.csr_matrix((data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
     if sample.counts == "normalized":
         notes.append(f"counts are not integers (declared `counts: normalized`): kept as float32 from {data.dtype}")
         return sp.csr_matrix((data.astype(np.float32), csr.indices, csr.indptr), shape=csr.shape)
-    bad = data[~whole]
-    example = float(bad[0]) if bad.size else float("nan")
+    bad = data[~good]
+    example = float(bad[0])
     raise NonIntegerCountsError(
         f"{source.name}: {bad.size:,} of {data.size:,} stored values are not whole non-negative numbers "
         f"(e.g. {example:.4g}; min {float(np.nanmin(data)):.4g}, max {float(np.nanmax(data)):.4g}): this is not raw "
@@ -90,14 +95,15 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
     )
 
 
-def geometry(sample: Sample, notes: list[str]) -> tuple[Lattice, float]:
-    """Lattice kind and pitch (um) of the sample's assay."""
-    lattice = LATTICE_KIND.get(sample.assay)
-    pitch = LATTICE_PITCH_UM.get(sample.assay)
-    if lattice is None or pitch is None:
-        notes.append(f"assay {sample.assay!r} has no spot lattice on record: assuming a square lattice, 100 um pitch")
-        return "square", 100.0
-    return lattice, pitch
+#: How text tables write a missing number (R: NA; pandas: empty or NaN).
+MISSING_NUMBER: Final = frozenset({"", "na", "nan", "n/a", "null", "none"})
+
+
+def coordinate(text: str) -> float:
+    """A coordinate from a text table: NaN where the table marks it missing; ValueError if not a number."""
+    if text.strip().lower() in MISSING_NUMBER:
+        return float("nan")
+    return float(text)
 
 
 def option(sample: Sample, name: str, *, default: Any) -> Any:
@@ -157,3 +163,187 @@ def positive_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if np.isfinite(number) and number > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Joining the count table to the spot positions, counting every spot that cannot be kept
+# ---------------------------------------------------------------------------------------------
+
+IndexArray = npt.NDArray[np.intp]
+
+
+@dataclass(frozen=True)
+class SpotJoin:
+    """Which count rows a slide keeps, the position rows they pair with, and what was dropped.
+
+    ``dropped`` counts by ``SpotDrop`` reason (only reasons that occurred); the same numbers
+    are said in ``notes`` by the join.
+    """
+
+    rows: IndexArray  # count-table rows kept, in count-table order
+    position_rows: IndexArray  # the position row of each kept count row
+    check: QCCheck  # ``barcodes_with_position``
+    dropped: dict[str, int]
+
+
+def first_occurrences(ids: npt.NDArray[np.str_]) -> IndexArray:
+    """Rows of ``ids`` that are the first occurrence of their value, in order."""
+    _, first = np.unique(ids, return_index=True)
+    return np.sort(first).astype(np.intp)
+
+
+def drop_duplicates(ids: npt.NDArray[np.str_], *, what: str, dropped: dict[str, int], notes: list[str]) -> IndexArray:
+    """The rows of ``ids`` to keep (first occurrences), counting the later ones as dropped."""
+    keep = first_occurrences(ids)
+    n_duplicates = int(ids.shape[0] - keep.shape[0])
+    if n_duplicates:
+        kept = np.zeros(ids.shape[0], dtype=bool)
+        kept[keep] = True
+        example = str(ids[~kept][0])
+        count_drop(dropped, SpotDrop.DUPLICATE_BARCODE, n_duplicates)
+        notes.append(
+            f"{what}: {n_duplicates:,} row(s) repeat a spot id listed before (e.g. {example!r}): the later rows dropped"
+        )
+    return keep
+
+
+def count_drop(dropped: dict[str, int], reason: str, n: int) -> None:
+    """Add ``n`` spots dropped for ``reason`` (nothing when ``n`` is 0)."""
+    if n:
+        dropped[reason] = dropped.get(reason, 0) + int(n)
+
+
+def join_spots(
+    count_ids: npt.NDArray[np.str_],
+    position_ids: npt.NDArray[np.str_],
+    *,
+    in_tissue: npt.NDArray[np.bool_],
+    finite: npt.NDArray[np.bool_],
+    sample: Sample,
+    counts_name: str,
+    positions_name: str,
+    notes: list[str],
+) -> SpotJoin:
+    """Pair count rows with position rows by spot id, counting every spot that cannot be kept.
+
+    ``in_tissue`` and ``finite`` (whether the position's centre is a finite pixel) are per
+    position row. Dropped, by :class:`~curate.slide.SpotDrop` reason: repeated ids on either
+    side (the first row of an id is kept); count rows without a position; in-tissue positions
+    without a count row; and matched spots whose centre is NaN or infinite. Off-tissue
+    positions without a count row are not drops: a filtered matrix leaves them out. Raises
+    :class:`~curate.errors.BarcodeMismatchError` when no id matches, and
+    :class:`~curate.errors.CorruptSourceError` when no matched spot has a finite centre.
+    """
+    dropped: dict[str, int] = {}
+    count_keep = drop_duplicates(count_ids, what=counts_name, dropped=dropped, notes=notes)
+    position_keep = drop_duplicates(position_ids, what=positions_name, dropped=dropped, notes=notes)
+    matched, matched_positions, check = match_barcodes(
+        count_ids[count_keep], position_ids[position_keep], slide_id=sample.id, what=positions_name
+    )
+    rows, position_rows = count_keep[matched], position_keep[matched_positions]
+    not_in_positions = int(count_keep.shape[0] - rows.shape[0])
+    if not_in_positions:
+        count_drop(dropped, SpotDrop.NOT_IN_POSITIONS, not_in_positions)
+        notes.append(f"{not_in_positions:,} {counts_name} row(s) have no spot in {positions_name}: dropped")
+    paired = np.zeros(position_ids.shape[0], dtype=bool)
+    paired[position_rows] = True
+    unpaired = np.zeros(position_ids.shape[0], dtype=bool)
+    unpaired[position_keep] = True
+    unpaired &= ~paired & in_tissue
+    not_in_matrix = int(unpaired.sum())
+    if not_in_matrix:
+        count_drop(dropped, SpotDrop.NOT_IN_MATRIX, not_in_matrix)
+        example = str(position_ids[np.flatnonzero(unpaired)[0]])
+        notes.append(
+            f"{not_in_matrix:,} in-tissue spot(s) of {positions_name} have no row in {counts_name} "
+            f"(e.g. {example!r}): nothing to keep for them"
+        )
+    good = finite[position_rows]
+    n_bad = int((~good).sum())
+    if n_bad:
+        if not good.any():
+            raise CorruptSourceError(
+                f"{positions_name}: every one of the {n_bad:,} matched spots has a NaN or infinite centre; "
+                "the positions file is broken: fetch it again from its source",
+                slide_id=sample.id,
+            )
+        count_drop(dropped, SpotDrop.NAN_COORDINATES, n_bad)
+        example = str(position_ids[position_rows[~good][0]])
+        notes.append(f"{n_bad:,} spot(s) of {positions_name} have a NaN or infinite centre (e.g. {example!r}): dropped")
+        rows, position_rows = rows[good], position_rows[good]
+    return SpotJoin(rows=rows, position_rows=position_rows, check=check, dropped=dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spots x genes text tables (STimage CSV, legacy ST TSV)
+# ---------------------------------------------------------------------------------------------
+
+#: Text block parsed at a time; one block becomes one dense float64 chunk before going sparse.
+_BLOCK_BYTES: Final = 8 << 20
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """A text file, read through gzip when its name ends in ``.gz``."""
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open("r", encoding="utf-8", newline="")
+
+
+def read_count_table(
+    path: Path, *, delimiter: str, sample: Sample
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_], sp.csr_matrix]:
+    """Row ids, column names and the values (sparse, float64 as parsed) of a delimited table.
+
+    The first column holds the row ids and the header row the column names, with or without an
+    empty cell above the ids (R's ``write.table`` leaves it out). A ``.gz`` file is read
+    through gzip. The table is parsed in blocks (pyarrow) straight into a sparse matrix, so a
+    300 MB file never becomes a dense array.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import scipy.sparse as sp
+
+    try:
+        with open_text(path) as handle:
+            lines = csv.reader(handle, delimiter=delimiter)
+            header = next(lines, None)
+            first = next(lines, None)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
+    if header is None:
+        raise CorruptSourceError(f"{path}: the file is empty", slide_id=sample.id)
+    offset = 0 if first is not None and len(first) == len(header) + 1 else 1
+    genes = np.array([g.strip() for g in header[offset:]], dtype=np.str_)
+    if genes.shape[0] == 0:
+        raise CorruptSourceError(f"{path}: header has no gene columns", slide_id=sample.id)
+    names = ["spot", *(f"g{i}" for i in range(genes.shape[0]))]  # generated: gene names may repeat
+    types = {name: pa.float64() for name in names[1:]}
+    types["spot"] = pa.string()
+    ids: list[str] = []
+    blocks: list[sp.csr_matrix] = []
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
+        for batch in reader:
+            ids.extend(str(v) for v in batch.column(0).to_pylist())
+            dense = np.asarray(batch.drop_columns(["spot"]).to_tensor(null_to_nan=True, row_major=True))
+            blocks.append(sp.csr_matrix(dense))
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise CorruptSourceError(f"{path}: malformed counts {kind}: {exc}", slide_id=sample.id) from exc
+    if not blocks:
+        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
+    values = sp.vstack(blocks, format="csr")
+    # A delimiter at the end of every line makes a column with no name and no values: not data.
+    unnamed = genes == ""
+    if unnamed.any():
+        missing = np.bincount(values.indices[np.isnan(values.data)], minlength=values.shape[1])
+        empty = unnamed & (missing == values.shape[0])
+        if empty.any():
+            keep = np.flatnonzero(~empty)
+            values, genes = values[:, keep].tocsr(), genes[keep]
+    return np.array(ids, dtype=np.str_), genes, values

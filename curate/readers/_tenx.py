@@ -16,8 +16,6 @@ The CSC arrays are features x barcodes, which is exactly barcodes x features in 
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.readers._common import as_str_array
+from stcorpus.curate.readers._common import as_str_array, coordinate, open_text
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -157,12 +155,6 @@ def read_h5(path: Path) -> FeatureMatrix:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
-
-
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     for name in names:
         if (folder / name).is_file():
@@ -195,9 +187,9 @@ def read_mtx(folder: Path) -> FeatureMatrix:
     except (ValueError, OSError, EOFError) as exc:
         raise CorruptSourceError(f"{matrix_path}: not a readable Matrix Market file: {exc}") from exc
     counts = sp.csr_matrix(sp.coo_matrix(coo).T)
-    with _open_text(features_path) as handle:
+    with open_text(features_path) as handle:
         rows = [r for r in csv.reader(handle, delimiter="\t") if r]
-    with _open_text(barcodes_path) as handle:
+    with open_text(barcodes_path) as handle:
         barcodes = np.array([line.strip() for line in handle if line.strip()], dtype=np.str_)
     if any(len(r) < 1 for r in rows):
         raise CorruptSourceError(f"{features_path}: empty feature line")
@@ -218,7 +210,7 @@ def read_mtx(folder: Path) -> FeatureMatrix:
 
 
 def _rows(path: Path) -> Iterator[list[str]]:
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         for row in csv.reader(handle):
             if row:
                 yield [c.strip() for c in row]
@@ -254,8 +246,8 @@ def read_positions(path: Path) -> Positions:
         in_tissue = np.array([int(float(r[1])) for r in table], dtype=np.int64) != 0
         array_row = np.array([round(float(r[2])) for r in table], dtype=np.int32)
         array_col = np.array([round(float(r[3])) for r in table], dtype=np.int32)
-        pxl_row = np.array([float(r[4]) for r in table], dtype=np.float64)
-        pxl_col = np.array([float(r[5]) for r in table], dtype=np.float64)
+        pxl_row = np.array([coordinate(r[4]) for r in table], dtype=np.float64)
+        pxl_col = np.array([coordinate(r[5]) for r in table], dtype=np.float64)
     except (IndexError, ValueError) as exc:
         raise CorruptSourceError(
             f"{path}: malformed positions row ({exc}); expected {', '.join(POSITION_COLUMNS)}"

@@ -19,7 +19,7 @@ used either: HEST writes ``spot_diameter_fullres`` for a 55 um spot while Space 
 spans a 65 um spot, so the number alone is ambiguous.
 
 Counts: whole-number floats (HEST stores float32) are cast to int32 losslessly. Missing
-``array_row``/``array_col`` are derived from the pixel lattice (see ``_lattice``); missing
+``array_row``/``array_col`` are derived from the pixel lattice (``curate.geometry``); missing
 ``in_tissue`` means every spot is in tissue (HEST keeps spots under tissue); both are noted.
 """
 
@@ -33,10 +33,12 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError
-from stcorpus.curate.imaging import open_image
+from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, fit_lattice, square_bins
+from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
     as_str_array,
-    geometry,
+    count_drop,
+    drop_duplicates,
     is_ensembl,
     option,
     positive_float,
@@ -44,8 +46,7 @@ from stcorpus.curate.readers._common import (
     read_json,
     require_file,
 )
-from stcorpus.curate.readers._lattice import derive_array_coords, fit_lattice
-from stcorpus.curate.slide import Features, MppSource, Slide, Spots
+from stcorpus.curate.slide import Features, MppSource, Slide, SpotDrop, Spots
 
 if TYPE_CHECKING:
     from stcorpus.curate.manifest import Sample
@@ -66,6 +67,9 @@ META_WIDTH: Final = "fullres_px_width"
 META_HEIGHT: Final = "fullres_px_height"
 META_SPOTS: Final = "spots_under_tissue"
 GENE_EXPRESSION: Final = "Gene Expression"
+#: HEST pools the transcripts of these assays into square pseudo-spots of this side (um):
+#: ``xenium_to_pseudo_visium`` bins every transcript at ``floor(x / 100 um)``.
+PSEUDO_SPOT_UM: Final[Mapping[str, float]] = {"xenium": 100.0}
 
 
 def _column(frame: Any, names: tuple[str, ...]) -> npt.NDArray[np.str_] | None:
@@ -113,7 +117,26 @@ def _coordinates(
     )
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def _geometry(sample: Sample, meta_pitch: float | None, notes: list[str]) -> Geometry:
+    """The assay's geometry, with the metadata's ``inter_spot_dist`` as pitch where it states one."""
+    pseudo = PSEUDO_SPOT_UM.get(sample.assay)
+    if pseudo is not None:
+        side = meta_pitch if meta_pitch is not None else pseudo
+        notes.append(f"HEST pools {sample.assay} transcripts into square pseudo-spots: {side:g} um bins")
+        return square_bins(side)
+    geometry = assay_geometry(
+        sample.assay,
+        pitch_um=meta_pitch,
+        slide_id=sample.id,
+        pitch_hint=f"name the sample's `metadata` source (metadata/<id>.json, whose {META_PITCH} states it)",
+    )
+    default = GEOMETRIES[sample.assay].pitch_um
+    if meta_pitch is not None and default is not None and abs(meta_pitch - default) > 1e-6:
+        notes.append(f"metadata {META_PITCH}={meta_pitch:g} um used as the lattice pitch (assay default {default:g})")
+    return geometry
+
+
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read a HEST-1k sample into a :class:`Slide` (see the module docstring)."""
     import anndata
     import scipy.sparse as sp
@@ -141,35 +164,50 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         features = Features(ids=features.ids[keep], names=features.names[keep])
     counts = raw_counts(counts, sample=sample, source=st_path, notes=notes)
 
+    # Spots: one per obs name with a finite centre; the others are counted as dropped.
+    dropped_spots: dict[str, int] = {}
     barcodes = as_str_array(adata.obs_names.to_numpy())
+    rows = drop_duplicates(barcodes, what=f"{st_path.name} obs names", dropped=dropped_spots, notes=notes)
     key = str(option(sample, "spatial_key", default=SPATIAL_KEY))
     x, y = _coordinates(adata, key, path=st_path, sample=sample)
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise CorruptSourceError(f"{st_path.name}: {int((~np.isfinite(x + y)).sum())} spots have no coordinates")
-    obs = adata.obs
+    finite = np.isfinite(x[rows]) & np.isfinite(y[rows])
+    if not finite.all():
+        if not finite.any():
+            raise CorruptSourceError(
+                f"{st_path.name}: every spot's centre is NaN or infinite (obsm[{key!r}]); the file is broken: fetch "
+                "it again, or name the obsm entry holding the coordinates with the reader option `spatial_key`",
+                slide_id=sample.id,
+            )
+        count_drop(dropped_spots, SpotDrop.NAN_COORDINATES, int((~finite).sum()))
+        notes.append(
+            f"{int((~finite).sum()):,} spot(s) of {st_path.name} have a NaN or infinite centre "
+            f"(e.g. {str(barcodes[rows][~finite][0])!r}): dropped"
+        )
+        rows = rows[finite]
+    if rows.shape[0] != barcodes.shape[0]:
+        counts, barcodes, x, y = counts[rows], barcodes[rows], x[rows], y[rows]
+    obs = adata.obs.iloc[rows]
     if OBS_IN_TISSUE in obs.columns:
         in_tissue = obs[OBS_IN_TISSUE].to_numpy().astype(np.int64) != 0
     else:
         in_tissue = np.ones(barcodes.shape[0], dtype=bool)
         notes.append(f"obs has no {OBS_IN_TISSUE}: every spot taken as in tissue")
 
-    lattice, pitch = geometry(sample, notes)
-    meta_pitch = positive_float(metadata.get(META_PITCH))
-    if meta_pitch is not None and abs(meta_pitch - pitch) > 1e-6:
-        notes.append(f"metadata {META_PITCH}={meta_pitch:g} um used as the lattice pitch (assay default {pitch:g})")
-        pitch = meta_pitch
+    geometry = _geometry(sample, positive_float(metadata.get(META_PITCH)), notes)
     meta_mpp = positive_float(metadata.get(META_MPP))
     known_mpp = sample.mpp if sample.mpp is not None else meta_mpp
     if OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns:
         array_row = np.rint(obs[OBS_ARRAY_ROW].to_numpy(dtype=np.float64)).astype(np.int32)
         array_col = np.rint(obs[OBS_ARRAY_COL].to_numpy(dtype=np.float64)).astype(np.int32)
-    else:
-        hint = pitch / known_mpp if known_mpp is not None else None
-        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=hint)
+    elif geometry.is_lattice:
+        lattice, pitch = geometry.lattice_and_pitch()
+        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / known_mpp if known_mpp else None)
         array_row, array_col = derived.row, derived.col
         notes.append(f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: " + derived.describe())
+    else:  # cell-level sites have no array coordinates
+        array_row = array_col = np.zeros(barcodes.shape[0], dtype=np.int32)
 
-    image = open_image(wsi_path)
+    image = open_image(wsi_path, max_pixels=images.max_pixels)
     width, height = positive_float(metadata.get(META_WIDTH)), positive_float(metadata.get(META_HEIGHT))
     if width is not None and height is not None and (round(width), round(height)) != (image.width, image.height):
         notes.append(
@@ -185,7 +223,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     elif meta_mpp is not None:
         mpp, mpp_source = meta_mpp, "metadata"
     else:
-        fit = fit_lattice(x, y, array_row, array_col, lattice=lattice, pitch_um=pitch)
+        fit = fit_lattice(x, y, array_row, array_col, lattice=geometry.kind, pitch_um=geometry.pitch_um)
         if fit is None:
             image.close()
             raise CorruptSourceError(
@@ -194,7 +232,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
                 slide_id=sample.id,
             )
         mpp, mpp_source = fit.mpp, "lattice"
-        notes.append(f"no {META_MPP}: um/px {fit.mpp:.4f} fitted from {fit.n_inliers} spots on the {lattice} lattice")
+        notes.append(f"no {META_MPP}: um/px {fit.mpp:.4f} fitted from {fit.n_inliers} spots ({geometry.describe()})")
 
     return Slide(
         sample=sample,
@@ -211,8 +249,8 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         image=image,
         mpp=mpp,
         mpp_source=mpp_source,
-        lattice=lattice,
-        pitch_um=pitch,
+        geometry=geometry,
         notes=notes,
         dropped_features=dropped,
+        dropped_spots=dropped_spots,
     )

@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.imaging import PIL_SUFFIXES, TIFF_SUFFIXES, SlideImage, open_image
-from stcorpus.curate.qc import image_blank_reason, match_barcodes
+from stcorpus.curate.geometry import Geometry, assay_geometry, fit_lattice, square_bins
+from stcorpus.curate.imaging import DEFAULT_IMAGES, PIL_SUFFIXES, TIFF_SUFFIXES, ImageSettings, SlideImage, open_image
+from stcorpus.curate.qc import image_blank_reason
 from stcorpus.curate.readers import _tenx
 from stcorpus.curate.readers._common import (
-    geometry,
+    join_spots,
     option,
     positive_float,
     raw_counts,
@@ -52,8 +53,7 @@ from stcorpus.curate.readers._common import (
     require_file,
     single_file_in,
 )
-from stcorpus.curate.readers._lattice import fit_lattice
-from stcorpus.curate.slide import Features, Lattice, MppSource, Slide, Spots
+from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
     from stcorpus.curate.manifest import Sample
@@ -181,7 +181,12 @@ def _full_resolution_image(path: Path, *, sample: Sample) -> Path:
 
 
 def _fallback_image(
-    spatial: Path | None, scalefactors: Mapping[str, object], notes: list[str], *, sample: Sample
+    spatial: Path | None,
+    scalefactors: Mapping[str, object],
+    notes: list[str],
+    *,
+    sample: Sample,
+    images: ImageSettings,
 ) -> tuple[SlideImage, float]:
     """Space Ranger's hires PNG, else lowres PNG, skipping a blank one; with its scale factor."""
     tried: list[str] = []
@@ -194,7 +199,7 @@ def _fallback_image(
         if scale is None:
             tried.append(f"{name}: no {key} in {SCALEFACTORS_FILE}")
             continue
-        image = open_image(path)
+        image = open_image(path, max_pixels=images.max_pixels)
         blank = image_blank_reason(image)
         if blank is not None:
             image.close()
@@ -213,7 +218,7 @@ def _fallback_image(
     )
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read a Space Ranger output into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     kind = str(option(sample, "matrix", default="filtered"))
@@ -274,20 +279,31 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         f"matrix {matrix_path.name} ({matrix.layout}): {counts.shape[0]:,} barcodes x {counts.shape[1]:,} features"
     )
 
-    # Positions: keep every matrix barcode that has one.
+    # Positions: keep every matrix barcode that has one with a finite centre; count the others.
     positions = _tenx.read_positions(positions_path)
-    rows, position_rows, barcode_check = match_barcodes(
-        matrix.barcodes, positions.barcode, slide_id=sample.id, what=positions_path.name
+    join = join_spots(
+        matrix.barcodes,
+        positions.barcode,
+        in_tissue=positions.in_tissue,
+        finite=np.isfinite(positions.pxl_col) & np.isfinite(positions.pxl_row),
+        sample=sample,
+        counts_name=matrix_path.name,
+        positions_name=positions_path.name,
+        notes=notes,
     )
+    rows, position_rows = join.rows, join.position_rows
     counts = raw_counts(counts[rows], sample=sample, source=matrix_path, notes=notes)
     scalefactors = read_json(scalefactors_path, sample=sample)
 
     # Image: the named full-resolution image, else a downscaled PNG when allowed.
     if "image" in files:
-        image = open_image(_full_resolution_image(require_file(files, "image", sample=sample), sample=sample))
+        image = open_image(
+            _full_resolution_image(require_file(files, "image", sample=sample), sample=sample),
+            max_pixels=images.max_pixels,
+        )
         scale = 1.0
     elif fallback_allowed:
-        image, scale = _fallback_image(spatial, scalefactors, notes, sample=sample)
+        image, scale = _fallback_image(spatial, scalefactors, notes, sample=sample, images=images)
     else:
         raise SourceMissingError(
             f"{sample.describe()}: no full-resolution image: name it as the `image` source, or allow Space Ranger's "
@@ -296,12 +312,16 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         )
 
     bin_size = positive_float(scalefactors.get(BIN_SIZE))
-    lattice: Lattice
+    geometry: Geometry
     if bin_size is not None:  # Visium HD binned outputs: square bins, one bin apart
-        lattice, pitch = "square", bin_size
+        geometry = square_bins(bin_size)
         notes.append(f"{BIN_SIZE}={bin_size:g}: square lattice of {bin_size:g} um bins")
     else:
-        lattice, pitch = geometry(sample, notes)
+        geometry = assay_geometry(
+            sample.assay,
+            slide_id=sample.id,
+            pitch_hint=f"name the binned output (square_<size>um/) whose {SCALEFACTORS_FILE} states {BIN_SIZE}",
+        )
     pxl_x = positions.pxl_col[position_rows]
     pxl_y = positions.pxl_row[position_rows]
     array_row = positions.array_row[position_rows]
@@ -322,8 +342,8 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             positions.pxl_row,
             positions.array_row,
             positions.array_col,
-            lattice=lattice,
-            pitch_um=pitch,
+            lattice=geometry.kind,
+            pitch_um=geometry.pitch_um,
         )
         if fit is None:
             raise CorruptSourceError(
@@ -350,9 +370,9 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
         image=image,
         mpp=full_mpp / scale,
         mpp_source=mpp_source,
-        lattice=lattice,
-        pitch_um=pitch,
-        qc=[barcode_check],
+        geometry=geometry,
+        qc=[join.check],
         notes=notes,
         dropped_features=dropped,
+        dropped_spots=join.dropped,
     )

@@ -21,7 +21,7 @@ the coord file name without ``_coord.csv``). um/px = spot diameter (55 um Visium
 another way -- e.g. ``65.0`` if a study's ``r`` is half Space Ranger's ``spot_diameter_fullres``
 (a theoretical 65 um spot); QC's lattice check shows such a study as a ~15% disagreement. ST array coordinates
 come from the ``<x>x<y>`` ids (rounded to the nearest lattice site); Visium slides carry no
-array coordinates, so they are derived from the pixel lattice (``_lattice``: neighbours exact,
+array coordinates, so they are derived from the pixel lattice (``curate.geometry``: neighbours exact,
 origin and orientation arbitrary), which is all the neighbour features need. STimage lists
 only the spots it kept, with no tissue flag: every spot is taken as in tissue. Counts are
 parsed in blocks (pyarrow) straight into a sparse matrix, so a 300 MB CSV never becomes a
@@ -40,15 +40,12 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
-from stcorpus.curate.imaging import open_image
-from stcorpus.curate.qc import match_barcodes
-from stcorpus.curate.readers._common import geometry, option, raw_counts, require_file
-from stcorpus.curate.readers._lattice import derive_array_coords
-from stcorpus.curate.slide import SPOT_DIAMETER_UM, Features, MppSource, Slide, Spots
+from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
+from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
+from stcorpus.curate.readers._common import coordinate, join_spots, option, raw_counts, read_count_table, require_file
+from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
-    import scipy.sparse as sp
-
     from stcorpus.curate.manifest import Sample
 
 # --- STimage-1K4M's literal names ----------------------------------------------------------
@@ -58,44 +55,6 @@ X_COLUMN: Final = "xaxis"
 Y_COLUMN: Final = "yaxis"
 RADIUS_COLUMN: Final = "r"
 ST_SPOT_ID: Final = re.compile(r"^(\d+(?:\.\d+)?)x(\d+(?:\.\d+)?)$")
-#: Text block parsed at a time; one block becomes one dense float64 chunk before going sparse.
-_BLOCK_BYTES: Final = 8 << 20
-
-
-def _read_counts(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_], sp.csr_matrix]:
-    """Spot ids, gene symbols and the counts (sparse, float64 as parsed) of a ``_count.csv``."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import scipy.sparse as sp
-
-    try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, StopIteration) as exc:
-        raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
-    genes = np.array([g.strip() for g in header[1:]], dtype=np.str_)
-    if genes.shape[0] == 0:
-        raise CorruptSourceError(f"{path}: header has no gene columns", slide_id=sample.id)
-    names = ["spot", *(f"g{i}" for i in range(genes.shape[0]))]  # generated: gene names may repeat
-    types = {name: pa.float64() for name in names[1:]}
-    types["spot"] = pa.string()
-    ids: list[str] = []
-    blocks: list[sp.csr_matrix] = []
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK_BYTES),
-            convert_options=pacsv.ConvertOptions(column_types=types),
-        )
-        for batch in reader:
-            ids.extend(str(v) for v in batch.column(0).to_pylist())
-            dense = np.asarray(batch.drop_columns(["spot"]).to_tensor(null_to_nan=True, row_major=True))
-            blocks.append(sp.csr_matrix(dense))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CorruptSourceError(f"{path}: malformed counts CSV: {exc}", slide_id=sample.id) from exc
-    if not blocks:
-        raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
-    return np.array(ids, dtype=np.str_), genes, sp.vstack(blocks, format="csr")
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -119,8 +78,8 @@ def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], F
     ix, iy, ir = (columns.index(c) for c in (X_COLUMN, Y_COLUMN, RADIUS_COLUMN))
     try:
         ids = np.array([r[0].strip() for r in rows[1:]], dtype=np.str_)
-        x = np.array([float(r[ix]) for r in rows[1:]], dtype=np.float64)
-        y = np.array([float(r[iy]) for r in rows[1:]], dtype=np.float64)
+        x = np.array([coordinate(r[ix]) for r in rows[1:]], dtype=np.float64)
+        y = np.array([coordinate(r[iy]) for r in rows[1:]], dtype=np.float64)
         radius = np.array([float(r[ir]) for r in rows[1:]], dtype=np.float64)
     except (IndexError, ValueError) as exc:
         raise CorruptSourceError(f"{path}: malformed row: {exc}", slide_id=sample.id) from exc
@@ -133,30 +92,60 @@ def _strip_prefix(ids: npt.NDArray[np.str_], prefix: str) -> npt.NDArray[np.str_
     return ids
 
 
-def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
+def _geometry(sample: Sample) -> Geometry:
+    """The assay's lattice; square bins of the reader option ``bin_size_um`` for Visium HD."""
+    bin_size = option(sample, "bin_size_um", default=None)
+    if bin_size is not None:
+        return square_bins(float(bin_size))
+    geometry = assay_geometry(
+        sample.assay,
+        slide_id=sample.id,
+        pitch_hint="STimage's files do not state it: set the reader option `bin_size_um` (e.g. 8.0)",
+    )
+    if not geometry.is_lattice:
+        raise UnsupportedAssayError(
+            f"{sample.describe()}: assay {sample.assay!r} is {geometry.describe()}; STimage slides are spots on a "
+            "lattice: check the sample's `assay`",
+            slide_id=sample.id,
+        )
+    return geometry
+
+
+def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
     """Read an STimage-1K4M slide into a :class:`Slide` (see the module docstring)."""
     notes: list[str] = []
     counts_path = require_file(files, "counts", sample=sample)
     coords_path = require_file(files, "coords", sample=sample)
     image_path = require_file(files, "image", sample=sample)
-    lattice, pitch = geometry(sample, notes)
+    geometry = _geometry(sample)
     diameter_option = option(sample, "spot_diameter_um", default=None)
-    diameter_um = float(diameter_option) if diameter_option is not None else SPOT_DIAMETER_UM.get(sample.assay)
+    diameter_um = float(diameter_option) if diameter_option is not None else geometry.spot_diameter_um
     if diameter_um is None and sample.mpp is None:
+        known = sorted(key for key, g in GEOMETRIES.items() if g.spot_diameter_um is not None)
         raise UnsupportedAssayError(
             f"{sample.describe()}: assay {sample.assay!r} has no spot diameter on record, so um/px cannot be taken "
-            f"from the spot radius (known: {', '.join(sorted(SPOT_DIAMETER_UM))}); set the sample's `mpp`",
+            f"from the spot radius (known: {', '.join(known)}); set the sample's `mpp` or the reader option "
+            "`spot_diameter_um`",
             slide_id=sample.id,
         )
 
-    count_ids, genes, counts = _read_counts(counts_path, sample=sample)
+    count_ids, genes, counts = read_count_table(counts_path, delimiter=",", sample=sample)
     coord_ids, x, y, radius = _read_coords(coords_path, sample=sample)
     slide_name = coords_path.name[: -len(COORD_SUFFIX)] if coords_path.name.endswith(COORD_SUFFIX) else ""
     prefix = f"{slide_name}_" if slide_name else ""
     count_barcodes, coord_barcodes = _strip_prefix(count_ids, prefix), _strip_prefix(coord_ids, prefix)
-    rows, coord_rows, barcode_check = match_barcodes(
-        count_barcodes, coord_barcodes, slide_id=sample.id, what=coords_path.name
+    # STimage lists only the spots it kept: every coord row is in tissue.
+    join = join_spots(
+        count_barcodes,
+        coord_barcodes,
+        in_tissue=np.ones(coord_barcodes.shape[0], dtype=bool),
+        finite=np.isfinite(x) & np.isfinite(y),
+        sample=sample,
+        counts_name=counts_path.name,
+        positions_name=coords_path.name,
+        notes=notes,
     )
+    rows, coord_rows = join.rows, join.position_rows
     counts = raw_counts(counts[rows], sample=sample, source=counts_path, notes=notes)
     barcodes = count_barcodes[rows]
     x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
@@ -181,6 +170,7 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
     else:
         if sample.assay == "st":
             notes.append("ST spot ids are not all '<x>x<y>'")
+        lattice, pitch = geometry.lattice_and_pitch()
         derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / mpp)
         array_row, array_col = derived.row, derived.col
         notes.append(derived.describe())
@@ -198,11 +188,11 @@ def read(*, sample: Sample, files: Mapping[str, Path]) -> Slide:
             x_px=x,
             y_px=y,
         ),
-        image=open_image(image_path),
+        image=open_image(image_path, max_pixels=images.max_pixels),
         mpp=mpp,
         mpp_source=mpp_source,
-        lattice=lattice,
-        pitch_um=pitch,
-        qc=[barcode_check],
+        geometry=geometry,
+        qc=[join.check],
         notes=notes,
+        dropped_spots=join.dropped,
     )

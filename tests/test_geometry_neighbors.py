@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from stcorpus.curate.errors import CorruptSourceError
-from stcorpus.curate.tiles import lattice_neighbors
+from stcorpus.curate.geometry import lattice_neighbors
 from tests.conftest import HEART
 
 
