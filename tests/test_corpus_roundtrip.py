@@ -44,7 +44,7 @@ def read_all(location: Path, **settings: object) -> list[dict]:
     }
     options.update(settings)
     dataset = CorpusDataset(str(location), LoaderSettings.from_dict(options))
-    return list(iter(dataset))
+    return [dataset.finish(batch) for batch in dataset]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "wds"])
