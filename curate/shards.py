@@ -139,21 +139,28 @@ def encode_expr(
 ) -> bytes:
     """The ``expr.npz`` member: four arrays in a zip with a fixed timestamp.
 
-    Each array is stored in its ``dtypes`` dtype (default: int32, schema 1's choice); a value that
-    does not fit is a ValueError, never a silent wrap.
+    Each array is stored in its ``dtypes`` dtype (None: as given); a value that does not fit is a
+    ValueError, never a silent wrap.
     """
-    dtypes = dtypes or schema.TarDtypes()
     method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
     buffer = io.BytesIO()
+    wanted = (dtypes.genes, dtypes.counts, dtypes.genes, dtypes.niche_counts) if dtypes is not None else (None,) * 4
     with zipfile.ZipFile(buffer, "w", compression=method) as archive:
-        for name, array, dtype in (
-            (schema.Expr.GENES.value, genes, dtypes.genes),
-            (schema.Expr.COUNTS.value, counts, dtypes.counts),
-            (schema.Expr.NICHE_GENES.value, niche_genes, dtypes.genes),
-            (schema.Expr.NICHE_COUNTS.value, niche_counts, dtypes.niche_counts),
+        for name, array, dtype in zip(
+            (
+                schema.Expr.GENES.value,
+                schema.Expr.COUNTS.value,
+                schema.Expr.NICHE_GENES.value,
+                schema.Expr.NICHE_COUNTS.value,
+            ),
+            (genes, counts, niche_genes, niche_counts),
+            wanted,
+            strict=True,
         ):
             member = io.BytesIO()
-            stored = lossless_cast(np.ascontiguousarray(array), np.dtype(dtype))
+            stored = np.ascontiguousarray(array)
+            if dtype is not None:
+                stored = lossless_cast(stored, np.dtype(dtype))
             np.lib.format.write_array(member, stored, allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             info.compress_type = method
@@ -442,8 +449,9 @@ class ShardWriter:
     split: str
     counts_dtype: str = "int32"
     settings: ShardSettings = field(default_factory=ShardSettings)
-    #: dtypes of the ``expr.npz`` arrays (default int32: give the corpus's ``TarDtypes.smallest``).
-    tar_dtypes: schema.TarDtypes = field(default_factory=schema.TarDtypes)
+    #: dtypes of the ``expr.npz`` arrays: give the corpus's ``TarDtypes.smallest``; None stores
+    #: int32 indices and ``counts_dtype`` counts (schema 1's layout).
+    tar_dtypes: schema.TarDtypes | None = None
     #: The build generation the shards belong to (``shards.parquet`` ``generation``).
     generation: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
@@ -459,6 +467,8 @@ class ShardWriter:
             raise SettingsError(f"first_index must be >= 0, not {self.first_index}")
         if self.generation < 0:
             raise SettingsError(f"generation must be >= 0, not {self.generation}")
+        if self.tar_dtypes is None:
+            self.tar_dtypes = schema.TarDtypes(counts=self.counts_dtype, niche_counts=self.counts_dtype)
         self._index = self.first_index
         self._tar: _TarShard | None = None
         self._parquet: _ParquetShard | None = None
@@ -490,7 +500,7 @@ class ShardWriter:
     def _open(self) -> None:
         self._tar = _TarShard(
             self.root / schema.shard_path("wds", self.split, self._index),
-            dtypes=self.tar_dtypes,
+            dtypes=self.tar_dtypes or schema.TarDtypes(),
             deflate=self.settings.tar_deflate,
         )
         self._parquet = _ParquetShard(
