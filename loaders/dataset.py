@@ -624,7 +624,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         """The :class:`Finish` step of this dataset (picklable)."""
         images = None
         if self.settings.decode == "nvjpeg":
-            images = DeviceImages(self.views, decoder=self.device_decoder, policy=self.settings.on_bad_sample)
+            images = DeviceImages(self.views, decoder=self.device_decoder)
         transform = self.gene_transform if self.settings.genes.output == "sparse" else None
         return Finish(transform, images)
 

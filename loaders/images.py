@@ -337,18 +337,14 @@ class DeviceImages:
     """Decodes a batch's JPEG bytes where it is consumed, then applies the worker's augmentation.
 
     ``views`` maps each view to its ``schema.View`` (the tile size a decoded image must have);
-    ``decoder`` is :func:`nvjpeg_decoder` unless given (tests give a CPU one).
+    ``decoder`` is :func:`nvjpeg_decoder` unless given (tests give a CPU one). The workers have
+    read every JPEG's header (size and markers) under the ``on_bad_sample`` policy; a file whose
+    body still fails to decode here raises ``BadSampleError`` naming the batch.
     """
 
-    def __init__(
-        self, views: Mapping[str, schema.View], *, decoder: BatchDecoder | None = None, policy: str = "error"
-    ) -> None:
+    def __init__(self, views: Mapping[str, schema.View], *, decoder: BatchDecoder | None = None) -> None:
         self.views = dict(views)
         self.decoder = decoder
-        self.policy = policy
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
     def __call__(self, batch: MutableMapping[str, Any], device: torch.device) -> MutableMapping[str, Any]:
         """Replace ``<view>_jpeg`` (+ offsets) by decoded ``(B, 3, H, W)`` uint8 ``<view>`` on ``device``."""

@@ -738,16 +738,9 @@ def check_batch(batch: Mapping[str, Any], *, needs: Sequence[str]) -> None:
         raise BatchContractError(
             f"the batch lacks {missing} (it has {sorted(batch)}); check the loader's views/transform"
         )
-    expected = {
-        B.PATCH: torch.uint8,
-        B.REGION: torch.uint8,
-        B.POS: torch.int64,
-        B.EXPR: torch.float32,
-        B.EXPR_MASK: torch.bool,
-        B.NICHE: torch.float32,
-        B.TOKENS: torch.int64,
-        B.TOKENS_MASK: torch.bool,
-    }
+    # The dtypes of the contract (stcorpus.schema.BATCH_DTYPES) for what a training step reads.
+    checked = (B.PATCH, B.REGION, B.POS, B.EXPR, B.EXPR_MASK, B.NICHE, B.TOKENS, B.TOKENS_MASK)
+    expected = {name: getattr(torch, schema.BATCH_DTYPES[name]) for name in checked}
     sizes = {len(batch[B.KEY])} if B.KEY in batch else set()
     for name, dtype in expected.items():
         if name not in batch:
