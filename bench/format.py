@@ -351,7 +351,13 @@ def tar_parts(path: Path, n: int) -> dict[str, float]:
 
 
 def loader_run(
-    root: Path, fmt: str, *, batch: int, genes: dict[str, Any], views: Sequence[str] = ("patch", "region")
+    root: Path,
+    fmt: str,
+    *,
+    batch: int,
+    genes: dict[str, Any],
+    views: Sequence[str] = ("patch", "region"),
+    decode: str = "cpu",
 ) -> Callable[[], int]:
     """One epoch of the loader in this process (sparse output unless ``genes`` says dense), as a callable.
 
@@ -369,6 +375,7 @@ def loader_run(
             "shuffle_window": 4 * batch,
             "views": list(views),
             "genes": genes,
+            "decode": decode,
         }
     )
     dataset = CorpusDataset(root, settings)
@@ -555,7 +562,7 @@ def tar_candidates(samples: list[Any], vocab: list[str], work: Path, *, batch: i
 
 
 def measure(
-    spots: Spots, crops: Crops, vocab: list[str], work: Path, *, n: int, batch: int, repeat: int, limit: float
+    spots: Spots, crops: Crops, vocab: list[str], work: Path, *, n: int, batch: int, repeat: int
 ) -> dict[str, Any]:
     """Every figure of one profile."""
     from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
@@ -573,22 +580,40 @@ def measure(
         tar_path = next((root / "wds" / "train").glob("*.tar"))
         entry["bytes"][variant] = {"parquet": parquet_parts(pq_path, n), "wds": tar_parts(tar_path, n)}
     after = roots["after"]
-    rates = {}
-    for fmt in ("parquet", "wds"):
-        rates[fmt] = rate(r, loader_run(after, fmt, batch=b, genes={"transform": "log1p"}))
-        rates[f"{fmt} + niche"] = rate(r, loader_run(after, fmt, batch=b, genes={"transform": "log1p", "niche": True}))
-    rates["parquet, before"] = rate(r, loader_run(roots["before"], "parquet", batch=b, genes={"transform": "log1p"}))
+    # Every contender once per round, best of the rounds for each: all see the same spells of
+    # load on a shared machine, the decode limit included.
+    pairs = [(s.patch, s.region) for s in samples]
+    log1p, niche_on = {"transform": "log1p"}, {"transform": "log1p", "niche": True}
+    contenders: dict[str, Callable[[], int]] = {
+        "decode limit": lambda: decode_limit(pairs, b),
+        "parquet": loader_run(after, "parquet", batch=b, genes=log1p),
+        "parquet + niche": loader_run(after, "parquet", batch=b, genes=niche_on),
+        "wds": loader_run(after, "wds", batch=b, genes=log1p),
+        "wds + niche": loader_run(after, "wds", batch=b, genes=niche_on),
+        "parquet, before": loader_run(roots["before"], "parquet", batch=b, genes=log1p),
+        "parquet, decode: nvjpeg (bytes out)": loader_run(after, "parquet", batch=b, genes=log1p, decode="nvjpeg"),
+    }
+    for kind in ("counts", "log1p", "cp10k_log1p", "rank"):
+        contenders[f"dense in worker: {kind}"] = loader_run(
+            after, "parquet", batch=b, genes={"transform": kind, "output": "dense"}
+        )
+    contenders["dense in worker: cp10k_log1p + niche"] = loader_run(
+        after, "parquet", batch=b, genes={"transform": "cp10k_log1p", "niche": True, "output": "dense"}
+    )
+    best: dict[str, float] = {}
+    for _ in range(r):
+        for name, run in contenders.items():
+            best[name] = max(best.get(name, 0.0), rate(1, run))
+    limit = best.pop("decode limit")
+    entry["decode_limit_per_cpu_s"] = limit
+    rates = {k: v for k, v in best.items() if not k.startswith("dense")}
     entry["loader_per_cpu_s"] = rates
     entry["ratio_to_decode_limit"] = {k: v / limit for k, v in rates.items()}
+    entry["dense_in_worker_per_cpu_s"] = {
+        k.removeprefix("dense in worker: "): v for k, v in best.items() if k.startswith("dense")
+    }
     entry["transform_us_per_sample_cpu"] = transform_cost(after, batch=b, niche=False, repeat=r)
     entry["transform_us_per_sample_cpu_niche"] = transform_cost(after, batch=b, niche=True, repeat=r)
-    dense = {}
-    for kind in ("counts", "log1p", "cp10k_log1p", "rank"):
-        genes = {"transform": kind, "output": "dense"}
-        dense[kind] = rate(r, loader_run(after, "parquet", batch=b, genes=genes))
-    niche_dense = {"transform": "cp10k_log1p", "niche": True, "output": "dense"}
-    dense["cp10k_log1p + niche"] = rate(r, loader_run(after, "parquet", batch=b, genes=niche_dense))
-    entry["dense_in_worker_per_cpu_s"] = dense
     # One batch of 256 as handed over: sparse (schema 2's default) and dense (schema 1's way).
     handoff: dict[str, Any] = {}
     for name, genes in (
@@ -596,8 +621,11 @@ def measure(
         ("sparse + niche", {"transform": "cp10k_log1p", "niche": True}),
         ("dense", {"transform": "cp10k_log1p", "output": "dense"}),
         ("dense + niche", {"transform": "cp10k_log1p", "niche": True, "output": "dense"}),
+        ("JPEG bytes + sparse (decode: nvjpeg)", {"transform": "cp10k_log1p"}),
     ):
         options = {"split": "train", "batch_size": 256, "shuffle": False, "drop_last": False, "genes": genes}
+        if name.startswith("JPEG"):
+            options["decode"] = "nvjpeg"
         settings = LoaderSettings.from_dict(options)
         one = next(iter(CorpusLoader(CorpusDataset(after, settings))))
         ms, nbytes = handoff_ms(one)
@@ -665,12 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vocabulary": len(vocab),
         "profiles": {},
     }
-    pairs = [crops[k] for k in range(n)]
-    limit = rate(r, lambda: decode_limit(pairs, b))
-    results["decode_limit_per_cpu_s"] = limit
-    print(f"JPEG decode limit (both views into batch buffers): {limit:.0f} samples/CPU-s", flush=True)
     for spots in profiles:
-        entry = measure(spots, crops, vocab, work, n=n, batch=b, repeat=r, limit=limit)
+        entry = measure(spots, crops, vocab, work, n=n, batch=b, repeat=r)
         results["profiles"][spots.name] = entry
         report(spots.name, entry)
     results["load_avg_after"] = os.getloadavg()
@@ -691,11 +715,14 @@ def report(name: str, e: dict[str, Any]) -> None:
             )
     print(_table(rows, ["kB per sample", *PARTS, "total"]))
     print()
-    rows = [[k, f"{v:.0f}", f"{e['ratio_to_decode_limit'][k]:.2f}"] for k, v in e["loader_per_cpu_s"].items()]
-    print(_table(rows, ["loader (sparse out)", "samples/CPU-s", "of decode limit"]))
+    rows = [["JPEG decode limit (both views into batch buffers)", f"{e['decode_limit_per_cpu_s']:.0f}", "1.00"]]
+    rows += [[k, f"{v:.0f}", f"{e['ratio_to_decode_limit'][k]:.2f}"] for k, v in e["loader_per_cpu_s"].items()]
+    print(_table(rows, ["loader (sparse out, in-process)", "samples/CPU-s", "of decode limit"]))
     print()
     cost, cost_n = e["transform_us_per_sample_cpu"], e["transform_us_per_sample_cpu_niche"]
-    rows = [[k, f"{cost[k]:.1f}", f"{cost_n[k]:.1f}", f"{e['dense_in_worker_per_cpu_s'][k]:.0f}"] for k in cost]
+    dense = e["dense_in_worker_per_cpu_s"]
+    rows = [[k, f"{cost[k]:.1f}", f"{cost_n[k]:.1f}", f"{dense[k]:.0f}"] for k in cost]
+    rows.append(["cp10k_log1p + niche (dense in worker)", "", "", f"{dense['cp10k_log1p + niche']:.0f}"])
     print(_table(rows, ["transform", "consumer CPU us/sample", "+ niche", "dense in worker, samples/CPU-s"]))
     print()
     rows = [[k, f"{v['batch_mb']:.1f}", f"{v['ms_per_sample']:.3f}"] for k, v in e["handoff_256"].items()]

@@ -56,7 +56,7 @@ def test_views_come_from_corpus_json_and_fall_back_for_schema_1() -> None:
     assert schema.corpus_views(tiles)["region"] == schema.View("region", 300, 1.5)
     assert schema.corpus_views({}) == schema.SCHEMA1_VIEWS  # schema 1's contract: 224 px at 0.5 / 1.5
     for bad in ({"views": {"patch": {"size_px": 0, "mpp": 0.5}}}, {"views": {"thumb": {"size_px": 8, "mpp": 1}}}):
-        with pytest.raises(ValueError, match="corpus.json views"):
+        with pytest.raises(ValueError, match=r"corpus\.json views"):
             schema.corpus_views(bad)
     assert schema.views_record(schema.SCHEMA1_VIEWS) == {
         "patch": {"size_px": 224, "mpp": 0.5},
