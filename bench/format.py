@@ -86,11 +86,18 @@ class Spots:
 
 def read_c2(path: Path) -> tuple[list[str], npt.NDArray[np.int64], list[tuple[int, int]]]:
     """C2's gene symbols, its spots x genes counts and the ``<x>x<y>`` lattice keys of its rows."""
-    import pandas as pd
+    import gzip
 
-    table = pd.read_csv(path, sep="\t", index_col=0)
-    keys = [tuple(round(float(v)) for v in str(k).split("x")) for k in table.index]
-    return [str(c) for c in table.columns], table.to_numpy(dtype=np.int64), keys  # type: ignore[misc]
+    with gzip.open(path, "rt") as handle:
+        symbols = handle.readline().rstrip("\n").split("\t")[1:]
+        keys: list[tuple[int, int]] = []
+        rows = []
+        for line in handle:
+            fields = line.rstrip("\n").split("\t")
+            x, y = (round(float(v)) for v in fields[0].split("x"))
+            keys.append((x, y))
+            rows.append(np.asarray(fields[1:], dtype=np.float64).astype(np.int64))
+    return symbols, np.stack(rows), keys
 
 
 def vocabulary(symbols: Sequence[str]) -> tuple[list[str], npt.NDArray[np.int64]]:
@@ -109,7 +116,8 @@ def vocabulary(symbols: Sequence[str]) -> tuple[list[str], npt.NDArray[np.int64]
 
 def c2_profile(counts: npt.NDArray[np.int64], columns: npt.NDArray[np.int64], rc: list[tuple[int, int]]) -> Spots:
     """The real slide: symbols that map to one gene summed onto it, 4 lattice neighbours."""
-    genes_out, counts_out = [], []
+    genes_out: list[npt.NDArray[np.int32]] = []
+    counts_out: list[npt.NDArray[np.int32]] = []
     for row in counts:
         nz = np.flatnonzero((row > 0) & (columns >= 0))
         cols = columns[nz]
@@ -127,7 +135,7 @@ def synthetic_profile(
     """``n`` spots of ``depth`` genes on a hex lattice (6 neighbours), C2's frequencies and counts."""
     rng = np.random.default_rng([seed, depth])
     log_weights = np.log(frequency / frequency.sum())
-    genes = []
+    genes: list[npt.NDArray[np.int32]] = []
     for start in range(0, n, 64):
         # Gumbel top-k: ``depth`` distinct genes drawn with these weights, 64 spots at a time.
         rows = min(64, n - start)
@@ -258,7 +266,7 @@ def write_corpus(root: Path, samples: list[Any], vocab: list[str], *, variant: s
     with ShardWriter(root, split="train", settings=settings, tar_dtypes=tar_dtypes) as writer:
         writer.add_all(samples)
     write_shard_index(root, writer.shards)
-    genes = [
+    genes: list[dict[str, Any]] = [
         {"index": i, "ensembl_id": g, "symbol": None, "species": "human", "biotype": None, "panels": []}
         for i, g in enumerate(vocab)
     ]
@@ -454,7 +462,7 @@ def handoff_ms(batch: dict[str, Any]) -> tuple[float, int]:
         copies = [t.clone() for t in tensors]
         start = time.perf_counter()
         for t in copies:
-            t.share_memory_()
+            t.share_memory_()  # type: ignore[no-untyped-call]
         best = min(best, time.perf_counter() - start)
     return 1e3 * best / max(len(batch["key"]), 1), nbytes
 
