@@ -47,6 +47,7 @@ _FILTER_COLUMNS = {
     "technology": "technology",
     "assay": "assay",
     "licence": "licence",
+    "count_kind": "count_kind",
 }
 
 
@@ -67,10 +68,11 @@ class Corpus:
     def __init__(self, source: Source) -> None:
         self.source = source
         raw = self._json()
-        if raw.get("schema") != schema.SCHEMA_ID:
+        if raw.get("schema") not in schema.READABLE_SCHEMAS:
             raise SchemaVersionError(
                 f"{source.location}: corpus.json says schema {raw.get('schema')!r}; this loader reads "
-                f"{schema.SCHEMA_ID!r}: install the stcorpus version that wrote it, or rebuild the corpus"
+                f"{', '.join(schema.READABLE_SCHEMAS)}: install the stcorpus version that wrote it, "
+                "or rebuild the corpus"
             )
         self.info = raw
         self.counts_dtype: str = raw.get("counts_dtype", "int32")

@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final
@@ -61,11 +61,30 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import IterableDataset
 
+from stcorpus import schema
 from stcorpus.loaders import batch as B
 from stcorpus.loaders.corpus import Corpus, Selection
-from stcorpus.loaders.errors import BadSampleError, EmptySelectionError, ResumeError, ShardError
-from stcorpus.loaders.genes import Flat, GeneSpace, GeneTransform, load_means
-from stcorpus.loaders.images import Augment, BufferPool, JpegDecoder
+from stcorpus.loaders.errors import (
+    BadSampleError,
+    CorpusError,
+    EmptySelectionError,
+    LoaderSettingsError,
+    ResumeError,
+    ShardError,
+)
+from stcorpus.loaders.expression import ExpressionTransform
+from stcorpus.loaders.genes import GeneSpace, load_means
+from stcorpus.loaders.images import (
+    Augment,
+    AugmentParams,
+    BatchDecoder,
+    BufferPool,
+    DeviceImages,
+    JpegDecoder,
+    apply_numpy,
+    jpeg_size,
+    pack_jpegs,
+)
 from stcorpus.loaders.plan import (
     STATE_FORMAT,
     EpochPlan,
@@ -76,8 +95,8 @@ from stcorpus.loaders.plan import (
     intervals,
     iter_window_batches,
 )
-from stcorpus.loaders.read import Columns, RawSample, ShardReader, parse_npz
-from stcorpus.loaders.settings import LoaderSettings
+from stcorpus.loaders.read import Columns, RawSample, ShardReader
+from stcorpus.loaders.settings import COUNT_TRANSFORMS, LoaderSettings
 from stcorpus.loaders.shard_cache import ShardCache, ShardSource, shard_records
 from stcorpus.loaders.source import open_source
 
@@ -85,10 +104,6 @@ if TYPE_CHECKING:
     import os
 
 log = logging.getLogger(__name__)
-
-#: Extra batch entries of the rank transform on niche expression (not yet in loaders/batch.py).
-NICHE_TOKENS: Final = "niche_tokens"
-NICHE_TOKENS_MASK: Final = "niche_tokens_mask"
 
 _SKIPPED, _BAD_SHARDS, _EMPTY_BATCHES = range(3)
 _COUNTERS: Final = 3
@@ -105,30 +120,64 @@ _COUNTER_ROWS: Final = 65
 
 @dataclass
 class RawBatch:
-    """One batch of raw samples (None where a sample could not be read), in emitted order."""
+    """One batch of raw samples (None where a sample could not be read or was refused), in order."""
 
     index: int
     samples: list[RawSample | None]
 
 
 @dataclass
-class DecodedBatch:
-    """One batch after decoding: uint8 views, sparse expression, positions."""
+class ImageBatch:
+    """One batch after the image stage: the samples kept, their views decoded (or JPEG bytes)."""
 
     index: int
-    keys: list[str]
-    views: dict[str, npt.NDArray[np.uint8]]  # (B, H, W, 3) uint8
+    samples: list[RawSample]
     pos: npt.NDArray[np.int64]
-    genes: list[npt.NDArray[Any]]
-    counts: list[npt.NDArray[Any]]
-    niche_genes: list[npt.NDArray[Any]]
-    niche_counts: list[npt.NDArray[Any]]
-    n_neighbors: npt.NDArray[np.float64]
+    #: decode: cpu: (B, H, W, 3) uint8 per view.
+    views: dict[str, npt.NDArray[np.uint8]] = field(default_factory=dict)
+    #: decode: nvjpeg: (concatenated JPEG bytes, (B + 1) offsets) per view.
+    jpegs: dict[str, tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]] = field(default_factory=dict)
+    #: decode: nvjpeg: the augmentation drawn here, applied by the consumer after decoding.
+    augment: AugmentParams | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Error policy
 # ---------------------------------------------------------------------------------------------
+
+
+class RateLimitedLog:
+    """Warnings of skipped samples: the first ``burst`` one by one, then one line per ``interval_s``
+    saying how many more were skipped and the last reason (a bad shard of 10k samples must not
+    print 10k lines). One per process: each DataLoader worker reports its own."""
+
+    def __init__(self, *, burst: int = 5, interval_s: float = 30.0) -> None:
+        self.burst, self.interval_s = burst, interval_s
+        self.seen = 0
+        self.pending = 0
+        self.last_report = 0.0
+
+    def __call__(self, message: str, n: int = 1) -> None:
+        import time
+
+        self.seen += n
+        if self.seen - n < self.burst:
+            log.warning("%s", message)
+            self.last_report = time.monotonic()
+            return
+        self.pending += n
+        now = time.monotonic()
+        if now - self.last_report >= self.interval_s:
+            log.warning(
+                "skipped %d more bad samples (%d in all in this process); the last: %s",
+                self.pending,
+                self.seen,
+                message,
+            )
+            self.pending, self.last_report = 0, now
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"burst": self.burst, "interval_s": self.interval_s, "seen": 0, "pending": 0, "last_report": 0.0}
 
 
 class Handler:
@@ -137,6 +186,7 @@ class Handler:
     def __init__(self, policy: str, counters: Any) -> None:
         self.policy = policy
         self.counters = counters
+        self.warn = RateLimitedLog()
 
     def _count(self, slot: int, n: int) -> None:
         if self.counters is not None:
@@ -145,12 +195,12 @@ class Handler:
             self.counters[row * _COUNTERS + slot] += n
 
     def sample(self, exc: BadSampleError) -> None:
-        """A sample that cannot be decoded."""
+        """A sample that cannot be used."""
         if self.policy == "error":
             raise exc
         self._count(_SKIPPED, 1)
         if self.policy == "warn":
-            log.warning("skipping sample %s: %s", exc.key, exc)
+            self.warn(f"skipping sample {exc.key}: {exc}")
 
     def shard(self, exc: ShardError, path: str, lost: int) -> None:
         """A shard that cannot be read to its end: ``lost`` samples are missing."""
@@ -159,7 +209,7 @@ class Handler:
         self._count(_BAD_SHARDS, 1)
         self._count(_SKIPPED, lost)
         if self.policy == "warn":
-            log.warning("skipping %d samples of %s: %s", lost, path, exc)
+            self.warn(f"skipping {lost} samples of {path}: {exc}", lost)
 
     def empty(self, index: int) -> None:
         """A batch of which no sample could be read."""
@@ -205,22 +255,62 @@ class ReadWindows:
                 close()
 
 
-class Decode:
-    """``RawBatch`` -> ``DecodedBatch``: JPEGs into one uint8 buffer per view, expression arrays."""
+class CheckExpression:
+    """``RawBatch`` -> ``RawBatch``: a sample with a fault or unusable expression goes to the policy.
 
-    def __init__(self, *, views: Sequence[str], columns: Columns, decoder: JpegDecoder, handler: Handler) -> None:
-        self.views = tuple(views)
-        self.columns = columns
+    What the reader parsed (both formats alike) is checked here: the member faults a tar reader
+    noted, gene and count arrays present and of equal length.
+    """
+
+    def __init__(self, *, columns: Columns, handler: Handler) -> None:
+        self.columns, self.handler = columns, handler
+        self.pairs = [
+            (genes, counts)
+            for genes, counts, wanted in (
+                (schema.Expr.GENES.value, schema.Expr.COUNTS.value, columns.expression),
+                (schema.Expr.NICHE_GENES.value, schema.Expr.NICHE_COUNTS.value, columns.niche),
+            )
+            if wanted
+        ]
+
+    def __call__(self, batches: Iterator[RawBatch]) -> Iterator[RawBatch]:
+        for raw in batches:
+            yield self.check(raw)
+
+    def check(self, raw: RawBatch) -> RawBatch:
+        """The batch with refused samples set to None (and counted by the policy)."""
+        samples = raw.samples
+        for i, sample in enumerate(samples):
+            if sample is None:
+                continue  # already counted by the shard handler
+            problem = sample.fault
+            if problem is None:
+                for genes_name, counts_name in self.pairs:
+                    genes, counts = getattr(sample, genes_name), getattr(sample, counts_name)
+                    if genes is None or counts is None or len(genes) != len(counts):
+                        problem = f"{genes_name}/{counts_name} missing or of unequal length"
+                        break
+            if problem is not None:
+                self.handler.sample(BadSampleError(f"{sample.key}: {problem}", key=sample.key))
+                samples[i] = None
+        return raw
+
+
+class DecodeImages:
+    """``RawBatch`` -> ``ImageBatch`` (decode: cpu): JPEGs into one uint8 buffer per view."""
+
+    def __init__(self, *, views: Mapping[str, schema.View], decoder: JpegDecoder, handler: Handler) -> None:
+        self.views = dict(views)
         self.decoder = decoder
         self.handler = handler
-        self.pools = {view: BufferPool() for view in self.views}
+        self.pools = {name: BufferPool(view.size_px) for name, view in self.views.items()}
 
-    def __call__(self, batches: Iterator[RawBatch]) -> Iterator[DecodedBatch]:
+    def __call__(self, batches: Iterator[RawBatch]) -> Iterator[ImageBatch]:
         for raw in batches:
             yield self.decode(raw)
 
-    def decode(self, raw: RawBatch) -> DecodedBatch:
-        """Decode one batch; bad samples go to the handler and are left out."""
+    def decode(self, raw: RawBatch) -> ImageBatch:
+        """Decode one batch; undecodable images go to the handler and their samples are left out."""
         n = len(raw.samples)
         buffers = {v: self.pools[v].get(n) for v in self.views}
         slots = list(buffers.items())
@@ -228,10 +318,9 @@ class Decode:
         kept: list[RawSample] = []
         for sample in raw.samples:
             if sample is None:
-                continue  # already counted by the shard handler
+                continue
             slot = len(kept)
             try:
-                self._expression(sample)
                 for view, buffer in slots:
                     decoder(getattr(sample, view), buffer[slot], key=sample.key, view=view)
             except BadSampleError as exc:
@@ -242,116 +331,157 @@ class Decode:
         if n_kept == 0:
             handler.empty(raw.index)
         views = {view: array[:n_kept] if n_kept < n else array for view, array in buffers.items()}
-        expression, niche = self.columns.expression, self.columns.niche
-        return DecodedBatch(
-            index=raw.index,
-            keys=[s.key for s in kept],
-            views=views,
-            pos=np.fromiter([s.pos or 0 for s in kept], dtype=np.int64, count=n_kept),
-            genes=[s.genes for s in kept] if expression else [],  # type: ignore[misc]
-            counts=[s.counts for s in kept] if expression else [],  # type: ignore[misc]
-            niche_genes=[s.niche_genes for s in kept] if niche else [],  # type: ignore[misc]
-            niche_counts=[s.niche_counts for s in kept] if niche else [],  # type: ignore[misc]
-            n_neighbors=np.fromiter([s.n_neighbors or 0 for s in kept] if niche else [], dtype=np.float64),
-        )
+        pos = np.fromiter((s.pos for s in kept), dtype=np.int64, count=n_kept)
+        return ImageBatch(index=raw.index, samples=kept, pos=pos, views=views)
 
-    def _expression(self, sample: RawSample) -> None:
-        """Fill the arrays of a tar sample from its ``expr.npz`` and ``json`` members; check them."""
-        if sample.meta_blob is None and sample.expr_blob is None and sample.pos is not None:
-            # A Parquet row: only check what the columns gave (the common case, kept cheap).
-            columns = self.columns
-            if columns.expression:
-                genes, counts = sample.genes, sample.counts
-                if genes is None or counts is None or len(genes) != len(counts):
-                    raise BadSampleError(f"{sample.key}: genes/counts missing or of unequal length", key=sample.key)
-            if columns.niche:
-                genes, counts = sample.niche_genes, sample.niche_counts
-                if genes is None or counts is None or len(genes) != len(counts):
-                    raise BadSampleError(
-                        f"{sample.key}: niche_genes/niche_counts missing or of unequal length", key=sample.key
-                    )
-            return
-        if sample.meta_blob is not None:
-            import json
 
-            try:
-                meta = json.loads(sample.meta_blob)
-                sample.pos = int(meta["pos"])
-                sample.n_neighbors = int(meta.get("n_neighbors") or 0)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BadSampleError(f"{sample.key}: malformed json member: {exc}", key=sample.key) from exc
-        elif sample.pos is None:
-            raise BadSampleError(f"{sample.key}: no json member (metadata)", key=sample.key)
-        if sample.expr_blob is not None and (self.columns.expression or self.columns.niche):
-            try:
-                arrays = parse_npz(sample.expr_blob)
-                sample.genes, sample.counts = arrays["genes"], arrays["counts"]
-                sample.niche_genes, sample.niche_counts = arrays["niche_genes"], arrays["niche_counts"]
-            except (ValueError, KeyError, OSError, EOFError) as exc:
-                raise BadSampleError(f"{sample.key}: malformed expr.npz member: {exc}", key=sample.key) from exc
-        for genes_name, counts_name, wanted in (
-            ("genes", "counts", self.columns.expression),
-            ("niche_genes", "niche_counts", self.columns.niche),
-        ):
-            if not wanted:
+class PassImages:
+    """``RawBatch`` -> ``ImageBatch`` (decode: nvjpeg): each view's JPEG bytes, concatenated.
+
+    The header of every JPEG is read (a microsecond) so that an image of the wrong size or with a
+    broken header is refused here, by the policy, not on the device.
+    """
+
+    def __init__(self, *, views: Mapping[str, schema.View], handler: Handler) -> None:
+        self.views = dict(views)
+        self.handler = handler
+
+    def __call__(self, batches: Iterator[RawBatch]) -> Iterator[ImageBatch]:
+        for raw in batches:
+            yield self.pass_on(raw)
+
+    def pass_on(self, raw: RawBatch) -> ImageBatch:
+        """The batch's JPEGs as one uint8 array (+ offsets) per view."""
+        kept: list[RawSample] = []
+        for sample in raw.samples:
+            if sample is None:
                 continue
-            genes, counts = getattr(sample, genes_name), getattr(sample, counts_name)
-            if genes is None or counts is None or len(genes) != len(counts):
-                raise BadSampleError(
-                    f"{sample.key}: {genes_name}/{counts_name} missing or of unequal length", key=sample.key
-                )
+            try:
+                for name, view in self.views.items():
+                    data = getattr(sample, name)
+                    if not data:
+                        raise BadSampleError(f"{sample.key}: no {name} image in the sample", key=sample.key)
+                    size = jpeg_size(data)
+                    if size != (view.size_px, view.size_px):
+                        what = "not a readable JPEG" if size is None else f"{size[1]}x{size[0]}"
+                        raise BadSampleError(
+                            f"{sample.key}: {name} is {what}, expected {view.size_px}x{view.size_px}", key=sample.key
+                        )
+            except BadSampleError as exc:
+                self.handler.sample(exc)
+                continue
+            kept.append(sample)
+        if not kept:
+            self.handler.empty(raw.index)
+        jpegs = {name: pack_jpegs([getattr(s, name) for s in kept]) for name in self.views}
+        pos = np.fromiter((s.pos for s in kept), dtype=np.int64, count=len(kept))
+        return ImageBatch(index=raw.index, samples=kept, pos=pos, jpegs=jpegs)
 
 
 class AugmentStage:
-    """``DecodedBatch`` -> ``DecodedBatch`` with augmented views and moved ``pos``."""
+    """``ImageBatch`` -> ``ImageBatch``: seeded flips/rotations (``pos`` follows) and colour jitter.
+
+    The parameters are drawn here on both paths; decoded views are augmented here, JPEG bytes
+    (decode: nvjpeg) carry the parameters to the consumer, which applies them after decoding.
+    """
 
     def __init__(self, augment: Augment, *, epoch: int, rank: int) -> None:
         self.augment, self.epoch, self.rank = augment, epoch, rank
 
-    def __call__(self, batches: Iterator[DecodedBatch]) -> Iterator[DecodedBatch]:
+    def __call__(self, batches: Iterator[ImageBatch]) -> Iterator[ImageBatch]:
         for batch in batches:
-            if batch.keys:
-                batch.views, batch.pos = self.augment(
-                    batch.views, batch.pos, epoch=self.epoch, rank=self.rank, batch=batch.index
-                )
+            if batch.samples:
+                params = self.augment.draw(len(batch.samples), epoch=self.epoch, rank=self.rank, batch=batch.index)
+                for array in batch.views.values():
+                    apply_numpy(array, params)
+                if batch.jpegs:
+                    batch.augment = params
+                batch.pos = Augment.move_pos(batch.pos, params)
             yield batch
 
 
+def _sparse(arrays: Sequence[npt.NDArray[Any]], dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """Per-sample arrays as one ``dtype`` array and ``(B + 1)`` offsets."""
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
+    return values, offsets
+
+
 class Collate:
-    """``DecodedBatch`` -> the batch dict of ``loaders/batch.py`` (gene transform applied)."""
+    """``ImageBatch`` -> the batch dict of ``loaders/batch.py``: tensors to hand over.
 
-    def __init__(self, transform: GeneTransform | None, *, niche_average: bool) -> None:
+    Expression leaves sparse (raw counts, ``genes.output: sparse``) or, with ``dense``, already
+    through the gene transform (run here, on the CPU).
+    """
+
+    def __init__(self, transform: ExpressionTransform | None, *, counts_dtype: str, niche: bool, dense: bool) -> None:
         self.transform = transform
-        self.niche_average = niche_average
+        self.counts_dtype = np.dtype(counts_dtype)
+        self.niche = niche
+        self.dense = dense
 
-    def __call__(self, batches: Iterator[DecodedBatch]) -> Iterator[dict[str, Any]]:
+    def __call__(self, batches: Iterator[ImageBatch]) -> Iterator[dict[str, Any]]:
         for batch in batches:
             yield self.collate(batch)
 
-    def collate(self, batch: DecodedBatch) -> dict[str, Any]:
+    def collate(self, batch: ImageBatch) -> dict[str, Any]:
         """One batch dict."""
-        slide_ids = [k.partition("__")[0] for k in batch.keys]
-        out: dict[str, Any] = {B.KEY: batch.keys, B.SLIDE_ID: slide_ids}
+        keys = [s.key for s in batch.samples]
+        slide_ids = [k.partition(schema.KEY_SEPARATOR)[0] for k in keys]
+        out: dict[str, Any] = {B.KEY: keys, B.SLIDE_ID: slide_ids}
         for view, array in batch.views.items():
             out[view] = torch.from_numpy(array).permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last memory
+        for view, (data, offsets) in batch.jpegs.items():
+            out[f"{view}_jpeg"], out[f"{view}_jpeg_offsets"] = torch.from_numpy(data), torch.from_numpy(offsets)
+        if batch.augment is not None:
+            out[B.AUGMENT_ROT90] = torch.from_numpy(batch.augment.k)
+            out[B.AUGMENT_HFLIP] = torch.from_numpy(batch.augment.hflip)
+            out[B.AUGMENT_JITTER] = torch.from_numpy(batch.augment.jitter)
         out[B.POS] = torch.from_numpy(batch.pos)
         t = self.transform
         if t is None:
             return out
-        flat = Flat.of(batch.genes, batch.counts)
-        niche = Flat.of(batch.niche_genes, batch.niche_counts) if t.settings.niche else None
-        scale = np.maximum(batch.n_neighbors, 1.0) if self.niche_average else None
-        if t.kind == "rank":
-            tokens, mask = t.tokens(flat)
-            out[B.TOKENS], out[B.TOKENS_MASK] = torch.from_numpy(tokens), torch.from_numpy(mask)
-            if niche is not None:
-                tokens, mask = t.tokens(niche)
-                out[NICHE_TOKENS], out[NICHE_TOKENS_MASK] = torch.from_numpy(tokens), torch.from_numpy(mask)
-            return out
-        out[B.EXPR] = torch.from_numpy(t.dense(flat))
-        out[B.EXPR_MASK] = torch.from_numpy(t.mask(slide_ids))
-        if niche is not None:
-            out[B.NICHE] = torch.from_numpy(t.dense(niche, scale=scale))
+        samples = batch.samples
+        genes, offsets = _sparse([s.genes for s in samples], np.dtype(np.int32))  # type: ignore[misc]
+        counts, _ = _sparse([s.counts for s in samples], self.counts_dtype)  # type: ignore[misc]
+        out[B.GENES], out[B.COUNTS], out[B.OFFSETS] = map(torch.from_numpy, (genes, counts, offsets))
+        out[B.SLIDE_INDEX] = torch.from_numpy(t.slide_index(slide_ids))
+        if self.niche:
+            genes, offsets = _sparse([s.niche_genes for s in samples], np.dtype(np.int32))  # type: ignore[misc]
+            counts, _ = _sparse([s.niche_counts for s in samples], self.counts_dtype)  # type: ignore[misc]
+            out[B.NICHE_GENES], out[B.NICHE_COUNTS], out[B.NICHE_OFFSETS] = map(
+                torch.from_numpy, (genes, counts, offsets)
+            )
+            neighbours = np.fromiter((s.n_neighbors for s in samples), dtype=np.float32, count=len(samples))
+            out[B.N_NEIGHBORS] = torch.from_numpy(neighbours)
+        if self.dense:
+            t(out)
+        return out
+
+
+class Finish:
+    """What the consumer of a batch runs where it is consumed (``CorpusLoader(device=...)``).
+
+    Tensors move to ``device`` (non-blocking from pinned memory), JPEG bytes are decoded there
+    (decode: nvjpeg, with the worker's augmentation), and sparse raw counts go through the gene
+    transform there. A batch that arrives finished (``genes.output: dense``, decode: cpu) is only moved.
+    """
+
+    def __init__(self, transform: ExpressionTransform | None, images: DeviceImages | None) -> None:
+        self.transform = transform
+        self.images = images
+
+    def __call__(self, batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """The finished batch on ``device``."""
+        device = torch.device(device)
+        out: dict[str, Any] = dict(batch)
+        if self.images is not None:
+            out = dict(self.images(out, device))
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        if self.transform is not None and B.OFFSETS in out:
+            out = dict(self.transform(out))
         return out
 
 
@@ -425,14 +555,30 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             expression=g.transform != "none",
             niche=g.niche,
         )
-        self.gene_transform: GeneTransform | None = None
+        try:
+            corpus_views = schema.corpus_views(self.corpus.info)
+        except ValueError as exc:
+            raise CorpusError(f"{self.source.location}/{schema.CORPUS_FILE}: {exc}") from exc
+        missing = [v for v in settings.views if v not in corpus_views]
+        if missing:
+            raise LoaderSettingsError(
+                f"views {missing} are not in this corpus (corpus.json views: {sorted(corpus_views)}); "
+                "ask for the views it has"
+            )
+        #: The views read, with their tile size and um/px from corpus.json.
+        self.views = {v: corpus_views[v] for v in settings.views}
+        self.counts_dtype = self.corpus.counts_dtype
+        self.gene_transform: ExpressionTransform | None = None
         if g.transform != "none":
+            self._check_count_kind()
             space = GeneSpace.build(self.corpus.genes, g)
             measured = self.corpus.measured_genes()
             if self.selection.slide_ids:
                 measured = {k: v for k, v in measured.items() if k in self.selection.slide_ids}
             means = load_means(g.gene_means) if g.gene_means else None
-            self.gene_transform = GeneTransform(space, g, measured=measured, means=means)
+            self.gene_transform = ExpressionTransform(space, g, measured=measured, means=means)
+        #: Decodes JPEG bytes where batches are consumed (decode: nvjpeg); a test may set a CPU decoder.
+        self.device_decoder: BatchDecoder | None = None
         self.epoch = 0
         self._resume: ResumePoint | None = None
         self.counters: Any = multiprocessing.RawArray("q", _COUNTERS * _COUNTER_ROWS)
@@ -454,6 +600,46 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             plan.dropped,
             plan.repeated,
         )
+
+    def _check_count_kind(self) -> None:
+        """Count-based transforms refuse slides of normalized values unless the filters take them knowingly."""
+        assert self.corpus is not None
+        s = self.settings
+        if s.genes.transform not in COUNT_TRANSFORMS or "normalized" in s.filters.count_kind:
+            return
+        slides = self.corpus.select_slides(splits=s.split, filters=s.filters)
+        normalized = sorted(k for k, row in slides.items() if row.get("count_kind") == "normalized")
+        if normalized:
+            shown = ", ".join(normalized[:10]) + (f" and {len(normalized) - 10} more" if len(normalized) > 10 else "")
+            raise LoaderSettingsError(
+                f"genes.transform={s.genes.transform!r} treats values as raw counts, but {len(normalized)} selected "
+                f"slides hold normalized values (slides.parquet count_kind): {shown}. Leave them out with "
+                "filters.count_kind: [raw], take them in knowingly with filters.count_kind: [raw, normalized], "
+                "or use genes.transform: counts"
+            )
+        if slides and all(row.get("count_kind") is None for row in slides.values()):
+            log.warning(
+                "%s: slides.parquet does not say whether the slides hold raw counts (no count_kind; a schema 1 "
+                "corpus): genes.transform=%s treats them as raw",
+                self.source.location,
+                s.genes.transform,
+            )
+
+    def finish(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+        """A batch of this dataset made ready on ``device``: decoded (nvjpeg) and gene-transformed there.
+
+        ``CorpusLoader(dataset, device=...)`` calls it for every batch; call it yourself when you
+        iterate the dataset or a plain DataLoader over it.
+        """
+        return self.finisher()(batch, device)
+
+    def finisher(self) -> Finish:
+        """The :class:`Finish` step of this dataset (picklable)."""
+        images = None
+        if self.settings.decode == "nvjpeg":
+            images = DeviceImages(self.views, decoder=self.device_decoder)
+        transform = self.gene_transform if self.settings.genes.output == "sparse" else None
+        return Finish(transform, images)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -539,17 +725,32 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             # batch ids -> (window, [batch ids]) in ascending window order
             partial(window_groups, plan=plan),
             # (window, [batch ids]) -> RawBatch: each window's samples read once (read-ahead over
-            # HTTP), permuted, cut into batches; JPEG bytes and expression blobs, nothing decoded
+            # HTTP), permuted, cut into batches; JPEG bytes and expression arrays (tar members
+            # taken apart), in one shape for both formats
             ReadWindows(plan, reader, plan.windows_for(batches)),
-            # RawBatch -> DecodedBatch: JPEG -> uint8 (B,3,H,W), expression -> arrays; bad samples
-            # go to the on_bad_sample policy
-            Decode(views=s.views, columns=self.columns, decoder=JpegDecoder(s.decoder), handler=handler),
+            # RawBatch -> RawBatch: faulty members or unusable expression go to on_bad_sample
+            CheckExpression(columns=self.columns, handler=handler),
         ]
+        if s.decode == "cpu":
+            # RawBatch -> ImageBatch: JPEG -> uint8 (B,H,W,3) buffers; bad images go to on_bad_sample
+            stages.append(DecodeImages(views=self.views, decoder=JpegDecoder(s.decoder), handler=handler))
+        else:
+            # RawBatch -> ImageBatch: JPEG bytes (headers checked) for the consumer's nvJPEG decode
+            stages.append(PassImages(views=self.views, handler=handler))
         if s.augment.active():
-            # DecodedBatch -> DecodedBatch: seeded flips/rotations (pos follows) and colour jitter
+            # ImageBatch -> ImageBatch: seeded flips/rotations (pos follows) and colour jitter,
+            # applied to decoded views or carried with the JPEG bytes to the consumer
             stages.append(AugmentStage(Augment(s.augment, seed=s.seed), epoch=plan.epoch, rank=plan.rank))
-        # DecodedBatch -> dict of loaders/batch.py: gene transform, tensors
-        stages.append(Collate(self.gene_transform, niche_average=s.genes.niche_average))
+        # ImageBatch -> dict of loaders/batch.py: tensors; expression sparse (raw counts) or, with
+        # genes.output: dense, through the gene transform here
+        stages.append(
+            Collate(
+                self.gene_transform,
+                counts_dtype=self.counts_dtype,
+                niche=s.genes.niche,
+                dense=s.genes.output == "dense",
+            )
+        )
         return run_stages(iter(batches.tolist()), stages)
 
     # -- state -------------------------------------------------------------------------------
@@ -730,6 +931,11 @@ class CorpusLoader:
     Workers are started per epoch (``persistent_workers`` would keep a stale epoch and resume
     point in the workers). ``state_dict()`` at any point between batches, ``load_state_dict()``
     before iterating; see the module docstring.
+
+    ``device``: where batches are consumed. Given, every batch is finished there
+    (``CorpusDataset.finish``: moved, JPEGs decoded with decode: nvjpeg, sparse raw counts through
+    the gene transform) before it is yielded; None yields what the workers hand over (sparse
+    expression by default, ``loaders/batch.py``).
     """
 
     def __init__(
@@ -742,9 +948,12 @@ class CorpusLoader:
         timeout: float = 0.0,
         multiprocessing_context: str | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
+        self.device = torch.device(device) if device is not None else None
+        self._finish = dataset.finisher() if device is not None else None
         self.options: dict[str, Any] = {
             "num_workers": num_workers,
             "pin_memory": pin_memory,
@@ -788,9 +997,10 @@ class CorpusLoader:
         loader = DataLoader(ds, batch_size=None, collate_fn=as_is, in_order=True, **self.options)
         iterator = iter(loader)  # workers start here, with the dataset (and resume point) as it is now
         ds._resume = None
+        finish, device = self._finish, self.device
         for item in iterator:
             self._delivered += 1
-            yield item
+            yield finish(item, device) if finish is not None and device is not None else item
 
     def state_dict(self) -> dict[str, Any]:
         """The resume state: the batches delivered so far in this epoch (plus those of a loaded state)."""

@@ -1,7 +1,9 @@
-"""Gene-side transforms: sparse raw counts of a batch -> dense vectors or rank tokens.
+"""The gene space of a gene-side transform: which vocabulary gene lands in which output column.
 
-Shards store raw counts, sparse (vocabulary indices + counts). Everything here is done by the
-loader, per batch, vectorised over the batch's concatenated non-zeros:
+Shards store raw counts, sparse (vocabulary indices + counts). The transform
+(``stcorpus.loaders.expression.ExpressionTransform``) runs per batch as tensor operations over
+the batch's concatenated non-zeros, on the device that consumes the batch; this module decides
+its columns once, from ``genes.parquet``:
 
 1. **Projection** (``to_human``): a mouse gene's counts move to its one-to-one human ortholog
    (``genes.parquet`` ``human_ortholog_id``, so also onto human genes the vocabulary does not
@@ -28,9 +30,8 @@ measure is not a zero.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -60,8 +61,7 @@ class GeneSpace:
     dropped: list[str] = field(default_factory=list)  # mouse genes without a one-to-one human ortholog
     #: Vocabulary genes moved to another gene's column by the projection (mouse -> human).
     projected: npt.NDArray[np.bool_] | None = None
-    #: No two genes of the same group (projected / not) share a column: only a sample that mixes
-    #: both groups can need summing (``collide``).
+    #: No two genes of the same group (projected / not) share a column.
     injective: bool = True
 
     @property
@@ -103,18 +103,6 @@ class GeneSpace:
             projected=projected if projected.any() else None,
             injective=injective,
         )
-
-    def collide(self, row: IntArray, genes: IntArray) -> bool:
-        """True if two of a sample's genes may land on one column (then values are summed)."""
-        if not self.injective:
-            return True
-        if self.projected is None or not len(row):
-            return False
-        moved = self.projected[genes]
-        n = int(row.max()) + 1
-        count = np.bincount(row, minlength=n)
-        moved_count = np.bincount(row, weights=moved, minlength=n)
-        return bool(np.any((moved_count > 0) & (moved_count < count)))
 
 
 def _unique(values: list[str | None]) -> list[str]:
@@ -166,165 +154,6 @@ def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str], target: l
     if len(set(out)) != len(out):
         raise LoaderSettingsError("genes.genes names a gene twice (after the projection to human)")
     return out
-
-
-@dataclass
-class Flat:
-    """A batch of sparse vectors, concatenated: sample ``row[i]`` has ``values[i]`` at ``genes[i]``."""
-
-    row: IntArray
-    genes: IntArray
-    values: npt.NDArray[np.float64]
-    n: int
-
-    @classmethod
-    def of(cls, genes: Sequence[npt.NDArray[Any]], values: Sequence[npt.NDArray[Any]]) -> Flat:
-        """Concatenate per-sample ``genes``/``values``."""
-        lengths = np.fromiter(map(len, genes), dtype=np.int64, count=len(genes))
-        if len(genes) == 0 or lengths.sum() == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return cls(empty, empty, np.zeros(0), len(genes))
-        return cls(
-            row=np.repeat(np.arange(len(genes), dtype=np.int64), lengths),
-            genes=np.concatenate(genes).astype(np.int64, copy=False),
-            values=np.concatenate(values).astype(np.float64, copy=False),
-            n=len(genes),
-        )
-
-
-class GeneTransform:
-    """Turns sparse raw counts of a batch into the batch's ``expr`` (+ mask) or ``tokens``."""
-
-    def __init__(
-        self,
-        space: GeneSpace,
-        settings: GeneSettings,
-        *,
-        measured: Mapping[str, IntArray],
-        means: npt.NDArray[np.floating[Any]] | None = None,
-    ) -> None:
-        self.space = space
-        self.settings = settings
-        self.kind = settings.transform
-        self.measured = measured
-        self._masks: dict[str, npt.NDArray[np.bool_]] = {}
-        self._mask_rows: dict[str, int] = {}  # slide -> its row of _mask_table
-        self._mask_table: npt.NDArray[np.bool_] | None = None
-        self.means: npt.NDArray[np.float64] | None = None
-        if means is not None:
-            means = np.asarray(means, dtype=np.float64)
-            if len(means) == len(space.lut) and len(means) != space.size:
-                if (space.indices < 0).any():
-                    raise LoaderSettingsError(
-                        "gene means over the vocabulary cannot cover human orthologs outside it: "
-                        f"give one mean per selected gene ({space.size})"
-                    )
-                means = means[space.indices]
-            if len(means) != space.size:
-                raise LoaderSettingsError(
-                    f"gene means have {len(means)} values; need one per vocabulary gene ({len(space.lut)}) "
-                    f"or per selected gene ({space.size})"
-                )
-            bad = ~np.isfinite(means) | (means <= 0)
-            if bad.any():
-                raise LoaderSettingsError(
-                    f"{int(bad.sum())} gene means are not positive finite numbers (e.g. "
-                    f"{[space.ensembl_ids[i] for i in np.flatnonzero(bad)[:3]]}): drop those genes or fix the means"
-                )
-            self.means = means.astype(np.float64)
-
-    # -- masks -------------------------------------------------------------------------------
-
-    def mask(self, slide_ids: Sequence[str]) -> npt.NDArray[np.bool_]:
-        """``(B, G)`` True where each sample's slide measured the gene."""
-        # One row per slide seen so far; a batch's mask is one gather from those rows.
-        rows = self._mask_rows
-        index = [rows.get(slide) for slide in slide_ids]
-        if None in index:
-            for slide in slide_ids:
-                self._slide_mask(slide)
-            index = [rows[slide] for slide in slide_ids]
-        table = self._mask_table
-        if table is None or len(table) < len(rows):
-            table = self._mask_table = np.stack([self._masks[slide] for slide in rows]) if rows else None
-        if table is None:
-            return np.zeros((0, self.space.size), dtype=np.bool_)
-        return table[np.asarray(index, dtype=np.intp)]
-
-    def _slide_mask(self, slide: str) -> npt.NDArray[np.bool_]:
-        mask = self._masks.get(slide)
-        if mask is None:
-            mask = np.zeros(self.space.size, dtype=np.bool_)
-            genes = self.measured.get(slide)
-            if genes is not None and len(genes):
-                cols = self.space.lut[genes]
-                mask[cols[cols >= 0]] = True
-            self._masks[slide] = mask
-            self._mask_rows[slide] = len(self._mask_rows)
-        return mask
-
-    # -- values ------------------------------------------------------------------------------
-
-    def library(self, flat: Flat) -> npt.NDArray[np.float64]:
-        """Library size of each sample: the sum of all its counts."""
-        return np.bincount(flat.row, weights=flat.values, minlength=flat.n).astype(np.float64)
-
-    def dense(self, flat: Flat, *, scale: npt.NDArray[np.float64] | None = None) -> FloatArray:
-        """``(B, G)`` float32 of the dense transforms (``counts``, ``log1p``, ``cp10k_log1p``).
-
-        ``scale`` divides each sample's counts first (the niche average over neighbours).
-        """
-        values = flat.values
-        if scale is not None:
-            values = values / scale[flat.row]
-        if self.kind == "cp10k_log1p":
-            library = np.bincount(flat.row, weights=values, minlength=flat.n)
-            values = values / np.maximum(library, 1e-12)[flat.row] * self.settings.target_sum
-        cols = self.space.lut[flat.genes]
-        keep = cols >= 0
-        out = np.zeros((flat.n, self.space.size), dtype=np.float32)
-        if not self.space.collide(flat.row, flat.genes):
-            vals = values[keep]
-            if self.kind != "counts":
-                vals = np.log1p(vals)
-            out[flat.row[keep], cols[keep]] = vals
-        else:
-            np.add.at(out, (flat.row[keep], cols[keep]), values[keep])
-            if self.kind != "counts":
-                np.log1p(out, out=out)
-        return out
-
-    def tokens(self, flat: Flat) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-        """``(B, L)`` rank tokens and their mask (True on real tokens)."""
-        length = self.settings.context_length
-        library = np.maximum(self.library(flat), 1e-12)
-        values = flat.values / library[flat.row] * self.settings.target_sum
-        cols = self.space.lut[flat.genes]
-        keep = (cols >= 0) & (values > 0)
-        row, col, val = flat.row[keep], cols[keep], values[keep]
-        if len(row) and self.space.collide(flat.row, flat.genes):
-            # Two vocabulary genes on one column (projection): sum them first.
-            key = row * self.space.size + col
-            uniq, inverse = np.unique(key, return_inverse=True)
-            val = np.bincount(inverse, weights=val).astype(np.float64)
-            row, col = uniq // self.space.size, uniq % self.space.size
-        if self.means is not None:
-            val = val / self.means[col]
-        order = np.lexsort((col, -val, row))
-        row, col = row[order], col[order]
-        starts = np.searchsorted(row, np.arange(flat.n))
-        rank = np.arange(len(row)) - starts[row]
-        take = rank < length
-        tokens = np.zeros((flat.n, length), dtype=np.int64)
-        tokens[row[take], rank[take]] = col[take] + self.settings.token_offset
-        mask = np.zeros((flat.n, length), dtype=np.bool_)
-        mask[row[take], rank[take]] = True
-        return tokens, mask
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids are ``< vocab_size`` (rank transform): ``token_offset + G``."""
-        return self.settings.token_offset + self.space.size
 
 
 def load_means(path: str) -> npt.NDArray[np.float64]:

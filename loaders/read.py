@@ -1,9 +1,12 @@
 """Shard readers: the selected rows of WebDataset tars and Parquet files, as raw samples.
 
-Reading stops at bytes: images stay JPEG, a tar sample's expression stays an ``expr.npz`` blob
-and its metadata a JSON blob (``stcorpus.loaders.decode`` turns them into arrays). Skipping a sample
-costs a header parse (tar; a seek on local files) or nothing (Parquet rows of another row group
-are never read), so a resume never decodes what it skips.
+Both formats yield the same :class:`RawSample`: the JPEG bytes of the views (not decoded), the
+expression as numpy arrays (views into the read buffers) and ``pos`` / ``n_neighbors``. For a tar
+that means taking its ``expr.npz`` and ``json`` members apart (``parse_npz``: headers only, no
+copy); a member that cannot be taken apart marks the sample with a ``fault`` for the loader's
+``on_bad_sample`` policy instead of stopping the shard. Skipping a sample costs a header parse
+(tar; a seek on local files) or nothing (Parquet rows of another row group are never read), so a
+resume never decodes what it skips.
 
 Tar members are parsed here rather than with ``tarfile``: ``tarfile`` reads about 11-12k
 members/s per core, which at four members per sample would cost a third of the time it takes to
@@ -46,14 +49,13 @@ _PARQUET_TAIL: Final = 64 * 1024
 
 
 class RawSample:
-    """One sample as read from a shard, not yet decoded."""
+    """One sample as read from a shard, in the same shape for both formats; images not decoded."""
 
     __slots__ = (
         "counts",
-        "expr_blob",
+        "fault",
         "genes",
         "key",
-        "meta_blob",
         "n_neighbors",
         "niche_counts",
         "niche_genes",
@@ -64,16 +66,16 @@ class RawSample:
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.patch: bytes | memoryview | None = None  # JPEG (Parquet: a view into the Arrow buffer)
+        self.patch: bytes | memoryview | None = None  # JPEG (a view into the read buffer)
         self.region: bytes | memoryview | None = None
         self.genes: npt.NDArray[Any] | None = None
         self.counts: npt.NDArray[Any] | None = None
         self.niche_genes: npt.NDArray[Any] | None = None
         self.niche_counts: npt.NDArray[Any] | None = None
-        self.pos: int | None = None
-        self.n_neighbors: int | None = None
-        self.expr_blob: bytes | None = None  # tar: the expr.npz member
-        self.meta_blob: bytes | None = None  # tar: the json member
+        self.pos: int = 0
+        self.n_neighbors: int = 0
+        #: Why the sample cannot be used (a member that could not be parsed), else None.
+        self.fault: str | None = None
 
     @property
     def slide_id(self) -> str:
@@ -92,7 +94,7 @@ class Columns:
 
     def parquet(self) -> list[str]:
         """Parquet column names to read."""
-        names = [schema.KEY_COLUMN, "pos"]
+        names = [schema.KEY_COLUMN, schema.POS]
         if self.patch:
             names.append(schema.PATCH_COLUMN)
         if self.region:
@@ -100,7 +102,7 @@ class Columns:
         if self.expression:
             names += [schema.Expr.GENES.value, schema.Expr.COUNTS.value]
         if self.niche:
-            names += [schema.Expr.NICHE_GENES.value, schema.Expr.NICHE_COUNTS.value, "n_neighbors"]
+            names += list(schema.NICHE_FIELDS)
         return names
 
 
@@ -287,18 +289,37 @@ _EXPR_MEMBER: Final = schema.Member.EXPR.value
 _META_MEMBER: Final = schema.Member.META.value
 
 
-def raw_from_members(key: str, members: Mapping[str, bytes | memoryview]) -> RawSample:
-    """A raw sample from the tar members of one key."""
+def raw_from_members(key: str, members: Mapping[str, bytes | memoryview], columns: Columns) -> RawSample:
+    """A raw sample from the tar members of one key: ``json`` and ``expr.npz`` taken apart."""
+    import json
+
     sample = RawSample(key)
     sample.patch = members.get(_PATCH_MEMBER)
     sample.region = members.get(_REGION_MEMBER)
-    sample.expr_blob = _as_bytes(members.get(_EXPR_MEMBER))
-    sample.meta_blob = _as_bytes(members.get(_META_MEMBER))
+    meta = members.get(_META_MEMBER)
+    if meta is None:
+        sample.fault = "no json member (metadata)"
+        return sample
+    try:
+        fields = json.loads(bytes(meta))
+        sample.pos = int(fields[schema.POS])
+        sample.n_neighbors = int(fields.get(schema.N_NEIGHBORS) or 0)
+    except (ValueError, KeyError, TypeError) as exc:
+        sample.fault = f"malformed json member: {exc}"
+        return sample
+    if columns.expression or columns.niche:
+        blob = members.get(_EXPR_MEMBER)
+        if blob is None:
+            sample.fault = f"no {_EXPR_MEMBER} member"
+            return sample
+        try:
+            arrays = parse_npz(bytes(blob))
+            sample.genes, sample.counts = arrays[schema.Expr.GENES.value], arrays[schema.Expr.COUNTS.value]
+            sample.niche_genes = arrays[schema.Expr.NICHE_GENES.value]
+            sample.niche_counts = arrays[schema.Expr.NICHE_COUNTS.value]
+        except (ValueError, KeyError, OSError, EOFError) as exc:
+            sample.fault = f"malformed {_EXPR_MEMBER} member: {exc}"
     return sample
-
-
-def _as_bytes(data: bytes | memoryview | None) -> bytes | None:
-    return bytes(data) if isinstance(data, memoryview) else data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +471,7 @@ def parquet_metadata_from_tail(tail: bytes, size: int, path: str) -> pq.FileMeta
 def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Columns) -> list[RawSample]:
     """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group."""
     keys = table.column(schema.KEY_COLUMN).to_pylist()
-    pos = table.column("pos").to_numpy(zero_copy_only=False).tolist()
+    pos = table.column(schema.POS).to_numpy(zero_copy_only=False).tolist()
     # Offsets as Python lists: indexing a list is several times cheaper than a numpy array.
     patch = region = None
     if columns.patch:
@@ -467,11 +488,13 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
             _list_column(table, schema.Expr.NICHE_GENES.value),
             _list_column(table, schema.Expr.NICHE_COUNTS.value),
         )
-        neighbours = table.column("n_neighbors").to_numpy(zero_copy_only=False).tolist()
+        neighbours = table.column(schema.N_NEIGHBORS).to_numpy(zero_copy_only=False).tolist()
     out = []
     for r in rows.tolist():
         sample = RawSample(keys[r])
-        sample.pos = int(pos[r])
+        sample.pos = int(pos[r]) if pos[r] is not None else 0
+        if pos[r] is None:
+            sample.fault = "null pos"
         if patch is not None:
             offsets_list, data = patch
             sample.patch = data[offsets_list[r] : offsets_list[r + 1]]
@@ -484,7 +507,7 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
         if niche is not None:
             (go, gv), (co, cv) = niche
             sample.niche_genes, sample.niche_counts = gv[go[r] : go[r + 1]], cv[co[r] : co[r + 1]]
-            sample.n_neighbors = int(neighbours[r])
+            sample.n_neighbors = int(neighbours[r] or 0)
         out.append(sample)
     return out
 
@@ -604,7 +627,7 @@ class ShardReader:
         try:
             for row, key, members in cursor.rows(rows):
                 _check_key(entry, row, key)
-                yield raw_from_members(key, members)
+                yield raw_from_members(key, members, self.columns)
         finally:
             cursor.close()
 

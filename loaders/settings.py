@@ -25,6 +25,12 @@ FORMATS: Final = schema.FORMATS
 GENE_TRANSFORMS: Final = ("none", "counts", "log1p", "cp10k_log1p", "rank")
 VIEWS: Final = (schema.PATCH_COLUMN, schema.REGION_COLUMN)
 DECODERS: Final = ("simplejpeg", "pil")
+#: Where JPEGs are decoded: ``cpu`` in the workers, ``nvjpeg`` on the consuming CUDA device.
+DECODE: Final = ("cpu", "nvjpeg")
+#: What a batch carries of the expression: raw sparse counts, or the transform's dense/token output.
+GENE_OUTPUTS: Final = ("sparse", "dense")
+#: The gene transforms that read their input as raw counts (``slides.parquet`` ``count_kind``).
+COUNT_TRANSFORMS: Final = ("log1p", "cp10k_log1p", "rank")
 ON_BAD_SAMPLE: Final = ("error", "warn", "skip")
 UNEVEN: Final = ("drop", "wrap")
 
@@ -48,6 +54,12 @@ class Filters:
     Every field is a tuple of allowed values; an empty tuple means no restriction. Values are
     compared exactly (``organ=("heart",)``; ``licence`` holds SPDX ids such as ``CC-BY-4.0``).
     Only slides with ``status == "built"`` have samples; the split is ``LoaderSettings.split``.
+
+    ``count_kind`` (``slides.parquet`` ``count_kind``: ``raw`` or ``normalized``) also decides
+    what the count-based gene transforms (``log1p``, ``cp10k_log1p``, ``rank``) accept: by default
+    they refuse a selection holding normalized slides, naming them. ``count_kind: [raw]`` leaves
+    those slides out; ``count_kind: [raw, normalized]`` (or ``[normalized]``) takes them in
+    knowingly, and the transform then treats their values as if they were counts.
     """
 
     organ: tuple[str, ...] = ()
@@ -57,6 +69,11 @@ class Filters:
     licence: tuple[str, ...] = ()
     slide_ids: tuple[str, ...] = ()
     exclude_slide_ids: tuple[str, ...] = ()
+    count_kind: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for kind in self.count_kind:
+            _choice("filters.count_kind", kind, schema.COUNT_KINDS)
 
     def active(self) -> bool:
         """True when at least one field restricts the slides."""
@@ -80,6 +97,11 @@ class GeneSettings:
       divides the scaled expression before ranking (technology means, Nicheformer); ``None`` skips it.
     - ``context_length``, ``token_offset``: rank tokens per sample, and the id of the first gene
       token (ids below it are special: 0 is padding).
+    - ``output``: ``sparse`` (default): workers hand over the raw counts sparse (``genes``,
+      ``counts``, ``offsets`` per batch, ``loaders/batch.py``) and the transform runs as batched
+      tensor operations where the batch is consumed (``CorpusLoader(..., device=...)`` or
+      ``CorpusDataset.finish``: on the GPU in training); ``dense``: the workers run it and hand
+      over ``expr``/``tokens``.
     """
 
     transform: str = "log1p"
@@ -92,9 +114,11 @@ class GeneSettings:
     context_length: int = 1024
     gene_means: str | None = None
     token_offset: int = 1
+    output: str = "sparse"
 
     def __post_init__(self) -> None:
         _choice("genes.transform", self.transform, GENE_TRANSFORMS)
+        _choice("genes.output", self.output, GENE_OUTPUTS)
         _positive("genes.target_sum", self.target_sum)
         _positive("genes.context_length", self.context_length)
         _positive("genes.token_offset", self.token_offset)
@@ -194,7 +218,11 @@ class LoaderSettings:
       both a pure function of (seed, epoch, rank); the window is rounded up to a multiple of
       ``batch_size`` and bounds the raw samples a worker holds in memory.
     - ``views``: which images to decode (``patch``, ``region`` or both).
-    - ``decoder``: ``simplejpeg`` (libjpeg-turbo, default) or ``pil``.
+    - ``decoder``: ``simplejpeg`` (libjpeg-turbo, default) or ``pil``: the CPU decoder.
+    - ``decode``: ``cpu`` (default: workers decode the JPEGs into uint8 batches) or ``nvjpeg``
+      (workers hand over the JPEG bytes; the consumer decodes them batched on its CUDA device with
+      torchvision's ``decode_jpeg``, the ``stcorpus[nvjpeg]`` extra). Augmentation parameters are
+      drawn the same way either way and applied after decoding.
     - ``on_bad_sample``: ``error`` (default) raises; ``warn`` skips, counts and logs the key;
       ``skip`` skips and counts only. A shard that is missing, shorter or longer than
       ``shards.parquet`` says, or corrupt is a ``ShardError`` naming it; ``warn``/``skip`` skip
@@ -216,6 +244,7 @@ class LoaderSettings:
     shuffle_window: int = 1024
     views: tuple[str, ...] = VIEWS
     decoder: str = "simplejpeg"
+    decode: str = "cpu"
     on_bad_sample: str = "error"
     filters: Filters = field(default_factory=Filters)
     genes: GeneSettings = field(default_factory=GeneSettings)
@@ -245,6 +274,7 @@ class LoaderSettings:
         if not self.views and self.genes.transform == "none":
             raise LoaderSettingsError("no views and genes.transform='none' would yield empty batches")
         _choice("decoder", self.decoder, DECODERS)
+        _choice("decode", self.decode, DECODE)
         _choice("on_bad_sample", self.on_bad_sample, ON_BAD_SAMPLE)
 
     @property

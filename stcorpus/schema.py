@@ -1,27 +1,50 @@
-"""The corpus contract ``stcorpus/1``: names of members and columns, key format, layout.
+"""The corpus contract ``stcorpus/2``: every name, type and layout both wings agree on.
 
-This module is the single place where ``curate`` (which writes corpora) and ``loaders``
-(which read them) agree on what a sample is. Its prose is ``CORPUS.md`` in the design notes;
-the README of every built corpus repeats the parts a reader needs.
+This module is the single place where ``curate`` (which writes corpora), ``loaders`` (which read
+them) and ``training`` (which consumes loader batches) agree on what a corpus is. Its prose is
+``CORPUS.md`` in the design notes; the README of every built corpus repeats the parts a reader
+needs. What it holds:
+
+- sample keys (``sample_key`` / ``parse_key``);
+- a sample's WebDataset members (``Member``), its Parquet columns (``SAMPLE_COLUMNS``,
+  ``sample_arrow_schema``) and metadata fields (``META_FIELDS``: ``pos``, ``neighbors``,
+  ``n_neighbors``, ...), and the expression arrays (``Expr``: genes, counts and the niche fields);
+- the views (``View``): tile size in px and um/px of the patch and the region, written to
+  ``corpus.json`` under ``views`` by the build and read from there by the loader and training
+  (never assumed: ``corpus_views``);
+- the keys of ``corpus.json`` (``CorpusKey``), and the column types of ``slides.parquet``
+  (``SLIDE_TYPES``), ``shards.parquet`` (``SHARD_TYPES``) and ``genes.parquet`` (``GENE_TYPES``);
+- the batch a loader yields (``Batch``, ``BATCH_DTYPES``): names, dtypes and the sparse layout of
+  the expression.
 
 A sample is one spot. In a WebDataset shard it is four tar members sharing the key
 ``<slide_id>__<barcode>``::
 
-    <key>.patch.jpg    224x224 RGB JPEG at 0.5 um/px centred on the spot
-    <key>.region.jpg   224x224 RGB JPEG at 1.5 um/px; the patch sits in 3x3 cell ``pos``
-    <key>.expr.npz     int32 ``genes`` (sorted vocabulary indices) + ``counts``, and the
-                       same for the summed in-tissue lattice neighbours (``niche_*``)
+    <key>.patch.jpg    RGB JPEG, ``views.patch`` px at its um/px (224 px at 0.5 um/px by default)
+    <key>.region.jpg   RGB JPEG, ``views.region``; the patch sits in 3x3 cell ``pos``
+    <key>.expr.npz     ``genes`` (sorted vocabulary indices) + ``counts``, and the same for the
+                       summed in-tissue lattice neighbours (``niche_*``); stored (not deflated),
+                       each array in the smallest dtype that holds the corpus's values
+                       (``corpus.json`` ``expression``; schema 1 wrote int32 throughout)
     <key>.json         metadata (``META_FIELDS``)
 
-In a Parquet shard it is one row with the same content in flat columns (``Column``), the
-two images as the ``datasets`` Image feature (a struct of ``bytes`` and ``path``).
+In a Parquet shard it is one row with the same content in flat columns (``SAMPLE_COLUMNS``), the
+two images as the ``datasets`` Image feature (a struct of ``bytes`` and ``path``). Expression
+columns are ``list<int32>`` (counts ``list<float32>`` for a corpus with non-integer sources),
+stored compactly by per-leaf Parquet encodings (``curate/shards.py`` says which).
 
-Nothing here imports heavy libraries at module import; the Arrow schema is built on demand.
+Schema 2 against 1: compact expression in both formats; ``views`` and ``expression`` in
+``corpus.json``; ``generation`` in ``shards.parquet``; ``array_row``/``array_col`` may be null
+(cell-level data). A loader of schema 2 reads schema 1 (``READABLE_SCHEMAS``); a frozen copy of
+each sits in ``tests/data/``.
+
+Nothing here imports heavy libraries at module import; Arrow schemas are built on demand.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
@@ -30,8 +53,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 SCHEMA_NAME: Final = "stcorpus"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 SCHEMA_ID: Final = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
+#: Schemas the loader of this version reads (the writer writes only ``SCHEMA_ID``).
+READABLE_SCHEMAS: Final = (f"{SCHEMA_NAME}/1", SCHEMA_ID)
 
 # ---------------------------------------------------------------------------------------------
 # Keys
@@ -130,15 +155,22 @@ class Member(str, Enum):
 class Expr(str, Enum):
     """Arrays inside ``expr.npz`` and the matching Parquet list columns."""
 
-    GENES = "genes"  # int32, sorted vocabulary indices with a non-zero count
-    COUNTS = "counts"  # raw counts (int32, or float32 for a corpus with non-integer sources)
-    NICHE_GENES = "niche_genes"  # int32, sorted, genes non-zero in the summed neighbours
+    GENES = "genes"  # sorted vocabulary indices with a non-zero count
+    COUNTS = "counts"  # raw counts (integers; float32 for a corpus with non-integer sources)
+    NICHE_GENES = "niche_genes"  # sorted, genes non-zero in the summed neighbours
     NICHE_COUNTS = "niche_counts"  # summed raw counts of the in-tissue lattice neighbours
 
 
 KEY_COLUMN: Final = "__key__"
 PATCH_COLUMN: Final = "patch"
 REGION_COLUMN: Final = "region"
+#: Metadata names the loader reads beside the images and the expression.
+POS: Final = "pos"
+NEIGHBORS: Final = "neighbors"
+N_NEIGHBORS: Final = "n_neighbors"
+SLIDE_ID: Final = "slide_id"
+#: The niche fields: the summed expression of the in-tissue neighbours and how many they are.
+NICHE_FIELDS: Final = (Expr.NICHE_GENES.value, Expr.NICHE_COUNTS.value, N_NEIGHBORS)
 
 #: Number of cells of the region grid (3x3); ``pos`` is row-major in ``range(REGION_GRID**2)``.
 REGION_GRID: Final = 3
@@ -149,13 +181,15 @@ class Field:
     """One metadata field: its name, Arrow type name and meaning."""
 
     name: str
-    arrow: str  # one of: string, int32, int64, float32, float64, list<string>
+    arrow: str  # one of: string, int32, int64, float32, float64, list<string>, list<int32>
     doc: str
 
 
 #: The ``json`` member of a sample and the flat metadata columns of a Parquet row, in order.
+#: Every field may be null where the source does not give it (``array_row``/``array_col`` for
+#: cell-level data, ``organ`` where a manifest leaves it out).
 META_FIELDS: Final[tuple[Field, ...]] = (
-    Field("slide_id", "string", "slide id (unique in the corpus)"),
+    Field(SLIDE_ID, "string", "slide id (unique in the corpus)"),
     Field("barcode", "string", "spot barcode as the source gives it"),
     Field("study_id", "string", "study the slide belongs to"),
     Field("split", "string", "train / validation / test"),
@@ -165,11 +199,11 @@ META_FIELDS: Final[tuple[Field, ...]] = (
     Field("assay", "string", "measurement platform (visium, visium-hd, xenium, st)"),
     Field("x_um", "float64", "spot centre, micrometres from the image's left edge"),
     Field("y_um", "float64", "spot centre, micrometres from the image's top edge"),
-    Field("array_row", "int32", "lattice row of the spot"),
-    Field("array_col", "int32", "lattice column of the spot"),
-    Field("pos", "int32", "cell 0..8 (row-major) of the 3x3 region grid holding the patch"),
-    Field("neighbors", "list<string>", "keys of the in-tissue lattice neighbours"),
-    Field("n_neighbors", "int32", "number of in-tissue lattice neighbours summed into niche_*"),
+    Field("array_row", "int32", "lattice row of the spot (null for cell-level data)"),
+    Field("array_col", "int32", "lattice column of the spot (null for cell-level data)"),
+    Field(POS, "int32", "cell 0..8 (row-major) of the 3x3 region grid holding the patch"),
+    Field(NEIGHBORS, "list<string>", "keys of the in-tissue lattice neighbours"),
+    Field(N_NEIGHBORS, "int32", "number of in-tissue lattice neighbours summed into niche_*"),
     Field("total_counts", "float64", "sum of the spot's counts over the vocabulary"),
     Field("n_genes", "int32", "number of genes with a non-zero count"),
     Field("outside_fraction", "float32", "fraction of the patch that lay outside the image (padded white)"),
@@ -185,15 +219,79 @@ SAMPLE_COLUMNS: Final = (
     *META_FIELD_NAMES,
 )
 
+#: Corpus-wide Arrow/Parquet types of ``counts`` and ``niche_counts``.
 COUNT_DTYPES: Final = ("int32", "float32")
+#: numpy dtypes an ``expr.npz`` array may have (schema 2 picks the smallest that holds the values).
+TAR_INDEX_DTYPES: Final = ("uint16", "uint32", "int32")
+TAR_COUNT_DTYPES: Final = ("uint8", "uint16", "uint32", "int32", "float32")
 
 
-def _arrow_type(name: str) -> pa.DataType:
+def smallest_uint(max_value: int) -> str:
+    """The smallest unsigned numpy dtype name that holds ``0..max_value``.
+
+    >>> smallest_uint(255), smallest_uint(256), smallest_uint(70_000)
+    ('uint8', 'uint16', 'uint32')
+    """
+    if max_value < 0:
+        raise ValueError(f"negative value {max_value} cannot be stored unsigned")
+    for name, limit in (("uint8", 0xFF), ("uint16", 0xFFFF), ("uint32", 0xFFFFFFFF)):
+        if max_value <= limit:
+            return name
+    raise ValueError(f"{max_value} does not fit 32 bits")
+
+
+@dataclass(frozen=True)
+class TarDtypes:
+    """The numpy dtypes of the ``expr.npz`` arrays of a corpus (``corpus.json`` ``expression``).
+
+    One choice per corpus, not per sample: ``datasets`` infers a tar dataset's features from its
+    first samples, so every sample must agree.
+    """
+
+    genes: str = "int32"
+    counts: str = "int32"
+    niche_counts: str = "int32"
+
+    def __post_init__(self) -> None:
+        if self.genes not in TAR_INDEX_DTYPES:
+            raise ValueError(f"tar gene index dtype must be one of {TAR_INDEX_DTYPES}, not {self.genes!r}")
+        for name in (self.counts, self.niche_counts):
+            if name not in TAR_COUNT_DTYPES:
+                raise ValueError(f"tar count dtype must be one of {TAR_COUNT_DTYPES}, not {name!r}")
+
+    @classmethod
+    def smallest(
+        cls, *, n_genes: int, max_count: float, max_niche_count: float, counts_dtype: str = "int32"
+    ) -> TarDtypes:
+        """The smallest dtypes for a vocabulary of ``n_genes`` and the corpus's largest counts."""
+        genes = "uint16" if n_genes <= 1 << 16 else "uint32"
+        if counts_dtype == "float32":
+            return cls(genes=genes, counts="float32", niche_counts="float32")
+        return cls(genes=genes, counts=smallest_uint(int(max_count)), niche_counts=smallest_uint(int(max_niche_count)))
+
+    def record(self) -> dict[str, str]:
+        """The ``corpus.json`` ``expression`` entry."""
+        return {
+            Expr.GENES.value: self.genes,
+            Expr.COUNTS.value: self.counts,
+            Expr.NICHE_GENES.value: self.genes,
+            Expr.NICHE_COUNTS.value: self.niche_counts,
+        }
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """The Arrow type of a type name of this module (``int32``, ``list<string>``, ...)."""
     import pyarrow as pa
 
-    if name == "list<string>":
-        return pa.list_(pa.string())
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(arrow_type(name[5:-1]))
+    if name.startswith("map<") and name.endswith(">"):
+        key, _, value = name[4:-1].partition(",")
+        return pa.map_(arrow_type(key.strip()), arrow_type(value.strip()))
     return pa.type_for_alias(name)
+
+
+_arrow_type = arrow_type  # the name the build used before it was public
 
 
 def image_arrow_type() -> pa.DataType:
@@ -201,6 +299,13 @@ def image_arrow_type() -> pa.DataType:
     import pyarrow as pa
 
     return pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def expression_list_type(dtype: str) -> pa.DataType:
+    """``list<element: dtype not null>``: the Arrow type of an expression column of a Parquet shard."""
+    import pyarrow as pa
+
+    return pa.list_(pa.field("element", arrow_type(dtype), nullable=False))
 
 
 def sample_arrow_schema(counts_dtype: str = "int32") -> pa.Schema:
@@ -211,16 +316,17 @@ def sample_arrow_schema(counts_dtype: str = "int32") -> pa.Schema:
 
     if counts_dtype not in COUNT_DTYPES:
         raise ValueError(f"counts dtype must be one of {COUNT_DTYPES}, not {counts_dtype!r}")
-    count_type = pa.list_(_arrow_type(counts_dtype))
     fields = [
         pa.field(KEY_COLUMN, pa.string(), nullable=False),
         pa.field(PATCH_COLUMN, image_arrow_type()),
         pa.field(REGION_COLUMN, image_arrow_type()),
-        pa.field(Expr.GENES.value, pa.list_(pa.int32())),
-        pa.field(Expr.COUNTS.value, count_type),
-        pa.field(Expr.NICHE_GENES.value, pa.list_(pa.int32())),
-        pa.field(Expr.NICHE_COUNTS.value, count_type),
-        *(pa.field(f.name, _arrow_type(f.arrow)) for f in META_FIELDS),
+        # Required lists of required values: Parquet then stores no definition levels for them,
+        # which reads a quarter faster (every sample has the lists, empty at worst).
+        pa.field(Expr.GENES.value, expression_list_type("int32"), nullable=False),
+        pa.field(Expr.COUNTS.value, expression_list_type(counts_dtype), nullable=False),
+        pa.field(Expr.NICHE_GENES.value, expression_list_type("int32"), nullable=False),
+        pa.field(Expr.NICHE_COUNTS.value, expression_list_type(counts_dtype), nullable=False),
+        *(pa.field(f.name, arrow_type(f.arrow)) for f in META_FIELDS),
     ]
     metadata = {
         "huggingface": json.dumps({"info": {"features": hf_sample_features(counts_dtype)}}),
@@ -230,29 +336,88 @@ def sample_arrow_schema(counts_dtype: str = "int32") -> pa.Schema:
 
 
 def _hf_value(arrow: str) -> dict[str, Any]:
-    if arrow == "list<string>":
-        return {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"}
+    if arrow.startswith("list<"):
+        return {"feature": _hf_value(arrow[5:-1]), "_type": "List"}
     return {"dtype": arrow, "_type": "Value"}
 
 
 def hf_sample_features(counts_dtype: str = "int32") -> dict[str, Any]:
     """The ``datasets`` Features (as JSON) of a Parquet sample row."""
-
-    def int_list(dtype: str) -> dict[str, Any]:
-        return {"feature": {"dtype": dtype, "_type": "Value"}, "_type": "List"}
-
     features: dict[str, Any] = {
         KEY_COLUMN: {"dtype": "string", "_type": "Value"},
         PATCH_COLUMN: {"_type": "Image"},
         REGION_COLUMN: {"_type": "Image"},
-        Expr.GENES.value: int_list("int32"),
-        Expr.COUNTS.value: int_list(counts_dtype),
-        Expr.NICHE_GENES.value: int_list("int32"),
-        Expr.NICHE_COUNTS.value: int_list(counts_dtype),
+        Expr.GENES.value: _hf_value("list<int32>"),
+        Expr.COUNTS.value: _hf_value(f"list<{counts_dtype}>"),
+        Expr.NICHE_GENES.value: _hf_value("list<int32>"),
+        Expr.NICHE_COUNTS.value: _hf_value(f"list<{counts_dtype}>"),
     }
     for f in META_FIELDS:
         features[f.name] = _hf_value(f.arrow)
     return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: tile size and um/px, recorded in corpus.json
+# ---------------------------------------------------------------------------------------------
+
+VIEW_NAMES: Final = (PATCH_COLUMN, REGION_COLUMN)
+
+
+@dataclass(frozen=True)
+class View:
+    """One image view of the samples: its tile side in px and its resolution in um/px."""
+
+    name: str
+    size_px: int
+    mpp: float
+
+    @property
+    def field_um(self) -> float:
+        """Side of the field of view in micrometres."""
+        return self.size_px * self.mpp
+
+    def record(self) -> dict[str, Any]:
+        """This view as its ``corpus.json`` ``views`` entry."""
+        return {"size_px": self.size_px, "mpp": self.mpp}
+
+
+#: The views of schema 1, whose corpus.json did not record them (CORPUS.md section 2).
+SCHEMA1_VIEWS: Final = {
+    PATCH_COLUMN: View(PATCH_COLUMN, 224, 0.5),
+    REGION_COLUMN: View(REGION_COLUMN, 224, 1.5),
+}
+
+
+def views_record(views: Mapping[str, View]) -> dict[str, dict[str, Any]]:
+    """The ``corpus.json`` ``views`` value: ``{"patch": {"size_px": 224, "mpp": 0.5}, ...}``."""
+    return {name: views[name].record() for name in VIEW_NAMES if name in views}
+
+
+def corpus_views(info: Mapping[str, Any]) -> dict[str, View]:
+    """The views of a corpus from its ``corpus.json`` (``info``).
+
+    Schema 2 records them under ``views``. A schema 1 corpus built by ``curate build`` has them in
+    ``settings.tiles``; one that has neither holds the schema 1 contract's 224 px at 0.5 / 1.5 um/px.
+    """
+    recorded = info.get(CorpusKey.VIEWS.value)
+    if isinstance(recorded, Mapping) and recorded:
+        views = {}
+        for name, entry in recorded.items():
+            if name not in VIEW_NAMES or not isinstance(entry, Mapping):
+                raise ValueError(f"corpus.json views: unknown view {name!r} (views are {VIEW_NAMES})")
+            size, mpp = entry.get("size_px"), entry.get("mpp")
+            if not isinstance(size, int) or size < 1 or not isinstance(mpp, (int, float)) or mpp <= 0:
+                raise ValueError(f"corpus.json views.{name}: size_px and mpp must be positive, got {dict(entry)}")
+            views[name] = View(name, size, float(mpp))
+        return views
+    tiles = (info.get("settings") or {}).get("tiles") or {}
+    if tiles:
+        patch = View(PATCH_COLUMN, int(tiles["patch_size"]), float(tiles["patch_mpp"]))
+        region_size = int(tiles.get("region_size") or patch.size_px)
+        region_mpp = tiles.get("region_mpp") or REGION_GRID * patch.field_um / region_size
+        return {PATCH_COLUMN: patch, REGION_COLUMN: View(REGION_COLUMN, region_size, float(region_mpp))}
+    return dict(SCHEMA1_VIEWS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +437,25 @@ SPLITS: Final = ("train", "validation", "test")
 FORMATS: Final = ("parquet", "wds")
 
 
+class CorpusKey(str, Enum):
+    """Keys of ``corpus.json`` that readers rely on (the build writes more: provenance)."""
+
+    SCHEMA = "schema"  # SCHEMA_ID of the writer
+    NAME = "name"
+    N_GENES = "n_genes"  # rows of genes.parquet
+    COUNTS_DTYPE = "counts_dtype"  # COUNT_DTYPES: int32, or float32 when a source is not integer
+    SPLITS = "splits"  # split -> number of samples
+    VIEWS = "views"  # view -> {"size_px", "mpp"} (schema 2)
+    EXPRESSION = "expression"  # expr.npz array -> numpy dtype (schema 2, TarDtypes.record)
+    SAMPLES_PER_SHARD = "samples_per_shard"
+    SETTINGS = "settings"  # the resolved build settings
+    TOOL_VERSION = "tool_version"
+
+
+#: Keys a corpus.json must have for a loader to open the corpus.
+REQUIRED_CORPUS_KEYS: Final = (CorpusKey.SCHEMA.value, CorpusKey.N_GENES.value)
+
+
 def shard_path(fmt: str, split: str, index: int) -> str:
     """Relative path of shard ``index`` of ``split`` in format ``fmt`` (``parquet`` or ``wds``).
 
@@ -287,62 +471,171 @@ def shard_path(fmt: str, split: str, index: int) -> str:
     raise ValueError(f"unknown shard format {fmt!r}; formats are {FORMATS}")
 
 
-#: Columns of ``shards.parquet``: one row per shard file.
-SHARD_COLUMNS: Final = (
-    "path",  # relative to the corpus root, e.g. wds/train/train-000000.tar
-    "format",  # parquet | wds
-    "split",
-    "index",  # shard number within its split and format
-    "n_samples",
-    "bytes",
-    "sha256",
-    "first_key",
-    "last_key",
-    "slide_ids",  # list<string>: slides with at least one sample in the shard
-)
+#: Columns of ``shards.parquet`` and their types: one row per shard file.
+SHARD_TYPES: Final[dict[str, str]] = {
+    "path": "string",  # relative to the corpus root, e.g. wds/train/train-000000.tar
+    "format": "string",  # parquet | wds
+    "split": "string",
+    "generation": "int32",  # 0 for the first build; each append writes the next (schema 2)
+    "index": "int32",  # shard number within its split and format
+    "n_samples": "int64",
+    "bytes": "int64",
+    "sha256": "string",
+    "first_key": "string",
+    "last_key": "string",
+    "slide_ids": "list<string>",  # slides with at least one sample in the shard
+}
+SHARD_COLUMNS: Final = tuple(SHARD_TYPES)
 
-#: Columns of ``genes.parquet``: the vocabulary.
-GENE_COLUMNS: Final = (
-    "index",  # int32, dense from 0: the values of `genes` / `niche_genes`
-    "ensembl_id",  # ENSG... / ENSMUSG..., unversioned
-    "symbol",  # approved symbol where known
-    "species",  # human | mouse
-    "biotype",  # HGNC locus group / Ensembl biotype where known
-    "human_ortholog",  # int32 index of the one-to-one human ortholog in this vocabulary, else null
-    "human_ortholog_id",  # Ensembl id of that ortholog even when it is not in this vocabulary, else null
-    "panels",  # list<string>: named gene panels the gene belongs to (e.g. human-protein-coding)
-)
+#: Columns of ``genes.parquet`` and their types: the vocabulary.
+GENE_TYPES: Final[dict[str, str]] = {
+    "index": "int32",  # dense from 0: the values of `genes` / `niche_genes`
+    "ensembl_id": "string",  # ENSG... / ENSMUSG..., unversioned
+    "symbol": "string",  # approved symbol where known
+    "species": "string",  # human | mouse
+    "biotype": "string",  # HGNC locus group / Ensembl biotype where known
+    "human_ortholog": "int32",  # index of the one-to-one human ortholog in this vocabulary, else null
+    "human_ortholog_id": "string",  # Ensembl id of that ortholog even when it is not in this vocabulary
+    "panels": "list<string>",  # named gene panels the gene belongs to (e.g. human-protein-coding)
+}
+GENE_COLUMNS: Final = tuple(GENE_TYPES)
 
-#: Columns of ``slides.parquet``: one row per slide considered by the build.
-SLIDE_COLUMNS: Final = (
-    "slide_id",
-    "study_id",
-    "source",
-    "source_id",
-    "technology",
-    "assay",
-    "chemistry",
-    "species",
-    "organ",
-    "disease_state",
-    "oncotree_code",
-    "patient",
-    "preservation",
-    "count_kind",  # raw | normalized: what the slide's values are (the manifest's `counts`)
-    "licence",
-    "distribution_licence",  # licence of the distribution the files came from, when it adds terms
-    "citation",
-    "mpp",
-    "mpp_source",
-    "n_spots",  # in-tissue spots read (null when nothing could be read)
-    "n_spots_written",
-    "spots_rejected",  # spots read but not written, by reason: the reader's drops (SpotDrop) and the build's
-    "measured_genes",
-    "mapping_rate",
-    "status",  # built | quarantined | failed | excluded | duplicate
-    "qc_flags",
-    "reason",
-    "reason_codes",  # the code of every reason the slide was not built (every failed check), in order
-    "split",
-    "duplicate_of",
+#: Values of ``slides.parquet`` ``count_kind``.
+COUNT_KINDS: Final = ("raw", "normalized")
+
+#: Columns of ``slides.parquet`` and their types: one row per slide considered by the build.
+#: Add a column here (name -> type) and both the build and the readers follow.
+SLIDE_TYPES: Final[dict[str, str]] = {
+    "slide_id": "string",
+    "study_id": "string",
+    "source": "string",
+    "source_id": "string",
+    "technology": "string",
+    "assay": "string",
+    "chemistry": "string",
+    "species": "string",
+    "organ": "string",
+    "disease_state": "string",
+    "oncotree_code": "string",
+    "patient": "string",
+    "preservation": "string",
+    "count_kind": "string",  # COUNT_KINDS: what the slide's values are (the manifest's `counts`)
+    "licence": "string",
+    "distribution_licence": "string",  # licence of the distribution the files came from, when it adds terms
+    "citation": "string",
+    "mpp": "float64",
+    "mpp_source": "string",
+    "n_spots": "int64",  # in-tissue spots read (null when nothing could be read)
+    "n_spots_written": "int64",
+    # spots read but not written, by reason: the reader's drops (SpotDrop) and the build's
+    "spots_rejected": "map<string,int64>",
+    "measured_genes": "list<int32>",
+    "mapping_rate": "float64",
+    "status": "string",  # built | quarantined | excluded | duplicate | failed
+    "qc_flags": "list<string>",
+    "reason": "string",
+    "reason_codes": "list<string>",  # the code of every reason the slide was not built (every failed check), in order
+    "split": "string",
+    "duplicate_of": "string",
+}
+SLIDE_COLUMNS: Final = tuple(SLIDE_TYPES)
+
+
+def table_arrow_schema(types: Mapping[str, str]) -> pa.Schema:
+    """An Arrow schema from a name -> type table of this module, tagged with ``SCHEMA_ID``."""
+    import pyarrow as pa
+
+    return pa.schema([(name, arrow_type(t)) for name, t in types.items()], metadata={"stcorpus": SCHEMA_ID})
+
+
+def slides_arrow_schema() -> pa.Schema:
+    """The Arrow schema of ``slides.parquet`` (``SLIDE_TYPES``)."""
+    return table_arrow_schema(SLIDE_TYPES)
+
+
+def shards_arrow_schema() -> pa.Schema:
+    """The Arrow schema of ``shards.parquet`` (``SHARD_TYPES``)."""
+    return table_arrow_schema(SHARD_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: what the torch loader yields and training consumes
+# ---------------------------------------------------------------------------------------------
+
+
+class Batch(str, Enum):
+    """Entries of a loader batch (a plain dict; ``loaders/batch.py`` documents the shapes).
+
+    Expression travels sparse from the loader's workers (``genes``/``counts``/``offsets``: the
+    raw counts of sample ``b`` are ``counts[offsets[b]:offsets[b + 1]]`` at vocabulary indices
+    ``genes[...]``); the gene transform turns it into the dense or token entries where the batch
+    is consumed (on the GPU in training). ``genes.output: dense`` does that in the workers.
+    """
+
+    KEY = "key"
+    SLIDE_ID = "slide_id"
+    PATCH = "patch"
+    REGION = "region"
+    PATCH_JPEG = "patch_jpeg"  # decode: nvjpeg: the JPEG bytes of the batch, concatenated
+    PATCH_JPEG_OFFSETS = "patch_jpeg_offsets"
+    REGION_JPEG = "region_jpeg"
+    REGION_JPEG_OFFSETS = "region_jpeg_offsets"
+    AUGMENT_ROT90 = "augment_rot90"  # decode: nvjpeg: augmentation drawn in the worker, applied after decode
+    AUGMENT_HFLIP = "augment_hflip"
+    AUGMENT_JITTER = "augment_jitter"
+    POS = "pos"
+    GENES = "genes"  # sparse: vocabulary indices of the non-zero counts
+    COUNTS = "counts"  # sparse: raw counts
+    OFFSETS = "offsets"  # sparse: (B + 1) row starts
+    NICHE_GENES = "niche_genes"
+    NICHE_COUNTS = "niche_counts"
+    NICHE_OFFSETS = "niche_offsets"
+    N_NEIGHBORS = "n_neighbors"
+    SLIDE_INDEX = "slide_index"  # row of each sample's slide in the transform's measured-gene table
+    EXPR = "expr"
+    EXPR_MASK = "expr_mask"
+    NICHE = "niche"
+    TOKENS = "tokens"
+    TOKENS_MASK = "tokens_mask"
+    NICHE_TOKENS = "niche_tokens"
+    NICHE_TOKENS_MASK = "niche_tokens_mask"
+
+
+#: torch dtype names of the tensor entries of a batch (``counts``: int32, or float32 for a
+#: corpus with non-integer counts).
+BATCH_DTYPES: Final[dict[str, str]] = {
+    Batch.PATCH.value: "uint8",
+    Batch.REGION.value: "uint8",
+    Batch.PATCH_JPEG.value: "uint8",
+    Batch.PATCH_JPEG_OFFSETS.value: "int64",
+    Batch.REGION_JPEG.value: "uint8",
+    Batch.REGION_JPEG_OFFSETS.value: "int64",
+    Batch.AUGMENT_ROT90.value: "int64",
+    Batch.AUGMENT_HFLIP.value: "bool",
+    Batch.AUGMENT_JITTER.value: "float32",
+    Batch.POS.value: "int64",
+    Batch.GENES.value: "int32",
+    Batch.OFFSETS.value: "int64",
+    Batch.NICHE_GENES.value: "int32",
+    Batch.NICHE_OFFSETS.value: "int64",
+    Batch.N_NEIGHBORS.value: "float32",
+    Batch.SLIDE_INDEX.value: "int64",
+    Batch.EXPR.value: "float32",
+    Batch.EXPR_MASK.value: "bool",
+    Batch.NICHE.value: "float32",
+    Batch.TOKENS.value: "int64",
+    Batch.TOKENS_MASK.value: "bool",
+    Batch.NICHE_TOKENS.value: "int64",
+    Batch.NICHE_TOKENS_MASK.value: "bool",
+}
+#: The sparse expression entries (raw counts; the gene transform consumes them).
+SPARSE_EXPRESSION: Final = (
+    Batch.GENES.value,
+    Batch.COUNTS.value,
+    Batch.OFFSETS.value,
+    Batch.NICHE_GENES.value,
+    Batch.NICHE_COUNTS.value,
+    Batch.NICHE_OFFSETS.value,
+    Batch.N_NEIGHBORS.value,
+    Batch.SLIDE_INDEX.value,
 )

@@ -1,4 +1,4 @@
-"""Write a small but realistic built corpus (schema ``stcorpus/1``) for the loader tests.
+"""Write a small but realistic built corpus (schema ``stcorpus/2``) for the loader tests.
 
 The samples are real: raw counts of the two real Space Ranger matrices in ``tests/data``
 (human heart, 100 spots x 100 genes; mouse brain, 49 spots with counts x 49 genes), their real
@@ -292,7 +292,9 @@ def _slide_samples(
     return samples
 
 
-def _slide_row(spec: SlideSpec, slide_id: str, n_written: int, measured: Sequence[int]) -> dict[str, Any]:
+def _slide_row(
+    spec: SlideSpec, slide_id: str, n_written: int, measured: Sequence[int], *, count_kind: str
+) -> dict[str, Any]:
     return {
         "slide_id": slide_id,
         "study_id": f"study-{spec.matrix}",
@@ -307,6 +309,7 @@ def _slide_row(spec: SlideSpec, slide_id: str, n_written: int, measured: Sequenc
         "oncotree_code": None,
         "patient": f"patient-{slide_id}",
         "preservation": "fresh frozen",
+        "count_kind": count_kind,
         "licence": spec.licence,
         "citation": "10x Genomics public dataset",
         "mpp": 0.5,
@@ -343,11 +346,13 @@ def write_corpus(
     repeats: int = 1,
     seed: int = 0,
     jpeg_quality: int = 90,
+    normalized: Sequence[str] = (),
 ) -> FixtureCorpus:
     """Write the fixture corpus into ``root`` and return what was written.
 
     ``pack="shuffle"`` orders each split by one seeded global shuffle across slides (the build's
     default, so shards mix slides); ``pack="slide"`` writes slide by slide in lattice order.
+    ``normalized``: slide ids recorded as ``count_kind: normalized`` in slides.parquet.
     """
     import pyarrow as pa
 
@@ -369,42 +374,34 @@ def write_corpus(
                 if spec.status != "built"
                 else _slide_samples(spec, slide_id, matrix, vocab_index, tiles, counts_dtype)
             )
-            slides.append(_slide_row(spec, slide_id, len(samples), measured))
+            kind = "normalized" if slide_id in normalized else "raw"
+            slides.append(_slide_row(spec, slide_id, len(samples), measured, count_kind=kind))
             if spec.split is not None:
                 per_split[spec.split].extend(samples)
     settings = ShardSettings(samples_per_shard=samples_per_shard, row_group_size=row_group_size)
+    every = [sample for split in per_split.values() for sample in split]
+    tar_dtypes = schema.TarDtypes.smallest(
+        n_genes=len(genes),
+        max_count=max((float(s.counts.max()) for s in every if len(s.counts)), default=0.0),
+        max_niche_count=max((float(s.niche_counts.max()) for s in every if len(s.niche_counts)), default=0.0),
+        counts_dtype=counts_dtype,
+    )
     shards: list[ShardInfo] = []
     splits = [s for s in schema.SPLITS if per_split[s]]
     for i, split in enumerate(splits):
         if pack == "shuffle":
             order = np.random.default_rng([seed, i]).permutation(len(per_split[split]))
             per_split[split] = [per_split[split][j] for j in order]
-        with ShardWriter(root, split=split, counts_dtype=counts_dtype, settings=settings) as writer:
+        with ShardWriter(
+            root, split=split, counts_dtype=counts_dtype, settings=settings, tar_dtypes=tar_dtypes
+        ) as writer:
             writer.add_all(per_split[split])
         shards.extend(writer.shards)
     write_shard_index(root, shards)
-    gene_schema = pa.schema(
-        [
-            ("index", pa.int32()),
-            ("ensembl_id", pa.string()),
-            ("symbol", pa.string()),
-            ("species", pa.string()),
-            ("biotype", pa.string()),
-            ("human_ortholog", pa.int32()),
-            ("human_ortholog_id", pa.string()),
-            ("panels", pa.list_(pa.string())),
-        ]
-    )
+    gene_schema = schema.table_arrow_schema(schema.GENE_TYPES)
     write_parquet_atomic(root / schema.GENES_FILE, pa.Table.from_pylist(genes, schema=gene_schema))
-    slide_table = pa.Table.from_pylist(slides)
-    slide_table = slide_table.set_column(
-        slide_table.schema.get_field_index("measured_genes"),
-        "measured_genes",
-        pa.array([s["measured_genes"] for s in slides], type=pa.list_(pa.int32())),
-    )
-    for name in ("oncotree_code", "duplicate_of", "reason", "split"):
-        i = slide_table.schema.get_field_index(name)
-        slide_table = slide_table.set_column(i, name, slide_table.column(i).cast(pa.string()))
+    rows = [{name: row.get(name) for name in schema.SLIDE_COLUMNS} for row in slides]
+    slide_table = pa.Table.from_pylist(rows, schema=schema.slides_arrow_schema())
     write_parquet_atomic(root / schema.SLIDES_FILE, slide_table)
     counts = {s: len(per_split[s]) for s in splits}
     corpus = {
@@ -412,6 +409,8 @@ def write_corpus(
         "counts_dtype": counts_dtype,
         "n_genes": len(genes),
         "splits": counts,
+        "views": schema.views_record(schema.SCHEMA1_VIEWS),
+        "expression": tar_dtypes.record(),
         "tool": "tests/corpus_fixture.py",
         "build": {"samples_per_shard": samples_per_shard, "pack": pack, "seed": seed, "repeats": repeats},
     }

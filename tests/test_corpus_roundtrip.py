@@ -1,7 +1,8 @@
 """A corpus made by `curate build` from real slides, read back by our loader and by `datasets`.
 
-Also reads the frozen copy of schema stcorpus/1 in tests/data/corpus-stcorpus-1 (made once by
-`curate build`, see its SOURCE.md): a change that breaks reading a released corpus fails here.
+Also reads the frozen copies of schemas stcorpus/1 and stcorpus/2 in tests/data/corpus-stcorpus-*
+(made once by `curate build`, see their SOURCE.md): a change that breaks reading a released corpus
+fails here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.build_fixtures import good_slides, manifest
 from tests.conftest import DATA
 
 FROZEN = DATA / "corpus-stcorpus-1"
+FROZEN_2 = DATA / "corpus-stcorpus-2"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def read_all(location: Path, **settings: object) -> list[dict]:
     }
     options.update(settings)
     dataset = CorpusDataset(str(location), LoaderSettings.from_dict(options))
-    return list(iter(dataset))
+    return [dataset.finish(batch) for batch in dataset]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "wds"])
@@ -83,3 +85,31 @@ def test_frozen_corpus_still_reads() -> None:
     wds = list(datasets.load_dataset(str(FROZEN), data_dir="wds", split="test", streaming=True))
     assert [r["__key__"] for r in wds] == [r["__key__"] for r in rows]
     assert np.array_equal(np.asarray(wds[0]["patch.jpg"]), np.asarray(rows[0]["patch"]))
+
+
+def test_frozen_stcorpus_2_still_reads() -> None:
+    import json
+
+    import datasets
+
+    info = json.loads((FROZEN_2 / schema.CORPUS_FILE).read_text())
+    assert info["schema"] == "stcorpus/2"
+    assert schema.corpus_views(info)["region"] == schema.View("region", 224, 1.5)
+    by_format = {}
+    for fmt in ("parquet", "wds"):
+        batches = read_all(FROZEN_2, format=fmt, split="test", genes={"transform": "log1p"})
+        by_format[fmt] = {k: b["expr"][i] for b in batches for i, k in enumerate(b["key"])}
+    assert len(by_format["parquet"]) == 6
+    assert all(by_format["parquet"][k].equal(v) for k, v in by_format["wds"].items())
+    rows = list(datasets.load_dataset(str(FROZEN_2), split="test", streaming=True))
+    wds = list(datasets.load_dataset(str(FROZEN_2), data_dir="wds", split="test", streaming=True))
+    assert [r["__key__"] for r in wds] == [r["__key__"] for r in rows] and len(rows) == 6
+    for row, sample in zip(rows, wds, strict=True):
+        npz = sample["expr.npz"]
+        assert np.asarray(npz["genes"]).dtype == np.uint16 and np.asarray(npz["counts"]).dtype == np.uint16
+        assert np.array_equal(np.asarray(npz["genes"]), row["genes"])
+        assert np.array_equal(np.asarray(npz["counts"]), row["counts"])
+        assert np.array_equal(np.asarray(npz["niche_counts"]), row["niche_counts"])
+    shards = pq.read_table(FROZEN_2 / schema.SHARDS_FILE)
+    assert shards.column("generation").to_pylist() == [0] * 4
+    assert pq.read_table(FROZEN_2 / schema.SLIDES_FILE).column("count_kind").to_pylist() == ["raw"]

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
+from stcorpus import schema
 from stcorpus.curate.errors import GeneVocabularyError, SettingsError
 from stcorpus.curate.genes import (
     GeneIndex,
@@ -103,7 +104,7 @@ def test_deterministic_whatever_the_slide_order(slides: list[MeasuredGenes], tmp
     pq.write_table(second, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     back = pq.read_table(tmp_path / "a.parquet")
-    assert back.equals(first) and back.schema.metadata[b"stcorpus"] == b"stcorpus/1"
+    assert back.equals(first) and back.schema.metadata[b"stcorpus"] == schema.SCHEMA_ID.encode()
 
 
 def test_panel_selection_is_checked_not_silently_applied(slides: list[MeasuredGenes]) -> None:

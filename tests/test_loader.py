@@ -79,7 +79,12 @@ def test_batches_hold_what_was_written(corpus: FixtureCorpus) -> None:
         dataset = CorpusDataset(corpus.root, settings(format=fmt, genes={"transform": "counts"}))
         vocab = dataset.gene_transform.space.indices  # type: ignore[union-attr]
         assert vocab.tolist() == list(range(len(corpus.genes)))
-        batches = list(CorpusLoader(dataset))
+        sparse = next(iter(CorpusLoader(dataset)))  # what workers hand over: raw counts, sparse
+        assert "expr" not in sparse and sparse["genes"].dtype == torch.int32 and sparse["offsets"].shape == (5,)
+        first = corpus.by_key[sparse["key"][0]]
+        assert sparse["genes"][: int(sparse["offsets"][1])].tolist() == first.genes.tolist()
+        assert sparse["counts"][: int(sparse["offsets"][1])].tolist() == first.counts.tolist()
+        batches = list(CorpusLoader(dataset, device="cpu"))  # finished where consumed
         batch = batches[0]
         assert batch["patch"].shape == (4, 3, 224, 224) and batch["patch"].dtype == torch.uint8
         assert batch["pos"].dtype == torch.int64 and batch["expr"].dtype == torch.float32

@@ -65,7 +65,7 @@ def batches(location: Any, *, workers: int = 0, **options: Any) -> list[dict[str
 def same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     assert [x["key"] for x in a] == [y["key"] for y in b]
     for x, y in zip(a, b, strict=True):
-        for name in ("patch", "region", "pos", "expr", "expr_mask"):
+        for name in ("patch", "region", "pos", "genes", "counts", "offsets"):
             assert x[name].equal(y[name]), name
 
 

@@ -187,7 +187,7 @@ def test_a_second_epoch_reads_from_the_cache_and_needs_no_network(
     assert not [r for r in server.requests if r.path in shard_paths]
     assert [b["key"] for b in again] == [b["key"] for b in local]
     for x, y in zip(again, local, strict=True):
-        assert x["patch"].equal(y["patch"]) and x["expr"].equal(y["expr"])
+        assert x["patch"].equal(y["patch"]) and x["counts"].equal(y["counts"])
 
 
 def test_the_cache_keeps_only_verified_shards(corpus: FixtureCorpus, server: LocalServer, tmp_path: Path) -> None:

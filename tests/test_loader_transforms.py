@@ -8,11 +8,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
 from stcorpus.loaders.errors import BadSampleError, LoaderSettingsError
-from stcorpus.loaders.genes import Flat, GeneSpace, GeneTransform
+from stcorpus.loaders.expression import ExpressionTransform, to_csr
+from stcorpus.loaders.genes import GeneSpace
 from stcorpus.loaders.images import Augment, JpegDecoder
 from stcorpus.loaders.settings import AugmentSettings, GeneSettings
 from tests.corpus_fixture import FixtureCorpus, vocabulary, write_corpus
@@ -41,14 +43,31 @@ def tiny() -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def transform(**options: Any) -> GeneTransform:
+def transform(**options: Any) -> ExpressionTransform:
     means = options.pop("means", None)
     settings = GeneSettings(**options)
-    return GeneTransform(GeneSpace.build(tiny(), settings), settings, measured=MEASURED, means=means)
+    return ExpressionTransform(GeneSpace.build(tiny(), settings), settings, measured=MEASURED, means=means)
 
 
-def flat(*samples: tuple[list[int], list[Any]]) -> Flat:
-    return Flat.of([np.array(g, dtype=np.int32) for g, _ in samples], [np.array(c) for _, c in samples])
+def flat(*samples: tuple[list[int], list[Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's sparse ``(genes, counts, offsets)``, as the loader's workers hand them over."""
+    genes = torch.tensor([g for gs, _ in samples for g in gs], dtype=torch.int32)
+    counts = torch.tensor([c for _, cs in samples for c in cs], dtype=torch.int32)
+    offsets = torch.tensor([0, *np.cumsum([len(gs) for gs, _ in samples]).tolist()], dtype=torch.int64)
+    return genes, counts, offsets
+
+
+def dense(t: ExpressionTransform, *samples: tuple[list[int], list[Any]]) -> np.ndarray:
+    return t.dense(*flat(*samples)).numpy()
+
+
+def tokens(t: ExpressionTransform, *samples: tuple[list[int], list[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = t.tokens(*flat(*samples))
+    return ids.numpy(), mask.numpy()
+
+
+def mask(t: ExpressionTransform, slides: list[str]) -> np.ndarray:
+    return t.tables(torch.device("cpu"))["mask"][torch.from_numpy(t.slide_index(slides))].numpy()
 
 
 BATCH: tuple[tuple[list[int], list[Any]], ...] = (
@@ -60,25 +79,41 @@ BATCH: tuple[tuple[list[int], list[Any]], ...] = (
 
 
 def test_counts_log1p_and_cp10k_by_hand() -> None:
-    counts = transform(transform="counts").dense(flat(*BATCH))
+    counts = dense(transform(transform="counts"), *BATCH)
     assert counts.dtype == np.float32 and counts.shape == (4, 6)
     assert counts.tolist() == [[3, 0, 1, 0, 0, 0], [0, 0, 0, 5, 2, 1], [3, 3, 1, 0, 0, 0], [0] * 6]
-    log1p = transform(transform="log1p").dense(flat(*BATCH))
+    log1p = dense(transform(transform="log1p"), *BATCH)
     assert np.allclose(log1p[0], [np.log(4), 0, np.log(2), 0, 0, 0])
-    cp10k = transform(transform="cp10k_log1p").dense(flat(*BATCH))
+    cp10k = dense(transform(transform="cp10k_log1p"), *BATCH)
     assert np.allclose(cp10k[0], [np.log1p(7500), 0, np.log1p(2500), 0, 0, 0])  # library 4
     assert np.allclose(cp10k[1, 3:], np.log1p(np.array([5, 2, 1]) / 8 * 1e4))
     assert not cp10k[3].any(), "an empty spot stays zero (no division by zero)"
     t = transform(transform="log1p")
-    assert t.mask(["h", "m", "unknown"]).tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0] * 6]
+    assert mask(t, ["h", "m", "h"]).tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0]]
+    with pytest.raises(LoaderSettingsError, match="not among the selected slides"):
+        t.slide_index(["unknown"])
+    # The whole step on a sparse batch dict: sparse entries replaced by expr and its mask.
+    genes, counts_t, offsets = flat(*BATCH)
+    batch = {"genes": genes, "counts": counts_t, "offsets": offsets, "slide_index": torch.tensor([0, 1, 0, 0])}
+    out = t(batch)
+    assert set(out) == {"expr", "expr_mask"} and np.allclose(out["expr"].numpy(), log1p)
+    csr = to_csr({"genes": genes, "counts": counts_t, "offsets": offsets}, n_genes=6)
+    assert np.array_equal(csr.to_dense().numpy(), counts_of(BATCH))
+
+
+def counts_of(samples: tuple[tuple[list[int], list[Any]], ...]) -> np.ndarray:
+    out = np.zeros((len(samples), 6), dtype=np.int32)
+    for i, (genes, counts) in enumerate(samples):
+        out[i, genes] = counts
+    return out
 
 
 def test_selection_by_panel_and_by_id() -> None:
     t = transform(transform="counts", panel="p1")
     assert t.space.ensembl_ids == ["ENSG0", "ENSG1"]
-    assert t.dense(flat(*BATCH))[2].tolist() == [3, 3]
+    assert dense(t, *BATCH)[2].tolist() == [3, 3]
     t = transform(transform="counts", genes=("ENSG2", 3, "ENSG0.14"))  # a versioned id is matched unversioned
-    assert t.dense(flat(*BATCH)).tolist() == [[1, 0, 3], [0, 5, 0], [1, 0, 3], [0, 0, 0]]
+    assert dense(t, *BATCH).tolist() == [[1, 0, 3], [0, 5, 0], [1, 0, 3], [0, 0, 0]]
     with pytest.raises(LoaderSettingsError, match=r"panels in genes\.parquet"):
         transform(panel="nope")
     with pytest.raises(LoaderSettingsError, match="not in the vocabulary"):
@@ -91,37 +126,39 @@ def test_mouse_to_human_projection_by_hand() -> None:
     assert t.space.ensembl_ids == ["ENSG0", "ENSG1", "ENSG2", "ENSG_OUTSIDE_VOCABULARY"]
     assert t.space.indices.tolist() == [0, 1, 2, -1]
     assert t.space.dropped == ["ENSMUSG4"]
-    out = t.dense(flat(*BATCH))
+    out = dense(t, *BATCH)
     # The mouse spot's library (8) is taken before projection; ENSMUSG3 lands on ENSG1.
     assert np.allclose(out[1], [0, np.log1p(5 / 8 * 1e4), 0, np.log1p(1 / 8 * 1e4)])
     assert np.allclose(out[0], [np.log1p(7500), 0, np.log1p(2500), 0]), "human spots are unchanged"
-    assert t.mask(["m"]).tolist() == [[False, True, False, False]]
+    assert mask(t, ["m"]).tolist() == [[False, True, False, False]]
     # A spot that mixes a human gene and its mouse ortholog sums them before log1p.
-    mixed = transform(transform="log1p", to_human=True).dense(flat(([1, 3], [2, 5])))
+    mixed = dense(transform(transform="log1p", to_human=True), ([1, 3], [2, 5]))
     assert np.allclose(mixed, [[0, np.log(8), 0, 0]])
     picked = transform(transform="counts", to_human=True, genes=("ENSMUSG3", "ENSG_OUTSIDE_VOCABULARY"))
     assert picked.space.ensembl_ids == ["ENSG1", "ENSG_OUTSIDE_VOCABULARY"]
-    assert picked.dense(flat(BATCH[1])).tolist() == [[5, 1]]
+    assert dense(picked, BATCH[1]).tolist() == [[5, 1]]
     with pytest.raises(LoaderSettingsError, match="no one-to-one human ortholog"):
         transform(to_human=True, genes=("ENSMUSG4",))
 
 
 def test_rank_tokens_by_hand() -> None:
     t = transform(transform="rank", context_length=4)
-    tokens, mask = t.tokens(flat(*BATCH))
-    assert tokens.dtype == np.int64 and tokens.shape == (4, 4)
+    ids, real = tokens(t, *BATCH)
+    assert ids.dtype == np.int64 and ids.shape == (4, 4)
     # ids are column + 1 (0 pads); ties (genes 0 and 1 of spot 2) go to the lower column.
-    assert tokens.tolist() == [[1, 3, 0, 0], [4, 5, 6, 0], [1, 2, 3, 0], [0, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
-    short = transform(transform="rank", context_length=2).tokens(flat(*BATCH))[0]
+    assert ids.tolist() == [[1, 3, 0, 0], [4, 5, 6, 0], [1, 2, 3, 0], [0, 0, 0, 0]]
+    assert real.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+    short = tokens(transform(transform="rank", context_length=2), *BATCH)[0]
     assert short.tolist() == [[1, 3], [4, 5], [1, 2], [0, 0]]
     # Dividing by gene means reorders: gene 2 (mean 0.1) first, then gene 0 (1), then gene 1 (3).
     weighted = transform(transform="rank", context_length=3, means=np.array([1, 3, 0.1, 1, 1, 1]))
-    assert weighted.tokens(flat(BATCH[2]))[0].tolist() == [[3, 1, 2]]
+    assert tokens(weighted, BATCH[2])[0].tolist() == [[3, 1, 2]]
     with pytest.raises(LoaderSettingsError, match="not positive finite"):
         transform(transform="rank", means=np.array([1, 0, 1, 1, 1, 1]))
     human = transform(transform="rank", to_human=True, context_length=3)
-    assert human.tokens(flat(BATCH[1]))[0].tolist() == [[2, 4, 0]]  # ENSG1 (5), ENSG_OUTSIDE (1); ENSMUSG4 dropped
+    assert tokens(human, BATCH[1])[0].tolist() == [[2, 4, 0]]  # ENSG1 (5), ENSG_OUTSIDE (1); ENSMUSG4 dropped
+    # A spot holding a human gene and its mouse ortholog: summed first (2 + 5 on ENSG1), then ranked.
+    assert tokens(human, ([1, 2, 3], [2, 6, 5]))[0].tolist() == [[2, 3, 0]]
     assert human.vocab_size == 5
 
 
@@ -159,7 +196,7 @@ def everything(corpus: FixtureCorpus, genes: dict[str, Any], **options: Any) -> 
     settings = LoaderSettings.from_dict(
         {"split": "train", "batch_size": 8, "drop_last": False, "views": ["patch"], "genes": genes, **options}
     )
-    return list(CorpusLoader(CorpusDataset(corpus.root, settings)))
+    return list(CorpusLoader(CorpusDataset(corpus.root, settings), device="cpu"))
 
 
 def test_niche_expression_gets_the_same_transform(corpus: FixtureCorpus) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stcorpus import schema
 from stcorpus.loaders import batch as B
 from stcorpus.schema import sample_key
 from stcorpus.training.config import SyntheticSection, TrainConfig
@@ -46,8 +47,6 @@ Batch = dict[str, Any]
 
 #: Token id of the first gene (0 is padding), as in ``loaders/batch.py``.
 TOKEN_OFFSET: Final = 1
-#: Tile size of the corpus contract (CORPUS.md section 2), for a corpus.json that does not say.
-CONTRACT_TILE_PX: Final = 224
 #: Entries of evaluation batches that carry the probe's log1p targets when ``expr`` is another
 #: transform (or absent, with rank tokens).
 PROBE_EXPR: Final = "probe_expr"
@@ -451,6 +450,7 @@ class CorpusSource:
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
         n_batches = len(dataset)
         if num_workers > n_batches:
@@ -463,6 +463,9 @@ class CorpusSource:
             "num_workers": num_workers,
             "pin_memory": pin_memory,
             "prefetch_factor": prefetch_factor,
+            # Workers hand over images and sparse raw counts; the loader finishes each batch on
+            # this device (gene transform there, JPEG decode too with decode: nvjpeg).
+            "device": device or torch.device("cpu"),
         }
         self.loader = self._new_loader()
 
@@ -531,6 +534,7 @@ def corpus_dataloader(
     world_size: int,
     shuffle: bool,
     slide_ids: Sequence[str] | None = None,
+    device: torch.device | None = None,
 ) -> CorpusSource:
     """THE integration point with the torch corpus loader (``loaders``).
 
@@ -544,7 +548,10 @@ def corpus_dataloader(
     memory on CUDA); ``shuffle=False`` a fixed-order pass read in this process.
 
     Batches follow ``loaders/batch.py``; under ``on_bad_sample: warn``/``skip`` they may be
-    short or empty, which the training loop handles (``stcorpus.training.pretrain``).
+    short or empty, which the training loop handles (``stcorpus.training.pretrain``). The
+    workers hand over images and sparse raw counts; each batch is finished on ``device`` (the
+    training device; default CPU): the gene transform runs there as tensor operations, so the
+    gene encoders receive ``expr``/``expr_mask`` or ``tokens``/``tokens_mask`` already on the device.
     """
     settings = loader_settings(cfg, split=split, shuffle=shuffle, slide_ids=slide_ids)
     dataset = open_corpus_dataset(cfg, settings, rank=rank, world_size=world_size)
@@ -554,6 +561,7 @@ def corpus_dataloader(
         num_workers=cfg.data.num_workers if shuffle else 0,
         pin_memory=pin and shuffle,
         prefetch_factor=cfg.data.prefetch_factor if shuffle else None,
+        device=device,
     )
 
 
@@ -593,10 +601,11 @@ class CorpusPool:
     def __call__(self) -> Iterator[Batch]:
         from stcorpus.loaders import CorpusLoader
 
-        main = iter(CorpusLoader(self._open()))
+        # Evaluation gathers its batches on the host: finish them there.
+        main = iter(CorpusLoader(self._open(), device="cpu"))
         if self._targets is None:
             return main
-        return _with_targets(main, iter(CorpusLoader(self._targets)))
+        return _with_targets(main, iter(CorpusLoader(self._targets, device="cpu")))
 
 
 def _with_targets(batches: Iterator[Batch], targets: Iterator[Batch]) -> Iterator[Batch]:
@@ -617,10 +626,9 @@ def corpus_sizes(dataset: CorpusDataset, *, views: Sequence[str]) -> tuple[int, 
     transform = dataset.gene_transform
     if transform is None:  # the config validators refuse genes.transform=none; a guard all the same
         raise ConfigError("the corpus stream has no gene transform; set data.loader.genes.transform")
-    info = dataset.corpus.info if dataset.corpus is not None else {}
-    tiles = (info.get("settings") or {}).get("tiles") or {}
-    patch = int(tiles.get("patch_size") or CONTRACT_TILE_PX)
-    region = int(tiles.get("region_size") or patch)
+    # The tile sizes the corpus records (corpus.json views), never assumed.
+    patch = dataset.views[schema.PATCH_COLUMN].size_px if schema.PATCH_COLUMN in dataset.views else 0
+    region = dataset.views[schema.REGION_COLUMN].size_px if schema.REGION_COLUMN in dataset.views else patch
     if "region" in views and region != patch:
         raise ConfigError(
             f"the corpus's region tiles are {region}px but its patches {patch}px; one image encoder reads both, "
@@ -670,7 +678,9 @@ def build_run_data(cfg: TrainConfig, *, rank: int, world_size: int, device: torc
     """
     data = cfg.data
     if data.source == "corpus":
-        train = corpus_dataloader(cfg, split=data.train_split, rank=rank, world_size=world_size, shuffle=True)
+        train = corpus_dataloader(
+            cfg, split=data.train_split, rank=rank, world_size=world_size, shuffle=True, device=device
+        )
         image_size, n_genes, vocab_size, max_tokens = corpus_sizes(train.dataset, views=data.views)
         return RunData(
             train=train,
@@ -732,16 +742,9 @@ def check_batch(batch: Mapping[str, Any], *, needs: Sequence[str]) -> None:
         raise BatchContractError(
             f"the batch lacks {missing} (it has {sorted(batch)}); check the loader's views/transform"
         )
-    expected = {
-        B.PATCH: torch.uint8,
-        B.REGION: torch.uint8,
-        B.POS: torch.int64,
-        B.EXPR: torch.float32,
-        B.EXPR_MASK: torch.bool,
-        B.NICHE: torch.float32,
-        B.TOKENS: torch.int64,
-        B.TOKENS_MASK: torch.bool,
-    }
+    # The dtypes of the contract (stcorpus.schema.BATCH_DTYPES) for what a training step reads.
+    checked = (B.PATCH, B.REGION, B.POS, B.EXPR, B.EXPR_MASK, B.NICHE, B.TOKENS, B.TOKENS_MASK)
+    expected = {name: getattr(torch, schema.BATCH_DTYPES[name]) for name in checked}
     sizes = {len(batch[B.KEY])} if B.KEY in batch else set()
     for name, dtype in expected.items():
         if name not in batch:

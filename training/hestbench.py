@@ -445,7 +445,7 @@ def run_corpus(
         except LoaderError as exc:
             raise DataSourceUnavailableError(f"cannot read split {split} of {corpus}: {exc}") from exc
         feats, exprs, masks, ids = [], [], [], []
-        for batch in _batches(CorpusLoader(dataset)):
+        for batch in _batches(CorpusLoader(dataset, device="cpu")):  # finished: dense expr + expr_mask
             feats.append(embed(batch["patch"].permute(0, 2, 3, 1).contiguous().numpy()))
             exprs.append(batch["expr"].numpy().astype(np.float64))
             masks.append(batch["expr_mask"].numpy())

@@ -404,6 +404,8 @@ def build(
             ({"slide_id": r.slide_id, **i} for r in results.values() for i in r.inputs),
             key=lambda s: (s["slide_id"], s["name"]),
         ),
+        schema.CorpusKey.VIEWS.value: schema.views_record(corpus_views(settings)),
+        schema.CorpusKey.EXPRESSION.value: packed.tar_dtypes.record(),
         "settings": settings.to_dict(),
         "references": {"genes": reference_sources()},
         "software": software_versions(),
@@ -597,21 +599,17 @@ def _slide_rows(
 
 
 def slides_arrow_schema() -> pa.Schema:
-    """The Arrow schema of ``slides.parquet`` (columns in ``SLIDE_COLUMNS`` order)."""
-    import pyarrow as pa
+    """The Arrow schema of ``slides.parquet``: ``stcorpus.schema.SLIDE_TYPES``."""
+    return schema.slides_arrow_schema()
 
-    types: dict[str, pa.DataType] = {name: pa.string() for name in schema.SLIDE_COLUMNS}
-    types.update(
-        mpp=pa.float64(),
-        n_spots=pa.int64(),
-        n_spots_written=pa.int64(),
-        measured_genes=pa.list_(pa.int32()),
-        mapping_rate=pa.float64(),
-        qc_flags=pa.list_(pa.string()),
-        reason_codes=pa.list_(pa.string()),
-        spots_rejected=pa.map_(pa.string(), pa.int64()),
-    )
-    return pa.schema([(name, types[name]) for name in schema.SLIDE_COLUMNS], metadata={"stcorpus": schema.SCHEMA_ID})
+
+def corpus_views(settings: BuildSettings) -> dict[str, schema.View]:
+    """The views the build cuts (``corpus.json`` ``views``): tile size and um/px of each."""
+    tiles = settings.unit.tiles
+    views = {schema.PATCH_COLUMN: schema.View(schema.PATCH_COLUMN, tiles.patch_size, tiles.patch_mpp)}
+    if tiles.regions:
+        views[schema.REGION_COLUMN] = schema.View(schema.REGION_COLUMN, tiles.region_size, tiles.region_um_per_px)
+    return views
 
 
 def _write_slides(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
