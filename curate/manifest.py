@@ -170,6 +170,11 @@ class SampleFields(_Strict):
     disease_state: str | None = None
     oncotree_code: str | None = None
     patient: str | None = None
+    split: Literal["train", "validation", "test"] | None = Field(
+        default=None,
+        description="pins the slide's split (train, validation or test) instead of the seeded hash of its "
+        "patient/study; every slide of one patient must be pinned alike",
+    )
     preservation: str | None = None
     licence: str | None = Field(default=None, description="SPDX id, or LicenseRef-<name>")
     distribution_licence: str | None = Field(
@@ -297,6 +302,7 @@ class Sample:
     disease_state: str | None = None
     oncotree_code: str | None = None
     patient: str | None = None
+    split: str | None = None  # pinned by the manifest; None: the seeded hash decides
     preservation: str | None = None
     citation: str | None = None
     distribution_licence: str | None = None
@@ -403,6 +409,7 @@ def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sam
                     disease_state=values.get("disease_state"),
                     oncotree_code=values.get("oncotree_code"),
                     patient=values.get("patient"),
+                    split=values.get("split"),
                     preservation=values.get("preservation"),
                     citation=values.get("citation"),
                     distribution_licence=values.get("distribution_licence"),

@@ -287,7 +287,7 @@ def make_plan(
     selection = selection or Selection()
     splits = splits or SplitSettings()
     holdout = holdout if holdout is not None else resolve_holdout()
-    checked = require_valid(manifests)
+    checked = require_valid(manifests, holdout=holdout.slides)
     every = [s for m in manifests for s in m.samples]
     check_selection(selection, every)
     chosen = [s for s in every if selection.matches(s)]

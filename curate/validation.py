@@ -10,14 +10,14 @@ as ``no_reader``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stcorpus.curate.errors import ManifestError
 
 if TYPE_CHECKING:
-    from stcorpus.curate.manifest import Manifest
+    from stcorpus.curate.manifest import Manifest, Sample
 
 #: Problems listed in one error message; the rest are counted.
 MAX_LISTED = 20
@@ -38,13 +38,17 @@ class ManifestCheck:
         return f"no reader yet (a build quarantines these slides as no_reader): {counts}"
 
 
-def check_manifests(manifests: Iterable[Manifest]) -> ManifestCheck:
-    """Check every sample's source names and reader options against its technology's reader."""
+def check_manifests(manifests: Iterable[Manifest], *, holdout: Collection[str] = ()) -> ManifestCheck:
+    """Check every sample's source names and reader options against its technology's reader, and
+    its pinned ``split:`` against its group's and the holdout list (``holdout``: held-out slide ids)."""
+    from stcorpus.curate.build.splits import group_of
     from stcorpus.curate.readers import READERS, check_sample
 
     found = ManifestCheck()
+    pins: dict[str, tuple[str, Sample]] = {}
     for manifest in manifests:
         for sample in manifest.samples:
+            found.problems.extend(_check_pin(sample, pins, group_of(sample), holdout))
             if sample.technology not in READERS:
                 found.no_reader.setdefault(sample.technology, []).append(sample.id)
                 continue
@@ -52,9 +56,28 @@ def check_manifests(manifests: Iterable[Manifest]) -> ManifestCheck:
     return found
 
 
-def require_valid(manifests: Iterable[Manifest]) -> ManifestCheck:
+def _check_pin(sample: Sample, pins: dict[str, tuple[str, Sample]], group: str, holdout: Collection[str]) -> list[str]:
+    if sample.split is None:
+        return []
+    problems = []
+    if sample.id in holdout and sample.split != "test":
+        problems.append(
+            f"{sample.describe()}: field 'split': {sample.split!r}, but the slide is on the benchmark holdout "
+            "list, so it may only be pinned to 'test' (or pass --holdout none to train on benchmark slides "
+            "knowingly)"
+        )
+    previous = pins.setdefault(group, (sample.split, sample))
+    if previous[0] != sample.split:
+        problems.append(
+            f"{sample.describe()}: field 'split': {sample.split!r}, but slide {previous[1].id!r} of the same "
+            f"group ({group}) is pinned to {previous[0]!r}; pin every slide of one patient alike"
+        )
+    return problems
+
+
+def require_valid(manifests: Iterable[Manifest], *, holdout: Collection[str] = ()) -> ManifestCheck:
     """:func:`check_manifests`, raising a ``ManifestError`` that lists the problems if there are any."""
-    found = check_manifests(manifests)
+    found = check_manifests(manifests, holdout=holdout)
     if found.problems:
         listed = found.problems[:MAX_LISTED]
         more = len(found.problems) - len(listed)
