@@ -25,8 +25,8 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 .PHONY: install demo test lint typecheck unit clean
 install: $(VENV)/.dev
 
-# --holdout none: the demo pins HER2ST B4 (a benchmark slide) to validation so that train,
-# validation and test are each non-empty (see manifests/demo.yaml); not a benchmark corpus.
+# --holdout none: the demo pins its splits (HER2ST B4, a benchmark section, to validation) so that
+# train, validation and test are each non-empty (see manifests/demo.yaml); not a benchmark corpus.
 demo: $(VENV)/.core
 	$(BIN)/curate build manifests/demo.yaml --out $(DEMO_OUT) --holdout none
 

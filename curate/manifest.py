@@ -175,6 +175,12 @@ class SampleFields(_Strict):
         description="pins the slide's split (train, validation or test) instead of the seeded hash of its "
         "patient/study; every slide of one patient must be pinned alike",
     )
+    reference_mpp: float | None = Field(
+        default=None,
+        gt=0,
+        description="um/px a reference gives (e.g. HEST's pixel_size_um_estimated); the build summary "
+        "prints the um/px the build used against it and flags a difference over 2%",
+    )
     preservation: str | None = None
     licence: str | None = Field(default=None, description="SPDX id, or LicenseRef-<name>")
     distribution_licence: str | None = Field(
@@ -303,6 +309,7 @@ class Sample:
     oncotree_code: str | None = None
     patient: str | None = None
     split: str | None = None  # pinned by the manifest; None: the seeded hash decides
+    reference_mpp: float | None = None  # a reference's um/px, printed beside the build's
     preservation: str | None = None
     citation: str | None = None
     distribution_licence: str | None = None
@@ -410,6 +417,7 @@ def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sam
                     oncotree_code=values.get("oncotree_code"),
                     patient=values.get("patient"),
                     split=values.get("split"),
+                    reference_mpp=values.get("reference_mpp"),
                     preservation=values.get("preservation"),
                     citation=values.get("citation"),
                     distribution_licence=values.get("distribution_licence"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,9 +49,16 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     import datasets
 
     out = tmp_path / "demo"
-    assert main(["build", str(DEMO), "--out", str(out), "--no-progress"]) == 0
+    # what `make demo` runs (Makefile): the demo pins benchmark slide HER2ST-B4 to validation
+    assert main(["build", str(DEMO), "--out", str(out), "--no-progress", "--holdout", "none"]) == 0
     printed = capsys.readouterr().out
     assert "3 built, 2 quarantined" in printed and "image_too_coarse" in printed
+    # the summary prints every split non-empty, and each built slide's split and um/px against HEST's
+    assert re.search(r"samples written: 519 \(train 49, validation 283, test 187\)", printed)
+    assert "HER2ST-B4: built: validation, 0.6878 um/px (lattice); reference_mpp 0.6889 (-0.2%)\n" in printed
+    assert "HER2ST-C2: built: test, 0.6881 um/px (lattice); reference_mpp 0.6961 (-1.1%)\n" in printed
+    assert "V1-Mouse-Brain-fullres-crop: built: train, 0.7267 um/px (manifest)\n" in printed
+    assert "OFF BY" not in printed
 
     slides = pq.read_table(out / schema.SLIDES_FILE).to_pylist()
     built = {s["slide_id"]: s for s in slides if s["status"] == "built"}
@@ -72,6 +80,12 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert built["HER2ST-B4"]["mpp"] == pytest.approx(0.6889, rel=0.02)
     assert built["HER2ST-C2"]["mpp"] == pytest.approx(0.6961, rel=0.02)
     assert {built[i]["patient"] for i in ("HER2ST-B4", "HER2ST-C2")} == {"B", "C"}
+    # pinned by the manifest's `split:` key and recorded in slides.parquet
+    assert {i: s["split"] for i, s in built.items()} == {
+        "V1-Mouse-Brain-fullres-crop": "train",
+        "HER2ST-B4": "validation",
+        "HER2ST-C2": "test",
+    }
 
     parquet = datasets.load_dataset(str(out), streaming=True)
     wds = datasets.load_dataset(str(out), data_dir="wds", streaming=True)

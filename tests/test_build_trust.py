@@ -684,3 +684,71 @@ def test_a_worker_process_that_dies_fails_its_slides_not_the_build(
     monkeypatch.delenv("STCORPUS_TEST_DIE_ON")
     again = build([path], out=out, settings=BuildSettings(progress=False, workers=2))
     assert again.slides == {"built": 3} and again.reused_units == built
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's pinned splits: `split:` is checked by the one validation (validate, plan and build)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pinned_split_of_a_benchmark_slide_needs_holdout_none() -> None:
+    from stcorpus.curate.manifest import load_manifest
+    from stcorpus.curate.plan import make_plan
+
+    demo = load_manifest(DEMO)
+    plan = make_plan([demo], holdout=resolve_holdout("none"), candidates=False)
+    assert {i: plan.splits[i] for i in ("V1-Mouse-Brain-fullres-crop", "HER2ST-B4", "HER2ST-C2")} == {
+        "V1-Mouse-Brain-fullres-crop": "train",
+        "HER2ST-B4": "validation",
+        "HER2ST-C2": "test",
+    }
+    # B4 under an id the shipped holdout list names (HER2ST section A1, STimage's copy)
+    listed = "Human_Breast_Andersson_10142021_ST_A1"
+    b4 = dataclasses.replace(demo.sample("HER2ST-B4"), id=listed)
+    held = dataclasses.replace(demo, samples=(b4,))
+    with pytest.raises(ManifestError, match=listed + r".*'validation'.*holdout list.*--holdout none"):
+        make_plan([held], candidates=False)
+    assert make_plan([held], holdout=resolve_holdout("none"), candidates=False).splits == {listed: "validation"}
+    # a held-out slide pinned to test is fine; unpinned slides of its patient follow the pin
+    sibling = dataclasses.replace(b4, id="HER2ST-B5", split=None)
+    pinned_test = dataclasses.replace(demo, samples=(dataclasses.replace(b4, split="test"), sibling))
+    assert make_plan([pinned_test], candidates=False).splits == {listed: "test", "HER2ST-B5": "test"}
+
+
+def test_one_patient_pinned_to_two_splits_is_refused_by_validate_plan_and_build(tmp_path: Path) -> None:
+    import yaml
+
+    from stcorpus.curate.manifest import load_manifest
+    from stcorpus.curate.validation import check_manifests
+
+    demo = load_manifest(DEMO)
+    b4 = demo.sample("HER2ST-B4")
+    leak = dataclasses.replace(b4, id="HER2ST-B5", split="train")
+    problems = check_manifests([dataclasses.replace(demo, samples=(b4, leak))]).problems
+    assert len(problems) == 1 and re.search(r"HER2ST-B5.*'train'.*'HER2ST-B4'.*'validation'.*alike", problems[0])
+
+    # the same through the CLI, from a manifest file: validate exits 1, build refuses before starting
+    raw = yaml.safe_load(DEMO.read_text())
+    her2st = next(s for s in raw["studies"] if s["id"] == "her2st-legacy-st")
+    her2st["samples"][1]["patient"] = "B"  # C2 now claims patient B, pinned to test; B4 is in validation
+    for sample in her2st["samples"]:
+        sample["sources"] = {k: str((DEMO.parent / v).resolve()) for k, v in sample["sources"].items()}
+    raw["studies"] = [her2st]
+    path = tmp_path / "leak.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 1
+    assert main(["build", str(path), "--out", str(tmp_path / "out"), "--holdout", "none", "--no-progress"]) != 0
+    assert not (tmp_path / "out" / schema.SLIDES_FILE).exists()
+
+
+def test_split_key_takes_only_the_three_splits(tmp_path: Path) -> None:
+    import yaml
+
+    from stcorpus.curate.manifest import load_manifest
+
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["studies"][0]["samples"][0]["split"] = "val"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ManifestError, match=r"split.*(train|validation|test)"):
+        load_manifest(path)

@@ -64,6 +64,8 @@ BUILD_MARKER = ".work"
 
 #: Exit codes of ``curate build`` (README: "Exit codes").
 EXIT_OK = 0  # the corpus was written; no slide failed (quarantined slides are reported, not failures)
+#: How far (relative) the um/px a build used may differ from a sample's ``reference_mpp`` unflagged.
+MPP_REFERENCE_TOLERANCE = 0.02
 EXIT_SLIDES_FAILED = 1  # the corpus was written without some slides that failed: run again to retry them
 EXIT_ERROR = 2  # nothing was written: bad arguments or manifests, no slide built, a stop on a bad slide
 
@@ -122,6 +124,21 @@ class BuildSummary:
     seconds: float = 0.0
     reused_units: int = 0
     holdout: str = ""  # which holdout list applied and how many slides it held out
+    built: list[tuple[str, str, float | None, str, float | None]] = field(
+        default_factory=list
+    )  # (slide, split, um/px, its source, the manifest's reference_mpp)
+
+    def built_lines(self) -> list[str]:
+        """``  HER2ST-B4: built: validation, 0.6878 um/px (fit), HEST-reference 0.6889 (-0.2%)``."""
+        lines = []
+        for slide, split, mpp, source, reference in self.built:
+            line = f"  {slide}: built: {split}, " + (f"{mpp:.4f} um/px ({source})" if mpp else "um/px unknown")
+            if reference and mpp:
+                off = mpp / reference - 1
+                flag = "" if abs(off) <= MPP_REFERENCE_TOLERANCE else f" OFF BY MORE THAN {MPP_REFERENCE_TOLERANCE:.0%}"
+                line += f"; reference_mpp {reference:.4f} ({off:+.1%}){flag}"
+            lines.append(line)
+        return lines
 
     @property
     def exit_code(self) -> int:
@@ -143,6 +160,7 @@ class BuildSummary:
         ]
         if self.holdout:
             lines.append(self.holdout)
+        lines += self.built_lines()
         lines += [f"  {slide}: {status}: {reason}" for slide, status, reason in self.bad]
         if self.slides.get("failed"):
             lines.append(
@@ -347,7 +365,7 @@ def build(
     if not kept:
         rows = _slide_rows(plan, results, duplicates, measured={})
         _write_slides(out, rows)
-        _count(summary, rows, built)
+        _count(summary, rows, built, {s.id: s.reference_mpp for s in plan.samples})
         _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
         raise BuildError(_nothing_built(results, plan.excluded))
     from stcorpus.curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
@@ -380,7 +398,7 @@ def build(
     _write_slides(out, rows)
 
     # summary, provenance, card, report
-    _count(summary, rows, built)
+    _count(summary, rows, built, {s.id: s.reference_mpp for s in plan.samples})
     summary.samples = dict(packed.n_samples)
     summary.bytes = sum(s.bytes for s in packed.shards)
     summary.seconds = time.perf_counter() - started
@@ -420,12 +438,20 @@ def build(
     return summary
 
 
-def _count(summary: BuildSummary, rows: Sequence[Mapping[str, Any]], built: Sequence[UnitResult]) -> None:
+def _count(
+    summary: BuildSummary,
+    rows: Sequence[Mapping[str, Any]],
+    built: Sequence[UnitResult],
+    references: Mapping[str, float | None],
+) -> None:
     """Slides by status, the bad ones with their reasons, and every rejected spot of the built slides."""
     for row in rows:
         summary.slides[row["status"]] += 1
         if row["status"] != "built":
             summary.bad.append((row["slide_id"], row["status"], row["reason"] or ""))
+        else:
+            reference = references.get(row["slide_id"])
+            summary.built.append((row["slide_id"], str(row["split"]), row["mpp"], str(row["mpp_source"]), reference))
     for unit in built:
         summary.spots_rejected.update(unit.spots_rejected)
 
