@@ -12,14 +12,13 @@ gives the resolved settings back as plain JSON types, to store beside a checkpoi
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from stcorpus import schema
 from stcorpus.loaders.errors import LoaderSettingsError
+from stcorpus.settings import build_dataclass, check_fields
 
 FORMATS: Final = schema.FORMATS
 GENE_TRANSFORMS: Final = ("none", "counts", "log1p", "cp10k_log1p", "rank")
@@ -33,8 +32,6 @@ GENE_OUTPUTS: Final = ("sparse", "dense")
 COUNT_TRANSFORMS: Final = ("log1p", "cp10k_log1p", "rank")
 ON_BAD_SAMPLE: Final = ("error", "warn", "skip")
 UNEVEN: Final = ("drop", "wrap")
-
-T = TypeVar("T")
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -72,6 +69,7 @@ class Filters:
     count_kind: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_fields(self, path="filters.", error=LoaderSettingsError)
         for kind in self.count_kind:
             _choice("filters.count_kind", kind, schema.COUNT_KINDS)
 
@@ -117,6 +115,7 @@ class GeneSettings:
     output: str = "sparse"
 
     def __post_init__(self) -> None:
+        check_fields(self, path="genes.", error=LoaderSettingsError)
         _choice("genes.transform", self.transform, GENE_TRANSFORMS)
         _choice("genes.output", self.output, GENE_OUTPUTS)
         _positive("genes.target_sum", self.target_sum)
@@ -147,6 +146,7 @@ class AugmentSettings:
     saturation: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self, path="augment.", error=LoaderSettingsError)
         for name in ("brightness", "contrast", "saturation"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -175,6 +175,7 @@ class HttpSettings:
     block_mb: int = 64
 
     def __post_init__(self) -> None:
+        check_fields(self, path="http.", error=LoaderSettingsError)
         _positive("http.retries", self.retries, zero=True)
         _positive("http.backoff_s", self.backoff_s, zero=True)
         _positive("http.timeout_s", self.timeout_s)
@@ -200,6 +201,7 @@ class CacheSettings:
     max_gb: float = 100.0
 
     def __post_init__(self) -> None:
+        check_fields(self, path="cache.", error=LoaderSettingsError)
         _positive("cache.max_gb", self.max_gb)
 
 
@@ -257,6 +259,7 @@ class LoaderSettings:
         split: Any = self.split
         if isinstance(split, str):  # LoaderSettings(split="train") reads naturally; store the tuple
             object.__setattr__(self, "split", (split,))
+        check_fields(self, path="", error=LoaderSettingsError)
         if not self.split:
             raise LoaderSettingsError(f"split must name at least one of {schema.SPLITS}")
         for split in self.split:
@@ -285,7 +288,7 @@ class LoaderSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoaderSettings:
         """Settings from plain data (YAML/JSON); unknown keys and wrong types are errors."""
-        return _build(cls, data, "")
+        return build_dataclass(cls, data, path="", error=LoaderSettingsError)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings as JSON types (tuples become lists)."""
@@ -299,59 +302,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
-    if not isinstance(data, Mapping):
-        raise LoaderSettingsError(f"{path or 'settings'} must be a mapping, not {type(data).__name__}")
-    assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f" in {path}" if path else ""
-        raise LoaderSettingsError(
-            f"unknown setting(s){where.rstrip('.')}: {', '.join(map(str, unknown))}; known: {', '.join(names)}"
-        )
-    kwargs = {name: _coerce(hints[name], data[name], f"{path}{name}") for name in names if name in data}
-    result: T = cls(**kwargs)
-    return result
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return _build(hint, value, f"{path}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, path)
-            except LoaderSettingsError:
-                continue
-        raise LoaderSettingsError(f"{path}: {value!r} fits none of {hint}")
-    if origin is tuple:
-        if path == "split" and isinstance(value, str):
-            return (value,)
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise LoaderSettingsError(f"{path} must be a list, not {value!r}")
-        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise LoaderSettingsError(f"{path} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LoaderSettingsError(f"{path} must be an integer, not {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LoaderSettingsError(f"{path} must be a number, not {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise LoaderSettingsError(f"{path} must be a string, not {value!r}")
-        return value
-    raise LoaderSettingsError(f"{path}: unsupported setting type {hint}")

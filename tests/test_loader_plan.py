@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,6 +157,35 @@ def test_settings_from_dict_are_strict() -> None:
         LoaderSettings(format="zarr")
     with pytest.raises(LoaderSettingsError, match=r"panel or genes\.genes, not both"):
         LoaderSettings.from_dict({"genes": {"panel": "p", "genes": [1]}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"batch_size": "8"}, "batch_size must be an integer, not '8'"),
+        ({"shuffle": "no"}, "shuffle must be true or false, not 'no'"),
+        ({"genes": {"niche": "yes"}}, "genes.niche must be true or false, not 'yes'"),
+        ({"http": {"timeout_s": "5"}}, "http.timeout_s must be a number, not '5'"),
+        ({"views": "patch"}, "views must be a list, not 'patch'"),
+        ({"cache": {"max_gb": 0}}, "cache.max_gb must be > 0, not 0.0"),
+    ],
+)
+def test_settings_built_in_python_fail_like_from_dict(data: dict[str, Any], message: str) -> None:
+    """One check for both ways in: LoaderSettings(...) is validated exactly like from_dict."""
+    from stcorpus.loaders.settings import CacheSettings, GeneSettings, HttpSettings
+
+    nested = {"genes": GeneSettings, "http": HttpSettings, "cache": CacheSettings}
+    with pytest.raises(LoaderSettingsError) as from_dict:
+        LoaderSettings.from_dict(data)
+    ((key, value),) = data.items()
+    with pytest.raises(LoaderSettingsError) as direct:
+        LoaderSettings(**{key: nested[key](**value) if key in nested else value})
+    assert str(from_dict.value) == str(direct.value) == message
+
+
+def test_unknown_setting_says_did_you_mean() -> None:
+    with pytest.raises(LoaderSettingsError, match=r"batchsize \(did you mean 'batch_size'\?\); known: split"):
+        LoaderSettings.from_dict({"batchsize": 3})
 
 
 def test_import_loaders_is_light() -> None:
