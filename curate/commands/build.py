@@ -77,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     parser.add_argument(
-        "--keep-sources",
+        "--release-sources",
         action="store_true",
-        help="keep each slide's downloaded inputs in the cache (default: released once its unit is committed)",
+        help="delete each slide's downloaded inputs from the cache once its unit is committed "
+        "(reference-counted across slides sharing a URL; default: keep them)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     )
     fetch = FetchSettings(
         allow_local=args.allow_local,
-        keep_sources=args.keep_sources,
+        keep_sources=not args.release_sources,
         **({"cache_dir": args.cache} if args.cache else {}),
     )
     with executor_from(args) as executor:

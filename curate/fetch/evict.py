@@ -12,8 +12,9 @@ Deleting happens under the URL's download lock, so it never races a download of 
 pin left behind by a killed build only keeps bytes (never loses them); the next build re-pins
 what it still has to run and releases the pins of the slides it finds finished.
 
-Local sources (paths, ``file://``) are used in place and never deleted. ``--keep-sources``
-(``FetchSettings.keep_sources``) keeps everything.
+Local sources (paths, ``file://``) are used in place and never deleted. Releasing is opt-in
+(``--release-sources``, ``FetchSettings.keep_sources=False``): pins are per URL, so two URLs with
+the same bytes (a copy under another dataset) are fetched twice when the first is released early.
 """
 
 from __future__ import annotations
