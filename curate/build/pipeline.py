@@ -199,6 +199,8 @@ def run_units(
                 reused.add(sample.id)
         else:
             pending.append(sample)
+    if not fetch.keep_sources:
+        _pin_and_release(samples, pending=pending, fetch=fetch)
     for result in list(results.values()):
         if on_result is not None and not on_result(result):
             return results
@@ -215,6 +217,19 @@ def run_units(
         if close is not None:
             close()  # cancels the units not yet started
     return results
+
+
+def _pin_and_release(samples: Sequence[Sample], *, pending: Sequence[Sample], fetch: FetchSettings) -> None:
+    """Pin the inputs of the slides about to run; release those of slides already done (``evict.py``)."""
+    from stcorpus.curate.fetch.cache import Cache
+    from stcorpus.curate.fetch.evict import pin, release
+
+    cache = Cache(fetch.cache_dir)
+    pin(cache, pending)
+    waiting = {sample.id for sample in pending}
+    for sample in samples:
+        if sample.id not in waiting:
+            release(cache, sample)  # a pin a killed build left, or inputs fetched before this build
 
 
 # ---------------------------------------------------------------------------------------------

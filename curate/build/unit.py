@@ -253,6 +253,7 @@ def run_unit(
         if earlier is not None and _same_inputs(earlier.inputs, result.inputs):
             # The cache had lost the inputs' record, and the bytes fetched again are the same.
             shutil.rmtree(tmp, ignore_errors=True)
+            _release(sample, fetch)
             return earlier
         _build(sample, files, tmp=tmp, result=result, settings=settings, where=where)
     except SlideError as exc:
@@ -266,7 +267,19 @@ def run_unit(
         _no_samples(tmp, result)
     result.seconds = round(time.perf_counter() - start, 3)
     work.commit(tmp, result)
+    _release(sample, fetch)
     return result
+
+
+def _release(sample: Sample, fetch: FetchSettings) -> None:
+    """Release the slide's fetched inputs now that its unit is committed (unless ``keep_sources``)."""
+    if fetch.keep_sources:
+        return
+    from stcorpus.curate.fetch.cache import Cache
+    from stcorpus.curate.fetch.evict import release
+
+    freed = release(Cache(fetch.cache_dir), sample)
+    log.debug("slide %s: released its inputs (%d bytes freed)", sample.id, freed)
 
 
 def failed_unit(sample: Sample, *, settings: UnitSettings, exc: BaseException, stage: str) -> UnitResult:

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
+    parser.add_argument(
+        "--release-sources",
+        action="store_true",
+        help="delete each slide's downloaded inputs from the cache once its unit is committed "
+        "(reference-counted across slides sharing a URL; default: keep them)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
     add_executor_arguments(parser)
@@ -245,7 +251,11 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    fetch = FetchSettings(allow_local=args.allow_local, **({"cache_dir": args.cache} if args.cache else {}))
+    fetch = FetchSettings(
+        allow_local=args.allow_local,
+        keep_sources=not args.release_sources,
+        **({"cache_dir": args.cache} if args.cache else {}),
+    )
     with executor_from(args) as executor:
         summary = build(args.manifests, out=args.out, settings=settings, fetch=fetch, executor=executor)
     logging.getLogger(__name__).debug("build finished")

@@ -108,7 +108,8 @@ class Cache:
         """The lock file serialising work of ``kind`` on ``key``."""
         return self.root / "locks" / f"{kind}-{key}.lock"
 
-    def _url_index_path(self, url: str) -> Path:
+    def url_index_path(self, url: str) -> Path:
+        """Where the URL index remembers ``url``."""
         key = url_key(url)
         return self.root / "urls" / key[:2] / f"{key}.json"
 
@@ -161,7 +162,7 @@ class Cache:
 
     def lookup_url(self, url: str) -> UrlRecord | None:
         """The record of ``url`` if its blob is still in the cache with the recorded size."""
-        path = self._url_index_path(url)
+        path = self.url_index_path(url)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -176,7 +177,7 @@ class Cache:
     def record_url(self, record: UrlRecord) -> None:
         """Remember that ``record.url`` holds the blob ``record.sha256``."""
         self.write_json(
-            self._url_index_path(record.url),
+            self.url_index_path(record.url),
             {"url": record.url, "sha256": record.sha256, "size": record.size, "commit": record.commit},
         )
 

@@ -54,6 +54,10 @@ class FetchSettings:
     chunk_size: int = 1 << 20
     #: Allow local paths and file:// URLs even where the sample's manifest does not.
     allow_local: bool = False
+    #: Keep a slide's fetched inputs in the cache after its unit is committed (the default;
+    #: ``--release-sources`` sets False);
+    #: when False a build releases them (``evict.py``: reference-counted across slides).
+    keep_sources: bool = True
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
