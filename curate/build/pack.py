@@ -443,7 +443,14 @@ def _remove_from(out: Path, starts: Mapping[str, int]) -> None:
             folder = out / Path(schema.shard_path(fmt, split, 0)).parent
             if not folder.is_dir():
                 continue
-            first = starts.get(split, 0)
+            if split not in starts:
+                if any(folder.iterdir()):
+                    raise SettingsError(
+                        f"{folder} holds shards but first_index names no start for split {split!r}: "
+                        "give one past its last shard, so the append cannot overwrite them"
+                    )
+                continue
+            first = starts[split]
             for path in folder.iterdir():
                 number = path.name.split(".", 1)[0].rsplit("-", 1)[-1]
                 if number.isdigit() and int(number) >= first:
