@@ -223,6 +223,7 @@ class _PackContext:
     counts_dtype: str
     shard_settings: ShardSettings
     tar_dtypes: schema.TarDtypes
+    generation: int = 0
 
 
 class _SlideCache:
@@ -292,6 +293,7 @@ def _write_shard(cache: _SlideCache, job: _ShardJob) -> list[ShardInfo]:
         settings=context.shard_settings,
         tar_dtypes=context.tar_dtypes,
         first_index=job.index,
+        generation=context.generation,
     ) as writer:
         for maybe in samples:
             assert maybe is not None, "every position of a shard job is filled by its slides"
@@ -334,17 +336,49 @@ def pack(
     settings: PackSettings,
     workers: int = 1,
     progress: Any = None,
+    generation: int = 0,
+    first_index: Mapping[str, int] | None = None,
+    tar_dtypes: schema.TarDtypes | None = None,
+    counts_dtype: str | None = None,
 ) -> PackResult:
     """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split).
 
     ``gene_index`` maps each slide's measured Ensembl ids onto the corpus vocabulary. Every
     shard's samples are fixed by the seeded order before anything is written, so ``workers``
     processes write shards side by side and the bytes are the same as with one.
+
+    ``generation`` > 0 appends: the shards of each split are numbered from ``first_index[split]``
+    (one past the split's last existing shard), every existing shard below that number is left
+    untouched, and only files at or above it (left by a killed append) are removed first.
+    ``tar_dtypes`` and ``counts_dtype`` then must be the corpus's recorded dtypes (one choice per
+    corpus); appended slides whose counts do not fit them raise ``SettingsError``.
     """
-    for stale in (out / schema.WDS_DIR, out / schema.PARQUET_DIR):
-        shutil.rmtree(stale, ignore_errors=True)
-    counts_dtype = corpus_counts_dtype(units)
-    tar_dtypes = corpus_tar_dtypes(work, units, n_genes=len(gene_index.ids), counts_dtype=counts_dtype)
+    if generation < 0:
+        raise SettingsError(f"generation must be >= 0, not {generation}")
+    starts = dict(first_index or {})
+    if generation == 0:
+        if starts:
+            raise SettingsError("first_index is for appends (generation > 0); a first build numbers shards from 0")
+        for stale in (out / schema.WDS_DIR, out / schema.PARQUET_DIR):
+            shutil.rmtree(stale, ignore_errors=True)
+    else:
+        _remove_from(out, starts)
+    measured_dtype = corpus_counts_dtype(units)
+    if counts_dtype is None:
+        counts_dtype = measured_dtype
+    elif counts_dtype == "int32" and measured_dtype != "int32":
+        raise SettingsError(
+            f"the appended slides have non-integer counts but the corpus in {out} stores int32 counts: "
+            "rebuild the whole corpus with --reshuffle"
+        )
+    needed = corpus_tar_dtypes(work, units, n_genes=len(gene_index.ids), counts_dtype=counts_dtype)
+    if tar_dtypes is None:
+        tar_dtypes = needed
+    elif not _fits(needed, tar_dtypes):
+        raise SettingsError(
+            f"the appended slides need expr.npz dtypes {needed.record()} but the corpus in {out} stores "
+            f"{tar_dtypes.record()}: rebuild the whole corpus with --reshuffle"
+        )
     per_shard = shard_size(units, settings)
     context = _PackContext(
         out=str(out),
@@ -355,6 +389,7 @@ def pack(
             samples_per_shard=per_shard, row_group_size=min(settings.row_group_size, per_shard)
         ),
         tar_dtypes=tar_dtypes,
+        generation=generation,
     )
     jobs: list[_ShardJob] = []
     n_samples: dict[str, int] = {}
@@ -369,7 +404,8 @@ def pack(
             [u.n_samples for u in members], order=settings.order, seed=settings.seed, split=split
         )
         n_samples[split] = len(rows)
-        for index, chunk in enumerate(_chunks(len(rows), per_shard)):
+        first = starts.get(split, 0)
+        for index, chunk in enumerate(_chunks(len(rows), per_shard), start=first):
             jobs.append(_ShardJob(split, index, slide_ids, slide_pos[chunk], rows[chunk]))
     shards: list[ShardInfo] = []
     if workers <= 1 or len(jobs) <= 1:
@@ -397,6 +433,35 @@ def pack(
         samples_per_shard=per_shard,
         n_samples=n_samples,
         tar_dtypes=tar_dtypes,
+    )
+
+
+def _remove_from(out: Path, starts: Mapping[str, int]) -> None:
+    """Delete shard files numbered at or above ``starts[split]`` (what a killed append left)."""
+    for fmt in schema.FORMATS:
+        for split in schema.SPLITS:
+            folder = out / Path(schema.shard_path(fmt, split, 0)).parent
+            if not folder.is_dir():
+                continue
+            if split not in starts:
+                if any(folder.iterdir()):
+                    raise SettingsError(
+                        f"{folder} holds shards but first_index names no start for split {split!r}: "
+                        "give one past its last shard, so the append cannot overwrite them"
+                    )
+                continue
+            first = starts[split]
+            for path in folder.iterdir():
+                number = path.name.split(".", 1)[0].rsplit("-", 1)[-1]
+                if number.isdigit() and int(number) >= first:
+                    path.unlink()
+
+
+def _fits(needed: schema.TarDtypes, stored: schema.TarDtypes) -> bool:
+    """Whether every array ``needed`` describes can be stored losslessly in ``stored``'s dtypes."""
+    recorded = stored.record()
+    return all(
+        np.can_cast(np.dtype(value), np.dtype(recorded[key]), casting="safe") for key, value in needed.record().items()
     )
 
 
