@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("fetch", "fetch", "download the manifests' sources into the cache and pin them in lock files"),
     ("plan", "plan", "what a build would fetch and make: totals, licences, duplicate candidates (no download)"),
     ("build", "build", "build a corpus (WebDataset + Parquet shards, card, QC report) from manifests"),
+    ("export", "export", "write one slide of a built corpus as an AnnData .h5ad file"),
     ("publish", "publish", "upload a built corpus to a Hub dataset repository or an fsspec URL (dry run by default)"),
 )
 

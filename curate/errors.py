@@ -243,3 +243,7 @@ class CorpusValidationError(PublishError):
 
 class TargetUnreachableError(PublishError, ConnectionError):
     """A publish target (the Hub, an fsspec URL) that cannot be reached or is offline."""
+
+
+class ExportError(CurateError):
+    """``curate export`` could not write what was asked (no such slide, unknown target format)."""

@@ -1,0 +1,129 @@
+"""``curate export``: one slide of a built corpus as an AnnData ``.h5ad`` file.
+
+The samples are read from the corpus' Parquet shards (``shards.parquet`` names the shards that
+hold the slide, so no other shard is opened), expanded from the compact ``genes``/``counts``
+lists into a sparse spot x gene matrix over the corpus vocabulary (``genes.parquet``), and
+written with:
+
+- ``X``: the counts as stored (raw counts; ``uns['stcorpus']['count_kind']`` says otherwise);
+- ``var``: ``ensembl_id`` (the index) and ``symbol``;
+- ``obs``: the sample key (index), barcode, ``array_row``/``array_col`` (null for cell-level
+  data), ``total_counts``, ``n_genes``, ``n_neighbors``;
+- ``obsm['spatial']``: centres in full-resolution pixels (``µm / mpp``, the scanpy/squidpy
+  convention), ``obsm['spatial_um']``: the same in micrometres;
+- ``uns['stcorpus']``: ``mpp`` (µm per pixel), the corpus schema and the slide's
+  ``slides.parquet`` row; ``uns['spatial'][slide_id]['scalefactors']`` as scanpy reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stcorpus import schema
+from stcorpus.curate.errors import ExportError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+#: Target formats by file suffix.
+EXPORT_SUFFIXES = (".h5ad",)
+
+
+def _slide_row(root: Path, slide_id: str) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    path = root / schema.SLIDES_FILE
+    if not path.is_file():
+        raise ExportError(f"{root}: no {schema.SLIDES_FILE}; is this a built corpus (curate build)?")
+    rows = [r for r in pq.read_table(path).to_pylist() if r["slide_id"] == slide_id]
+    if not rows:
+        raise ExportError(f"{path}: no slide {slide_id!r}; list the slides with `curate` tools or slides.parquet")
+    row: dict[str, Any] = rows[0]
+    if row.get("status") != "built":
+        raise ExportError(f"{path}: slide {slide_id!r} has status {row.get('status')!r}, no samples to export")
+    return row
+
+
+def _slide_samples(root: Path, slide_id: str) -> list[dict[str, Any]]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shards = pq.read_table(root / schema.SHARDS_FILE).to_pylist()
+    paths = [s["path"] for s in shards if s["format"] == "parquet" and slide_id in (s["slide_ids"] or [])]
+    if not paths:
+        raise ExportError(
+            f"{root / schema.SHARDS_FILE}: no Parquet shard holds slide {slide_id!r}; "
+            "export reads Parquet shards (build with the parquet format)"
+        )
+    columns = [c for c in schema.SAMPLE_COLUMNS if c not in (schema.PATCH_COLUMN, schema.REGION_COLUMN)]
+    rows: list[dict[str, Any]] = []
+    for rel in paths:
+        table = pq.read_table(root / rel, columns=columns)
+        rows.extend(table.filter(pc.equal(table[schema.SLIDE_ID], slide_id)).to_pylist())
+    rows.sort(key=lambda r: r[schema.KEY_COLUMN])
+    return rows
+
+
+def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
+    """The samples of ``slide_id`` in the corpus at ``root`` as an AnnData (see the module doc)."""
+    import anndata as ad
+    import pandas as pd  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
+    import scipy.sparse as sp
+
+    root = Path(root)
+    info = json.loads((root / schema.CORPUS_FILE).read_text())
+    slide = _slide_row(root, slide_id)
+    samples = _slide_samples(root, slide_id)
+    genes = pq.read_table(root / schema.GENES_FILE, columns=["index", "ensembl_id", "symbol"]).to_pylist()
+    genes.sort(key=lambda g: g["index"])
+    indptr = np.zeros(len(samples) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(s[schema.Expr.GENES.value]) for s in samples])
+    dtype = np.float32 if info.get(schema.CorpusKey.COUNTS_DTYPE.value) == "float32" else np.int32
+    indices = np.concatenate([np.zeros(0, np.int32)] + [np.asarray(s["genes"], np.int32) for s in samples])
+    data = np.concatenate([np.zeros(0, dtype)] + [np.asarray(s["counts"], dtype) for s in samples])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(len(samples), len(genes)))
+    mpp = slide.get("mpp")
+    if mpp is None or not mpp > 0:
+        raise ExportError(
+            f"{root / schema.SLIDES_FILE}: slide {slide_id!r} records no mpp; cannot give pixel positions"
+        )
+    um = np.array([[s["x_um"], s["y_um"]] for s in samples], dtype=np.float64).reshape(-1, 2)
+    obs = pd.DataFrame(
+        {
+            "barcode": [s["barcode"] for s in samples],
+            "array_row": pd.array([s["array_row"] for s in samples], dtype="Int32"),
+            "array_col": pd.array([s["array_col"] for s in samples], dtype="Int32"),
+            "total_counts": [s["total_counts"] for s in samples],
+            "n_genes": [s["n_genes"] for s in samples],
+            "n_neighbors": pd.array([s[schema.N_NEIGHBORS] for s in samples], dtype="Int32"),
+        },
+        index=pd.Index([s[schema.KEY_COLUMN] for s in samples], name="key"),
+    )
+    var = pd.DataFrame(
+        {"symbol": [g["symbol"] or "" for g in genes]},
+        index=pd.Index([g["ensembl_id"] for g in genes], name="ensembl_id"),
+    )
+    meta = {k: v for k, v in slide.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
+    uns = {
+        "stcorpus": {"mpp": float(mpp), "schema": str(info.get(schema.CorpusKey.SCHEMA.value)), "slide": meta},
+        "spatial": {slide_id: {"scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 0.0}}},
+    }
+    return ad.AnnData(X=matrix, obs=obs, var=var, obsm={"spatial": um / mpp, "spatial_um": um}, uns=uns)
+
+
+def export_slide(root: Path, slide_id: str, target: Path) -> ad.AnnData:
+    """Write slide ``slide_id`` of the corpus at ``root`` to ``target`` (``.h5ad``); returns what was written."""
+    target = Path(target)
+    if target.suffix not in EXPORT_SUFFIXES:
+        raise ExportError(f"{target}: unknown export format {target.suffix!r}; use one of {EXPORT_SUFFIXES}")
+    adata = slide_anndata(root, slide_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(target)
+    return adata

@@ -1,0 +1,61 @@
+"""``curate export``: a slide of a built corpus as .h5ad, read back with anndata and used by scanpy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stcorpus.curate.cli import main
+from stcorpus.curate.errors import ExportError
+from stcorpus.curate.export import export_slide
+from tests.corpus_fixture import FixtureCorpus, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> FixtureCorpus:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_export_h5ad_round_trip(corpus: FixtureCorpus, tmp_path: Path) -> None:
+    import anndata as ad
+
+    target = tmp_path / "out" / "heart-b.h5ad"
+    assert main(["export", str(corpus.root), "--slide", "heart-b", "--to", str(target)]) == 0
+    back = ad.read_h5ad(target)
+    written = sorted((s for s in corpus.by_key.values() if s.meta["slide_id"] == "heart-b"), key=lambda s: s.key)
+    assert list(back.obs_names) == [s.key for s in written]
+    assert len(written) == 30
+    n_genes = len(corpus.genes)
+    expected = np.zeros((len(written), n_genes), dtype=np.int64)
+    for i, s in enumerate(written):
+        expected[i, s.genes] = s.counts
+    np.testing.assert_array_equal(back.X.toarray(), expected)
+    assert list(back.var_names) == [g["ensembl_id"] for g in sorted(corpus.genes, key=lambda g: g["index"])]
+    assert list(back.var["symbol"]) == [g["symbol"] or "" for g in sorted(corpus.genes, key=lambda g: g["index"])]
+    um = np.array([[s.meta["x_um"], s.meta["y_um"]] for s in written])
+    np.testing.assert_allclose(back.obsm["spatial_um"], um)
+    mpp = back.uns["stcorpus"]["mpp"]
+    np.testing.assert_allclose(back.obsm["spatial"] * mpp, um)
+    assert back.uns["stcorpus"]["slide"]["slide_id"] == "heart-b"
+    assert list(back.obs["array_row"]) == [s.meta["array_row"] for s in written]
+
+
+def test_export_runs_in_scanpy(corpus: FixtureCorpus, tmp_path: Path) -> None:
+    sc = pytest.importorskip("scanpy", reason="scanpy is in the dev extra")
+    adata = export_slide(corpus.root, "mbrain-a", tmp_path / "m.h5ad")
+    back = sc.read_h5ad(tmp_path / "m.h5ad")
+    sc.pp.normalize_total(back, target_sum=1e4)
+    totals = np.asarray(back.X.sum(axis=1)).ravel()
+    nonzero = np.asarray(adata.X.sum(axis=1)).ravel() > 0
+    np.testing.assert_allclose(totals[nonzero], 1e4, rtol=1e-4)
+
+
+def test_export_names_missing_and_unbuilt_slides(corpus: FixtureCorpus, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no slide 'nope'"):
+        export_slide(corpus.root, "nope", tmp_path / "x.h5ad")
+    with pytest.raises(ExportError, match="status 'quarantined'"):
+        export_slide(corpus.root, "heart-q", tmp_path / "x.h5ad")
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_slide(corpus.root, "heart-a", tmp_path / "x.csv")
