@@ -112,7 +112,7 @@ def test_append_refuses_counts_the_corpus_cannot_store(tmp_path: Path) -> None:
         settings=settings,
     )
     floats = [fake_unit(work, "F", 3, GENES, dtype="float32")]
-    with pytest.raises(SettingsError, match="--reshuffle"):
+    with pytest.raises(SettingsError, match="--overwrite"):
         pack(
             out,
             work=work,
