@@ -41,7 +41,7 @@ def _slide_row(root: Path, slide_id: str) -> dict[str, Any]:
         raise ExportError(f"{root}: no {schema.SLIDES_FILE}; is this a built corpus (curate build)?")
     rows = [r for r in pq.read_table(path).to_pylist() if r["slide_id"] == slide_id]
     if not rows:
-        raise ExportError(f"{path}: no slide {slide_id!r}; list the slides with `curate` tools or slides.parquet")
+        raise ExportError(f"{path}: no slide {slide_id!r}; the slide ids are its slide_id column (status built)")
     row: dict[str, Any] = rows[0]
     if row.get("status") != "built":
         raise ExportError(f"{path}: slide {slide_id!r} has status {row.get('status')!r}, no samples to export")
@@ -57,7 +57,7 @@ def _slide_samples(root: Path, slide_id: str) -> list[dict[str, Any]]:
     if not paths:
         raise ExportError(
             f"{root / schema.SHARDS_FILE}: no Parquet shard holds slide {slide_id!r}; "
-            "export reads Parquet shards (build with the parquet format)"
+            "export reads the Parquet shards every build writes: rebuild the corpus with `curate build`"
         )
     columns = [c for c in schema.SAMPLE_COLUMNS if c not in (schema.PATCH_COLUMN, schema.REGION_COLUMN)]
     rows: list[dict[str, Any]] = []
