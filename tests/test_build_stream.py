@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stcorpus import schema
-from stcorpus.curate.build.pack import PackSettings, pack
-from stcorpus.curate.build.workdir import WorkDir
+from stcorpus.curate.build.pack import PackResult, PackSettings, pack
+from stcorpus.curate.build.workdir import UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.genes import GeneIndex
 from stcorpus.curate.shards import write_shard_index
@@ -26,6 +26,31 @@ def sha256s(root: Path) -> dict[str, str]:
         for p in sorted((root / sub).rglob("*"))
         if p.is_file()
     }
+
+
+def append(
+    out: Path,
+    work: WorkDir,
+    units: list[UnitResult],
+    splits: dict[str, str],
+    index: GeneIndex,
+    settings: PackSettings,
+    first: PackResult,
+    starts: dict[str, int],
+) -> PackResult:
+    """Pack ``units`` as generation 1 after ``first``, in the corpus's recorded dtypes."""
+    return pack(
+        out,
+        work=work,
+        units=units,
+        splits=splits,
+        gene_index=index,
+        settings=settings,
+        generation=1,
+        first_index=starts,
+        tar_dtypes=first.tar_dtypes,
+        counts_dtype=first.counts_dtype,
+    )
 
 
 def test_append_writes_a_new_generation_and_keeps_old_shards(tmp_path: Path) -> None:
@@ -44,18 +69,7 @@ def test_append_writes_a_new_generation_and_keeps_old_shards(tmp_path: Path) -> 
     stale.write_bytes(b"partial")
     new = [fake_unit(work, "C", 6, GENES)]
     starts = {split: 1 + max(s.index for s in first.shards if s.split == split) for split in ("train", "test")}
-    second = pack(
-        out,
-        work=work,
-        units=new,
-        splits={"C": "train"},
-        gene_index=index,
-        settings=settings,
-        generation=1,
-        first_index=starts,
-        tar_dtypes=first.tar_dtypes,
-        counts_dtype=first.counts_dtype,
-    )
+    second = append(out, work, new, {"C": "train"}, index, settings, first, starts)
     after = sha256s(out)
     assert {k: after[k] for k in before} == before  # every old shard byte-identical
     assert {s.generation for s in second.shards} == {1} and {s.generation for s in first.shards} == {0}
@@ -81,18 +95,7 @@ def test_append_writes_a_new_generation_and_keeps_old_shards(tmp_path: Path) -> 
     assert len(keys) == len(set(keys)) == 18
 
     # Same inputs, same bytes: redoing the append (as a resume after kill -9 does) rewrites identical files.
-    again = pack(
-        out,
-        work=work,
-        units=new,
-        splits={"C": "train"},
-        gene_index=index,
-        settings=settings,
-        generation=1,
-        first_index=starts,
-        tar_dtypes=first.tar_dtypes,
-        counts_dtype=first.counts_dtype,
-    )
+    again = append(out, work, new, {"C": "train"}, index, settings, first, starts)
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in second.shards]
     assert sha256s(out) == after
 
@@ -113,18 +116,7 @@ def test_append_refuses_counts_the_corpus_cannot_store(tmp_path: Path) -> None:
     )
     floats = [fake_unit(work, "F", 3, GENES, dtype="float32")]
     with pytest.raises(SettingsError, match="--overwrite"):
-        pack(
-            out,
-            work=work,
-            units=floats,
-            splits={"F": "train"},
-            gene_index=index,
-            settings=settings,
-            generation=1,
-            first_index={"train": 1},
-            tar_dtypes=first.tar_dtypes,
-            counts_dtype=first.counts_dtype,
-        )
+        append(out, work, floats, {"F": "train"}, index, settings, first, {"train": 1})
     with pytest.raises(SettingsError, match="first_index"):
         pack(
             out,
