@@ -13,7 +13,7 @@ Either way an unknown key names the keys that exist and the closest one (did you
 never read from a string or a number (``'no'``, ``'yes'``, ``0`` and ``1`` are refused, not taken
 as true or false), and every message names the key path in one shape,
 ``<file>: <key path> must be <what>, not <value>``. YAML settings files are read with
-:func:`load_yaml`: duplicate keys are refused and ``1e-4`` is a number, as in YAML 1.2.
+:func:`load_yaml`: duplicate keys are refused, ``1e-4`` is a number and ``yes`` a string, as in YAML 1.2.
 
 >>> did_you_mean("batchsize", ["batch_size", "seed"])
 " (did you mean 'batch_size'?)"
@@ -329,7 +329,12 @@ def _without_none(hint: Any) -> Any:
 
 
 class _SettingsLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys and reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``)."""
+    """A SafeLoader with YAML 1.2's scalars where 1.1 surprises, and no duplicate keys.
+
+    ``1e-4`` is a number (1.1 wants ``1.0e-4``); only ``true``/``false`` are bools, so ``yes``,
+    ``no``, ``on`` and ``off`` stay strings that a bool setting refuses by name (1.1 made them
+    bools, and the country code ``NO`` false).
+    """
 
 
 def _construct_mapping(loader: _SettingsLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: FBT001, FBT002
@@ -345,6 +350,12 @@ def _construct_mapping(loader: _SettingsLoader, node: yaml.MappingNode, deep: bo
 
 
 _SettingsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_BOOL_TAG: Final = "tag:yaml.org,2002:bool"
+_SettingsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SettingsLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # After SafeLoader's own float and int resolvers: only what they leave as a string (1e-4, 2.5e3).
 _SettingsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -356,8 +367,8 @@ _SettingsLoader.add_implicit_resolver(
 def load_yaml(text: str, *, source: str, error: ErrorFactory) -> Any:
     """Parse a YAML settings text read from ``source`` (named in the error when it is not valid YAML).
 
-    >>> load_yaml("lr: 1e-4\\nsteps: 10", source="run.yaml", error=ValueError)
-    {'lr': 0.0001, 'steps': 10}
+    >>> load_yaml("lr: 1e-4\\nsteps: 10\\nfast: yes\\nexact: true", source="run.yaml", error=ValueError)
+    {'lr': 0.0001, 'steps': 10, 'fast': 'yes', 'exact': True}
     """
     try:
         return yaml.load(text, Loader=_SettingsLoader)  # a SafeLoader subclass
