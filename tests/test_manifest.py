@@ -162,8 +162,7 @@ def test_validate_checks_holdout_ids(write_manifest, capsys: pytest.CaptureFixtu
         (("allow_local: true", "allow_local: 1"), "manifest.yaml: allow_local must be true or false, not 1"),
         (
             ("size: 10}", "size: 10, unpack: 'yes'}"),
-            "studies[0] (id 'study-a').samples[0] (id 'A1').sources.positions.unpack must be true or false, "
-            "not 'yes'",
+            "studies[0] (id 'study-a').samples[0] (id 'A1').sources.positions.unpack must be true or false, not 'yes'",
         ),
         (("size: 10}", "size: '10'}"), "sources.positions.size must be an integer, not '10'"),
         (("organ: lung", "organ: 3"), "samples[1] (id 'A2').organ must be a string, not 3"),
