@@ -58,6 +58,7 @@ from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
 from stcorpus.curate.geometry import LevelChoice, choose_level
 from stcorpus.curate.imaging import RGBArray, SlideImage
 from stcorpus.schema import REGION_GRID, sample_key
+from stcorpus.settings import unknown_keys_message
 
 if TYPE_CHECKING:
     from stcorpus.curate.slide import Slide
@@ -176,12 +177,10 @@ class TileSettings:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TileSettings:
         """Settings from a mapping (YAML/JSON/CLI); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known), key=str)
         if unknown:
-            raise SettingsError(
-                f"unknown tile setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
-            )
+            raise SettingsError(f"tile settings: {unknown_keys_message(unknown, known)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
