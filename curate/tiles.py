@@ -57,7 +57,7 @@ import numpy.typing as npt
 from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
 from stcorpus.curate.geometry import LevelChoice, choose_level
 from stcorpus.curate.imaging import RGBArray, SlideImage
-from stcorpus.schema import REGION_GRID, sample_key
+from stcorpus.schema import DEFAULT_VIEWS, PATCH_COLUMN, REGION_COLUMN, REGION_GRID, sample_key
 from stcorpus.settings import unknown_keys_message
 
 if TYPE_CHECKING:
@@ -96,9 +96,9 @@ class TileSettings:
     ``3 * patch_size * patch_mpp / region_size`` (1.5 um/px with the defaults).
     """
 
-    patch_size: int = 224
-    patch_mpp: float = 0.5
-    region_size: int = 224
+    patch_size: int = DEFAULT_VIEWS[PATCH_COLUMN].size_px
+    patch_mpp: float = DEFAULT_VIEWS[PATCH_COLUMN].mpp
+    region_size: int = DEFAULT_VIEWS[REGION_COLUMN].size_px
     region_mpp: float | None = None
     #: Cut the region view too (False: patches only).
     regions: bool = True
