@@ -100,7 +100,7 @@ def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
             "array_col": pd.array([s["array_col"] for s in samples], dtype="Int32"),
             "total_counts": [s["total_counts"] for s in samples],
             "n_genes": [s["n_genes"] for s in samples],
-            "n_neighbors": pd.array([s[schema.N_NEIGHBORS] for s in samples], dtype="Int32"),
+            schema.N_NEIGHBORS: pd.array([s[schema.N_NEIGHBORS] for s in samples], dtype="Int32"),
         },
         index=pd.Index([s[schema.KEY_COLUMN] for s in samples], name="key"),
     )

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stcorpus.curate.errors import ManifestError
 from stcorpus.schema import SLIDE_ID_PATTERN
+from stcorpus.settings import SettingsModel, format_validation_error, load_yaml
 
 MANIFEST_FORMAT: Final = "stcorpus-manifest/1"
 
@@ -100,8 +100,8 @@ _SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
 ReaderOption = str | int | float | bool
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+class _Strict(SettingsModel):
+    model_config = ConfigDict(str_strip_whitespace=True)
 
 
 class Source(_Strict):
@@ -430,119 +430,20 @@ def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sam
     return tuple(samples)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading YAML with errors that point at the place
-# ---------------------------------------------------------------------------------------------
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: FBT001, FBT002
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping",
-                node.start_mark,
-                f"found duplicate key {key!r}",
-                key_node.start_mark,
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _describe_location(raw: Any, loc: Sequence[int | str]) -> str:
-    """``studies[0].samples[2] (id 'X'), field 'organn'`` from a pydantic error location."""
-    parts: list[str] = []
-    node = raw
-    field_parts: list[str] = []
-    entry_done = False
-    for item in loc:
-        if not entry_done and isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
-            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
-            if isinstance(node, Mapping) and "id" in node:
-                parts[-1] += f" (id {node['id']!r})"
-            continue
-        if not entry_done and item in ("studies", "samples") and isinstance(node, Mapping):
-            parts.append(str(item))
-            node = node.get(item)
-            continue
-        entry_done = True
-        field_parts.append(str(item))
-    place = ".".join(p for p in parts) or "top level"
-    if field_parts:
-        return f"{place}: field '{'.'.join(field_parts)}'"
-    return place
-
-
-def _format_validation_error(path: Path, raw: Any, error: ValidationError) -> str:
-    lines = []
-    for err in error.errors():
-        loc = [p for p in err["loc"] if p not in ("function-after[_check_url(), str]",)]
-        # pydantic adds the union member / validator name to some locations; keep the data path.
-        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        where = _describe_location(raw, loc)
-        if err["type"] == "extra_forbidden":
-            model_fields = _fields_at(loc)
-            hint = f" (valid keys: {', '.join(model_fields)})" if model_fields else ""
-            message = f"unknown key{hint}"
-        elif err["type"] == "missing":
-            message = "missing required field"
-        elif err["type"] == "literal_error":
-            expected = err.get("ctx", {}).get("expected", "")
-            message = f"{err['input']!r} is not valid; expected one of {expected}"
-        else:
-            message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {where}: {message}")
-    return "\n".join(lines)
-
-
-def _fields_at(loc: Sequence[int | str]) -> list[str]:
-    """Valid keys of the model that holds the last element of ``loc``."""
-    model: type[BaseModel] | None = ManifestFile
-    after_sources = False
-    for name in (p for p in loc[:-1] if isinstance(p, str)):
-        if after_sources:  # the name of a source: its value is a Source
-            model, after_sources = Source, False
-        elif name == "studies" and model is ManifestFile:
-            model = Study
-        elif name == "samples" and model is Study:
-            model = SampleEntry
-        elif name == "defaults":
-            model = SampleFields
-        elif name == "sources":
-            after_sources = True
-        else:
-            model = None
-    return [] if model is None or after_sources else list(model.model_fields)
-
-
 def parse_manifest(text: str, *, path: Path, allow_local: bool = False) -> Manifest:
     """Parse manifest text read from ``path`` (used in messages and to resolve local paths).
 
     ``allow_local=True`` allows local sources even where the manifest does not (``--allow-local``).
     """
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    raw = load_yaml(text, source=str(path), error=ManifestError)
     if not isinstance(raw, Mapping):
         raise ManifestError(f"{path}: a manifest is a YAML mapping with `manifest: {MANIFEST_FORMAT}` at the top")
     if raw.get("manifest") != MANIFEST_FORMAT:
-        raise ManifestError(
-            f"{path}: top level: field 'manifest' must be {MANIFEST_FORMAT!r} (found {raw.get('manifest')!r})"
-        )
+        raise ManifestError(f"{path}: manifest must be {MANIFEST_FORMAT!r}, not {raw.get('manifest')!r}")
     try:
         model = ManifestFile.model_validate(raw)
     except ValidationError as exc:
-        raise ManifestError(_format_validation_error(path, raw, exc)) from None
+        raise ManifestError(format_validation_error(exc, source=str(path), raw=raw, model=ManifestFile)) from None
     allowed = model.allow_local or allow_local
     samples = _resolve(model, path, allow_local=allowed)
     return Manifest(

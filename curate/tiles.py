@@ -57,7 +57,8 @@ import numpy.typing as npt
 from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
 from stcorpus.curate.geometry import LevelChoice, choose_level
 from stcorpus.curate.imaging import RGBArray, SlideImage
-from stcorpus.schema import REGION_GRID, sample_key
+from stcorpus.schema import DEFAULT_VIEWS, PATCH_COLUMN, REGION_COLUMN, REGION_GRID, sample_key
+from stcorpus.settings import unknown_keys_message
 
 if TYPE_CHECKING:
     from stcorpus.curate.slide import Slide
@@ -95,9 +96,9 @@ class TileSettings:
     ``3 * patch_size * patch_mpp / region_size`` (1.5 um/px with the defaults).
     """
 
-    patch_size: int = 224
-    patch_mpp: float = 0.5
-    region_size: int = 224
+    patch_size: int = DEFAULT_VIEWS[PATCH_COLUMN].size_px
+    patch_mpp: float = DEFAULT_VIEWS[PATCH_COLUMN].mpp
+    region_size: int = DEFAULT_VIEWS[REGION_COLUMN].size_px
     region_mpp: float | None = None
     #: Cut the region view too (False: patches only).
     regions: bool = True
@@ -176,12 +177,10 @@ class TileSettings:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TileSettings:
         """Settings from a mapping (YAML/JSON/CLI); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known), key=str)
         if unknown:
-            raise SettingsError(
-                f"unknown tile setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
-            )
+            raise SettingsError(f"tile settings: {unknown_keys_message(unknown, known)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

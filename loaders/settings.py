@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from stcorpus import schema
 from stcorpus.loaders.errors import LoaderSettingsError
-from stcorpus.settings import build_dataclass, check_fields
+from stcorpus.settings import build_dataclass, check_fields, one_of, type_message
 
 FORMATS: Final = schema.FORMATS
 GENE_TRANSFORMS: Final = ("none", "counts", "log1p", "cp10k_log1p", "rank")
@@ -36,7 +36,7 @@ UNEVEN: Final = ("drop", "wrap")
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise LoaderSettingsError(f"{name} must be one of {allowed}, not {value!r}")
+        raise LoaderSettingsError(type_message(name, [one_of(allowed)], value))
 
 
 def _positive(name: str, value: float, *, zero: bool = False) -> None:

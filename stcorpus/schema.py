@@ -387,6 +387,9 @@ SCHEMA1_VIEWS: Final = {
     PATCH_COLUMN: View(PATCH_COLUMN, 224, 0.5),
     REGION_COLUMN: View(REGION_COLUMN, 224, 1.5),
 }
+#: The views ``curate build`` cuts unless told otherwise (``--patch-size``, ``--patch-mpp``, ...):
+#: schema 1's. Readers never assume them: they read each corpus's own (:func:`corpus_views`).
+DEFAULT_VIEWS: Final = dict(SCHEMA1_VIEWS)
 
 
 def views_record(views: Mapping[str, View]) -> dict[str, dict[str, Any]]:

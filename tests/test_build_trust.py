@@ -326,8 +326,10 @@ def test_report_numbers_and_every_dropped_spot(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("change", "fault"),
     [
-        ("reader: {image_fallback: 'no'}", "field 'reader.image_fallback': expected bool, got 'no'"),
-        ("reader: {matrx: raw}", "field 'reader.matrx': unknown reader option"),
+        ("reader: {image_fallback: 'no'}", "reader.image_fallback must be true or false, not 'no'"),
+        ("reader: {image_fallback: no}", "reader.image_fallback must be true or false, not 'no'"),
+        ("reader: {image_fallback: 0}", "reader.image_fallback must be true or false, not 0"),
+        ("reader: {matrx: raw}", "unknown key(s) in reader: matrx (did you mean 'matrix'?); known: "),
     ],
 )
 def test_validate_plan_and_build_run_one_validation(

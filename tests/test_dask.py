@@ -324,12 +324,38 @@ options:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("cluster: slurm\njobs: 2\noptions: {cores: 4, memory: 8GB, acount: lab}\n", "options.acount: unknown key"),
-        ("cluster: slurm\njobs: 2\nworkers: 3\noptions: {cores: 4, memory: 8GB}\n", "workers: unknown key"),
-        ("cluster: slurm\njobs: 2\noptions: {cores: four, memory: 8GB}\n", "options.cores"),
-        ("cluster: lsf\njobs: 2\noptions: {cores: 4, memory: 8GB}\n", "`cluster` must be one of slurm, pbs, sge"),
-        ("cluster: pbs\noptions: {cores: 4, memory: 8GB}\n", "jobs: missing required key"),
-        ("cluster: sge\njobs: 1\noptions: {cores: 4, memory: 8GB, account: lab}\n", "valid keys: "),
+        (
+            "cluster: slurm\njobs: 2\noptions: {cores: 4, memory: 8GB, acount: lab}\n",
+            "cluster.yaml: unknown key(s) in options: acount (did you mean 'account'?); known: cores, memory",
+        ),
+        (
+            "cluster: slurm\njobs: 2\nworkers: 3\noptions: {cores: 4, memory: 8GB}\n",
+            "unknown key(s): workers; known: jobs, adaptive",
+        ),
+        (
+            "cluster: slurm\njobs: 2\noptions: {cores: four, memory: 8GB}\n",
+            "options.cores must be an integer, not 'four'",
+        ),
+        # pydantic's lax mode read 'no' as false
+        (
+            "cluster: slurm\njobs: 2\nadaptive: 'no'\noptions: {cores: 4, memory: 8GB}\n",
+            "adaptive must be true or false",
+        ),
+        ("cluster: slurm\njobs: 2\nadaptive: no\noptions: {cores: 4, memory: 8GB}\n", "not 'no'"),
+        (
+            "cluster: slurm\njobs: 2\nadaptive: 0\noptions: {cores: 4, memory: 8GB}\n",
+            "adaptive must be true or false, not 0",
+        ),
+        ("cluster: slurm\njobs: '2'\noptions: {cores: 4, memory: 8GB}\n", "jobs must be an integer, not '2'"),
+        (
+            "cluster: lsf\njobs: 2\noptions: {cores: 4, memory: 8GB}\n",
+            "cluster.yaml: cluster must be one of 'slurm', 'pbs' or 'sge', not 'lsf'",
+        ),
+        ("cluster: pbs\noptions: {cores: 4, memory: 8GB}\n", "cluster.yaml: jobs is missing (it is required)"),
+        (
+            "cluster: sge\njobs: 1\noptions: {cores: 4, memory: 8GB, account: lab}\n",
+            "unknown key(s) in options: account; known: cores, memory",
+        ),
         (
             "cluster: slurm\njobs: 1\noptions: {cores: 4, processes: 3, memory: 8GB}\n",
             "options: cores (4) must be a multiple of processes (3)",

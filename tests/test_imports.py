@@ -103,3 +103,22 @@ def test_imports_run_one_way_between_the_wings() -> None:
                 crossings.append(f"{module} ({part}) imports {imported} ({_part(imported)})")
     assert walked > 60, f"only {walked} modules walked: are the stcorpus/curate, loaders, training links there?"
     assert crossings == []
+
+
+def test_every_error_of_the_wings_is_a_stcorpus_error() -> None:
+    """One ``except StcorpusError`` catches what any wing raises on purpose (issue 15.7)."""
+    import importlib
+    import inspect
+
+    from stcorpus.errors import StcorpusError
+
+    found: list[type[BaseException]] = []
+    for name in ("stcorpus.errors", *(f"{wing}.errors" for wing in WINGS)):
+        module = importlib.import_module(name)
+        found += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, BaseException) and cls.__module__ == name
+        ]
+    assert len(found) > 20, f"only {len(found)} error classes found"
+    assert [cls.__qualname__ for cls in found if not issubclass(cls, StcorpusError)] == []

@@ -147,9 +147,9 @@ def test_settings_from_dict_are_strict() -> None:
     )
     assert s.split == ("validation",) and s.window == 12 and s.filters.organ == ("heart",)
     assert LoaderSettings.from_dict(s.to_dict()) == s
-    with pytest.raises(LoaderSettingsError, match=r"unknown setting.*: batchsize"):
+    with pytest.raises(LoaderSettingsError, match=r"unknown key\(s\): batchsize"):
         LoaderSettings.from_dict({"batchsize": 3})
-    with pytest.raises(LoaderSettingsError, match=r"unknown setting\(s\) in genes: mode"):
+    with pytest.raises(LoaderSettingsError, match=r"unknown key\(s\) in genes: mode"):
         LoaderSettings.from_dict({"genes": {"mode": "rank"}})
     with pytest.raises(LoaderSettingsError, match="batch_size must be an integer"):
         LoaderSettings.from_dict({"batch_size": "8"})

@@ -68,13 +68,13 @@ def error_of(write_manifest, text: str) -> str:
 def test_unknown_key_names_file_entry_and_field(write_manifest) -> None:
     message = error_of(write_manifest, GOOD.replace("patient: P1", "patiant: P1"))
     assert "manifest.yaml" in message
-    assert "studies[1]" in message and "samples[0] (id 'B1')" in message
-    assert "field 'patiant': unknown key" in message and "patient" in message  # lists the valid keys
+    assert "unknown key(s) in studies[1] (id 'study-b').samples[0] (id 'B1'): patiant" in message
+    assert "(did you mean 'patient'?); known: source, source_id," in message
 
 
 def test_missing_id(write_manifest) -> None:
     message = error_of(write_manifest, GOOD.replace("- id: A2", "- organ_: x\n        ").replace("organ_: x", ""))
-    assert "samples[1]" in message and "field 'id': missing required field" in message
+    assert "studies[0] (id 'study-a').samples[1].id is missing (it is required)" in message
 
 
 def test_missing_required_inherited_field(write_manifest) -> None:
@@ -96,14 +96,14 @@ def test_duplicate_id_across_manifests(write_manifest) -> None:
 
 def test_unknown_technology_lists_valid_ones(write_manifest) -> None:
     message = error_of(write_manifest, GOOD.replace("technology: hest", "technology: visium9"))
-    assert "studies[1] (id 'study-b'): field 'defaults.technology'" in message
-    assert "'visium9' is not valid" in message
+    assert "studies[1] (id 'study-b').defaults.technology must be one of 'spaceranger'" in message
+    assert message.endswith(", not 'visium9'")
     assert all(t in message for t in TECHNOLOGIES)
 
 
 def test_ftp_url_refused(write_manifest) -> None:
     message = error_of(write_manifest, GOOD.replace("https://example.org/p.csv", "ftp://example.org/p.csv"))
-    assert "(id 'A1')" in message and "field 'sources.positions.url'" in message
+    assert "samples[0] (id 'A1').sources.positions.url: unsupported URL scheme" in message
     assert "unsupported URL scheme ftp://" in message and "https://" in message
 
 
@@ -152,3 +152,32 @@ def test_validate_checks_holdout_ids(write_manifest, capsys: pytest.CaptureFixtu
     holdout.write_text("holdout: stcorpus-holdout/1\nslides:\n  - {id: ZZ9, reason: benchmark}\n")
     assert main(["validate", str(good), str(holdout)]) == 1
     assert "ZZ9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # pydantic's lax mode read these as false, true, true: a manifest says true or false
+        (("allow_local: true", "allow_local: 'no'"), "manifest.yaml: allow_local must be true or false, not 'no'"),
+        (("allow_local: true", "allow_local: 1"), "manifest.yaml: allow_local must be true or false, not 1"),
+        (
+            ("size: 10}", "size: 10, unpack: 'yes'}"),
+            "studies[0] (id 'study-a').samples[0] (id 'A1').sources.positions.unpack must be true or false, not 'yes'",
+        ),
+        (("size: 10}", "size: '10'}"), "sources.positions.size must be an integer, not '10'"),
+        (("organ: lung", "organ: 3"), "samples[1] (id 'A2').organ must be a string, not 3"),
+        (
+            ("reader: {matrix: filtered}", "reader: {matrix: [a]}"),
+            "defaults.reader.matrix must be a string, an integer, a number or true or false, not ['a']",
+        ),
+    ],
+)
+def test_values_are_strict(write_manifest, change: tuple[str, str], expected: str) -> None:
+    assert GOOD.count(change[0]) == 1
+    assert expected in error_of(write_manifest, GOOD.replace(*change))
+
+
+def test_numbers_in_yaml_12_form_are_numbers(write_manifest) -> None:
+    """``1e-4`` is a number (PyYAML alone reads it as a string, which strict fields would refuse)."""
+    manifest = load_manifest(write_manifest(GOOD.replace("patient: P1", "patient: P1\n        mpp: 5e-1")))
+    assert manifest.sample("B1").mpp == 0.5

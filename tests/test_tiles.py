@@ -455,7 +455,7 @@ def test_too_coarse_images_raise_per_slide_before_any_read(tmp_path: Path) -> No
 
 
 def test_settings_are_checked_and_can_change_size_and_scale() -> None:
-    with pytest.raises(SettingsError, match=r"unknown tile setting.*patch_px"):
+    with pytest.raises(SettingsError, match=r"tile settings: unknown key\(s\): patch_px \(did you mean"):
         TileSettings.from_dict({"patch_px": 256})
     with pytest.raises(SettingsError, match="jpeg_quality"):
         TileSettings(jpeg_quality=0)

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from stcorpus.settings import SettingsModel, format_validation_error, load_yaml
 from stcorpus.training.errors import ConfigError
 
 #: Built-in config files (``--config tiny-cpu`` finds ``training/configs/tiny-cpu.yaml``).
@@ -39,8 +40,8 @@ IMAGENET_STD: Final = (0.229, 0.224, 0.225)
 View = Literal["patch", "region"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(SettingsModel):
+    """A section of the run config: strict types, unknown keys refused (``stcorpus.settings``)."""
 
 
 class RunSection(_Section):
@@ -138,6 +139,22 @@ class DataSection(_Section):
     loader: dict[str, Any] = Field(default_factory=dict)
     synthetic: SyntheticSection = SyntheticSection()
 
+    @field_validator("loader")
+    @classmethod
+    def _check_loader(cls, loader: dict[str, Any]) -> dict[str, Any]:
+        # an error here is located at data.loader: the loader's own message names the key below it
+        owned = sorted(set(loader) & set(LOADER_OWNED))
+        if owned:
+            where = "; ".join(f"{key}: {LOADER_OWNED[key]}" for key in owned)
+            raise ValueError(f"must not set {', '.join(owned)} (set by training; {where})")
+        if loader:
+            from stcorpus.loaders.settings import LoaderSettings
+
+            settings = LoaderSettings.from_dict(loader)  # a LoaderSettingsError is a ValueError
+            if settings.genes.transform == "none":
+                raise ValueError("genes.transform 'none' leaves the gene encoder without input")
+        return loader
+
     @model_validator(mode="after")
     def _check(self) -> DataSection:
         if self.views and "patch" not in self.views:
@@ -146,19 +163,6 @@ class DataSection(_Section):
             raise ValueError(f"views has duplicates: {self.views}")
         if self.source == "corpus" and not self.corpus:
             raise ValueError("source 'corpus' needs data.corpus (a corpus folder, URL or hf:// repository)")
-        owned = sorted(set(self.loader) & set(LOADER_OWNED))
-        if owned:
-            where = "; ".join(f"{key}: {LOADER_OWNED[key]}" for key in owned)
-            raise ValueError(f"data.loader must not set {', '.join(owned)} (set by training; {where})")
-        if self.loader:
-            from stcorpus.loaders.settings import LoaderSettings
-
-            try:
-                settings = LoaderSettings.from_dict(self.loader)
-            except ValueError as exc:  # LoaderSettingsError names the key
-                raise ValueError(f"data.loader: {exc}") from exc
-            if settings.genes.transform == "none":
-                raise ValueError("data.loader.genes.transform 'none' leaves the gene encoder without input")
         for split in (self.train_split, self.val_split):
             if split not in ("train", "validation", "test"):
                 raise ValueError(f"split {split!r} is not one of train, validation, test")
@@ -480,10 +484,7 @@ def load_config(
     if path is not None:
         file = resolve_config_path(path)
         where = str(file)
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        loaded = load_yaml(file.read_text(encoding="utf-8"), source=str(file), error=ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -503,7 +504,7 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> TrainC
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, where=where)) from exc
+        raise ConfigError(format_validation_error(exc, source=where, raw=raw, model=TrainConfig)) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -512,10 +513,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=1e-4)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
+    value = load_yaml(text, source=f"override {item!r}", error=ConfigError) if text.strip() else ""
     parts = key.split(".")
     node: dict[str, Any] = raw
     for depth, part in enumerate(parts[:-1]):
@@ -539,38 +537,3 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-
-
-def _section_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        if not isinstance(part, str):
-            return None
-        info = model.model_fields.get(part)
-        if info is None:
-            return None
-        annotation = info.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _format_errors(error: ValidationError, *, where: str) -> str:
-    lines = []
-    for err in error.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            section = _section_at(loc[:-1])
-            valid = f" (valid keys: {', '.join(section.model_fields)})" if section is not None else ""
-            lines.append(f"{where}: unknown key {key!r}{valid}")
-        elif err["type"] == "literal_error":
-            expected = err.get("ctx", {}).get("expected", "")
-            lines.append(f"{where}: {key}: {err['input']!r} is not valid; expected one of {expected}")
-        elif err["type"] == "value_error":  # a model validator: its message says it all
-            message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {key}: {message}" if loc else f"{where}: {message}")
-        else:
-            lines.append(f"{where}: {key}: {err['msg']} (got {err['input']!r})")
-    return "\n".join(lines)

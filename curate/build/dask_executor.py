@@ -55,15 +55,16 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from stcorpus import __version__
 from stcorpus.curate.build.executors import unit_task
 from stcorpus.curate.build.unit import UnitSettings, failed_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult
 from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
+from stcorpus.settings import SettingsModel, format_validation_error, load_yaml, one_of, type_message
 
 #: What a target or scheduler that cannot be reached raises.
 _UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
@@ -102,11 +103,7 @@ def _distributed() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class JobOptions(_Strict):
+class JobOptions(SettingsModel):
     """Keyword arguments every dask-jobqueue cluster takes; one batch job runs ``processes`` workers.
 
     ``processes`` defaults to ``cores``: one single-threaded worker process per core, because
@@ -159,7 +156,7 @@ class SGEOptions(JobOptions):
     resource_spec: str | None = None
 
 
-class _ClusterFile(_Strict):
+class _ClusterFile(SettingsModel):
     jobs: int = Field(ge=1)  # batch jobs to scale to
     adaptive: bool = False  # scale between 0 and `jobs` with the work left instead of holding `jobs`
     worker_timeout: float = Field(default=3600.0, gt=0)  # seconds to wait for the first worker (jobs queue)
@@ -189,65 +186,44 @@ class SGEClusterFile(_ClusterFile):
     options: SGEOptions
 
 
-JobqueueConfig = Annotated[SlurmClusterFile | PBSClusterFile | SGEClusterFile, Field(discriminator="cluster")]
+ClusterFile = SlurmClusterFile | PBSClusterFile | SGEClusterFile
+#: The cluster file's model for each ``cluster:`` value.
+CLUSTER_FILES: Final[Mapping[str, type[ClusterFile]]] = {
+    "slurm": SlurmClusterFile,
+    "pbs": PBSClusterFile,
+    "sge": SGEClusterFile,
+}
 _CLUSTER_CLASSES: Final = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster"}
 
 
-def load_cluster_file(path: Path) -> SlurmClusterFile | PBSClusterFile | SGEClusterFile:
+def load_cluster_file(path: Path) -> ClusterFile:
     """Read and check a dask-jobqueue cluster file (see ``curate/build/slurm-example.yaml``).
 
     Unknown keys, wrong types and a missing ``cluster``/``jobs``/``options.cores``/``options.memory``
     are errors that name the key.
     """
-    import yaml
-
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SettingsError(f"cannot read the cluster file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_cluster_config(raw, source=str(path))
+        raise SettingsError(f"cannot read the cluster file {path} (--dask-cluster): {exc}") from None
+    return parse_cluster_config(load_yaml(text, source=str(path), error=SettingsError), source=str(path))
 
 
-def parse_cluster_config(
-    raw: Any, *, source: str = "cluster file"
-) -> SlurmClusterFile | PBSClusterFile | SGEClusterFile:
+def parse_cluster_config(raw: Any, *, source: str = "cluster file") -> ClusterFile:
     """Check a cluster file's content (a mapping) and return it typed."""
     if not isinstance(raw, Mapping):
         raise SettingsError(f"{source}: a cluster file is a YAML mapping with `cluster: slurm|pbs|sge` at the top")
+    # The model follows from `cluster`, so that every other message names the keys of that kind.
+    model = CLUSTER_FILES.get(raw.get("cluster"))  # type: ignore[arg-type]
+    if model is None:
+        raise SettingsError(f"{source}: {type_message('cluster', [one_of(CLUSTER_FILES)], raw.get('cluster'))}")
     try:
-        config: SlurmClusterFile | PBSClusterFile | SGEClusterFile = TypeAdapter(JobqueueConfig).validate_python(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            # pydantic puts the union member's tag ("slurm") in the location; keep the data path.
-            loc = [str(p) for p in err["loc"] if p not in _CLUSTER_CLASSES]
-            where = ".".join(loc) or "top level"
-            if err["type"] == "extra_forbidden":
-                message = "unknown key" + _valid_keys_hint(raw, loc)
-            elif err["type"] == "missing":
-                message = "missing required key"
-            elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                message = f"`cluster` must be one of {', '.join(_CLUSTER_CLASSES)}"
-            else:
-                message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{source}: {where}: {message}")
-        raise SettingsError("\n".join(problems)) from None
-    return config
+        raise SettingsError(format_validation_error(exc, source=source, raw=raw, model=model)) from None
 
 
-def _valid_keys_hint(raw: Mapping[str, Any], loc: Sequence[str]) -> str:
-    files: dict[str, type[BaseModel]] = {"slurm": SlurmClusterFile, "pbs": PBSClusterFile, "sge": SGEClusterFile}
-    model = files.get(str(raw.get("cluster")), SlurmClusterFile)
-    if len(loc) >= 2 and loc[0] == "options":
-        options = model.model_fields["options"].annotation
-        if isinstance(options, type) and issubclass(options, BaseModel):
-            model = options
-    return f" (valid keys: {', '.join(name for name in model.model_fields if name != 'cluster')})"
-
-
-def jobqueue_kwargs(config: SlurmClusterFile | PBSClusterFile | SGEClusterFile) -> dict[str, Any]:
+def jobqueue_kwargs(config: ClusterFile) -> dict[str, Any]:
     """The keyword arguments of the dask-jobqueue cluster class: the options written in the file,
     ``processes`` defaulting to ``cores``, and the scheduler settings (dashboard, allowed failures)."""
     kwargs: dict[str, Any] = {
@@ -427,9 +403,7 @@ class DaskExecutor:
         return cls(client, owns_client=True, label=f"dask scheduler {address}", **options)
 
     @classmethod
-    def jobqueue(
-        cls, config: SlurmClusterFile | PBSClusterFile | SGEClusterFile | Path, **options: Any
-    ) -> DaskExecutor:
+    def jobqueue(cls, config: ClusterFile | Path, **options: Any) -> DaskExecutor:
         """Start a dask-jobqueue cluster (SLURM, PBS or SGE) as a cluster file describes it."""
         dd = _distributed()
         if isinstance(config, Path):
@@ -665,6 +639,8 @@ def open_executor(
 
 
 __all__ = [
+    "CLUSTER_FILES",
+    "ClusterFile",
     "DaskExecutor",
     "JobOptions",
     "PBSClusterFile",

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import schema
-from stcorpus.curate.build.workdir import UNIT_SAMPLE_FIELDS, UnitResult, WorkDir
+from stcorpus.curate.build.workdir import UNIT_IMAGES, UNIT_KEY, UNIT_LISTS, UNIT_SAMPLE_FIELDS, UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 
@@ -76,7 +76,8 @@ def corpus_tar_dtypes(
     """
     import pyarrow.compute as pc
 
-    highest = {"counts": 0.0, "niche_counts": 0.0}
+    counts, niche = schema.Expr.COUNTS.value, schema.Expr.NICHE_COUNTS.value
+    highest = {counts: 0.0, niche: 0.0}
     for unit in units:
         table = work.samples(unit.slide_id)
         for name in highest:
@@ -85,7 +86,7 @@ def corpus_tar_dtypes(
                 top = pc.max(values).as_py()
                 highest[name] = max(highest[name], float(top))
     return schema.TarDtypes.smallest(
-        n_genes=n_genes, max_count=highest["counts"], max_niche_count=highest["niche_counts"], counts_dtype=counts_dtype
+        n_genes=n_genes, max_count=highest[counts], max_niche_count=highest[niche], counts_dtype=counts_dtype
     )
 
 
@@ -172,11 +173,9 @@ class _SlideSource:
         self.local_to_vocab = local_to_vocab
         self.counts_dtype = np.dtype(counts_dtype)
         self.fixed = {name: unit.slide.get(name) for name in SLIDE_SAMPLE_FIELDS}
-        self.keys = table.column("key").to_pylist()
-        self.images = {name: _BinaryRows(table.column(name)) for name in ("patch", "region")}
-        self.lists = {
-            name: _ListRows(table.column(name)) for name in ("genes", "counts", "niche_genes", "niche_counts")
-        }
+        self.keys = table.column(UNIT_KEY).to_pylist()
+        self.images = {name: _BinaryRows(table.column(name)) for name in UNIT_IMAGES}
+        self.lists = {name: _ListRows(table.column(name)) for name in UNIT_LISTS}
         self.meta = {name: table.column(name).to_pylist() for name in UNIT_SAMPLE_FIELDS}
 
     def samples(self, rows: npt.NDArray[np.int64], *, split: str) -> list[ShardSample]:
@@ -184,10 +183,10 @@ class _SlideSource:
         fixed = self.fixed | {"split": split}
         out = []
         for row in rows.tolist():
-            genes = self.local_to_vocab[self.lists["genes"][row]]
-            niche_genes = self.local_to_vocab[self.lists["niche_genes"][row]]
-            counts = lossless_cast(self.lists["counts"][row], self.counts_dtype)
-            niche_counts = lossless_cast(self.lists["niche_counts"][row], self.counts_dtype)
+            genes = self.local_to_vocab[self.lists[schema.Expr.GENES.value][row]]
+            niche_genes = self.local_to_vocab[self.lists[schema.Expr.NICHE_GENES.value][row]]
+            counts = lossless_cast(self.lists[schema.Expr.COUNTS.value][row], self.counts_dtype)
+            niche_counts = lossless_cast(self.lists[schema.Expr.NICHE_COUNTS.value][row], self.counts_dtype)
             # Local ids are sorted like the vocabulary (both by Ensembl id within a species), so the
             # mapped indices stay sorted; check rather than trust.
             if genes.size > 1 and np.any(np.diff(genes) <= 0):
@@ -201,8 +200,8 @@ class _SlideSource:
             out.append(
                 ShardSample(
                     key=self.keys[row],
-                    patch=self.images["patch"][row],
-                    region=self.images["region"][row],
+                    patch=self.images[schema.PATCH_COLUMN][row],
+                    region=self.images[schema.REGION_COLUMN][row],
                     genes=genes,
                     counts=counts,
                     niche_genes=niche_genes,

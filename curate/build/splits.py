@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 
 from stcorpus.curate.errors import ManifestError, SettingsError
 from stcorpus.curate.manifest import Sample
+from stcorpus.settings import load_yaml, unknown_keys_message
 
 HoldoutPolicy = Literal["test", "exclude"]
 
@@ -167,17 +168,16 @@ def load_holdouts(path: str | Path) -> dict[str, Holdout]:
 
 
 def _parse(path: Path, data: bytes) -> dict[str, Holdout]:
-    import yaml
-
     try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: cannot read holdout list: {exc}") from exc
+    raw = load_yaml(text, source=str(path), error=ManifestError)
     if not isinstance(raw, dict) or raw.get("holdout") != HOLDOUT_FORMAT:
         raise ManifestError(f"{path}: a holdout list starts with `holdout: {HOLDOUT_FORMAT}`")
-    unknown = sorted(set(raw) - {"holdout", "description", "slides"})
+    unknown = sorted(set(raw) - {"holdout", "description", "slides"}, key=str)
     if unknown:
-        raise ManifestError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: holdout, description, slides)")
+        raise ManifestError(f"{path}: {unknown_keys_message(unknown, ['holdout', 'description', 'slides'])}")
     holdouts: dict[str, Holdout] = {}
     for i, entry in enumerate(raw.get("slides") or []):
         if not isinstance(entry, dict) or set(entry) != {"id", "reason"}:

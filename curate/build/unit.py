@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from stcorpus import __version__
+from stcorpus import __version__, schema
 from stcorpus.curate.build.workdir import (
     QC_SUBDIR,
     SAMPLES_FILE,
+    UNIT_KEY,
     UnitResult,
     WorkDir,
     settings_digest,
@@ -505,21 +506,21 @@ def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileRe
         values = counts.data[counts.indptr[i] : counts.indptr[i + 1]]
         niche_genes = niche.counts.indices[niche.counts.indptr[i] : niche.counts.indptr[i + 1]]
         niche_values = niche.counts.data[niche.counts.indptr[i] : niche.counts.indptr[i + 1]]
-        out["key"].append(sites.keys[i])
-        out["patch"].append(tile.patch)
-        out["region"].append(tile.region)
-        out["genes"].append(genes.astype(np.int32))
-        out["counts"].append(values)
-        out["niche_genes"].append(niche_genes.astype(np.int32))
-        out["niche_counts"].append(niche_values)
+        out[UNIT_KEY].append(sites.keys[i])
+        out[schema.PATCH_COLUMN].append(tile.patch)
+        out[schema.REGION_COLUMN].append(tile.region)
+        out[schema.Expr.GENES.value].append(genes.astype(np.int32))
+        out[schema.Expr.COUNTS.value].append(values)
+        out[schema.Expr.NICHE_GENES.value].append(niche_genes.astype(np.int32))
+        out[schema.Expr.NICHE_COUNTS.value].append(niche_values)
         out["barcode"].append(str(spots.barcode[spot]))
         out["x_um"].append(float(spots.x_px[spot]) * mpp)
         out["y_um"].append(float(spots.y_px[spot]) * mpp)
         out["array_row"].append(int(spots.array_row[spot]))
         out["array_col"].append(int(spots.array_col[spot]))
-        out["pos"].append(int(tile.pos))
-        out["neighbors"].append(niche.keys[i])
-        out["n_neighbors"].append(int(niche.n_neighbors[i]))
+        out[schema.POS].append(int(tile.pos))
+        out[schema.NEIGHBORS].append(niche.keys[i])
+        out[schema.N_NEIGHBORS].append(int(niche.n_neighbors[i]))
         out["total_counts"].append(float(values.sum()))
         out["n_genes"].append(int(genes.size))
         out["outside_fraction"].append(float(tile.outside_fraction))

@@ -42,6 +42,11 @@ BUILD_RECORD_FILE: Final = "build.json"
 
 UnitStatus = Literal["built", "quarantined", "failed"]
 
+#: The unit's key column (the shards' is ``schema.KEY_COLUMN``); its images and expression lists
+#: carry the shards' names (``schema.PATCH_COLUMN``, ``schema.Expr``).
+UNIT_KEY: Final = "key"
+UNIT_IMAGES: Final = (schema.PATCH_COLUMN, schema.REGION_COLUMN)
+UNIT_LISTS: Final = tuple(e.value for e in schema.Expr)
 #: Metadata fields a unit stores per sample; the others come from the slide (and the split).
 UNIT_SAMPLE_FIELDS: Final = (
     "barcode",
@@ -49,9 +54,9 @@ UNIT_SAMPLE_FIELDS: Final = (
     "y_um",
     "array_row",
     "array_col",
-    "pos",
-    "neighbors",
-    "n_neighbors",
+    schema.POS,
+    schema.NEIGHBORS,
+    schema.N_NEIGHBORS,
     "total_counts",
     "n_genes",
     "outside_fraction",
@@ -66,13 +71,12 @@ def unit_sample_schema(counts_dtype: str) -> pa.Schema:
     meta_types = {f.name: schema._arrow_type(f.arrow) for f in schema.META_FIELDS}
     return pa.schema(
         [
-            ("key", pa.string()),
-            ("patch", pa.binary()),
-            ("region", pa.binary()),
-            ("genes", pa.list_(pa.int32())),
-            ("counts", counts),
-            ("niche_genes", pa.list_(pa.int32())),
-            ("niche_counts", counts),
+            (UNIT_KEY, pa.string()),
+            *((name, pa.binary()) for name in UNIT_IMAGES),
+            (schema.Expr.GENES.value, pa.list_(pa.int32())),
+            (schema.Expr.COUNTS.value, counts),
+            (schema.Expr.NICHE_GENES.value, pa.list_(pa.int32())),
+            (schema.Expr.NICHE_COUNTS.value, counts),
             *((name, meta_types[name]) for name in UNIT_SAMPLE_FIELDS),
         ]
     )

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stcorpus.curate.errors import NoReaderError
+from stcorpus.curate.errors import ManifestError, NoReaderError
+from stcorpus.settings import coerce, unknown_keys_message
 
 if TYPE_CHECKING:
     from stcorpus.curate.imaging import ImageSettings
@@ -141,15 +142,15 @@ def check_sample(sample: Sample) -> list[str]:
     if spec.required_any and not any(group <= names for group in spec.required_any):
         options = " or ".join("{" + ", ".join(sorted(g)) + "}" for g in spec.required_any)
         problems.append(f"{where}: field 'sources': technology {spec.technology!r} needs {options}")
+    unknown_options = sorted(set(sample.reader) - set(spec.options))
+    if unknown_options:
+        problems.append(f"{where}: {unknown_keys_message(unknown_options, sorted(spec.options), where='reader')}")
     for option, value in sample.reader.items():
-        expected = spec.options.get(option)
-        if expected is None:
-            valid = ", ".join(sorted(spec.options)) or "none"
-            problems.append(f"{where}: field 'reader.{option}': unknown reader option (valid: {valid})")
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue  # YAML writes 65 for 65.0
-        elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            problems.append(f"{where}: field 'reader.{option}': expected {expected.__name__}, got {value!r}")
+        if option in spec.options:
+            try:  # the settings' one strict check: no bool from 'no', a float may be written 65
+                coerce(spec.options[option], value, f"reader.{option}", error=ManifestError)
+            except ManifestError as exc:
+                problems.append(f"{where}: {exc}")
     return problems
 
 
