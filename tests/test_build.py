@@ -20,7 +20,6 @@ import pytest
 
 from stcorpus import schema
 from stcorpus.curate.build.pipeline import BuildSettings, Selection, build
-from stcorpus.curate.cli import main
 from stcorpus.curate.errors import BuildError
 from tests.build_fixtures import bad_slides, good_slides, hest_entry, manifest
 from tests.conftest import DemoCorpus

@@ -163,7 +163,9 @@ class Runner:
         handler(block, text)
 
     def _process(self, block: Block, argv: list[str]) -> None:
-        done = subprocess.run(argv, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            argv, check=False, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=300
+        )
         if done.returncode != 0:
             raise ReadmeError(f"{block.where()} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         self.last_output = done.stdout
@@ -203,25 +205,27 @@ class Runner:
                 self.last_output = self.demo.summary
 
     def _background(self, block: Block, text: str) -> None:
-        process = subprocess.Popen(
-            ["bash", "-euo", "pipefail", "-c", text],
-            cwd=self.work,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        log = self.work / f"readme-{block.line}.log"
+        with log.open("wb") as stderr:  # a file, not a pipe nobody reads: a server logs every request
+            process = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "-c", text],
+                cwd=self.work,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         self.background.append(process)
-        ports = [int(p) for p in re.findall(r"(?<!\d)(\d{4,5})(?!\d)", text)]
+        port = int(m[1]) if (m := re.search(r"(?<!\d)(\d{4,5})(?!\d)", text)) else None
         deadline = time.monotonic() + 30
-        while ports and time.monotonic() < deadline:
+        while port is not None and time.monotonic() < deadline:
             if process.poll() is not None:
-                raise ReadmeError(f"{block.where()} exited {process.returncode}: {process.stderr!r}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", ports[0]), timeout=1):
+                raise ReadmeError(f"{block.where()} exited {process.returncode}: {log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
             time.sleep(0.1)
-        if ports:
-            raise ReadmeError(f"{block.where()}: nothing listens on port {ports[0]} after 30 s")
+        if port is not None:
+            raise ReadmeError(f"{block.where()}: nothing listens on port {port} after 30 s: {log.read_text()}")
 
     def _needs(self, block: Block, text: str) -> None:
         for argv in commands(text):
@@ -353,7 +357,7 @@ def test_output_and_layout_checks_catch_a_wrong_line(tmp_path: Path) -> None:
     (tmp_path / "wds" / "train").mkdir(parents=True)
     (tmp_path / "wds" / "train" / "train-000000.tar").write_bytes(b"")
     check_layout("wds/<split>/<split>-NNNNNN.tar   shards\n", tmp_path, where="t")
-    with pytest.raises(ReadmeError, match="has no corpus.json"):
+    with pytest.raises(ReadmeError, match=r"has no corpus\.json"):
         check_layout("corpus.json   provenance\n", tmp_path, where="t")
 
 
@@ -365,7 +369,7 @@ def test_checked_commands_fail_on_a_wrong_flag_or_key() -> None:
         check_command(
             shlex.split("python -m stcorpus.training.pretrain --config corpus-gpu --set optim.lrr=1"), where="t"
         )
-    with pytest.raises(ReadmeError, match="no curate/missing.yaml"):
+    with pytest.raises(ReadmeError, match=r"no curate/missing\.yaml"):
         check_command(["cp", "curate/missing.yaml", "x.yaml"], where="t")
     with pytest.raises(ReadmeError, match="not a command"):
         check_command(["wget", "https://example.org"], where="t")
