@@ -12,6 +12,7 @@ HTML comment on the line before the fence, ``<!-- readme-test: KIND -->``:
 - ``make``: ``make -n`` accepts each target; ``make demo`` is the session's build (its recipe must
   be ``tests.conftest.DEMO_BUILD``), ``make test`` is what CI runs;
 - ``background``: a server, started and left running until the test ends;
+- ``file NAME``: a file (a YAML config) the blocks after it use, written to the work folder as NAME;
 - ``needs gpu|hub|cluster ...``: checked, not run (CI has no GPU, Hub access or cluster):
   pretraining commands resolve their config (``--print-config``), other stcorpus commands parse
   with their own parser, ``cp`` sources exist, and anything else is one of ``EXTERNAL``.
@@ -46,14 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: What a block's kind may be: a fence language, or a marker word.
 RUN_KINDS = ("bash", "sh", "python")
-MARKER_KINDS = ("output", "layout", "make", "background", "needs")
+MARKER_KINDS = ("output", "layout", "make", "background", "file", "needs")
 NEEDS = ("gpu", "hub", "cluster")
 #: Programs of checked (``needs ...``) blocks that are not ours: their arguments are their own.
 EXTERNAL = ("pip", "huggingface-cli")
 #: The Hub stand-in's repository standing for ``<org>/<corpus>``.
 HUB_REPO = "demo/corpus"
 _FENCE = re.compile(r"^```(\S*)\s*$")
-_MARKER = re.compile(r"^<!-- readme-test: (?P<kind>[a-z]+)(?P<args>(?: [a-z]+)*) -->$")
+_MARKER = re.compile(r"^<!-- readme-test: (?P<kind>[a-z]+)(?P<args>(?: [\w.-]+)*) -->$")
 _PORT = re.compile(r"(?<!\d)8000(?!\d)")
 
 
@@ -97,6 +98,8 @@ def extract(markdown: str) -> list[Block]:
                 raise ReadmeError(f"README.md:{start}: unknown block kind {kind!r} (known: {MARKER_KINDS})")
             if kind == "needs" and (not args or set(args) - set(NEEDS)):
                 raise ReadmeError(f"README.md:{start}: 'needs' takes some of {NEEDS}, not {args}")
+            if kind == "file" and (len(args) != 1 or args[0].startswith(".")):
+                raise ReadmeError(f"README.md:{start}: 'file' takes one file name, not {args}")
         else:
             kind, args = fence[1], ()
             if kind not in RUN_KINDS:
@@ -227,6 +230,9 @@ class Runner:
         if port is not None:
             raise ReadmeError(f"{block.where()}: nothing listens on port {port} after 30 s: {log.read_text()}")
 
+    def _file(self, block: Block, text: str) -> None:
+        (self.work / block.args[0]).write_text(text)
+
     def _needs(self, block: Block, text: str) -> None:
         for argv in commands(text):
             check_command(argv, where=f"{block.where()}: {shlex.join(argv)}")
@@ -344,7 +350,12 @@ def test_unknown_or_unmarked_blocks_fail() -> None:
         extract("<!-- readme-test: needs tpu -->\n```bash\nx\n```\n")
     with pytest.raises(ReadmeError, match="never closed"):
         extract("```bash\nls\n")
+    with pytest.raises(ReadmeError, match="'file' takes one file name"):
+        extract("<!-- readme-test: file -->\n```yaml\na: 1\n```\n")
     assert [b.kind for b in extract("<!-- readme-test: needs gpu hub -->\n```bash\nx\n```\n")] == ["needs"]
+    assert [b.args for b in extract("<!-- readme-test: file my-run.yaml -->\n```yaml\na: 1\n```\n")] == [
+        ("my-run.yaml",)
+    ]
 
 
 def test_output_and_layout_checks_catch_a_wrong_line(tmp_path: Path) -> None:
