@@ -20,9 +20,9 @@ import pytest
 
 from stcorpus import schema
 from stcorpus.curate.build.pipeline import BuildSettings, Selection, build
-from stcorpus.curate.cli import main
 from stcorpus.curate.errors import BuildError
 from tests.build_fixtures import bad_slides, good_slides, hest_entry, manifest
+from tests.conftest import DemoCorpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "manifests" / "demo.yaml"
@@ -45,19 +45,18 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
-def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_end_to_end(demo_corpus: DemoCorpus) -> None:
     import datasets
 
-    out = tmp_path / "demo"
-    # what `make demo` runs (Makefile): the demo pins benchmark slide HER2ST-B4 to validation
-    assert main(["build", str(DEMO), "--out", str(out), "--no-progress", "--holdout", "none"]) == 0
-    printed = capsys.readouterr().out
+    # built by the session fixture with what `make demo` runs (Makefile): --holdout none, because
+    # the demo pins benchmark slides HER2ST-B4 and C2 to train and validation
+    out, printed = demo_corpus.root, demo_corpus.summary
     assert "3 built, 2 quarantined" in printed and "image_too_coarse" in printed
     # the summary prints every split non-empty, and each built slide's split and um/px against HEST's
-    assert re.search(r"samples written: 519 \(train 49, validation 283, test 187\)", printed)
-    assert "HER2ST-B4: built: validation, 0.6878 um/px (lattice); reference_mpp 0.6889 (-0.2%)\n" in printed
-    assert "HER2ST-C2: built: test, 0.6881 um/px (lattice); reference_mpp 0.6961 (-1.1%)\n" in printed
-    assert "V1-Mouse-Brain-fullres-crop: built: train, 0.7267 um/px (manifest)\n" in printed
+    assert re.search(r"samples written: 519 \(train 283, validation 187, test 49\)", printed)
+    assert "HER2ST-B4: built: train, 0.6878 um/px (lattice); reference_mpp 0.6889 (-0.2%)\n" in printed
+    assert "HER2ST-C2: built: validation, 0.6881 um/px (lattice); reference_mpp 0.6961 (-1.1%)\n" in printed
+    assert "V1-Mouse-Brain-fullres-crop: built: test, 0.7267 um/px (manifest)\n" in printed
     assert "OFF BY" not in printed
 
     slides = pq.read_table(out / schema.SLIDES_FILE).to_pylist()
@@ -82,9 +81,9 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert {built[i]["patient"] for i in ("HER2ST-B4", "HER2ST-C2")} == {"B", "C"}
     # pinned by the manifest's `split:` key and recorded in slides.parquet
     assert {i: s["split"] for i, s in built.items()} == {
-        "V1-Mouse-Brain-fullres-crop": "train",
-        "HER2ST-B4": "validation",
-        "HER2ST-C2": "test",
+        "V1-Mouse-Brain-fullres-crop": "test",
+        "HER2ST-B4": "train",
+        "HER2ST-C2": "validation",
     }
 
     parquet = datasets.load_dataset(str(out), streaming=True)

@@ -700,17 +700,17 @@ def test_pinned_split_of_a_benchmark_slide_needs_holdout_none() -> None:
     demo = load_manifest(DEMO)
     plan = make_plan([demo], holdout=resolve_holdout("none"), candidates=False)
     assert {i: plan.splits[i] for i in ("V1-Mouse-Brain-fullres-crop", "HER2ST-B4", "HER2ST-C2")} == {
-        "V1-Mouse-Brain-fullres-crop": "train",
-        "HER2ST-B4": "validation",
-        "HER2ST-C2": "test",
+        "V1-Mouse-Brain-fullres-crop": "test",
+        "HER2ST-B4": "train",
+        "HER2ST-C2": "validation",
     }
     # B4 under an id the shipped holdout list names (HER2ST section A1, STimage's copy)
     listed = "Human_Breast_Andersson_10142021_ST_A1"
     b4 = dataclasses.replace(demo.sample("HER2ST-B4"), id=listed)
     held = dataclasses.replace(demo, samples=(b4,))
-    with pytest.raises(ManifestError, match=listed + r".*'validation'.*holdout list.*--holdout none"):
+    with pytest.raises(ManifestError, match=listed + r".*'train'.*holdout list.*--holdout none"):
         make_plan([held], candidates=False)
-    assert make_plan([held], holdout=resolve_holdout("none"), candidates=False).splits == {listed: "validation"}
+    assert make_plan([held], holdout=resolve_holdout("none"), candidates=False).splits == {listed: "train"}
     # a held-out slide pinned to test is fine; unpinned slides of its patient follow the pin
     sibling = dataclasses.replace(b4, id="HER2ST-B5", split=None)
     pinned_test = dataclasses.replace(demo, samples=(dataclasses.replace(b4, split="test"), sibling))
@@ -725,14 +725,14 @@ def test_one_patient_pinned_to_two_splits_is_refused_by_validate_plan_and_build(
 
     demo = load_manifest(DEMO)
     b4 = demo.sample("HER2ST-B4")
-    leak = dataclasses.replace(b4, id="HER2ST-B5", split="train")
+    leak = dataclasses.replace(b4, id="HER2ST-B5", split="validation")
     problems = check_manifests([dataclasses.replace(demo, samples=(b4, leak))]).problems
-    assert len(problems) == 1 and re.search(r"HER2ST-B5.*'train'.*'HER2ST-B4'.*'validation'.*alike", problems[0])
+    assert len(problems) == 1 and re.search(r"HER2ST-B5.*'validation'.*'HER2ST-B4'.*'train'.*alike", problems[0])
 
     # the same through the CLI, from a manifest file: validate exits 1, build refuses before starting
     raw = yaml.safe_load(DEMO.read_text())
     her2st = next(s for s in raw["studies"] if s["id"] == "her2st-legacy-st")
-    her2st["samples"][1]["patient"] = "B"  # C2 now claims patient B, pinned to test; B4 is in validation
+    her2st["samples"][1]["patient"] = "B"  # C2 now claims patient B, pinned to validation; B4 is in train
     for sample in her2st["samples"]:
         sample["sources"] = {k: str((DEMO.parent / v).resolve()) for k, v in sample["sources"].items()}
     raw["studies"] = [her2st]
