@@ -660,6 +660,12 @@ class PilImage(SlideImage):
                 with Image.open(self.path) as im:
                     target = "RGBA" if self.has_alpha else "RGB"
                     im.load()
+                    if im.mode.startswith("I;16") or im.mode == "I":
+                        # 16-bit grey (PNG, a TIFF Pillow opened): Pillow's convert clips every value over
+                        # 255 to white; keep the high byte, as `_to_channels` does for 16-bit TIFFs.
+                        grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                        self._pixels = np.repeat(grey[..., None], 3, axis=2)
+                        return self._pixels
                     # the same mode needs no converted copy: one whole-image allocation fewer
                     self._pixels = np.asarray(im if im.mode == target else im.convert(target))
             except OSError as exc:
