@@ -20,9 +20,8 @@ unless ``--holdout none``.
 
 from __future__ import annotations
 
-import math
-
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

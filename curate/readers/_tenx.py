@@ -83,7 +83,9 @@ def _strings(group: Any, name: str, *, path: Path) -> npt.NDArray[np.str_]:
             "the file is not a complete 10x feature-barcode matrix: fetch it again from its source"
         ) from exc
     if values.ndim != 1:
-        raise CorruptSourceError(f"{path}: dataset {group.name.rstrip('/')}/{name} has shape {values.shape}, expected 1-d")
+        raise CorruptSourceError(
+            f"{path}: dataset {group.name.rstrip('/')}/{name} has shape {values.shape}, expected 1-d"
+        )
     return values
 
 

@@ -132,6 +132,11 @@ def _coordinates(
     )
 
 
+def _obs_integers(obs: Any, name: str, *, path: Path, sample: Sample) -> npt.NDArray[np.int64]:
+    """An obs column of whole numbers (tissue flags, array coordinates), refused if missing or not numeric."""
+    return whole_numbers(obs[name].to_numpy(), what=f"{path}: obs {name}", slide_id=sample.id)
+
+
 def _geometry(sample: Sample, meta_pitch: float | None, notes: list[str]) -> Geometry:
     """The assay's geometry, with the metadata's ``inter_spot_dist`` as pitch where it states one."""
     pseudo = PSEUDO_SPOT_UM.get(sample.assay)
@@ -203,7 +208,10 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         counts, barcodes, x, y = counts[rows], barcodes[rows], x[rows], y[rows]
     obs = adata.obs.iloc[rows]
     if OBS_IN_TISSUE in obs.columns:
-        in_tissue = whole_numbers(obs[OBS_IN_TISSUE].to_numpy(), what=f"{st_path}: obs {OBS_IN_TISSUE}", slide_id=sample.id) != 0
+        in_tissue = (
+            whole_numbers(obs[OBS_IN_TISSUE].to_numpy(), what=f"{st_path}: obs {OBS_IN_TISSUE}", slide_id=sample.id)
+            != 0
+        )
     else:
         in_tissue = np.ones(barcodes.shape[0], dtype=bool)
         notes.append(f"obs has no {OBS_IN_TISSUE}: every spot taken as in tissue")
@@ -212,8 +220,12 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     meta_mpp = positive_float(metadata.get(META_MPP))
     known_mpp = sample.mpp if sample.mpp is not None else meta_mpp
     if OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns:
-        array_row = whole_numbers(obs[OBS_ARRAY_ROW].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_ROW}", slide_id=sample.id).astype(np.int32)
-        array_col = whole_numbers(obs[OBS_ARRAY_COL].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_COL}", slide_id=sample.id).astype(np.int32)
+        array_row = whole_numbers(
+            obs[OBS_ARRAY_ROW].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_ROW}", slide_id=sample.id
+        ).astype(np.int32)
+        array_col = whole_numbers(
+            obs[OBS_ARRAY_COL].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_COL}", slide_id=sample.id
+        ).astype(np.int32)
     elif geometry.is_lattice:
         lattice, pitch = geometry.lattice_and_pitch()
         derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / known_mpp if known_mpp else None)
