@@ -61,6 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CurateError as exc:
         print(f"curate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder or file of the command itself (--out, --work-dir, ...), not of one slide
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"curate {args.command}: error: {where}{exc.strerror or exc}; check that the path given exists and is "
+            "writable",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"curate {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -276,7 +276,7 @@ class SlideImage(ABC):
         if x >= 0 and y >= 0 and x + width <= level_width and y + height <= level_height:
             window = self._read(level, y, y + height, x, x + width, reduce)
             if window.dtype != np.uint8 or window.ndim != 3 or window.shape[2] != channels:
-                window = _to_channels(window, channels)
+                window = _to_channels(window, channels, path=self.path)
             return window if window.flags.owndata and window.flags.writeable else window.copy()
         out = np.full((height, width, channels), WHITE, dtype=np.uint8)
         if keep_alpha and self.has_alpha:
@@ -286,7 +286,7 @@ class SlideImage(ABC):
         if x0 >= x1 or y0 >= y1:
             return out
         window = self._read(level, y0, y1, x0, x1, reduce)
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_channels(window, channels)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_channels(window, channels, path=self.path)
         return out
 
     def thumbnail(self, *, max_size: int = 1024, keep_alpha: bool = False) -> RGBArray:
@@ -352,12 +352,15 @@ class SlideImage(ABC):
         return f"{type(self).__name__}({self.path.name}: {sizes})"
 
 
-def _to_channels(window: npt.NDArray[Any], channels: int) -> RGBArray:
+def _to_channels(window: npt.NDArray[Any], channels: int, *, path: Path) -> RGBArray:
     if window.dtype != np.uint8:
         if window.dtype == np.uint16:
             window = (window >> 8).astype(np.uint8)
         else:
-            raise CorruptSourceError(f"unsupported image sample type {window.dtype}: expected 8-bit RGB")
+            raise CorruptSourceError(
+                f"{path}: unsupported image sample type {window.dtype}: expected 8-bit (or 16-bit) RGB or grey; "
+                "convert the image to 8-bit RGB and name that file as the image source"
+            )
     if window.ndim == 2:
         window = window[..., None]
     have = window.shape[2]
@@ -660,6 +663,12 @@ class PilImage(SlideImage):
                 with Image.open(self.path) as im:
                     target = "RGBA" if self.has_alpha else "RGB"
                     im.load()
+                    if im.mode.startswith("I;16") or im.mode == "I":
+                        # 16-bit grey (PNG, a TIFF Pillow opened): Pillow's convert clips every value over
+                        # 255 to white; keep the high byte, as `_to_channels` does for 16-bit TIFFs.
+                        grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                        self._pixels = np.repeat(grey[..., None], 3, axis=2)
+                        return self._pixels
                     # the same mode needs no converted copy: one whole-image allocation fewer
                     self._pixels = np.asarray(im if im.mode == target else im.convert(target))
             except OSError as exc:

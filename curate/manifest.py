@@ -96,6 +96,8 @@ LOCAL_SCHEMES: Final = ("file",)
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+#: The longest slide id: ids name the build's work folders and files (255 bytes at most on most file systems).
+MAX_ID_LENGTH: Final = 160
 
 ReaderOption = str | int | float | bool
 
@@ -178,6 +180,7 @@ class SampleFields(_Strict):
     reference_mpp: float | None = Field(
         default=None,
         gt=0,
+        allow_inf_nan=False,
         description="um/px a reference gives (e.g. HEST's pixel_size_um_estimated); the build summary "
         "prints the um/px the build used against it and flags a difference over 2%",
     )
@@ -189,7 +192,12 @@ class SampleFields(_Strict):
         "CC-BY-NC-SA-4.0 over each study's own licence)",
     )
     citation: str | None = Field(default=None, description="DOI or PMID of the source study")
-    mpp: float | None = Field(default=None, gt=0, description="um/px of the full-resolution image (override)")
+    mpp: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="um/px of the full-resolution image (override)",
+    )
     counts: CountsKind | None = Field(default=None, description="raw (default) or normalized")
     spots: int | None = Field(default=None, ge=0, description="spots under tissue per the source (for plans)")
     image_size: tuple[int, int] | None = Field(
@@ -197,6 +205,13 @@ class SampleFields(_Strict):
     )
     sources: dict[str, Source] | None = None
     reader: dict[str, ReaderOption] | None = Field(default=None, description="reader options (per technology)")
+
+    @field_validator("mpp", "reference_mpp", mode="before")
+    @classmethod
+    def _no_bool_scale(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read `true` as 1.0 um/px
+            raise ValueError(f"expected a number of um/px, not {value}")
+        return value
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -237,6 +252,8 @@ class SampleEntry(SampleFields):
                 f"id {value!r} is not allowed: use letters, digits, '-' and single '_' "
                 "(no '.', '/', spaces or '__'), starting with a letter or digit"
             )
+        if len(value) > MAX_ID_LENGTH:  # ids name folders and files of the build
+            raise ValueError(f"id {value[:40]!r}... is {len(value):,} characters long; at most {MAX_ID_LENGTH}")
         return value
 
 
@@ -468,6 +485,12 @@ def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at line {line}): "
+            "save the manifest as UTF-8"
+        ) from None
     return parse_manifest(text, path=path, allow_local=allow_local)
 
 

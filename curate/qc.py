@@ -253,6 +253,13 @@ def _check_spots(slide: Slide) -> tuple[list[QCCheck], QCError | None]:
             blocking=True,
         )
     ]
+    if len(spots) == 0:
+        dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(slide.dropped_spots.items()) if n)
+        return checks, NoSpotsError(
+            f"the slide has no spot to build: its count table has no rows{' left' if dropped else ''}"
+            f"{' (dropped: ' + dropped + ')' if dropped else ''}; check that the `sources` name the right files",
+            slide_id=slide.id,
+        )
     if n_in == 0:
         error = NoSpotsError(
             f"none of the {len(spots):,} spots is flagged in tissue: check the positions' in_tissue column "

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,11 @@ _FILTER_COLUMNS = {
     "licence": "licence",
     "count_kind": "count_kind",
 }
+
+
+#: Columns of ``shards.parquet`` the loader reads (``bytes`` may be null), and which must be integers.
+_SHARD_COLUMNS: Final = ("path", "format", "split", "index", "n_samples", "bytes")
+_SHARD_INTEGER_COLUMNS: Final = ("index", "n_samples", "bytes")
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,26 @@ class Corpus:
     @cached_property
     def shards(self) -> list[dict[str, Any]]:
         """Rows of ``shards.parquet``."""
-        rows: list[dict[str, Any]] = self._table(schema.SHARDS_FILE).to_pylist()
+        import pyarrow as pa
+
+        table = self._table(schema.SHARDS_FILE)
+        where = f"{self.source.location}/{schema.SHARDS_FILE}"
+        missing = [name for name in _SHARD_COLUMNS if name not in table.column_names]
+        if missing:
+            raise CorpusError(
+                f"{where} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names) or 'none'}): not "
+                "the shard index of a built corpus; rebuild it, or copy shards.parquet again"
+            )
+        wrong = [
+            f"{name} is {table.schema.field(name).type}"
+            for name in _SHARD_INTEGER_COLUMNS
+            if name in table.column_names and not pa.types.is_integer(table.schema.field(name).type)
+        ]
+        if wrong:
+            raise CorpusError(
+                f"{where}: {', '.join(wrong)}, expected integers; rebuild it, or copy shards.parquet again"
+            )
+        rows: list[dict[str, Any]] = table.to_pylist()
         return rows
 
     @cached_property

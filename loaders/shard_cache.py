@@ -45,6 +45,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO, Any, Final
 
 from stcorpus.loaders.errors import MissingFileError, ShardError
@@ -309,6 +310,8 @@ class ShardSource:
             stat = local.stat()
         except FileNotFoundError:
             raise self._missing(path, self.location) from None
+        if not S_ISREG(stat.st_mode):
+            raise ShardError(f"{local}: listed in shards.parquet but not a file (a folder?); copy the shard again")
         if record is not None and record.size and stat.st_size != record.size and record.format == "wds":
             # The samples before a cut are whole (every tar header is checksummed): the reader
             # yields them and raises ShardError where the archive is cut, as it does remotely.

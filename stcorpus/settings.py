@@ -374,6 +374,8 @@ def load_yaml(text: str, *, source: str, error: ErrorFactory) -> Any:
         return yaml.load(text, Loader=_SettingsLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise error(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise error(f"{source}: YAML nested too deeply to be a settings file") from None
 
 
 __all__ = [

@@ -58,7 +58,11 @@ class PackSettings:
         if self.order not in ("shuffled", "slide"):
             raise SettingsError(f"order must be 'shuffled' or 'slide', not {self.order!r}")
         if self.samples_per_shard < 1 or self.max_shard_bytes < 1 or self.row_group_size < 1:
-            raise SettingsError("samples_per_shard, max_shard_bytes and row_group_size must be >= 1")
+            raise SettingsError(
+                f"shards need at least one sample and one byte (curate build --samples-per-shard, --max-shard-mb): "
+                f"samples_per_shard={self.samples_per_shard!r}, max_shard_bytes={self.max_shard_bytes!r}, "
+                f"row_group_size={self.row_group_size!r}"
+            )
 
 
 def corpus_counts_dtype(units: Sequence[UnitResult]) -> str:

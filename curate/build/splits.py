@@ -21,6 +21,7 @@ unless ``--holdout none``.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,10 @@ class SplitSettings:
 
     def __post_init__(self) -> None:
         ratios = (self.train, self.validation, self.test)
-        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-9:
-            raise SettingsError(f"split ratios must be >= 0 and sum to 1, got train/validation/test = {ratios}")
+        if not all(math.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-9:
+            raise SettingsError(
+                f"split ratios must be >= 0 and sum to 1 (curate build --splits), got train/validation/test = {ratios}"
+            )
         if self.holdout not in ("test", "exclude"):
             raise SettingsError(f"holdout must be 'test' or 'exclude', not {self.holdout!r}")
 

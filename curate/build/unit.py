@@ -59,7 +59,7 @@ from stcorpus.curate.build.workdir import (
     unit_sample_schema,
     write_samples,
 )
-from stcorpus.curate.errors import FetchError, SlideError
+from stcorpus.curate.errors import FetchError, SettingsError, SlideError
 from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
 from stcorpus.curate.imaging import ImageSettings
 from stcorpus.curate.qc import QCSettings
@@ -93,6 +93,13 @@ class GeneSettings:
 
     min_mapped_fraction: float = DEFAULT_MIN_MAPPED_FRACTION
     panel: tuple[str, ...] | None = None  # named panels to keep (None: every mapped gene)
+
+    def __post_init__(self) -> None:
+        fraction = self.min_mapped_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise SettingsError(
+                f"min_mapped_fraction must be a fraction in 0..1 (curate build --min-mapped-fraction), not {fraction!r}"
+            )
 
 
 @dataclass(frozen=True)

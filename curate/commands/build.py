@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.build.splits import SplitSettings
     from stcorpus.curate.build.unit import GeneSettings, UnitSettings
+    from stcorpus.curate.errors import SettingsError
     from stcorpus.curate.fetch import FetchSettings
     from stcorpus.curate.imaging import ImageSettings
     from stcorpus.curate.qc import QCSettings
@@ -229,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
         max_outside_fraction=args.max_spots_outside,
     )
     genes = GeneSettings(min_mapped_fraction=args.min_mapped_fraction)
+    if not math.isfinite(args.max_shard_mb) or args.max_shard_mb * 1024**2 < 1:
+        raise SettingsError(f"--max-shard-mb must be a positive number of MiB, not {args.max_shard_mb}")
     train, validation, test = args.splits
     settings = BuildSettings(
         name=args.name,

@@ -24,7 +24,7 @@ def _is_holdout(path: Path) -> bool:
 
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # ValueError: not UTF-8
         return False  # let the manifest loader report it
     return isinstance(document, dict) and "holdout" in document
 

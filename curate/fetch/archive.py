@@ -39,6 +39,12 @@ _COPY_CHUNK: Final = 1 << 20
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
+#: What a user can do about an archive over the limits that is genuine (there is no flag for the limits).
+_GENUINE: Final = (
+    "if it is genuine, unpack it yourself and name the unpacked folder as the source (a local path, with "
+    "`allow_local: true` in the manifest)"
+)
+
 
 def is_archive_name(name: str) -> bool:
     """True if a file name ends with one of ``ARCHIVE_SUFFIXES`` (case-insensitive)."""
@@ -48,15 +54,21 @@ def is_archive_name(name: str) -> bool:
 def detect_format(path: Path) -> ArchiveFormat | None:
     """``"zip"`` or ``"tar"`` (plain or compressed) from the file's bytes; ``None`` otherwise."""
     with path.open("rb") as handle:
-        head = handle.read(4)
+        head = handle.read(6)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     try:
         if tarfile.is_tarfile(path):
             return "tar"
-    except OSError:
-        return None
+    except (EOFError, zlib.error, lzma.LZMAError, OSError):
+        # A compressed stream that breaks off (a truncated .tar.gz): a tar, so that unpacking it says
+        # "corrupt or truncated" rather than "not an archive".
+        return "tar" if head.startswith(_COMPRESSED_MAGIC) else None
     return None
+
+
+#: The first bytes of gzip, bzip2 and xz streams (tarfile reads tars compressed with each).
+_COMPRESSED_MAGIC: Final = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,7 @@ class _Budget:
             raise UnsafeArchiveError(
                 f"{self.archive}: member {member!r}: unpacking would write more than {self.allowed_bytes()} bytes "
                 f"(archive of {self.archive_size} bytes; limits: archive_max_bytes={self.limits.max_bytes}, "
-                f"archive_max_ratio={self.limits.max_ratio}); raise the limits in the fetch settings if it is genuine"
+                f"archive_max_ratio={self.limits.max_ratio}); " + _GENUINE
             )
 
 
@@ -286,14 +298,14 @@ def _tar_members(tar: tarfile.TarFile, *, budget: _Budget, name: str) -> Iterato
         if len(members) > budget.limits.max_members:
             raise UnsafeArchiveError(
                 f"{name}: member {member.name!r}: more than {budget.limits.max_members} members "
-                "(archive_max_members); raise the limit in the fetch settings if it is genuine"
+                "(archive_max_members); " + _GENUINE
             )
         if member.isfile():
             declared += member.size
             if declared > budget.allowed_bytes():
                 raise UnsafeArchiveError(
                     f"{name}: member {member.name!r}: the archive declares more than {budget.allowed_bytes()} bytes "
-                    "(archive_max_bytes / archive_max_ratio); raise the limits if it is genuine"
+                    "(archive_max_bytes / archive_max_ratio); " + _GENUINE
                 )
     yield from members
 
@@ -312,7 +324,7 @@ def _unpack_zip(archive: Path, target: Path, *, budget: _Budget, name: str) -> i
             if len(infos) > budget.limits.max_members:
                 raise UnsafeArchiveError(
                     f"{name}: member {infos[budget.limits.max_members].filename!r}: more than "
-                    f"{budget.limits.max_members} members (archive_max_members)"
+                    f"{budget.limits.max_members} members (archive_max_members); " + _GENUINE
                 )
             declared = 0
             for info in infos:
@@ -320,7 +332,7 @@ def _unpack_zip(archive: Path, target: Path, *, budget: _Budget, name: str) -> i
                 if declared > budget.allowed_bytes():
                     raise UnsafeArchiveError(
                         f"{name}: member {info.filename!r}: the archive declares more than {budget.allowed_bytes()} "
-                        "bytes (archive_max_bytes / archive_max_ratio); raise the limits if it is genuine"
+                        "bytes (archive_max_bytes / archive_max_ratio); " + _GENUINE
                     )
                 if info.flag_bits & 0x1:
                     raise UnsafeArchiveError(f"{name}: member {info.filename!r} is encrypted; cannot unpack it")

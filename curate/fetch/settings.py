@@ -68,6 +68,8 @@ class FetchSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
         problems = []
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            problems.append(f"cache_dir {self.cache_dir} is a file, not a folder (curate build/fetch --cache)")
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -82,6 +82,13 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
             notes.append(f"counts stored as {data.dtype} are whole numbers: cast to int32 losslessly")
         return sp.csr_matrix((data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
     if sample.counts == "normalized":
+        if not finite.all():
+            raise CorruptSourceError(
+                f"{source.name}: {int((~finite).sum()):,} of {data.size:,} stored values are NaN or infinite; "
+                "no count-based model can use them (declared `counts: normalized` or not): point the manifest at a "
+                "source without missing values",
+                slide_id=sample.id,
+            )
         notes.append(f"counts are not integers (declared `counts: normalized`): kept as float32 from {data.dtype}")
         return sp.csr_matrix((data.astype(np.float32), csr.indices, csr.indptr), shape=csr.shape)
     bad = data[~good]
@@ -104,6 +111,41 @@ def coordinate(text: str) -> float:
     if text.strip().lower() in MISSING_NUMBER:
         return float("nan")
     return float(text)
+
+
+def whole_numbers(values: Any, *, what: str, slide_id: str | None = None) -> npt.NDArray[np.int64]:
+    """``values`` (numbers or booleans, as a table column holds them) rounded to int64; a
+    :class:`CorruptSourceError` naming ``what`` when one is missing, not a number or huge.
+
+    Casting NaN to an integer gives an arbitrary value and text raises deep in numpy: both
+    would otherwise reach the corpus as wrong array coordinates or tissue flags.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind == "b":
+        return array.astype(np.int64)
+    try:
+        numbers = array.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        example = next((v for v in array.tolist() if not _is_number(v)), array.tolist()[:1])
+        raise CorruptSourceError(
+            f"{what} is not numeric (e.g. {example!r}); expected whole numbers", slide_id=slide_id
+        ) from exc
+    bad = ~np.isfinite(numbers) | (np.abs(numbers) > _INT32_MAX)
+    if bad.any():
+        raise CorruptSourceError(
+            f"{what}: {int(bad.sum()):,} of {numbers.shape[0]:,} values are missing, infinite or huge "
+            f"(e.g. {float(numbers[bad][0])!r}); expected whole numbers",
+            slide_id=slide_id,
+        )
+    return np.rint(numbers).astype(np.int64)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def option(sample: Sample, name: str, *, default: Any) -> Any:

@@ -16,7 +16,6 @@ The CSC arrays are features x barcodes, which is exactly barcodes x features in 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -25,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.readers._common import as_str_array, coordinate, open_text
+from stcorpus.curate.readers._common import as_str_array, coordinate, open_text, whole_numbers
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -70,24 +69,72 @@ class Positions:
 # ---------------------------------------------------------------------------------------------
 
 
-def _strings(group: Any, name: str) -> npt.NDArray[np.str_]:
-    return as_str_array(group[name][()])
+#: What a damaged or hand-written 10x h5 can say to its reader: a dataset missing (KeyError), of
+#: the wrong type or shape (TypeError, ValueError), text that is not UTF-8 (a ValueError).
+_H5_FAULTS: Final = (KeyError, TypeError, ValueError, OSError)
+
+
+def _strings(group: Any, name: str, *, path: Path) -> npt.NDArray[np.str_]:
+    try:
+        values = as_str_array(group[name][()])
+    except _H5_FAULTS as exc:
+        raise CorruptSourceError(
+            f"{path}: dataset {group.name.rstrip('/')}/{name} is missing or not text ({type(exc).__name__}: {exc}); "
+            "the file is not a complete 10x feature-barcode matrix: fetch it again from its source"
+        ) from exc
+    if values.ndim != 1:
+        raise CorruptSourceError(
+            f"{path}: dataset {group.name.rstrip('/')}/{name} has shape {values.shape}, expected 1-d"
+        )
+    return values
+
+
+def _integers(group: Any, name: str, *, path: Path) -> npt.NDArray[np.int64]:
+    values = np.asarray(group[name][()])
+    if values.ndim != 1 or values.dtype.kind not in "iu":
+        raise CorruptSourceError(
+            f"{path}: dataset {group.name.rstrip('/')}/{name} is {values.dtype} of shape {values.shape}, expected "
+            "1-d integers; the file is not a valid 10x feature-barcode matrix"
+        )
+    return values.astype(np.int64)
 
 
 def _csc_as_csr(group: Any, path: Path) -> sp.csr_matrix:
     import scipy.sparse as sp
 
     try:
-        n_features, n_barcodes = (int(v) for v in group["shape"][()])
-        data = group["data"][()]
-        indices = group["indices"][()].astype(np.int64)
-        indptr = group["indptr"][()].astype(np.int64)
-    except KeyError as exc:
-        raise CorruptSourceError(f"{path}: 10x matrix group {group.name!r} lacks {exc}") from exc
-    if indptr.shape[0] != n_barcodes + 1 or (indices.size and int(indices.max()) >= n_features):
+        shape = _integers(group, "shape", path=path)
+        data = np.asarray(group["data"][()])
+        indices = _integers(group, "indices", path=path)
+        indptr = _integers(group, "indptr", path=path)
+    except _H5_FAULTS as exc:
+        raise CorruptSourceError(f"{path}: 10x matrix group {group.name!r} lacks or cannot read {exc}") from exc
+    if shape.shape != (2,) or (shape < 0).any():
+        raise CorruptSourceError(f"{path}: {group.name}/shape is {shape.tolist()}, expected [features, barcodes]")
+    n_features, n_barcodes = (int(v) for v in shape)
+    if data.ndim != 1 or data.dtype.kind not in "biuf":
         raise CorruptSourceError(
-            f"{path}: matrix arrays do not match shape {n_features} features x {n_barcodes} barcodes "
-            f"(indptr has {indptr.shape[0]} entries)"
+            f"{path}: {group.name}/data is {data.dtype} of shape {data.shape}, expected 1-d numbers (the counts)"
+        )
+    if data.shape[0] != indices.shape[0]:
+        raise CorruptSourceError(
+            f"{path}: {group.name}/data has {data.shape[0]:,} values but {group.name}/indices {indices.shape[0]:,}; "
+            "the file is truncated or damaged: fetch it again from its source"
+        )
+    if (
+        indptr.shape[0] != n_barcodes + 1
+        or (indptr.size and (indptr[0] != 0 or indptr[-1] != data.shape[0]))
+        or (indptr.size > 1 and bool((np.diff(indptr) < 0).any()))
+    ):
+        raise CorruptSourceError(
+            f"{path}: {group.name}/indptr ({indptr.shape[0]:,} entries) is not the column pointer of "
+            f"{n_barcodes:,} barcodes over {data.shape[0]:,} values (it must start at 0, never decrease and end at "
+            "the number of values); the file is damaged: fetch it again from its source"
+        )
+    if indices.size and (int(indices.max()) >= n_features or int(indices.min()) < 0):
+        raise CorruptSourceError(
+            f"{path}: {group.name}/indices hold feature numbers outside 0..{n_features - 1} "
+            f"(min {int(indices.min())}, max {int(indices.max())}); the file is damaged: fetch it again"
         )
     return sp.csr_matrix((data, indices, indptr), shape=(n_barcodes, n_features))
 
@@ -100,22 +147,36 @@ def read_h5(path: Path) -> FeatureMatrix:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise CorruptSourceError(f"{path}: not a readable HDF5 file: {exc}") from exc
+    try:
+        return _read_h5(handle, path)
+    except _H5_FAULTS as exc:  # a layout no check below foresaw: still this file's fault, said as such
+        raise CorruptSourceError(
+            f"{path}: not a valid 10x feature-barcode matrix ({type(exc).__name__}: {exc}); fetch it again from its "
+            "source, or name the matrix as an MTX folder"
+        ) from exc
+
+
+def _read_h5(handle: Any, path: Path) -> FeatureMatrix:
+    import h5py
+
     with handle as f:
         if "matrix" in f:
             group = f["matrix"]
+            if not isinstance(group, h5py.Group):
+                raise CorruptSourceError(f"{path}: 'matrix' is a {type(group).__name__}, not the 10x matrix group")
             counts = _csc_as_csr(group, path)
-            barcodes = _strings(group, "barcodes")
+            barcodes = _strings(group, "barcodes", path=path)
             if "features" in group:
                 features = group["features"]
-                ids = _strings(features, "id")
-                names = _strings(features, "name") if "name" in features else ids.copy()
+                ids = _strings(features, "id", path=path)
+                names = _strings(features, "name", path=path) if "name" in features else ids.copy()
                 if "feature_type" in features:
-                    types = _strings(features, "feature_type")
+                    types = _strings(features, "feature_type", path=path)
                 else:
                     types = np.full(ids.shape, GENE_EXPRESSION, dtype=np.str_)
             elif "genes" in group:
-                ids = _strings(group, "genes")
-                names = _strings(group, "gene_names") if "gene_names" in group else ids.copy()
+                ids = _strings(group, "genes", path=path)
+                names = _strings(group, "gene_names", path=path) if "gene_names" in group else ids.copy()
                 types = np.full(ids.shape, GENE_EXPRESSION, dtype=np.str_)
             else:
                 raise CorruptSourceError(f"{path}: 10x h5 'matrix' group has neither 'features' nor 'genes'")
@@ -127,14 +188,14 @@ def read_h5(path: Path) -> FeatureMatrix:
                     f"{path}: not a 10x feature-barcode matrix (no 'matrix' group and no genome group with 'genes')"
                 )
             blocks, id_parts, name_parts = [], [], []
-            barcodes = _strings(f[genomes[0]], "barcodes")
+            barcodes = _strings(f[genomes[0]], "barcodes", path=path)
             for genome in genomes:
                 group = f[genome]
-                if not np.array_equal(_strings(group, "barcodes"), barcodes):
+                if not np.array_equal(_strings(group, "barcodes", path=path), barcodes):
                     raise CorruptSourceError(f"{path}: genome groups {genomes} list different barcodes")
                 blocks.append(_csc_as_csr(group, path))
-                id_parts.append(_strings(group, "genes"))
-                name_parts.append(_strings(group, "gene_names") if "gene_names" in group else id_parts[-1])
+                id_parts.append(_strings(group, "genes", path=path))
+                name_parts.append(_strings(group, "gene_names", path=path) if "gene_names" in group else id_parts[-1])
             import scipy.sparse as sp
 
             counts = sp.hstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
@@ -167,6 +228,18 @@ def is_mtx_folder(folder: Path) -> bool:
     return folder.is_dir() and _first_existing(folder, MTX_NAMES) is not None
 
 
+def _text_rows(path: Path) -> list[list[str]]:
+    """The non-empty tab-separated rows of a 10x text file, gzipped or not."""
+    try:
+        with open_text(path) as handle:
+            return [r for r in csv.reader(handle, delimiter="\t") if r]
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # BadGzipFile is an OSError
+        raise CorruptSourceError(
+            f"{path}: cannot be read as {'gzipped ' if path.name.endswith('.gz') else ''}UTF-8 text "
+            f"({type(exc).__name__}: {exc}); the file is truncated or damaged: fetch it again from its source"
+        ) from exc
+
+
 def read_mtx(folder: Path) -> FeatureMatrix:
     """Read a 10x MTX folder: ``matrix.mtx[.gz]``, ``features.tsv[.gz]`` or ``genes.tsv``, ``barcodes.tsv[.gz]``."""
     import scipy.io
@@ -187,10 +260,8 @@ def read_mtx(folder: Path) -> FeatureMatrix:
     except (ValueError, OSError, EOFError) as exc:
         raise CorruptSourceError(f"{matrix_path}: not a readable Matrix Market file: {exc}") from exc
     counts = sp.csr_matrix(sp.coo_matrix(coo).T)
-    with open_text(features_path) as handle:
-        rows = [r for r in csv.reader(handle, delimiter="\t") if r]
-    with open_text(barcodes_path) as handle:
-        barcodes = np.array([line.strip() for line in handle if line.strip()], dtype=np.str_)
+    rows = _text_rows(features_path)
+    barcodes = np.array([r[0].strip() for r in _text_rows(barcodes_path) if r[0].strip()], dtype=np.str_)
     if any(len(r) < 1 for r in rows):
         raise CorruptSourceError(f"{features_path}: empty feature line")
     ids = np.array([r[0] for r in rows], dtype=np.str_)
@@ -209,11 +280,15 @@ def read_mtx(folder: Path) -> FeatureMatrix:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> Iterator[list[str]]:
-    with open_text(path) as handle:
-        for row in csv.reader(handle):
-            if row:
-                yield [c.strip() for c in row]
+def _rows(path: Path) -> list[list[str]]:
+    try:
+        with open_text(path) as handle:
+            return [[c.strip() for c in row] for row in csv.reader(handle) if row]
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise CorruptSourceError(
+            f"{path}: cannot be read as UTF-8 CSV ({type(exc).__name__}: {exc}); the positions file is damaged: "
+            "fetch it again from its source"
+        ) from exc
 
 
 def read_positions(path: Path) -> Positions:
@@ -224,7 +299,7 @@ def read_positions(path: Path) -> Positions:
     """
     if path.name.lower().endswith(".parquet"):
         return _read_positions_parquet(path)
-    rows = list(_rows(path))
+    rows = _rows(path)
     if not rows:
         raise CorruptSourceError(f"{path}: empty positions file")
     header = rows[0][0].lower() == "barcode"
@@ -248,7 +323,7 @@ def read_positions(path: Path) -> Positions:
         array_col = np.array([round(float(r[3])) for r in table], dtype=np.int32)
         pxl_row = np.array([coordinate(r[4]) for r in table], dtype=np.float64)
         pxl_col = np.array([coordinate(r[5]) for r in table], dtype=np.float64)
-    except (IndexError, ValueError) as exc:
+    except (IndexError, ValueError, OverflowError) as exc:
         raise CorruptSourceError(
             f"{path}: malformed positions row ({exc}); expected {', '.join(POSITION_COLUMNS)}"
         ) from exc
@@ -269,12 +344,18 @@ def _read_positions_parquet(path: Path) -> Positions:
     def column(name: str) -> npt.NDArray[Any]:
         return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
 
+    def pixels(name: str) -> npt.NDArray[np.float64]:
+        try:
+            return column(name).astype(np.float64)  # nulls become NaN: dropped spots, counted by the join
+        except (TypeError, ValueError) as exc:
+            raise CorruptSourceError(f"{path}: column {name!r} is not numeric ({exc})") from exc
+
     return Positions(
         barcode=as_str_array(column("barcode")),
-        in_tissue=column("in_tissue").astype(np.int64) != 0,
-        array_row=np.rint(column("array_row")).astype(np.int32),
-        array_col=np.rint(column("array_col")).astype(np.int32),
-        pxl_row=column("pxl_row_in_fullres").astype(np.float64),
-        pxl_col=column("pxl_col_in_fullres").astype(np.float64),
+        in_tissue=whole_numbers(column("in_tissue"), what=f"{path}: column 'in_tissue'") != 0,
+        array_row=whole_numbers(column("array_row"), what=f"{path}: column 'array_row'").astype(np.int32),
+        array_col=whole_numbers(column("array_col"), what=f"{path}: column 'array_col'").astype(np.int32),
+        pxl_row=pixels("pxl_row_in_fullres"),
+        pxl_col=pixels("pxl_col_in_fullres"),
         layout="tissue_positions.parquet",
     )

@@ -45,6 +45,7 @@ from stcorpus.curate.readers._common import (
     raw_counts,
     read_json,
     require_file,
+    whole_numbers,
 )
 from stcorpus.curate.slide import Features, MppSource, Slide, SpotDrop, Spots
 
@@ -101,20 +102,39 @@ def _coordinates(
     adata: Any, key: str, *, path: Path, sample: Sample
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     if key in adata.obsm:
-        xy = np.asarray(adata.obsm[key], dtype=np.float64)
+        try:
+            xy = np.asarray(adata.obsm[key], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise CorruptSourceError(
+                f"{path}: obsm[{key!r}] is not numeric ({exc}); name the obsm entry holding the pixel coordinates "
+                "with the reader option `spatial_key`",
+                slide_id=sample.id,
+            ) from exc
         if xy.ndim != 2 or xy.shape[1] < 2:
-            raise CorruptSourceError(f"{path.name}: obsm[{key!r}] has shape {xy.shape}, expected (spots, 2)")
+            raise CorruptSourceError(
+                f"{path.name}: obsm[{key!r}] has shape {xy.shape}, expected (spots, 2)", slide_id=sample.id
+            )
         return xy[:, 0].copy(), xy[:, 1].copy()
     if OBS_PXL_X in adata.obs.columns and OBS_PXL_Y in adata.obs.columns:
-        return (
-            adata.obs[OBS_PXL_X].to_numpy(dtype=np.float64),
-            adata.obs[OBS_PXL_Y].to_numpy(dtype=np.float64),
-        )
+        try:
+            return (
+                adata.obs[OBS_PXL_X].to_numpy(dtype=np.float64),
+                adata.obs[OBS_PXL_Y].to_numpy(dtype=np.float64),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CorruptSourceError(
+                f"{path}: obs {OBS_PXL_X}/{OBS_PXL_Y} are not numeric ({exc})", slide_id=sample.id
+            ) from exc
     raise CorruptSourceError(
         f"{path.name}: no spot coordinates: neither obsm[{key!r}] nor obs {OBS_PXL_X}/{OBS_PXL_Y} "
         f"(obsm has {', '.join(adata.obsm.keys()) or 'nothing'}); set the reader option `spatial_key`",
         slide_id=sample.id,
     )
+
+
+def _obs_integers(obs: Any, name: str, *, path: Path, sample: Sample) -> npt.NDArray[np.int64]:
+    """An obs column of whole numbers (tissue flags, array coordinates), refused if missing or not numeric."""
+    return whole_numbers(obs[name].to_numpy(), what=f"{path}: obs {name}", slide_id=sample.id)
 
 
 def _geometry(sample: Sample, meta_pitch: float | None, notes: list[str]) -> Geometry:
@@ -188,7 +208,10 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         counts, barcodes, x, y = counts[rows], barcodes[rows], x[rows], y[rows]
     obs = adata.obs.iloc[rows]
     if OBS_IN_TISSUE in obs.columns:
-        in_tissue = obs[OBS_IN_TISSUE].to_numpy().astype(np.int64) != 0
+        in_tissue = (
+            whole_numbers(obs[OBS_IN_TISSUE].to_numpy(), what=f"{st_path}: obs {OBS_IN_TISSUE}", slide_id=sample.id)
+            != 0
+        )
     else:
         in_tissue = np.ones(barcodes.shape[0], dtype=bool)
         notes.append(f"obs has no {OBS_IN_TISSUE}: every spot taken as in tissue")
@@ -197,8 +220,12 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     meta_mpp = positive_float(metadata.get(META_MPP))
     known_mpp = sample.mpp if sample.mpp is not None else meta_mpp
     if OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns:
-        array_row = np.rint(obs[OBS_ARRAY_ROW].to_numpy(dtype=np.float64)).astype(np.int32)
-        array_col = np.rint(obs[OBS_ARRAY_COL].to_numpy(dtype=np.float64)).astype(np.int32)
+        array_row = whole_numbers(
+            obs[OBS_ARRAY_ROW].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_ROW}", slide_id=sample.id
+        ).astype(np.int32)
+        array_col = whole_numbers(
+            obs[OBS_ARRAY_COL].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_COL}", slide_id=sample.id
+        ).astype(np.int32)
     elif geometry.is_lattice:
         lattice, pitch = geometry.lattice_and_pitch()
         derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / known_mpp if known_mpp else None)

@@ -328,6 +328,9 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     array_col = positions.array_col[position_rows]
     diameter = positive_float(scalefactors.get(SPOT_DIAMETER))
     stated_mpp = positive_float(scalefactors.get(MICRONS_PER_PIXEL))
+    for name, value in ((SPOT_DIAMETER, diameter), (MICRONS_PER_PIXEL, stated_mpp), (BIN_SIZE, bin_size)):
+        if name in scalefactors and value is None:  # said, so that a fallback below is never silent
+            notes.append(f"{SCALEFACTORS_FILE}: {name}={scalefactors[name]!r} is not a positive number: ignored")
     mpp_source: MppSource
     if sample.mpp is not None:
         full_mpp, mpp_source = sample.mpp, "manifest"
