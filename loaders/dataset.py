@@ -41,9 +41,11 @@ shard cache (``LoaderSettings.cache``, ``stcorpus.loaders.shard_cache``) a shard
 the first time a process of the node reads it, and none in later epochs or runs.
 
 **Bad data.** ``on_bad_sample="error"`` (default) raises; ``"warn"``/``"skip"`` drop the sample
-(or the unreadable rest of a shard), count it (``CorpusDataset.skipped()``, over all workers) and, for ``warn``, log
-its key. A batch keeps its index even when samples are dropped; a batch with no readable sample
-is yielded empty (``B == 0``) so batch counts, DDP lockstep and resume stay exact.
+(or the unreadable rest of a shard), count it (``CorpusDataset.skipped()``, over all workers) and,
+for ``warn``, log its key: the first five one by one, then one line per 1,000 more and one at the
+end of the epoch with the count (``RateLimitedLog``), so a corrupt shard does not flood the log.
+A batch keeps its index even when samples are dropped; a batch with no readable sample is
+yielded empty (``B == 0``) so batch counts, DDP lockstep and resume stay exact.
 """
 
 from __future__ import annotations
@@ -147,37 +149,42 @@ class ImageBatch:
 
 
 class RateLimitedLog:
-    """Warnings of skipped samples: the first ``burst`` one by one, then one line per ``interval_s``
-    saying how many more were skipped and the last reason (a bad shard of 10k samples must not
-    print 10k lines). One per process: each DataLoader worker reports its own."""
+    """Warnings of skipped samples, rate-limited with a count (a bad shard of 10k samples must not
+    print 10k lines): the first ``burst`` one by one, then one line per ``every`` further samples
+    saying how many were skipped and the last reason, and at the end (``close``) one line with the
+    count of those not yet reported. Count-based, not timed, so what is logged does not depend on
+    the machine's speed. One per process: each DataLoader worker reports its own."""
 
-    def __init__(self, *, burst: int = 5, interval_s: float = 30.0) -> None:
-        self.burst, self.interval_s = burst, interval_s
+    def __init__(self, *, burst: int = 5, every: int = 1000) -> None:
+        if burst < 0 or every < 1:
+            raise ValueError(f"burst must be >= 0 and every >= 1, got burst={burst}, every={every}")
+        self.burst, self.every = burst, every
         self.seen = 0
         self.pending = 0
-        self.last_report = 0.0
+        self.last = ""
 
     def __call__(self, message: str, n: int = 1) -> None:
-        import time
-
+        """Count ``n`` skipped samples for ``message``; log it if it is among the first or ends a run."""
         self.seen += n
         if self.seen - n < self.burst:
             log.warning("%s", message)
-            self.last_report = time.monotonic()
             return
         self.pending += n
-        now = time.monotonic()
-        if now - self.last_report >= self.interval_s:
-            log.warning(
-                "skipped %d more bad samples (%d in all in this process); the last: %s",
-                self.pending,
-                self.seen,
-                message,
-            )
-            self.pending, self.last_report = 0, now
+        self.last = message
+        if self.pending >= self.every:
+            self._report("skipped %d more bad samples (%d in all in this process); the last: %s")
+
+    def close(self) -> None:
+        """Report the samples skipped since the last line (the end of a worker's epoch)."""
+        if self.pending:
+            self._report("skipped %d more bad samples (%d in all in this process, end of epoch); the last: %s")
+
+    def _report(self, template: str) -> None:
+        log.warning(template, self.pending, self.seen, self.last)
+        self.pending = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"burst": self.burst, "interval_s": self.interval_s, "seen": 0, "pending": 0, "last_report": 0.0}
+        return {"burst": self.burst, "every": self.every, "seen": 0, "pending": 0, "last": ""}
 
 
 class Handler:
@@ -210,6 +217,10 @@ class Handler:
         self._count(_SKIPPED, lost)
         if self.policy == "warn":
             self.warn(f"skipping {lost} samples of {path}: {exc}", lost)
+
+    def close(self) -> None:
+        """The end of this worker's epoch: report the skips not reported yet."""
+        self.warn.close()
 
     def empty(self, index: int) -> None:
         """A batch of which no sample could be read."""
@@ -490,6 +501,20 @@ class Finish:
         return out
 
 
+class ReportSkips:
+    """Batches pass through unchanged; when they end (or the consumer stops early), the handler
+    reports the skipped samples it has not reported yet (``RateLimitedLog.close``)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    def __call__(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        try:
+            yield from batches
+        finally:
+            self.handler.close()
+
+
 def run_stages(items: Iterator[Any], stages: Sequence[Callable[[Iterator[Any]], Iterator[Any]]]) -> Iterator[Any]:
     """Chain ``stages`` over ``items``."""
     for stage in stages:
@@ -756,6 +781,8 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
                 dense=s.genes.output == "dense",
             )
         )
+        # dict -> the same dict; at the end, a last line counting the skips not logged one by one
+        stages.append(ReportSkips(handler))
         return run_stages(iter(batches.tolist()), stages)
 
     # -- state -------------------------------------------------------------------------------

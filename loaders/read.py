@@ -18,11 +18,14 @@ every header's checksum is verified.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import re
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -121,9 +124,18 @@ def _octal(field: bytes, what: str) -> int:
         raise ShardError(f"bad tar header: {what} field {field!r} is not octal") from None
 
 
+def _byte_sum(data: bytes) -> int:
+    """The sum of the bytes of a 512-byte block, exactly (5x faster than ``sum(data)``).
+
+    Adler-32's low half is 1 + the byte sum modulo 65521; a 256-byte half sums to at most
+    65,280, below the modulus, so the two halves give the exact sum.
+    """
+    return (zlib.adler32(data[:256]) & 0xFFFF) + (zlib.adler32(data[256:]) & 0xFFFF) - 2
+
+
 def _checksum_ok(header: bytes) -> bool:
     stored = _octal(header[148:156], "checksum")
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
+    unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
     if stored == unsigned:
         return True
     signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32
@@ -151,10 +163,56 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+class MappedShard:
+    """A local shard file as a read-only memory map; ``read`` returns views into it, no copies.
+
+    A tar sample is four members: read through a buffered file, each is a ``read`` call, an
+    allocation and a copy of its bytes (both JPEGs and ``expr.npz``: about 85 kB a sample at
+    3,000 genes); from the map it is a slice. The map lives as long as a view of it does (a JPEG of
+    a batch being decoded), so ``close`` only drops this object's reference.
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            self._view = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+        finally:
+            handle.close()  # the map keeps its own reference to the file
+        self.pos = 0
+
+    def read(self, n: int = -1, /) -> memoryview:
+        """The next ``n`` bytes (fewer at the end) as a view."""
+        start = self.pos
+        self.pos = len(self._view) if n < 0 else min(len(self._view), start + n)
+        return self._view[start : self.pos]
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        """Move like ``io.IOBase.seek``."""
+        base = (0, self.pos, len(self._view))[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def close(self) -> None:
+        """Drop this reader's view (views handed out keep the map alive)."""
+        self._view = memoryview(b"")
+
+
+def mapped(stream: Stream) -> Stream | MappedShard:
+    """``stream`` as a :class:`MappedShard` when it is a file on disk, else as it is."""
+    fileno = getattr(stream, "fileno", None)
+    if fileno is None:
+        return stream
+    try:
+        fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return stream
+    return MappedShard(stream)  # type: ignore[arg-type]
+
+
 class TarCursor:
     """Walks one tar shard sample by sample (consecutive members sharing a key form a sample)."""
 
-    def __init__(self, stream: Stream, *, path: str, seekable: bool) -> None:
+    def __init__(self, stream: Stream | MappedShard, *, path: str, seekable: bool) -> None:
         self.stream = stream
         self.path = path
         self.seekable = seekable
@@ -166,13 +224,18 @@ class TarCursor:
         self._ended = False
         self._emitted = -1  # last row handed out
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> bytes | memoryview:
         data = self.stream.read(n)
-        while len(data) < n:
-            more = self.stream.read(n - len(data))
-            if not more:
-                raise ShardError(f"{self.path}: truncated at byte {self.offset + len(data)} (a member is cut short)")
-            data += more
+        if len(data) < n:
+            parts = [bytes(data)]
+            got = len(data)
+            while got < n:
+                more = self.stream.read(n - got)
+                if not more:
+                    raise ShardError(f"{self.path}: truncated at byte {self.offset + got} (a member is cut short)")
+                parts.append(bytes(more))
+                got += len(more)
+            data = b"".join(parts)
         self.offset += n
         return data
 
@@ -180,7 +243,7 @@ class TarCursor:
         if n <= 0:
             return
         if self.seekable:
-            self.stream.seek(n, 1)  # type: ignore[attr-defined]
+            self.stream.seek(n, 1)  # type: ignore[union-attr]
             self.offset += n
             return
         while n > 0:
@@ -195,7 +258,7 @@ class TarCursor:
         long_name: str | None = None
         pax: dict[str, str] = {}
         while True:
-            header = self.stream.read(BLOCK)
+            header = bytes(self.stream.read(BLOCK))  # a copy when mapped: fields are parsed as bytes
             if len(header) < BLOCK:
                 raise ShardError(f"{self.path}: truncated at byte {self.offset} (no end-of-archive marker)")
             self.offset += BLOCK
@@ -207,7 +270,7 @@ class TarCursor:
             kind = header[156:157]
             padded = size + (-size % BLOCK)
             if kind in (b"x", b"L", b"g"):
-                data = self._read(padded)[:size]
+                data = bytes(self._read(padded)[:size])
                 if kind == b"x":
                     pax = _pax(data)
                 elif kind == b"L":
@@ -313,7 +376,7 @@ def raw_from_members(key: str, members: Mapping[str, bytes | memoryview], column
             sample.fault = f"no {_EXPR_MEMBER} member"
             return sample
         try:
-            arrays = parse_npz(bytes(blob))
+            arrays = parse_npz(blob)
             sample.genes, sample.counts = arrays[schema.Expr.GENES.value], arrays[schema.Expr.COUNTS.value]
             sample.niche_genes = arrays[schema.Expr.NICHE_GENES.value]
             sample.niche_counts = arrays[schema.Expr.NICHE_COUNTS.value]
@@ -335,23 +398,25 @@ _ZIP_LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], int]] = {}
 
 
-def parse_npz(data: bytes) -> dict[str, npt.NDArray[Any]]:
+def parse_npz(data: bytes | memoryview) -> dict[str, npt.NDArray[Any]]:
     """The arrays of an uncompressed ``.npz`` (what our writer makes), without ``zipfile``.
 
-    Anything unusual (compression, data descriptors, non-1-D arrays) goes through ``np.load``.
+    The arrays are views into ``data`` (a tar member mapped from disk stays uncopied). Anything
+    unusual (compression, data descriptors, non-1-D arrays) goes through ``np.load``.
     """
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     out: dict[str, npt.NDArray[Any]] = {}
     pos = 0
-    while pos + 30 <= len(data) and data.startswith(b"PK\x03\x04", pos):
-        _, _, flags, method, _, _, _, size, _, name_len, extra_len = _ZIP_LOCAL.unpack_from(data, pos)
+    while pos + 30 <= len(view) and view[pos : pos + 4].tobytes() == b"PK\x03\x04":
+        _, _, flags, method, _, _, _, size, _, name_len, extra_len = _ZIP_LOCAL.unpack_from(view, pos)
         if method != 0 or flags & 0x08 or size == 0xFFFFFFFF:
             return _np_load(data)
-        name = data[pos + 30 : pos + 30 + name_len].decode("utf-8")
+        name = bytes(view[pos + 30 : pos + 30 + name_len]).decode("utf-8")
         start = pos + 30 + name_len + extra_len
-        if not data.startswith(b"\x93NUMPY\x01", start):
+        if view[start : start + 7].tobytes() != b"\x93NUMPY\x01":
             return _np_load(data)
-        header_len = int.from_bytes(data[start + 8 : start + 10], "little")
-        header = data[start + 10 : start + 10 + header_len]
+        header_len = int.from_bytes(view[start + 8 : start + 10], "little")
+        header = bytes(view[start + 10 : start + 10 + header_len])
         parsed = _NPY_HEADERS.get(header)
         if parsed is None:
             match = _NPY_HEADER.match(header)
@@ -361,12 +426,12 @@ def parse_npz(data: bytes) -> dict[str, npt.NDArray[Any]]:
             if len(_NPY_HEADERS) < 4096:
                 _NPY_HEADERS[header] = parsed
         dtype, count = parsed
-        out[name.removesuffix(".npy")] = np.frombuffer(data, dtype=dtype, count=count, offset=start + 10 + header_len)
+        out[name.removesuffix(".npy")] = np.frombuffer(view, dtype=dtype, count=count, offset=start + 10 + header_len)
         pos = start + size
     return out if out else _np_load(data)
 
 
-def _np_load(data: bytes) -> dict[str, npt.NDArray[Any]]:
+def _np_load(data: bytes | memoryview) -> dict[str, npt.NDArray[Any]]:
     import io
 
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
@@ -475,10 +540,10 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
     # Offsets as Python lists: indexing a list is several times cheaper than a numpy array.
     patch = region = None
     if columns.patch:
-        offsets, data = _binary_views(table.column(schema.PATCH_COLUMN).combine_chunks().flatten()[0])
+        offsets, data = _binary_views(_array(table, schema.PATCH_COLUMN).flatten()[0])
         patch = (offsets.tolist(), data)
     if columns.region:
-        offsets, data = _binary_views(table.column(schema.REGION_COLUMN).combine_chunks().flatten()[0])
+        offsets, data = _binary_views(_array(table, schema.REGION_COLUMN).flatten()[0])
         region = (offsets.tolist(), data)
     expression = niche = None
     if columns.expression:
@@ -512,9 +577,20 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
     return out
 
 
+def _array(table: pa.Table, name: str) -> pa.Array:
+    """Column ``name`` as one array, without a copy when it is one chunk (a row group read is).
+
+    ``ChunkedArray.combine_chunks`` copies even a single chunk: for the niche lists of a row group
+    of 256 samples at 3,000 genes that is 9 MB, as long as pyarrow took to decode them.
+    """
+    column = table.column(name)
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def _list_column(table: pa.Table, name: str) -> tuple[list[int], npt.NDArray[Any]]:
     """Offsets (a list) and flat values of a list column: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``."""
-    array = table.column(name).combine_chunks()
+    array = _array(table, name)
+    # A sliced list array (offset > 0) keeps its parent's offsets and values: both are absolute.
     return array.offsets.to_numpy().tolist(), array.values.to_numpy(zero_copy_only=False)
 
 
@@ -610,7 +686,7 @@ class ShardReader:
     def _tar_rows(
         self, i: int, entry: ShardEntry, rows: npt.NDArray[np.int64], readahead: Readahead | None
     ) -> Iterator[RawSample]:
-        stream: Stream
+        stream: Stream | MappedShard
         if readahead is not None:
             _, stream = readahead.take(i)
             seekable = False
@@ -621,7 +697,7 @@ class ShardReader:
             if entry.nbytes and size != entry.nbytes:
                 # Not fatal yet: the samples before a cut are fine; the cursor fails where it is cut.
                 log.warning("%s: %d bytes on disk, shards.parquet says %d", entry.path, size, entry.nbytes)
-            stream = self.source.open_range(entry.path)
+            stream = mapped(self.source.open_range(entry.path))
             seekable = True
         cursor = TarCursor(stream, path=entry.path, seekable=seekable)
         try:
@@ -647,7 +723,10 @@ class ShardReader:
             try:
                 # No pre-buffering: it reads through pyarrow's I/O threads, which costs more CPU
                 # than reading one row group in this thread (6.4 against 6.0 us per sample).
-                parquet = pq.ParquetFile(path, pre_buffer=False)
+                # Memory-mapped: the column chunks are decoded from the page cache with no read
+                # into a buffer first (the JPEG columns, stored plain, not even copied): 4 us
+                # less per sample at 3,000 genes. Shards are never rewritten in place.
+                parquet = pq.ParquetFile(path, pre_buffer=False, memory_map=True)
             except (pa.ArrowException, OSError) as exc:
                 raise ShardError(f"{entry.path}: not a readable Parquet file: {exc}") from exc
             starts = row_group_starts(parquet.metadata)

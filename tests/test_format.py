@@ -19,7 +19,7 @@ import torch
 from stcorpus import schema
 from stcorpus.curate.shards import ShardSettings, ShardWriter, encode_expr, parquet_leaf_paths
 from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
-from stcorpus.loaders.errors import BadSampleError, LoaderSettingsError
+from stcorpus.loaders.errors import BadSampleError, LoaderSettingsError, ShardError
 from stcorpus.loaders.images import Augment, AugmentParams, apply_numpy, apply_torch
 from stcorpus.loaders.settings import AugmentSettings
 from tests.corpus_fixture import FixtureCorpus, write_corpus
@@ -233,19 +233,76 @@ def test_torch_augmentation_gives_the_pixels_of_the_numpy_one() -> None:
     assert np.array_equal(got, expected)
 
 
-def test_bad_sample_warnings_are_rate_limited_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_flood_of_bad_samples_gives_few_warnings_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
     from stcorpus.loaders.dataset import Handler
 
     handler = Handler("warn", None)
     with caplog.at_level(logging.WARNING, logger="stcorpus.loaders.dataset"):
-        for i in range(200):
+        for i in range(2_500):
             handler.sample(BadSampleError(f"S__{i}: broken", key=f"S__{i}"))
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 5, "the first five one by one, then one line per interval"
-    handler.warn.interval_s = 0.0
-    with caplog.at_level(logging.WARNING, logger="stcorpus.loaders.dataset"):
-        handler.sample(BadSampleError("S__x: broken", key="S__x"))
-    assert "skipped 196 more bad samples (201 in all in this process)" in caplog.records[-1].getMessage()
+        handler.shard(ShardError("wds/train/train-000007.tar: truncated"), "wds/train/train-000007.tar", 300)
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines[:5] == [f"skipping sample S__{i}: S__{i}: broken" for i in range(5)]
+        assert lines[5:] == [
+            f"skipped 1000 more bad samples ({n + 1} in all in this process); the last: "
+            f"skipping sample S__{n}: S__{n}: broken"
+            for n in (1004, 2004)
+        ]
+        handler.close()  # the end of the epoch: the 795 not reported yet, in one line
+    assert caplog.records[-1].getMessage() == (
+        "skipped 795 more bad samples (2800 in all in this process, end of epoch); the last: skipping 300 samples "
+        "of wds/train/train-000007.tar: wds/train/train-000007.tar: truncated"
+    )
+    assert len(caplog.records) == 8
+    handler.close()
+    assert len(caplog.records) == 8, "nothing pending, nothing more to say"
+
+
+def test_rate_limit_settings_are_checked() -> None:
+    from stcorpus.loaders.dataset import RateLimitedLog
+
+    with pytest.raises(ValueError, match="every >= 1"):
+        RateLimitedLog(every=0)
+
+
+def _no_shard_error(exc: ShardError, path: str, lost: int) -> None:
+    raise AssertionError(f"{path}: {exc} ({lost} samples lost)")
+
+
+def test_tar_and_parquet_read_into_one_sample_shape(corpus: FixtureCorpus) -> None:
+    from stcorpus.loaders.plan import Segment
+    from stcorpus.loaders.read import RawSample, ShardReader
+
+    read: dict[str, dict[str, RawSample]] = {}
+    for fmt in ("parquet", "wds"):
+        dataset = CorpusDataset(corpus.root, settings(format=fmt, genes={"transform": "counts", "niche": True}))
+        shards = dataset.selection.shards
+        reader = ShardReader(
+            dataset.shard_source,
+            shards,
+            fmt=fmt,
+            columns=dataset.columns,
+            http=dataset.settings.http,
+            on_shard_error=_no_shard_error,
+        )
+        segments = [Segment(i, np.arange(entry.n_rows)) for i, entry in enumerate(shards)]
+        samples = [s for s in reader.iter_samples(segments) if s is not None]
+        read[fmt] = {s.key: s for s in samples}
+    assert read["parquet"].keys() == read["wds"].keys() == set(corpus.keys("train"))
+    for key, pq_sample in read["parquet"].items():
+        tar_sample, written = read["wds"][key], corpus.by_key[key]
+        assert type(pq_sample) is type(tar_sample) is RawSample
+        for sample in (pq_sample, tar_sample):
+            assert sample.fault is None and sample.slide_id == key.partition("__")[0]
+            assert bytes(sample.patch) == written.patch and bytes(sample.region) == written.region  # type: ignore[arg-type]
+            assert sample.pos == written.meta["pos"] and sample.n_neighbors == written.meta["n_neighbors"]
+            for name in ("genes", "counts", "niche_genes", "niche_counts"):
+                array = getattr(sample, name)
+                assert isinstance(array, np.ndarray) and array.ndim == 1, name
+                assert np.array_equal(array, getattr(written, name)), (key, name)
+            assert sample.genes.dtype.kind in "iu"  # type: ignore[union-attr]
+        # Images are not decoded by the reader: that is the next stage, on the CPU or the GPU.
+        assert isinstance(tar_sample.patch, bytes | memoryview) and isinstance(pq_sample.patch, bytes | memoryview)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,6 +284,23 @@ def test_corrupt_jpeg_policy(damaged: FixtureCorpus, caplog: pytest.LogCaptureFi
     assert len([k for b in keys_of(iter(CorpusLoader(quiet))) for k in b]) == 94, "region view is intact"
 
 
+def test_many_bad_samples_in_an_epoch_log_a_few_lines_and_a_final_count(
+    damaged: FixtureCorpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    victims = damaged.samples["train"][:12]
+    for path in damaged.shard_paths("wds", "train"):
+        for victim in victims:
+            if victim.patch in path.read_bytes():
+                corrupt_jpeg(path, victim.patch)
+    dataset = CorpusDataset(damaged.root, settings(format="wds", on_bad_sample="warn"))
+    with caplog.at_level(logging.WARNING, logger="stcorpus.loaders"):
+        got = [k for b in keys_of(iter(CorpusLoader(dataset))) for k in b]
+    assert len(got) == 94 - 12 and dataset.skipped()["samples"] == 12
+    lines = [r.getMessage() for r in caplog.records if "skip" in r.getMessage()]
+    assert len(lines) == 6, lines  # five one by one, then the epoch's end counts the rest
+    assert lines[-1].startswith("skipped 7 more bad samples (12 in all in this process, end of epoch)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Filters
 # ---------------------------------------------------------------------------------------------

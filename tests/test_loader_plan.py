@@ -240,6 +240,46 @@ def test_tar_cursor_reads_wanted_rows_and_refuses_going_back(tmp_path: Path) -> 
         list(TarCursor(io.BytesIO(bytes(corrupt)), path="s.tar", seekable=False).rows([3]))
 
 
+def test_tar_header_byte_sum_is_exact_at_the_extremes() -> None:
+    from stcorpus.loaders.read import _byte_sum
+
+    rng = np.random.default_rng(0)
+    for block in (bytes(512), b"\xff" * 512, rng.integers(0, 256, 512, dtype=np.uint8).tobytes()):
+        assert _byte_sum(block) == sum(block)
+
+
+def test_a_mapped_tar_shard_reads_like_the_file(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from stcorpus.loaders.errors import ShardError
+    from stcorpus.loaders.read import MappedShard, TarCursor, mapped
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in ("a", "b", "c"):
+            for suffix, size in (("patch.jpg", 700), ("json", 3)):  # 700: padded to 1,024 in the archive
+                data = bytes([ord(key)]) * size
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(archive.getvalue())
+    assert not isinstance(mapped(io.BytesIO(b"")), MappedShard)  # not a file: read as it is
+    with (tmp_path / "s.tar").open("rb") as handle:
+        expected = list(TarCursor(handle, path="s.tar", seekable=True).rows([0, 2]))
+    stream = mapped((tmp_path / "s.tar").open("rb"))
+    assert isinstance(stream, MappedShard)
+    cursor = TarCursor(stream, path="s.tar", seekable=True)
+    got = list(cursor.rows([0, 2]))
+    cursor.close()
+    assert [(r, k) for r, k, _ in got] == [(r, k) for r, k, _ in expected] == [(0, "a"), (2, "c")]
+    for (_, _, members), (_, _, want) in zip(got, expected, strict=True):
+        assert {s: bytes(v) for s, v in members.items()} == want  # views outlive the closed cursor
+    (tmp_path / "cut.tar").write_bytes(archive.getvalue()[:1800])
+    with pytest.raises(ShardError, match="truncated"):
+        list(TarCursor(mapped((tmp_path / "cut.tar").open("rb")), path="cut.tar", seekable=True).rows([2]))
+
+
 def test_parse_npz_matches_numpy() -> None:
     import io
 
