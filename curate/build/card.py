@@ -350,13 +350,13 @@ def render_card(inputs: CardInputs) -> str:
             "",
             "The corpus grows by appending: each `curate build --append` writes its slides' samples as new shards "
             "(`generation` in `shards.parquet`) and leaves every earlier shard byte-identical, so a pinned revision "
-            "keeps its bytes. A loader reads all generations as one corpus.",
+            "keeps its bytes. A loader reads all generations as one corpus; `corpus.json` `generations` records "
+            "when each was built.",
             "",
             _table(
                 [
                     (
                         g["generation"],
-                        g.get("built_at") or "",
                         ", ".join(str(m["name"]) for m in g.get("manifests") or []),
                         len(g.get("slides") or {}),
                         f"{sum((g.get('samples') or {}).values()):,}",
@@ -364,7 +364,7 @@ def render_card(inputs: CardInputs) -> str:
                     )
                     for g in inputs.generations
                 ],
-                ("generation", "built", "manifests", "slides", "samples", "shards"),
+                ("generation", "manifests", "slides", "samples", "shards"),
             ),
             "",
         ]
