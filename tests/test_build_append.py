@@ -36,8 +36,9 @@ from tests.test_build_pack import fake_unit
 SETTINGS = BuildSettings(
     progress=False,
     name="grown",
-    splits=SplitSettings(train=0.5, validation=0.0, test=0.5),
-    pack=PackSettings(samples_per_shard=16),
+    # Seed 4 puts one slide of each manifest in train and one in test: both splits grow.
+    splits=SplitSettings(train=0.5, validation=0.0, test=0.5, seed=4),
+    pack=PackSettings(samples_per_shard=16, seed=4),
 )
 APPEND = replace(SETTINGS, append=True)
 
@@ -90,7 +91,8 @@ def test_append_writes_a_new_generation_and_leaves_every_shard_byte_identical(gr
     assert sorted(s["path"] for s in old) == sorted(before) and set(after) - set(before) == {s["path"] for s in new}
     assert {slide for s in new for slide in s["slide_ids"]} == {"GOOD-2", "GOOD-3"}
     assert {slide for s in old for slide in s["slide_ids"]} == {"GOOD-0", "GOOD-1"}
-    for split in {s["split"] for s in new}:  # numbered on from the split's last earlier shard
+    assert {s["split"] for s in new} == {s["split"] for s in old} == {"train", "test"}
+    for split in ("train", "test"):  # numbered on from the split's last earlier shard
         last_old = max((s["index"] for s in old if s["split"] == split and s["format"] == "wds"), default=-1)
         assert min(s["index"] for s in new if s["split"] == split) == last_old + 1
 
@@ -254,7 +256,8 @@ def test_a_killed_append_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) 
     shutil.copytree(grown.appended / ".work" / "units", killed / ".work" / "units", dirs_exist_ok=True)
     command = [
         sys.executable, "-m", "stcorpus.curate", "-q", "build", str(grown.a), str(grown.b), "--out", str(killed),
-        "--name", "grown", "--splits", "0.5,0,0.5", "--samples-per-shard", "16", "--no-progress", "--append",
+        "--name", "grown", "--splits", "0.5,0,0.5", "--seed", "4", "--samples-per-shard", "16", "--no-progress",
+        "--append",
     ]  # fmt: skip
     old = set(shard_sha256(grown.base))
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
