@@ -40,6 +40,8 @@ def digests(root: Path) -> dict[str, str]:
         if rel.name == schema.CORPUS_FILE:
             corpus = json.loads(data)
             assert isinstance(corpus.pop("built_at"), str)
+            for generation in corpus.get("generations", []):
+                assert isinstance(generation.pop("built_at"), str)
             data = json.dumps(corpus, sort_keys=True).encode()
         out[str(rel)] = hashlib.sha256(data).hexdigest()
     return out

@@ -63,6 +63,7 @@ class CardInputs:
     settings: Mapping[str, Any]
     repo_id: str | None = None  # "<org>/<name>" when known, for the loading examples
     holdout: Mapping[str, Any] | None = None  # the holdout list that applied (corpus.json "holdout")
+    generations: Sequence[Mapping[str, Any]] = ()  # corpus.json "generations"
 
 
 def size_category(n: int) -> str:
@@ -340,6 +341,30 @@ def render_card(inputs: CardInputs) -> str:
                     for s in sorted(others, key=lambda s: s["slide_id"])
                 ],
                 ("slide", "status", "reason"),
+            ),
+            "",
+        ]
+    if inputs.generations:
+        lines += [
+            "## Generations",
+            "",
+            "The corpus grows by appending: each `curate build --append` writes its slides' samples as new shards "
+            "(`generation` in `shards.parquet`) and leaves every earlier shard byte-identical, so a pinned revision "
+            "keeps its bytes. A loader reads all generations as one corpus; `corpus.json` `generations` records "
+            "when each was built.",
+            "",
+            _table(
+                [
+                    (
+                        g["generation"],
+                        ", ".join(str(m["name"]) for m in g.get("manifests") or []),
+                        len(g.get("slides") or {}),
+                        f"{sum((g.get('samples') or {}).values()):,}",
+                        g.get("shards", ""),
+                    )
+                    for g in inputs.generations
+                ],
+                ("generation", "manifests", "slides", "samples", "shards"),
             ),
             "",
         ]

@@ -175,6 +175,8 @@ class _SlideSource:
         self.unit = unit
         self.table = table  # keeps the memory map alive while the views below point into it
         self.local_to_vocab = local_to_vocab
+        #: Genes outside the vocabulary (-1 in the map; an append keeps the corpus's vocabulary) are dropped.
+        self.outside = bool(np.any(local_to_vocab < 0))
         self.counts_dtype = np.dtype(counts_dtype)
         self.fixed = {name: unit.slide.get(name) for name in SLIDE_SAMPLE_FIELDS}
         self.keys = table.column(UNIT_KEY).to_pylist()
@@ -191,6 +193,14 @@ class _SlideSource:
             niche_genes = self.local_to_vocab[self.lists[schema.Expr.NICHE_GENES.value][row]]
             counts = lossless_cast(self.lists[schema.Expr.COUNTS.value][row], self.counts_dtype)
             niche_counts = lossless_cast(self.lists[schema.Expr.NICHE_COUNTS.value][row], self.counts_dtype)
+            meta = dict(fixed)
+            meta.update({name: self.meta[name][row] for name in UNIT_SAMPLE_FIELDS})
+            if self.outside:
+                keep, niche_keep = genes >= 0, niche_genes >= 0
+                genes, counts = genes[keep], counts[keep]
+                niche_genes, niche_counts = niche_genes[niche_keep], niche_counts[niche_keep]
+                # The totals are over the vocabulary (schema.META_FIELDS), so they follow the drop.
+                meta["total_counts"], meta["n_genes"] = float(counts.sum()), int(genes.size)
             # Local ids are sorted like the vocabulary (both by Ensembl id within a species), so the
             # mapped indices stay sorted; check rather than trust.
             if genes.size > 1 and np.any(np.diff(genes) <= 0):
@@ -199,8 +209,6 @@ class _SlideSource:
             if niche_genes.size > 1 and np.any(np.diff(niche_genes) <= 0):
                 order = np.argsort(niche_genes, kind="stable")
                 niche_genes, niche_counts = niche_genes[order], niche_counts[order]
-            meta = dict(fixed)
-            meta.update({name: self.meta[name][row] for name in UNIT_SAMPLE_FIELDS})
             out.append(
                 ShardSample(
                     key=self.keys[row],
@@ -227,6 +235,7 @@ class _PackContext:
     shard_settings: ShardSettings
     tar_dtypes: schema.TarDtypes
     generation: int = 0
+    drop_outside_vocabulary: bool = False
 
 
 class _SlideCache:
@@ -256,8 +265,10 @@ class _SlideCache:
             if unit is None:
                 raise FileNotFoundError(f"no finished unit for slide {slide_id} in {self.work.root}")
             if slide_id not in self.maps:
-                # Raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
-                self.maps[slide_id] = self.index.indices(np.asarray(unit.gene_ids, dtype=np.str_))
+                ids = np.asarray(unit.gene_ids, dtype=np.str_)
+                # indices raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
+                drop = self.context.drop_outside_vocabulary
+                self.maps[slide_id] = self.index.positions(ids) if drop else self.index.indices(ids)
             source = _SlideSource(
                 unit,
                 self.work.samples(slide_id),
@@ -343,6 +354,7 @@ def pack(
     first_index: Mapping[str, int] | None = None,
     tar_dtypes: schema.TarDtypes | None = None,
     counts_dtype: str | None = None,
+    drop_outside_vocabulary: bool = False,
 ) -> PackResult:
     """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split).
 
@@ -355,6 +367,8 @@ def pack(
     untouched, and only files at or above it (left by a killed append) are removed first.
     ``tar_dtypes`` and ``counts_dtype`` then must be the corpus's recorded dtypes (one choice per
     corpus); appended slides whose counts do not fit them raise ``SettingsError``.
+    ``drop_outside_vocabulary`` (an append keeps the corpus's ``gene_index``) drops the genes a
+    slide measured outside it instead of raising; the caller counts and reports them.
     """
     if generation < 0:
         raise SettingsError(f"generation must be >= 0, not {generation}")
@@ -393,6 +407,7 @@ def pack(
         ),
         tar_dtypes=tar_dtypes,
         generation=generation,
+        drop_outside_vocabulary=drop_outside_vocabulary,
     )
     jobs: list[_ShardJob] = []
     n_samples: dict[str, int] = {}

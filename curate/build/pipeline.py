@@ -42,6 +42,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from stcorpus import __version__, schema
 from stcorpus.curate.atomic import write_atomic
+from stcorpus.curate.build.append import (
+    GENERATIONS_KEY,
+    Existing,
+    check_settings,
+    duplicates_of_existing,
+    generation_record,
+    genes_outside,
+    merged_manifests,
+    merged_sources,
+    read_existing,
+    split_new,
+)
 from stcorpus.curate.build.executors import LocalExecutor, UnitExecutor
 from stcorpus.curate.build.pack import PackSettings, pack
 from stcorpus.curate.build.splits import DEFAULT, SplitSettings, resolve_holdout
@@ -87,11 +99,19 @@ class BuildSettings:
     work_dir: Path | None = None  # default: <out>/.work
     allow_local: bool = False
     overwrite: bool = False  # replace a corpus of other manifests in `out`
+    #: Add the slides `out` does not hold yet as a new generation of shards (curate.build.append).
+    append: bool = False
+    #: Rebuild every shard in one shuffle over all slides, whatever manifests the corpus had (units reused).
+    reshuffle: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise SettingsError(f"--workers must be >= 1, not {self.workers}")
+        if self.append and (self.reshuffle or self.overwrite):
+            raise SettingsError(
+                "--append keeps every existing shard; it cannot go with --reshuffle or --overwrite, which rewrite them"
+            )
         if self.on_bad_sample not in ("error", "warn", "skip"):
             raise SettingsError(f"--on-bad-sample must be error, warn or skip, not {self.on_bad_sample!r}")
 
@@ -124,6 +144,7 @@ class BuildSummary:
     seconds: float = 0.0
     reused_units: int = 0
     holdout: str = ""  # which holdout list applied and how many slides it held out
+    notes: list[str] = field(default_factory=list)  # what an append added, genes it dropped
     built: list[tuple[str, str, float | None, str, float | None]] = field(
         default_factory=list
     )  # (slide, split, um/px, its source, the manifest's reference_mpp)
@@ -160,6 +181,7 @@ class BuildSummary:
         ]
         if self.holdout:
             lines.append(self.holdout)
+        lines += self.notes
         lines += self.built_lines()
         lines += [f"  {slide}: {status}: {reason}" for slide, status, reason in self.bad]
         if self.slides.get("failed"):
@@ -241,26 +263,44 @@ _OUTPUT_FILES = (schema.CARD_FILE, schema.CORPUS_FILE, schema.GENES_FILE, schema
 _OUTPUT_DIRS = (schema.WDS_DIR, schema.PARQUET_DIR, schema.QC_DIR)
 
 
+def _corpus_info(out: Path) -> dict[str, Any] | None:
+    """``corpus.json`` of the corpus in ``out``, or None when there is none."""
+    corpus = out / schema.CORPUS_FILE
+    if not corpus.is_file():
+        return None
+    try:
+        info: dict[str, Any] = json.loads(corpus.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BuildError(
+            f"--out {out}: {corpus.name} cannot be read ({exc}); pass --overwrite to replace the corpus"
+        ) from None
+    return info
+
+
 def _previous_manifests(out: Path, work: WorkDir) -> tuple[str, ...] | None:
     """The manifest names of the corpus (or killed build) in ``out``, or None for a fresh folder."""
-    corpus = out / schema.CORPUS_FILE
-    if corpus.is_file():
-        try:
-            recorded = json.loads(corpus.read_text(encoding="utf-8")).get("manifests") or []
-        except (OSError, ValueError) as exc:
-            raise BuildError(
-                f"--out {out}: {corpus.name} cannot be read ({exc}); pass --overwrite to replace the corpus"
-            ) from None
-        return tuple(sorted(str(m.get("name")) for m in recorded))
+    info = _corpus_info(out)
+    if info is not None:
+        return tuple(sorted(str(m.get("name")) for m in info.get("manifests") or []))
     record = work.record()
     return tuple(sorted(record.manifests)) if record is not None else None
 
 
-def check_out(out: Path, *, work: WorkDir, manifests: Sequence[Manifest], overwrite: bool) -> None:
+def check_out(
+    out: Path,
+    *,
+    work: WorkDir,
+    manifests: Sequence[Manifest],
+    overwrite: bool,
+    append: bool = False,
+    reshuffle: bool = False,
+) -> None:
     """Refuse an ``out`` that is not ours, or holds a corpus of other manifests (unless ``overwrite``).
 
     A corpus of the same manifests (by name: an edited manifest is the same build) is resumed.
-    With ``overwrite`` the other corpus's files and units are removed first.
+    With ``overwrite`` the other corpus's files and units are removed first. ``append`` adds to
+    the corpus whatever its manifests; ``reshuffle`` rebuilds it from ``manifests``, reusing units.
+    A corpus grown by appends is rebuilt (every shard rewritten) only with ``reshuffle`` or ``overwrite``.
     """
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a folder")
@@ -270,9 +310,18 @@ def check_out(out: Path, *, work: WorkDir, manifests: Sequence[Manifest], overwr
             raise BuildError(
                 f"--out {out} is a non-empty folder that is not an stcorpus build; choose an empty or new folder"
             )
+    if append:
+        return  # append.read_existing checks that a corpus is there
+    info = _corpus_info(out)
+    generations = len((info or {}).get(GENERATIONS_KEY) or [])
+    if generations > 1 and not (reshuffle or overwrite):
+        raise BuildError(
+            f"--out {out} holds a corpus grown by appends ({generations} generations of shards): pass --append to "
+            "add slides to it, or --reshuffle to rebuild every shard in one shuffle over all its slides"
+        )
     names = tuple(sorted(m.name for m in manifests))
     previous = _previous_manifests(out, work)
-    if previous is None or previous == names:
+    if previous is None or previous == names or reshuffle:
         return
     if not overwrite:
         raise BuildError(
@@ -318,11 +367,26 @@ def build(
         candidates=False,
     )
     work = WorkDir(settings.work_dir or out / BUILD_MARKER)
-    check_out(out, work=work, manifests=manifests, overwrite=settings.overwrite)
-    work.prepare()
-    work.write_record(BuildRecord(name=settings.name, manifests=tuple(sorted(m.name for m in manifests))))
-    summary = BuildSummary(holdout=plan.holdout_line())
+    check_out(
+        out,
+        work=work,
+        manifests=manifests,
+        overwrite=settings.overwrite,
+        append=settings.append,
+        reshuffle=settings.reshuffle,
+    )
+    names = {m.name for m in manifests}
+    existing: Existing | None = None
     todo = plan.included
+    if settings.append:
+        existing = read_existing(out, work=work)
+        check_settings(existing, settings.to_dict())
+        names |= {str(m["name"]) for m in existing.info.get("manifests") or []}
+        todo = split_new(todo, existing, unit=settings.unit, fetch=fetch)
+        log.info("--append: %d slide(s) already in the corpus, %d to add", len(plan.included) - len(todo), len(todo))
+    work.prepare()
+    work.write_record(BuildRecord(name=settings.name, manifests=tuple(sorted(names))))
+    summary = BuildSummary(holdout=plan.holdout_line())
     log.info("building %d slides (%d excluded) into %s", len(todo), len(plan.excluded), out)
     log.info("%s", summary.holdout)
     no_reader = plan.checked.no_reader_line()
@@ -372,23 +436,38 @@ def build(
             "first bad slide; use --on-bad-sample skip to build the others and report this one)"
         )
 
-    # deduplicate, vocabulary, pack
+    # deduplicate (against the corpus's slides too when appending), vocabulary, pack
     built = [results[s.id] for s in todo if results[s.id].status == "built"]
-    duplicates = find_duplicates(built)
+    duplicates = duplicates_of_existing(built, existing) if existing is not None else {}
+    duplicates |= find_duplicates([u for u in built if u.slide_id not in duplicates])
     kept = [u for u in built if u.slide_id not in duplicates]
     name = settings.name or out.resolve().name
-    if not kept:
+    references = {s.id: s.reference_mpp for s in plan.samples}
+    if not kept and existing is None:
         rows = _slide_rows(plan, results, duplicates, measured={})
         _write_slides(out, rows)
-        _count(summary, rows, built, {s.id: s.reference_mpp for s in plan.samples})
+        _count(summary, rows, built, references)
         _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
         raise BuildError(_nothing_built(results, plan.excluded))
     from stcorpus.curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
 
-    vocabulary = build_vocabulary(
-        [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
-        panel=list(settings.unit.genes.panel) if settings.unit.genes.panel else None,
-    )
+    if existing is not None:
+        # The corpus's vocabulary is kept so that every existing shard's gene indices stay valid.
+        vocabulary = existing.vocabulary
+        outside = genes_outside(kept, vocabulary)
+        if outside:
+            summary.notes.append(
+                f"{len(outside)} appended slide(s) measured {len({g for ids in outside.values() for g in ids}):,} "
+                f"gene(s) outside the corpus's vocabulary of {vocabulary.num_rows:,}: dropped from their samples ("
+                + ", ".join(f"{slide} {len(ids):,}" for slide, ids in sorted(outside.items()))
+                + "); --reshuffle rebuilds the vocabulary from every slide"
+            )
+    else:
+        vocabulary = build_vocabulary(
+            [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
+            panel=list(settings.unit.genes.panel) if settings.unit.genes.panel else None,
+        )
+        outside = {}
     index = GeneIndex(vocabulary)
     pack_progress = _progress(sum(u.n_samples for u in kept), enabled=settings.progress, unit="samples")
     try:
@@ -401,23 +480,69 @@ def build(
             settings=settings.pack,
             workers=settings.workers,
             progress=pack_progress,
+            generation=existing.next_generation if existing is not None else 0,
+            first_index=existing.first_index() if existing is not None else None,
+            tar_dtypes=existing.tar_dtypes if existing is not None else None,
+            counts_dtype=existing.counts_dtype if existing is not None else None,
+            drop_outside_vocabulary=existing is not None,
         )
     finally:
         pack_progress.close()
-    write_shard_index(out, packed.shards)
-    for warning in hub_layout_warnings(packed.shards):
+    shards = [*(existing.shards if existing is not None else []), *packed.shards]
+    write_shard_index(out, shards)
+    for warning in hub_layout_warnings(shards):
         log.warning("%s", warning)
-    write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
-    measured = {u.slide_id: index.indices(_ids(u.gene_ids)).tolist() for u in kept}
-    rows = _slide_rows(plan, results, duplicates, measured=measured)
+    if existing is None:
+        write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
+    measured = {u.slide_id: [int(i) for i in index.positions(_ids(u.gene_ids)) if i >= 0] for u in kept}
+    run_rows = _slide_rows(plan, results, duplicates, measured=measured)
+    rows = _merge_rows(existing, run_rows, todo={s.id for s in todo}) if existing is not None else run_rows
     _write_slides(out, rows)
 
     # summary, provenance, card, report
-    _count(summary, rows, built, {s.id: s.reference_mpp for s in plan.samples})
+    this_run = {s.id for s in todo} if existing is not None else {r["slide_id"] for r in run_rows}
+    _count(summary, [r for r in run_rows if r["slide_id"] in this_run], built, references)
     summary.samples = dict(packed.n_samples)
     summary.bytes = sum(s.bytes for s in packed.shards)
     summary.seconds = time.perf_counter() - started
     holdout = _holdout_record(plan, rows, policy=settings.splits.holdout)
+    built_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    run_manifests = [{"name": m.name, "file": m.path.name, "sha256": m.sha256} for m in manifests]
+    generations = list(existing.generations) if existing is not None else []
+    if packed.shards or existing is None:
+        generation = existing.next_generation if existing is not None else 0
+        generations.append(
+            generation_record(
+                generation,
+                built_at=built_at,
+                manifests=run_manifests,
+                units=kept,
+                samples=packed.n_samples,
+                n_shards=sum(1 for s in packed.shards if s.format == schema.FORMATS[0]),
+            )
+            | {"samples_per_shard": packed.samples_per_shard}
+        )
+        if existing is not None:
+            summary.notes.insert(
+                0,
+                f"appended generation {generation}: {len(kept)} slide(s), {sum(packed.n_samples.values()):,} samples "
+                f"in {len(packed.shards)} new shard files; the {len(existing.shards)} earlier ones are untouched",
+            )
+    elif existing is not None:
+        summary.notes.insert(0, "nothing to append: every selected slide is in the corpus or was not built")
+    splits: Counter[str] = Counter()
+    for shard in shards:
+        if shard.format == schema.FORMATS[0]:
+            splits[shard.split] += shard.n_samples
+    spots_rejected = Counter(summary.spots_rejected)
+    if existing is not None:
+        spots_rejected.update(existing.info.get("spots_rejected") or {})
+        held_before = int((existing.info.get("holdout") or {}).get("held_out", 0))
+        holdout["held_out"] = held_before + sum(
+            1
+            for slide, reason in [*plan.held_out.items(), *plan.excluded.items()]
+            if slide not in existing.rows and (slide in plan.held_out or reason.startswith("holdout:"))
+        )
     corpus = {
         "schema": schema.SCHEMA_ID,
         "name": name,
@@ -427,30 +552,58 @@ def build(
         "count_kinds": count_kinds(rows),
         "n_genes": vocabulary.num_rows,
         "vocabulary_sha256": vocabulary_digest(vocabulary),
-        "splits": packed.n_samples,
-        "samples_per_shard": packed.samples_per_shard,
-        "slides": dict(sorted(summary.slides.items())),
-        "spots_rejected": dict(sorted(summary.spots_rejected.items())),
+        "splits": {split: splits[split] for split in schema.SPLITS if splits[split]},
+        "samples_per_shard": (existing.info.get("samples_per_shard") if existing is not None else None)
+        or packed.samples_per_shard,
+        "slides": dict(sorted(Counter(str(r["status"]) for r in rows).items())),
+        "spots_rejected": dict(sorted(spots_rejected.items())),
         "holdout": holdout,
-        "manifests": [{"name": m.name, "file": m.path.name, "sha256": m.sha256} for m in manifests],
-        "sources": sorted(
+        "manifests": merged_manifests(existing.info.get("manifests") or [], run_manifests)
+        if existing is not None
+        else run_manifests,
+        "sources": merged_sources(existing, results)
+        if existing is not None
+        else sorted(
             ({"slide_id": r.slide_id, **i} for r in results.values() for i in r.inputs),
             key=lambda s: (s["slide_id"], s["name"]),
         ),
+        GENERATIONS_KEY: generations,
         schema.CorpusKey.VIEWS.value: schema.views_record(corpus_views(settings)),
         schema.CorpusKey.EXPRESSION.value: packed.tar_dtypes.record(),
         "settings": settings.to_dict(),
         "references": {"genes": reference_sources()},
         "software": software_versions(),
-        # The only field that changes between two builds of the same inputs.
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # The only fields that change between two builds of the same inputs (with generations' built_at).
+        "built_at": built_at,
     }
+    # Written last: corpus.json is what an append reads back, so a killed run leaves the previous one whole.
     write_atomic(out / schema.CORPUS_FILE, (json.dumps(corpus, indent=1, sort_keys=True) + "\n").encode())
     _write_card(
-        out, name=name, rows=rows, packed=packed, n_genes=vocabulary.num_rows, settings=settings, holdout=holdout
+        out,
+        name=name,
+        rows=rows,
+        shards=shards,
+        counts_dtype=packed.counts_dtype,
+        n_genes=vocabulary.num_rows,
+        settings=settings,
+        holdout=holdout,
+        generations=generations,
     )
-    _write_report(out, name=name, rows=rows, work=work, kept=kept, results=results, summary=summary)
+    report_units = kept
+    if existing is not None:
+        earlier = (work.result(slide) for slide in sorted(existing.slides))
+        report_units = [u for u in earlier if u is not None and u.status == "built"] + kept
+    _write_report(out, name=name, rows=rows, work=work, kept=report_units, results=results, summary=summary)
     return summary
+
+
+def _merge_rows(existing: Existing, run_rows: Sequence[dict[str, Any]], *, todo: set[str]) -> list[dict[str, Any]]:
+    """``slides.parquet`` after an append: the corpus's rows, with those of the slides this run built or first saw."""
+    merged = dict(existing.rows)
+    for row in run_rows:
+        if row["slide_id"] in todo or row["slide_id"] not in merged:
+            merged[row["slide_id"]] = row
+    return [merged[slide] for slide in sorted(merged)]
 
 
 def _count(
@@ -665,10 +818,12 @@ def _write_card(
     *,
     name: str,
     rows: Sequence[Mapping[str, Any]],
-    packed: Any,
+    shards: Sequence[Any],
+    counts_dtype: str,
     n_genes: int,
     settings: BuildSettings,
     holdout: Mapping[str, Any],
+    generations: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     from stcorpus.curate.build.card import CardInputs, render_card
 
@@ -676,12 +831,13 @@ def _write_card(
         CardInputs(
             name=name,
             slides=rows,
-            shards=packed.shards,
+            shards=shards,
             n_genes=n_genes,
-            counts_dtype=packed.counts_dtype,
+            counts_dtype=counts_dtype,
             tool_version=__version__,
             settings=settings.to_dict(),
             holdout=holdout,
+            generations=generations,
         )
     )
     write_atomic(out / schema.CARD_FILE, text.encode("utf-8"))

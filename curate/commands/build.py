@@ -75,6 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace a corpus of other manifests that --out holds (without it the build refuses; a corpus of "
         "the same manifests is resumed either way)",
     )
+    growth = parser.add_mutually_exclusive_group()
+    growth.add_argument(
+        "--append",
+        action="store_true",
+        help="add the slides of MANIFESTS that the corpus in --out does not hold yet as a new generation of shards; "
+        "every existing shard stays byte-identical (same build options as the corpus was built with)",
+    )
+    growth.add_argument(
+        "--reshuffle",
+        action="store_true",
+        help="rebuild every shard of --out in one shuffle over all slides of MANIFESTS (give every manifest the "
+        "corpus holds), reusing finished slides: the bytes of a fresh build of those manifests",
+    )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     parser.add_argument(
@@ -253,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         allow_local=args.allow_local,
         overwrite=args.overwrite,
+        append=args.append,
+        reshuffle=args.reshuffle,
         progress=not args.no_progress,
     )
     fetch = FetchSettings(

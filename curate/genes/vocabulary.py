@@ -163,23 +163,29 @@ class GeneIndex:
     def __len__(self) -> int:
         return int(self.ids.size)
 
+    def positions(self, gene_ids: npt.ArrayLike) -> npt.NDArray[np.int32]:
+        """Vocabulary indices (int32) of ``gene_ids``, aligned; -1 for an id not in the vocabulary."""
+        query = np.asarray(gene_ids, dtype=np.str_)
+        if query.size == 0 or self.ids.size == 0:
+            return np.full(query.size, -1, dtype=np.int32)
+        found = np.minimum(np.searchsorted(self.ids, query), self.ids.size - 1).astype(np.int32)
+        found[self.ids[found] != query] = -1
+        return found
+
     def indices(self, gene_ids: npt.ArrayLike) -> npt.NDArray[np.int32]:
         """Vocabulary indices (int32) of ``gene_ids``, aligned; an id not in the vocabulary is an error."""
         query = np.asarray(gene_ids, dtype=np.str_)
-        if query.size == 0:
-            return np.zeros(0, dtype=np.int32)
-        if self.ids.size == 0:
+        if query.size and self.ids.size == 0:
             raise GeneVocabularyError(f"the vocabulary is empty; {query.size} gene id(s) cannot be placed")
-        found = np.searchsorted(self.ids, query)
-        clipped = np.minimum(found, self.ids.size - 1)
-        missing = self.ids[clipped] != query
+        found = self.positions(query)
+        missing = found < 0
         if missing.any():
             examples = query[missing][:5].tolist()
             raise GeneVocabularyError(
                 f"{int(missing.sum())} gene id(s) are not in the vocabulary (e.g. {examples}): "
                 "build the vocabulary from every slide that is packed"
             )
-        return clipped.astype(np.int32)
+        return found
 
 
 def vocabulary_indices(gene_ids: npt.ArrayLike, vocabulary: pa.Table | GeneIndex) -> npt.NDArray[np.int32]:
