@@ -123,7 +123,7 @@ class UnitSettings:
 
 #: Sample fields that do not change what a unit contains: where the manifest was read from (its
 #: relative paths are checked through the inputs' digests instead) and whether local paths were allowed.
-_NOT_IDENTITY = ("manifest_path", "allow_local")
+_NOT_IDENTITY = ("manifest_path", "allow_local", "mirrors")
 
 
 def manifest_entry(sample: Sample) -> dict[str, Any]:
@@ -161,7 +161,8 @@ def known_inputs(sample: Sample, fetch: FetchSettings) -> list[dict[str, str]] |
         elif source.sha256 is not None:
             sha256 = source.sha256
         else:
-            record = cache.lookup_url(source.url)
+            # The record outlives a released blob: what the URL held when the unit was built.
+            record = cache.lookup_url(source.url, require_blob=False)
             if record is None:
                 return None
             sha256 = record.sha256

@@ -110,3 +110,19 @@ def write_lock(path: Path, *, manifest: Manifest, entries: Iterable[LockEntry], 
     }
     write_atomic(path, (json.dumps(payload, indent=1, sort_keys=False) + "\n").encode("utf-8"))
     return complete
+
+
+def lock_sources(manifest_path: Path) -> dict[str, tuple[str, int]]:
+    """``{url: (sha256, size)}`` from the lock file beside a manifest; empty when there is none.
+
+    What ``curate fetch`` saw at each URL: a build uses it to pin inputs by content, to size them
+    for ``--cache-budget`` and to verify mirrors before anything is downloaded.
+    """
+    path = default_lock_path(manifest_path)
+    if not path.is_file():
+        return {}
+    found: dict[str, tuple[str, int]] = {}
+    for item in read_lock(path).get("sources", []):
+        if item.get("kind") == "file" and isinstance(item.get("sha256"), str) and isinstance(item.get("size"), int):
+            found[str(item["url"])] = (item["sha256"], item["size"])
+    return found
