@@ -83,8 +83,7 @@ def disk_bytes(cache: Cache) -> int:
         for dirpath, _, filenames in os.walk(cache.root / name):
             for filename in filenames:
                 with contextlib.suppress(OSError):
-                    info = os.lstat(os.path.join(dirpath, filename))
-                    total += info.st_size
+                    total += (Path(dirpath) / filename).lstat().st_size
     return total
 
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from stcorpus.curate.fetch.cache import Cache, is_sha256, url_key
 from stcorpus.curate.fetch.fetcher import url_scheme
+from stcorpus.curate.fetch.lockfile import lock_sources
 from stcorpus.curate.manifest import Sample, Source
 from stcorpus.locking import file_lock
 
@@ -57,35 +58,33 @@ def _pin_name(slide_id: str) -> str:
 
 def remote_sources(sample: Sample) -> list[Source]:
     """The sources of the sample that go through the cache (not local paths), in name order."""
-    return [sample.sources[n] for n in sorted(sample.sources) if url_scheme(sample.sources[n].url) not in (None, "file")]
+    names = sorted(sample.sources)
+    return [sample.sources[n] for n in names if url_scheme(sample.sources[n].url) not in (None, "file")]
 
 
-def known_sha256(cache: Cache, source: Source, *, lock: Mapping[str, str] | None = None) -> str | None:
+def known_sha256(cache: Cache, source: Source, *, sample: Sample) -> str | None:
     """The digest a source's bytes have, known without a download: manifest, lock file, then URL index."""
     if source.sha256 is not None:
         return source.sha256
-    if lock is not None and is_sha256(lock.get(source.url)):
-        return lock[source.url]
+    locked = lock_sources(sample.manifest_path).get(source.url)
+    if locked is not None:
+        return locked[0]
     record = cache.lookup_url(source.url, require_blob=False)
     return record.sha256 if record is not None else None
 
 
-def pin_key(cache: Cache, source: Source, *, lock: Mapping[str, str] | None = None) -> str:
+def pin_key(cache: Cache, source: Source, *, sample: Sample) -> str:
     """The pin key of a source: its content's when known, else its URL's."""
-    sha256 = known_sha256(cache, source, lock=lock)
+    sha256 = known_sha256(cache, source, sample=sample)
     return content_key(sha256) if sha256 is not None else f"{_URL}{url_key(source.url)}"
 
 
-def pin(cache: Cache, samples: Iterable[Sample], *, locks: Mapping[str, Mapping[str, str]] | None = None) -> int:
-    """Pin the remote sources of ``samples`` (before their units run); returns the pins written.
-
-    ``locks`` maps a manifest name to its lock file's ``{url: sha256}`` (``lockfile.lock_digests``).
-    """
+def pin(cache: Cache, samples: Iterable[Sample]) -> int:
+    """Pin the remote sources of ``samples`` (before their units run); returns the pins written."""
     count = 0
     for sample in samples:
-        lock = (locks or {}).get(sample.manifest)
         for source in remote_sources(sample):
-            folder = _pin_dir(cache, pin_key(cache, source, lock=lock))
+            folder = _pin_dir(cache, pin_key(cache, source, sample=sample))
             folder.mkdir(parents=True, exist_ok=True)
             (folder / _pin_name(sample.id)).touch()
             count += 1
@@ -118,7 +117,7 @@ def release(cache: Cache, sample: Sample, *, digests: Iterable[str] = (), delete
     name = _pin_name(sample.id)
     contents = {d for d in digests if is_sha256(d)}
     for source in remote_sources(sample):
-        sha256 = known_sha256(cache, source)
+        sha256 = known_sha256(cache, source, sample=sample)
         if sha256 is not None:
             contents.add(sha256)
         url_pin = _pin_dir(cache, f"{_URL}{url_key(source.url)}")

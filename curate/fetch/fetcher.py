@@ -215,8 +215,25 @@ class Fetcher:
 
     # --- mirrors and huggingface_hub's cache ---------------------------------------------------
 
-    def _from_mirror(self, source: Source, *, sample: Sample, what: str) -> Fetched | None:
-        """The source's file in a local mirror (``--mirror``, the manifest's ``mirrors``), verified; None if absent."""
+    def needs_download(self, source: Source, *, sample: Sample) -> bool:
+        """Whether fetching ``source`` would download it (not local, cached, mirrored or in huggingface_hub's cache).
+
+        Without network; an unpinned ``hf://`` file in huggingface_hub's cache counts as a download
+        (which bytes the revision names is known only after a HEAD).
+        """
+        scheme = url_scheme(source.url)
+        if scheme in (None, "file") or self._cached(source) is not None:
+            return False
+        mirrored = self._mirror_path(source, sample=sample, what=source.url)
+        if mirrored is not None and mirrored[1].is_file():
+            return False
+        if scheme == "hf" and self.settings.use_hf_cache and self.expected(source, sample=sample)[0] is not None:
+            file = parse_hf_url(source.url)
+            return _hf_cached(file.repo_id, file.path, revision=file.revision) is None
+        return True
+
+    def _mirror_path(self, source: Source, *, sample: Sample, what: str) -> tuple[str, Path] | None:
+        """(prefix, path) of the source in the longest mirror prefix it starts with, or None."""
         mirrors = {**sample.mirrors, **dict(self.settings.mirrors)}
         prefixes = sorted((p for p in mirrors if source.url.startswith(p)), key=len, reverse=True)
         if not prefixes:
@@ -226,8 +243,16 @@ class Fetcher:
         path = (folder / unquote(source.url[len(prefix) :])).absolute()
         if not path.resolve().is_relative_to(folder.resolve()):
             raise FetchError(f"{what}: the URL leaves the mirror folder {folder} of {prefix!r}; fix the URL")
+        return prefix, path
+
+    def _from_mirror(self, source: Source, *, sample: Sample, what: str) -> Fetched | None:
+        """The source's file in a local mirror (``--mirror``, the manifest's ``mirrors``), verified; None if absent."""
+        found = self._mirror_path(source, sample=sample, what=what)
+        if found is None:
+            return None
+        prefix, path = found
         if not path.is_file():
-            logger.info("%s: not in the mirror %s (%s); fetching it", what, folder, path)
+            logger.info("%s: not in the mirror for %r (%s); fetching it", what, prefix, path)
             return None
         where = f"the mirror file {path} (from --mirror or the manifest's `mirrors` for {prefix!r})"
         return self._verified_copy(source, sample=sample, path=path, where=where, what=what, strict=True)

@@ -68,6 +68,8 @@ class FetchSettings:
     #: Use files of ``hf://`` sources that huggingface_hub's cache already holds (``hf_hub_download``,
     #: ``snapshot_download``) instead of downloading them again.
     use_hf_cache: bool = True
+    #: Seconds between a build worker's download progress lines on stderr; None: none (``--no-progress``).
+    progress_every: float | None = 10.0
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
