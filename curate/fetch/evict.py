@@ -100,12 +100,26 @@ def hold(cache: Cache, slide_id: str, *, url: str, sha256: str, paths: Iterable[
         folder = _pin_dir(cache, content_key(sha256))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / _pin_name(slide_id)).touch()
-        kept = all(path.exists() for path in paths)
+        _adopt(cache, url, sha256)
+        return all(path.exists() for path in paths)
+
+
+def _adopt(cache: Cache, url: str, sha256: str) -> None:
+    """Turn the URL pins of ``url`` into pins of its content (the caller holds the content's lock).
+
+    Slides pinned by URL before anyone knew what the URL holds keep these bytes from now on, as
+    slides pinned by content do.
+    """
     url_pin = _pin_dir(cache, f"{_URL}{url_key(url)}")
-    (url_pin / _pin_name(slide_id)).unlink(missing_ok=True)
+    if not url_pin.is_dir():
+        return
+    folder = _pin_dir(cache, content_key(sha256))
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(url_pin.iterdir()):
+        (folder / entry.name).touch()
+        entry.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         url_pin.rmdir()
-    return kept
 
 
 def release(cache: Cache, sample: Sample, *, digests: Iterable[str] = (), delete: bool = True) -> int:
@@ -115,18 +129,20 @@ def release(cache: Cache, sample: Sample, *, digests: Iterable[str] = (), delete
     digests known otherwise (manifest, URL index) are removed as well.
     """
     name = _pin_name(sample.id)
-    contents = {d for d in digests if is_sha256(d)}
+    contents: dict[str, set[str]] = {d: set() for d in digests if is_sha256(d)}
     for source in remote_sources(sample):
-        sha256 = known_sha256(cache, source, sample=sample)
-        if sha256 is not None:
-            contents.add(sha256)
         url_pin = _pin_dir(cache, f"{_URL}{url_key(source.url)}")
         (url_pin / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             url_pin.rmdir()
+        sha256 = known_sha256(cache, source, sample=sample)
+        if sha256 is not None:
+            contents.setdefault(sha256, set()).add(source.url)
     freed = 0
     for sha256 in sorted(contents):
         with file_lock(cache.lock_path("content", sha256), what=f"releasing {sample.id}"):
+            for url in sorted(contents[sha256]):
+                _adopt(cache, url, sha256)  # other slides waiting for the same URL keep its bytes
             folder = _pin_dir(cache, content_key(sha256))
             (folder / name).unlink(missing_ok=True)
             if folder.is_dir() and any(folder.iterdir()):
