@@ -66,6 +66,10 @@ class UnsafeArchiveError(FetchError):
     """An archive with an absolute path, a '..' component, an outside link or an absurd size."""
 
 
+class BudgetExceededError(FetchError):
+    """A slide whose inputs alone are larger than the cache budget (``--cache-budget``)."""
+
+
 # --- slides (quarantine reasons) ------------------------------------------------------------
 
 

@@ -281,6 +281,11 @@ class ManifestFile(_Strict):
     name: str
     description: str | None = None
     allow_local: bool = Field(default=False, description="allow local paths and file:// sources")
+    mirrors: dict[str, str] = Field(
+        default_factory=dict,
+        description="source URL prefix -> local folder holding the same files (e.g. hf://datasets/MahmoodLab/hest/: "
+        "/data/hest/); relative folders start at the manifest's folder",
+    )
     defaults: SampleFields = SampleFields()
     studies: list[Study]
 
@@ -334,6 +339,9 @@ class Sample:
     spots: int | None = None
     image_size: tuple[int, int] | None = None
     reader: Mapping[str, ReaderOption] = field(default_factory=dict)
+    #: The manifest's ``mirrors``: source URL prefix -> absolute local folder (where the bytes come from,
+    #: not what they are: not part of a unit's identity).
+    mirrors: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -386,6 +394,7 @@ def _merge(*layers: SampleFields) -> dict[str, Any]:
 
 def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sample, ...]:
     samples: list[Sample] = []
+    mirrors = {prefix: (path.parent / Path(folder).expanduser()).absolute() for prefix, folder in model.mirrors.items()}
     for i, study in enumerate(model.studies):
         for j, entry in enumerate(study.samples):
             where = f"{path}: studies[{i}].samples[{j}] (id {entry.id!r})"
@@ -442,6 +451,7 @@ def _resolve(model: ManifestFile, path: Path, *, allow_local: bool) -> tuple[Sam
                     spots=values.get("spots"),
                     image_size=values.get("image_size"),
                     reader=values.get("reader", {}),
+                    mirrors=mirrors,
                 )
             )
     return tuple(samples)

@@ -27,6 +27,12 @@ def expected(folder: Path) -> dict[str, Any]:
     return result
 
 
+@pytest.fixture(autouse=True)
+def _own_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub's cache in tmp_path: the fetch layer reuses what it holds, never the user's own."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
+
+
 @pytest.fixture
 def write_manifest(tmp_path: Path):
     """Write manifest text to a file in tmp_path and return its path."""

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
+from stcorpus.curate.build.pipeline import BuildSettings, build
 from stcorpus.curate.fetch import Fetcher
-from stcorpus.curate.fetch.evict import pin, release
-from tests.httpserver import serve
+from stcorpus.curate.fetch.budget import disk_bytes
+from stcorpus.curate.fetch.cache import Cache
+from stcorpus.curate.fetch.evict import hold, pin, release
+from tests.build_fixtures import IMAGE, hest_entry, manifest, variant_h5ad
+from tests.httpserver import LocalServer, serve
 from tests.test_fetch_http import make_sample, settings
 
 
@@ -44,3 +51,77 @@ def test_shared_input_is_kept_until_the_last_slide_releases_it(tmp_path: Path) -
 def _dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_two_urls_with_the_same_pinned_bytes_share_one_pin(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    data = b"the same archive under two datasets" * 300
+    (www / "copy-a.bin").write_bytes(data)
+    (www / "copy-b.bin").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    with serve(www) as server:
+        a = make_sample(
+            _dir(tmp_path / "a"), {"m": {"url": server.file_url("copy-a.bin"), "sha256": sha}}, sample_id="A"
+        )
+        b = make_sample(
+            _dir(tmp_path / "b"), {"m": {"url": server.file_url("copy-b.bin"), "sha256": sha}}, sample_id="B"
+        )
+        with Fetcher(settings(tmp_path)) as fetcher:
+            assert pin(fetcher.cache, [a, b]) == 2
+            fetcher.fetch(a.sources["m"], sample=a)
+            assert release(fetcher.cache, a) == 0  # B pins the same content under another URL
+            got = fetcher.fetch(b.sources["m"], sample=b)
+        assert got.cache_hit and server.count("/copy-b.bin", method="GET") == 0
+        assert release(fetcher.cache, b) == len(data) and not fetcher.cache.has_blob(sha)
+
+
+def test_slides_pinned_by_url_keep_bytes_another_slide_fetched_and_released(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "shared.tar").write_bytes(b"not yet known to anyone" * 100)
+    with serve(www) as server:
+        url = server.file_url("shared.tar")
+        a = make_sample(_dir(tmp_path / "a"), {"m": {"url": url, "unpack": False}}, sample_id="A")
+        b = make_sample(_dir(tmp_path / "b"), {"m": {"url": url, "unpack": False}}, sample_id="B")
+        with Fetcher(settings(tmp_path)) as fetcher:
+            pin(fetcher.cache, [a, b])  # by URL: nobody knows the bytes yet
+            got = fetcher.fetch(a.sources["m"], sample=a)
+            assert hold(fetcher.cache, "A", url=url, sha256=got.sha256, paths=[got.path])
+            assert release(fetcher.cache, a, digests=[got.sha256]) == 0
+            assert fetcher.fetch(b.sources["m"], sample=b).cache_hit
+        assert server.count("/shared.tar", method="GET") == 1
+        assert release(fetcher.cache, b, digests=[got.sha256]) == got.size
+
+
+def test_a_build_releases_inputs_by_default_and_reruns_without_fetching(tmp_path: Path) -> None:
+    www = _served_slides(tmp_path / "www", 2)
+    with serve(www) as server:
+        path = _http_manifest(tmp_path, server, 2)
+        fetch = settings(tmp_path)
+        summary = build([path], out=tmp_path / "out", settings=BuildSettings(progress=False), fetch=fetch)
+        assert summary.exit_code == 0
+        assert server.count("/img.jpg", method="GET") == 1  # shared by both slides, fetched once
+        assert disk_bytes(Cache(fetch.cache_dir)) == 0  # every input released
+        before = len(server.requests)
+        again = build([path], out=tmp_path / "out", settings=BuildSettings(progress=False), fetch=fetch)
+        assert again.exit_code == 0 and len(server.requests) == before  # finished units are reused
+        kept = replace(fetch, cache_dir=tmp_path / "kept", keep_sources=True)
+        build([path], out=tmp_path / "out2", settings=BuildSettings(progress=False), fetch=kept)
+        assert disk_bytes(Cache(kept.cache_dir)) == sum(p.stat().st_size for p in www.iterdir())
+
+
+def _served_slides(www: Path, n: int) -> Path:
+    www.mkdir(parents=True)
+    for i in range(n):
+        variant_h5ad(www, f"st{i}", drop=i)
+    shutil.copyfile(IMAGE, www / "img.jpg")
+    return www
+
+
+def _http_manifest(tmp_path: Path, server: LocalServer, n: int) -> Path:
+    entries = [
+        hest_entry(f"HTTP-{i}", st=server.file_url(f"st{i}.h5ad"), wsi=server.file_url("img.jpg"), patient=f"P{i}")
+        for i in range(n)
+    ]
+    return manifest(tmp_path / "manifests", entries, name="http")

@@ -57,7 +57,7 @@ from stcorpus.curate.build.append import (
 from stcorpus.curate.build.executors import LocalExecutor, UnitExecutor
 from stcorpus.curate.build.pack import PackSettings, pack
 from stcorpus.curate.build.splits import DEFAULT, SplitSettings, resolve_holdout
-from stcorpus.curate.build.unit import UnitSettings, reusable_unit, slide_row
+from stcorpus.curate.build.unit import UnitSettings, pins_inputs, reusable_unit, slide_row
 from stcorpus.curate.build.workdir import BuildRecord, UnitResult, WorkDir
 from stcorpus.curate.errors import BuildError, SettingsError
 from stcorpus.curate.manifest import Manifest, Sample, load_manifests
@@ -221,8 +221,8 @@ def run_units(
                 reused.add(sample.id)
         else:
             pending.append(sample)
-    if not fetch.keep_sources:
-        _pin_and_release(samples, pending=pending, fetch=fetch)
+    if pins_inputs(fetch):
+        _pin_and_release(samples, pending=pending, fetch=fetch, done=results)
     for result in list(results.values()):
         if on_result is not None and not on_result(result):
             return results
@@ -241,7 +241,9 @@ def run_units(
     return results
 
 
-def _pin_and_release(samples: Sequence[Sample], *, pending: Sequence[Sample], fetch: FetchSettings) -> None:
+def _pin_and_release(
+    samples: Sequence[Sample], *, pending: Sequence[Sample], fetch: FetchSettings, done: Mapping[str, UnitResult]
+) -> None:
     """Pin the inputs of the slides about to run; release those of slides already done (``evict.py``)."""
     from stcorpus.curate.fetch.cache import Cache
     from stcorpus.curate.fetch.evict import pin, release
@@ -251,7 +253,9 @@ def _pin_and_release(samples: Sequence[Sample], *, pending: Sequence[Sample], fe
     waiting = {sample.id for sample in pending}
     for sample in samples:
         if sample.id not in waiting:
-            release(cache, sample)  # a pin a killed build left, or inputs fetched before this build
+            # A pin a killed build left, or inputs fetched before this build.
+            inputs = done[sample.id].inputs if sample.id in done else []
+            release(cache, sample, digests=[str(i["sha256"]) for i in inputs], delete=not fetch.keep_sources)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,13 +34,15 @@ with counts (whether or not the neighbour's own tiles were kept).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import shutil
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,7 +133,7 @@ class UnitSettings:
 
 #: Sample fields that do not change what a unit contains: where the manifest was read from (its
 #: relative paths are checked through the inputs' digests instead) and whether local paths were allowed.
-_NOT_IDENTITY = ("manifest_path", "allow_local")
+_NOT_IDENTITY = ("manifest_path", "allow_local", "mirrors")
 
 
 def manifest_entry(sample: Sample) -> dict[str, Any]:
@@ -169,7 +171,8 @@ def known_inputs(sample: Sample, fetch: FetchSettings) -> list[dict[str, str]] |
         elif source.sha256 is not None:
             sha256 = source.sha256
         else:
-            record = cache.lookup_url(source.url)
+            # The record outlives a released blob: what the URL held when the unit was built.
+            record = cache.lookup_url(source.url, require_blob=False)
             if record is None:
                 return None
             sha256 = record.sha256
@@ -261,7 +264,7 @@ def run_unit(
         if earlier is not None and _same_inputs(earlier.inputs, result.inputs):
             # The cache had lost the inputs' record, and the bytes fetched again are the same.
             shutil.rmtree(tmp, ignore_errors=True)
-            _release(sample, fetch)
+            _release(sample, fetch, inputs=result.inputs)
             return earlier
         _build(sample, files, tmp=tmp, result=result, settings=settings, where=where)
     except SlideError as exc:
@@ -275,18 +278,24 @@ def run_unit(
         _no_samples(tmp, result)
     result.seconds = round(time.perf_counter() - start, 3)
     work.commit(tmp, result)
-    _release(sample, fetch)
+    _release(sample, fetch, inputs=result.inputs)
     return result
 
 
-def _release(sample: Sample, fetch: FetchSettings) -> None:
-    """Release the slide's fetched inputs now that its unit is committed (unless ``keep_sources``)."""
-    if fetch.keep_sources:
+def pins_inputs(fetch: FetchSettings) -> bool:
+    """Whether a build pins slides' inputs: to release them (the default), or to guard them under a cache budget."""
+    return not fetch.keep_sources or fetch.cache_budget is not None
+
+
+def _release(sample: Sample, fetch: FetchSettings, *, inputs: Sequence[Mapping[str, Any]]) -> None:
+    """Unpin the slide's inputs now that its unit is committed; delete them unless ``keep_sources`` (``evict.py``)."""
+    if not pins_inputs(fetch):
         return
     from stcorpus.curate.fetch.cache import Cache
     from stcorpus.curate.fetch.evict import release
 
-    freed = release(Cache(fetch.cache_dir), sample)
+    digests = [str(item["sha256"]) for item in inputs]
+    freed = release(Cache(fetch.cache_dir), sample, digests=digests, delete=not fetch.keep_sources)
     log.debug("slide %s: released its inputs (%d bytes freed)", sample.id, freed)
 
 
@@ -358,14 +367,48 @@ def _failed(result: UnitResult, exc: BaseException, *, where: _Where) -> None:
 
 
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
+    """Fetch the slide's sources: within the cache budget, pinned for this slide, with progress lines."""
     from stcorpus.curate.fetch import Fetcher
+    from stcorpus.curate.fetch.budget import CacheBudget, Need
+    from stcorpus.curate.fetch.evict import hold, reclaim
+    from stcorpus.curate.fetch.progress import DownloadProgress
 
     files: dict[str, Path] = {}
-    with Fetcher(fetch) as fetcher:
-        for name in sorted(sample.sources):
-            got = fetcher.fetch(sample.sources[name], sample=sample, name=name)
-            files[name] = got.target
-            result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
+    progress = DownloadProgress(sample.id, total=None, every=fetch.progress_every or 0.0)
+    with Fetcher(fetch, on_bytes=progress if fetch.progress_every is not None else None) as fetcher:
+        to_download = [s for _, s in sorted(sample.sources.items()) if fetcher.needs_download(s, sample=sample)]
+        room: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if fetch.cache_budget is not None:
+            sizes = [fetcher.size_of(s, sample=sample) for s in to_download]
+            unknown = [s.url for s, size in zip(to_download, sizes, strict=True) if size is None]
+            if unknown:
+                log.warning(
+                    "%s: no size known for %s (no `size` in the manifest, no lock file entry, no Content-Length): "
+                    "--cache-budget cannot reserve room for it; run `curate fetch` once to write the lock file",
+                    sample.describe(),
+                    ", ".join(unknown),
+                )
+            needs = [Need(s.url, size or 0) for s, size in zip(to_download, sizes, strict=True)]
+            progress.total = sum(n.size for n in needs) or None
+            budget = CacheBudget(fetcher.cache, fetch.cache_budget, reclaim=functools.partial(reclaim, fetcher.cache))
+            room = budget.reserve(sample.id, needs, what=sample.describe())
+        else:
+            sizes = [fetcher.expected(s, sample=sample)[1] for s in to_download]
+            progress.total = None if None in sizes else sum(size or 0 for size in sizes) or None
+        with room:
+            for name in sorted(sample.sources):
+                source = sample.sources[name]
+                got = fetcher.fetch(source, sample=sample, name=name)
+                if pins_inputs(fetch) and not got.local:
+                    # Pinned by content before anything else may delete it; gone meanwhile: fetch again.
+                    paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
+                    while not hold(fetcher.cache, sample.id, url=got.url, sha256=got.sha256, paths=paths):
+                        got = fetcher.fetch(source, sample=sample, name=name)
+                        paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
+                files[name] = got.target
+                result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
+    if fetch.progress_every is not None:
+        progress.finish()
     return files
 
 

@@ -26,6 +26,38 @@ def _ratios(value: str) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
+def _size(value: str) -> int:
+    from stcorpus.curate.errors import SettingsError
+    from stcorpus.curate.fetch.budget import parse_size
+
+    try:
+        return parse_size(value)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {value!r}")
+    return int(value)
+
+
+def _mirror(value: str) -> tuple[str, Path]:
+    prefix, sep, folder = value.rpartition("=")
+    if not sep or not prefix or not folder:
+        raise argparse.ArgumentTypeError(
+            f"expected PREFIX=PATH (e.g. hf://datasets/MahmoodLab/hest/=/data/hest/), not {value!r}"
+        )
+    return prefix, Path(folder)
+
+
+class _Removed(argparse.Action):
+    """A flag that is gone, with what to do instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.error("--release-sources is gone: releasing downloads is the default now (--keep-sources keeps them)")
+
+
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """Filters shared by ``build`` and ``plan``."""
     group = parser.add_argument_group("which slides")
@@ -90,11 +122,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
-    parser.add_argument(
-        "--release-sources",
+    group = parser.add_argument_group("downloads")
+    group.add_argument(
+        "--keep-sources",
         action="store_true",
-        help="delete each slide's downloaded inputs from the cache once its unit is committed "
-        "(reference-counted across slides sharing a URL; default: keep them)",
+        help="keep each slide's downloaded inputs in the cache (default: delete them once the slide's unit is "
+        "committed, when no other slide still needs the same bytes)",
+    )
+    group.add_argument("--release-sources", nargs=0, action=_Removed, help=argparse.SUPPRESS)
+    group.add_argument(
+        "--cache-budget",
+        type=_size,
+        metavar="SIZE",
+        help="most bytes the download cache may hold, e.g. 200G or 500M: a slide's downloads wait for room "
+        "(inputs no running slide needs are deleted to make it)",
+    )
+    group.add_argument(
+        "--per-host",
+        type=_positive,
+        metavar="N",
+        help="connections per host across all workers sharing the cache (default: 4 per worker, no shared cap)",
+    )
+    group.add_argument(
+        "--mirror",
+        action="append",
+        type=_mirror,
+        default=[],
+        metavar="PREFIX=PATH",
+        help="read sources whose URL starts with PREFIX from the local folder PATH, verified by sha256 where the "
+        "manifest or its lock file has one (e.g. hf://datasets/MahmoodLab/hest/=/data/hest/); repeatable",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
@@ -272,7 +328,11 @@ def run(args: argparse.Namespace) -> int:
     )
     fetch = FetchSettings(
         allow_local=args.allow_local,
-        keep_sources=not args.release_sources,
+        keep_sources=args.keep_sources,
+        cache_budget=args.cache_budget,
+        host_cap=args.per_host,
+        mirrors=tuple(args.mirror),
+        progress_every=None if args.no_progress else 10.0,
         **({"cache_dir": args.cache} if args.cache else {}),
     )
     with executor_from(args) as executor:

@@ -10,6 +10,8 @@ Layout under the cache root::
     partial/<key>.json                  what the partial belongs to (validator, expected digest)
     unpacked/sha256/ab/<sha256>/        an archive unpacked once, keyed by the archive's sha256
     local/ab/<key>.json                 sha256 of a local file, remembered by path + size + mtime
+    pins/<key>/<slide key>              the slides that still need an input (``evict.py``)
+    budget/<holder key>.json            room reserved under ``--cache-budget`` (``budget.py``)
     locks/                              lock files (see ``locking.py``)
     tmp/                                temporary files and folders, renamed into place when complete
 
@@ -160,8 +162,11 @@ class Cache:
 
     # --- URL index -----------------------------------------------------------------------------
 
-    def lookup_url(self, url: str) -> UrlRecord | None:
-        """The record of ``url`` if its blob is still in the cache with the recorded size."""
+    def lookup_url(self, url: str, *, require_blob: bool = True) -> UrlRecord | None:
+        """The record of ``url`` if its blob is still in the cache with the recorded size.
+
+        ``require_blob=False``: the record even when the blob was released (what the URL held).
+        """
         path = self.url_index_path(url)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -170,7 +175,9 @@ class Cache:
         except (OSError, ValueError):
             return None  # an unreadable index entry is a cache miss; the download rewrites it
         record = UrlRecord(url=data["url"], sha256=data["sha256"], size=data["size"], commit=data.get("commit"))
-        if record.url != url or not is_sha256(record.sha256) or not self.has_blob(record.sha256, size=record.size):
+        if record.url != url or not is_sha256(record.sha256):
+            return None
+        if require_blob and not self.has_blob(record.sha256, size=record.size):
             return None
         return record
 

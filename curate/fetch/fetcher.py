@@ -36,6 +36,7 @@ from stcorpus.curate.fetch.archive import Limits, is_archive_name, unpack_archiv
 from stcorpus.curate.fetch.cache import Cache, UrlRecord, url_key
 from stcorpus.curate.fetch.hub import parse_hf_url
 from stcorpus.curate.fetch.local import local_path, tree_digest
+from stcorpus.curate.fetch.lockfile import lock_sources
 from stcorpus.curate.fetch.settings import FetchSettings
 from stcorpus.hub import access_hint, auth_headers, metadata_from_head, resolve_url, token_of
 from stcorpus.locking import file_lock
@@ -164,11 +165,13 @@ class Fetcher:
         scheme = url_scheme(source.url)
         if scheme is None or scheme == "file":
             fetched = self._fetch_local(source, sample=sample, what=what)
+        elif (mirrored := self._from_mirror(source, sample=sample, what=what)) is not None:
+            fetched = mirrored
         elif scheme in ("http", "https"):
             plain = _Plan(url=source.url, headers={}, sha256=source.sha256, size=source.size)
             fetched = self._fetch_remote(source, what=what, plan=lambda: plain)
         elif scheme == "hf":
-            fetched = self._fetch_remote(source, what=what, plan=lambda: self._plan_hub(source, what=what))
+            fetched = self._fetch_hub(source, sample=sample, what=what)
         elif scheme in STORE_SCHEMES:
             fetched = self._fetch_store(source, what=what)
         else:
@@ -181,6 +184,125 @@ class Fetcher:
         if wants_unpack(source, is_folder=fetched.is_folder):
             fetched = replace(fetched, unpacked=self._unpack(fetched, what=what))
         return fetched
+
+    def expected(self, source: Source, *, sample: Sample) -> tuple[str | None, int | None]:
+        """(sha256, size) of a source known without downloading it: manifest, then lock file, then cache.
+
+        ``None`` where none of them knows; ``size_of`` asks the server for a size.
+        """
+        locked = lock_sources(sample.manifest_path).get(source.url)
+        sha256 = source.sha256 or (locked[0] if locked else None)
+        size = source.size if source.size is not None else (locked[1] if locked else None)
+        if sha256 is None or size is None:
+            record = self.cache.lookup_url(source.url, require_blob=False)
+            if record is not None and (sha256 is None or record.sha256 == sha256):
+                sha256, size = record.sha256, record.size if size is None else size
+        return sha256, size
+
+    def size_of(self, source: Source, *, sample: Sample) -> int | None:
+        """The bytes a remote source will download: manifest, lock file, cache, else a HEAD's Content-Length."""
+        size = self.expected(source, sample=sample)[1]
+        if size is not None:
+            return size
+        what = f"{sample.describe()}: source {_name_in(sample, source)!r} ({_display(source.url)})"
+        scheme = url_scheme(source.url)
+        if scheme == "hf":
+            return self._plan_hub(source, what=what).size
+        if scheme in ("http", "https"):
+            length = self._http.head(source.url, headers={}, what=what).headers.get("Content-Length", "")
+            return int(length) if length.strip().isdigit() else None
+        return None
+
+    # --- mirrors and huggingface_hub's cache ---------------------------------------------------
+
+    def needs_download(self, source: Source, *, sample: Sample) -> bool:
+        """Whether fetching ``source`` would download it (not local, cached, mirrored or in huggingface_hub's cache).
+
+        Without network; an unpinned ``hf://`` file in huggingface_hub's cache counts as a download
+        (which bytes the revision names is known only after a HEAD).
+        """
+        scheme = url_scheme(source.url)
+        if scheme in (None, "file") or self._cached(source) is not None:
+            return False
+        mirrored = self._mirror_path(source, sample=sample, what=source.url)
+        if mirrored is not None and mirrored[1].is_file():
+            return False
+        if scheme == "hf" and self.settings.use_hf_cache and self.expected(source, sample=sample)[0] is not None:
+            file = parse_hf_url(source.url)
+            return _hf_cached(file.repo_id, file.path, revision=file.revision) is None
+        return True
+
+    def _mirror_path(self, source: Source, *, sample: Sample, what: str) -> tuple[str, Path] | None:
+        """(prefix, path) of the source in the longest mirror prefix it starts with, or None."""
+        mirrors = {**sample.mirrors, **dict(self.settings.mirrors)}
+        prefixes = sorted((p for p in mirrors if source.url.startswith(p)), key=len, reverse=True)
+        if not prefixes:
+            return None
+        prefix = prefixes[0]
+        folder = mirrors[prefix]
+        path = (folder / unquote(source.url[len(prefix) :])).absolute()
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise FetchError(f"{what}: the URL leaves the mirror folder {folder} of {prefix!r}; fix the URL")
+        return prefix, path
+
+    def _from_mirror(self, source: Source, *, sample: Sample, what: str) -> Fetched | None:
+        """The source's file in a local mirror (``--mirror``, the manifest's ``mirrors``), verified; None if absent."""
+        found = self._mirror_path(source, sample=sample, what=what)
+        if found is None:
+            return None
+        prefix, path = found
+        if not path.is_file():
+            logger.info("%s: not in the mirror for %r (%s); fetching it", what, prefix, path)
+            return None
+        where = f"the mirror file {path} (from --mirror or the manifest's `mirrors` for {prefix!r})"
+        return self._verified_copy(source, sample=sample, path=path, where=where, what=what, strict=True)
+
+    def _verified_copy(
+        self, source: Source, *, sample: Sample, path: Path, where: str, what: str, strict: bool
+    ) -> Fetched | None:
+        """A local copy of a remote source, checked against the digest the manifest or lock file has.
+
+        A copy that differs is an error when ``strict`` (a mirror the user named), else None (fetch it).
+        """
+        sha256, size = self.expected(source, sample=sample)
+        actual_size = path.stat().st_size
+        actual = self.cache.local_sha256(path) if sha256 is not None or size is None or actual_size == size else None
+        if (size is not None and actual_size != size) or (sha256 is not None and actual != sha256):
+            if not strict:
+                logger.info("%s: %s differs from the expected file; fetching it", what, where)
+                return None
+            raise ChecksumMismatchError(
+                f"{what}: {where} has {actual_size} bytes, sha256 {actual or '(not hashed)'}, but the manifest or its "
+                f"lock file expects {size if size is not None else '?'} bytes, sha256 {sha256 or '?'}; replace the "
+                "mirror's copy, or remove the mapping (--mirror / `mirrors`) to download the file"
+            )
+        digest = actual if actual is not None else self.cache.local_sha256(path)
+        return Fetched(url=source.url, path=path, sha256=digest, size=actual_size, cache_hit=True, local=True)
+
+    def _fetch_hub(self, source: Source, *, sample: Sample, what: str) -> Fetched:
+        """An ``hf://`` source: this cache, else huggingface_hub's cache, else a download into this cache."""
+        hit = self._cached(source)
+        if hit is not None:
+            return hit
+        plan: _Plan | None = None
+        if self.settings.use_hf_cache:
+            file = parse_hf_url(source.url)
+            known = self.expected(source, sample=sample)[0]
+            if known is None:
+                # Which bytes the revision names now (one HEAD), so a cached older commit is not taken for them.
+                plan = self._plan_hub(source, what=what)
+            revision = plan.commit if plan is not None and plan.commit else file.revision
+            found = _hf_cached(file.repo_id, file.path, revision=revision)
+            if found is not None:
+                where = f"huggingface_hub's cached file {found}"
+                copy = self._verified_copy(source, sample=sample, path=found, where=where, what=what, strict=False)
+                if copy is not None and (plan is None or plan.sha256 in (None, copy.sha256)):
+                    logger.info("%s: using %s", what, where)
+                    return replace(copy, commit=plan.commit if plan is not None else None)
+        planned = plan
+        return self._fetch_remote(
+            source, what=what, plan=lambda: planned if planned is not None else self._plan_hub(source, what=what)
+        )
 
     # --- local ---------------------------------------------------------------------------------
 
@@ -422,6 +544,27 @@ def _store(url: str, *, what: str) -> tuple[Any, str]:
             "(s3fs for s3://, gcsfs for gs://, adlfs for az://)"
         ) from None
     return fs, str(path)
+
+
+def hf_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read at call time: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, else its default."""
+    import os
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hf_cached(repo_id: str, path: str, *, revision: str) -> Path | None:
+    """The file huggingface_hub's cache holds for a dataset file at a revision (no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, path, cache_dir=hf_cache_dir(), revision=revision, repo_type="dataset")
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def _name_in(sample: Sample, source: Source) -> str:

@@ -125,7 +125,12 @@ def client_for(settings: FetchSettings, **options: Any) -> HttpClient:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
-    return HttpClient(policy, limit=PerHostLimit(settings.per_host), pool_size=settings.per_host, **options)
+    limit: Any = PerHostLimit(settings.per_host)
+    if settings.host_cap is not None:
+        from stcorpus.curate.fetch.hostcap import SharedHostLimit
+
+        limit = SharedHostLimit(limit, root=settings.cache_dir, cap=settings.host_cap)
+    return HttpClient(policy, limit=limit, pool_size=settings.per_host, **options)
 
 
 class Downloader:

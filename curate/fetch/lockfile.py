@@ -22,6 +22,7 @@ has not changed).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -110,3 +111,28 @@ def write_lock(path: Path, *, manifest: Manifest, entries: Iterable[LockEntry], 
     }
     write_atomic(path, (json.dumps(payload, indent=1, sort_keys=False) + "\n").encode("utf-8"))
     return complete
+
+
+def lock_sources(manifest_path: Path) -> dict[str, tuple[str, int]]:
+    """``{url: (sha256, size)}`` from the lock file beside a manifest; empty when there is none.
+
+    What ``curate fetch`` saw at each URL: a build uses it to pin inputs by content, to size them
+    for ``--cache-budget`` and to verify mirrors before anything is downloaded.
+    """
+    path = default_lock_path(manifest_path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return {}
+    return dict(_lock_sources(path, info.st_mtime_ns, info.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _lock_sources(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, tuple[str, int]], ...]:
+    """What ``lock_sources`` reads, memoised per version of the file (a build asks once per source)."""
+    del mtime_ns, size  # part of the memo's key only
+    found: dict[str, tuple[str, int]] = {}
+    for item in read_lock(path).get("sources", []):
+        if item.get("kind") == "file" and isinstance(item.get("sha256"), str) and isinstance(item.get("size"), int):
+            found[str(item["url"])] = (item["sha256"], item["size"])
+    return tuple(sorted(found.items()))

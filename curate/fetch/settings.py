@@ -54,10 +54,22 @@ class FetchSettings:
     chunk_size: int = 1 << 20
     #: Allow local paths and file:// URLs even where the sample's manifest does not.
     allow_local: bool = False
-    #: Keep a slide's fetched inputs in the cache after its unit is committed (the default;
-    #: ``--release-sources`` sets False);
-    #: when False a build releases them (``evict.py``: reference-counted across slides).
-    keep_sources: bool = True
+    #: Keep a slide's fetched inputs in the cache after its unit is committed (``--keep-sources``);
+    #: by default a build releases them (``evict.py``: reference-counted by content across slides).
+    keep_sources: bool = False
+    #: Most bytes the cache may hold (``--cache-budget``); a slide's downloads wait for room (``budget.py``).
+    cache_budget: int | None = None
+    #: Concurrent requests per host across every process sharing the cache folder (``curate build
+    #: --per-host``), on top of ``per_host``; None: no cross-process cap.
+    host_cap: int | None = None
+    #: Source URL prefix -> local folder holding the same files (``--mirror PREFIX=PATH``); the
+    #: manifest's ``mirrors`` add to these (these win on the same prefix).
+    mirrors: tuple[tuple[str, Path], ...] = ()
+    #: Use files of ``hf://`` sources that huggingface_hub's cache already holds (``hf_hub_download``,
+    #: ``snapshot_download``) instead of downloading them again.
+    use_hf_cache: bool = True
+    #: Seconds between a build worker's download progress lines on stderr; None: none (``--no-progress``).
+    progress_every: float | None = 10.0
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
@@ -67,6 +79,8 @@ class FetchSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        mirrors = tuple((str(prefix), Path(folder).expanduser().absolute()) for prefix, folder in self.mirrors)
+        object.__setattr__(self, "mirrors", mirrors)
         problems = []
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
             problems.append(f"cache_dir {self.cache_dir} is a file, not a folder (curate build/fetch --cache)")
