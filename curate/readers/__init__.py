@@ -101,6 +101,27 @@ READERS: dict[str, ReaderSpec] = {
             ),
         ),
         ReaderSpec(
+            technology="spatialdata",
+            module="sdata",
+            required_any=(frozenset({"store"}),),
+            options={
+                "table": str,
+                "region": str,
+                "layer": str,
+                "image": str,
+                "coordinate_system": str,
+                "micron_coordinate_system": str,
+                "spot_diameter_um": float,
+            },
+            doc=(
+                "A SpatialData zarr store (extra stcorpus[spatialdata]). Source: store (the .zarr folder). Options: "
+                "table, region (the annotated shapes/points element), layer (counts layer instead of X), image (the "
+                "H&E element; default the finest non-blank one), coordinate_system, micron_coordinate_system (a "
+                "system in um that fixes um/px), spot_diameter_um (circle sites' physical diameter; 65 for "
+                "spatialdata-io Visium stores)."
+            ),
+        ),
+        ReaderSpec(
             technology="st",
             module="st",
             required_any=(frozenset({"counts", "spots", "image"}),),
