@@ -122,6 +122,26 @@ READERS: dict[str, ReaderSpec] = {
             ),
         ),
         ReaderSpec(
+            technology="visium-hd",
+            module="visium_hd",
+            required_any=(frozenset({"outs"}),),
+            optional=frozenset({"image"}),
+            options={
+                "bin_um": int,
+                "grid": str,
+                "pitch_um": float,
+                "spot_diameter_um": float,
+                "matrix": str,
+                "image_fallback": bool,
+            },
+            doc=(
+                "Space Ranger 3.x Visium HD binned outputs. Sources: outs (outs/ or binned_outputs/), image (the "
+                "full-resolution H&E). Options: bin_um=2|8|16 (bins read; default 8), grid=hex|square (default hex: "
+                "spot_diameter_um 55 on pitch_um 100; square: squares of pitch_um, a multiple of bin_um), counts "
+                "summed; matrix and image_fallback as for spaceranger."
+            ),
+        ),
+        ReaderSpec(
             technology="st",
             module="st",
             required_any=(frozenset({"counts", "spots", "image"}),),
