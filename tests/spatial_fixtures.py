@@ -197,3 +197,171 @@ def write_visium_hd(
         ids=ids,
         to_pixels=to_pixels,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Xenium
+# ---------------------------------------------------------------------------------------------
+
+#: Control features of a Xenium panel, by the feature_type Xenium's matrix gives them.
+XENIUM_CONTROLS = (
+    ("NegControlProbe_00001", "Negative Control Probe"),
+    ("NegControlProbe_00002", "Negative Control Probe"),
+    ("NegControlCodeword_0500", "Negative Control Codeword"),
+    ("UnassignedCodeword_0001", "Unassigned Codeword"),
+)
+PIXEL_SIZE_UM = 0.2125  # um per morphology-image pixel (Xenium's experiment.xenium)
+
+
+@dataclass(frozen=True)
+class Xenium:
+    """A generated Xenium output bundle, its H&E and alignment, and what was put in them."""
+
+    outs: Path
+    image: Path
+    alignment: Path
+    he_mpp: float
+    cell_ids: list[str]
+    cell_px: npt.NDArray[np.float64]  # (n, 2) H&E pixel centre of each cell
+    cell_um: npt.NDArray[np.float64]  # (n, 2) centroid in um
+    gene_counts: sp.csr_matrix  # cells x genes: transcripts with qv >= 20 of gene features
+    ids: list[str]
+    names: list[str]
+    transcripts_um: npt.NDArray[np.float64]  # (m, 2)
+    transcript_feature: list[str]
+    transcript_qv: npt.NDArray[np.float64]
+
+
+def write_xenium(
+    root: Path, *, n_side: int = 7, spacing_um: float = 40.0, he_mpp: float = 0.5, n_genes: int = 10, seed: int = 1
+) -> Xenium:
+    """Write ``root/outs/`` (experiment.xenium, cell_feature_matrix.h5, cells.parquet, transcripts.parquet),
+    an H&E PNG and ``he_imagealignment.csv``.
+
+    Cells sit on a jittered grid ``spacing_um`` apart, placed first in H&E pixels; the alignment
+    (scale, 4 degree rotation, shift) takes H&E px to morphology px, so the reader must invert
+    it. Transcripts lie within 4 um of their cell; some are control features, some unassigned,
+    and their qv spans 5..40. The matrix counts each cell's transcripts with qv >= 20, controls
+    in their own columns, as Xenium's does.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), axis=-1).reshape(-1, 2).astype(float)
+    margin_px = 60.0
+    cell_px = margin_px + (grid * spacing_um + rng.uniform(-4, 4, size=grid.shape)) / he_mpp
+    angle = math.radians(4.0)
+    scale = he_mpp / PIXEL_SIZE_UM  # morphology px per H&E px
+    alignment = np.array(
+        [
+            [scale * math.cos(angle), -scale * math.sin(angle), 35.0],
+            [scale * math.sin(angle), scale * math.cos(angle), -12.0],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    morphology = np.column_stack([cell_px, np.ones(len(cell_px))]) @ alignment.T
+    cell_um = morphology[:, :2] * PIXEL_SIZE_UM
+    n_cells = len(cell_um)
+    cell_ids = [f"{''.join(chr(97 + (i // 26**k) % 26) for k in range(8))}-1" for i in range(n_cells)]
+
+    ids, names = real_genes(n_genes)
+    features = [(n, "Gene Expression") for n in names] + list(XENIUM_CONTROLS)
+    feature_names = [f for f, _ in features]
+    rows: list[dict[str, Any]] = []
+    for cell in range(-1, n_cells):  # -1: transcripts assigned to no cell
+        n = int(rng.integers(10, 40))
+        centre = cell_um[cell] if cell >= 0 else cell_um.mean(axis=0)
+        spread = 4.0 if cell >= 0 else 60.0
+        for _ in range(n):
+            f = (
+                int(rng.integers(0, len(features)))
+                if rng.random() < 0.85
+                else int(rng.integers(n_genes, len(features)))
+            )
+            r, theta = spread * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+            rows.append(
+                {
+                    "cell": cell,
+                    "feature": f,
+                    "x": float(centre[0] + r * math.cos(theta)),
+                    "y": float(centre[1] + r * math.sin(theta)),
+                    "qv": float(rng.uniform(5, 40)),
+                }
+            )
+    matrix = np.zeros((n_cells, len(features)), dtype=np.int32)
+    for row in rows:
+        if row["cell"] >= 0 and row["qv"] >= 20:
+            matrix[row["cell"], row["feature"]] += 1
+
+    outs = root / "outs"
+    outs.mkdir(parents=True)
+    specs = {
+        "major_version": 5,
+        "minor_version": 0,
+        "run_name": "generated",
+        "region_name": "region",
+        "analysis_sw_version": "xenium-2.0.0.10",
+        "pixel_size": PIXEL_SIZE_UM,
+    }
+    (outs / "experiment.xenium").write_text(json.dumps(specs))
+    write_10x_h5(
+        outs / "cell_feature_matrix.h5",
+        sp.csr_matrix(matrix),
+        cell_ids,
+        ids + feature_names[n_genes:],
+        feature_names,
+        types=[t for _, t in features],
+    )
+    gene_cols = matrix[:, :n_genes]
+    cells = pa.table(
+        {
+            "cell_id": cell_ids,
+            "x_centroid": cell_um[:, 0],
+            "y_centroid": cell_um[:, 1],
+            "transcript_counts": gene_cols.sum(axis=1).astype(np.uint32),
+            "control_probe_counts": matrix[:, n_genes : n_genes + 2].sum(axis=1).astype(np.uint32),
+            "control_codeword_counts": matrix[:, n_genes + 2].astype(np.uint32),
+            "unassigned_codeword_counts": matrix[:, n_genes + 3].astype(np.uint32),
+            "deprecated_codeword_counts": np.zeros(n_cells, dtype=np.uint32),
+            "total_counts": matrix.sum(axis=1).astype(np.uint32),
+            "cell_area": np.full(n_cells, 80.0),
+            "nucleus_area": np.full(n_cells, 30.0),
+        }
+    )
+    pq.write_table(cells, outs / "cells.parquet")
+    transcripts = pa.table(
+        {
+            "transcript_id": np.arange(len(rows), dtype=np.uint64),
+            "cell_id": [cell_ids[r["cell"]] if r["cell"] >= 0 else "UNASSIGNED" for r in rows],
+            "overlaps_nucleus": np.zeros(len(rows), dtype=np.uint8),
+            "feature_name": [feature_names[r["feature"]] for r in rows],
+            "x_location": np.array([r["x"] for r in rows], dtype=np.float32),
+            "y_location": np.array([r["y"] for r in rows], dtype=np.float32),
+            "z_location": np.full(len(rows), 10.0, dtype=np.float32),
+            "qv": np.array([r["qv"] for r in rows], dtype=np.float32),
+            "fov_name": ["A1"] * len(rows),
+            "nucleus_distance": np.zeros(len(rows), dtype=np.float32),
+        }
+    )
+    pq.write_table(transcripts, outs / "transcripts.parquet")
+    alignment_path = root / "he_imagealignment.csv"
+    np.savetxt(alignment_path, alignment, delimiter=",")
+    image = root / "he_image.png"
+    size = int(cell_px.max() + margin_px)
+    marker_png(image, size, size, cell_px[:, 0], cell_px[:, 1])
+    return Xenium(
+        outs=outs,
+        image=image,
+        alignment=alignment_path,
+        he_mpp=he_mpp,
+        cell_ids=cell_ids,
+        cell_px=cell_px,
+        cell_um=cell_um,
+        gene_counts=sp.csr_matrix(gene_cols),
+        ids=ids,
+        names=names,
+        transcripts_um=np.array([[r["x"], r["y"]] for r in rows], dtype=np.float32).astype(np.float64),
+        transcript_feature=[feature_names[r["feature"]] for r in rows],
+        transcript_qv=np.array([r["qv"] for r in rows], dtype=np.float32).astype(np.float64),
+    )

@@ -142,6 +142,28 @@ READERS: dict[str, ReaderSpec] = {
             ),
         ),
         ReaderSpec(
+            technology="xenium",
+            module="xenium",
+            required_any=(frozenset({"outs", "image"}),),
+            optional=frozenset({"alignment"}),
+            options={
+                "samples": str,
+                "neighbour_radius_um": float,
+                "neighbour_k": int,
+                "grid": str,
+                "pitch_um": float,
+                "spot_diameter_um": float,
+                "min_qv": float,
+            },
+            doc=(
+                "10x Xenium output bundle + H&E. Sources: outs (the bundle folder: experiment.xenium, "
+                "cell_feature_matrix.h5, cells.parquet, transcripts.parquet), image (the H&E), alignment (3x3 CSV, "
+                "H&E px -> morphology px). Options: samples=cells|pseudo-spots (default cells; neighbours within "
+                "neighbour_radius_um 50, the neighbour_k 6 nearest); pseudo-spots pool transcripts with qv >= min_qv "
+                "(20) of gene features onto grid=hex|square (pitch_um, spot_diameter_um as for visium-hd)."
+            ),
+        ),
+        ReaderSpec(
             technology="st",
             module="st",
             required_any=(frozenset({"counts", "spots", "image"}),),
