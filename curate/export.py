@@ -149,7 +149,7 @@ def slide_spatialdata(root: Path, slide_id: str) -> Any:
         raise ExportError(
             "--to FILE.zarr needs the spatialdata package: pip install 'stcorpus[spatialdata]' (or export .h5ad)"
         ) from exc
-    import pandas as pd  # type: ignore[import-untyped]
+    import pandas as pd
 
     adata = slide_anndata(root, slide_id)
     mpp = float(adata.uns["stcorpus"]["mpp"])

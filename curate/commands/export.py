@@ -1,4 +1,4 @@
-"""``curate export CORPUS --slide ID --to FILE.h5ad|FILE.zarr``: one slide of a built corpus as AnnData or SpatialData."""
+"""``curate export CORPUS --slide ID --to FILE.h5ad|FILE.zarr``: a built slide as AnnData or SpatialData."""
 
 from __future__ import annotations
 
