@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,42 @@ def test_reader_options_are_checked(hd: VisiumHD) -> None:
         read_hd(hd, grid="square", pitch_um=30.0)
     with pytest.raises(SourceMissingError, match="grid='round'"):
         read_hd(hd, grid="round")
+
+
+def test_hex_spots_build_into_a_corpus(hd: VisiumHD, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from stcorpus import schema
+    from stcorpus.curate.cli import main
+    from tests.build_fixtures import manifest
+
+    entry = "\n".join(
+        [
+            "- id: HD-1",
+            "  technology: visium-hd",
+            "  assay: visium-hd",
+            "  species: human",
+            f"  sources: {{outs: '{hd.outs}', image: '{hd.image}'}}",
+        ]
+    )
+    out = tmp_path / "corpus"
+    argv = ["build", str(manifest(tmp_path, [entry])), "--out", str(out), "--no-progress", "--holdout", "none"]
+    assert (
+        main([*argv, "--no-regions", "--min-tissue", "0", "--max-outside", "1"]) == 0
+    )  # markers on white; edge sites overhang the small image
+    slide = pq.read_table(out / schema.SLIDES_FILE).to_pylist()[0]
+    assert slide["status"] == "built" and slide["mpp"] == hd.mpp
+    genes = {g["index"]: g["ensembl_id"] for g in pq.read_table(out / schema.GENES_FILE).to_pylist()}
+    column = {gene_id: j for j, gene_id in enumerate(hd.ids)}
+    rows = []
+    for shard in pq.read_table(out / schema.SHARDS_FILE).to_pylist():
+        if shard["format"] == "parquet":
+            rows += pq.read_table(
+                out / shard["path"], columns=["array_row", "array_col", "genes", "counts"]
+            ).to_pylist()
+    expected = {key: total for key, total in expected_hex(hd).items() if total.sum() > 0}
+    assert {(r["array_row"], r["array_col"]) for r in rows} == set(expected)
+    for r in rows:
+        got = np.zeros(len(hd.ids), dtype=np.int64)
+        got[[column[genes[g]] for g in r["genes"]]] = r["counts"]
+        np.testing.assert_array_equal(got, expected[(r["array_row"], r["array_col"])])

@@ -103,3 +103,55 @@ def test_bad_inputs_name_the_fault(xen: Xenium, tmp_path: Path) -> None:
     sample = make_sample({"outs": tmp_path, "image": xen.image}, technology="xenium", assay="xenium")
     with pytest.raises(SourceMissingError, match=r"no experiment\.xenium"):
         read_slide(sample, files_of(sample))
+
+
+def test_cells_build_into_a_corpus_and_export_back(xen: Xenium, tmp_path: Path) -> None:
+    import anndata as ad
+    import pyarrow.parquet as pq
+
+    from stcorpus import schema
+    from stcorpus.curate.cli import main
+    from tests.build_fixtures import manifest
+
+    entry = "\n".join(
+        [
+            "- id: XEN-1",
+            "  technology: xenium",
+            "  assay: xenium",
+            "  species: human",
+            "  organ: breast",
+            f"  sources: {{outs: '{xen.outs}', image: '{xen.image}', alignment: '{xen.alignment}'}}",
+        ]
+    )
+    out = tmp_path / "corpus"
+    # cell-scale tiles: 128 px at 0.5 um/px (64 um); markers on white, so no tissue test
+    argv = ["build", str(manifest(tmp_path, [entry])), "--out", str(out), "--no-progress", "--holdout", "none"]
+    assert main([*argv, "--patch-size", "128", "--patch-mpp", "0.5", "--min-tissue", "0"]) == 0
+    genes = {g["index"]: g["ensembl_id"] for g in pq.read_table(out / schema.GENES_FILE).to_pylist()}
+    rows = []
+    for shard in pq.read_table(out / schema.SHARDS_FILE).to_pylist():
+        if shard["format"] == "parquet":
+            rows += pq.read_table(
+                out / shard["path"],
+                columns=["barcode", "genes", "counts", "niche_genes", "niche_counts", "neighbors", "array_row"],
+            ).to_pylist()
+    by_cell = {r["barcode"]: r for r in rows}
+    assert sorted(by_cell) == sorted(xen.cell_ids)  # every cell has counts and a tile
+    dense = xen.gene_counts.toarray()
+    column = {gene_id: j for j, gene_id in enumerate(xen.ids)}
+    key_of = {schema.sample_key("XEN-1", c): i for i, c in enumerate(xen.cell_ids)}
+    for i, cell in enumerate(xen.cell_ids):
+        r = by_cell[cell]
+        got = np.zeros(len(xen.ids), dtype=np.int64)
+        got[[column[genes[g]] for g in r["genes"]]] = r["counts"]
+        np.testing.assert_array_equal(got, dense[i])
+        niche = np.zeros(len(xen.ids), dtype=np.int64)
+        niche[[column[genes[g]] for g in r["niche_genes"]]] = r["niche_counts"]
+        np.testing.assert_array_equal(niche, dense[[key_of[k] for k in r["neighbors"]]].sum(axis=0))
+        assert r["array_row"] is None and 1 <= len(r["neighbors"]) <= 6
+    # Exported back, a cell sits at its H&E pixel times the H&E's um/px (the corpus's slide micrometres).
+    assert main(["export", str(out), "--slide", "XEN-1", "--to", str(tmp_path / "x.h5ad")]) == 0
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    order = [xen.cell_ids.index(b) for b in back.obs["barcode"]]
+    np.testing.assert_allclose(back.obsm["spatial_um"], xen.cell_px[order] * xen.he_mpp, atol=1e-6)
+    assert back.obs["array_row"].isna().all()
