@@ -22,7 +22,9 @@ What is read, and how it is chosen:
   default: the first, by name, that both have), so any affine the store records (a scale to a
   downscaled image, an H&E registration) is applied.
 * um/px, in order: the manifest's ``mpp``; the scale of the image to a coordinate system in
-  micrometres named by the option ``micron_coordinate_system`` (Xenium stores: ``global``);
+  micrometres named by the option ``micron_coordinate_system`` (``curate export --to X.zarr``
+  writes ``global`` in micrometres; spatialdata-io's Xenium stores put ``global`` in
+  morphology pixels, so set the manifest's ``mpp`` for those);
   circle sites' radius against their physical diameter ``spot_diameter_um`` (default 65 for
   stores spatialdata-io's Visium reader wrote, whose circles span Space Ranger's
   ``spot_diameter_fullres``, a theoretical 65 um spot, as the Space Ranger reader uses it); a
