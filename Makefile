@@ -19,7 +19,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[torch,dev,dask]"
+	$(BIN)/python -m pip install --quiet -e ".[torch,dev,dask,spatialdata]"
 	touch $@ $(VENV)/.core
 
 .PHONY: install demo test lint typecheck unit clean

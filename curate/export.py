@@ -1,4 +1,4 @@
-"""``curate export``: one slide of a built corpus as an AnnData ``.h5ad`` file.
+"""``curate export``: one slide of a built corpus as an AnnData ``.h5ad`` file or a SpatialData ``.zarr`` store.
 
 The samples are read from the corpus' Parquet shards (``shards.parquet`` names the shards that
 hold the slide, so no other shard is opened), expanded from the compact ``genes``/``counts``
@@ -13,6 +13,13 @@ written with:
   convention), ``obsm['spatial_um']``: the same in micrometres;
 - ``uns['stcorpus']``: ``mpp`` (µm per pixel), the corpus schema and the slide's
   ``slides.parquet`` row; ``uns['spatial'][slide_id]['scalefactors']`` as scanpy reads them.
+
+``--to FILE.zarr`` writes the same AnnData as the table of a SpatialData store (extra
+``stcorpus[spatialdata]``), annotating a shapes element ``<slide_id>_sites``: a circle per
+sample at its centre in micrometres, radius half the assay's spot diameter (Visium 55 um,
+legacy ST 100 um), or half the patch field for sites without one (bins, cells). Coordinate
+systems: ``global`` in micrometres (identity) and ``fullres`` in full-resolution pixels (a
+scale of 1 / mpp), so spatialdata, squidpy and napari-spatialdata place it as the source did.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ if TYPE_CHECKING:
     import anndata as ad
 
 #: Target formats by file suffix.
-EXPORT_SUFFIXES = (".h5ad",)
+EXPORT_SUFFIXES = (".h5ad", ".zarr")
+#: Coordinate systems of an exported SpatialData store: micrometres, and full-resolution pixels.
+MICRONS_SYSTEM = "global"
+PIXELS_SYSTEM = "fullres"
+#: The table's region and instance columns in an exported store.
+REGION_COLUMN = "region"
+INSTANCE_COLUMN = "instance_id"
 
 
 def _slide_row(root: Path, slide_id: str) -> dict[str, Any]:
@@ -116,14 +129,71 @@ def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
     return ad.AnnData(X=matrix, obs=obs, var=var, obsm={"spatial": um / mpp, "spatial_um": um}, uns=uns)
 
 
+def _site_radius_um(root: Path, slide: dict[str, Any]) -> float:
+    from stcorpus.curate.geometry import GEOMETRIES
+
+    geometry = GEOMETRIES.get(str(slide.get("assay")))
+    if geometry is not None and geometry.spot_diameter_um is not None:
+        return geometry.spot_diameter_um / 2.0
+    info = json.loads((Path(root) / schema.CORPUS_FILE).read_text())
+    return schema.corpus_views(info)[schema.PATCH_COLUMN].field_um / 2.0
+
+
+def slide_spatialdata(root: Path, slide_id: str) -> Any:
+    """The samples of ``slide_id`` as a SpatialData object: the AnnData table over one circle per sample."""
+    try:
+        from spatialdata import SpatialData
+        from spatialdata.models import ShapesModel, TableModel
+        from spatialdata.transformations import Identity, Scale
+    except ImportError as exc:
+        raise ExportError(
+            "--to FILE.zarr needs the spatialdata package: pip install 'stcorpus[spatialdata]' (or export .h5ad)"
+        ) from exc
+    import pandas as pd
+
+    adata = slide_anndata(root, slide_id)
+    mpp = float(adata.uns["stcorpus"]["mpp"])
+    region = f"{slide_id}_sites"
+    radius = _site_radius_um(root, adata.uns["stcorpus"]["slide"])
+    adata.obs[REGION_COLUMN] = pd.Categorical([region] * adata.n_obs)
+    adata.obs[INSTANCE_COLUMN] = np.arange(adata.n_obs, dtype=np.int64)
+    circles = ShapesModel.parse(
+        np.asarray(adata.obsm["spatial_um"], dtype=np.float64),
+        geometry=0,
+        radius=np.full(adata.n_obs, radius),
+        index=pd.Index(adata.obs[INSTANCE_COLUMN].to_numpy(), name=INSTANCE_COLUMN),
+        transformations={MICRONS_SYSTEM: Identity(), PIXELS_SYSTEM: Scale([1.0 / mpp, 1.0 / mpp], axes=("x", "y"))},
+    )
+    table = TableModel.parse(adata, region=region, region_key=REGION_COLUMN, instance_key=INSTANCE_COLUMN)
+    return SpatialData(shapes={region: circles}, tables={"table": table})
+
+
 def export_slide(root: Path, slide_id: str, target: Path) -> ad.AnnData:
-    """Write slide ``slide_id`` of the corpus at ``root`` to ``target`` (``.h5ad``); returns what was written."""
+    """Write slide ``slide_id`` of the corpus at ``root`` to ``target`` (``.h5ad`` or ``.zarr``).
+
+    Returns the AnnData written (for ``.zarr``, the store's table).
+    """
+    import shutil
+
     target = Path(target)
     if target.suffix not in EXPORT_SUFFIXES:
         raise ExportError(f"{target}: unknown export format {target.suffix!r}; use one of {EXPORT_SUFFIXES}")
-    adata = slide_anndata(root, slide_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
+    if target.suffix == ".zarr":
+        sdata = slide_spatialdata(root, slide_id)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        sdata.write(tmp)
+        if target.exists():
+            if not (target / "zarr.json").is_file() and not (target / ".zgroup").is_file():
+                shutil.rmtree(tmp)
+                raise ExportError(f"{target} exists and is not a zarr store: choose another --to path")
+            shutil.rmtree(target)
+        tmp.rename(target)
+        written: ad.AnnData = sdata.tables["table"]
+        return written
+    adata = slide_anndata(root, slide_id)
     adata.write_h5ad(tmp)
     tmp.replace(target)
     return adata

@@ -635,6 +635,100 @@ def spot_neighbors(spots: Spots, *, geometry: Geometry, mpp: float, include: npt
 
 
 # ---------------------------------------------------------------------------------------------
+# Pooling points (bins, cells) onto a declared grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridPool:
+    """Which site of a declared grid each point falls in, and the sites that received any.
+
+    ``site[i]`` is the site of point ``i`` (an index into the per-site arrays), or -1 when the
+    point lies in no site (between the discs of a hex lattice). Sites are in lattice order
+    (row, then column); centres are in the frame of the points given.
+    """
+
+    site: npt.NDArray[np.int64]
+    row: IntArray
+    col: IntArray
+    x_um: FloatArray
+    y_um: FloatArray
+
+    def __len__(self) -> int:
+        return int(self.row.shape[0])
+
+    def matrix(self) -> sp.csr_matrix:
+        """The sites x points 0/1 matrix: ``pool.matrix() @ counts`` sums each site's points."""
+        import scipy.sparse as sp
+
+        inside = np.flatnonzero(self.site >= 0)
+        data = np.ones(inside.size, dtype=np.int32)
+        return sp.csr_matrix((data, (self.site[inside], inside)), shape=(len(self), self.site.shape[0]))
+
+
+def pool_to_grid(x_um: npt.ArrayLike, y_um: npt.ArrayLike, *, geometry: Geometry) -> GridPool:
+    """Assign points (positions in micrometres) to the sites of a lattice ``geometry``.
+
+    Square lattice: cells of side ``pitch_um`` with a corner at the origin; every point falls
+    in one (``floor(x / pitch)``). Hex lattice (Space Ranger's convention: site ``(row, col)``,
+    ``row + col`` even, at ``x = col * pitch / 2``, ``y = row * pitch * sqrt(3) / 2``): a point
+    belongs to its nearest site when it lies within the site's disc of ``spot_diameter_um``
+    (Visium's 55 um spots on a 100 um pitch leave the points between discs in no site).
+
+    >>> pool = pool_to_grid([5.0, 15.0, 25.0], [5.0, 5.0, 5.0], geometry=square_bins(20.0))
+    >>> pool.site.tolist(), pool.col.tolist()
+    ([0, 0, 1], [0, 1])
+    """
+    xs = np.asarray(x_um, dtype=np.float64)
+    ys = np.asarray(y_um, dtype=np.float64)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"x_um {xs.shape} and y_um {ys.shape} must be equal 1-d arrays")
+    kind, pitch = geometry.lattice_and_pitch()
+    if kind == "square":
+        rows = np.floor(ys / pitch).astype(np.int64)
+        cols = np.floor(xs / pitch).astype(np.int64)
+        inside = np.isfinite(xs) & np.isfinite(ys)
+    else:
+        if geometry.spot_diameter_um is None:
+            raise ValueError(f"geometry {geometry.key!r}: a hex grid to pool onto needs spot_diameter_um")
+        step_x, step_y = pitch / 2.0, pitch * SQRT3_2
+        base = np.rint(ys / step_y).astype(np.int64)
+        best = np.full(xs.shape, np.inf)
+        rows = np.zeros(xs.shape, dtype=np.int64)
+        cols = np.zeros(xs.shape, dtype=np.int64)
+        for offset in (-1, 0, 1):
+            r = base + offset
+            c = np.rint(xs / step_x).astype(np.int64)
+            odd = (r + c) % 2 != 0  # the nearest column of the right parity
+            c = np.where(odd, np.where(xs / step_x > c, c + 1, c - 1), c)
+            distance = np.hypot(xs - c * step_x, ys - r * step_y)
+            closer = distance < best
+            best = np.where(closer, distance, best)
+            rows = np.where(closer, r, rows)
+            cols = np.where(closer, c, cols)
+        inside = best <= geometry.spot_diameter_um / 2.0
+    site = np.full(xs.shape, -1, dtype=np.int64)
+    if not inside.any():
+        empty_i, empty_f = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float64)
+        return GridPool(site=site, row=empty_i, col=empty_i.copy(), x_um=empty_f, y_um=empty_f.copy())
+    pairs = np.column_stack([rows[inside], cols[inside]])
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    site[inside] = inverse.ravel()
+    site_row, site_col = unique[:, 0], unique[:, 1]
+    if kind == "square":
+        x_c, y_c = (site_col + 0.5) * pitch, (site_row + 0.5) * pitch
+    else:
+        x_c, y_c = site_col * (pitch / 2.0), site_row * (pitch * SQRT3_2)
+    return GridPool(
+        site=site,
+        row=site_row.astype(np.int32),
+        col=site_col.astype(np.int32),
+        x_um=x_c.astype(np.float64),
+        y_um=y_c.astype(np.float64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The pyramid level for a target um/px
 # ---------------------------------------------------------------------------------------------
 
@@ -681,6 +775,7 @@ __all__ = [
     "VISIUM",
     "DerivedLattice",
     "Geometry",
+    "GridPool",
     "Kind",
     "Lattice",
     "LatticeFit",
@@ -692,6 +787,7 @@ __all__ = [
     "fit_lattice",
     "lattice_neighbors",
     "lattice_steps",
+    "pool_to_grid",
     "radius_neighbors",
     "spot_neighbors",
     "square_bins",

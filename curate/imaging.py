@@ -684,6 +684,35 @@ class PilImage(SlideImage):
         self._pixels = None
 
 
+class ArrayImage(SlideImage):
+    """An image held as lazily indexed arrays, finest first (a SpatialData/OME-Zarr multiscale image).
+
+    Each level is an array of shape ``(channels, height, width)`` (the OME-NGFF ``c, y, x``
+    order) that is sliced window by window: a dask or zarr array decodes only the chunks a
+    window touches. ``path`` names where the image lives (for messages).
+    """
+
+    def __init__(self, path: Path, arrays: list[Any], *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if not arrays:
+            raise CorruptSourceError(f"{path}: the image has no resolution levels")
+        shapes = [tuple(int(n) for n in array.shape) for array in arrays]
+        bad = [shape for shape in shapes if len(shape) != 3]
+        if bad:
+            raise CorruptSourceError(f"{path}: image levels must be (c, y, x) arrays, found shape {bad[0]}")
+        _, height0, width0 = shapes[0]
+        levels = tuple(
+            Level(width=w, height=h, downsample=level_downsample(width0, height0, w, h)) for _, h, w in shapes
+        )
+        self._arrays = arrays
+        super().__init__(path, levels, has_alpha=shapes[0][0] == 4, cache_bytes=cache_bytes)
+
+    def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
+        window = self._arrays[level][:, y0:y1, x0:x1]
+        if hasattr(window, "compute"):  # dask: in this thread, not in a pool of its own
+            window = window.compute(scheduler="synchronous")
+        return np.moveaxis(np.asarray(window), 0, -1)
+
+
 def open_image(
     path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> SlideImage:

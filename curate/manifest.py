@@ -46,8 +46,8 @@ MANIFEST_FORMAT: Final = "stcorpus-manifest/1"
 
 #: Reader keys. spaceranger, hest, stimage and st have readers; the others are accepted in manifests so that
 #: catalogues can list them, and are quarantined as ``no_reader`` by builds until one lands.
-TECHNOLOGIES: Final = ("spaceranger", "hest", "stimage", "visium-hd", "xenium", "st")
-Technology = Literal["spaceranger", "hest", "stimage", "visium-hd", "xenium", "st"]
+TECHNOLOGIES: Final = ("spaceranger", "hest", "stimage", "visium-hd", "xenium", "st", "spatialdata")
+Technology = Literal["spaceranger", "hest", "stimage", "visium-hd", "xenium", "st", "spatialdata"]
 
 #: Measurement platforms (what the slide was measured with, whatever format it comes in).
 ASSAYS: Final = ("visium", "visium-cytassist", "visium-hd", "xenium", "st")

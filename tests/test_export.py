@@ -59,3 +59,39 @@ def test_export_names_missing_and_unbuilt_slides(corpus: FixtureCorpus, tmp_path
         export_slide(corpus.root, "heart-q", tmp_path / "x.h5ad")
     with pytest.raises(ExportError, match="unknown export format"):
         export_slide(corpus.root, "heart-a", tmp_path / "x.csv")
+
+
+def test_export_zarr_round_trip(corpus: FixtureCorpus, tmp_path: Path) -> None:
+    spatialdata = pytest.importorskip("spatialdata", reason="the spatialdata extra")
+    from spatialdata.transformations import get_transformation
+
+    target = tmp_path / "heart-b.zarr"
+    assert main(["export", str(corpus.root), "--slide", "heart-b", "--to", str(target)]) == 0
+    back = spatialdata.read_zarr(target)
+    table = back.tables["table"]
+    written = sorted((s for s in corpus.by_key.values() if s.meta["slide_id"] == "heart-b"), key=lambda s: s.key)
+    assert list(table.obs_names) == [s.key for s in written]
+    expected = np.zeros((len(written), len(corpus.genes)), dtype=np.int64)
+    for i, s in enumerate(written):
+        expected[i, s.genes] = s.counts
+    np.testing.assert_array_equal(table.X.toarray(), expected)
+    # The table annotates one circle per sample, in order, at its centre in um (55 um Visium spots).
+    attrs = table.uns["spatialdata_attrs"]
+    circles = back.shapes[attrs["region"]]
+    assert circles.index.tolist() == table.obs[attrs["instance_key"]].tolist()
+    um = np.array([[s.meta["x_um"], s.meta["y_um"]] for s in written])
+    np.testing.assert_allclose(np.column_stack([circles.geometry.x, circles.geometry.y]), um)
+    assert circles["radius"].unique().tolist() == [27.5]
+    mpp = table.uns["stcorpus"]["mpp"]
+    to_px = get_transformation(circles, "fullres").to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    px = np.column_stack([um, np.ones(len(um))]) @ np.asarray(to_px).T
+    np.testing.assert_allclose(px[:, :2], um / mpp)
+    # Writing again over the store replaces it; a folder that is not a store is left alone.
+    export_slide(corpus.root, "heart-a", target)
+    assert spatialdata.read_zarr(target).tables["table"].n_obs == 40
+    plain = tmp_path / "plain.zarr"
+    plain.mkdir()
+    (plain / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a zarr store"):
+        export_slide(corpus.root, "heart-a", plain)
+    assert (plain / "keep.txt").read_text() == "mine"

@@ -29,7 +29,8 @@ stage and files, and is retried by the next run. No exception of one slide leave
 Which spots become samples: in-tissue spots with a non-zero total over the mapped genes, whose
 tiles were not rejected (outside the image, background). Samples are stored in lattice order
 (array_row, array_col). Their niche expression is the sum over in-tissue lattice neighbours
-with counts (whether or not the neighbour's own tiles were kept).
+with counts (whether or not the neighbour's own tiles were kept); for cell-level sites, over
+the neighbours the geometry's radius/kNN rule gives, and array_row/array_col are null.
 """
 
 from __future__ import annotations
@@ -507,12 +508,13 @@ def choose_sites(slide: Slide, counts: sp.csr_matrix, *, rejected: Counter[str])
 
 
 def neighbours(slide: Slide, sites: Sites) -> Niche:
-    """The in-tissue lattice neighbours of every site among the sites, and their summed counts."""
-    from stcorpus.curate.geometry import lattice_neighbors
+    """The neighbours of every site among the sites, by the slide's rule, and their summed counts.
 
-    adjacency: Neighbors = lattice_neighbors(
-        slide.spots.array_row[sites.spots], slide.spots.array_col[sites.spots], lattice=slide.lattice
-    )
+    Lattices: the in-tissue lattice neighbours; cell-level sites: the geometry's radius/kNN rule.
+    """
+    from stcorpus.curate.geometry import spot_neighbors
+
+    adjacency: Neighbors = spot_neighbors(slide.spots.subset(sites.spots), geometry=slide.geometry, mpp=slide.mpp)
     summed = (adjacency.to_csr() @ sites.counts).tocsr()
     summed.sort_indices()
     return Niche(keys=adjacency.keys(sites.keys), n_neighbors=adjacency.counts, counts=summed)
@@ -548,6 +550,7 @@ def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileRe
     dtype = counts_dtype(counts)
     out: dict[str, list[Any]] = {name: [] for name in unit_sample_schema(dtype).names}
     spots, mpp = slide.spots, slide.mpp
+    lattice = slide.geometry.is_lattice
     sample_bytes = 0
     for i in sorted(tiles):
         tile, spot = tiles[i], sites.spots[i]
@@ -566,8 +569,9 @@ def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileRe
         out["barcode"].append(str(spots.barcode[spot]))
         out["x_um"].append(float(spots.x_px[spot]) * mpp)
         out["y_um"].append(float(spots.y_px[spot]) * mpp)
-        out["array_row"].append(int(spots.array_row[spot]))
-        out["array_col"].append(int(spots.array_col[spot]))
+        # cell-level sites have no lattice position: null, as the schema allows
+        out["array_row"].append(int(spots.array_row[spot]) if lattice else None)
+        out["array_col"].append(int(spots.array_col[spot]) if lattice else None)
         out[schema.POS].append(int(tile.pos))
         out[schema.NEIGHBORS].append(niche.keys[i])
         out[schema.N_NEIGHBORS].append(int(niche.n_neighbors[i]))

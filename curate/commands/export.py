@@ -1,4 +1,4 @@
-"""``curate export CORPUS --slide ID --to FILE.h5ad``: one slide of a built corpus as AnnData."""
+"""``curate export CORPUS --slide ID --to FILE.h5ad|FILE.zarr``: a built slide as AnnData or SpatialData."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``curate export``."""
     parser.add_argument("corpus", type=Path, metavar="CORPUS", help="a built corpus folder")
     parser.add_argument("--slide", required=True, metavar="ID", help="slide id (slides.parquet slide_id)")
-    parser.add_argument("--to", required=True, type=Path, metavar="FILE", help="output file (.h5ad)")
+    parser.add_argument(
+        "--to",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="output file: .h5ad (AnnData) or .zarr (SpatialData, extra stcorpus[spatialdata])",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

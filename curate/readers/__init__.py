@@ -102,6 +102,69 @@ READERS: dict[str, ReaderSpec] = {
             ),
         ),
         ReaderSpec(
+            technology="spatialdata",
+            module="sdata",
+            required_any=(frozenset({"store"}),),
+            options={
+                "table": str,
+                "region": str,
+                "layer": str,
+                "image": str,
+                "coordinate_system": str,
+                "micron_coordinate_system": str,
+                "spot_diameter_um": float,
+            },
+            doc=(
+                "A SpatialData zarr store (extra stcorpus[spatialdata]). Source: store (the .zarr folder). Options: "
+                "table, region (the annotated shapes/points element), layer (counts layer instead of X), image (the "
+                "H&E element; default the finest non-blank one), coordinate_system, micron_coordinate_system (a "
+                "system in um that fixes um/px), spot_diameter_um (circle sites' physical diameter; 65 for "
+                "spatialdata-io Visium stores)."
+            ),
+        ),
+        ReaderSpec(
+            technology="visium-hd",
+            module="visium_hd",
+            required_any=(frozenset({"outs"}),),
+            optional=frozenset({"image"}),
+            options={
+                "bin_um": int,
+                "grid": str,
+                "pitch_um": float,
+                "spot_diameter_um": float,
+                "matrix": str,
+                "image_fallback": bool,
+            },
+            doc=(
+                "Space Ranger 3.x Visium HD binned outputs. Sources: outs (outs/ or binned_outputs/), image (the "
+                "full-resolution H&E). Options: bin_um=2|8|16 (bins read; default 8), grid=hex|square (default hex: "
+                "spot_diameter_um 55 on pitch_um 100; square: squares of pitch_um, a multiple of bin_um), counts "
+                "summed; matrix and image_fallback as for spaceranger."
+            ),
+        ),
+        ReaderSpec(
+            technology="xenium",
+            module="xenium",
+            required_any=(frozenset({"outs", "image"}),),
+            optional=frozenset({"alignment"}),
+            options={
+                "samples": str,
+                "neighbour_radius_um": float,
+                "neighbour_k": int,
+                "grid": str,
+                "pitch_um": float,
+                "spot_diameter_um": float,
+                "min_qv": float,
+            },
+            doc=(
+                "10x Xenium output bundle + H&E. Sources: outs (the bundle folder: experiment.xenium, "
+                "cell_feature_matrix.h5, cells.parquet, transcripts.parquet), image (the H&E), alignment (3x3 CSV, "
+                "H&E px -> morphology px). Options: samples=cells|pseudo-spots (default cells; neighbours within "
+                "neighbour_radius_um 50, the neighbour_k 6 nearest); pseudo-spots pool transcripts with qv >= min_qv "
+                "(20) of gene features onto grid=hex|square (pitch_um, spot_diameter_um as for visium-hd)."
+            ),
+        ),
+        ReaderSpec(
             technology="st",
             module="st",
             required_any=(frozenset({"counts", "spots", "image"}),),
