@@ -44,8 +44,8 @@ from stcorpus.settings import SettingsModel, format_validation_error, load_yaml
 
 MANIFEST_FORMAT: Final = "stcorpus-manifest/1"
 
-#: Reader keys. spaceranger, hest, stimage and st have readers; the others are accepted in manifests so that
-#: catalogues can list them, and are quarantined as ``no_reader`` by builds until one lands.
+#: Reader keys: each has a reader in ``curate.readers.READERS`` (spatialdata needs the extra
+#: ``stcorpus[spatialdata]``).
 TECHNOLOGIES: Final = ("spaceranger", "hest", "stimage", "visium-hd", "xenium", "st", "spatialdata")
 Technology = Literal["spaceranger", "hest", "stimage", "visium-hd", "xenium", "st", "spatialdata"]
 

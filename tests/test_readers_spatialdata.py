@@ -74,3 +74,60 @@ def test_errors_name_the_option(heart_store: Path) -> None:
         _from_store(heart_store, micron_coordinate_system="global")
     with pytest.raises(CorruptSourceError, match="not a readable SpatialData"):
         _from_store(HEART / "spatial")
+
+
+def test_polygons_layer_and_a_micron_system(tmp_path: Path) -> None:
+    """Cell polygons in um, an H&E at 0.5 um/px shifted by an affine, raw counts in a layer."""
+    import anndata as ad
+    import pandas as pd  # type: ignore[import-untyped]
+    import scipy.sparse as sp
+    from geopandas import GeoDataFrame
+    from shapely.geometry import Polygon
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Affine, Identity
+
+    rng = np.random.default_rng(3)
+    centres = rng.uniform(20, 80, size=(6, 2))  # um
+    polygons = [Polygon([(x - 3, y - 3), (x + 3, y - 3), (x + 3, y + 3), (x - 3, y + 3)]) for x, y in centres]
+    cells = ShapesModel.parse(
+        GeoDataFrame({"geometry": polygons}, index=pd.Index([f"c{i}" for i in range(6)], name="cell_id")),
+        transformations={"global": Identity()},
+    )
+    pixels = rng.integers(0, 255, size=(3, 240, 220), dtype=np.uint8)  # not blank
+    # H&E pixels -> um: 0.5 um/px, shifted by (-5, 4) um
+    to_um = Affine(np.array([[0.5, 0, -5.0], [0, 0.5, 4.0], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y"))
+    image = Image2DModel.parse(pixels, dims=("c", "y", "x"), transformations={"global": to_um})
+    raw = sp.csr_matrix(rng.poisson(2.0, size=(6, 4)).astype(np.float32))
+    table = ad.AnnData(
+        X=raw.multiply(1 / (raw.sum(axis=1) + 1)).tocsr(),  # normalised X; raw counts in a layer
+        layers={"counts": raw},
+        obs=pd.DataFrame(
+            {"cell_id": [f"c{i}" for i in range(6)][::-1], "region": "cells"}, index=[f"b{i}" for i in range(6)]
+        ),
+        var=pd.DataFrame(index=["ENSG00000243485", "ENSG00000237613", "GAPDH", "ACTB"]),
+    )
+    table.obs["region"] = table.obs["region"].astype("category")
+    table = TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
+    store = tmp_path / "cells.zarr"
+    SpatialData(images={"he": image}, shapes={"cells": cells}, tables={"table": table}).write(store)
+
+    sample = make_sample(
+        {"store": store},
+        technology="spatialdata",
+        assay="xenium",
+        reader={"layer": "counts", "micron_coordinate_system": "global"},
+    )
+    slide = read_slide(sample, files_of(sample))
+    order = [5 - i for i in range(6)]  # table row i is cell c(5 - i)
+    np.testing.assert_allclose(slide.spots.x_px, (centres[order, 0] + 5.0) / 0.5, atol=1e-9)
+    np.testing.assert_allclose(slide.spots.y_px, (centres[order, 1] - 4.0) / 0.5, atol=1e-9)
+    assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "metadata"
+    np.testing.assert_array_equal(slide.counts.toarray(), raw.toarray().astype(np.int32))
+    assert slide.features.ids.tolist() == ["ENSG00000243485", "ENSG00000237613", "", ""]
+    assert slide.lattice == "cells"
+    with pytest.raises(SourceMissingError, match="no layer 'spliced'"):
+        read_slide(
+            make_sample({"store": store}, technology="spatialdata", assay="xenium", reader={"layer": "spliced"}),
+            {"store": store},
+        )
