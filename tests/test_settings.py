@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,34 +22,31 @@ studies:
 CLUSTER = "cluster: slurm\njobs: 1\nadaptive: {adaptive}\n{extra}options: {{cores: 2, memory: 4GB}}\n"
 
 
+def error_of(load: Callable[[Path], object], path: Path, text: str) -> str:
+    """The message of the error ``load`` raises on a file holding ``text``."""
+    path.write_text(text)
+    with pytest.raises(StcorpusError) as info:
+        load(path)
+    return str(info.value)
+
+
 def manifest_error(tmp_path: Path, *, allow_local: str = "true", extra: str = "") -> str:
     from stcorpus.curate.manifest import load_manifest
 
-    path = tmp_path / "manifest.yaml"
-    path.write_text(MANIFEST.format(allow_local=allow_local, extra=extra))
-    with pytest.raises(StcorpusError) as info:
-        load_manifest(path)
-    return str(info.value)
+    text = MANIFEST.format(allow_local=allow_local, extra=extra)
+    return error_of(load_manifest, tmp_path / "manifest.yaml", text)
 
 
 def config_error(tmp_path: Path, text: str) -> str:
     from stcorpus.training.config import load_config
 
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    with pytest.raises(StcorpusError) as info:
-        load_config(path)
-    return str(info.value)
+    return error_of(load_config, tmp_path / "run.yaml", text)
 
 
 def cluster_error(tmp_path: Path, *, adaptive: str = "false", extra: str = "") -> str:
     from stcorpus.curate.build.dask_executor import load_cluster_file
 
-    path = tmp_path / "cluster.yaml"
-    path.write_text(CLUSTER.format(adaptive=adaptive, extra=extra))
-    with pytest.raises(StcorpusError) as info:
-        load_cluster_file(path)
-    return str(info.value)
+    return error_of(load_cluster_file, tmp_path / "cluster.yaml", CLUSTER.format(adaptive=adaptive, extra=extra))
 
 
 def loader_error(data: dict[str, object]) -> str:
