@@ -305,6 +305,9 @@ def runner(tmp_path: Path, demo_corpus: DemoCorpus) -> Iterator[tuple[Runner, in
             run.stop()
 
 
+# About 55 CPU seconds (most of it the 60 training steps); minutes of wall time on a loaded machine.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_readme_block_runs_as_written(runner: tuple[Runner, int]) -> None:
     run, port = runner
     blocks = extract(README.read_text())
