@@ -295,6 +295,7 @@ def runner(tmp_path: Path, demo_corpus: DemoCorpus) -> Iterator[tuple[Runner, in
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_ENDPOINT": hub.url,
             "HF_HOME": str(tmp_path / "hf"),
+            "STCORPUS_CACHE": str(tmp_path / "cache"),  # curate fetch's cache
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "PYTHONPATH": str(ROOT),
         }
@@ -316,6 +317,7 @@ def test_every_readme_block_runs_as_written(runner: tuple[Runner, int, LocalServ
     # what the blocks made, beyond their exit status
     work = run.work
     assert (work / "HER2ST-B4.h5ad").stat().st_size > 0
+    assert (work / "manifests" / "demo.lock.json").is_file()
     checkpoints = sorted(p.name for p in (work / "runs" / "cpu" / "checkpoints").glob("step-*.pt"))
     assert checkpoints == ["step-00000030.pt", "step-00000060.pt"], checkpoints
     # hf://datasets/<org>/<corpus> was read from the stand-in: the shard list and the train shard
@@ -338,6 +340,7 @@ def test_the_extractor_finds_and_classifies_every_block() -> None:
         'load_dataset("demo-corpus"',
         'load_dataset("webdataset", data_files=files',
         "curate validate",
+        "curate fetch",
         "curate plan",
         "curate publish demo-corpus --repo ORG/NAME --offline",
         "curate export",
