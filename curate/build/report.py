@@ -7,8 +7,8 @@ and a table of every slide that was not built, with every reason (a failed slide
 stage and file). The per-slide images are drawn inside the slide's work
 unit (where the image is open) and copied here by the pack.
 
-Plots use matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no global state,
-safe in worker processes.
+Plots are drawn with PIL (matplotlib only lends its viridis colour map): no global state, safe in
+worker processes, and a few milliseconds per slide.
 """
 
 from __future__ import annotations
@@ -24,12 +24,24 @@ import numpy as np
 import numpy.typing as npt
 
 
-def _save(figure: Any, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _viridis(values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:
+    """RGB colours of ``values`` (scaled to their own range) on matplotlib's viridis map."""
+    from matplotlib import colormaps
 
-    FigureCanvasAgg(figure)
-    # Fixed metadata keeps the PNG bytes reproducible (matplotlib stamps its version and software).
-    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    rgba = colormaps["viridis"](scaled, bytes=True)
+    return np.asarray(rgba, dtype=np.uint8)[..., :3]
+
+
+def _spot_radius(x: npt.NDArray[np.floating[Any]], y: npt.NDArray[np.floating[Any]]) -> float:
+    """A disc radius that keeps neighbouring spots apart: a third of the median nearest-spot distance."""
+    from scipy.spatial import cKDTree
+
+    if len(x) < 2:
+        return 4.0
+    distances, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+    return float(np.clip(np.median(distances[:, 1]) / 3, 1.5, 12.0))
 
 
 def plot_spots(
@@ -41,55 +53,88 @@ def plot_spots(
     values: npt.NDArray[np.floating[Any]],
     title: str,
 ) -> None:
-    """The slide thumbnail with spots at (x, y) thumbnail pixels coloured by ``values`` (total counts)."""
-    from matplotlib.figure import Figure
+    """The slide thumbnail with spots at (x, y) thumbnail pixels coloured by log1p(``values``) (total counts).
 
-    figure = Figure(figsize=(6, 6 * thumbnail.shape[0] / max(thumbnail.shape[1], 1) + 0.6))
-    axes = figure.add_subplot()
-    axes.imshow(thumbnail)
+    Drawn with PIL (a disc per spot, a colour bar with its range on the right): a QC image, made
+    for every slide of a build, in a few milliseconds rather than matplotlib's half second.
+    """
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
+    shrink = min(1.0, 640 / max(image.size))
+    if shrink < 1.0:
+        image = image.resize((max(1, round(image.width * shrink)), max(1, round(image.height * shrink))))
+        x, y = x * shrink, y * shrink
+    header, bar = 18, 70
+    sheet = Image.new("RGB", (image.width + bar, image.height + header), "white")
+    sheet.paste(image, (0, header))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), title, fill="black")
     if len(x):
-        points = axes.scatter(
-            x, y, c=np.log1p(values), s=18, cmap="viridis", alpha=0.9, linewidths=0.3, edgecolors="white"
-        )
-        figure.colorbar(points, ax=axes, fraction=0.04, label="log1p(total counts)")
-    axes.set_title(title, fontsize=9)
-    axes.set_axis_off()
-    figure.tight_layout()
-    _save(figure, path)
+        logs = np.log1p(np.asarray(values, dtype=np.float64))
+        radius = _spot_radius(x, y)
+        for cx, cy, colour in zip(x, y + header, _viridis(logs), strict=True):
+            box = (cx - radius, cy - radius, cx + radius, cy + radius)
+            draw.ellipse(box, fill=tuple(int(c) for c in colour), outline="white")
+        top, bottom, left = header + 16, min(sheet.height - 16, header + 16 + 256), image.width + 8
+        ramp = _viridis(np.linspace(1.0, 0.0, bottom - top))
+        sheet.paste(Image.fromarray(np.repeat(ramp[:, None, :], 14, axis=1)), (left, top))
+        draw.text((left, top - 14), f"{logs.max():.1f}", fill="black")
+        draw.text((left, bottom + 2), f"{logs.min():.1f}", fill="black")
+        draw.text((left + 18, (top + bottom) // 2 - 24), "log1p\ntotal\ncounts", fill="black")
+    sheet.save(path, format="png")
 
 
 def plot_montage(path: Path, *, jpegs: Sequence[bytes], columns: int = 8, title: str = "") -> None:
-    """A grid of decoded tiles (e.g. the first patches of a slide)."""
-    from matplotlib.figure import Figure
-    from PIL import Image
+    """A grid of decoded tiles (e.g. the first patches of a slide), composed with PIL.
+
+    Tiles are shown at most 120 px wide on a white sheet with a 4 px gutter and the title above.
+    One image paste per tile instead of one matplotlib axes per tile: a tenth of the time.
+    """
+    from PIL import Image, ImageDraw
 
     if not jpegs:
         return
-    rows = (len(jpegs) + columns - 1) // columns
-    figure = Figure(figsize=(columns * 1.2, rows * 1.2 + 0.4))
-    for i, data in enumerate(jpegs):
-        axes = figure.add_subplot(rows, columns, i + 1)
-        axes.imshow(np.asarray(Image.open(io.BytesIO(data))))
-        axes.set_axis_off()
+    tiles = [Image.open(io.BytesIO(data)).convert("RGB") for data in jpegs]
+    side = min(120, max(max(tile.size) for tile in tiles))
+    gutter, header = 4, 18 if title else 0
+    rows = (len(tiles) + columns - 1) // columns
+    width = columns * side + (columns + 1) * gutter
+    sheet = Image.new("RGB", (width, header + rows * side + (rows + 1) * gutter), "white")
+    for i, tile in enumerate(tiles):
+        tile.thumbnail((side, side))
+        row, column = divmod(i, columns)
+        sheet.paste(tile, (gutter + column * (side + gutter), header + gutter + row * (side + gutter)))
     if title:
-        figure.suptitle(title, fontsize=9)
-    _save(figure, path)
+        ImageDraw.Draw(sheet).text((gutter, 3), title, fill="black")
+    sheet.save(path, format="png")
 
 
 def plot_histograms(path: Path, *, totals: npt.NDArray[Any], n_genes: npt.NDArray[Any], title: str) -> None:
-    """Histograms of total counts and detected genes per spot."""
-    from matplotlib.figure import Figure
+    """Histograms (40 bins) of total counts and detected genes per spot, side by side, drawn with PIL."""
+    from PIL import Image, ImageDraw
 
-    figure = Figure(figsize=(8, 2.8))
+    panel_w, panel_h, margin, header = 400, 220, 36, 18
+    sheet = Image.new("RGB", (2 * panel_w, header + panel_h + 34), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), title, fill="black")
     for index, (values, label) in enumerate(((totals, "total counts per spot"), (n_genes, "genes per spot"))):
-        axes = figure.add_subplot(1, 2, index + 1)
-        if len(values):
-            axes.hist(values, bins=40, color="#4c72b0")
-        axes.set_xlabel(label)
-        axes.set_ylabel("spots")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    _save(figure, path)
+        left, bottom = index * panel_w + margin, header + margin + panel_h - margin
+        width, height = panel_w - 2 * margin, panel_h - margin
+        draw.line([(left, bottom - height), (left, bottom), (left + width, bottom)], fill="black")
+        draw.text((left + width // 2 - 50, bottom + 16), label, fill="black")
+        values = np.asarray(values, dtype=np.float64)
+        if not values.size:
+            continue
+        counts, edges = np.histogram(values, bins=40)
+        step = width / len(counts)
+        for i, n in enumerate(counts):
+            top = bottom - height * n / max(int(counts.max()), 1)
+            draw.rectangle([left + i * step, top, left + (i + 1) * step - 1, bottom], fill="#4c72b0")
+        draw.text((left, bottom + 3), f"{edges[0]:g}", fill="black")
+        draw.text((left + width - 40, bottom + 3), f"{edges[-1]:g}", fill="black")
+        draw.text((left - margin + 2, bottom - height), f"{int(counts.max())}", fill="black")
+    sheet.save(path, format="png")
 
 
 def _rows(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
