@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DEMO_BUILD, DemoCorpus
-from tests.httpserver import HubRepo, serve
+from tests.httpserver import HubRepo, LocalServer, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -282,7 +282,7 @@ def check_command(argv: list[str], *, where: str) -> None:
 
 
 @pytest.fixture
-def runner(tmp_path: Path, demo_corpus: DemoCorpus) -> Iterator[tuple[Runner, int]]:
+def runner(tmp_path: Path, demo_corpus: DemoCorpus) -> Iterator[tuple[Runner, int, LocalServer]]:
     work = tmp_path / "work"
     shutil.copytree(demo_corpus.root, work / "demo-corpus")  # blocks must not touch the session's copy
     (work / "manifests").mkdir()
@@ -295,26 +295,34 @@ def runner(tmp_path: Path, demo_corpus: DemoCorpus) -> Iterator[tuple[Runner, in
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_ENDPOINT": hub.url,
             "HF_HOME": str(tmp_path / "hf"),
+            "STCORPUS_CACHE": str(tmp_path / "cache"),  # curate fetch's cache
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "PYTHONPATH": str(ROOT),
         }
         run = Runner(work, env, demo_corpus)
         try:
-            yield run, free_port()
+            yield run, free_port(), hub
         finally:
             run.stop()
 
 
-def test_every_readme_block_runs_as_written(runner: tuple[Runner, int]) -> None:
-    run, port = runner
+# About 55 CPU seconds (most of it the 60 training steps); minutes of wall time on a loaded machine.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_readme_block_runs_as_written(runner: tuple[Runner, int, LocalServer]) -> None:
+    run, port, hub = runner
     blocks = extract(README.read_text())
     for block in blocks:
         run.run(block, substitute(block.text, port=port))
     # what the blocks made, beyond their exit status
     work = run.work
     assert (work / "HER2ST-B4.h5ad").stat().st_size > 0
+    assert (work / "manifests" / "demo.lock.json").is_file()
     checkpoints = sorted(p.name for p in (work / "runs" / "cpu" / "checkpoints").glob("step-*.pt"))
     assert checkpoints == ["step-00000030.pt", "step-00000060.pt"], checkpoints
+    # hf://datasets/<org>/<corpus> was read from the stand-in: the shard list and the train shard
+    resolved = {re.sub(r"^.*/resolve/[^/]+/", "", r.path) for r in hub.requests if HUB_REPO in r.path}
+    assert {"shards.parquet", "parquet/train/train-000000.parquet"} <= resolved, resolved
 
 
 def test_the_extractor_finds_and_classifies_every_block() -> None:
@@ -332,6 +340,7 @@ def test_the_extractor_finds_and_classifies_every_block() -> None:
         'load_dataset("demo-corpus"',
         'load_dataset("webdataset", data_files=files',
         "curate validate",
+        "curate fetch",
         "curate plan",
         "curate publish demo-corpus --repo ORG/NAME --offline",
         "curate export",
