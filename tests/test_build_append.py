@@ -235,9 +235,8 @@ def test_a_new_copy_of_a_slide_in_the_corpus_is_recorded_as_its_duplicate(grown:
 
 
 def _leftovers_of_a_killed_append(corpus: Path, base: Path) -> None:
-    """What a kill -9 after the new shards and shards.parquet, before corpus.json, leaves behind."""
-    for name in (schema.CORPUS_FILE, schema.SLIDES_FILE, schema.CARD_FILE):
-        shutil.copy(base / name, corpus / name)  # the metadata of generation 0 only
+    """What a kill -9 after the new shards, shards.parquet and slides.parquet, before corpus.json, leaves."""
+    shutil.copy(base / schema.CORPUS_FILE, corpus / schema.CORPUS_FILE)  # commits generation 0 only
     new = sorted(set(shard_sha256(corpus)) - set(shard_sha256(base)))
     half = corpus / new[-1]
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # a shard cut short
@@ -250,6 +249,17 @@ def test_a_killed_append_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) 
     _leftovers_of_a_killed_append(corpus, grown.base)
     build([grown.a, grown.b], out=corpus, settings=APPEND)
     assert digests(corpus) == digests(grown.appended)
+
+    # A corpus written before generations were recorded: generation 0 is read from its files and units.
+    legacy = copy(grown.base, tmp_path / "legacy")
+    info = json.loads((legacy / schema.CORPUS_FILE).read_text())
+    del info["generations"]
+    (legacy / schema.CORPUS_FILE).write_text(json.dumps(info))
+    shutil.copytree(grown.appended / ".work" / "units", legacy / ".work" / "units", dirs_exist_ok=True)
+    build([grown.a, grown.b], out=legacy, settings=APPEND)
+    assert shard_sha256(legacy) == shard_sha256(grown.appended)
+    generations = json.loads((legacy / schema.CORPUS_FILE).read_text())["generations"]
+    assert [sorted(g["slides"]) for g in generations] == [["GOOD-0", "GOOD-1"], ["GOOD-2", "GOOD-3"]]
 
     # A real kill -9 while the append packs (its units are done, so the pack starts at once).
     killed = copy(grown.base, tmp_path / "killed")

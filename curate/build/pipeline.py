@@ -537,12 +537,10 @@ def build(
     spots_rejected = Counter(summary.spots_rejected)
     if existing is not None:
         spots_rejected.update(existing.info.get("spots_rejected") or {})
+        # Counted from what corpus.json committed (not slides.parquet, which a killed append may have
+        # rewritten), so a rerun records the same number: the corpus's, plus the new slides built into test.
         held_before = int((existing.info.get("holdout") or {}).get("held_out", 0))
-        holdout["held_out"] = held_before + sum(
-            1
-            for slide, reason in [*plan.held_out.items(), *plan.excluded.items()]
-            if slide not in existing.rows and (slide in plan.held_out or reason.startswith("holdout:"))
-        )
+        holdout["held_out"] = held_before + sum(1 for s in todo if s.id in plan.held_out)
     corpus = {
         "schema": schema.SCHEMA_ID,
         "name": name,
