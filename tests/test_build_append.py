@@ -330,3 +330,38 @@ def test_genes_outside_the_vocabulary_are_dropped_and_counted(tmp_path: Path) ->
             gene_index=vocabulary,
             settings=PackSettings(samples_per_shard=100),
         )
+
+
+def test_an_append_keeps_the_vocabulary_and_counts_the_genes_it_drops(grown: Grown, tmp_path: Path) -> None:
+    import anndata
+
+    # A corpus of one slide that measured all but the last 40 genes of the fixture's.
+    full = anndata.read_h5ad(grown.data / "good0.h5ad")
+    subset = tmp_path / "subset.h5ad"
+    full[:, : full.n_vars - 40].copy().write_h5ad(subset)
+    first = manifest(tmp_path / "m", [hest_entry("SUBSET-0", st=subset, patient="P0", counts="raw")], name="subset")
+    corpus = tmp_path / "corpus"
+    build([first], out=corpus, settings=SETTINGS)
+    genes_before = (corpus / schema.GENES_FILE).read_bytes()
+    n_genes = pq.read_metadata(corpus / schema.GENES_FILE).num_rows
+    before = shard_sha256(corpus)
+    shutil.copytree(grown.appended / ".work" / "units", corpus / ".work" / "units", dirs_exist_ok=True)
+
+    summary = build([first, grown.b], out=corpus, settings=APPEND)
+    printed = "\n".join(summary.lines())
+    assert "2 appended slide(s) measured" in printed and f"outside the corpus's vocabulary of {n_genes:,}" in printed
+    assert (corpus / schema.GENES_FILE).read_bytes() == genes_before and {
+        p: h for p, h in shard_sha256(corpus).items() if p in before
+    } == before
+    record = json.loads((corpus / schema.CORPUS_FILE).read_text())["generations"][1]
+    dropped = record["genes_outside_vocabulary"]
+    assert sorted(dropped) == ["GOOD-2", "GOOD-3"] and all(0 < n <= 40 for n in dropped.values())
+    new = [
+        s["path"]
+        for s in pq.read_table(corpus / schema.SHARDS_FILE).to_pylist()
+        if s["generation"] == 1 and s["format"] == "parquet"
+    ]
+    genes = [g for path in new for row in pq.read_table(corpus / path).column("genes").to_pylist() for g in row]
+    assert genes and max(genes) < n_genes
+    measured = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    assert max(measured["GOOD-2"]) < n_genes

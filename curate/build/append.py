@@ -96,8 +96,13 @@ def generation_record(
     units: Sequence[UnitResult],
     samples: Mapping[str, int],
     n_shards: int,
+    genes_outside: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """One ``corpus.json`` ``generations`` entry: what the generation added and from which manifests."""
+    """One ``corpus.json`` ``generations`` entry: what the generation added and from which manifests.
+
+    ``genes_outside`` (an append): per slide, the measured genes outside the corpus's vocabulary
+    that were dropped from its samples; the record keeps their number per slide.
+    """
     return {
         "generation": generation,
         "built_at": built_at,
@@ -108,6 +113,7 @@ def generation_record(
         },
         "samples": dict(samples),
         "shards": n_shards,
+        "genes_outside_vocabulary": {slide: len(ids) for slide, ids in sorted((genes_outside or {}).items())},
     }
 
 

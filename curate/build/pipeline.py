@@ -519,6 +519,7 @@ def build(
                 units=kept,
                 samples=packed.n_samples,
                 n_shards=sum(1 for s in packed.shards if s.format == schema.FORMATS[0]),
+                genes_outside=outside,
             )
             | {"samples_per_shard": packed.samples_per_shard}
         )
