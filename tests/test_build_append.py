@@ -215,6 +215,9 @@ def test_append_refuses_changed_slides_other_settings_and_a_missing_corpus(grown
     with pytest.raises(BuildError, match=r"settings pack differ.*--reshuffle"):
         build([grown.a], out=corpus, settings=replace(APPEND, pack=PackSettings(samples_per_shard=7)))
     assert shard_sha256(corpus) == before
+    (corpus / next(iter(before))).unlink()  # as a killed --reshuffle leaves it
+    with pytest.raises(BuildError, match=r"1 shard\(s\) .* missing .*--reshuffle"):
+        build([grown.a], out=corpus, settings=APPEND)
     with pytest.raises(BuildError, match=r"holds no built corpus.*without --append"):
         build([grown.a], out=tmp_path / "empty", settings=APPEND)
     with pytest.raises(SystemExit):

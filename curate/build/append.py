@@ -170,6 +170,14 @@ def read_existing(out: Path, *, work: WorkDir) -> Existing:
         for r in shard_rows
         if int(r["generation"]) in committed
     ]
+    # A stat per shard, not a hash: a killed --reshuffle or --overwrite leaves corpus.json naming shards it removed.
+    broken = [s.path for s in shards if not (out / s.path).is_file() or (out / s.path).stat().st_size != s.bytes]
+    if broken:
+        raise BuildError(
+            f"--append: {len(broken)} shard(s) that {schema.SHARDS_FILE} lists in {out} are missing or have another "
+            f"size (e.g. {broken[0]}): finish the build that was rewriting them (rerun it, e.g. with --reshuffle) "
+            "before appending"
+        )
     return Existing(out=out, info=info, generations=list(generations), shards=shards, rows=rows, vocabulary=vocabulary)
 
 
