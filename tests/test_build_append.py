@@ -368,3 +368,8 @@ def test_an_append_keeps_the_vocabulary_and_counts_the_genes_it_drops(grown: Gro
     assert genes and max(genes) < n_genes
     measured = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
     assert max(measured["GOOD-2"]) < n_genes
+
+    # The bytes of a slide's input change under the same path: the append names the slide and the input.
+    full[:-1, : full.n_vars - 40].copy().write_h5ad(subset)
+    with pytest.raises(BuildError, match=r"SUBSET-0 \(input files: st\).*--reshuffle"):
+        build([first, grown.b], out=corpus, settings=APPEND)
