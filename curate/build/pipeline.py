@@ -527,7 +527,8 @@ def build(
             summary.notes.insert(
                 0,
                 f"appended generation {generation}: {len(kept)} slide(s), {sum(packed.n_samples.values()):,} samples "
-                f"in {len(packed.shards)} new shard files; the {len(existing.shards)} earlier ones are untouched",
+                f"in {len(packed.shards)} new shard files (both formats); "
+                f"the {len(existing.shards)} earlier ones are untouched",
             )
     elif existing is not None:
         summary.notes.insert(0, "nothing to append: every selected slide is in the corpus or was not built")
