@@ -198,6 +198,12 @@ def test_reshuffle_gives_the_bytes_of_a_fresh_build_of_all_manifests(grown: Grow
     shutil.copytree(grown.appended / ".work", fresh / ".work")
     build([grown.a, grown.b], out=fresh, settings=SETTINGS)
     assert digests(reshuffled) == digests(fresh)
+    # The append decided the new slides' splits as the fresh build of all manifests did.
+    split_of = {
+        corpus: {r["slide_id"]: r["split"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+        for corpus in (grown.appended, fresh)
+    }
+    assert split_of[grown.appended] == split_of[fresh]
     shards = pq.read_table(reshuffled / schema.SHARDS_FILE)
     assert set(shards.column("generation").to_pylist()) == {0}
     assert [g["generation"] for g in json.loads((reshuffled / schema.CORPUS_FILE).read_text())["generations"]] == [0]
