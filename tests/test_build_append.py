@@ -252,13 +252,15 @@ def _leftovers_of_a_killed_append(corpus: Path, base: Path) -> None:
     (half.parent / f".{half.name}.partial").write_bytes(b"half")  # and a temporary file
 
 
-def test_a_killed_append_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
+def test_the_leftovers_of_a_killed_append_are_redone_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
     # Deterministic leftovers: new shards on disk and in shards.parquet that corpus.json does not list.
     corpus = copy(grown.appended, tmp_path / "leftovers")
     _leftovers_of_a_killed_append(corpus, grown.base)
     build([grown.a, grown.b], out=corpus, settings=APPEND)
     assert digests(corpus) == digests(grown.appended)
 
+
+def test_a_corpus_without_recorded_generations_is_generation_0(grown: Grown, tmp_path: Path) -> None:
     # A corpus written before generations were recorded: generation 0 is read from its files and units.
     legacy = copy(grown.base, tmp_path / "legacy")
     info = json.loads((legacy / schema.CORPUS_FILE).read_text())
@@ -270,6 +272,8 @@ def test_a_killed_append_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) 
     generations = json.loads((legacy / schema.CORPUS_FILE).read_text())["generations"]
     assert [sorted(g["slides"]) for g in generations] == [["GOOD-0", "GOOD-1"], ["GOOD-2", "GOOD-3"]]
 
+
+def test_an_append_killed_while_it_packs_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
     # A real kill -9 while the append packs (its units are done, so the pack starts at once).
     killed = copy(grown.base, tmp_path / "killed")
     shutil.copytree(grown.appended / ".work" / "units", killed / ".work" / "units", dirs_exist_ok=True)
