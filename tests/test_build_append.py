@@ -198,6 +198,12 @@ def test_reshuffle_gives_the_bytes_of_a_fresh_build_of_all_manifests(grown: Grow
     shutil.copytree(grown.appended / ".work", fresh / ".work")
     build([grown.a, grown.b], out=fresh, settings=SETTINGS)
     assert digests(reshuffled) == digests(fresh)
+    # The append decided the new slides' splits as the fresh build of all manifests did.
+    split_of = {
+        corpus: {r["slide_id"]: r["split"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+        for corpus in (grown.appended, fresh)
+    }
+    assert split_of[grown.appended] == split_of[fresh]
     shards = pq.read_table(reshuffled / schema.SHARDS_FILE)
     assert set(shards.column("generation").to_pylist()) == {0}
     assert [g["generation"] for g in json.loads((reshuffled / schema.CORPUS_FILE).read_text())["generations"]] == [0]
@@ -215,6 +221,9 @@ def test_append_refuses_changed_slides_other_settings_and_a_missing_corpus(grown
     with pytest.raises(BuildError, match=r"settings pack differ.*--reshuffle"):
         build([grown.a], out=corpus, settings=replace(APPEND, pack=PackSettings(samples_per_shard=7)))
     assert shard_sha256(corpus) == before
+    (corpus / next(iter(before))).unlink()  # as a killed --reshuffle leaves it
+    with pytest.raises(BuildError, match=r"1 shard\(s\) .* missing .*--reshuffle"):
+        build([grown.a], out=corpus, settings=APPEND)
     with pytest.raises(BuildError, match=r"holds no built corpus.*without --append"):
         build([grown.a], out=tmp_path / "empty", settings=APPEND)
     with pytest.raises(SystemExit):
@@ -235,22 +244,36 @@ def test_a_new_copy_of_a_slide_in_the_corpus_is_recorded_as_its_duplicate(grown:
 
 
 def _leftovers_of_a_killed_append(corpus: Path, base: Path) -> None:
-    """What a kill -9 after the new shards and shards.parquet, before corpus.json, leaves behind."""
-    for name in (schema.CORPUS_FILE, schema.SLIDES_FILE, schema.CARD_FILE):
-        shutil.copy(base / name, corpus / name)  # the metadata of generation 0 only
+    """What a kill -9 after the new shards, shards.parquet and slides.parquet, before corpus.json, leaves."""
+    shutil.copy(base / schema.CORPUS_FILE, corpus / schema.CORPUS_FILE)  # commits generation 0 only
     new = sorted(set(shard_sha256(corpus)) - set(shard_sha256(base)))
     half = corpus / new[-1]
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # a shard cut short
     (half.parent / f".{half.name}.partial").write_bytes(b"half")  # and a temporary file
 
 
-def test_a_killed_append_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
+def test_the_leftovers_of_a_killed_append_are_redone_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
     # Deterministic leftovers: new shards on disk and in shards.parquet that corpus.json does not list.
     corpus = copy(grown.appended, tmp_path / "leftovers")
     _leftovers_of_a_killed_append(corpus, grown.base)
     build([grown.a, grown.b], out=corpus, settings=APPEND)
     assert digests(corpus) == digests(grown.appended)
 
+
+def test_a_corpus_without_recorded_generations_is_generation_0(grown: Grown, tmp_path: Path) -> None:
+    # A corpus written before generations were recorded: generation 0 is read from its files and units.
+    legacy = copy(grown.base, tmp_path / "legacy")
+    info = json.loads((legacy / schema.CORPUS_FILE).read_text())
+    del info["generations"]
+    (legacy / schema.CORPUS_FILE).write_text(json.dumps(info))
+    shutil.copytree(grown.appended / ".work" / "units", legacy / ".work" / "units", dirs_exist_ok=True)
+    build([grown.a, grown.b], out=legacy, settings=APPEND)
+    assert shard_sha256(legacy) == shard_sha256(grown.appended)
+    generations = json.loads((legacy / schema.CORPUS_FILE).read_text())["generations"]
+    assert [sorted(g["slides"]) for g in generations] == [["GOOD-0", "GOOD-1"], ["GOOD-2", "GOOD-3"]]
+
+
+def test_an_append_killed_while_it_packs_reruns_to_the_same_bytes(grown: Grown, tmp_path: Path) -> None:
     # A real kill -9 while the append packs (its units are done, so the pack starts at once).
     killed = copy(grown.base, tmp_path / "killed")
     shutil.copytree(grown.appended / ".work" / "units", killed / ".work" / "units", dirs_exist_ok=True)
@@ -320,3 +343,43 @@ def test_genes_outside_the_vocabulary_are_dropped_and_counted(tmp_path: Path) ->
             gene_index=vocabulary,
             settings=PackSettings(samples_per_shard=100),
         )
+
+
+def test_an_append_keeps_the_vocabulary_and_counts_the_genes_it_drops(grown: Grown, tmp_path: Path) -> None:
+    import anndata
+
+    # A corpus of one slide that measured all but the last 40 genes of the fixture's.
+    full = anndata.read_h5ad(grown.data / "good0.h5ad")
+    subset = tmp_path / "subset.h5ad"
+    full[:, : full.n_vars - 40].copy().write_h5ad(subset)
+    first = manifest(tmp_path / "m", [hest_entry("SUBSET-0", st=subset, patient="P0", counts="raw")], name="subset")
+    corpus = tmp_path / "corpus"
+    build([first], out=corpus, settings=SETTINGS)
+    genes_before = (corpus / schema.GENES_FILE).read_bytes()
+    n_genes = pq.read_metadata(corpus / schema.GENES_FILE).num_rows
+    before = shard_sha256(corpus)
+    shutil.copytree(grown.appended / ".work" / "units", corpus / ".work" / "units", dirs_exist_ok=True)
+
+    summary = build([first, grown.b], out=corpus, settings=APPEND)
+    printed = "\n".join(summary.lines())
+    assert "2 appended slide(s) measured" in printed and f"outside the corpus's vocabulary of {n_genes:,}" in printed
+    assert (corpus / schema.GENES_FILE).read_bytes() == genes_before and {
+        p: h for p, h in shard_sha256(corpus).items() if p in before
+    } == before
+    record = json.loads((corpus / schema.CORPUS_FILE).read_text())["generations"][1]
+    dropped = record["genes_outside_vocabulary"]
+    assert sorted(dropped) == ["GOOD-2", "GOOD-3"] and all(0 < n <= 40 for n in dropped.values())
+    new = [
+        s["path"]
+        for s in pq.read_table(corpus / schema.SHARDS_FILE).to_pylist()
+        if s["generation"] == 1 and s["format"] == "parquet"
+    ]
+    genes = [g for path in new for row in pq.read_table(corpus / path).column("genes").to_pylist() for g in row]
+    assert genes and max(genes) < n_genes
+    measured = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    assert max(measured["GOOD-2"]) < n_genes
+
+    # The bytes of a slide's input change under the same path: the append names the slide and the input.
+    full[:-1, : full.n_vars - 40].copy().write_h5ad(subset)
+    with pytest.raises(BuildError, match=r"SUBSET-0 \(input files: st\).*--reshuffle"):
+        build([first, grown.b], out=corpus, settings=APPEND)

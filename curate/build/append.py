@@ -96,8 +96,13 @@ def generation_record(
     units: Sequence[UnitResult],
     samples: Mapping[str, int],
     n_shards: int,
+    genes_outside: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """One ``corpus.json`` ``generations`` entry: what the generation added and from which manifests."""
+    """One ``corpus.json`` ``generations`` entry: what the generation added and from which manifests.
+
+    ``genes_outside`` (an append): per slide, the measured genes outside the corpus's vocabulary
+    that were dropped from its samples; the record keeps their number per slide.
+    """
     return {
         "generation": generation,
         "built_at": built_at,
@@ -108,6 +113,7 @@ def generation_record(
         },
         "samples": dict(samples),
         "shards": n_shards,
+        "genes_outside_vocabulary": {slide: len(ids) for slide, ids in sorted((genes_outside or {}).items())},
     }
 
 
@@ -164,6 +170,14 @@ def read_existing(out: Path, *, work: WorkDir) -> Existing:
         for r in shard_rows
         if int(r["generation"]) in committed
     ]
+    # A stat per shard, not a hash: a killed --reshuffle or --overwrite leaves corpus.json naming shards it removed.
+    broken = [s.path for s in shards if not (out / s.path).is_file() or (out / s.path).stat().st_size != s.bytes]
+    if broken:
+        raise BuildError(
+            f"--append: {len(broken)} shard(s) that {schema.SHARDS_FILE} lists in {out} are missing or have another "
+            f"size (e.g. {broken[0]}): finish the build that was rewriting them (rerun it, e.g. with --reshuffle) "
+            "before appending"
+        )
     return Existing(out=out, info=info, generations=list(generations), shards=shards, rows=rows, vocabulary=vocabulary)
 
 

@@ -386,7 +386,7 @@ def pack(
     elif counts_dtype == "int32" and measured_dtype != "int32":
         raise SettingsError(
             f"the appended slides have non-integer counts but the corpus in {out} stores int32 counts: "
-            "rebuild the whole corpus with `curate build --overwrite`"
+            "rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
         )
     needed = corpus_tar_dtypes(work, units, n_genes=len(gene_index.ids), counts_dtype=counts_dtype)
     if tar_dtypes is None:
@@ -394,7 +394,7 @@ def pack(
     elif not _fits(needed, tar_dtypes):
         raise SettingsError(
             f"the appended slides need expr.npz dtypes {needed.record()} but the corpus in {out} stores "
-            f"{tar_dtypes.record()}: rebuild the whole corpus with `curate build --overwrite`"
+            f"{tar_dtypes.record()}: rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
         )
     per_shard = shard_size(units, settings)
     context = _PackContext(

@@ -523,6 +523,7 @@ def build(
                 units=kept,
                 samples=packed.n_samples,
                 n_shards=sum(1 for s in packed.shards if s.format == schema.FORMATS[0]),
+                genes_outside=outside,
             )
             | {"samples_per_shard": packed.samples_per_shard}
         )
@@ -530,7 +531,8 @@ def build(
             summary.notes.insert(
                 0,
                 f"appended generation {generation}: {len(kept)} slide(s), {sum(packed.n_samples.values()):,} samples "
-                f"in {len(packed.shards)} new shard files; the {len(existing.shards)} earlier ones are untouched",
+                f"in {len(packed.shards)} new shard files (both formats); "
+                f"the {len(existing.shards)} earlier ones are untouched",
             )
     elif existing is not None:
         summary.notes.insert(0, "nothing to append: every selected slide is in the corpus or was not built")
@@ -541,12 +543,10 @@ def build(
     spots_rejected = Counter(summary.spots_rejected)
     if existing is not None:
         spots_rejected.update(existing.info.get("spots_rejected") or {})
+        # Counted from what corpus.json committed (not slides.parquet, which a killed append may have
+        # rewritten), so a rerun records the same number: the corpus's, plus the new slides built into test.
         held_before = int((existing.info.get("holdout") or {}).get("held_out", 0))
-        holdout["held_out"] = held_before + sum(
-            1
-            for slide, reason in [*plan.held_out.items(), *plan.excluded.items()]
-            if slide not in existing.rows and (slide in plan.held_out or reason.startswith("holdout:"))
-        )
+        holdout["held_out"] = held_before + sum(1 for s in todo if s.id in plan.held_out)
     corpus = {
         "schema": schema.SCHEMA_ID,
         "name": name,
