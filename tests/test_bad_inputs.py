@@ -49,6 +49,8 @@ from tests.corpus_fixture import FixtureCorpus, write_corpus
 from tests.httpserver import Fault, LocalServer, serve
 from tests.test_build_trust import report_tables
 from tests.test_fetch_http import make_sample, put, settings
+from tests.test_readers_stimage import SLIDE as STIMAGE_SLIDE
+from tests.test_readers_stimage import _visium_from_mouse_brain
 
 HEART_H5 = HEART / "filtered_feature_bc_matrix.h5"
 HER2ST = Path(__file__).parent / "data" / "her2st-legacy-st" / "data"
@@ -482,6 +484,35 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
     Image.new("RGB", (1, 1), (200, 100, 150)).save(folder / "one.png")
     image("IMG-one-pixel", folder / "one.png", "single colour")
     image("IMG-missing", folder / "not-there.png", "does not exist")
+
+    # --- STimage-1K4M ---------------------------------------------------------------------------
+    stimage_files, _ = _visium_from_mouse_brain(folder / "stimage")
+
+    def stimage(slide_id: str, which: str, edit: Callable[[bytes], bytes], fault: str) -> None:
+        files = dict(stimage_files)
+        files[which] = folder / f"{slide_id}-{stimage_files[which].name}"
+        files[which].write_bytes(edit(stimage_files[which].read_bytes()))
+        sources = ", ".join(f"{name}: '{path}'" for name, path in files.items())
+        entry = f"- {{id: {slide_id}, technology: stimage, source_id: {STIMAGE_SLIDE}, sources: {{{sources}}}}}"
+        cases[slide_id] = SlideCase(entry, fault, files[which].name)
+
+    def radius(value: bytes) -> Callable[[bytes], bytes]:
+        return lambda data: b"\n".join(
+            [
+                data.split(b"\n")[0],
+                *(row.rsplit(b",", 1)[0] + b"," + value if row else row for row in data.split(b"\n")[1:]),
+            ]
+        )
+
+    stimage("STI-counts-text", "counts", lambda d: d.replace(b",0", b",x", 1), "malformed counts CSV")
+    stimage("STI-counts-latin1", "counts", lambda d: d.replace(b",", b"\xe9,", 3), "cannot read the header line")
+    stimage("STI-counts-empty", "counts", lambda d: b"", "the file is empty")
+    stimage("STI-counts-ragged", "counts", lambda d: d + b"extra,1\n", "malformed counts CSV")
+    stimage("STI-coords-no-r", "coords", lambda d: d.replace(b",r\n", b",q\n", 1), "lacks r")
+    stimage("STI-coords-r-zero", "coords", radius(b"0"), "spot radius r is 0.0")
+    stimage("STI-coords-r-nan", "coords", radius(b"nan"), "spot radius r is nan")
+    stimage("STI-coords-r-text", "coords", radius(b"big"), "malformed row")
+    stimage("STI-coords-latin1", "coords", lambda d: b"\xff" + d, "cannot read")
 
     # --- legacy ST ----------------------------------------------------------------------------
     def st(slide_id: str, fault: str, **paths: Path) -> None:

@@ -150,10 +150,15 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     barcodes = count_barcodes[rows]
     x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
 
-    median_r = float(np.median(radius))
-    if not median_r > 0:
-        raise CorruptSourceError(f"{coords_path.name}: spot radius r is {median_r}", slide_id=sample.id)
-    if float(np.max(np.abs(radius - median_r))) > 0.01 * median_r:
+    finite_r = radius[np.isfinite(radius)]
+    median_r = float(np.median(finite_r)) if finite_r.size else float("nan")
+    if not median_r > 0 and sample.mpp is None:  # r gives the um/px; with the manifest's `mpp` it is not needed
+        raise CorruptSourceError(
+            f"{coords_path}: spot radius r is {median_r} (median of {radius.shape[0]:,} spots), so the um/px cannot "
+            "be derived from it; set the sample's `mpp` in the manifest",
+            slide_id=sample.id,
+        )
+    if median_r > 0 and float(np.max(np.abs(finite_r - median_r))) > 0.01 * median_r:
         notes.append(f"spot radius varies ({radius.min():.2f}..{radius.max():.2f} px): the median {median_r:.2f} used")
     mpp_source: MppSource
     if sample.mpp is not None:
