@@ -96,6 +96,8 @@ LOCAL_SCHEMES: Final = ("file",)
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+#: The largest manifest file read (the shipped catalogues of every HEST-1k and STimage-1K4M slide are < 0.5 MiB).
+MAX_MANIFEST_BYTES: Final = 64 * 2**20
 #: The longest slide id: ids name the build's work folders and files (255 bytes at most on most file systems).
 MAX_ID_LENGTH: Final = 160
 
@@ -583,6 +585,12 @@ def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # a data file named by mistake: refused before it is read into memory
+            raise ManifestError(
+                f"{path}: {size / 2**20:,.0f} MiB is not a manifest (manifests are YAML text; the largest shipped "
+                f"ones are under 1 MiB, the limit is {MAX_MANIFEST_BYTES // 2**20} MiB): check the file named"
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc

@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -586,6 +587,7 @@ def crafted_build(tmp_path_factory: pytest.TempPathFactory) -> CraftedBuild:
 def test_the_crafted_inputs_are_many(crafted_build: CraftedBuild) -> None:
     """The acceptance's size: well over 80 crafted bad inputs over every surface (counted, not claimed)."""
     sizes = [len(crafted_build.cases), len(MANIFEST_CASES), len(FLAG_CASES), len(FETCH_CASES), len(LOADER_CASES)]
+    sizes.append(len(LOADER_SETTINGS_CASES))
     assert min(sizes) >= 15 and sum(sizes) > 200, sizes
 
 
@@ -780,6 +782,17 @@ def test_a_bad_manifest_is_refused_by_validate_and_plan(
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and fault in err and "Traceback" not in err, err
+
+
+def test_a_huge_file_named_as_a_manifest_is_refused_before_it_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "matrix.h5"
+    with path.open("wb") as handle:  # sparse: 65 MiB on disk costs nothing
+        handle.truncate(65 * 2**20)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "65 MiB is not a manifest" in err
 
 
 def test_the_manifest_cases_start_from_a_valid_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1066,6 +1079,36 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], str, bool, str]] = {
     ),
     "parquet-shard-folder": (_shard_to_folder("parquet"), "parquet", True, "not a file"),
 }
+
+
+#: Loader settings as a YAML/JSON config gives them: name -> (settings, what the error says)
+LOADER_SETTINGS_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "batch-size-zero": ({"batch_size": 0}, "batch_size must be > 0"),
+    "batch-size-text": ({"batch_size": "8"}, "batch_size must be an integer"),
+    "batch-size-bool": ({"batch_size": True}, "batch_size must be an integer"),
+    "batch-size-float": ({"batch_size": 2.5}, "batch_size must be an integer"),
+    "misspelt-setting": ({"bacth_size": 8}, "did you mean 'batch_size'?"),
+    "unknown-setting": ({"num_workers": 2}, "unknown setting(s): num_workers"),
+    "bad-split": ({"split": "val"}, "split must be one of"),
+    "bad-policy": ({"on_bad_sample": "ignore"}, "on_bad_sample must be one of"),
+    "negative-window": ({"shuffle_window": -1}, "shuffle_window must be > 0"),
+    "bad-format": ({"format": "zarr"}, "format must be one of"),
+    "misspelt-genes-key": ({"genes": {"transfrom": "log1p"}}, "did you mean 'transform'?"),
+    "bad-transform": ({"genes": {"transform": "log2"}}, "genes.transform must be one of"),
+    "genes-not-mapping": ({"genes": 5}, "genes must be a mapping"),
+    "negative-retries": ({"http": {"retries": -1}}, "http.retries must be >= 0"),
+    "text-seed": ({"seed": "x"}, "seed must be an integer"),
+    "text-bool": ({"drop_last": "no"}, "drop_last must be true or false"),
+    "filter-not-list": ({"filters": {"organ": 5}}, "filters.organ must be a list"),
+    "misspelt-filter": ({"filters": {"organn": ["brain"]}}, "did you mean 'organ'?"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADER_SETTINGS_CASES))
+def test_bad_loader_settings_are_refused_naming_the_setting(name: str) -> None:
+    values, says = LOADER_SETTINGS_CASES[name]
+    with pytest.raises(StcorpusError, match=re.escape(says)):
+        LoaderSettings.from_dict(values)
 
 
 @pytest.fixture(scope="module")
