@@ -177,6 +177,10 @@ def _with_dropped_spots(adata: Any) -> None:
     adata.obs_names = names
 
 
+def _float16_counts(adata: Any) -> None:
+    adata.X = (adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)).astype(np.float16)
+
+
 def _nan_counts(adata: Any) -> None:
     dense = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X)
     dense[::3, ::5] = np.nan
@@ -450,6 +454,10 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         "are not numeric",
     )
     hest("HEST-nan-counts", _nan_counts, "NaN or infinite")
+    hest("HEST-no-genes", lambda a: a[:, :0].copy(), "no feature (gene) columns")
+    hest("HEST-no-X", lambda a: setattr(a, "X", None), "X is empty")
+    hest("HEST-float16-counts", _float16_counts, "not whole non-negative", counts="raw")
+    hest("HEST-no-tissue", lambda a: setattr(a, "obs", a.obs.assign(in_tissue=0)), "flagged in tissue", slide=True)
     hest("HEST-negative-raw", lambda a: setattr(a, "X", -a.X), "not whole non-negative", counts="raw")
     cut_h5ad = _cut(H5AD, folder / "half.h5ad")
     cases["HEST-truncated"] = SlideCase(hest_entry("HEST-truncated", st=cut_h5ad), "not a readable h5ad", cut_h5ad.name)

@@ -57,6 +57,11 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
     import scipy.sparse as sp
 
     csr = sp.csr_matrix(matrix)
+    if csr.shape[1] == 0:
+        raise CorruptSourceError(
+            f"{source.name}: the count table has no feature (gene) columns; point the manifest at the slide's counts",
+            slide_id=sample.id,
+        )
     csr.sum_duplicates()
     data = csr.data
     kind = data.dtype.kind
