@@ -96,6 +96,9 @@ LOCAL_SCHEMES: Final = ("file",)
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+#: The um/px a manifest's `mpp` and `reference_mpp` may state: finer than any light microscope or coarser than a
+#: thumbnail of a whole slide is a typo (a value in nm, or mm).
+MPP_RANGE: Final = (0.01, 1000.0)
 #: The largest manifest file read (the shipped catalogues of every HEST-1k and STimage-1K4M slide are < 0.5 MiB).
 MAX_MANIFEST_BYTES: Final = 64 * 2**20
 #: The longest slide id: ids name the build's work folders and files (255 bytes at most on most file systems).
@@ -213,6 +216,18 @@ class SampleFields(_Strict):
     def _no_bool_scale(cls, value: Any) -> Any:
         if isinstance(value, bool):  # pydantic would read `true` as 1.0 um/px
             raise ValueError(f"expected a number of um/px, not {value}")
+        return value
+
+    @field_validator("mpp", "reference_mpp")
+    @classmethod
+    def _plausible_scale(cls, value: float | None) -> float | None:
+        # An absurd scale does not fail where it is written: it collapses the spot lattice or the tiles
+        # far downstream, under a reason that points elsewhere.
+        if value is not None and not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+            raise ValueError(
+                f"{value:g} um/px is not the scale of a microscope image (expected {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g}; "
+                "a 40x scan is about 0.25, a 10x one about 1)"
+            )
         return value
 
     @field_validator("sources", mode="before")

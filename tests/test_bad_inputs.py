@@ -755,6 +755,8 @@ MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "nan-mpp": (_field("mpp: .nan"), "field 'mpp'"),
     "infinite-mpp": (_field("mpp: .inf"), "field 'mpp': Input should be a finite number"),
     "boolean-mpp": (_field("mpp: true"), "field 'mpp'"),
+    "mpp-in-nanometres": (_field("mpp: 250.0e-6"), "is not the scale of a microscope image"),
+    "huge-mpp": (_field("mpp: 1.0e+300"), "is not the scale of a microscope image"),
     "negative-reference-mpp": (_field("reference_mpp: -1"), "field 'reference_mpp'"),
     "infinite-reference-mpp": (_field("reference_mpp: .inf"), "field 'reference_mpp'"),
     "negative-spots": (_field("spots: -5"), "field 'spots'"),
