@@ -855,6 +855,7 @@ FLAG_CASES: dict[str, tuple[list[str], str]] = {
     "holdout-missing-file": (["--holdout", "/nonexistent/holdout.yaml"], "--holdout"),
     "holdout-not-a-list": (["--holdout", "{manifest}"], "a holdout list starts with"),
     "holdout-folder": (["--holdout", "{folder}"], "cannot read holdout list"),
+    "holdout-slides-number": (["--holdout", "{holdout}"], "`slides` is a int"),
     "species-typo": (["--species", "mosue"], "--species mosue"),
     "technology-typo": (["--technology", "visum"], "--technology visum"),
     "organ-typo": (["--organ", "brian"], "--organ brian"),
@@ -880,7 +881,9 @@ def test_a_bad_build_flag_is_refused_before_any_work(
     flags, fault = FLAG_CASES[name]
     path = tmp_path / "m.yaml"
     path.write_text(GOOD_MANIFEST)
-    flags = [f.format(manifest=path, folder=tmp_path) for f in flags]
+    holdout = tmp_path / "holdout.yaml"
+    holdout.write_text("holdout: stcorpus-holdout/1\nslides: 5\n")
+    flags = [f.format(manifest=path, folder=tmp_path, holdout=holdout) for f in flags]
     out = tmp_path / "out"
     try:
         code = main(["build", str(path), "--out", str(out), "--no-progress", *flags])

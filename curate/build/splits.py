@@ -174,15 +174,18 @@ def _parse(path: Path, data: bytes) -> dict[str, Holdout]:
 
     try:
         raw = yaml.safe_load(data.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise ManifestError(f"{path}: cannot read holdout list: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("holdout") != HOLDOUT_FORMAT:
         raise ManifestError(f"{path}: a holdout list starts with `holdout: {HOLDOUT_FORMAT}`")
     unknown = sorted(set(raw) - {"holdout", "description", "slides"})
     if unknown:
         raise ManifestError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: holdout, description, slides)")
+    slides = raw.get("slides") or []
+    if not isinstance(slides, list):
+        raise ManifestError(f"{path}: `slides` is a {type(slides).__name__}; it is a list of {{id, reason}} entries")
     holdouts: dict[str, Holdout] = {}
-    for i, entry in enumerate(raw.get("slides") or []):
+    for i, entry in enumerate(slides):
         if not isinstance(entry, dict) or set(entry) != {"id", "reason"}:
             raise ManifestError(f"{path}: slides[{i}]: each entry needs exactly `id` and `reason`")
         slide_id, reason = str(entry["id"]), str(entry["reason"])
