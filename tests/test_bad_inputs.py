@@ -1022,6 +1022,13 @@ def _edit_shards(edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]
     return apply
 
 
+def _edit_table(name: str, edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        pq.write_table(edit(pq.read_table(root / name)), root / name)
+
+    return apply
+
+
 def _text_column(table: pa.Table, name: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, pa.array(["x"] * table.num_rows))
 
@@ -1061,6 +1068,14 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], str, bool, str]] = {
     "shards-text-index": (_edit_shards(lambda t: _text_column(t, "index")), "wds", False, "index is string"),
     "shards-empty": (_edit_shards(lambda t: t.slice(0, 0)), "wds", False, "lists no wds shard"),
     "no-genes": (lambda r: (r / schema.GENES_FILE).unlink(), "wds", False, "genes.parquet is missing"),
+    "genes-no-index": (
+        _edit_table(schema.GENES_FILE, lambda t: t.drop_columns(["index"])),
+        "wds",
+        False,
+        "genes.parquet lacks column(s) index",
+    ),
+    "n-genes-text": (_edit_json(lambda d: d.update(n_genes="many")), "wds", False, "n_genes is 'many'"),
+    "splits-text": (_edit_json(lambda d: d.update(splits={"train": "lots"})), "wds", False, "splits is"),
     "genes-garbage": (_write(schema.GENES_FILE, b"x"), "wds", False, "not a readable Parquet"),
     "wds-shard-missing": (lambda r: _shard(r, "wds").unlink(), "wds", True, "missing from"),
     "wds-shard-cut": (
@@ -1153,3 +1168,15 @@ def test_a_damaged_corpus_is_a_loader_error_naming_the_file(
     else:  # a corpus whose metadata is broken is refused whatever the policy
         with pytest.raises(StcorpusError):
             _epoch(root, fmt=fmt, policy="warn")
+
+
+@pytest.mark.parametrize("columns", [["status"], ["slide_id", "split"]])
+def test_slides_parquet_without_its_columns_is_not_taken_for_an_empty_selection(
+    pristine_corpus: FixtureCorpus, tmp_path: Path, columns: list[str]
+) -> None:
+    root = tmp_path / "corpus"
+    shutil.copytree(pristine_corpus.root, root)
+    _edit_table(schema.SLIDES_FILE, lambda t: t.drop_columns(columns))(root)
+    options = {"split": "train", "batch_size": 4, "filters": {"organ": ["brain"]}}
+    with pytest.raises(StcorpusError, match=r"slides.parquet lacks column\(s\) " + ", ".join(columns)):
+        list(CorpusLoader(CorpusDataset(root, LoaderSettings.from_dict(options))))
