@@ -1180,3 +1180,22 @@ def test_slides_parquet_without_its_columns_is_not_taken_for_an_empty_selection(
     options = {"split": "train", "batch_size": 4, "filters": {"organ": ["brain"]}}
     with pytest.raises(StcorpusError, match=r"slides.parquet lacks column\(s\) " + ", ".join(columns)):
         list(CorpusLoader(CorpusDataset(root, LoaderSettings.from_dict(options))))
+
+
+def test_a_positions_file_saved_by_excel_reads_like_the_original(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark and CRLF line ends (what Excel writes) are not a fault."""
+    from stcorpus.curate.readers import read_slide
+    from tests.test_readers_support import make_sample as reader_sample
+
+    spatial = tmp_path / "spatial"
+    shutil.copytree(HEART / "spatial", spatial)
+    positions = spatial / POSITIONS
+    header = b"barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\r\n"
+    positions.write_bytes(b"\xef\xbb\xbf" + header + positions.read_bytes().replace(b"\n", b"\r\n"))
+    files = {"matrix": HEART_H5, "spatial": spatial}
+    excel, original = (
+        read_slide(reader_sample(f), f) for f in (files, {"matrix": HEART_H5, "spatial": HEART / "spatial"})
+    )
+    assert np.array_equal(excel.spots.x_px, original.spots.x_px) and excel.dropped_spots == original.dropped_spots
+    excel.image.close()
+    original.image.close()

@@ -42,7 +42,15 @@ import numpy.typing as npt
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
-from stcorpus.curate.readers._common import coordinate, join_spots, option, raw_counts, read_count_table, require_file
+from stcorpus.curate.readers._common import (
+    coordinate,
+    join_spots,
+    open_text,
+    option,
+    raw_counts,
+    read_count_table,
+    require_file,
+)
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
@@ -63,9 +71,9 @@ FloatArray = npt.NDArray[np.float64]
 def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], FloatArray, FloatArray, FloatArray]:
     """Spot ids, x, y and r of a ``_coord.csv``."""
     try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
+        with open_text(path) as handle:
             rows = [row for row in csv.reader(handle) if row]
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CorruptSourceError(f"{path}: cannot read: {exc}", slide_id=sample.id) from exc
     if len(rows) < 2:
         raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
