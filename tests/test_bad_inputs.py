@@ -1199,3 +1199,15 @@ def test_a_positions_file_saved_by_excel_reads_like_the_original(tmp_path: Path)
     assert np.array_equal(excel.spots.x_px, original.spots.x_px) and excel.dropped_spots == original.dropped_spots
     excel.image.close()
     original.image.close()
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_local_source_that_is_a_device_or_fifo_is_refused_not_read_forever(tmp_path: Path, special: str) -> None:
+    import os
+
+    path = Path(special) if special.startswith("/") else tmp_path / special
+    if special == "fifo":
+        os.mkfifo(path)
+    sample = make_sample(tmp_path, {"st": str(path)}, allow_local=True, sample_id="CRAFTED-2")
+    with Fetcher(settings(tmp_path)) as fetcher, pytest.raises(FetchError, match="device or special file"):
+        fetcher.fetch(sample.sources["st"], sample=sample)
