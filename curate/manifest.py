@@ -620,6 +620,11 @@ def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
 
 def load_manifests(paths: Iterable[str | Path], *, allow_local: bool = False) -> tuple[Manifest, ...]:
     """Read several manifests; a sample id used in two of them is an error naming both."""
+    paths = list(paths)
+    resolved = [Path(p).resolve() for p in paths]
+    twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise ManifestError(f"{twice}: the same manifest is given twice; name each manifest once")
     manifests = tuple(load_manifest(p, allow_local=allow_local) for p in paths)
     seen: dict[str, Path] = {}
     for manifest in manifests:

@@ -805,6 +805,15 @@ def test_a_huge_file_named_as_a_manifest_is_refused_before_it_is_read(
     assert str(path) in err and "65 MiB is not a manifest" in err
 
 
+@pytest.mark.parametrize("command", ["validate", "plan", "build"])
+def test_one_manifest_given_twice_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(GOOD_MANIFEST)
+    extra = ["--out", str(tmp_path / "out"), "--no-progress"] if command == "build" else []
+    assert main([command, str(path), str(tmp_path / "." / "m.yaml"), *extra]) in (1, 2)
+    assert "the same manifest is given twice" in capsys.readouterr().err
+
+
 def test_the_manifest_cases_start_from_a_valid_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "good.yaml"
     path.write_text(GOOD_MANIFEST)
