@@ -595,8 +595,8 @@ def crafted_build(tmp_path_factory: pytest.TempPathFactory) -> CraftedBuild:
 def test_the_crafted_inputs_are_many(crafted_build: CraftedBuild) -> None:
     """The acceptance's size: well over 80 crafted bad inputs over every surface (counted, not claimed)."""
     sizes = [len(crafted_build.cases), len(MANIFEST_CASES), len(FLAG_CASES), len(FETCH_CASES), len(LOADER_CASES)]
-    sizes.append(len(LOADER_SETTINGS_CASES))
-    assert min(sizes) >= 15 and sum(sizes) > 200, sizes
+    sizes += [len(LOADER_SETTINGS_CASES), len(SAMPLE_CASES)]
+    assert min(sizes[:-1]) >= 15 and sum(sizes) > 200, sizes
 
 
 def test_the_good_and_the_unusual_slides_are_built(crafted_build: CraftedBuild) -> None:
@@ -1220,3 +1220,40 @@ def test_a_local_source_that_is_a_device_or_fifo_is_refused_not_read_forever(tmp
     sample = make_sample(tmp_path, {"st": str(path)}, allow_local=True, sample_id="CRAFTED-2")
     with Fetcher(settings(tmp_path)) as fetcher, pytest.raises(FetchError, match="device or special file"):
         fetcher.fetch(sample.sources["st"], sample=sample)
+
+
+def _spoil_first(marker: bytes, *, skip: int, n: int) -> Callable[[Path], None]:
+    """Overwrite ``n`` bytes ``skip`` bytes after the first ``marker`` of the first train wds shard (same size)."""
+
+    def apply(root: Path) -> None:
+        shard = _shard(root, "wds")
+        raw = bytearray(shard.read_bytes())
+        at = raw.find(marker)
+        assert at >= 0, marker
+        raw[at + skip : at + skip + n] = b"z" * n
+        shard.write_bytes(bytes(raw))
+
+    return apply
+
+
+#: A sample whose member bytes are damaged (the shard's size and tar structure intact): skipped under `warn`.
+SAMPLE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "patch-jpeg-spoilt": (_spoil_first(b"\xff\xd8\xff", skip=0, n=200), "patch is not a decodable JPEG"),
+    "expression-npz-spoilt": (_spoil_first(b"\x93NUMPY", skip=10, n=50), "malformed expr.npz member"),
+    "metadata-json-spoilt": (_spoil_first(b'{"', skip=0, n=8), "malformed json member"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_CASES))
+def test_a_damaged_sample_is_a_bad_sample_error_and_warn_skips_only_it(
+    pristine_corpus: FixtureCorpus, tmp_path: Path, name: str
+) -> None:
+    damage, says = SAMPLE_CASES[name]
+    root = tmp_path / "corpus"
+    shutil.copytree(pristine_corpus.root, root)
+    damage(root)
+    with pytest.raises(StcorpusError, match=re.escape(says)):
+        _epoch(root, fmt="wds", policy="error")
+    n, skipped = _epoch(root, fmt="wds", policy="warn")
+    assert skipped["samples"] == 1 and skipped["shards"] == 0
+    assert n == len(pristine_corpus.keys("train")) - 1
