@@ -703,6 +703,14 @@ def _field(line: str) -> str:
     return _sub("counts: normalized", "counts: normalized\n        " + line)
 
 
+def _stimage(option: str) -> str:
+    """The manifest with its sample as an STimage slide with one reader option."""
+    sources = f"sources: {{counts: '{H5AD}', coords: '{H5AD}', image: '{IMAGE}'}}"
+    return _sub("technology: hest", "technology: stimage").replace(
+        f"sources: {{st: '{H5AD}', wsi: '{IMAGE}'}}", f"reader: {{{option}}}\n        {sources}"
+    )
+
+
 ST_URL = f"st: '{H5AD}'"
 MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "yaml-syntax": (GOOD_MANIFEST + "  - [unclosed\n", "not valid YAML"),
@@ -772,6 +780,8 @@ MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "reader-nested": (_field("reader: {spatial_key: {a: 1}}"), "field 'reader.spatial_key"),
     "unknown-reader-option": (_field("reader: {spatial_kye: spatial}"), "unknown reader option"),
     "reader-option-type": (_field("reader: {spatial_key: 5}"), "field 'reader.spatial_key': expected str"),
+    "negative-spot-diameter": (_stimage("spot_diameter_um: -5"), "'reader.spot_diameter_um': expected a positive"),
+    "nan-bin-size": (_stimage("bin_size_um: .nan"), "'reader.bin_size_um': expected a positive number of um, got nan"),
     "local-not-allowed": (_sub("allow_local: true", "allow_local: false"), "set `allow_local: true`"),
     "number-name": (_sub("name: crafted", "name: 5"), "field 'name'"),
     "patient-list": (_field("patient: [a]"), "field 'patient'"),

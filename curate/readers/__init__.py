@@ -17,6 +17,7 @@ Reader modules are imported only when a reader is used (they pull in h5py, annda
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,8 +147,10 @@ def check_sample(sample: Sample) -> list[str]:
         if expected is None:
             valid = ", ".join(sorted(spec.options)) or "none"
             problems.append(f"{where}: field 'reader.{option}': unknown reader option (valid: {valid})")
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue  # YAML writes 65 for 65.0
+        elif expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML writes 65 for 65.0; every float option is a size in um
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{where}: field 'reader.{option}': expected a positive number of um, got {value!r}")
         elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             problems.append(f"{where}: field 'reader.{option}': expected {expected.__name__}, got {value!r}")
     return problems
