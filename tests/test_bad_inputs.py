@@ -101,6 +101,26 @@ def _positions(edit: Callable[[list[list[str]]], list[list[str]]]) -> Callable[[
     return apply
 
 
+PARQUET_POSITIONS = "tissue_positions.parquet"
+
+
+def _parquet_positions(**column: Any) -> Callable[[Path], None]:
+    """The positions as Space Ranger 3's Parquet file (the CSV removed), one column set to a single value."""
+
+    def apply(spatial: Path) -> None:
+        rows = [line.split(",") for line in (spatial / POSITIONS).read_text().splitlines()]
+        names = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+        table = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+        for name in names[1:]:
+            table[name] = [float(v) for v in table[name]]
+        for name, value in column.items():
+            table[name] = [value] * len(rows)
+        pq.write_table(pa.table(table), spatial / PARQUET_POSITIONS)
+        (spatial / POSITIONS).unlink()
+
+    return apply
+
+
 def _scalefactors(**values: Any) -> Callable[[Path], None]:
     def apply(spatial: Path) -> None:
         data = json.loads((spatial / SCALEFACTORS).read_text())
@@ -371,6 +391,14 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         POSITIONS,
     )
     sr("POS-missing-file", "nofile", lambda s: (s / POSITIONS).unlink(), "no positions file", "spatial-nofile")
+    sr("POS-parquet-null-flags", "pq", _parquet_positions(in_tissue=None), "column 'in_tissue'", PARQUET_POSITIONS)
+    sr(
+        "POS-parquet-text-rows",
+        "pqtext",
+        _parquet_positions(array_row="x"),
+        "column 'array_row' is not numeric",
+        PARQUET_POSITIONS,
+    )
     sr("SF-list", "list", _write(SCALEFACTORS, b"[1, 2]"), "expected a JSON object", SCALEFACTORS)
     sr("SF-garbage", "garbage", _write(SCALEFACTORS, b"{not json"), "not readable JSON", SCALEFACTORS)
     sr("SF-latin1", "latin1sf", _write(SCALEFACTORS, b'{"a": "\xff"}'), "not readable JSON", SCALEFACTORS)
