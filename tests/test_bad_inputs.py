@@ -110,7 +110,7 @@ def _parquet_positions(**column: Any) -> Callable[[Path], None]:
     def apply(spatial: Path) -> None:
         rows = [line.split(",") for line in (spatial / POSITIONS).read_text().splitlines()]
         names = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
-        table = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+        table: dict[str, list[Any]] = {name: [r[i] for r in rows] for i, name in enumerate(names)}
         for name in names[1:]:
             table[name] = [float(v) for v in table[name]]
         for name, value in column.items():
