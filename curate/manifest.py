@@ -96,6 +96,11 @@ LOCAL_SCHEMES: Final = ("file",)
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+#: The um/px a manifest's `mpp` and `reference_mpp` may state: finer than any light microscope or coarser than a
+#: thumbnail of a whole slide is a typo (a value in nm, or mm).
+MPP_RANGE: Final = (0.01, 1000.0)
+#: The largest manifest file read (the shipped catalogues of every HEST-1k and STimage-1K4M slide are < 0.5 MiB).
+MAX_MANIFEST_BYTES: Final = 64 * 2**20
 #: The longest slide id: ids name the build's work folders and files (255 bytes at most on most file systems).
 MAX_ID_LENGTH: Final = 160
 
@@ -211,6 +216,18 @@ class SampleFields(_Strict):
     def _no_bool_scale(cls, value: Any) -> Any:
         if isinstance(value, bool):  # pydantic would read `true` as 1.0 um/px
             raise ValueError(f"expected a number of um/px, not {value}")
+        return value
+
+    @field_validator("mpp", "reference_mpp")
+    @classmethod
+    def _plausible_scale(cls, value: float | None) -> float | None:
+        # An absurd scale does not fail where it is written: it collapses the spot lattice or the tiles
+        # far downstream, under a reason that points elsewhere.
+        if value is not None and not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+            raise ValueError(
+                f"{value:g} um/px is not the scale of a microscope image (expected {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g}; "
+                "a 40x scan is about 0.25, a 10x one about 1)"
+            )
         return value
 
     @field_validator("sources", mode="before")
@@ -492,6 +509,12 @@ def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # a data file named by mistake: refused before it is read into memory
+            raise ManifestError(
+                f"{path}: {size / 2**20:,.0f} MiB is not a manifest (manifests are YAML text; the largest shipped "
+                f"ones are under 1 MiB, the limit is {MAX_MANIFEST_BYTES // 2**20} MiB): check the file named"
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
@@ -506,6 +529,11 @@ def load_manifest(path: str | Path, *, allow_local: bool = False) -> Manifest:
 
 def load_manifests(paths: Iterable[str | Path], *, allow_local: bool = False) -> tuple[Manifest, ...]:
     """Read several manifests; a sample id used in two of them is an error naming both."""
+    paths = list(paths)
+    resolved = [Path(p).resolve() for p in paths]
+    twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise ManifestError(f"{twice}: the same manifest is given twice; name each manifest once")
     manifests = tuple(load_manifest(p, allow_local=allow_local) for p in paths)
     seen: dict[str, Path] = {}
     for manifest in manifests:

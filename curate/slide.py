@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
+from stcorpus.curate.errors import CorruptSourceError
 from stcorpus.curate.geometry import VISIUM, Geometry, Kind
 
 if TYPE_CHECKING:
@@ -127,6 +128,13 @@ class Slide:
             raise ValueError(f"counts has {n_features} columns but there are {len(self.features)} features")
         if not self.geometry.complete:
             raise ValueError(f"geometry {self.geometry.key!r} has no pitch: give the slide its stated pitch")
+        if not (np.isfinite(self.mpp) and self.mpp > 0):  # every size in um downstream divides by it
+            self.image.close()
+            raise CorruptSourceError(
+                f"{self.sample.describe()}: the um/px from {self.mpp_source} is {self.mpp!r}, not a positive number: "
+                "the source states a broken scale; set the sample's `mpp` in the manifest",
+                slide_id=self.sample.id,
+            )
 
     @property
     def lattice(self) -> Kind:

@@ -54,6 +54,8 @@ _FILTER_COLUMNS = {
 #: Columns of ``shards.parquet`` the loader reads (``bytes`` may be null), and which must be integers.
 _SHARD_COLUMNS: Final = ("path", "format", "split", "index", "n_samples", "bytes")
 _SHARD_INTEGER_COLUMNS: Final = ("index", "n_samples", "bytes")
+#: Columns of ``slides.parquet`` every selection reads.
+_SLIDE_COLUMNS: Final = ("slide_id", "status", "split")
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,14 @@ class Corpus:
             )
         self.info = raw
         self.counts_dtype: str = raw.get("counts_dtype", "int32")
-        self.n_genes = int(raw["n_genes"])
-        self.splits: dict[str, int] = {str(k): int(v) for k, v in raw.get("splits", {}).items()}
+        where = f"{source.location}/{schema.CORPUS_FILE}"
+        n_genes, splits = raw["n_genes"], raw.get("splits", {})
+        if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1:
+            raise CorpusError(f"{where}: n_genes is {n_genes!r}, not a positive integer; rebuild the corpus")
+        if not isinstance(splits, dict) or not all(isinstance(v, int) for v in splits.values()):
+            raise CorpusError(f"{where}: splits is {splits!r}, not split -> number of samples; rebuild the corpus")
+        self.n_genes = n_genes
+        self.splits: dict[str, int] = {str(k): int(v) for k, v in splits.items()}
 
     def __repr__(self) -> str:
         return f"Corpus({self.source.location!r}, splits={self.splits})"
@@ -113,12 +121,7 @@ class Corpus:
 
         table = self._table(schema.SHARDS_FILE)
         where = f"{self.source.location}/{schema.SHARDS_FILE}"
-        missing = [name for name in _SHARD_COLUMNS if name not in table.column_names]
-        if missing:
-            raise CorpusError(
-                f"{where} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names) or 'none'}): not "
-                "the shard index of a built corpus; rebuild it, or copy shards.parquet again"
-            )
+        self._require(table, schema.SHARDS_FILE, _SHARD_COLUMNS)
         wrong = [
             f"{name} is {table.schema.field(name).type}"
             for name in _SHARD_INTEGER_COLUMNS
@@ -134,13 +137,26 @@ class Corpus:
     @cached_property
     def slides(self) -> list[dict[str, Any]]:
         """Rows of ``slides.parquet``."""
-        rows: list[dict[str, Any]] = self._table(schema.SLIDES_FILE).to_pylist()
+        table = self._table(schema.SLIDES_FILE)
+        self._require(table, schema.SLIDES_FILE, _SLIDE_COLUMNS)
+        rows: list[dict[str, Any]] = table.to_pylist()
         return rows
+
+    def _require(self, table: pa.Table, name: str, columns: Sequence[str]) -> None:
+        """A metadata table lacking columns the loader reads is this corpus's fault, said as such."""
+        missing = [column for column in columns if column not in table.column_names]
+        if missing:
+            raise CorpusError(
+                f"{self.source.location}/{name} lacks column(s) {', '.join(missing)} (has "
+                f"{', '.join(table.column_names) or 'none'}): not the {name} of a built corpus; rebuild it, or copy "
+                f"{name} again"
+            )
 
     @cached_property
     def genes(self) -> pa.Table:
         """``genes.parquet`` as an Arrow table."""
         table = self._table(schema.GENES_FILE)
+        self._require(table, schema.GENES_FILE, ("index",))
         index = table.column("index").to_numpy()
         if len(index) != self.n_genes or not np.array_equal(index, np.arange(len(index))):
             raise CorpusError(

@@ -22,6 +22,7 @@ import mmap
 import os
 import re
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -380,7 +381,7 @@ def raw_from_members(key: str, members: Mapping[str, bytes | memoryview], column
             sample.genes, sample.counts = arrays[schema.Expr.GENES.value], arrays[schema.Expr.COUNTS.value]
             sample.niche_genes = arrays[schema.Expr.NICHE_GENES.value]
             sample.niche_counts = arrays[schema.Expr.NICHE_COUNTS.value]
-        except (ValueError, KeyError, OSError, EOFError) as exc:
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # np.load's CRC check: BadZipFile
             sample.fault = f"malformed {_EXPR_MEMBER} member: {exc}"
     return sample
 

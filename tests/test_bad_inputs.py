@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -49,6 +50,8 @@ from tests.corpus_fixture import FixtureCorpus, write_corpus
 from tests.httpserver import Fault, LocalServer, serve
 from tests.test_build_trust import report_tables
 from tests.test_fetch_http import make_sample, put, settings
+from tests.test_readers_stimage import SLIDE as STIMAGE_SLIDE
+from tests.test_readers_stimage import _visium_from_mouse_brain
 
 HEART_H5 = HEART / "filtered_feature_bc_matrix.h5"
 HER2ST = Path(__file__).parent / "data" / "her2st-legacy-st" / "data"
@@ -94,6 +97,26 @@ def _positions(edit: Callable[[list[list[str]]], list[list[str]]]) -> Callable[[
     def apply(spatial: Path) -> None:
         rows = [line.split(",") for line in (spatial / POSITIONS).read_text().splitlines()]
         (spatial / POSITIONS).write_text("\n".join(",".join(r) for r in edit(rows)) + "\n")
+
+    return apply
+
+
+PARQUET_POSITIONS = "tissue_positions.parquet"
+
+
+def _parquet_positions(**column: Any) -> Callable[[Path], None]:
+    """The positions as Space Ranger 3's Parquet file (the CSV removed), one column set to a single value."""
+
+    def apply(spatial: Path) -> None:
+        rows = [line.split(",") for line in (spatial / POSITIONS).read_text().splitlines()]
+        names = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+        table: dict[str, list[Any]] = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+        for name in names[1:]:
+            table[name] = [float(v) for v in table[name]]
+        for name, value in column.items():
+            table[name] = [value] * len(rows)
+        pq.write_table(pa.table(table), spatial / PARQUET_POSITIONS)
+        (spatial / POSITIONS).unlink()
 
     return apply
 
@@ -150,9 +173,14 @@ def _h5ad(folder: Path, name: str, edit: Callable[[Any], Any]) -> Path:
 
 
 def _set_obsm_text(adata: Any) -> None:
-    import pandas as pd
+    import pandas as pd  # type: ignore[import-untyped]
 
     adata.obsm["spatial"] = pd.DataFrame({"x": ["a"] * adata.n_obs, "y": ["b"] * adata.n_obs}, index=adata.obs_names)
+
+
+def _text_pixels(adata: Any) -> None:
+    del adata.obsm["spatial"]
+    adata.obs = adata.obs.assign(pxl_col_in_fullres="x", pxl_row_in_fullres="y")
 
 
 def _nan_array_rows(adata: Any) -> None:
@@ -167,6 +195,10 @@ def _with_dropped_spots(adata: Any) -> None:
     names = list(adata.obs_names)
     names[2] = names[1]
     adata.obs_names = names
+
+
+def _float16_counts(adata: Any) -> None:
+    adata.X = (adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)).astype(np.float16)
 
 
 def _nan_counts(adata: Any) -> None:
@@ -359,6 +391,14 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         POSITIONS,
     )
     sr("POS-missing-file", "nofile", lambda s: (s / POSITIONS).unlink(), "no positions file", "spatial-nofile")
+    sr("POS-parquet-null-flags", "pq", _parquet_positions(in_tissue=None), "column 'in_tissue'", PARQUET_POSITIONS)
+    sr(
+        "POS-parquet-text-rows",
+        "pqtext",
+        _parquet_positions(array_row="x"),
+        "column 'array_row' is not numeric",
+        PARQUET_POSITIONS,
+    )
     sr("SF-list", "list", _write(SCALEFACTORS, b"[1, 2]"), "expected a JSON object", SCALEFACTORS)
     sr("SF-garbage", "garbage", _write(SCALEFACTORS, b"{not json"), "not readable JSON", SCALEFACTORS)
     sr("SF-latin1", "latin1sf", _write(SCALEFACTORS, b'{"a": "\xff"}'), "not readable JSON", SCALEFACTORS)
@@ -438,13 +478,14 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
     hest("HEST-tissue-nan", lambda a: setattr(a, "obs", a.obs.assign(in_tissue=np.nan)), "obs in_tissue")
     hest(
         "HEST-pixels-text",
-        lambda a: (
-            a.obsm.pop("spatial"),
-            setattr(a, "obs", a.obs.assign(pxl_col_in_fullres="x", pxl_row_in_fullres="y")),
-        ),
+        _text_pixels,
         "are not numeric",
     )
     hest("HEST-nan-counts", _nan_counts, "NaN or infinite")
+    hest("HEST-no-genes", lambda a: a[:, :0].copy(), "no feature (gene) columns")
+    hest("HEST-no-X", lambda a: setattr(a, "X", None), "X is empty")
+    hest("HEST-float16-counts", _float16_counts, "not whole non-negative", counts="raw")
+    hest("HEST-no-tissue", lambda a: setattr(a, "obs", a.obs.assign(in_tissue=0)), "flagged in tissue", slide=True)
     hest("HEST-negative-raw", lambda a: setattr(a, "X", -a.X), "not whole non-negative", counts="raw")
     cut_h5ad = _cut(H5AD, folder / "half.h5ad")
     cases["HEST-truncated"] = SlideCase(hest_entry("HEST-truncated", st=cut_h5ad), "not a readable h5ad", cut_h5ad.name)
@@ -480,6 +521,35 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
     Image.new("RGB", (1, 1), (200, 100, 150)).save(folder / "one.png")
     image("IMG-one-pixel", folder / "one.png", "single colour")
     image("IMG-missing", folder / "not-there.png", "does not exist")
+
+    # --- STimage-1K4M ---------------------------------------------------------------------------
+    stimage_files, _ = _visium_from_mouse_brain(folder / "stimage")
+
+    def stimage(slide_id: str, which: str, edit: Callable[[bytes], bytes], fault: str) -> None:
+        files = dict(stimage_files)
+        files[which] = folder / f"{slide_id}-{stimage_files[which].name}"
+        files[which].write_bytes(edit(stimage_files[which].read_bytes()))
+        sources = ", ".join(f"{name}: '{path}'" for name, path in files.items())
+        entry = f"- {{id: {slide_id}, technology: stimage, source_id: {STIMAGE_SLIDE}, sources: {{{sources}}}}}"
+        cases[slide_id] = SlideCase(entry, fault, files[which].name)
+
+    def radius(value: bytes) -> Callable[[bytes], bytes]:
+        return lambda data: b"\n".join(
+            [
+                data.split(b"\n")[0],
+                *(row.rsplit(b",", 1)[0] + b"," + value if row else row for row in data.split(b"\n")[1:]),
+            ]
+        )
+
+    stimage("STI-counts-text", "counts", lambda d: d.replace(b",0", b",x", 1), "malformed counts CSV")
+    stimage("STI-counts-latin1", "counts", lambda d: d.replace(b",", b"\xe9,", 3), "cannot read the header line")
+    stimage("STI-counts-empty", "counts", lambda d: b"", "the file is empty")
+    stimage("STI-counts-ragged", "counts", lambda d: d + b"extra,1\n", "malformed counts CSV")
+    stimage("STI-coords-no-r", "coords", lambda d: d.replace(b",r\n", b",q\n", 1), "lacks r")
+    stimage("STI-coords-r-zero", "coords", radius(b"0"), "spot radius r is 0.0")
+    stimage("STI-coords-r-nan", "coords", radius(b"nan"), "spot radius r is nan")
+    stimage("STI-coords-r-text", "coords", radius(b"big"), "malformed row")
+    stimage("STI-coords-latin1", "coords", lambda d: b"\xff" + d, "cannot read")
 
     # --- legacy ST ----------------------------------------------------------------------------
     def st(slide_id: str, fault: str, **paths: Path) -> None:
@@ -552,8 +622,9 @@ def crafted_build(tmp_path_factory: pytest.TempPathFactory) -> CraftedBuild:
 
 def test_the_crafted_inputs_are_many(crafted_build: CraftedBuild) -> None:
     """The acceptance's size: well over 80 crafted bad inputs over every surface (counted, not claimed)."""
-    surfaces = [crafted_build.cases, MANIFEST_CASES, FLAG_CASES, FETCH_CASES, LOADER_CASES]
-    assert all(len(cases) >= 15 for cases in surfaces) and sum(len(cases) for cases in surfaces) > 200
+    sizes = [len(crafted_build.cases), len(MANIFEST_CASES), len(FLAG_CASES), len(FETCH_CASES), len(LOADER_CASES)]
+    sizes += [len(LOADER_SETTINGS_CASES), len(SAMPLE_CASES)]
+    assert min(sizes[:-1]) >= 15 and sum(sizes) > 200, sizes
 
 
 def test_the_good_and_the_unusual_slides_are_built(crafted_build: CraftedBuild) -> None:
@@ -660,13 +731,21 @@ def _field(line: str) -> str:
     return _sub("counts: normalized", "counts: normalized\n        " + line)
 
 
+def _stimage(option: str) -> str:
+    """The manifest with its sample as an STimage slide with one reader option."""
+    sources = f"sources: {{counts: '{H5AD}', coords: '{H5AD}', image: '{IMAGE}'}}"
+    return _sub("technology: hest", "technology: stimage").replace(
+        f"sources: {{st: '{H5AD}', wsi: '{IMAGE}'}}", f"reader: {{{option}}}\n        {sources}"
+    )
+
+
 ST_URL = f"st: '{H5AD}'"
 MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "yaml-syntax": (GOOD_MANIFEST + "  - [unclosed\n", "not valid YAML"),
     "yaml-tab": (_sub("  - id: study", "\t- id: study"), "not valid YAML"),
     "yaml-duplicate-key": (_field("counts: raw"), "duplicate key 'counts'"),
     "python-tag": ("!!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
-    "deep-nesting": ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    "deep-nesting": ("a: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
     "list": ("- a\n- b\n", "a manifest is a YAML mapping"),
     "scalar": ("hello\n", "a manifest is a YAML mapping"),
     "empty-file": ("", "a manifest is a YAML mapping"),
@@ -712,6 +791,8 @@ MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "nan-mpp": (_field("mpp: .nan"), "field 'mpp'"),
     "infinite-mpp": (_field("mpp: .inf"), "field 'mpp': Input should be a finite number"),
     "boolean-mpp": (_field("mpp: true"), "field 'mpp'"),
+    "mpp-in-nanometres": (_field("mpp: 250.0e-6"), "is not the scale of a microscope image"),
+    "huge-mpp": (_field("mpp: 1.0e+300"), "is not the scale of a microscope image"),
     "negative-reference-mpp": (_field("reference_mpp: -1"), "field 'reference_mpp'"),
     "infinite-reference-mpp": (_field("reference_mpp: .inf"), "field 'reference_mpp'"),
     "negative-spots": (_field("spots: -5"), "field 'spots'"),
@@ -727,6 +808,8 @@ MANIFEST_CASES: dict[str, tuple[str | bytes, str]] = {
     "reader-nested": (_field("reader: {spatial_key: {a: 1}}"), "field 'reader.spatial_key"),
     "unknown-reader-option": (_field("reader: {spatial_kye: spatial}"), "unknown reader option"),
     "reader-option-type": (_field("reader: {spatial_key: 5}"), "field 'reader.spatial_key': expected str"),
+    "negative-spot-diameter": (_stimage("spot_diameter_um: -5"), "'reader.spot_diameter_um': expected a positive"),
+    "nan-bin-size": (_stimage("bin_size_um: .nan"), "reader.bin_size_um must be a positive number of um, not nan"),
     "local-not-allowed": (_sub("allow_local: true", "allow_local: false"), "set `allow_local: true`"),
     "number-name": (_sub("name: crafted", "name: 5"), "field 'name'"),
     "patient-list": (_field("patient: [a]"), "field 'patient'"),
@@ -747,6 +830,26 @@ def test_a_bad_manifest_is_refused_by_validate_and_plan(
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and fault in err and "Traceback" not in err, err
+
+
+def test_a_huge_file_named_as_a_manifest_is_refused_before_it_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "matrix.h5"
+    with path.open("wb") as handle:  # sparse: 65 MiB on disk costs nothing
+        handle.truncate(65 * 2**20)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "65 MiB is not a manifest" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "build"])
+def test_one_manifest_given_twice_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(GOOD_MANIFEST)
+    extra = ["--out", str(tmp_path / "out"), "--no-progress"] if command == "build" else []
+    assert main([command, str(path), str(tmp_path / "." / "m.yaml"), *extra]) in (1, 2)
+    assert "the same manifest is given twice" in capsys.readouterr().err
 
 
 def test_the_manifest_cases_start_from_a_valid_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -799,6 +902,7 @@ FLAG_CASES: dict[str, tuple[list[str], str]] = {
     "holdout-missing-file": (["--holdout", "/nonexistent/holdout.yaml"], "--holdout"),
     "holdout-not-a-list": (["--holdout", "{manifest}"], "a holdout list starts with"),
     "holdout-folder": (["--holdout", "{folder}"], "cannot read holdout list"),
+    "holdout-slides-number": (["--holdout", "{holdout}"], "`slides` is a int"),
     "species-typo": (["--species", "mosue"], "--species mosue"),
     "technology-typo": (["--technology", "visum"], "--technology visum"),
     "organ-typo": (["--organ", "brian"], "--organ brian"),
@@ -824,7 +928,9 @@ def test_a_bad_build_flag_is_refused_before_any_work(
     flags, fault = FLAG_CASES[name]
     path = tmp_path / "m.yaml"
     path.write_text(GOOD_MANIFEST)
-    flags = [f.format(manifest=path, folder=tmp_path) for f in flags]
+    holdout = tmp_path / "holdout.yaml"
+    holdout.write_text("holdout: stcorpus-holdout/1\nslides: 5\n")
+    flags = [f.format(manifest=path, folder=tmp_path, holdout=holdout) for f in flags]
     out = tmp_path / "out"
     try:
         code = main(["build", str(path), "--out", str(out), "--no-progress", *flags])
@@ -963,6 +1069,13 @@ def _edit_shards(edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]
     return apply
 
 
+def _edit_table(name: str, edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        pq.write_table(edit(pq.read_table(root / name)), root / name)
+
+    return apply
+
+
 def _text_column(table: pa.Table, name: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, pa.array(["x"] * table.num_rows))
 
@@ -1002,6 +1115,14 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], str, bool, str]] = {
     "shards-text-index": (_edit_shards(lambda t: _text_column(t, "index")), "wds", False, "index is string"),
     "shards-empty": (_edit_shards(lambda t: t.slice(0, 0)), "wds", False, "lists no wds shard"),
     "no-genes": (lambda r: (r / schema.GENES_FILE).unlink(), "wds", False, "genes.parquet is missing"),
+    "genes-no-index": (
+        _edit_table(schema.GENES_FILE, lambda t: t.drop_columns(["index"])),
+        "wds",
+        False,
+        "genes.parquet lacks column(s) index",
+    ),
+    "n-genes-text": (_edit_json(lambda d: d.update(n_genes="many")), "wds", False, "n_genes is 'many'"),
+    "splits-text": (_edit_json(lambda d: d.update(splits={"train": "lots"})), "wds", False, "splits is"),
     "genes-garbage": (_write(schema.GENES_FILE, b"x"), "wds", False, "not a readable Parquet"),
     "wds-shard-missing": (lambda r: _shard(r, "wds").unlink(), "wds", True, "missing from"),
     "wds-shard-cut": (
@@ -1035,6 +1156,36 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], str, bool, str]] = {
 }
 
 
+#: Loader settings as a YAML/JSON config gives them: name -> (settings, what the error says)
+LOADER_SETTINGS_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "batch-size-zero": ({"batch_size": 0}, "batch_size must be > 0"),
+    "batch-size-text": ({"batch_size": "8"}, "batch_size must be an integer"),
+    "batch-size-bool": ({"batch_size": True}, "batch_size must be an integer"),
+    "batch-size-float": ({"batch_size": 2.5}, "batch_size must be an integer"),
+    "misspelt-setting": ({"bacth_size": 8}, "did you mean 'batch_size'?"),
+    "unknown-setting": ({"num_workers": 2}, "unknown setting(s): num_workers"),
+    "bad-split": ({"split": "val"}, "split must be one of"),
+    "bad-policy": ({"on_bad_sample": "ignore"}, "on_bad_sample must be one of"),
+    "negative-window": ({"shuffle_window": -1}, "shuffle_window must be > 0"),
+    "bad-format": ({"format": "zarr"}, "format must be one of"),
+    "misspelt-genes-key": ({"genes": {"transfrom": "log1p"}}, "did you mean 'transform'?"),
+    "bad-transform": ({"genes": {"transform": "log2"}}, "genes.transform must be one of"),
+    "genes-not-mapping": ({"genes": 5}, "genes must be a mapping"),
+    "negative-retries": ({"http": {"retries": -1}}, "http.retries must be >= 0"),
+    "text-seed": ({"seed": "x"}, "seed must be an integer"),
+    "text-bool": ({"drop_last": "no"}, "drop_last must be true or false"),
+    "filter-not-list": ({"filters": {"organ": 5}}, "filters.organ must be a list"),
+    "misspelt-filter": ({"filters": {"organn": ["brain"]}}, "did you mean 'organ'?"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADER_SETTINGS_CASES))
+def test_bad_loader_settings_are_refused_naming_the_setting(name: str) -> None:
+    values, says = LOADER_SETTINGS_CASES[name]
+    with pytest.raises(StcorpusError, match=re.escape(says)):
+        LoaderSettings.from_dict(values)
+
+
 @pytest.fixture(scope="module")
 def pristine_corpus(tmp_path_factory: pytest.TempPathFactory) -> FixtureCorpus:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -1064,3 +1215,83 @@ def test_a_damaged_corpus_is_a_loader_error_naming_the_file(
     else:  # a corpus whose metadata is broken is refused whatever the policy
         with pytest.raises(StcorpusError):
             _epoch(root, fmt=fmt, policy="warn")
+
+
+@pytest.mark.parametrize("columns", [["status"], ["slide_id", "split"]])
+def test_slides_parquet_without_its_columns_is_not_taken_for_an_empty_selection(
+    pristine_corpus: FixtureCorpus, tmp_path: Path, columns: list[str]
+) -> None:
+    root = tmp_path / "corpus"
+    shutil.copytree(pristine_corpus.root, root)
+    _edit_table(schema.SLIDES_FILE, lambda t: t.drop_columns(columns))(root)
+    options = {"split": "train", "batch_size": 4, "filters": {"organ": ["brain"]}}
+    with pytest.raises(StcorpusError, match=r"slides.parquet lacks column\(s\) " + ", ".join(columns)):
+        list(CorpusLoader(CorpusDataset(root, LoaderSettings.from_dict(options))))
+
+
+def test_a_positions_file_saved_by_excel_reads_like_the_original(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark and CRLF line ends (what Excel writes) are not a fault."""
+    from stcorpus.curate.readers import read_slide
+    from tests.test_readers_support import make_sample as reader_sample
+
+    spatial = tmp_path / "spatial"
+    shutil.copytree(HEART / "spatial", spatial)
+    positions = spatial / POSITIONS
+    header = b"barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\r\n"
+    positions.write_bytes(b"\xef\xbb\xbf" + header + positions.read_bytes().replace(b"\n", b"\r\n"))
+    files = {"matrix": HEART_H5, "spatial": spatial}
+    excel, original = (
+        read_slide(reader_sample(f), f) for f in (files, {"matrix": HEART_H5, "spatial": HEART / "spatial"})
+    )
+    assert np.array_equal(excel.spots.x_px, original.spots.x_px) and excel.dropped_spots == original.dropped_spots
+    excel.image.close()
+    original.image.close()
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_local_source_that_is_a_device_or_fifo_is_refused_not_read_forever(tmp_path: Path, special: str) -> None:
+    import os
+
+    path = Path(special) if special.startswith("/") else tmp_path / special
+    if special == "fifo":
+        os.mkfifo(path)
+    sample = make_sample(tmp_path, {"st": str(path)}, allow_local=True, sample_id="CRAFTED-2")
+    with Fetcher(settings(tmp_path)) as fetcher, pytest.raises(FetchError, match="device or special file"):
+        fetcher.fetch(sample.sources["st"], sample=sample)
+
+
+def _spoil_first(marker: bytes, *, skip: int, n: int) -> Callable[[Path], None]:
+    """Overwrite ``n`` bytes ``skip`` bytes after the first ``marker`` of the first train wds shard (same size)."""
+
+    def apply(root: Path) -> None:
+        shard = _shard(root, "wds")
+        raw = bytearray(shard.read_bytes())
+        at = raw.find(marker)
+        assert at >= 0, marker
+        raw[at + skip : at + skip + n] = b"z" * n
+        shard.write_bytes(bytes(raw))
+
+    return apply
+
+
+#: A sample whose member bytes are damaged (the shard's size and tar structure intact): skipped under `warn`.
+SAMPLE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "patch-jpeg-spoilt": (_spoil_first(b"\xff\xd8\xff", skip=0, n=200), "patch is not a decodable JPEG"),
+    "expression-npz-spoilt": (_spoil_first(b"\x93NUMPY", skip=10, n=50), "malformed expr.npz member"),
+    "metadata-json-spoilt": (_spoil_first(b'{"', skip=0, n=8), "malformed json member"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_CASES))
+def test_a_damaged_sample_is_a_bad_sample_error_and_warn_skips_only_it(
+    pristine_corpus: FixtureCorpus, tmp_path: Path, name: str
+) -> None:
+    damage, says = SAMPLE_CASES[name]
+    root = tmp_path / "corpus"
+    shutil.copytree(pristine_corpus.root, root)
+    damage(root)
+    with pytest.raises(StcorpusError, match=re.escape(says)):
+        _epoch(root, fmt="wds", policy="error")
+    n, skipped = _epoch(root, fmt="wds", policy="warn")
+    assert skipped["samples"] == 1 and skipped["shards"] == 0
+    assert n == len(pristine_corpus.keys("train")) - 1

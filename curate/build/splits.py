@@ -181,8 +181,11 @@ def _parse(path: Path, data: bytes) -> dict[str, Holdout]:
     unknown = sorted(set(raw) - {"holdout", "description", "slides"}, key=str)
     if unknown:
         raise ManifestError(f"{path}: {unknown_keys_message(unknown, ['holdout', 'description', 'slides'])}")
+    slides = raw.get("slides") or []
+    if not isinstance(slides, list):
+        raise ManifestError(f"{path}: `slides` is a {type(slides).__name__}; it is a list of {{id, reason}} entries")
     holdouts: dict[str, Holdout] = {}
-    for i, entry in enumerate(raw.get("slides") or []):
+    for i, entry in enumerate(slides):
         if not isinstance(entry, dict) or set(entry) != {"id", "reason"}:
             raise ManifestError(f"{path}: slides[{i}]: each entry needs exactly `id` and `reason`")
         slide_id, reason = str(entry["id"]), str(entry["reason"])

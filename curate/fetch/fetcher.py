@@ -318,6 +318,10 @@ class Fetcher:
             raise FetchError(f"{what}: {path} does not exist (relative paths start at the manifest's folder)")
         if path.is_dir():
             digest, size = tree_digest(path, cache=self.cache)
+        elif not path.is_file():  # /dev/zero, a FIFO, a socket: hashing it would never end
+            raise FetchError(
+                f"{what}: {path} is a device or special file, not a data file or folder; name the file itself"
+            )
         else:
             digest, size = self.cache.local_sha256(path), path.stat().st_size
         if source.size is not None and size != source.size:

@@ -17,6 +17,7 @@ Reader modules are imported only when a reader is used (they pull in h5py, annda
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,9 @@ def check_sample(sample: Sample) -> list[str]:
                 coerce(spec.options[option], value, f"reader.{option}", error=ManifestError)
             except ManifestError as exc:
                 problems.append(f"{where}: {exc}")
+        size = spec.options.get(option) is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if size and not (math.isfinite(value) and value > 0):  # every float option is a size in um
+            problems.append(f"{where}: reader.{option} must be a positive number of um, not {value!r}")
     return problems
 
 

@@ -57,6 +57,11 @@ def raw_counts(matrix: sp.csr_matrix, *, sample: Sample, source: Path, notes: li
     import scipy.sparse as sp
 
     csr = sp.csr_matrix(matrix)
+    if csr.shape[1] == 0:
+        raise CorruptSourceError(
+            f"{source.name}: the count table has no feature (gene) columns; point the manifest at the slide's counts",
+            slide_id=sample.id,
+        )
     csr.sum_duplicates()
     data = csr.data
     kind = data.dtype.kind
@@ -190,7 +195,7 @@ def single_file_in(folder: Path, suffixes: tuple[str, ...], *, what: str, sample
 def read_json(path: Path, *, sample: Sample) -> dict[str, Any]:
     """A JSON object from ``path``."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptSourceError(f"{path}: not readable JSON: {exc}", slide_id=sample.id) from exc
     if not isinstance(value, dict):
@@ -325,10 +330,11 @@ _BLOCK_BYTES: Final = 8 << 20
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """A text file, read through gzip when its name ends in ``.gz``."""
+    """A text file, read through gzip when its name ends in ``.gz``; a UTF-8 byte-order mark (Excel writes one)
+    is skipped, so a header's first name stays ``barcode``, not ``\ufeffbarcode``."""
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return path.open("r", encoding="utf-8-sig", newline="")
 
 
 def read_count_table(

@@ -176,7 +176,16 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     matrix = adata.X
     if matrix is None:
         raise CorruptSourceError(f"{st_path.name}: X is empty", slide_id=sample.id)
-    counts = sp.csr_matrix(matrix)
+    if getattr(matrix, "dtype", None) == np.float16:  # scipy.sparse has no float16
+        matrix = matrix.astype(np.float32)
+    try:
+        counts = sp.csr_matrix(matrix)
+    except (TypeError, ValueError) as exc:
+        raise CorruptSourceError(
+            f"{st_path}: X ({type(matrix).__name__}, dtype {getattr(matrix, 'dtype', '?')}) is not a count matrix: "
+            f"{exc}",
+            slide_id=sample.id,
+        ) from exc
     dropped = int((~keep).sum())
     if dropped:
         notes.append(f"{dropped} non 'Gene Expression' features dropped (var {VAR_FEATURE_TYPES})")

@@ -42,7 +42,15 @@ import numpy.typing as npt
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
-from stcorpus.curate.readers._common import coordinate, join_spots, option, raw_counts, read_count_table, require_file
+from stcorpus.curate.readers._common import (
+    coordinate,
+    join_spots,
+    open_text,
+    option,
+    raw_counts,
+    read_count_table,
+    require_file,
+)
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
@@ -63,9 +71,9 @@ FloatArray = npt.NDArray[np.float64]
 def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], FloatArray, FloatArray, FloatArray]:
     """Spot ids, x, y and r of a ``_coord.csv``."""
     try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
+        with open_text(path) as handle:
             rows = [row for row in csv.reader(handle) if row]
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CorruptSourceError(f"{path}: cannot read: {exc}", slide_id=sample.id) from exc
     if len(rows) < 2:
         raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
@@ -150,10 +158,15 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     barcodes = count_barcodes[rows]
     x, y, radius = x[coord_rows], y[coord_rows], radius[coord_rows]
 
-    median_r = float(np.median(radius))
-    if not median_r > 0:
-        raise CorruptSourceError(f"{coords_path.name}: spot radius r is {median_r}", slide_id=sample.id)
-    if float(np.max(np.abs(radius - median_r))) > 0.01 * median_r:
+    finite_r = radius[np.isfinite(radius)]
+    median_r = float(np.median(finite_r)) if finite_r.size else float("nan")
+    if not median_r > 0 and sample.mpp is None:  # r gives the um/px; with the manifest's `mpp` it is not needed
+        raise CorruptSourceError(
+            f"{coords_path}: spot radius r is {median_r} (median of {radius.shape[0]:,} spots), so the um/px cannot "
+            "be derived from it; set the sample's `mpp` in the manifest",
+            slide_id=sample.id,
+        )
+    if median_r > 0 and float(np.max(np.abs(finite_r - median_r))) > 0.01 * median_r:
         notes.append(f"spot radius varies ({radius.min():.2f}..{radius.max():.2f} px): the median {median_r:.2f} used")
     mpp_source: MppSource
     if sample.mpp is not None:
