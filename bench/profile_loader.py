@@ -1,29 +1,83 @@
-"""Where the loader's worker time goes per sample (issue 16): cProfile of one epoch at 3,000 genes.
+"""Where the loader's worker time goes per sample (issue 16), at 3,000 genes.
 
-Builds bench/format.py's 3,000-gene corpus (same generator, same writer) and profiles one in-process
-epoch of the loader for Parquet and tar, with and without niche, sparse output, log1p.
+Builds bench/format.py's 3,000-gene corpus (same generator, same writer) and runs in-process
+epochs of the loader for Parquet and tar, with and without niche, sparse output, log1p:
 
-    .venv/bin/python -m bench.profile_loader --samples 512
+- ``--mode sections`` (default): CPU microseconds per sample in each stage of the worker,
+  timed around the functions that do the work (the best of ``--repeat`` epochs by total; the
+  rest of the total is the plan, the tar cursor and the stages' loops);
+- ``--mode cprofile``: cProfile of one epoch, by internal time.
+
+    .venv/bin/python -m bench.profile_loader --samples 384
+    .venv/bin/python -m bench.profile_loader --samples 384 --mode cprofile --top 25
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench import format as fmt
+
+RUNS = (("parquet", False), ("parquet", True), ("wds", False), ("wds", True))
+
+
+@contextmanager
+def timed_sections(spent: defaultdict[str, float]) -> Iterator[None]:
+    """Time the loader's working functions into ``spent`` (CPU seconds by section) while inside."""
+    import pyarrow.parquet as pq
+
+    from stcorpus.loaders import dataset, read
+
+    targets: list[tuple[Any, str, str]] = [
+        (pq.ParquetFile, "read_row_group", "Parquet row-group read (pyarrow)"),
+        (read, "raw_from_table", "Arrow -> raw samples (raw_from_table)"),
+        (read, "raw_from_members", "tar members -> raw samples (json, npz)"),
+        (dataset.CheckExpression, "check", "check expression"),
+        (dataset.DecodeImages, "decode", "JPEG decode, both views"),
+        (dataset, "_sparse", "batch sparse arrays (_sparse)"),
+        (dataset.Collate, "collate", "collate (incl. _sparse)"),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+
+    def wrap(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+
+        return timed
+
+    for (owner, name, label), (_, _, original) in zip(targets, originals, strict=True):
+        setattr(owner, name, wrap(original, label))
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--mode", choices=["sections", "cprofile"], default="sections")
+    parser.add_argument("--repeat", type=int, default=5, help="epochs per run (sections: the least total is kept)")
+    parser.add_argument("--top", type=int, default=25, help="cprofile: rows to print")
     parser.add_argument("--work", type=Path, default=fmt.OUT / "profile-work")
     args = parser.parse_args(argv)
     import torch
@@ -39,16 +93,44 @@ def main(argv: list[str] | None = None) -> None:
     spots = fmt.synthetic_profile(3000, args.samples, frequency=frequency, values=values, seed=0)
     samples = fmt.samples_of(spots, fmt.Crops(), n=args.samples)
     root = fmt.write_corpus(args.work / "3000-after", samples, vocab, variant="after")
-    for form in ("parquet", "wds"):
-        for niche in (False, True):
-            run = fmt.loader_run(root, form, batch=args.batch, genes={"transform": "log1p", "niche": niche})
-            run()
+    pairs = [(s.patch, s.region) for s in samples]
+    table: dict[str, dict[str, float]] = {}
+    for form, niche in RUNS:
+        name = f"{form}{' + niche' if niche else ''}"
+        run = fmt.loader_run(root, form, batch=args.batch, genes={"transform": "log1p", "niche": niche})
+        run()
+        if args.mode == "cprofile":
             profile = cProfile.Profile()
             profile.enable()
             count = run()
             profile.disable()
-            print(f"\n## {form}{' + niche' if niche else ''}: {count} samples", flush=True)
+            print(f"\n## {name}: {count} samples", flush=True)
             pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
+            continue
+        best: tuple[float, defaultdict[str, float], float, int] | None = None
+        for _ in range(args.repeat):
+            spent: defaultdict[str, float] = defaultdict(float)
+            limit_start = time.process_time()
+            fmt.decode_limit(pairs, args.batch)
+            limit = time.process_time() - limit_start
+            with timed_sections(spent):
+                start = time.process_time()
+                count = run()
+                total = time.process_time() - start
+            if best is None or total < best[0]:
+                best = (total, spent, limit, count)
+        assert best is not None
+        total, spent, limit, count = best
+        column = {label: 1e6 * s / count for label, s in spent.items()}
+        column["whole epoch"] = 1e6 * total / count
+        column["JPEG decode limit (same round)"] = 1e6 * limit / len(pairs)
+        table[name] = column
+    if table:
+        labels = list(dict.fromkeys(label for column in table.values() for label in column))
+        print("| us per sample | " + " | ".join(table) + " |")
+        print("|---|" + "---:|" * len(table))
+        for label in labels:
+            print(f"| {label} | " + " | ".join(f"{c[label]:.0f}" if label in c else "" for c in table.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Shard readers: the selected rows of WebDataset tars and Parquet files, as raw samples.
 
 Both formats yield the same :class:`RawSample`: the JPEG bytes of the views (not decoded), the
-expression as numpy arrays (views into the read buffers) and ``pos`` / ``n_neighbors``. For a tar
+expression as numpy arrays (views into the read buffers: Arrow's, or the shard's memory map for a
+tar on disk) and ``pos`` / ``n_neighbors``. Images are decoded by the next stage (on the CPU, or
+on the GPU from the bytes), never here. For a tar
 that means taking its ``expr.npz`` and ``json`` members apart (``parse_npz``: headers only, no
 copy); a member that cannot be taken apart marks the sample with a ``fault`` for the loader's
 ``on_bad_sample`` policy instead of stopping the shard. Skipping a sample costs a header parse
@@ -12,7 +14,9 @@ Tar members are parsed here rather than with ``tarfile``: ``tarfile`` reads abou
 members/s per core, which at four members per sample would cost a third of the time it takes to
 decode the two JPEGs. This reader handles what our writer and common tar writers produce:
 ustar (with prefix), pax extended headers (``x``; ``g`` ignored) and GNU long names (``L``);
-every header's checksum is verified.
+every header's checksum is verified. Shards on disk are read through a memory map (tar) or
+pyarrow's (Parquet): shards are written under a temporary name and renamed into place, never
+rewritten, so a map stays valid while views of it are in use.
 """
 
 from __future__ import annotations
