@@ -362,7 +362,7 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
     """Fetch the slide's sources: within the cache budget, pinned for this slide, with progress lines."""
     from stcorpus.curate.fetch import Fetcher
     from stcorpus.curate.fetch.budget import CacheBudget, Need
-    from stcorpus.curate.fetch.evict import hold, reclaim
+    from stcorpus.curate.fetch.evict import hold, reclaim, remote_sources
     from stcorpus.curate.fetch.progress import DownloadProgress
 
     files: dict[str, Path] = {}
@@ -382,8 +382,12 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
                 )
             needs = [Need(s.url, size or 0) for s, size in zip(to_download, sizes, strict=True)]
             progress.total = sum(n.size for n in needs) or None
+            cached = [
+                s for s in remote_sources(sample) if s not in to_download and not fetcher.is_mirrored(s, sample=sample)
+            ]
+            held = sum(fetcher.expected(s, sample=sample)[1] or 0 for s in cached)
             budget = CacheBudget(fetcher.cache, fetch.cache_budget, reclaim=functools.partial(reclaim, fetcher.cache))
-            room = budget.reserve(sample.id, needs, what=sample.describe())
+            room = budget.reserve(sample.id, needs, what=sample.describe(), held=held)
         else:
             sizes = [fetcher.expected(s, sample=sample)[1] for s in to_download]
             progress.total = None if None in sizes else sum(size or 0 for size in sizes) or None

@@ -215,6 +215,16 @@ class Fetcher:
 
     # --- mirrors and huggingface_hub's cache ---------------------------------------------------
 
+    def is_mirrored(self, source: Source, *, sample: Sample) -> bool:
+        """Whether the source's file is in a local mirror (read in place, outside the cache)."""
+        found = self._mirror_path(source, sample=sample, what=source.url)
+        if found is not None and found[1].is_file():
+            return True
+        if url_scheme(source.url) == "hf" and self.settings.use_hf_cache:
+            file = parse_hf_url(source.url)
+            return _hf_cached(file.repo_id, file.path, revision=file.revision) is not None
+        return False
+
     def needs_download(self, source: Source, *, sample: Sample) -> bool:
         """Whether fetching ``source`` would download it (not local, cached, mirrored or in huggingface_hub's cache).
 
@@ -227,9 +237,8 @@ class Fetcher:
         mirrored = self._mirror_path(source, sample=sample, what=source.url)
         if mirrored is not None and mirrored[1].is_file():
             return False
-        if scheme == "hf" and self.settings.use_hf_cache and self.expected(source, sample=sample)[0] is not None:
-            file = parse_hf_url(source.url)
-            return _hf_cached(file.repo_id, file.path, revision=file.revision) is None
+        if scheme == "hf" and self.expected(source, sample=sample)[0] is not None:
+            return not self.is_mirrored(source, sample=sample)
         return True
 
     def _mirror_path(self, source: Source, *, sample: Sample, what: str) -> tuple[str, Path] | None:
