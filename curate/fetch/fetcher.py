@@ -213,6 +213,27 @@ class Fetcher:
             return int(length) if length.strip().isdigit() else None
         return None
 
+    def identify(self, source: Source, *, sample: Sample) -> str | None:
+        """The sha256 an ``hf://`` source's bytes have, from one HEAD, remembered in the URL index; else None.
+
+        A build asks before it pins slides' inputs, so slides that share bytes under different
+        URLs share one pin (``evict.py``). Only the Hub announces a digest before the download
+        (for LFS/Xet files); a failed HEAD is left for the fetch to report.
+        """
+        known = self.expected(source, sample=sample)[0]
+        if known is not None or url_scheme(source.url) != "hf":
+            return known
+        what = f"{sample.describe()}: source {_name_in(sample, source)!r} ({_display(source.url)})"
+        try:
+            plan = self._plan_hub(source, what=what)
+        except FetchError as exc:
+            logger.debug("%s: no digest before the download (%s)", what, exc)
+            return None
+        if plan.sha256 is None or plan.size is None:
+            return None
+        self.cache.record_url(UrlRecord(url=source.url, sha256=plan.sha256, size=plan.size, commit=plan.commit))
+        return plan.sha256
+
     # --- mirrors and huggingface_hub's cache ---------------------------------------------------
 
     def is_mirrored(self, source: Source, *, sample: Sample) -> bool:
