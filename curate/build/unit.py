@@ -358,6 +358,10 @@ def _failed(result: UnitResult, exc: BaseException, *, where: _Where) -> None:
     log.debug("slide %s failed", result.slide_id, exc_info=exc)
 
 
+#: Downloads of one input a unit tries before it gives up pinning it (another slide's release raced it).
+_HOLD_TRIES = 3
+
+
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
     """Fetch the slide's sources: within the cache budget, pinned for this slide, with progress lines."""
     from stcorpus.curate.fetch import Fetcher
@@ -397,10 +401,17 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
                 got = fetcher.fetch(source, sample=sample, name=name)
                 if pins_inputs(fetch) and not got.local:
                     # Pinned by content before anything else may delete it; gone meanwhile: fetch again.
-                    paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
-                    while not hold(fetcher.cache, sample.id, url=got.url, sha256=got.sha256, paths=paths):
-                        got = fetcher.fetch(source, sample=sample, name=name)
+                    for attempt in range(1, _HOLD_TRIES + 1):
                         paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
+                        if hold(fetcher.cache, sample.id, url=got.url, sha256=got.sha256, paths=paths):
+                            break
+                        if attempt < _HOLD_TRIES:
+                            got = fetcher.fetch(source, sample=sample, name=name)
+                    else:
+                        raise FetchError(
+                            f"{sample.describe()}: source {name!r} was deleted from the cache {_HOLD_TRIES} times "
+                            "between its download and its use: is another program cleaning the cache folder (--cache)?"
+                        )
                 files[name] = got.target
                 result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
     if fetch.progress_every is not None:
