@@ -93,6 +93,13 @@ def test_slides_pinned_by_url_keep_bytes_another_slide_fetched_and_released(tmp_
         assert release(fetcher.cache, b, digests=[got.sha256]) == got.size
 
 
+def test_hold_says_when_the_bytes_went_before_the_pin(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    sha = hashlib.sha256(b"gone").hexdigest()
+    assert not hold(cache, "A", url="http://h/gone", sha256=sha, paths=[tmp_path / "deleted-meanwhile"])
+    assert (cache.root / "pins" / f"sha256-{sha}").is_dir()  # pinned now: the download that follows stays
+
+
 def test_keep_sources_unpins_without_deleting(tmp_path: Path) -> None:
     www = tmp_path / "www"
     www.mkdir()

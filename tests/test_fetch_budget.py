@@ -123,12 +123,15 @@ def test_a_build_stays_within_its_cache_budget(tmp_path: Path) -> None:
     budget = max(sizes["st0.h5ad"], sizes["st1.h5ad"]) + sizes["img.jpg"] + 1000  # one slide's inputs, not two
     with serve(www) as server:
         path = _http_manifest(tmp_path, server, 2)
-        fetch = settings(tmp_path, cache_budget=budget)
+        # --keep-sources: without the budget both slides' inputs would stay (st0 + st1 + img > budget);
+        # the budget deletes st0, which no slide needs any more, before st1 comes in.
+        fetch = settings(tmp_path, cache_budget=budget, keep_sources=True)
         peak = _Peak(Cache(fetch.cache_dir))
         with peak:
             summary = build([path], out=tmp_path / "out", settings=BuildSettings(progress=False), fetch=fetch)
     assert summary.exit_code == 0 and summary.slides.get("built") == 2
-    assert 0 < peak.most <= budget
+    assert sizes["st0.h5ad"] + sizes["st1.h5ad"] + sizes["img.jpg"] > budget >= peak.most > 0
+    assert server.count("/img.jpg", method="GET") == 1  # pinned by the second slide: never reclaimed
 
 
 def test_a_slide_larger_than_the_budget_fails_with_what_to_do(
