@@ -41,8 +41,8 @@ def variant_h5ad(folder: Path, name: str, *, drop: int, integer: bool = False) -
 def hest_entry(
     slide_id: str,
     *,
-    st: Path = H5AD,
-    wsi: Path = IMAGE,
+    st: Path | str = H5AD,
+    wsi: Path | str = IMAGE,
     source: str = "hest",
     licence: str = "CC-BY-4.0",
     patient: str | None = None,

@@ -249,6 +249,7 @@ def _pin_and_release(
     from stcorpus.curate.fetch.evict import pin, release
 
     cache = Cache(fetch.cache_dir)
+    _identify(pending, fetch=fetch)
     pin(cache, pending)
     waiting = {sample.id for sample in pending}
     for sample in samples:
@@ -256,6 +257,22 @@ def _pin_and_release(
             # A pin a killed build left, or inputs fetched before this build.
             inputs = done[sample.id].inputs if sample.id in done else []
             release(cache, sample, digests=[str(i["sha256"]) for i in inputs], delete=not fetch.keep_sources)
+
+
+def _identify(samples: Sequence[Sample], *, fetch: FetchSettings) -> None:
+    """Learn the digests the Hub announces for unpinned ``hf://`` sources (HEADs, ``per_host`` at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stcorpus.curate.fetch import Fetcher
+    from stcorpus.curate.fetch.evict import remote_sources
+
+    todo = [
+        (sample, source) for sample in samples for source in remote_sources(sample) if source.url.startswith("hf://")
+    ]
+    if not todo:
+        return
+    with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=fetch.per_host) as pool:
+        list(pool.map(lambda pair: fetcher.identify(pair[1], sample=pair[0]), todo))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -367,11 +367,15 @@ def _failed(result: UnitResult, exc: BaseException, *, where: _Where) -> None:
     log.debug("slide %s failed", result.slide_id, exc_info=exc)
 
 
+#: Downloads of one input a unit tries before it gives up pinning it (another slide's release raced it).
+_HOLD_TRIES = 3
+
+
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
     """Fetch the slide's sources: within the cache budget, pinned for this slide, with progress lines."""
     from stcorpus.curate.fetch import Fetcher
     from stcorpus.curate.fetch.budget import CacheBudget, Need
-    from stcorpus.curate.fetch.evict import hold, reclaim
+    from stcorpus.curate.fetch.evict import hold, reclaim, remote_sources
     from stcorpus.curate.fetch.progress import DownloadProgress
 
     files: dict[str, Path] = {}
@@ -391,8 +395,12 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
                 )
             needs = [Need(s.url, size or 0) for s, size in zip(to_download, sizes, strict=True)]
             progress.total = sum(n.size for n in needs) or None
+            cached = [
+                s for s in remote_sources(sample) if s not in to_download and not fetcher.is_mirrored(s, sample=sample)
+            ]
+            held = sum(fetcher.expected(s, sample=sample)[1] or 0 for s in cached)
             budget = CacheBudget(fetcher.cache, fetch.cache_budget, reclaim=functools.partial(reclaim, fetcher.cache))
-            room = budget.reserve(sample.id, needs, what=sample.describe())
+            room = budget.reserve(sample.id, needs, what=sample.describe(), held=held)
         else:
             sizes = [fetcher.expected(s, sample=sample)[1] for s in to_download]
             progress.total = None if None in sizes else sum(size or 0 for size in sizes) or None
@@ -402,10 +410,17 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
                 got = fetcher.fetch(source, sample=sample, name=name)
                 if pins_inputs(fetch) and not got.local:
                     # Pinned by content before anything else may delete it; gone meanwhile: fetch again.
-                    paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
-                    while not hold(fetcher.cache, sample.id, url=got.url, sha256=got.sha256, paths=paths):
-                        got = fetcher.fetch(source, sample=sample, name=name)
+                    for attempt in range(1, _HOLD_TRIES + 1):
                         paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]
+                        if hold(fetcher.cache, sample.id, url=got.url, sha256=got.sha256, paths=paths):
+                            break
+                        if attempt < _HOLD_TRIES:
+                            got = fetcher.fetch(source, sample=sample, name=name)
+                    else:
+                        raise FetchError(
+                            f"{sample.describe()}: source {name!r} was deleted from the cache {_HOLD_TRIES} times "
+                            "between its download and its use: is another program cleaning the cache folder (--cache)?"
+                        )
                 files[name] = got.target
                 result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
     if fetch.progress_every is not None:

@@ -140,28 +140,32 @@ class CacheBudget:
         return max(0, size - have)
 
     @contextlib.contextmanager
-    def reserve(self, holder: str, needs: Sequence[Need], *, what: str) -> Iterator[None]:
-        """Hold room for ``needs`` (waiting for it) for the ``with`` block; ``what`` names the slide in messages."""
+    def reserve(self, holder: str, needs: Sequence[Need], *, what: str, held: int = 0) -> Iterator[None]:
+        """Hold room for ``needs`` (waiting for it) for the ``with`` block; ``what`` names the slide in messages.
+
+        ``held``: bytes of the slide's inputs already in the cache (they stay while it runs, so the
+        slide can never fit if they and ``needs`` together exceed the budget).
+        """
         wanted = sum(need.size for need in needs)
-        if wanted > self.limit:
+        if wanted + held > self.limit:
             largest = max(needs, key=lambda need: need.size)
             raise BudgetExceededError(
-                f"{what}: its inputs to download take {format_size(wanted)} (the largest, {largest.url}, "
-                f"{format_size(largest.size)}), more than {self.flag} {format_size(self.limit)}; raise "
-                f"{self.flag} to at least {format_size(wanted)}"
+                f"{what}: its inputs take {format_size(wanted + held)} ({format_size(held)} already in the cache; "
+                f"the largest to download, {largest.url}, {format_size(largest.size)}), more than {self.flag} "
+                f"{format_size(self.limit)}; raise {self.flag} to at least {format_size(wanted + held)}"
             )
         key = url_key(holder)
         path = self._dir / f"{key}.json"
-        waited_since: float | None = None
-        last_said = 0.0
+        last_said = time.monotonic()
         pause = 0.02
         while True:
             with self._lock():
+                # What is on disk counts once: a partial download left by a killed run is in disk_bytes.
+                coming = sum(self._still_to_come(need.url, need.size) for need in needs)
                 used = disk_bytes(self.cache) + self.outstanding(exclude=key)
-                if used + wanted > self.limit and self._reclaim is not None:
-                    freed = self._reclaim(used + wanted - self.limit)
-                    used -= freed
-                if used + wanted <= self.limit:
+                if used + coming > self.limit and self._reclaim is not None:
+                    used -= self._reclaim(used + coming - self.limit)
+                if used + coming <= self.limit:
                     record = {
                         "holder": holder,
                         "host": socket.gethostname(),
@@ -171,8 +175,6 @@ class CacheBudget:
                     self.cache.write_json(path, record)
                     break
             now = time.monotonic()
-            if waited_since is None:
-                waited_since = now
             if now - last_said >= 30.0:
                 last_said = now
                 log.info(

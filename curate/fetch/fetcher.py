@@ -213,7 +213,38 @@ class Fetcher:
             return int(length) if length.strip().isdigit() else None
         return None
 
+    def identify(self, source: Source, *, sample: Sample) -> str | None:
+        """The sha256 an ``hf://`` source's bytes have, from one HEAD, remembered in the URL index; else None.
+
+        A build asks before it pins slides' inputs, so slides that share bytes under different
+        URLs share one pin (``evict.py``). Only the Hub announces a digest before the download
+        (for LFS/Xet files); a failed HEAD is left for the fetch to report.
+        """
+        known = self.expected(source, sample=sample)[0]
+        if known is not None or url_scheme(source.url) != "hf":
+            return known
+        what = f"{sample.describe()}: source {_name_in(sample, source)!r} ({_display(source.url)})"
+        try:
+            plan = self._plan_hub(source, what=what)
+        except FetchError as exc:
+            logger.debug("%s: no digest before the download (%s)", what, exc)
+            return None
+        if plan.sha256 is None or plan.size is None:
+            return None
+        self.cache.record_url(UrlRecord(url=source.url, sha256=plan.sha256, size=plan.size, commit=plan.commit))
+        return plan.sha256
+
     # --- mirrors and huggingface_hub's cache ---------------------------------------------------
+
+    def is_mirrored(self, source: Source, *, sample: Sample) -> bool:
+        """Whether the source's file is in a local mirror (read in place, outside the cache)."""
+        found = self._mirror_path(source, sample=sample, what=source.url)
+        if found is not None and found[1].is_file():
+            return True
+        if url_scheme(source.url) == "hf" and self.settings.use_hf_cache:
+            file = parse_hf_url(source.url)
+            return _hf_cached(file.repo_id, file.path, revision=file.revision) is not None
+        return False
 
     def needs_download(self, source: Source, *, sample: Sample) -> bool:
         """Whether fetching ``source`` would download it (not local, cached, mirrored or in huggingface_hub's cache).
@@ -227,9 +258,8 @@ class Fetcher:
         mirrored = self._mirror_path(source, sample=sample, what=source.url)
         if mirrored is not None and mirrored[1].is_file():
             return False
-        if scheme == "hf" and self.settings.use_hf_cache and self.expected(source, sample=sample)[0] is not None:
-            file = parse_hf_url(source.url)
-            return _hf_cached(file.repo_id, file.path, revision=file.revision) is None
+        if scheme == "hf" and self.expected(source, sample=sample)[0] is not None:
+            return not self.is_mirrored(source, sample=sample)
         return True
 
     def _mirror_path(self, source: Source, *, sample: Sample, what: str) -> tuple[str, Path] | None:

@@ -216,7 +216,7 @@ def check_sample(sample: Sample) -> list[str]:
             except ManifestError as exc:
                 problems.append(f"{where}: {exc}")
         size = spec.options.get(option) is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-        if size and not (math.isfinite(value) and value > 0):  # every float option is a size in um
+        if size and not (math.isfinite(float(value)) and float(value) > 0):  # every float option is a size in um
             problems.append(f"{where}: reader.{option} must be a positive number of um, not {value!r}")
     return problems
 
