@@ -355,7 +355,10 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
     files: dict[str, Path] = {}
     with Fetcher(fetch) as fetcher:
         for name in sorted(sample.sources):
-            got = fetcher.fetch(sample.sources[name], sample=sample, name=name)
+            source = sample.sources[name]
+            # A remote TIFF is read by byte range as the tiles need it (unless --no-range-reads).
+            ranged = fetcher.open_ranged(source, sample=sample, name=name) if fetch.range_reads else None
+            got = ranged if ranged is not None else fetcher.fetch(source, sample=sample, name=name)
             files[name] = got.target
             result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
     return files

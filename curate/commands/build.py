@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="delete each slide's downloaded inputs from the cache once its unit is committed "
         "(reference-counted across slides sharing a URL; default: keep them)",
     )
+    parser.add_argument(
+        "--no-range-reads",
+        action="store_true",
+        help="download remote TIFFs whole (default: a pinned http(s)/hf:// TIFF is read by byte range, only the "
+        "tiles the build decodes)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
     add_executor_arguments(parser)
@@ -254,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     fetch = FetchSettings(
         allow_local=args.allow_local,
         keep_sources=not args.release_sources,
+        range_reads=not args.no_range_reads,
         **({"cache_dir": args.cache} if args.cache else {}),
     )
     with executor_from(args) as executor:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from stcorpus.curate.fetch.cache import Cache, is_sha256, url_key
 from stcorpus.curate.fetch.fetcher import url_scheme
+from stcorpus.curate.fetch.ranges import evict_copy
 from stcorpus.curate.manifest import Sample
 from stcorpus.locking import file_lock
 
@@ -68,7 +69,7 @@ def release(cache: Cache, sample: Sample) -> int:
                 continue  # another slide still needs it
             with contextlib.suppress(OSError):
                 folder.rmdir()
-            freed += _evict_url(cache, url)
+            freed += _evict_url(cache, url) + evict_copy(cache, url)
     return freed
 
 

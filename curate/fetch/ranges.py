@@ -368,7 +368,8 @@ def open_partial(path: Path) -> PartialFile | None:
 
 
 def _client(record: RangeRecord) -> HttpClient:
-    policy = RetryPolicy(**record.policy) if record.policy else RetryPolicy()
+    known = {name: record.policy[name] for name in RetryPolicy.__dataclass_fields__ if name in record.policy}
+    policy = RetryPolicy(**known)  # type: ignore[arg-type]  # JSON numbers of the same fields
     return HttpClient(policy, limit=PerHostLimit(record.per_host), pool_size=record.per_host)
 
 

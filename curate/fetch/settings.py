@@ -58,6 +58,9 @@ class FetchSettings:
     #: ``--release-sources`` sets False);
     #: when False a build releases them (``evict.py``: reference-counted across slides).
     keep_sources: bool = True
+    #: Read remote TIFFs by byte range where a build opens them (``ranges.py``): only the tiles
+    #: it decodes are downloaded. ``curate build --no-range-reads`` sets False (whole files).
+    range_reads: bool = True
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
