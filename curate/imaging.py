@@ -319,11 +319,13 @@ class SlideImage(ABC):
         scale = max(self.width, self.height) / max_size
         if scale <= 1:
             return self.read_region(level=0, x=0, y=0, width=self.width, height=self.height, keep_alpha=keep_alpha)
+        # The coarsest source at least as fine as the thumbnail; among equally coarse ones, the one with the
+        # least reduction (as plan_scale chooses): the smaller level decodes (and, read by range, downloads) less.
         level, reduce = 0, 1
         for index, lvl in enumerate(self.levels):
             for factor in self.reductions(index):
                 if lvl.downsample * factor <= scale * (1 + 1e-6) and (
-                    lvl.downsample * factor > self.levels[level].downsample * reduce
+                    lvl.downsample * factor >= self.levels[level].downsample * reduce * (1 - 1e-9)
                 ):
                     level, reduce = index, factor
         source_width, source_height = self.level_size(level, reduce=reduce)

@@ -49,9 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Ranges closer than this are fetched in one request (the bytes between come along): one more
-#: request costs a round trip, about what a MiB takes at 1 Gbit/s over 10 ms.
+#: request costs a round trip, about what a MiB takes at 1 Gbit/s over 10 ms. A small file uses
+#: a gap of 1/64 of its size, so what comes along stays a small part of it.
 COALESCE_GAP: Final = 1 << 20
-#: Least bytes a read that misses downloads (TIFF headers and IFDs are read in small pieces).
+#: Least bytes a read that misses downloads (TIFF headers and IFDs are read in small pieces);
+#: at most 1/256 of the file.
 READAHEAD: Final = 1 << 16
 #: The suffix of the record beside a partial copy.
 RECORD_SUFFIX: Final = ".ranges.json"
@@ -239,6 +241,8 @@ class PartialFile(io.RawIOBase):
         self.record = record
         self.coverage = Coverage((a, b) for a, b in record.spans)
         self.size = record.size
+        self.gap = min(COALESCE_GAP, max(4096, record.size // 64))
+        self.readahead = min(READAHEAD, max(4096, record.size // 256))
         self.fetched_bytes = 0
         self.requests = 0
         self._client = client if client is not None else _client(record)
@@ -286,8 +290,8 @@ class PartialFile(io.RawIOBase):
             wanted = self.coverage.missing(start, stop)
             if wanted:
                 # A miss reads ahead: the next IFD or tag value usually follows.
-                ahead = min(self.size, max(stop, start + READAHEAD))
-                self._download(coalesce(self.coverage.missing(start, ahead), gap=COALESCE_GAP))
+                ahead = min(self.size, max(stop, start + self.readahead))
+                self._download(coalesce(self.coverage.missing(start, ahead), gap=self.gap))
             data = os.pread(self._fd, stop - start, start)
         if len(data) != stop - start:
             raise FetchError(f"{self.path}: the partial copy is shorter than {self.size} bytes; delete it to restart")
@@ -304,11 +308,15 @@ class PartialFile(io.RawIOBase):
 
     # --- downloads -----------------------------------------------------------------------------
 
-    def prefetch(self, spans: Iterable[Span], *, gap: int = COALESCE_GAP) -> int:
-        """Download the parts of ``spans`` the copy lacks, merged into few requests; returns the bytes fetched."""
+    def prefetch(self, spans: Iterable[Span], *, gap: int | None = None) -> int:
+        """Download the parts of ``spans`` the copy lacks, merged into few requests; returns the bytes fetched.
+
+        Parts less than ``gap`` bytes apart (default: ``self.gap``) are fetched in one request.
+        """
+        gap = self.gap if gap is None else gap
         with self._lock:
             missing: list[Span] = []
-            for start, stop in coalesce(((max(0, a), min(self.size, b)) for a, b in spans), gap=gap):
+            for start, stop in coalesce(((max(0, a), min(self.size, b)) for a, b in spans), gap=0):
                 missing.extend(self.coverage.missing(start, stop))
             before = self.fetched_bytes
             self._download(coalesce(missing, gap=gap))
