@@ -21,11 +21,14 @@ from PIL import Image
 from stcorpus import schema
 from stcorpus.curate.cli import main
 from stcorpus.curate.errors import FetchError
+from stcorpus.curate.fetch import Fetcher
 from stcorpus.curate.fetch.ranges import Coverage, RangeRecord, coalesce, open_partial, start_copy
 from stcorpus.curate.imaging import SlideImage, TiffImage, Window, open_image
 from tests.build_fixtures import H5AD, IMAGE, hest_entry, manifest
 from tests.httpserver import LocalServer
 from tests.test_build import digests
+from tests.test_fetch_http import make_sample, settings
+from tests.test_fetch_hub import COMMIT, TOKEN, add_repo, hub  # noqa: F401  (hub: the Hub stand-in fixture)
 
 TILE = 128
 COMPRESSIONS: dict[str, dict[str, Any]] = {
@@ -170,7 +173,7 @@ def test_a_build_by_range_reads_is_byte_identical_and_downloads_a_part(
 
 
 def test_an_unpinned_tiff_is_downloaded_whole_and_then_used_whole(tmp_path: Path, http_server: LocalServer) -> None:
-    from stcorpus.curate.fetch import Fetcher, FetchSettings
+    from stcorpus.curate.fetch import FetchSettings
     from stcorpus.curate.manifest import load_manifest
 
     served = write_slide(http_server.root / "slide.tif", "lzw")
@@ -185,3 +188,27 @@ def test_an_unpinned_tiff_is_downloaded_whole_and_then_used_whole(tmp_path: Path
         # now whole in the cache: a range read would only cost requests
         again = fetcher.open_ranged(unpinned.sources["wsi"], sample=unpinned, name="wsi")
         assert again is not None and again.cache_hit and (again.path, again.sha256) == (got.path, got.sha256)
+
+
+def test_an_hf_tiff_is_read_by_range_through_the_cdn_with_the_hub_digest(
+    tmp_path: Path,
+    hub: LocalServer,  # noqa: F811  (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    local = write_slide(tmp_path / "slide.tif", "jpeg")
+    add_repo(hub, tmp_path, {"wsis/S1.tif": local.read_bytes()})
+    sample = make_sample(tmp_path, {"wsi": "hf://datasets/MahmoodLab/hest-mini/wsis/S1.tif"})
+    with Fetcher(settings(tmp_path)) as fetcher:
+        got = fetcher.open_ranged(sample.sources["wsi"], sample=sample, name="wsi")
+    assert got is not None and (got.sha256, got.size, got.commit) == (sha256(local), local.stat().st_size, COMMIT)
+    window: Window = (0, 1, 300, 200, 700, 500)
+    with open_image(got.path) as part, open_image(local) as whole:
+        assert part.is_remote and part.prefetch([window]) > 0
+        assert np.array_equal(pixels(part, window), pixels(whole, window))
+    assert 0 < hub.bytes_sent < local.stat().st_size / 2
+    # Range GETs ask the Hub for the commit the HEAD saw, with the token; the CDN never sees it.
+    gets = [r for r in hub.requests if r.method == "GET"]
+    assert gets and all(COMMIT in r.path or "authorization" not in r.headers for r in gets)
+    assert any(r.path.startswith(f"/datasets/MahmoodLab/hest-mini/resolve/{COMMIT}/") for r in gets)
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in gets if COMMIT in r.path)
