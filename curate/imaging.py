@@ -11,6 +11,9 @@
   domain (``reduce``): a cheap, antialiased 2x/4x/8x reduction when the pyramid lacks a level.
   Uncompressed strips are read row by row. Layouts this path does not cover (planar RGB, NDPI,
   multi-page levels) go through tifffile's zarr store.
+- A TIFF that is a partial copy of a remote file (``fetch/ranges.py``: a build's range reads) is
+  read through it: what a read touches is downloaded first, and ``prefetch`` downloads the
+  tiles under many windows in a few requests. The bytes, hence the pixels, are the file's own.
 - PNG and JPEG files cannot be read by window; they are decoded in full on first access
   (in practice they are small: Space Ranger hires/lowres images, STimage PNGs, legacy ST JPEGs).
 

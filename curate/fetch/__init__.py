@@ -13,7 +13,8 @@
 Modules: ``settings`` (``FetchSettings``), ``fetcher`` (``Fetcher``, ``Fetched``), ``http``
 (downloads into the cache, on the shared client of ``stcorpus.http``), ``hub`` (hf:// source
 URLs; resolution in ``stcorpus.hub``), ``archive`` (safe unpacking), ``cache`` (layout, atomic
-writes), ``local`` (local paths, tree digests), ``lockfile`` (``<manifest>.lock.json``);
+writes), ``local`` (local paths, tree digests), ``lockfile`` (``<manifest>.lock.json``), ``ranges``
+(partial copies of remote TIFFs, read by byte range as a build decodes them);
 cross-process locks are ``stcorpus.locking``, shared with the loader's shard cache.
 """
 

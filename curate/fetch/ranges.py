@@ -211,11 +211,7 @@ def evict_copy(cache: Cache, url: str) -> int:
     folder = cache.root / "ranges" / url_key(url)
     if not folder.is_dir():
         return 0
-    held = 0
-    for record in folder.glob(f"*{RECORD_SUFFIX}"):
-        copy = record.with_name(record.name[: -len(RECORD_SUFFIX)])
-        found = read_record(copy)
-        held += found.fetched_bytes if found is not None else 0
+    held = sum(path.stat().st_blocks * 512 for path in folder.iterdir() if path.is_file())  # what the disk holds
     shutil.rmtree(folder, ignore_errors=True)
     return held
 
