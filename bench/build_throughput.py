@@ -49,8 +49,11 @@ SYNTH_MPP = 0.25
 N_GENES = 20_000
 
 
-def synthetic_h5ad(path: Path, *, size: int, seed: int) -> int:
-    """An h5ad as HEST writes it for a full capture area in the middle of a ``size`` px slide; returns n spots."""
+def synthetic_h5ad(
+    path: Path, *, size: int, seed: int, mpp: float = SYNTH_MPP, border_um: float = 500.0, genes_n: int = N_GENES
+) -> int:
+    """An h5ad as HEST writes it for a full capture area (at most 6.5 mm, ``border_um`` from the edges) in
+    the middle of a ``size`` px slide at ``mpp`` um/px; returns n spots."""
     import importlib
 
     import anndata
@@ -59,10 +62,10 @@ def synthetic_h5ad(path: Path, *, size: int, seed: int) -> int:
     from stcorpus.curate.genes.reference import read_table
 
     pd: Any = importlib.import_module("pandas")  # untyped here (no pandas-stubs)
-    genes = [r for r in read_table("mouse") if r.get("biotype") == "protein coding gene"][:N_GENES]
-    area = min(round(6500 / SYNTH_MPP), size - round(1000 / SYNTH_MPP))
+    genes = [r for r in read_table("mouse") if r.get("biotype") == "protein coding gene"][:genes_n]
+    area = min(round(6500 / mpp), size - round(2 * border_um / mpp))
     origin = ((size - area) / 2, (size - area) / 2)
-    xs, ys, rows, cols = visium_spots(width=area, height=area, mpp=SYNTH_MPP, margin_um=50, origin=origin)
+    xs, ys, rows, cols = visium_spots(width=area, height=area, mpp=mpp, margin_um=50, origin=origin)
     rng = np.random.default_rng(seed)
     # Gene popularity follows a power law; library sizes a log-normal around 8,000 UMIs.
     weights = 1.0 / np.arange(1, len(genes) + 1) ** 0.9

@@ -74,6 +74,7 @@ def write_pyramid_tiff(
     tissue: TileMask | None = None,
     jpegtables: bool = False,
     step: int = 2,
+    compression: str = "jpeg",
 ) -> SyntheticSlide:
     """Write a ``width`` x ``height`` pyramidal BigTIFF of real H&E texture at ``mpp`` um/px.
 
@@ -83,11 +84,14 @@ def write_pyramid_tiff(
     tissue; tiles without are plain white (as glass is), which keeps huge test slides small on
     disk. ``jpegtables=True`` stores the quantisation and Huffman tables once in the JPEGTables
     tag and abbreviated streams in the tiles, as Aperio and Hamamatsu scanners do.
+    ``compression="lzw"`` writes RGB tiles LZW-coded instead (as some HEST-1k pyramids are).
     """
     import tifffile
 
     if step not in (2, 4):
         raise ValueError(f"step must be 2 or 4, not {step}")
+    if compression not in ("jpeg", "lzw"):
+        raise ValueError(f"compression must be 'jpeg' or 'lzw', not {compression!r}")
     if levels is None:
         levels = 1
         while max(width, height) // step ** (levels - 1) >= 1024:
@@ -98,6 +102,11 @@ def write_pyramid_tiff(
     tables = _split_tables(_plain(white, quality))[0] if jpegtables else None
 
     def encode(pixels: npt.NDArray[np.uint8]) -> bytes:
+        if compression == "lzw":
+            import imagecodecs
+
+            lzw = bytes(imagecodecs.lzw_encode(np.ascontiguousarray(pixels).tobytes()))
+            return lzw
         data = _plain(np.ascontiguousarray(pixels), quality)
         if tables is None:
             return data
@@ -118,9 +127,9 @@ def write_pyramid_tiff(
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
-                compression="jpeg",
-                photometric="ycbcr",
-                subsampling=(2, 2),
+                compression=compression,
+                photometric="ycbcr" if compression == "jpeg" else "rgb",
+                subsampling=(2, 2) if compression == "jpeg" else None,
                 jpegtables=tables,
                 subfiletype=1 if level else 0,
                 resolution=(1e4 / (mpp * step**level), 1e4 / (mpp * step**level)),

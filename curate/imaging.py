@@ -11,6 +11,9 @@
   domain (``reduce``): a cheap, antialiased 2x/4x/8x reduction when the pyramid lacks a level.
   Uncompressed strips are read row by row. Layouts this path does not cover (planar RGB, NDPI,
   multi-page levels) go through tifffile's zarr store.
+- A TIFF that is a partial copy of a remote file (``fetch/ranges.py``: a build's range reads) is
+  read through it: what a read touches is downloaded first, and ``prefetch`` downloads the
+  tiles under many windows in a few requests. The bytes, hence the pixels, are the file's own.
 - PNG and JPEG files cannot be read by window; they are decoded in full on first access
   (in practice they are small: Space Ranger hires/lowres images, STimage PNGs, legacy ST JPEGs).
 
@@ -34,16 +37,19 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from stcorpus.curate.errors import CorruptSourceError, ImageTooLargeError, SettingsError
+from stcorpus.curate.errors import CorruptSourceError, FetchError, ImageTooLargeError, SettingsError
+
+if TYPE_CHECKING:
+    from stcorpus.curate.fetch.ranges import PartialFile
 
 WHITE: Final = 255
 TIFF_SUFFIXES: Final = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
@@ -73,6 +79,10 @@ _PHOTOMETRIC_YCBCR: Final = 6
 _RAW_TILE: Final = 512
 
 RGBArray = npt.NDArray[np.uint8]
+
+#: A window of one level to prefetch: ``(level, reduce, x0, y0, x1, y1)``, pixels ``[x0, x1) x
+#: [y0, y1)`` of the level decoded at 1/``reduce`` scale (as :meth:`SlideImage.read_region` takes them).
+Window = tuple[int, int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -248,6 +258,18 @@ class SlideImage(ABC):
         self._check_level(level)
         return (1,)
 
+    @property
+    def is_remote(self) -> bool:
+        """True when reads download what they touch (a partial copy of a remote TIFF): worth a :meth:`prefetch`."""
+        return False
+
+    def prefetch(self, windows: Iterable[Window]) -> int:
+        """Download at once what reading ``windows`` will need; returns the bytes downloaded.
+
+        A no-op (0) for a local file. Reads are correct without it, only slower (a request per miss).
+        """
+        return 0
+
     def level_size(self, level: int, *, reduce: int = 1) -> tuple[int, int]:
         """``(width, height)`` of ``level`` decoded at 1/``reduce`` scale."""
         lvl = self.levels[level]
@@ -300,14 +322,18 @@ class SlideImage(ABC):
         scale = max(self.width, self.height) / max_size
         if scale <= 1:
             return self.read_region(level=0, x=0, y=0, width=self.width, height=self.height, keep_alpha=keep_alpha)
+        # The coarsest source at least as fine as the thumbnail; among equally coarse ones, the one with the
+        # least reduction (as plan_scale chooses): the smaller level decodes (and, read by range, downloads) less.
         level, reduce = 0, 1
         for index, lvl in enumerate(self.levels):
             for factor in self.reductions(index):
                 if lvl.downsample * factor <= scale * (1 + 1e-6) and (
-                    lvl.downsample * factor > self.levels[level].downsample * reduce
+                    lvl.downsample * factor >= self.levels[level].downsample * reduce * (1 - 1e-9)
                 ):
                     level, reduce = index, factor
         source_width, source_height = self.level_size(level, reduce=reduce)
+        if self.is_remote:
+            self.prefetch([(level, reduce, 0, 0, source_width, source_height)])
         step = scale / (self.levels[level].downsample * reduce)  # source pixels per output pixel, >= 1
         out_width = max(1, round(self.width / scale))
         out_height = max(1, round(self.height / scale))
@@ -408,15 +434,25 @@ class TiffImage(SlideImage):
     ) -> None:
         import tifffile
 
+        from stcorpus.curate.fetch.ranges import open_partial
+
+        # A partial copy of a remote TIFF (a build's range reads) downloads what is read of it.
+        self._remote = open_partial(path)
         try:
-            self._tif = tifffile.TiffFile(path)
+            source: Any = self._remote if self._remote is not None else path  # a binary file tifffile seeks in
+            self._tif = tifffile.TiffFile(source)
             series = self._tif.series[0]
             series_levels = list(series.levels)
+        except FetchError:  # a range read of the header failed: a fetch failure, retried next run
+            self._close_remote()
+            raise
         except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+            self._close_remote()
             raise CorruptSourceError(f"{path}: not a readable TIFF: {exc}") from exc
         axes = series.axes
         if axes not in ("YXS", "YX", "SYX"):
             self._tif.close()
+            self._close_remote()
             raise CorruptSourceError(f"{path}: TIFF axes {axes!r} are not a 2-D RGB/grey image")
         self._planar = axes == "SYX"
         shapes = [tuple(level.shape) for level in series_levels]
@@ -436,6 +472,7 @@ class TiffImage(SlideImage):
                 check_decode_budget(path, segment[1], segment[0], what=what, max_pixels=max_pixels)
         except (CorruptSourceError, ImageTooLargeError):
             self._tif.close()
+            self._close_remote()
             raise
         self._series = series
         self._zarr: list[Any] | None = None
@@ -511,6 +548,60 @@ class TiffImage(SlideImage):
         """See :meth:`SlideImage.reductions`."""
         self._check_level(level)
         return self._reductions[level]
+
+    @property
+    def is_remote(self) -> bool:
+        """See :meth:`SlideImage.is_remote`."""
+        return self._remote is not None
+
+    @property
+    def remote(self) -> PartialFile | None:
+        """The partial copy reads go through, or None for a local file."""
+        return self._remote
+
+    def prefetch(self, windows: Iterable[Window]) -> int:
+        """Download the file segments (tiles, strips, rows) under ``windows`` in few requests.
+
+        See :meth:`SlideImage.prefetch`; levels tifffile's zarr store reads are left to reads.
+        """
+        if self._remote is None:
+            return 0
+        spans: list[tuple[int, int]] = []
+        tiles: dict[int, set[int]] = {}
+        for level, reduce, x0, y0, x1, y1 in windows:
+            grid = self._grids[level]
+            if grid is None:
+                continue
+            # In the level's own pixels, clipped to it.
+            x0, y0 = max(0, x0 * reduce), max(0, y0 * reduce)
+            x1, y1 = min(grid.width, x1 * reduce), min(grid.height, y1 * reduce)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            if grid.raw_rows:
+                itemsize = grid.dtype.itemsize * grid.samples
+                for row in range(y0, y1):
+                    strip, within = divmod(row, grid.rows_per_strip)
+                    start = int(grid.offsets[strip]) + (within * grid.width + x0) * itemsize
+                    spans.append((start, start + (x1 - x0) * itemsize))
+                continue
+            chosen = tiles.setdefault(level, set())
+            for ty in range(y0 // grid.tile_height, (y1 - 1) // grid.tile_height + 1):
+                first = ty * grid.across
+                chosen.update(range(first + x0 // grid.tile_width, first + (x1 - 1) // grid.tile_width + 1))
+        for level, chosen in tiles.items():
+            grid = self._grids[level]
+            assert grid is not None
+            index = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+            index = index[index < grid.offsets.size]
+            starts, counts = grid.offsets[index], grid.bytecounts[index]
+            keep = (starts > 0) & (counts > 0)  # sparse TIFFs leave empty tiles out
+            spans.extend(zip(starts[keep].tolist(), (starts[keep] + counts[keep]).tolist(), strict=True))
+        with self._lock:
+            return self._remote.prefetch(spans)
+
+    def _close_remote(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
 
     def _read(self, level: int, y0: int, y1: int, x0: int, x1: int, reduce: int) -> npt.NDArray[Any]:
         grid = self._grids[level]
@@ -611,6 +702,7 @@ class TiffImage(SlideImage):
         """Release the file handle and the cached tiles."""
         super().close()
         self._tif.close()
+        self._close_remote()
 
 
 class PilImage(SlideImage):

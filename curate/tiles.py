@@ -56,7 +56,7 @@ import numpy.typing as npt
 
 from stcorpus.curate.errors import ImageTooCoarseError, SettingsError
 from stcorpus.curate.geometry import LevelChoice, choose_level
-from stcorpus.curate.imaging import RGBArray, SlideImage
+from stcorpus.curate.imaging import RGBArray, SlideImage, Window
 from stcorpus.schema import DEFAULT_VIEWS, PATCH_COLUMN, REGION_COLUMN, REGION_GRID, sample_key
 from stcorpus.settings import unknown_keys_message
 
@@ -464,17 +464,42 @@ class Tiler:
 
     def _view(self, plan: ScalePlan, cx: float, cy: float) -> RGBArray:
         """A ``plan.size`` px view centred (to half an output pixel) on the level-0 point ``(cx, cy)``."""
-        # The centre in pixels of the grid the view is cut from: the source level itself for
-        # a crop, else the image resampled to the view's scale.
-        scale = self.image.levels[plan.level].downsample * plan.reduce * plan.step
+        x0, y0 = self._origin(plan, cx, cy)
         size = plan.size
-        x0, y0 = math.floor(cx / scale - size / 2 + 0.5), math.floor(cy / scale - size / 2 + 0.5)
         if plan.method == "crop":
             return self.image.read_region(level=plan.level, x=x0, y=y0, width=size, height=size, reduce=plan.reduce)
+        return self._grid(plan).read(x0, y0, size)
+
+    def _origin(self, plan: ScalePlan, cx: float, cy: float) -> tuple[int, int]:
+        """The top-left pixel of the view centred on ``(cx, cy)``, in the pixels of the grid it is cut
+        from: the source level itself for a crop, else the image resampled to the view's scale."""
+        scale = self.image.levels[plan.level].downsample * plan.reduce * plan.step
+        return math.floor(cx / scale - plan.size / 2 + 0.5), math.floor(cy / scale - plan.size / 2 + 0.5)
+
+    def _grid(self, plan: ScalePlan) -> _ResampledGrid:
         grid = self._grids.get(plan.view)
         if grid is None:
             grid = self._grids[plan.view] = _ResampledGrid(self.image, plan, self.settings.resample)
-        return grid.read(x0, y0, size)
+        return grid
+
+    def windows(self, x_px: npt.ArrayLike, y_px: npt.ArrayLike, keys: Sequence[str]) -> set[Window]:
+        """The source windows cutting spots ``(x_px[i], y_px[i])`` reads (their patches and regions),
+        for :meth:`SlideImage.prefetch`. Spots rejected as outside the image read nothing."""
+        windows: set[Window] = set()
+        for x, y, key in zip(np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64), keys, strict=True):
+            if self.outside_fraction(float(x), float(y)) > self.settings.max_outside_fraction:
+                continue
+            views = [(self.patch_plan, x + 0.5, y + 0.5)]
+            if self.region_plan is not None:
+                dx, dy = self.region_offset(region_pos(key, seed=self.settings.pos_seed))
+                views.append((self.region_plan, x + 0.5 + dx, y + 0.5 + dy))
+            for plan, cx, cy in views:
+                x0, y0 = self._origin(plan, float(cx), float(cy))
+                if plan.method == "crop":
+                    windows.add((plan.level, plan.reduce, x0, y0, x0 + plan.size, y0 + plan.size))
+                else:
+                    windows.update(self._grid(plan).source_windows(x0, y0, plan.size))
+        return windows
 
     # -- one spot ------------------------------------------------------------------------------
 
@@ -528,6 +553,8 @@ class Tiler:
         ids = np.arange(xs.size) if indices is None else np.asarray(indices, dtype=np.int64)
         if ids.shape != xs.shape:
             raise ValueError(f"indices {ids.shape} must have one entry per spot {xs.shape}")
+        if self.image.is_remote:  # download every tile the views need in few requests, before any is cut
+            self.image.prefetch(self.windows(xs, ys, keys))
         return TileRun(self, xs, ys, keys, ids, self.order(xs, ys))
 
 
@@ -589,24 +616,40 @@ class _ResampledGrid:
             cache.put(key, pixels)
         return pixels
 
-    def _make(self, ty: int, tx: int) -> RGBArray:
-        from PIL import Image
-
+    def source_window(self, ty: int, tx: int) -> tuple[int, int, int, int]:
+        """``(x, y, width, height)`` of the source pixels (level ``plan.level`` at 1/``plan.reduce``) tile
+        ``(ty, tx)`` is made from."""
         plan, tile = self.plan, self.TILE
-        read = self.image.read_region
         if plan.method == "area":
             span = tile * plan.block // plan.zoom  # whole source pixels: TILE is a multiple of zoom
-            pixels = read(level=plan.level, x=tx * span, y=ty * span, width=span, height=span, reduce=plan.reduce)
-            image = Image.fromarray(pixels)
-            if plan.zoom > 1:  # repeat every pixel zoom x zoom times: exact fractional areas
-                image = image.resize((span * plan.zoom, span * plan.zoom), Image.Resampling.NEAREST)
-            return np.asarray(image.reduce(plan.block))
+            return tx * span, ty * span, span, span
         extent = tile * plan.step
         left, top = tx * extent, ty * extent
         pad = math.ceil(_FILTER_SUPPORT[self.filter] * max(plan.step, 1.0)) + 1
         x0, y0 = math.floor(left) - pad, math.floor(top) - pad
-        width, height = math.ceil(left + extent) + pad - x0, math.ceil(top + extent) + pad - y0
-        pixels = read(level=plan.level, x=x0, y=y0, width=width, height=height, reduce=plan.reduce)
+        return x0, y0, math.ceil(left + extent) + pad - x0, math.ceil(top + extent) + pad - y0
+
+    def source_windows(self, x0: int, y0: int, size: int) -> Iterator[Window]:
+        """The source windows of the tiles a view ``[y0:y0+size, x0:x0+size]`` of the grid reads."""
+        tile, plan = self.TILE, self.plan
+        for ty in range(y0 // tile, (y0 + size - 1) // tile + 1):
+            for tx in range(x0 // tile, (x0 + size - 1) // tile + 1):
+                x, y, width, height = self.source_window(ty, tx)
+                yield (plan.level, plan.reduce, x, y, x + width, y + height)
+
+    def _make(self, ty: int, tx: int) -> RGBArray:
+        from PIL import Image
+
+        plan, tile = self.plan, self.TILE
+        x0, y0, width, height = self.source_window(ty, tx)
+        pixels = self.image.read_region(level=plan.level, x=x0, y=y0, width=width, height=height, reduce=plan.reduce)
+        if plan.method == "area":
+            image = Image.fromarray(pixels)
+            if plan.zoom > 1:  # repeat every pixel zoom x zoom times: exact fractional areas
+                image = image.resize((width * plan.zoom, height * plan.zoom), Image.Resampling.NEAREST)
+            return np.asarray(image.reduce(plan.block))
+        extent = tile * plan.step
+        left, top = tx * extent, ty * extent
         box = (left - x0, top - y0, left - x0 + extent, top - y0 + extent)
         return np.asarray(Image.fromarray(pixels).resize((tile, tile), _pil_filter(self.filter), box=box))
 

@@ -407,8 +407,11 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
         with room:
             for name in sorted(sample.sources):
                 source = sample.sources[name]
-                got = fetcher.fetch(source, sample=sample, name=name)
-                if pins_inputs(fetch) and not got.local:
+                # A pinned remote TIFF is read by byte range as the tiles need it (unless --no-range-reads):
+                # its partial copy is kept by the slide's pin and deleted with it (evict.release).
+                ranged = fetcher.open_ranged(source, sample=sample, name=name) if fetch.range_reads else None
+                got = ranged if ranged is not None else fetcher.fetch(source, sample=sample, name=name)
+                if ranged is None and pins_inputs(fetch) and not got.local:
                     # Pinned by content before anything else may delete it; gone meanwhile: fetch again.
                     for attempt in range(1, _HOLD_TRIES + 1):
                         paths = [got.path] if got.unpacked is None else [got.path, got.unpacked]

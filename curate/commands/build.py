@@ -152,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read sources whose URL starts with PREFIX from the local folder PATH, verified by sha256 where the "
         "manifest or its lock file has one (e.g. hf://datasets/MahmoodLab/hest/=/data/hest/); repeatable",
     )
+    parser.add_argument(
+        "--no-range-reads",
+        action="store_true",
+        help="download remote TIFFs whole (default: a pinned http(s)/hf:// TIFF is read by byte range, only the "
+        "tiles the build decodes)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_selection_arguments(parser)
     add_executor_arguments(parser)
@@ -333,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         host_cap=args.per_host,
         mirrors=tuple(args.mirror),
         progress_every=None if args.no_progress else 10.0,
+        range_reads=not args.no_range_reads,
         **({"cache_dir": args.cache} if args.cache else {}),
     )
     with executor_from(args) as executor:

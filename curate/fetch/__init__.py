@@ -17,7 +17,8 @@ Modules: ``settings`` (``FetchSettings``), ``fetcher`` (``Fetcher``, ``Fetched``
 URLs; resolution in ``stcorpus.hub``), ``archive`` (safe unpacking), ``cache`` (layout, atomic
 writes), ``local`` (local paths, tree digests), ``lockfile`` (``<manifest>.lock.json``),
 ``evict`` (content-keyed pins; a build releases inputs once a slide's unit is committed),
-``budget`` (``--cache-budget``), ``hostcap`` (``--per-host`` across workers), ``progress``;
+``budget`` (``--cache-budget``), ``hostcap`` (``--per-host`` across workers), ``progress``,
+``ranges`` (partial copies of remote TIFFs, read by byte range as a build decodes them);
 cross-process locks are ``stcorpus.locking``, shared with the loader's shard cache.
 """
 

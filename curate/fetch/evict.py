@@ -35,6 +35,7 @@ from pathlib import Path
 from stcorpus.curate.fetch.cache import Cache, is_sha256, url_key
 from stcorpus.curate.fetch.fetcher import url_scheme
 from stcorpus.curate.fetch.lockfile import lock_sources
+from stcorpus.curate.fetch.ranges import evict_copy
 from stcorpus.curate.manifest import Sample, Source
 from stcorpus.locking import file_lock
 
@@ -151,6 +152,9 @@ def release(cache: Cache, sample: Sample, *, digests: Iterable[str] = (), delete
                 folder.rmdir()
             if delete:
                 freed += _evict(cache, sha256)
+                for url in sorted(contents[sha256]):  # a range-read TIFF's partial copy goes with its bytes
+                    with file_lock(cache.lock_path("url", url_key(url)), what=f"evicting {url}"):
+                        freed += evict_copy(cache, url)
     return freed
 
 

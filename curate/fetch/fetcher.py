@@ -334,6 +334,71 @@ class Fetcher:
             source, what=what, plan=lambda: planned if planned is not None else self._plan_hub(source, what=what)
         )
 
+    def open_ranged(self, source: Source, *, sample: Sample, name: str | None = None) -> Fetched | None:
+        """A partial copy of a remote TIFF, downloaded by byte range as the image is read (``ranges.py``).
+
+        None where the whole file is fetched instead: not ``http(s)://``/``hf://``, not a TIFF, an
+        archive, no known sha256 (neither the manifest's nor the Hub's: the digest a unit records
+        cannot come from a part of the file), or a server that does not serve byte ranges. Also None for a
+        file already whole in the cache, a mirror or huggingface_hub's cache (``fetch`` takes it).
+        """
+        from stcorpus.curate.fetch import ranges
+        from stcorpus.curate.fetch.cache import url_key
+        from stcorpus.curate.imaging import TIFF_SUFFIXES
+        from stcorpus.http import strong_validator
+
+        scheme = url_scheme(source.url)
+        if scheme not in ("http", "https", "hf") or not file_name(source.url).lower().endswith(TIFF_SUFFIXES):
+            return None
+        if wants_unpack(source, is_folder=False):
+            return None
+        if not self.needs_download(source, sample=sample):
+            return None  # cached whole, mirrored or in huggingface_hub's cache: fetch() takes it from there
+        name = name if name is not None else _name_in(sample, source)
+        what = f"{sample.describe()}: source {name!r} ({_display(source.url)})"
+        with file_lock(self.cache.lock_path("url", url_key(source.url)), what=what):
+            if scheme == "hf":
+                plan = self._plan_hub(source, what=what)
+                validator = None  # the URL is resolved at the commit the HEAD saw: its bytes cannot change
+            else:
+                head = self._http.head(source.url, headers={}, what=what)
+                if head.headers.get("Accept-Ranges", "").strip().lower() != "bytes":
+                    return None
+                length = head.headers.get("Content-Length", "")
+                size = int(length) if length.strip().isdigit() else None
+                if source.size is not None and size is not None and size != source.size:
+                    raise SizeMismatchError(
+                        f"{what}: the server announces {size} bytes but the manifest says size {source.size}; "
+                        "check the URL, or correct `size` in the manifest"
+                    )
+                plan = _Plan(url=source.url, headers={}, sha256=source.sha256, size=size)
+                validator = strong_validator(head.headers)
+            if plan.sha256 is None or plan.size is None:
+                return None
+            settings = self.settings
+            record = ranges.RangeRecord(
+                url=source.url,
+                get_url=plan.url,
+                size=plan.size,
+                validator=validator,
+                sha256=plan.sha256,
+                hub=scheme == "hf",
+                policy={
+                    "retries": settings.retries,
+                    "backoff_base": settings.backoff_base,
+                    "backoff_max": settings.backoff_max,
+                    "retry_after_max": settings.retry_after_max,
+                    "connect_timeout": settings.connect_timeout,
+                    "read_timeout": settings.read_timeout,
+                },
+                per_host=settings.per_host,
+            )
+            path = ranges.copy_path(self.cache, source.url, file_name(source.url))
+            ranges.start_copy(path, record)
+        return Fetched(
+            url=source.url, path=path, sha256=plan.sha256, size=plan.size, cache_hit=False, commit=plan.commit
+        )
+
     # --- local ---------------------------------------------------------------------------------
 
     def _fetch_local(self, source: Source, *, sample: Sample, what: str) -> Fetched:

@@ -70,6 +70,9 @@ class FetchSettings:
     use_hf_cache: bool = True
     #: Seconds between a build worker's download progress lines on stderr; None: none (``--no-progress``).
     progress_every: float | None = 10.0
+    #: Read remote TIFFs by byte range where a build opens them (``ranges.py``): only the tiles
+    #: it decodes are downloaded. ``curate build --no-range-reads`` sets False (whole files).
+    range_reads: bool = True
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
