@@ -184,9 +184,12 @@ def test_an_unpinned_tiff_is_downloaded_whole_and_then_used_whole(tmp_path: Path
         assert fetcher.open_ranged(unpinned.sources["wsi"], sample=unpinned, name="wsi") is None
         got = fetcher.fetch(unpinned.sources["wsi"], sample=unpinned, name="wsi")
         assert got.sha256 == digest
-        # now whole in the cache: a range read would only cost requests
-        again = fetcher.open_ranged(unpinned.sources["wsi"], sample=unpinned, name="wsi")
-        assert again is not None and again.cache_hit and (again.path, again.sha256) == (got.path, got.sha256)
+        # now whole in the cache: a range read would only cost requests, so the cached file is used
+        sent = http_server.bytes_sent
+        assert fetcher.open_ranged(unpinned.sources["wsi"], sample=unpinned, name="wsi") is None
+        again = fetcher.fetch(unpinned.sources["wsi"], sample=unpinned, name="wsi")
+        assert again.cache_hit and (again.path, again.sha256) == (got.path, got.sha256)
+        assert http_server.bytes_sent == sent
 
 
 def test_an_hf_tiff_is_read_by_range_through_the_cdn_with_the_hub_digest(
