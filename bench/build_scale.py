@@ -457,7 +457,9 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Prepare the slides, run the three builds, print a table, write the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (about 5 min on 2 idle cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (minutes on 2 idle cores)"
+    )
     parser.add_argument("--slides", type=int, default=40, help="slides (at least 30; cycling the 4 kinds)")
     parser.add_argument("--slide-um", type=float, default=3000.0, help="slide side in um (default 3000)")
     parser.add_argument("--border-um", type=float, default=100.0, help="no spots this close to the edge")
