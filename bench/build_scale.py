@@ -21,7 +21,7 @@ Three builds with ``--workers`` local workers, each into a fresh cache and corpu
 For each: wall time against ``max(bytes / rate, compute time)``, the bytes served per slide kind,
 and the peak disk of the cache + work folder + corpus, sampled every 0.2 s, against
 ``--disk-budget`` (the build has no admission limit of its own yet: the budget is only compared).
-Sources are released once a slide's unit is committed (the default). Then a projection,
+Sources are released once a slide's unit is committed (``--release-sources``). Then a projection,
 marked as one, for HEST-1k + STimage-1K4M on one 16-core node.
 
     .venv/bin/python -m bench.build_scale --quick        # 32 small slides, < 5 min on 2 cores
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare the slides, run the three builds, print a table, write the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (about 5 min on 2 idle cores)"
+        "--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (minutes on 2 idle cores)"
     )
     parser.add_argument("--slides", type=int, default=40, help="slides (at least 30; cycling the 4 kinds)")
     parser.add_argument("--slide-um", type=float, default=3000.0, help="slide side in um (default 3000)")
