@@ -21,7 +21,7 @@ Three builds with ``--workers`` local workers, each into a fresh cache and corpu
 For each: wall time against ``max(bytes / rate, compute time)``, the bytes served per slide kind,
 and the peak disk of the cache + work folder + corpus, sampled every 0.2 s, against
 ``--disk-budget`` (the build has no admission limit of its own yet: the budget is only compared).
-Sources are released once a slide's unit is committed (``--release-sources``). Then a projection,
+Sources are released once a slide's unit is committed (the default). Then a projection,
 marked as one, for HEST-1k + STimage-1K4M on one 16-core node.
 
     .venv/bin/python -m bench.build_scale --quick        # 32 small slides, < 5 min on 2 cores
