@@ -52,6 +52,14 @@ _FILTER_COLUMNS = {
 
 
 #: Columns of ``shards.parquet`` the loader reads (``bytes`` may be null), and which must be integers.
+def _inside_corpus(path: object) -> bool:
+    """Whether a shards.parquet ``path`` is a relative POSIX path that stays inside the corpus folder."""
+    if not isinstance(path, str) or not path or "\\" in path or "://" in path or path.startswith("/"):
+        return False
+    parts = path.split("/")
+    return all(part not in ("", ".", "..") for part in parts) and ":" not in parts[0]
+
+
 _SHARD_COLUMNS: Final = ("path", "format", "split", "index", "n_samples", "bytes")
 _SHARD_INTEGER_COLUMNS: Final = ("index", "n_samples", "bytes")
 #: Columns of ``slides.parquet`` every selection reads.
@@ -132,6 +140,13 @@ class Corpus:
                 f"{where}: {', '.join(wrong)}, expected integers; rebuild it, or copy shards.parquet again"
             )
         rows: list[dict[str, Any]] = table.to_pylist()
+        for number, row in enumerate(rows):
+            if not _inside_corpus(row["path"]):
+                raise CorpusError(
+                    f"{where}: row {number} names shard {row['path']!r}, which is not a path inside the corpus "
+                    "(shards are relative paths such as wds/train/train-000000.tar, never absolute, with no '..'); "
+                    "rebuild the corpus, or copy shards.parquet again"
+                )
         return rows
 
     @cached_property

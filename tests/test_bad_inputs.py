@@ -1093,6 +1093,12 @@ def _edit_shards(edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]
     return apply
 
 
+def _set_paths(table: pa.Table, path: str) -> pa.Table:
+    """Every row's ``path`` replaced by ``path`` (a shards.parquet that points outside the corpus)."""
+    column = table.schema.get_field_index("path")
+    return table.set_column(column, "path", pa.array([path] * table.num_rows, pa.string()))
+
+
 def _edit_table(name: str, edit: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]:
     def apply(root: Path) -> None:
         pq.write_table(edit(pq.read_table(root / name)), root / name)
@@ -1177,6 +1183,15 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], str, bool, str]] = {
         "not a readable Parquet file",
     ),
     "parquet-shard-folder": (_shard_to_folder("parquet"), "parquet", True, "not a file"),
+    "shard-path-escapes": (_edit_shards(lambda t: _set_paths(t, "../outside.tar")), "wds", False, "not a path inside"),
+    "shard-path-absolute": (_edit_shards(lambda t: _set_paths(t, "/etc/passwd")), "wds", False, "not a path inside"),
+    "shard-path-url": (_edit_shards(lambda t: _set_paths(t, "http://x/a.tar")), "wds", False, "not a path inside"),
+    "shard-path-dots": (
+        _edit_shards(lambda t: _set_paths(t, "wds/../../x.tar")),
+        "parquet",
+        False,
+        "not a path inside",
+    ),
 }
 
 
