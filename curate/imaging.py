@@ -527,6 +527,18 @@ class TiffImage(SlideImage):
             tile_width, tile_height, raw_rows = _RAW_TILE, _RAW_TILE, True
         else:
             tile_width, tile_height = width, int(page.rowsperstrip) or height
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
+        if page.is_tiled:
+            segments, kind = -(-width // tile_width) * -(-height // tile_height), "tile"
+        else:
+            segments, kind = -(-height // (int(page.rowsperstrip) or height)), "strip"
+        if offsets.size < segments or bytecounts.size < segments:
+            raise CorruptSourceError(
+                f"{self._tif.filehandle.path}: the TIFF declares {width} x {height} px, which needs {segments} "
+                f"{kind}s, but its {kind} table lists {min(offsets.size, bytecounts.size)}: the file is damaged or its "
+                "size tags are wrong; export the image again"
+            )
         return _Grid(
             page=page,
             width=width,
@@ -536,8 +548,8 @@ class TiffImage(SlideImage):
             across=-(-width // tile_width),
             samples=int(page.samplesperpixel),
             dtype=np.dtype(page.dtype),
-            offsets=np.asarray(page.dataoffsets, dtype=np.int64),
-            bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
+            offsets=offsets,
+            bytecounts=bytecounts,
             jpeg=jpeg,
             jpegtables=page.jpegtables,
             raw_rows=raw_rows,

@@ -240,6 +240,14 @@ def image_blank_reason(
 # ---------------------------------------------------------------------------------------------
 
 
+#: Where each technology's reader takes the in-tissue flag from, for the "no spot in tissue" message.
+_TISSUE_FLAG: dict[str, str] = {
+    "spaceranger": "the positions' in_tissue column (a raw matrix joined with the wrong positions file?)",
+    "hest": "obs['in_tissue'] of the h5ad (or the positions it was made from)",
+    "st": "the spot file's `selected` column (1 for a spot under tissue)",
+}
+
+
 def _check_spots(slide: Slide) -> tuple[list[QCCheck], QCError | None]:
     spots = slide.spots
     in_tissue = spots.in_tissue
@@ -261,9 +269,9 @@ def _check_spots(slide: Slide) -> tuple[list[QCCheck], QCError | None]:
             slide_id=slide.id,
         )
     if n_in == 0:
+        flag = _TISSUE_FLAG.get(slide.sample.technology, _TISSUE_FLAG["spaceranger"])
         error = NoSpotsError(
-            f"none of the {len(spots):,} spots is flagged in tissue: check the positions' in_tissue column "
-            "(a raw matrix joined with the wrong positions file?)",
+            f"none of the {len(spots):,} spots is flagged in tissue: check {flag}",
             slide_id=slide.id,
         )
         return checks, error

@@ -213,6 +213,22 @@ def _cut(source: Path, target: Path) -> Path:
     return target
 
 
+def _tiff_claiming(path: Path, side: int) -> Path:
+    """A 16 x 16 px one-strip uncompressed TIFF whose width and length tags say ``side`` px."""
+    import struct
+
+    Image.new("RGB", (16, 16)).save(path, compression=None)
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        at = ifd + 2 + 12 * entry
+        tag, kind = struct.unpack("<HH", data[at : at + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            data[at + 8 : at + 12] = struct.pack("<HH", side, 0) if kind == 3 else struct.pack("<I", side)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def bomb_png(path: Path, side: int = 60_000) -> Path:
     """A valid PNG header declaring side x side RGB pixels, with almost no data (under 1 KB)."""
 
@@ -512,6 +528,7 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         (folder / name).write_bytes(data)
         image(f"IMG-{name.replace('.', '-')}", folder / name, "not a readable")
     image("IMG-bomb", bomb_png(folder / "bomb.png"), "--max-image-pixels")
+    image("IMG-tiff-size-tags-lie", _tiff_claiming(folder / "claims.tif", 60_000), "its strip table lists 1")
     tifffile.imwrite(folder / "float.tif", pixels.astype(np.float32))
     image("IMG-float-tiff", folder / "float.tif", "unsupported image sample type float32")
     tifffile.imwrite(folder / "stack.tif", np.zeros((3, 64, 64, 3), np.uint8))
@@ -556,6 +573,8 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         cases[slide_id] = SlideCase(_st_entry(slide_id, **paths), fault, next(iter(paths.values())).name)
 
     st("ST-counts-gz-cut", "malformed counts", counts=_cut(ST_COUNTS, folder / "cut.tsv.gz"))
+    (folder / "garbage.tsv.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 10)  # a gzip magic, then no gzip
+    st("ST-counts-gz-garbage", "cannot read the header line", counts=folder / "garbage.tsv.gz")
     text_counts = folder / "text-counts.tsv"
     lines = gzip.decompress(ST_COUNTS.read_bytes()).decode().splitlines()
     text_counts.write_text("\n".join([lines[0], *(line.replace("\t0", "\tmany", 1) for line in lines[1:]), ""]))
@@ -571,6 +590,15 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         "\n".join([spots[0], *(s.replace("\t", "\tq", 1) for s in spots[1:])]) + "\n"
     )
     st("ST-spots-text", "not numeric", spots=folder / "spots-text.tsv")
+    column = spots[0].split("\t").index("selected")
+    unselected = [
+        spots[0],
+        *("\t".join([*s.split("\t")[:column], "0", *s.split("\t")[column + 1 :]]) for s in spots[1:]),
+    ]
+    (folder / "spots-none-selected.tsv").write_text("\n".join(unselected) + "\n")
+    cases["ST-spots-none-selected"] = SlideCase(
+        _st_entry("ST-spots-none-selected", spots=folder / "spots-none-selected.tsv"), "`selected` column", ""
+    )
     return cases
 
 

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,11 @@ def join_spots(
 _BLOCK_BYTES: Final = 8 << 20
 
 
+#: What reading a text source (``open_text``) raises on a damaged file: a bad gzip stream is a
+#: ``zlib.error`` (not an OSError), a cut one an EOFError, a non-UTF-8 one a UnicodeDecodeError.
+TEXT_ERRORS: Final = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
+
+
 def open_text(path: Path) -> io.TextIOBase:
     """A text file, read through gzip when its name ends in ``.gz``; a UTF-8 byte-order mark (Excel writes one)
     is skipped, so a header's first name stays ``barcode``, not ``\ufeffbarcode``."""
@@ -356,7 +362,7 @@ def read_count_table(
             lines = csv.reader(handle, delimiter=delimiter)
             header = next(lines, None)
             first = next(lines, None)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+    except TEXT_ERRORS as exc:
         raise CorruptSourceError(f"{path}: cannot read the header line: {exc}", slide_id=sample.id) from exc
     if header is None:
         raise CorruptSourceError(f"{path}: the file is empty", slide_id=sample.id)

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.readers._common import as_str_array, coordinate, open_text, whole_numbers
+from stcorpus.curate.readers._common import TEXT_ERRORS, as_str_array, coordinate, open_text, whole_numbers
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -233,7 +233,7 @@ def _text_rows(path: Path) -> list[list[str]]:
     try:
         with open_text(path) as handle:
             return [r for r in csv.reader(handle, delimiter="\t") if r]
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # BadGzipFile is an OSError
+    except TEXT_ERRORS as exc:  # BadGzipFile is an OSError, a bad stream a zlib.error
         raise CorruptSourceError(
             f"{path}: cannot be read as {'gzipped ' if path.name.endswith('.gz') else ''}UTF-8 text "
             f"({type(exc).__name__}: {exc}); the file is truncated or damaged: fetch it again from its source"
@@ -284,7 +284,7 @@ def _rows(path: Path) -> list[list[str]]:
     try:
         with open_text(path) as handle:
             return [[c.strip() for c in row] for row in csv.reader(handle) if row]
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+    except TEXT_ERRORS as exc:
         raise CorruptSourceError(
             f"{path}: cannot be read as UTF-8 CSV ({type(exc).__name__}: {exc}); the positions file is damaged: "
             "fetch it again from its source"

@@ -45,6 +45,7 @@ from stcorpus.curate.errors import CorruptSourceError
 from stcorpus.curate.geometry import LEGACY_ST, fit_lattice
 from stcorpus.curate.imaging import DEFAULT_IMAGES, PIL_SUFFIXES, TIFF_SUFFIXES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
+    TEXT_ERRORS,
     coordinate,
     is_ensembl,
     join_spots,
@@ -104,7 +105,7 @@ def read_spot_file(path: Path, *, sample: Sample, notes: list[str]) -> SpotFile:
     try:
         with open_text(path) as handle:
             lines = [line.rstrip("\r\n") for line in handle if line.strip()]
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except TEXT_ERRORS as exc:
         raise CorruptSourceError(f"{path}: cannot read the spot file: {exc}", slide_id=sample.id) from exc
     if len(lines) < 2:
         raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)

@@ -43,6 +43,7 @@ from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
 from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
+    TEXT_ERRORS,
     coordinate,
     join_spots,
     open_text,
@@ -73,7 +74,7 @@ def _read_coords(path: Path, *, sample: Sample) -> tuple[npt.NDArray[np.str_], F
     try:
         with open_text(path) as handle:
             rows = [row for row in csv.reader(handle) if row]
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+    except TEXT_ERRORS as exc:
         raise CorruptSourceError(f"{path}: cannot read: {exc}", slide_id=sample.id) from exc
     if len(rows) < 2:
         raise CorruptSourceError(f"{path}: no spot rows", slide_id=sample.id)
