@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,30 @@ def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {value!r}")
     return int(value)
+
+
+#: The build flag behind each tile, QC and gene setting, so a refused value names what the user typed.
+_FLAG_OF: dict[str, str] = {
+    "patch_size": "--patch-size",
+    "patch_mpp": "--patch-mpp",
+    "region_size": "--region-size",
+    "jpeg_quality": "--jpeg-quality",
+    "max_outside_fraction": "--max-outside",  # the tile setting; QC's names --max-spots-outside itself
+    "min_tissue_fraction": "--min-tissue",
+    "max_upsample": "--max-upsample",
+    "max_mpp": "--max-mpp",
+    "mpp_tolerance": "--mpp-tolerance",
+    "min_mapped_fraction": "--min-mapped-fraction",
+}
+
+
+def _name_flags(message: str) -> str:
+    """``message`` with each setting name followed by its flag, e.g. ``patch_size (--patch-size)``."""
+    if " --" in message:  # the setting's own message names its flag already
+        return message
+    for name, flag in _FLAG_OF.items():
+        message = re.sub(rf"\b{name}\b(?! \()", f"{name} ({flag})", message)
+    return message
 
 
 def _mirror(value: str) -> tuple[str, Path]:
@@ -231,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("images")
     group.add_argument(
         "--max-image-pixels",
-        type=int,
+        type=_positive,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help="largest image decoded at once (a PNG/JPEG whole, one tile or strip of a TIFF), in pixels; larger ones "
@@ -289,23 +314,26 @@ def run(args: argparse.Namespace) -> int:
     from stcorpus.curate.qc import QCSettings
     from stcorpus.curate.tiles import TileSettings
 
-    tiles = TileSettings(
-        patch_size=args.patch_size,
-        patch_mpp=args.patch_mpp,
-        region_size=args.region_size,
-        jpeg_quality=args.jpeg_quality,
-        regions=not args.no_regions,
-        max_outside_fraction=args.max_outside,
-        min_tissue_fraction=args.min_tissue,
-        max_upsample=args.max_upsample,
-    )
-    qc = QCSettings(
-        max_mpp=args.max_mpp,
-        mpp_tolerance=args.mpp_tolerance,
-        scale_mismatch_blocking=args.scale_mismatch == "quarantine",
-        max_outside_fraction=args.max_spots_outside,
-    )
-    genes = GeneSettings(min_mapped_fraction=args.min_mapped_fraction)
+    try:  # the settings check their values; a refusal names the flag that set the value
+        tiles = TileSettings(
+            patch_size=args.patch_size,
+            patch_mpp=args.patch_mpp,
+            region_size=args.region_size,
+            jpeg_quality=args.jpeg_quality,
+            regions=not args.no_regions,
+            max_outside_fraction=args.max_outside,
+            min_tissue_fraction=args.min_tissue,
+            max_upsample=args.max_upsample,
+        )
+        qc = QCSettings(
+            max_mpp=args.max_mpp,
+            mpp_tolerance=args.mpp_tolerance,
+            scale_mismatch_blocking=args.scale_mismatch == "quarantine",
+            max_outside_fraction=args.max_spots_outside,
+        )
+        genes = GeneSettings(min_mapped_fraction=args.min_mapped_fraction)
+    except SettingsError as exc:
+        raise SettingsError(_name_flags(str(exc))) from None
     if not math.isfinite(args.max_shard_mb) or args.max_shard_mb * 1024**2 < 1:
         raise SettingsError(f"--max-shard-mb must be a positive number of MiB, not {args.max_shard_mb}")
     train, validation, test = args.splits
