@@ -421,6 +421,13 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
     sr("SF-empty", "emptysf", _write(SCALEFACTORS, b""), "not readable JSON", SCALEFACTORS)
     sr("SF-missing", "nosf", lambda s: (s / SCALEFACTORS).unlink(), "holds no scalefactors_json.json", "spatial-nosf")
     sr(
+        "SF-zero-lowres",
+        "zerosf",
+        _scalefactors(tissue_lowres_scalef=0),
+        "tissue_lowres_scalef=0 in scalefactors_json.json is not a positive number",
+        "tissue_lowres_image.png",
+    )
+    sr(
         "SF-no-images",
         "noimg",
         _scalefactors(tissue_hires_scalef=float("nan"), tissue_lowres_scalef=None),
@@ -942,6 +949,8 @@ FLAG_CASES: dict[str, tuple[list[str], str]] = {
     "image-pixels-zero": (["--max-image-pixels", "0"], "--max-image-pixels"),
     "image-pixels-float": (["--max-image-pixels", "1.5"], "--max-image-pixels"),
     "image-pixels-negative": (["--max-image-pixels", "-1"], "--max-image-pixels"),
+    "name-path": (["--name", "../evil"], "argument --name: expected a plain name"),
+    "name-slash": (["--name", "a/b"], "argument --name: expected a plain name"),
     "samples-per-shard-zero": (["--samples-per-shard", "0"], "--samples-per-shard"),
     "shard-mb-zero": (["--max-shard-mb", "0"], "--max-shard-mb"),
     "shard-mb-nan": (["--max-shard-mb", "nan"], "--max-shard-mb"),

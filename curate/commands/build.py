@@ -67,6 +67,15 @@ def _name_flags(message: str) -> str:
     return message
 
 
+def _corpus_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise argparse.ArgumentTypeError(
+            "expected a plain name (letters, digits, '.', '_', '-'; up to 100, not starting with '.' or '-'), "
+            f"not {value!r}"
+        )
+    return value
+
+
 def _mirror(value: str) -> tuple[str, Path]:
     prefix, sep, folder = value.rpartition("=")
     if not sep or not prefix or not folder:
@@ -117,7 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tiles, pack, splits = TileSettings(), PackSettings(), SplitSettings()
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest YAML files")
     parser.add_argument("--out", required=True, type=Path, help="the corpus folder to write")
-    parser.add_argument("--name", help="the corpus's name (default: the --out folder's name)")
+    parser.add_argument(
+        "--name",
+        type=_corpus_name,
+        help="the corpus's name: letters, digits, '.', '_', '-' (default: the --out folder's name)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
     parser.add_argument(
         "--on-bad-sample",

@@ -197,7 +197,8 @@ def _fallback_image(
             continue
         scale = positive_float(scalefactors.get(key))
         if scale is None:
-            tried.append(f"{name}: no {key} in {SCALEFACTORS_FILE}")
+            said = f"{key}={scalefactors[key]!r} in {SCALEFACTORS_FILE} is not a positive number"
+            tried.append(f"{name}: {said}" if key in scalefactors else f"{name}: no {key} in {SCALEFACTORS_FILE}")
             continue
         image = open_image(path, max_pixels=images.max_pixels)
         blank = image_blank_reason(image)
