@@ -182,6 +182,11 @@ class Plan:
         no_reader = self.checked.no_reader_line()
         if no_reader:
             lines.append(no_reader)
+        if self.checked.missing_local:
+            lines.append(
+                f"local sources missing (a build fails these slides): {len(self.checked.missing_local):,}; "
+                "`curate validate` lists them"
+            )
         rules = Counter(c.rule for c in self.candidates)
         lines.append(
             f"duplicate candidates: {len(self.candidates):,} pairs"

@@ -29,6 +29,9 @@ class ManifestCheck:
 
     problems: list[str] = field(default_factory=list)  # each names the file, the entry and the field
     no_reader: dict[str, list[str]] = field(default_factory=dict)  # technology -> slide ids
+    #: Local sources whose path does not exist: an error for ``curate validate``; ``plan`` lists them
+    #: and a build fails those slides only (one slide never stops a build).
+    missing_local: list[str] = field(default_factory=list)
 
     def no_reader_line(self) -> str | None:
         """``no reader yet (quarantined as no_reader by a build): xenium 3``, or None."""
@@ -53,7 +56,29 @@ def check_manifests(manifests: Iterable[Manifest], *, holdout: Collection[str] =
                 found.no_reader.setdefault(sample.technology, []).append(sample.id)
                 continue
             found.problems.extend(check_sample(sample))
+            found.missing_local.extend(_missing_local(sample))
     return found
+
+
+def _missing_local(sample: Sample) -> list[str]:
+    """Each local source of ``sample`` whose path does not exist, said with the path it resolved to."""
+    from stcorpus.curate.errors import FetchError
+    from stcorpus.curate.fetch.local import local_path
+
+    missing = []
+    for name, source in sorted(sample.sources.items()):
+        if not source.is_local:
+            continue
+        try:
+            path = local_path(source.url, base_dir=sample.base_dir)
+        except FetchError:
+            continue  # the fetch says why
+        if not path.exists():
+            missing.append(
+                f"{sample.describe()}: source {name!r}: {path} does not exist (a relative path is read from the "
+                "manifest's folder); fix the path in `sources`"
+            )
+    return missing
 
 
 def _check_pin(sample: Sample, pins: dict[str, tuple[str, Sample]], group: str, holdout: Collection[str]) -> list[str]:

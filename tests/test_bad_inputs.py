@@ -891,6 +891,18 @@ def test_a_bad_manifest_is_refused_by_validate_and_plan(
     assert str(path) in err and fault in err and "Traceback" not in err, err
 
 
+def test_a_missing_local_source_is_reported_by_validate_and_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "missing.yaml"
+    path.write_text(GOOD_MANIFEST.replace(f"st: '{H5AD}'", "st: 'not-there.h5ad'"))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"source 'st': {tmp_path / 'not-there.h5ad'} does not exist" in err and str(path) in err
+    assert main(["plan", str(path), "--holdout", "none"]) == 0  # the build fails that slide only
+    assert "local sources missing (a build fails these slides): 1" in capsys.readouterr().out
+
+
 def test_a_huge_file_named_as_a_manifest_is_refused_before_it_is_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

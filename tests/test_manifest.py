@@ -127,7 +127,15 @@ def test_not_a_manifest(write_manifest) -> None:
     assert "not valid YAML" in error_of(write_manifest, "manifest: [\n")
 
 
+def _local_sources(folder: Path) -> None:
+    """The local files GOOD names (validate checks that local sources exist)."""
+    (folder / "a.h5").touch()
+    (folder / "sp").mkdir(exist_ok=True)
+    (folder / "outs.tar.gz").touch()
+
+
 def test_validate_command(write_manifest, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _local_sources(tmp_path)
     good = write_manifest(GOOD.replace("reader: {matrix: filtered}", "reader: {}"), "good.yaml")
     bad = write_manifest(GOOD.replace("technology: hest", "technology: visium9"), "bad.yaml")
     assert main(["validate", str(bad)]) == 1
@@ -144,7 +152,8 @@ def test_allow_local_override(write_manifest) -> None:
     assert manifest.allow_local and all(s.allow_local for s in manifest.samples)
 
 
-def test_validate_checks_holdout_ids(write_manifest, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_checks_holdout_ids(write_manifest, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _local_sources(tmp_path)
     good = write_manifest(GOOD.replace("reader: {matrix: filtered}", "reader: {}"), "good.yaml")
     holdout = write_manifest("holdout: stcorpus-holdout/1\nslides:\n  - {id: A1, reason: benchmark}\n", "holdout.yaml")
     assert main(["validate", str(good), str(holdout)]) == 0

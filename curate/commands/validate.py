@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         # The validation `curate plan` and `curate build` run too (curate.validation).
         checked = check_manifests([manifest])
-        for problem in checked.problems:
+        for problem in [*checked.problems, *checked.missing_local]:
             print(problem, file=sys.stderr)
-        if checked.problems:
+        if checked.problems or checked.missing_local:
             failed += 1
             continue
         manifests.append(manifest)
