@@ -21,6 +21,7 @@ rewritten, so a map stays valid while views of it are in use.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -701,7 +702,7 @@ class ShardReader:
             size = path.stat().st_size
             if entry.nbytes and size != entry.nbytes:
                 # Not fatal yet: the samples before a cut are fine; the cursor fails where it is cut.
-                log.warning("%s: %d bytes on disk, shards.parquet says %d", entry.path, size, entry.nbytes)
+                _warn_size_once(entry.path, size, entry.nbytes)
             stream = mapped(self.source.open_range(entry.path))
             seekable = True
         cursor = TarCursor(stream, path=entry.path, seekable=seekable)
@@ -830,6 +831,12 @@ def _by_row_group(
     for chunk in np.split(np.arange(len(rows)), bounds):
         if len(chunk):
             yield int(groups[chunk[0]]), rows[chunk]
+
+
+@functools.cache
+def _warn_size_once(path: str, size: int, expected: int) -> None:
+    """Say once per process that a tar shard's size is not what shards.parquet says (its samples are still read)."""
+    log.warning("%s: %d bytes on disk, shards.parquet says %d; reading the samples it holds", path, size, expected)
 
 
 def _check_size(actual: int, entry: ShardEntry) -> None:

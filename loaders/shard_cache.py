@@ -312,11 +312,9 @@ class ShardSource:
             raise self._missing(path, self.location) from None
         if not S_ISREG(stat.st_mode):
             raise ShardError(f"{local}: listed in shards.parquet but not a file (a folder?); copy the shard again")
-        if record is not None and record.size and stat.st_size != record.size and record.format == "wds":
-            # The samples before a cut are whole (every tar header is checksummed): the reader
-            # yields them and raises ShardError where the archive is cut, as it does remotely.
-            log.warning("%s: %d bytes on disk, shards.parquet says %d", local, stat.st_size, record.size)
-        elif record is not None and record.size and stat.st_size != record.size:
+        # A tar of the wrong size is still read: the samples before a cut are whole (every tar header is
+        # checksummed), so the reader yields them (warning once) and raises ShardError where it is cut.
+        if record is not None and record.size and stat.st_size != record.size and record.format != "wds":
             raise ShardError(
                 f"{local}: {stat.st_size} bytes on disk, shards.parquet says {record.size}: truncated or replaced; "
                 "copy or download the shard again"
