@@ -625,6 +625,14 @@ def unusual_slides(folder: Path) -> dict[str, str]:
     _with_dropped_spots(adata)
     adata.write_h5ad(folder / "drops.h5ad")
     entries["ODD-drops"] = hest_entry("ODD-drops", st=folder / "drops.h5ad", patient="Q9")
+    adata = anndata.read_h5ad(variant_h5ad(folder, "duplicates", drop=5))
+    names = list(adata.var_names)
+    st18 = names.index("St18")  # an approved MGI symbol: one gene listed twice is summed, and said
+    adata.var_names = [*names[:st18], "St18", "St18", *names[st18 + 2 :]]
+    ids = adata.var["gene_ids"].astype(str).tolist()
+    adata.var["gene_ids"] = [*ids[: st18 + 1], ids[st18], *ids[st18 + 2 :]]
+    adata.write_h5ad(folder / "duplicates.h5ad")
+    entries["ODD-duplicate-gene"] = hest_entry("ODD-duplicate-gene", st=folder / "duplicates.h5ad", patient="Q8")
     return entries
 
 
@@ -668,6 +676,10 @@ def test_the_good_and_the_unusual_slides_are_built(crafted_build: CraftedBuild) 
     for slide_id in crafted_build.unusual:
         assert rows[slide_id]["status"] == "built", (slide_id, rows[slide_id]["reason"])
         assert rows[slide_id]["n_spots_written"] > 0
+    # a gene listed twice is summed (CORPUS.md) and said: the QC report's gene mapping table counts it
+    mapping = report_tables(crafted_build.out)["Gene mapping"]
+    column = mapping[0].index("summed duplicates")
+    assert {row[0]: row[column] for row in mapping[1:]}["ODD-duplicate-gene"] == "1"
     failed = any(row["status"] == "failed" for row in rows.values())
     assert crafted_build.summary.exit_code == (EXIT_SLIDES_FAILED if failed else 0)
 

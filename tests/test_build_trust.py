@@ -309,13 +309,14 @@ def test_report_numbers_and_every_dropped_spot(tmp_path: Path, monkeypatch: pyte
             report["mapped"] - report["by_id"],
             report["ambiguous"],
             report["unmapped"],
+            report["merged"],
             report["outside_panel"],
             report["n_genes"],
         ]
-        assert row[1:8] == [str(v) for v in expected]
-        assert row[8] == f"{report['lost_fraction']:.4f}"
+        assert row[1:9] == [str(v) for v in expected]
+        assert row[9] == f"{report['lost_fraction']:.4f}"
         assert report["n_features"] > 0 and report["mapped"] - report["by_id"] > 0  # symbols: not empty columns
-    assert any(float(r[8]) > 0 for r in mapping.values())  # some counts are lost (unmapped symbols)
+    assert any(float(r[9]) > 0 for r in mapping.values())  # some counts are lost (unmapped symbols)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -476,6 +476,11 @@ def _build(
         result.mapping = genes.report.to_dict()
         result.gene_ids = [str(g) for g in genes.gene_ids]
         result.slide["mapping_rate"] = float(genes.report.mapped_fraction)
+        if genes.report.merged:  # duplicate ids or symbols: summed (CORPUS.md), and said
+            result.slide["notes"].append(
+                f"{genes.report.merged} feature(s) summed into a gene another feature also maps to "
+                "(duplicate gene ids or symbols in the source)"
+            )
         _samples(slide, genes.counts, tmp=tmp, result=result, settings=settings, where=where)
     finally:
         slide.image.close()
