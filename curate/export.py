@@ -89,6 +89,8 @@ def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
     import scipy.sparse as sp
 
     root = Path(root)
+    if not (root / schema.CORPUS_FILE).is_file():
+        raise ExportError(f"{root}: not a corpus: no {schema.CORPUS_FILE}; give the --out folder of a `curate build`")
     info = json.loads((root / schema.CORPUS_FILE).read_text())
     slide = _slide_row(root, slide_id)
     samples = _slide_samples(root, slide_id)

@@ -1396,3 +1396,9 @@ def test_a_damaged_sample_is_a_bad_sample_error_and_warn_skips_only_it(
     n, skipped = _epoch(root, fmt="wds", policy="warn")
     assert skipped["samples"] == 1 and skipped["shards"] == 0
     assert n == len(pristine_corpus.keys("train")) - 1
+
+
+def test_export_from_a_folder_that_is_not_a_corpus_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["export", str(tmp_path), "--slide", "S1", "--to", str(tmp_path / "s1.h5ad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a corpus: no corpus.json" in err and "writable" not in err, err
