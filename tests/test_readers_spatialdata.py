@@ -131,3 +131,49 @@ def test_polygons_layer_and_a_micron_system(tmp_path: Path) -> None:
             make_sample({"store": store}, technology="spatialdata", assay="xenium", reader={"layer": "spliced"}),
             {"store": store},
         )
+
+
+def test_points_element_sites(tmp_path: Path) -> None:
+    """Bead centres as a points element (no radius), an H&E at 2 um/px: positions join the table by point index."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, PointsModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(10, 90, size=(5, 2))  # um
+    ids = [f"p{i}" for i in range(5)]
+    frame = pd.DataFrame({"x": centres[:, 0], "y": centres[:, 1]}, index=pd.Index(ids, name="bead"))
+    beads = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, transformations={"global": Identity()})
+    pixels = rng.integers(0, 255, size=(3, 60, 50), dtype=np.uint8)
+    image = Image2DModel.parse(pixels, dims=("c", "y", "x"), transformations={"global": Scale([2.0, 2.0], ("x", "y"))})
+    raw = sp.csr_matrix(rng.poisson(3.0, size=(5, 3)).astype(np.int32))
+    order = [3, 0, 4, 1, 2]  # table row i is bead p(order[i])
+    table = ad.AnnData(
+        X=raw,
+        obs=pd.DataFrame({"bead": [ids[j] for j in order], "region": "beads"}, index=[f"b{i}" for i in range(5)]),
+        var=pd.DataFrame(index=["ENSG00000243485", "GAPDH", "ACTB"]),
+    )
+    table.obs["region"] = table.obs["region"].astype("category")
+    table = TableModel.parse(table, region="beads", region_key="region", instance_key="bead")
+    store = tmp_path / "beads.zarr"
+    SpatialData(images={"he": image}, points={"beads": beads}, tables={"table": table}).write(store)
+
+    sample = make_sample(
+        {"store": store}, technology="spatialdata", assay="xenium", reader={"micron_coordinate_system": "global"}
+    )
+    slide = read_slide(sample, files_of(sample))
+    assert slide.spots.barcode.tolist() == [f"b{i}" for i in range(5)]
+    np.testing.assert_allclose(slide.spots.x_px, centres[order, 0] / 2.0, atol=1e-9)
+    np.testing.assert_allclose(slide.spots.y_px, centres[order, 1] / 2.0, atol=1e-9)
+    assert slide.mpp == pytest.approx(2.0) and slide.mpp_source == "metadata"
+    np.testing.assert_array_equal(slide.counts.toarray(), raw.toarray())
+    # A table naming a region that is no element of the store is refused with the elements it has.
+    table.uns["spatialdata_attrs"]["region"] = "missing"
+    table.obs["region"] = pd.Categorical(["missing"] * 5)
+    bad = tmp_path / "bad.zarr"
+    SpatialData(images={"he": image}, points={"beads": beads}, tables={"table": table}).write(bad)
+    with pytest.raises(CorruptSourceError, match=r"'missing'.*points: beads"):
+        read_slide(make_sample({"store": bad}, technology="spatialdata", assay="xenium"), {"store": bad})
