@@ -23,6 +23,7 @@ from stcorpus.curate.slide import QCCheck, SpotDrop
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
+    from stcorpus.curate.geometry import Geometry
     from stcorpus.curate.manifest import Sample
 
 #: Unversioned or versioned Ensembl gene ids of any species (ENSG, ENSMUSG, ENSDARG, ...).
@@ -157,6 +158,47 @@ def _is_number(value: Any) -> bool:
 def option(sample: Sample, name: str, *, default: Any) -> Any:
     """A reader option from the manifest, or its default."""
     return sample.reader.get(name, default)
+
+
+#: The pseudo-spot grids a pooling reader (visium-hd, xenium) offers with its reader option ``grid``.
+POOL_GRIDS: Final = ("hex", "square")
+
+
+def pool_grid(sample: Sample, *, key: str, square_side: str, bin_um: int | None = None) -> tuple[str, Geometry]:
+    """The grid the reader options ``grid``, ``pitch_um`` and ``spot_diameter_um`` declare for pooling.
+
+    ``hex``: Visium-like spots (55 um on a 100 um pitch unless the options say otherwise), geometry
+    ``key``; ``square``: squares of side ``pitch_um`` (``square_side`` says what it is), a whole
+    multiple of ``bin_um`` where the source is binned.
+    """
+    from dataclasses import replace
+
+    from stcorpus.curate.geometry import VISIUM, square_bins
+
+    grid = str(option(sample, "grid", default="hex"))
+    if grid not in POOL_GRIDS:
+        raise SourceMissingError(
+            f"{sample.describe()}: reader option grid={grid!r}; use one of {', '.join(POOL_GRIDS)}",
+            slide_id=sample.id,
+        )
+    pitch = option(sample, "pitch_um", default=None)
+    if grid == "hex":
+        diameter = float(option(sample, "spot_diameter_um", default=VISIUM.spot_diameter_um))
+        pitch_um = float(pitch) if pitch is not None else float(VISIUM.pitch_um or 100.0)
+        return grid, replace(VISIUM, key=key, pitch_um=pitch_um, spot_diameter_um=diameter)
+    if pitch is None:
+        raise SourceMissingError(
+            f"{sample.describe()}: grid: square needs the reader option pitch_um ({square_side})", slide_id=sample.id
+        )
+    if bin_um is not None:
+        ratio = float(pitch) / bin_um
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+            raise SourceMissingError(
+                f"{sample.describe()}: reader option pitch_um={pitch!r} is not a whole multiple of the {bin_um} um "
+                f"bins; use e.g. {bin_um * max(1, round(ratio))}",
+                slide_id=sample.id,
+            )
+    return grid, square_bins(float(pitch))
 
 
 def require_file(files: Mapping[str, Path], name: str, *, sample: Sample) -> Path:

@@ -32,7 +32,6 @@ Ranger's positions, which that affine generates; the residual is noted).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -40,10 +39,10 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.geometry import VISIUM, Geometry, pool_to_grid, square_bins
+from stcorpus.curate.geometry import pool_to_grid
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings
 from stcorpus.curate.readers import spaceranger
-from stcorpus.curate.readers._common import option, require_file
+from stcorpus.curate.readers._common import option, pool_grid, require_file
 from stcorpus.curate.slide import Slide, Spots
 
 if TYPE_CHECKING:
@@ -54,7 +53,6 @@ BINNED_OUTPUTS: Final = "binned_outputs"
 BIN_PREFIX: Final = "square_"
 BIN_SIZES_UM: Final = (2, 8, 16)
 DEFAULT_BIN_UM: Final = 8
-GRIDS: Final = ("hex", "square")
 #: A pooled site's barcode: grid, size and lattice position, e.g. ``hex055um_r0012_c0034``.
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 #: A fit of pixels to array coordinates that misses a bin by more than this is noted.
@@ -85,33 +83,6 @@ def _bin_folder(path: Path, bin_um: int, *, sample: Sample) -> Path:
     )
 
 
-def _target(sample: Sample, bin_um: int) -> tuple[str, Geometry]:
-    grid = str(option(sample, "grid", default="hex"))
-    if grid not in GRIDS:
-        raise SourceMissingError(
-            f"{sample.describe()}: reader option grid={grid!r}; use one of {', '.join(GRIDS)}", slide_id=sample.id
-        )
-    pitch = option(sample, "pitch_um", default=None)
-    if grid == "hex":
-        diameter = float(option(sample, "spot_diameter_um", default=VISIUM.spot_diameter_um))
-        pitch_um = float(pitch) if pitch is not None else float(VISIUM.pitch_um or 100.0)
-        return grid, replace(VISIUM, key="visium-hd-hex", pitch_um=pitch_um, spot_diameter_um=diameter)
-    if pitch is None:
-        raise SourceMissingError(
-            f"{sample.describe()}: grid: square needs the reader option pitch_um (the side of a pooled square, a "
-            f"multiple of the {bin_um} um bins)",
-            slide_id=sample.id,
-        )
-    ratio = float(pitch) / bin_um
-    if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
-        raise SourceMissingError(
-            f"{sample.describe()}: reader option pitch_um={pitch!r} is not a whole multiple of the {bin_um} um bins; "
-            f"use e.g. {bin_um * max(1, round(ratio))}",
-            slide_id=sample.id,
-        )
-    return grid, square_bins(float(pitch))
-
-
 def _fit_affine(
     col: npt.NDArray[np.float64], row: npt.NDArray[np.float64], x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
 ) -> tuple[npt.NDArray[np.float64], float]:
@@ -131,7 +102,12 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             f"{', '.join(map(str, BIN_SIZES_UM))} um",
             slide_id=sample.id,
         )
-    grid, target = _target(sample, int(bin_um))
+    grid, target = pool_grid(
+        sample,
+        key="visium-hd-hex",
+        square_side=f"the side of a pooled square, a multiple of the {int(bin_um)} um bins",
+        bin_um=int(bin_um),
+    )
     folder = _bin_folder(require_file(files, "outs", sample=sample), int(bin_um), sample=sample)
     parts: dict[str, Path] = {"matrix": folder, "spatial": folder / spaceranger.SPATIAL}
     if "image" in files:

@@ -46,10 +46,18 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, SourceMissingError
-from stcorpus.curate.geometry import CELLS, VISIUM, Geometry, pool_to_grid, square_bins
+from stcorpus.curate.geometry import CELLS, Geometry, pool_to_grid
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers import _tenx
-from stcorpus.curate.readers._common import as_str_array, join_spots, option, raw_counts, read_json, require_file
+from stcorpus.curate.readers._common import (
+    as_str_array,
+    join_spots,
+    option,
+    pool_grid,
+    raw_counts,
+    read_json,
+    require_file,
+)
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
 if TYPE_CHECKING:
@@ -71,7 +79,6 @@ QUALITY: Final = "qv"
 #: Xenium's own counts keep transcripts of Q20 and above.
 DEFAULT_MIN_QV: Final = 20.0
 SAMPLE_KINDS: Final = ("cells", "pseudo-spots")
-GRIDS: Final = ("hex", "square")
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 
 Affine = npt.NDArray[np.float64]
@@ -127,25 +134,6 @@ def _table(path: Path, columns: list[str], *, sample: Sample) -> Any:
 
 def _column(table: Any, name: str) -> npt.NDArray[Any]:
     return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
-
-
-def _grid(sample: Sample) -> tuple[str, Geometry]:
-    grid = str(option(sample, "grid", default="hex"))
-    if grid not in GRIDS:
-        raise SourceMissingError(
-            f"{sample.describe()}: reader option grid={grid!r}; use one of {', '.join(GRIDS)}", slide_id=sample.id
-        )
-    pitch = option(sample, "pitch_um", default=None)
-    if grid == "hex":
-        diameter = float(option(sample, "spot_diameter_um", default=VISIUM.spot_diameter_um))
-        pitch_um = float(pitch) if pitch is not None else float(VISIUM.pitch_um or 100.0)
-        return grid, replace(VISIUM, key="xenium-hex", pitch_um=pitch_um, spot_diameter_um=diameter)
-    if pitch is None:
-        raise SourceMissingError(
-            f"{sample.describe()}: grid: square needs the reader option pitch_um (the side of a pseudo-spot)",
-            slide_id=sample.id,
-        )
-    return grid, square_bins(float(pitch))
 
 
 def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
@@ -230,7 +218,7 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             f"{TRANSCRIPTS_FILE}: {names.shape[0]:,} transcripts; {int((~is_gene).sum()):,} of control features and "
             f"{int((is_gene & ~good).sum()):,} gene transcripts with {QUALITY} < {min_qv:g} dropped"
         )
-        grid, geometry = _grid(sample)
+        grid, geometry = pool_grid(sample, key="xenium-hex", square_side="the side of a pseudo-spot")
         x_um = _column(transcripts, TRANSCRIPT_X).astype(np.float64)[keep]
         y_um = _column(transcripts, TRANSCRIPT_Y).astype(np.float64)[keep]
         pool = pool_to_grid(x_um, y_um, geometry=geometry)
