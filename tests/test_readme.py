@@ -195,7 +195,7 @@ class Runner:
         for argv in commands(text):
             if argv[0] != "make" or len(argv) != 2:
                 raise ReadmeError(f"{block.where()}: {shlex.join(argv)} is not `make TARGET`")
-            out = "/tmp/demo-out"
+            out = str(self.work / "demo-out")  # `make -n`: named, never written
             dry = subprocess.run(
                 ["make", "-n", argv[1], f"DEMO_OUT={out}"], cwd=ROOT, capture_output=True, text=True, check=False
             )
