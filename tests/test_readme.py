@@ -196,8 +196,16 @@ class Runner:
             if argv[0] != "make" or len(argv) != 2:
                 raise ReadmeError(f"{block.where()}: {shlex.join(argv)} is not `make TARGET`")
             out = str(self.work / "demo-out")  # `make -n`: named, never written
+            # Under CI this test itself runs inside `make test`: the parent's MAKEFLAGS/MAKELEVEL would
+            # make the child print "make[1]: Entering directory" lines around the recipe.
+            env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
             dry = subprocess.run(
-                ["make", "-n", argv[1], f"DEMO_OUT={out}"], cwd=ROOT, capture_output=True, text=True, check=False
+                ["make", "--no-print-directory", "-n", argv[1], f"DEMO_OUT={out}"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if dry.returncode != 0:
                 raise ReadmeError(f"{block.where()}: make -n {argv[1]} failed:\n{dry.stderr}")
