@@ -291,10 +291,11 @@ class DerivedLattice:
 
     row: IntArray
     col: IntArray
-    pitch_px: float  # median nearest-neighbour distance
+    pitch_px: float  # the lattice pitch used: pitch_um / mpp when known, else spacing_px
     angle_deg: float  # orientation of the lattice rows in the image
     n_components: int  # connected groups of spots (islands of tissue)
     n_collisions: int  # spots that landed on an occupied lattice site
+    spacing_px: float = math.nan  # median nearest-neighbour distance measured between the spots
 
     def describe(self) -> str:
         """One line for ``Slide.notes``."""
@@ -341,10 +342,17 @@ def derive_array_coords(
     points = np.column_stack([x, y]).astype(np.float64)
     k = min(9, n)
     dist, idx = cKDTree(points).query(points, k=k)
-    pitch = float(pitch_px) if pitch_px is not None and pitch_px > 0 else float(np.median(dist[:, 1]))
+    spacing = float(np.median(dist[:, 1]))
+    pitch = float(pitch_px) if pitch_px is not None and pitch_px > 0 else spacing
     if not pitch > 0:
         return DerivedLattice(
-            row=zeros, col=zeros.copy(), pitch_px=pitch, angle_deg=0.0, n_components=n, n_collisions=n - 1
+            row=zeros,
+            col=zeros.copy(),
+            pitch_px=pitch,
+            angle_deg=0.0,
+            n_components=n,
+            n_collisions=n - 1,
+            spacing_px=spacing,
         )
     edge = np.abs(dist[:, 1:] - pitch) <= _EDGE_TOLERANCE * pitch
     src = np.repeat(np.arange(n), k - 1).reshape(n, k - 1)[edge]
@@ -430,6 +438,7 @@ def derive_array_coords(
         angle_deg=math.degrees(angle),
         n_components=n_components,
         n_collisions=collisions,
+        spacing_px=spacing,
     )
 
 

@@ -44,7 +44,7 @@ from stcorpus.curate.fetch import Fetcher
 from stcorpus.curate.imaging import open_image
 from stcorpus.errors import StcorpusError
 from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
-from tests.build_fixtures import H5AD, IMAGE, good_slides, hest_entry, manifest, spaceranger_entry, variant_h5ad
+from tests.build_fixtures import H5AD, IMAGE, MPP, good_slides, hest_entry, manifest, spaceranger_entry, variant_h5ad
 from tests.conftest import HEART, MOUSE_BRAIN
 from tests.corpus_fixture import FixtureCorpus, write_corpus
 from tests.httpserver import Fault, LocalServer, serve
@@ -185,6 +185,15 @@ def _text_pixels(adata: Any) -> None:
 
 def _nan_array_rows(adata: Any) -> None:
     adata.obs = adata.obs.assign(array_row=np.nan, array_col=1.0)
+
+
+def _derived_arrays(adata: Any) -> None:
+    """The array coordinates HEST would carry, derived from the pixel lattice at the true um/px."""
+    from stcorpus.curate.geometry import derive_array_coords
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    derived = derive_array_coords(xy[:, 0], xy[:, 1], lattice="hex", pitch_px=100.0 / MPP)
+    adata.obs = adata.obs.assign(array_row=derived.row, array_col=derived.col)
 
 
 def _with_dropped_spots(adata: Any) -> None:
@@ -510,6 +519,16 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
     hest("HEST-float16-counts", _float16_counts, "not whole non-negative", counts="raw")
     hest("HEST-no-tissue", lambda a: setattr(a, "obs", a.obs.assign(in_tissue=0)), "flagged in tissue", slide=True)
     hest("HEST-negative-raw", lambda a: setattr(a, "X", -a.X), "not whole non-negative", counts="raw")
+    # A wrong manifest um/px: spots with no array coordinates cannot lie on the lattice it implies;
+    # with array coordinates, nearly every tile falls outside the image and the refusal says why.
+    cases["MPP-manifest-wrong"] = SlideCase(
+        hest_entry("MPP-manifest-wrong", mpp=MPP / 5), "that um/px is wrong", "sample's `mpp`"
+    )
+    cases["MPP-tiles-outside"] = SlideCase(
+        hest_entry("MPP-tiles-outside", st=_h5ad(folder, "arrays", _derived_arrays), mpp=MPP / 20),
+        "a wrong um/px does that",
+        "sample's `mpp`",
+    )
     cut_h5ad = _cut(H5AD, folder / "half.h5ad")
     cases["HEST-truncated"] = SlideCase(hest_entry("HEST-truncated", st=cut_h5ad), "not a readable h5ad", cut_h5ad.name)
     (folder / "meta.json").write_text("{bad")

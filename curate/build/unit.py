@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -605,6 +605,25 @@ def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileRe
     return pa.Table.from_pydict(out, schema=unit_sample_schema(dtype)), sample_bytes
 
 
+#: A slide with at least this fraction of its sites' tiles outside the image gets a hint on its um/px.
+OUTSIDE_HINT_FRACTION: Final = 0.9
+
+
+def _outside_hint(slide: Slide, rejected: Counter[str], *, n_sites: int) -> str:
+    """``': <hint>'`` when nearly every tile fell outside the image (a wrong um/px puts them there), else ``''``."""
+    from stcorpus.curate.tiles import REJECT_OUTSIDE
+
+    outside = rejected.get(REJECT_OUTSIDE, 0)
+    if n_sites == 0 or outside < OUTSIDE_HINT_FRACTION * n_sites:
+        return ""
+    return (
+        f": {outside:,} of {n_sites:,} sites' tiles fall outside {slide.image.path.name} "
+        f"({slide.image.width}x{slide.image.height} px) at {slide.mpp:.4g} um/px ({slide.mpp_source}); "
+        "a wrong um/px does that: check the sample's `mpp` in the manifest (or remove it to use the "
+        "source's own scale), and that the image is the one the positions were registered to"
+    )
+
+
 def _samples(
     slide: Slide, counts: sp.csr_matrix, *, tmp: Path, result: UnitResult, settings: UnitSettings, where: _Where
 ) -> None:
@@ -621,8 +640,11 @@ def _samples(
     niche = neighbours(slide, sites)
     where.enter("cutting tiles", [str(slide.image.path)])
     tiles, result.tiles = site_tiles(slide, sites, settings=settings.tiles, rejected=rejected)
+    hint = _outside_hint(slide, rejected, n_sites=len(sites.keys))
     if not tiles:
-        raise NoSpotsError(f"every spot's tiles were rejected ({dict(rejected)})", slide_id=slide.id)
+        raise NoSpotsError(f"every spot's tiles were rejected ({dict(rejected)}){hint}", slide_id=slide.id)
+    if hint:
+        result.slide["notes"].append(hint.removeprefix(": "))
     where.enter("writing samples", [str(tmp / SAMPLES_FILE)])
     table, sample_bytes = columns(slide, sites, niche, tiles)
     write_samples(tmp / SAMPLES_FILE, table)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from stcorpus.curate.errors import CorruptSourceError, NonIntegerCountsError, SourceMissingError
+from stcorpus.curate.errors import CorruptSourceError, NonIntegerCountsError, ScaleMismatchError, SourceMissingError
+from stcorpus.curate.geometry import derive_array_coords
 from stcorpus.curate.qc import match_barcodes
 from stcorpus.curate.slide import QCCheck, SpotDrop
 
@@ -253,6 +254,52 @@ def positive_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if np.isfinite(number) and number > 0 else None
+
+
+#: Spots whose median nearest-neighbour distance is below this fraction of the lattice pitch
+#: (at the declared um/px) cannot lie on that lattice: the declared um/px is wrong.
+MIN_SPACING_OF_PITCH: Final = 0.8
+
+#: What to do about a wrong declared um/px, by where it came from.
+_MPP_FIX: Final = {
+    "manifest": "Fix or remove the sample's `mpp` in the manifest",
+    "metadata": "The metadata's um/px is wrong: set the sample's `mpp` in the manifest",
+    "spot_radius": "The spot radius gives a wrong um/px: set the sample's `mpp` in the manifest",
+}
+
+
+def lattice_coords(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    *,
+    geometry: Geometry,
+    mpp: float | None,
+    mpp_source: str,
+    sample: Sample,
+    notes: list[str],
+    why: str = "",
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """Array (row, col) derived from pixel centres on the assay's lattice (``geometry.derive_array_coords``).
+
+    With a declared ``mpp`` the lattice pitch in pixels is ``pitch_um / mpp``; spots that lie
+    much closer together than that pitch (a median neighbour distance below
+    :data:`MIN_SPACING_OF_PITCH` of it) cannot be on the lattice, so the um/px is wrong and the
+    slide is refused with the um/px the spacing implies. Spots further apart than the pitch
+    are a sparse subset and fine. The derivation is said in ``notes`` after ``why``.
+    """
+    lattice, pitch_um = geometry.lattice_and_pitch()
+    derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch_um / mpp if mpp else None)
+    if mpp and np.isfinite(derived.spacing_px) and derived.spacing_px < MIN_SPACING_OF_PITCH * derived.pitch_px:
+        implied = pitch_um / derived.spacing_px if derived.spacing_px > 0 else float("nan")
+        fix = _MPP_FIX.get(mpp_source, "Set the sample's `mpp` in the manifest")
+        raise ScaleMismatchError(
+            f"{sample.describe()}: at {mpp:.4g} um/px ({mpp_source}) the {geometry.describe()} has a pitch of "
+            f"{derived.pitch_px:.1f} px, but neighbouring spots lie a median {derived.spacing_px:.1f} px apart: "
+            f"that um/px is wrong (the spacing implies about {implied:.4g} um/px). {fix}",
+            slide_id=sample.id,
+        )
+    notes.append(why + derived.describe())
+    return derived.row, derived.col
 
 
 # ---------------------------------------------------------------------------------------------

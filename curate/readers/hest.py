@@ -33,13 +33,14 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError
-from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, fit_lattice, square_bins
+from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, fit_lattice, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
     as_str_array,
     count_drop,
     drop_duplicates,
     is_ensembl,
+    lattice_coords,
     option,
     positive_float,
     raw_counts,
@@ -236,10 +237,16 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             obs[OBS_ARRAY_COL].to_numpy(), what=f"{st_path}: obs {OBS_ARRAY_COL}", slide_id=sample.id
         ).astype(np.int32)
     elif geometry.is_lattice:
-        lattice, pitch = geometry.lattice_and_pitch()
-        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / known_mpp if known_mpp else None)
-        array_row, array_col = derived.row, derived.col
-        notes.append(f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: " + derived.describe())
+        array_row, array_col = lattice_coords(
+            x,
+            y,
+            geometry=geometry,
+            mpp=known_mpp,
+            mpp_source="manifest" if sample.mpp is not None else "metadata",
+            sample=sample,
+            notes=notes,
+            why=f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: ",
+        )
     else:  # cell-level sites have no array coordinates
         array_row = array_col = np.zeros(barcodes.shape[0], dtype=np.int32)
 

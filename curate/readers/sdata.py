@@ -43,10 +43,18 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, NoReaderError, SourceMissingError
-from stcorpus.curate.geometry import assay_geometry, derive_array_coords, fit_lattice
+from stcorpus.curate.geometry import assay_geometry, fit_lattice
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ArrayImage, ImageSettings, SlideImage
 from stcorpus.curate.qc import image_blank_reason
-from stcorpus.curate.readers._common import as_str_array, is_ensembl, join_spots, option, raw_counts, require_file
+from stcorpus.curate.readers._common import (
+    as_str_array,
+    is_ensembl,
+    join_spots,
+    lattice_coords,
+    option,
+    raw_counts,
+    require_file,
+)
 from stcorpus.curate.readers._tenx import GENE_EXPRESSION
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
 
@@ -361,10 +369,16 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         mpp, mpp_source = fit.mpp, "lattice"
         notes.append(f"um/px {fit.mpp:.4f} fitted from {fit.n_inliers} sites on the {geometry.describe()}")
     if not has_array and geometry.is_lattice:
-        lattice, pitch = geometry.lattice_and_pitch()
-        derived = derive_array_coords(x_px, y_px, lattice=lattice, pitch_px=pitch / mpp)
-        array_row, array_col = derived.row, derived.col
-        notes.append(f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: " + derived.describe())
+        array_row, array_col = lattice_coords(
+            x_px,
+            y_px,
+            geometry=geometry,
+            mpp=mpp,
+            mpp_source=mpp_source,
+            sample=sample,
+            notes=notes,
+            why=f"obs has no {OBS_ARRAY_ROW}/{OBS_ARRAY_COL}: ",
+        )
     notes.append(f"store {store.name}: table {table_name!r} over {region!r}, coordinate system {system!r}")
     return Slide(
         sample=sample,

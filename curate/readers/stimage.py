@@ -40,12 +40,13 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus.curate.errors import CorruptSourceError, UnsupportedAssayError
-from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, derive_array_coords, square_bins
+from stcorpus.curate.geometry import GEOMETRIES, Geometry, assay_geometry, square_bins
 from stcorpus.curate.imaging import DEFAULT_IMAGES, ImageSettings, open_image
 from stcorpus.curate.readers._common import (
     TEXT_ERRORS,
     coordinate,
     join_spots,
+    lattice_coords,
     open_text,
     option,
     raw_counts,
@@ -184,10 +185,9 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     else:
         if sample.assay == "st":
             notes.append("ST spot ids are not all '<x>x<y>'")
-        lattice, pitch = geometry.lattice_and_pitch()
-        derived = derive_array_coords(x, y, lattice=lattice, pitch_px=pitch / mpp)
-        array_row, array_col = derived.row, derived.col
-        notes.append(derived.describe())
+        array_row, array_col = lattice_coords(
+            x, y, geometry=geometry, mpp=mpp, mpp_source=mpp_source, sample=sample, notes=notes
+        )
     notes.append("STimage lists only the spots it kept and no tissue flag: every spot taken as in tissue")
 
     return Slide(
