@@ -12,7 +12,10 @@ written with:
 - ``obsm['spatial']``: centres in full-resolution pixels (``µm / mpp``, the scanpy/squidpy
   convention), ``obsm['spatial_um']``: the same in micrometres;
 - ``uns['stcorpus']``: ``mpp`` (µm per pixel), the corpus schema and the slide's
-  ``slides.parquet`` row; ``uns['spatial'][slide_id]['scalefactors']`` as scanpy reads them.
+  ``slides.parquet`` row; ``uns['spatial'][slide_id]['scalefactors']`` as scanpy reads them;
+- with ``with_patches`` (``--with-patches``): ``obsm['patch']``, every sample's H&E patch decoded
+  to ``uint8`` (n x H x W x 3, rows in ``obs`` order), and ``uns['stcorpus']['patch_mpp']``, the
+  patch's µm per pixel (the corpus' ``patch`` view in ``corpus.json``).
 
 ``--to FILE.zarr`` writes the same AnnData as the table of a SpatialData store (extra
 ``stcorpus[spatialdata]``), annotating a shapes element ``<slide_id>_sites``: a circle per
@@ -20,6 +23,8 @@ sample at its centre in micrometres, radius half the assay's spot diameter (Visi
 legacy ST 100 um), or half the patch field for sites without one (bins, cells). Coordinate
 systems: ``global`` in micrometres (identity) and ``fullres`` in full-resolution pixels (a
 scale of 1 / mpp), so spatialdata, squidpy and napari-spatialdata place it as the source did.
+With ``--with-patches`` the table's ``obsm['patch']`` holds the patches (the store has no image
+element: the tiles are per sample, not one slide image).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from stcorpus import schema
 from stcorpus.curate.errors import ExportError
@@ -61,7 +67,7 @@ def _slide_row(root: Path, slide_id: str) -> dict[str, Any]:
     return row
 
 
-def _slide_samples(root: Path, slide_id: str) -> list[dict[str, Any]]:
+def _slide_samples(root: Path, slide_id: str, *, with_patches: bool = False) -> list[dict[str, Any]]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -72,7 +78,9 @@ def _slide_samples(root: Path, slide_id: str) -> list[dict[str, Any]]:
             f"{root / schema.SHARDS_FILE}: no Parquet shard holds slide {slide_id!r}; "
             "export reads the Parquet shards every build writes: rebuild the corpus with `curate build`"
         )
-    columns = [c for c in schema.SAMPLE_COLUMNS if c not in (schema.PATCH_COLUMN, schema.REGION_COLUMN)]
+    # The image columns hold most of a shard's bytes: read the patch only when it is asked for.
+    skipped = (schema.REGION_COLUMN,) if with_patches else (schema.PATCH_COLUMN, schema.REGION_COLUMN)
+    columns = [c for c in schema.SAMPLE_COLUMNS if c not in skipped]
     rows: list[dict[str, Any]] = []
     for rel in paths:
         table = pq.read_table(root / rel, columns=columns)
@@ -81,8 +89,35 @@ def _slide_samples(root: Path, slide_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
-    """The samples of ``slide_id`` in the corpus at ``root`` as an AnnData (see the module doc)."""
+def _decode_patches(samples: list[dict[str, Any]], *, slide_id: str, size_px: int) -> npt.NDArray[np.uint8]:
+    """The samples' encoded patches (JPEG or PNG bytes) as one n x H x W x 3 uint8 array, in order."""
+    import io
+
+    from PIL import Image
+
+    out = np.empty((len(samples), size_px, size_px, 3), dtype=np.uint8)
+    for i, s in enumerate(samples):
+        image = s[schema.PATCH_COLUMN]
+        data = image.get("bytes") if isinstance(image, dict) else None
+        if not data:
+            raise ExportError(f"slide {slide_id!r}: sample {s[schema.KEY_COLUMN]!r} has no patch bytes in its shard")
+        with Image.open(io.BytesIO(data)) as opened:
+            pixels = np.asarray(opened.convert("RGB"))
+        if pixels.shape != out.shape[1:]:
+            raise ExportError(
+                f"slide {slide_id!r}: patch of {s[schema.KEY_COLUMN]!r} is {pixels.shape[1]}x{pixels.shape[0]} px, "
+                f"but corpus.json's patch view says {size_px} px; the corpus is inconsistent: rebuild it"
+            )
+        out[i] = pixels
+    return out
+
+
+def slide_anndata(root: Path, slide_id: str, *, with_patches: bool = False) -> ad.AnnData:
+    """The samples of ``slide_id`` in the corpus at ``root`` as an AnnData (see the module doc).
+
+    ``with_patches`` adds the decoded H&E patches as ``obsm['patch']`` and their µm/px as
+    ``uns['stcorpus']['patch_mpp']``.
+    """
     import anndata as ad
     import pandas as pd  # type: ignore[import-untyped]
     import pyarrow.parquet as pq
@@ -93,7 +128,7 @@ def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
         raise ExportError(f"{root}: not a corpus: no {schema.CORPUS_FILE}; give the --out folder of a `curate build`")
     info = json.loads((root / schema.CORPUS_FILE).read_text())
     slide = _slide_row(root, slide_id)
-    samples = _slide_samples(root, slide_id)
+    samples = _slide_samples(root, slide_id, with_patches=with_patches)
     genes = pq.read_table(root / schema.GENES_FILE, columns=["index", "ensembl_id", "symbol"]).to_pylist()
     genes.sort(key=lambda g: g["index"])
     indptr = np.zeros(len(samples) + 1, dtype=np.int64)
@@ -124,11 +159,17 @@ def slide_anndata(root: Path, slide_id: str) -> ad.AnnData:
         index=pd.Index([g["ensembl_id"] for g in genes], name="ensembl_id"),
     )
     meta = {k: v for k, v in slide.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
+    ours: dict[str, Any] = {"mpp": float(mpp), "schema": str(info.get(schema.CorpusKey.SCHEMA.value)), "slide": meta}
+    obsm: dict[str, npt.NDArray[Any]] = {"spatial": um / mpp, "spatial_um": um}
+    if with_patches:
+        view = schema.corpus_views(info)[schema.PATCH_COLUMN]
+        obsm[schema.PATCH_COLUMN] = _decode_patches(samples, slide_id=slide_id, size_px=view.size_px)
+        ours["patch_mpp"] = float(view.mpp)
     uns = {
-        "stcorpus": {"mpp": float(mpp), "schema": str(info.get(schema.CorpusKey.SCHEMA.value)), "slide": meta},
+        "stcorpus": ours,
         "spatial": {slide_id: {"scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 0.0}}},
     }
-    return ad.AnnData(X=matrix, obs=obs, var=var, obsm={"spatial": um / mpp, "spatial_um": um}, uns=uns)
+    return ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm, uns=uns)
 
 
 def _site_radius_um(root: Path, slide: dict[str, Any]) -> float:
@@ -141,8 +182,11 @@ def _site_radius_um(root: Path, slide: dict[str, Any]) -> float:
     return schema.corpus_views(info)[schema.PATCH_COLUMN].field_um / 2.0
 
 
-def slide_spatialdata(root: Path, slide_id: str) -> Any:
-    """The samples of ``slide_id`` as a SpatialData object: the AnnData table over one circle per sample."""
+def slide_spatialdata(root: Path, slide_id: str, *, with_patches: bool = False) -> Any:
+    """The samples of ``slide_id`` as a SpatialData object: the AnnData table over one circle per sample.
+
+    ``with_patches``: the table carries the patches as :func:`slide_anndata` gives them.
+    """
     try:
         from spatialdata import SpatialData
         from spatialdata.models import ShapesModel, TableModel
@@ -153,7 +197,7 @@ def slide_spatialdata(root: Path, slide_id: str) -> Any:
         ) from exc
     import pandas as pd
 
-    adata = slide_anndata(root, slide_id)
+    adata = slide_anndata(root, slide_id, with_patches=with_patches)
     mpp = float(adata.uns["stcorpus"]["mpp"])
     region = f"{slide_id}_sites"
     radius = _site_radius_um(root, adata.uns["stcorpus"]["slide"])
@@ -170,8 +214,10 @@ def slide_spatialdata(root: Path, slide_id: str) -> Any:
     return SpatialData(shapes={region: circles}, tables={"table": table})
 
 
-def export_slide(root: Path, slide_id: str, target: Path) -> ad.AnnData:
+def export_slide(root: Path, slide_id: str, target: Path, *, with_patches: bool = False) -> ad.AnnData:
     """Write slide ``slide_id`` of the corpus at ``root`` to ``target`` (``.h5ad`` or ``.zarr``).
+
+    ``with_patches`` includes the decoded H&E patches (``obsm['patch']``, see the module doc).
 
     Returns the AnnData written (for ``.zarr``, the store's table).
     """
@@ -183,7 +229,7 @@ def export_slide(root: Path, slide_id: str, target: Path) -> ad.AnnData:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     if target.suffix == ".zarr":
-        sdata = slide_spatialdata(root, slide_id)
+        sdata = slide_spatialdata(root, slide_id, with_patches=with_patches)
         if tmp.exists():
             shutil.rmtree(tmp)
         sdata.write(tmp)
@@ -195,7 +241,7 @@ def export_slide(root: Path, slide_id: str, target: Path) -> ad.AnnData:
         tmp.rename(target)
         written: ad.AnnData = sdata.tables["table"]
         return written
-    adata = slide_anndata(root, slide_id)
+    adata = slide_anndata(root, slide_id, with_patches=with_patches)
     adata.write_h5ad(tmp)
     tmp.replace(target)
     return adata

@@ -82,6 +82,22 @@ def marker_png(path: Path, width: int, height: int, xs: npt.NDArray[np.float64],
     Image.fromarray(pixels).save(path)
 
 
+def marker_offset(patch: bytes, *, half_window_px: int) -> tuple[float, float]:
+    """Offset (dx, dy) in patch px of the marker's centroid from the centre of an encoded square patch.
+
+    Only the central ``2 * half_window_px`` square is measured, so that the marker of a
+    neighbouring site at the edge of the patch does not pull the centroid.
+    """
+    from tests.test_tiles import centroid, decode
+
+    pixels = decode(patch)
+    size = pixels.shape[0]
+    lo = size // 2 - half_window_px
+    cx, cy = centroid(pixels[lo : lo + 2 * half_window_px, lo : lo + 2 * half_window_px])
+    middle = (size - 1) / 2  # pixel i is centred on i: the patch centre is between the middle two
+    return cx + lo - middle, cy + lo - middle
+
+
 # ---------------------------------------------------------------------------------------------
 # Visium HD
 # ---------------------------------------------------------------------------------------------

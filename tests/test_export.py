@@ -10,6 +10,7 @@ import pytest
 from stcorpus.curate.cli import main
 from stcorpus.curate.errors import ExportError
 from stcorpus.curate.export import export_slide
+from tests.conftest import DemoCorpus
 from tests.corpus_fixture import FixtureCorpus, write_corpus
 
 
@@ -95,3 +96,75 @@ def test_export_zarr_round_trip(corpus: FixtureCorpus, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="not a zarr store"):
         export_slide(corpus.root, "heart-a", plain)
     assert (plain / "keep.txt").read_text() == "mine"
+
+
+def _demo_slide_rows(root: Path, slide_id: str) -> list[dict]:
+    """The slide's rows as the Parquet shards hold them (read here with pyarrow, not through export), by key."""
+    import pyarrow.parquet as pq
+
+    from stcorpus import schema
+
+    rows = []
+    for shard in pq.read_table(root / schema.SHARDS_FILE).to_pylist():
+        if shard["format"] == "parquet" and slide_id in shard["slide_ids"]:
+            table = pq.read_table(
+                root / shard["path"],
+                columns=[schema.KEY_COLUMN, "slide_id", "genes", "counts", "x_um", "y_um", "patch"],
+            )
+            rows += [r for r in table.to_pylist() if r["slide_id"] == slide_id]
+    return sorted(rows, key=lambda r: r[schema.KEY_COLUMN])
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_export_with_patches_of_a_real_demo_slide(demo_corpus: DemoCorpus, tmp_path: Path, suffix: str) -> None:
+    """HER2ST-C2 of the real demo corpus, with its H&E patches: counts, positions and pixels as the shards hold them."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from stcorpus import schema
+
+    sc = pytest.importorskip("scanpy", reason="scanpy is in the dev extra")
+    target = tmp_path / f"HER2ST-C2{suffix}"
+    argv = ["export", str(demo_corpus.root), "--slide", "HER2ST-C2", "--to", str(target), "--with-patches"]
+    assert main(argv) == 0
+    if suffix == ".zarr":
+        spatialdata = pytest.importorskip("spatialdata", reason="the spatialdata extra")
+        back = spatialdata.read_zarr(target).tables["table"]
+    else:
+        import anndata as ad
+
+        back = ad.read_h5ad(target)
+    rows = _demo_slide_rows(demo_corpus.root, "HER2ST-C2")
+    assert len(rows) > 100 and list(back.obs_names) == [r[schema.KEY_COLUMN] for r in rows]
+    n_vars = back.n_vars
+    expected = np.zeros((len(rows), n_vars), dtype=np.int64)
+    for i, r in enumerate(rows):
+        expected[i, r["genes"]] = r["counts"]
+    np.testing.assert_array_equal(back.X.toarray(), expected)
+    np.testing.assert_array_equal(back.obsm["spatial_um"], [[r["x_um"], r["y_um"]] for r in rows])
+    # The patches: n x H x W x 3 uint8, each the shard's own bytes decoded, at the corpus' patch view.
+    view = schema.corpus_views(json.loads((demo_corpus.root / schema.CORPUS_FILE).read_text()))["patch"]
+    patches = np.asarray(back.obsm["patch"])
+    assert patches.dtype == np.uint8 and patches.shape == (len(rows), view.size_px, view.size_px, 3)
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(
+            patches[i], np.asarray(Image.open(io.BytesIO(r["patch"]["bytes"])).convert("RGB"))
+        )
+    assert back.uns["stcorpus"]["patch_mpp"] == view.mpp == 0.5
+    assert patches.std() > 10  # real H&E, not a blank
+    # scanpy works on it as exported, with the micrometre positions as the neighbourhood.
+    sc.pp.normalize_total(back, target_sum=1e4)
+    sc.pp.log1p(back)
+    sc.pp.neighbors(back, use_rep="spatial_um", n_neighbors=6)
+    assert back.obsp["connectivities"].shape == (len(rows), len(rows)) and back.obsp["connectivities"].nnz > 0
+
+
+def test_export_without_patches_has_none(demo_corpus: DemoCorpus, tmp_path: Path) -> None:
+    import anndata as ad
+
+    assert main(["export", str(demo_corpus.root), "--slide", "HER2ST-C2", "--to", str(tmp_path / "c2.h5ad")]) == 0
+    back = ad.read_h5ad(tmp_path / "c2.h5ad")
+    assert "patch" not in back.obsm and "patch_mpp" not in back.uns["stcorpus"]
+    assert set(back.obsm) == {"spatial", "spatial_um"}

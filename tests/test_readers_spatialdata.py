@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,6 +54,63 @@ def test_store_gives_the_native_readers_samples(heart_store: Path) -> None:
         ours.image.read_region(level=0, x=100, y=200, width=32, height=16),
         native.image.read_region(level=0, x=100, y=200, width=32, height=16),
     )
+
+
+def _built_rows(manifest_entry: str, folder: Path) -> list[dict[str, Any]]:
+    """``curate build`` of one slide (coarse tiles: the fixture's image is 16 um/px); its Parquet rows by key."""
+    import pyarrow.parquet as pq
+
+    from stcorpus import schema
+    from stcorpus.curate.cli import main
+    from tests.build_fixtures import manifest
+
+    out = folder / "corpus"
+    argv = ["build", str(manifest(folder, [manifest_entry])), "--out", str(out), "--no-progress", "--holdout", "none"]
+    # 32 px at 16 um/px: the lowres image's own scale (the hires image is a blank placeholder)
+    assert main([*argv, "--max-mpp", "20", "--patch-mpp", "16", "--patch-size", "32", "--no-regions"]) == 0
+    rows: list[dict[str, Any]] = []
+    for shard in pq.read_table(out / schema.SHARDS_FILE).to_pylist():
+        if shard["format"] == "parquet":
+            rows += pq.read_table(out / shard["path"]).to_pylist()
+    return sorted(rows, key=lambda r: r[schema.KEY_COLUMN])
+
+
+def test_store_builds_the_native_readers_corpus(heart_store: Path, tmp_path: Path) -> None:
+    """The same real slide built from its SpatialData store and from its Space Ranger files: the same shards."""
+    from stcorpus import schema
+    from tests.build_fixtures import spaceranger_entry
+    from tests.test_tiles import decode
+
+    native = _built_rows(
+        spaceranger_entry("HEART", matrix=HEART / "filtered_feature_bc_matrix.h5", spatial=HEART / "spatial"),
+        tmp_path / "native",
+    )
+    entry = "\n".join(
+        [
+            "- id: HEART",
+            "  technology: spatialdata",
+            "  assay: visium",
+            "  species: human",
+            f"  sources: {{store: '{heart_store}'}}",
+        ]
+    )
+    ours = _built_rows(entry, tmp_path / "store")
+    assert len(native) == 100  # every spot of the real subset is in tissue with counts
+    assert [r[schema.KEY_COLUMN] for r in ours] == [r[schema.KEY_COLUMN] for r in native]
+    for a, b in zip(ours, native, strict=True):
+        assert a["barcode"] == b["barcode"]
+        assert (a["genes"], a["counts"]) == (b["genes"], b["counts"])
+        assert (a["niche_genes"], a["niche_counts"], a["neighbors"]) == (
+            b["niche_genes"],
+            b["niche_counts"],
+            b["neighbors"],
+        )
+        assert (a["array_row"], a["array_col"]) == (b["array_row"], b["array_col"])
+        assert abs(a["x_um"] - b["x_um"]) <= 1e-6 and abs(a["y_um"] - b["y_um"]) <= 1e-6
+        pixels, expected = decode(a["patch"]["bytes"]).astype(float), decode(b["patch"]["bytes"]).astype(float)
+        assert pixels.shape == expected.shape == (32, 32, 3) and pixels.std() > 0
+        assert np.abs(pixels - expected).mean() <= 2.0, a[schema.KEY_COLUMN]
+    assert {r["technology"] for r in ours} == {"spatialdata"} and {r["technology"] for r in native} == {"spaceranger"}
 
 
 def test_named_image_and_manifest_mpp(heart_store: Path) -> None:

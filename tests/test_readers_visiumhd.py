@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from stcorpus.curate.errors import SourceMissingError
 from stcorpus.curate.readers import check_sample, read_slide
 from stcorpus.curate.slide import Slide
 from stcorpus.curate.tiles import TileSettings, cut_tiles
-from tests.spatial_fixtures import VisiumHD, write_visium_hd
+from tests.spatial_fixtures import VisiumHD, marker_offset, write_visium_hd
 from tests.test_readers_support import files_of, make_sample
 from tests.test_tiles import centroid, decode
 
@@ -153,7 +155,7 @@ def test_hex_spots_build_into_a_corpus(hd: VisiumHD, tmp_path: Path) -> None:
     for shard in pq.read_table(out / schema.SHARDS_FILE).to_pylist():
         if shard["format"] == "parquet":
             rows += pq.read_table(
-                out / shard["path"], columns=["array_row", "array_col", "genes", "counts"]
+                out / shard["path"], columns=["array_row", "array_col", "genes", "counts", "x_um", "y_um", "patch"]
             ).to_pylist()
     expected = {key: total for key, total in expected_hex(hd).items() if total.sum() > 0}
     assert {(r["array_row"], r["array_col"]) for r in rows} == set(expected)
@@ -161,3 +163,22 @@ def test_hex_spots_build_into_a_corpus(hd: VisiumHD, tmp_path: Path) -> None:
         got = np.zeros(len(hd.ids), dtype=np.int64)
         got[[column[genes[g]] for g in r["genes"]]] = r["counts"]
         np.testing.assert_array_equal(got, expected[(r["array_row"], r["array_col"])])
+    # The built tiles (224 px at 0.5 um/px, the H&E's own scale) are centred on their sites: the site's
+    # marker disc, in the central 40 um of the patch, has its centroid within 1 px of the patch centre.
+    # Sites whose 40 um window runs off the small image (edge overhang) are left out.
+    width, height = Image.open(hd.image).size
+    half = 40  # patch px = image px here
+
+    margin = half + 8  # the window and a marker's radius
+    inner = [
+        r
+        for r in rows
+        if margin <= r["x_um"] / hd.mpp <= width - margin and margin <= r["y_um"] / hd.mpp <= height - margin
+    ]
+    assert len(inner) >= 10
+    offsets = np.array([marker_offset(r["patch"]["bytes"], half_window_px=half) for r in inner])
+    assert np.abs(offsets).max() < 1.0, offsets
+    # The measure sees a 2 px shift: the same patch moved by 2 px reads as off centre.
+    shifted = io.BytesIO()
+    Image.fromarray(np.roll(decode(inner[0]["patch"]["bytes"]), 2, axis=1)).save(shifted, format="PNG")
+    assert abs(marker_offset(shifted.getvalue(), half_window_px=half)[0] - offsets[0, 0] - 2) < 0.1

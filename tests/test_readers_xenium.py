@@ -13,7 +13,7 @@ from stcorpus.curate.geometry import spot_neighbors
 from stcorpus.curate.readers import check_sample, read_slide
 from stcorpus.curate.slide import Slide
 from stcorpus.curate.tiles import TileSettings, cut_tiles
-from tests.spatial_fixtures import Xenium, write_xenium
+from tests.spatial_fixtures import Xenium, marker_offset, write_xenium
 from tests.test_readers_support import files_of, make_sample
 from tests.test_tiles import centroid, decode
 
@@ -133,7 +133,16 @@ def test_cells_build_into_a_corpus_and_export_back(xen: Xenium, tmp_path: Path) 
         if shard["format"] == "parquet":
             rows += pq.read_table(
                 out / shard["path"],
-                columns=["barcode", "genes", "counts", "niche_genes", "niche_counts", "neighbors", "array_row"],
+                columns=[
+                    "barcode",
+                    "genes",
+                    "counts",
+                    "niche_genes",
+                    "niche_counts",
+                    "neighbors",
+                    "array_row",
+                    "patch",
+                ],
             ).to_pylist()
     by_cell = {r["barcode"]: r for r in rows}
     assert sorted(by_cell) == sorted(xen.cell_ids)  # every cell has counts and a tile
@@ -149,6 +158,10 @@ def test_cells_build_into_a_corpus_and_export_back(xen: Xenium, tmp_path: Path) 
         niche[[column[genes[g]] for g in r["niche_genes"]]] = r["niche_counts"]
         np.testing.assert_array_equal(niche, dense[[key_of[k] for k in r["neighbors"]]].sum(axis=0))
         assert r["array_row"] is None and 1 <= len(r["neighbors"]) <= 6
+    # The built tiles (128 px at 0.5 um/px) are centred on their cells: each cell's marker disc, in the
+    # central 20 um of the patch, has its centroid within 1 px of the patch centre.
+    offsets = np.array([marker_offset(r["patch"]["bytes"], half_window_px=20) for r in rows])
+    assert np.abs(offsets).max() < 1.0, offsets
     # Exported back, a cell sits at its H&E pixel times the H&E's um/px (the corpus's slide micrometres).
     assert main(["export", str(out), "--slide", "XEN-1", "--to", str(tmp_path / "x.h5ad")]) == 0
     back = ad.read_h5ad(tmp_path / "x.h5ad")
