@@ -369,6 +369,11 @@ def crafted_slides(folder: Path) -> dict[str, SlideCase]:
         folder_ = _spatial(folder, name, edit)
         cases[slide_id] = SlideCase(spaceranger_entry(slide_id, matrix=HEART_H5, spatial=folder_), fault, names)
 
+    cases["SR-spatial-one-file"] = SlideCase(
+        spaceranger_entry("SR-spatial-one-file", matrix=HEART_H5, spatial=spatial / POSITIONS),
+        "must be the whole spatial folder",
+        POSITIONS,
+    )
     sr("POS-four-columns", "four", _positions(lambda rows: [r[:4] for r in rows]), "malformed positions row", POSITIONS)
     sr(
         "POS-header-short",

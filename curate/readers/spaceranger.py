@@ -152,6 +152,13 @@ def _read_matrix(path: Path, *, sample: Sample) -> _tenx.FeatureMatrix:
 
 
 def _resolve_spatial(path: Path, *, sample: Sample) -> Path:
+    if not path.is_dir():
+        raise SourceMissingError(
+            f"source 'spatial': {path} is a single file ({path.name}); it must be the whole spatial folder "
+            f"({SCALEFACTORS_FILE}, the positions file and the images): give the folder, an archive of it "
+            "(.tar.gz or .zip), or the `outs` source instead",
+            slide_id=sample.id,
+        )
     for candidate in (path, path / SPATIAL):
         if candidate.is_dir() and (candidate / SCALEFACTORS_FILE).is_file():
             return candidate
