@@ -33,11 +33,12 @@ level ``k`` pixel ``i`` covers level-0 pixels ``[i * d, (i + 1) * d)`` with ``d`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -717,6 +718,29 @@ class TiffImage(SlideImage):
         self._close_remote()
 
 
+_PIL_LIMIT_LOCK: Final = threading.Lock()
+
+
+@contextlib.contextmanager
+def _our_pixel_budget() -> Iterator[None]:
+    """Pillow's own bomb check off while we open an image, then as it was.
+
+    Pillow warns over 89 Mpx and refuses over 179 Mpx, which would refuse real legacy-ST and
+    STimage images; our budget (:func:`check_decode_budget`, ``--max-image-pixels``) replaces it,
+    checked from the header. ``Image.MAX_IMAGE_PIXELS`` is a process-wide global that belongs to
+    whoever embeds us, so it is changed only for the open (Pillow checks there) and restored.
+    """
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
 class PilImage(SlideImage):
     """A PNG or JPEG; decoded in full on first read (these formats have no random access)."""
 
@@ -725,11 +749,8 @@ class PilImage(SlideImage):
     ) -> None:
         from PIL import Image, UnidentifiedImageError
 
-        # Pillow's own bomb check (a warning over 89 Mpx, an error over 179 Mpx) would refuse real
-        # legacy-ST and STimage images; the budget below replaces it, checked from the header.
-        Image.MAX_IMAGE_PIXELS = None
         try:
-            with Image.open(path) as im:
+            with _our_pixel_budget(), Image.open(path) as im:  # the budget below replaces Pillow's check
                 width, height = im.size
                 mode = im.mode
         except (UnidentifiedImageError, OSError) as exc:
@@ -764,7 +785,9 @@ class PilImage(SlideImage):
             from PIL import Image
 
             try:
-                with Image.open(self.path) as im:
+                with _our_pixel_budget():
+                    opened = Image.open(self.path)
+                with opened as im:
                     target = "RGBA" if self.has_alpha else "RGB"
                     im.load()
                     if im.mode.startswith("I;16") or im.mode == "I":

@@ -160,8 +160,9 @@ def _stimage_files(folder: Path, image: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     ids = [f"S{i}" for i in range(6)]
     (folder / "s_count.csv").write_text(",G1,G2\n" + "".join(f"{i},{n + 1},2\n" for n, i in enumerate(ids)))
+    # radius 45 px as a 55 um spot: 0.611 um/px; the spots one 100 um Visium pitch (164 px) apart
     (folder / "s_coord.csv").write_text(
-        ",yaxis,xaxis,r\n" + "".join(f"{i},{100 + 10 * n},{100},45\n" for n, i in enumerate(ids))
+        ",yaxis,xaxis,r\n" + "".join(f"{i},{100 + 164 * n},{100},45\n" for n, i in enumerate(ids))
     )
     return {"counts": str(folder / "s_count.csv"), "coords": str(folder / "s_coord.csv"), "image": str(image)}
 
