@@ -348,6 +348,23 @@ def test_validate_plan_and_build_run_one_validation(
         build([path], out=tmp_path / "out", settings=QUIET)
 
 
+def test_every_fault_of_one_sample_is_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sample with three faults (a misspelt source, a string for a bool, an unknown option) is refused
+    with all three in one run of each command, so fixing a manifest takes one edit, not three runs."""
+    entry = spaceranger_entry("SR", matrix=HEART / "filtered_feature_bc_matrix.h5", spatial=HEART / "spatial")
+    entry = entry.replace("spatial:", "spatail:") + "\n  reader: {image_fallback: 'no', matrx: raw}"
+    path = manifest(tmp_path / "m", [entry])
+    faults = (
+        "unknown source name(s) spatail",
+        "reader.image_fallback must be true or false, not 'no'",
+        "unknown key(s) in reader: matrx",
+    )
+    for command in (["validate"], ["plan"], ["build", "--out", str(tmp_path / "out"), "--no-progress"]):
+        assert main([command[0], str(path), *command[1:]]) != 0
+        err = capsys.readouterr().err
+        assert [f for f in faults if f not in err] == [], (command[0], err)
+
+
 def test_misspelt_source_name_is_refused_by_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     entry = spaceranger_entry("SR", matrix=HEART / "filtered_feature_bc_matrix.h5", spatial=HEART / "spatial")
     path = manifest(tmp_path / "m", [entry.replace("spatial:", "spatail:")])
