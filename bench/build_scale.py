@@ -53,6 +53,8 @@ OUT = HERE / "out"
 #: HEST-1k's metadata table (slide sizes, um/px, spots), for the projection (``--reference``).
 REFERENCE = HERE.parent.parent / "shared" / "reference" / "HEST_v1_1_0.csv"
 
+#: Slides appended to the ``ranges`` corpus afterwards (issue 17: "appending 5 slides").
+APPENDED = 5
 #: (name, compression, um/px) of the four slide kinds.
 KINDS = (("jpeg-0.25", "jpeg", 0.25), ("lzw-0.25", "lzw", 0.25), ("jpeg-0.5", "jpeg", 0.5), ("lzw-0.5", "lzw", 0.5))
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
@@ -160,9 +162,9 @@ def _handler(files: dict[str, Served], link: Link) -> type[BaseHTTPRequestHandle
 
 
 @contextmanager
-def serving(files: dict[str, Served], link: Link) -> Iterator[str]:
-    """Serve ``files`` on 127.0.0.1; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(files, link))
+def serving(files: dict[str, Served], link: Link, *, port: int = 0) -> Iterator[str]:
+    """Serve ``files`` on 127.0.0.1 (``port``, 0 for any free one); yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(files, link))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -273,21 +275,45 @@ class DiskSampler:
         self.peak = max(self.peak, disk_usage(self.root))
 
 
+def shard_digests(corpus: Path) -> dict[str, str]:
+    """sha256 of every shard file of ``corpus`` (Parquet and tar), by path relative to it."""
+    return {
+        str(path.relative_to(corpus)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(corpus.rglob("*"))
+        if path.is_file() and path.suffix in (".parquet", ".tar") and path.parent != corpus
+    }
+
+
 def run_build(
-    files: dict[str, Served], scratch: Path, *, rate: float | None, range_reads: bool, workers: int, slides: int
+    files: dict[str, Served],
+    scratch: Path,
+    *,
+    rate: float | None,
+    range_reads: bool,
+    workers: int,
+    slides: int,
+    cache_budget: int | None = None,
+    append: bool = False,
+    port: int = 0,
 ) -> dict[str, Any]:
-    """One build into a fresh folder under ``scratch``; wall time, bytes, requests and peak disk."""
+    """One build into a fresh folder under ``scratch`` (or, with ``append``, onto the corpus already there).
+
+    Returns wall time, bytes, requests and peak disk.
+    """
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.fetch import FetchSettings
 
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    if not append:
+        shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     link = Link(rate)
-    with serving(files, link) as url:
+    with serving(files, link, port=port) as url:
         manifest = scratch / "build-scale.yaml"
         write_manifest(manifest, files, url=url, slides=slides)
-        settings = BuildSettings(workers=workers, progress=False, name="build-scale", holdout="none")
-        fetch = FetchSettings(cache_dir=scratch / "cache", keep_sources=False, range_reads=range_reads)
+        settings = BuildSettings(workers=workers, progress=False, name="build-scale", holdout="none", append=append)
+        fetch = FetchSettings(
+            cache_dir=scratch / "cache", keep_sources=False, range_reads=range_reads, cache_budget=cache_budget
+        )
         cpu = time.process_time()
         with DiskSampler(scratch) as disk:
             start = time.perf_counter()
@@ -296,6 +322,7 @@ def run_build(
     corpus_bytes = disk_usage(scratch / "corpus")
     shutil.rmtree(scratch / "cache", ignore_errors=True)
     return {
+        "url": url,
         "wall_s": wall,
         "client_cpu_s": time.process_time() - cpu,
         "statuses": dict(summary.slides),
@@ -408,7 +435,7 @@ def table(report: dict[str, Any]) -> str:
     ]
     for mode, run in runs.items():
         download = run["total_bytes"] / rate if mode != "compute" else 0.0
-        bound = report["bound_s"].get(mode, run["wall_s"])
+        bound = report["bound_s"].get(mode, max(download, run["wall_s"]))
         lines.append(
             f"| {mode} | {run['wall_s']:.1f} | {run['total_bytes'] / _MB:,.1f} | {download:.1f} | {bound:.1f} | "
             f"{run['wall_s'] / bound:.2f} | {run['peak_disk'] / _MB:,.1f} | "
@@ -426,6 +453,14 @@ def table(report: dict[str, Any]) -> str:
             f"| {kind} | {info['tiff_bytes'] / _MB:,.1f} | {whole / _MB:,.1f} | {ranged / _MB:,.1f} | "
             f"{ranged / max(1, whole):.3f} | {runs['ranges']['requests'].get(kind, 0) / n:.0f} |"
         )
+    a = report["append"]
+    lines += [
+        "",
+        f"Append: {a['slides']} slides onto the `ranges` corpus: {a['shards_before']} shard files before, "
+        f"{a['shards_after']} after; earlier shards whose sha256 changed: {len(a['changed'])} "
+        f"({'none' if not a['changed'] else ', '.join(a['changed'][:5])}). Cache budget of the throttled builds "
+        f"{report['cache_budget'] / _MB:,.0f} MB.",
+    ]
     p = report["projection"]
     i = p["inputs"]
     lines += [
@@ -466,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="link rate in MB/s (default 100)")
     parser.add_argument("--workers", type=int, default=2, help="build workers (default 2)")
     parser.add_argument("--disk-budget", type=float, default=2000.0, help="disk budget in MB (compared, default 2000)")
+    parser.add_argument(
+        "--cache-budget",
+        type=float,
+        default=0.0,
+        help="--cache-budget of the throttled builds in MB (default: "
+        "room for every worker's slide and one prefetched slide)",
+    )
     parser.add_argument("--reference", type=Path, default=REFERENCE, help="HEST-1k metadata CSV (HEST_v1_1_0.csv)")
     parser.add_argument("--out", type=Path, default=OUT / "build_scale.json")
     args = parser.parse_args(argv)
@@ -478,9 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.rate * _MB
 
     scratch = OUT / "build-scale"
-    files, kinds = prepare(scratch / "data", slides=args.slides, slide_um=args.slide_um, border_um=args.border_um)
+    total = args.slides + APPENDED
+    files, kinds = prepare(scratch / "data", slides=total, slide_um=args.slide_um, border_um=args.border_um)
     for name in kinds:
-        kinds[name]["slides"] = sum(1 for f in files.values() if f.kind == name)
+        kinds[name]["slides"] = sum(1 for i in range(args.slides) if KINDS[i % len(KINDS)][0] == name)
+    largest = max(f.base.stat().st_size + len(f.tail) for f in files.values() if f.kind != "h5ad")
+    largest += max(f.base.stat().st_size for f in files.values() if f.kind == "h5ad")
+    # room for every worker's slide and one prefetched slide, unless given
+    budget = round(args.cache_budget * _MB) if args.cache_budget else (args.workers + 1) * largest
     report: dict[str, Any] = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "slides": args.slides,
@@ -488,14 +535,43 @@ def main(argv: list[str] | None = None) -> int:
         "rate": rate,
         "workers": args.workers,
         "disk_budget": args.disk_budget * _MB,
+        "cache_budget": budget,
         "kinds": kinds,
         "runs": {},
     }
     for mode, throttle, ranges in (("compute", None, True), ("whole", rate, False), ("ranges", rate, True)):
         print(f"build: {mode}", file=sys.stderr)
         report["runs"][mode] = run_build(
-            files, scratch / mode, rate=throttle, range_reads=ranges, workers=args.workers, slides=args.slides
+            files,
+            scratch / mode,
+            rate=throttle,
+            range_reads=ranges,
+            workers=args.workers,
+            slides=args.slides,
+            cache_budget=budget if throttle else None,
         )
+    # Growth: APPENDED more slides onto the `ranges` corpus; every earlier shard must keep its bytes.
+    corpus = scratch / "ranges" / "corpus"
+    before = shard_digests(corpus)
+    print(f"build: append {APPENDED}", file=sys.stderr)
+    report["runs"]["append"] = run_build(
+        files,
+        scratch / "ranges",
+        rate=rate,
+        range_reads=True,
+        workers=args.workers,
+        slides=total,
+        cache_budget=budget,
+        append=True,
+        port=int(report["runs"]["ranges"]["url"].rsplit(":", 1)[1]),  # the same URLs: the same manifest entries
+    )
+    after = shard_digests(corpus)
+    report["append"] = {
+        "slides": APPENDED,
+        "shards_before": len(before),
+        "shards_after": len(after),
+        "changed": sorted(p for p, d in before.items() if after.get(p) != d),
+    }
     compute_s = report["runs"]["compute"]["wall_s"]
     report["bound_s"] = {
         mode: max(report["runs"][mode]["total_bytes"] / rate, compute_s) for mode in ("whole", "ranges")
