@@ -186,6 +186,13 @@ def pool_grid(sample: Sample, *, key: str, square_side: str, bin_um: int | None 
     if grid == "hex":
         diameter = float(option(sample, "spot_diameter_um", default=VISIUM.spot_diameter_um))
         pitch_um = float(pitch) if pitch is not None else float(VISIUM.pitch_um or 100.0)
+        if diameter > pitch_um:  # discs would overlap: a point in two of them would belong to either
+            raise SourceMissingError(
+                f"{sample.describe()}: reader option spot_diameter_um={diameter:g} exceeds the hex pitch_um "
+                f"{pitch_um:g}, so neighbouring spots would overlap; use a diameter of at most the pitch "
+                "(Visium: 55 on 100)",
+                slide_id=sample.id,
+            )
         return grid, replace(VISIUM, key=key, pitch_um=pitch_um, spot_diameter_um=diameter)
     if pitch is None:
         raise SourceMissingError(

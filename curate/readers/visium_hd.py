@@ -53,6 +53,7 @@ BINNED_OUTPUTS: Final = "binned_outputs"
 BIN_PREFIX: Final = "square_"
 BIN_SIZES_UM: Final = (2, 8, 16)
 DEFAULT_BIN_UM: Final = 8
+POSITIONS_FILE: Final = "tissue_positions.parquet"
 #: A pooled site's barcode: grid, size and lattice position, e.g. ``hex055um_r0012_c0034``.
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 #: A fit of pixels to array coordinates that misses a bin by more than this is noted.
@@ -124,6 +125,14 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
 
     # The bins' own frame: array coordinates times the bin size, each bin's centre at +0.5.
     tissue = np.flatnonzero(bins.spots.in_tissue)
+    if tissue.size < 3:  # an affine of array coordinates to pixels needs three bins
+        bins.image.close()
+        raise CorruptSourceError(
+            f"{folder / spaceranger.SPATIAL / POSITIONS_FILE}: {tissue.size} of the "
+            f"{bins.spots.in_tissue.shape[0]:,} matched bins are in tissue (column in_tissue); nothing to pool. "
+            "The positions file is damaged or from another run: fetch the binned outputs again",
+            slide_id=sample.id,
+        )
     row = bins.spots.array_row[tissue].astype(np.float64)
     col = bins.spots.array_col[tissue].astype(np.float64)
     to_pixels, residual = _fit_affine(col, row, bins.spots.x_px[tissue], bins.spots.y_px[tissue])
