@@ -68,6 +68,7 @@ REGION_KEY: Final = "region_key"
 INSTANCE_KEY: Final = "instance_key"
 READER_ATTR: Final = "spatialdata_io_reader"  # SpatialData.attrs: which spatialdata-io reader wrote it
 RADIUS: Final = "radius"  # circle shapes' radius column
+POINT_AXES: Final = ("x", "y")  # a points element's coordinate columns
 # --- columns of the table's obs and var (scanpy's read_10x_h5 names) -------------------------
 OBS_IN_TISSUE: Final = "in_tissue"
 OBS_ARRAY_ROW: Final = "array_row"
@@ -144,7 +145,20 @@ def _sites(sdata: Any, region: str, *, store: Path, sample: Sample) -> tuple[Any
     if region in sdata.points:
         points_element = sdata.points[region]
         frame = points_element.compute()
-        xy = np.column_stack([frame["x"].to_numpy(dtype=float), frame["y"].to_numpy(dtype=float)])
+        missing = [axis for axis in POINT_AXES if axis not in frame.columns]
+        if missing:
+            raise CorruptSourceError(
+                f"{store}: points element {region!r} has no column(s) {', '.join(missing)} (has "
+                f"{', '.join(map(str, frame.columns)) or 'none'}); SpatialData points keep their coordinates in x "
+                "and y: write the element with PointsModel.parse(..., coordinates={'x': ..., 'y': ...})",
+                slide_id=sample.id,
+            )
+        try:
+            xy = np.column_stack([frame[axis].to_numpy(dtype=float) for axis in POINT_AXES])
+        except (TypeError, ValueError) as exc:
+            raise CorruptSourceError(
+                f"{store}: points element {region!r}: x/y are not numeric ({exc})", slide_id=sample.id
+            ) from exc
         return points_element, _Sites(ids=as_str_array(frame.index.to_numpy()), xy=xy, radius=None)
     raise CorruptSourceError(
         f"{store}: the table annotates {region!r}, which is neither a shapes nor a points element of the store "
@@ -176,6 +190,12 @@ def _image(
 ) -> tuple[SlideImage, str, Affine, str]:
     """The H&E as a lazily read image, its name, and the affine from site coordinates to its pixels."""
     site_systems = _systems(sites_element)
+    if system is not None and system not in site_systems:
+        raise SourceMissingError(
+            f"{store}: the sites have no coordinate system {system!r} (reader option coordinate_system); they have: "
+            f"{', '.join(site_systems) or 'none'}",
+            slide_id=sample.id,
+        )
     chosen = option(sample, "image", default=None)
     candidates: list[tuple[float, str, str]] = []
     for name in sorted(sdata.images):
@@ -316,6 +336,14 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     )
     rows, site_rows = join.rows, join.position_rows
     counts = raw_counts(matrix[rows], sample=sample, source=store, notes=notes)
+    if counts.nnz == 0:  # zarr reads a chunk file that is missing as zeros: a partly copied store looks empty
+        image.close()
+        where = f"layer {layer!r}" if layer is not None else "X"
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} ({where}) holds no non-zero count in its {rows.shape[0]:,} matched rows; "
+            "a store copied without its chunk files reads as zeros: copy or fetch the whole .zarr folder again",
+            slide_id=sample.id,
+        )
     x_px, y_px = pixels[site_rows, 0], pixels[site_rows, 1]
     in_tissue = (
         obs[OBS_IN_TISSUE].to_numpy().astype(np.int64)[rows] != 0
