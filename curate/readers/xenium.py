@@ -259,7 +259,13 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         site_um = xy_um[join.position_rows]
         radius = float(option(sample, "neighbour_radius_um", default=CELLS.neighbour_radius_um))
         k = option(sample, "neighbour_k", default=CELLS.neighbour_k)
-        geometry = replace(CELLS, key="xenium-cells", neighbour_radius_um=radius, neighbour_k=k)
+        try:
+            geometry = replace(CELLS, key="xenium-cells", neighbour_radius_um=radius, neighbour_k=k)
+        except ValueError as exc:  # the geometry's own check: a positive radius and k
+            raise SourceMissingError(
+                f"{sample.describe()}: reader options neighbour_radius_um={radius!r}, neighbour_k={k!r}: {exc}",
+                slide_id=sample.id,
+            ) from exc
         array_row = array_col = np.zeros(barcodes.shape[0], dtype=np.int32)
         qc, dropped_spots = [join.check], join.dropped
     else:
