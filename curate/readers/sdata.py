@@ -54,6 +54,7 @@ from stcorpus.curate.readers._common import (
     option,
     raw_counts,
     require_file,
+    whole_numbers,
 )
 from stcorpus.curate.readers._tenx import GENE_EXPRESSION
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
@@ -345,16 +346,18 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             slide_id=sample.id,
         )
     x_px, y_px = pixels[site_rows, 0], pixels[site_rows, 1]
-    in_tissue = (
-        obs[OBS_IN_TISSUE].to_numpy().astype(np.int64)[rows] != 0
-        if OBS_IN_TISSUE in obs.columns
-        else np.ones(rows.shape[0], dtype=bool)
-    )
+
+    def obs_numbers(column: str) -> npt.NDArray[np.int64]:
+        values = np.asarray(obs[column].to_numpy())[rows]
+        return whole_numbers(values, what=f"{store}: table {table_name!r} obs column {column!r}", slide_id=sample.id)
+
+    in_tissue = obs_numbers(OBS_IN_TISSUE) != 0 if OBS_IN_TISSUE in obs.columns else np.ones(rows.shape[0], dtype=bool)
     geometry = assay_geometry(sample.assay, slide_id=sample.id, pitch_hint="set the sample's assay")
-    has_array = OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns
+    # Array coordinates belong to a lattice; cell-level sites have none (as the xenium reader's).
+    has_array = geometry.is_lattice and OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns
     if has_array:
-        array_row = np.rint(obs[OBS_ARRAY_ROW].to_numpy(dtype=np.float64)[rows]).astype(np.int32)
-        array_col = np.rint(obs[OBS_ARRAY_COL].to_numpy(dtype=np.float64)[rows]).astype(np.int32)
+        array_row = obs_numbers(OBS_ARRAY_ROW).astype(np.int32)
+        array_col = obs_numbers(OBS_ARRAY_COL).astype(np.int32)
     else:
         array_row = array_col = np.zeros(rows.shape[0], dtype=np.int32)
 
