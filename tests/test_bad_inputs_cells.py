@@ -203,6 +203,14 @@ def _blank_image(parts: dict[str, dict[str, Any]]) -> None:
     )
 
 
+def _obs(**columns: Any) -> Callable[[dict[str, dict[str, Any]]], None]:
+    def apply(parts: dict[str, dict[str, Any]]) -> None:
+        for name, value in columns.items():
+            parts["tables"]["table"].obs[name] = value
+
+    return apply
+
+
 def _other_ids(parts: dict[str, dict[str, Any]]) -> None:
     table = parts["tables"]["table"]
     table.obs["cell_id"] = [f"z{i}" for i in range(table.n_obs)]
@@ -377,6 +385,20 @@ def crafted_slides(folder: Path) -> Crafted:
         "pitch_um",
         reader={"spot_diameter_um": 150.0},
     )
+    hd(
+        "HD-spots-smaller-than-bins",
+        None,
+        "smaller than the 8 um bins",
+        "spot_diameter_um",
+        reader={"spot_diameter_um": 4.0},
+    )
+    hd(
+        "HD-array-coords-repeated",
+        _parquet(HD_POSITIONS, lambda t: _set(t, "array_row", 0)),
+        "repeat the array_row/array_col of another",
+        POSITIONS,
+    )
+    hd("HD-pixels-shuffled", _parquet(HD_POSITIONS, _shuffle_pixels), "depart from an affine", POSITIONS)
     hd("HD-no-image", None, "image", "tissue_hires_image.png", image=None)
     hd("HD-image-zero-bytes", None, "not a readable", "empty.png", image=_empty(folder / "empty.png"))
     hd("HD-image-html", None, "not a readable", "image.tif", image=_html(folder / "image.tif"))
@@ -594,9 +616,10 @@ def crafted_slides(folder: Path) -> Crafted:
         *,
         reader: dict[str, Any] | None = None,
         micron: bool = True,
+        assay: str = "xenium",
     ) -> None:
         options = {**(SD_READER if micron else {}), **(reader or {})}
-        entry = _entry(slide_id, "spatialdata", "xenium", {"store": store}, options)
+        entry = _entry(slide_id, "spatialdata", assay, {"store": store}, options)
         cases[slide_id] = SlideCase(entry, fault, names)
 
     sd = folder / "sdata"
@@ -628,6 +651,19 @@ def crafted_slides(folder: Path) -> Crafted:
     sdata("SD-blank-image", _store(sd / "blank.zarr", _blank_image), "blank", "blank.zarr")
     sdata("SD-other-ids", _store(sd / "ids.zarr", _other_ids), "barcode", "element 'cells'")
     sdata("SD-antibodies", _store(sd / "ab.zarr", _antibodies), "no 'Gene Expression' features", "ab.zarr")
+    sdata(
+        "SD-in-tissue-text",
+        _store(sd / "tissue.zarr", _obs(in_tissue="yes")),
+        "obs column 'in_tissue' is not numeric",
+        "tissue.zarr",
+    )
+    sdata(
+        "SD-array-rows-nan",
+        _store(sd / "rows.zarr", _obs(array_row=np.nan, array_col=1.0)),
+        "obs column 'array_row': 24 of 24 values are missing",
+        "rows.zarr",
+        assay="visium",
+    )
     points = _store(sd / "no-xy.zarr", _as_points)
     _points_without_xy(points)
     sdata("SD-points-no-xy", points, "has no column(s) x, y", "no-xy.zarr")
@@ -646,6 +682,14 @@ def crafted_slides(folder: Path) -> Crafted:
     (sd / "empty-folder.zarr").mkdir()
     sdata("SD-store-empty-folder", sd / "empty-folder.zarr", "not a readable SpatialData", "empty-folder.zarr")
     return Crafted(cases, unusual, good)
+
+
+def _shuffle_pixels(table: pa.Table) -> pa.Table:
+    """Each bin's pixel centre given to another bin (rows of two columns sorted apart by a script)."""
+    order = np.random.default_rng(2).permutation(table.num_rows)
+    for name in ("pxl_row_in_fullres", "pxl_col_in_fullres"):
+        table = _set(table, name, pa.array(table.column(name).to_numpy()[order]))
+    return table
 
 
 def _nan_first_locations(table: pa.Table) -> pa.Table:
@@ -779,6 +823,8 @@ OPTION_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "hd-misspelt": ("visium-hd", {"bin_size": 8}, "bin_um"),
     "xen-min-qv-text": ("xenium", {"min_qv": "Q20"}, "reader.min_qv"),
     "xen-k-float": ("xenium", {"neighbour_k": 6.5}, "reader.neighbour_k"),
+    "xen-k-zero": ("xenium", {"neighbour_k": 0}, "reader.neighbour_k must be a positive whole number"),
+    "xen-min-qv-nan": ("xenium", {"min_qv": float("nan")}, "reader.min_qv must be a number"),
     "xen-misspelt": ("xenium", {"sample": "cells"}, "samples"),
     "sd-diameter-zero": ("spatialdata", {"spot_diameter_um": 0}, "reader.spot_diameter_um must be a positive"),
     "sd-table-number": ("spatialdata", {"table": 2}, "reader.table"),
@@ -794,3 +840,10 @@ def test_a_reader_option_of_the_wrong_type_is_named_by_validate(tmp_path: Path, 
     (sample,) = load_manifest(manifest(tmp_path, [entry]), allow_local=True).samples
     problems = check_sample(sample)
     assert any(says in p and "OPT-1" in p for p in problems), problems
+
+
+def test_a_min_qv_of_zero_is_a_valid_threshold_not_a_size(tmp_path: Path) -> None:
+    """min_qv 0 keeps every transcript; only the options in um must be positive."""
+    entry = _entry("OPT-2", "xenium", "xenium", {"outs": tmp_path, "image": tmp_path / "he.png"}, {"min_qv": 0})
+    (sample,) = load_manifest(manifest(tmp_path, [entry]), allow_local=True).samples
+    assert check_sample(sample) == []
