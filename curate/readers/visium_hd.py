@@ -71,6 +71,14 @@ def bin_folder_name(bin_um: int) -> str:
 def _bin_folder(path: Path, bin_um: int, *, sample: Sample) -> Path:
     """``square_<bin>um/`` under ``path``: outs/, outs/binned_outputs/, or one folder above either."""
     name = bin_folder_name(bin_um)
+    if path.name == name and path.is_dir():  # the bin folder itself
+        return path
+    if path.name.startswith(BIN_PREFIX) and path.name.endswith("um"):
+        raise SourceMissingError(
+            f"source 'outs': {path} is the {path.name}/ bin folder, but the reader option bin_um is {bin_um} "
+            f"({name}/); set bin_um to that folder's size, or point outs at outs/ or {BINNED_OUTPUTS}/",
+            slide_id=sample.id,
+        )
     candidates = [path / name, path / BINNED_OUTPUTS / name]
     subfolders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")] if path.is_dir() else []
     if len(subfolders) == 1:  # an archive unpacked to <sample>/outs/...
