@@ -70,6 +70,7 @@ INSTANCE_KEY: Final = "instance_key"
 READER_ATTR: Final = "spatialdata_io_reader"  # SpatialData.attrs: which spatialdata-io reader wrote it
 RADIUS: Final = "radius"  # circle shapes' radius column
 POINT_AXES: Final = ("x", "y")  # a points element's coordinate columns
+H_AND_E_CHANNELS: Final = (1, 3, 4)  # grey, RGB, RGBA
 # --- columns of the table's obs and var (scanpy's read_10x_h5 names) -------------------------
 OBS_IN_TISSUE: Final = "in_tissue"
 OBS_ARRAY_ROW: Final = "array_row"
@@ -222,11 +223,22 @@ def _image(
         )
     skipped: list[str] = []
     for _, name, common in sorted(candidates):
-        image = ArrayImage(store / "images" / name, _scales(sdata.images[name]))
+        scales = _scales(sdata.images[name])
+        n_channels = int(scales[0].shape[0]) if len(scales[0].shape) == 3 else 0
+        if n_channels not in H_AND_E_CHANNELS:  # a fluorescence stack, not an H&E: its first 3 channels are no RGB
+            unusable = f"{n_channels} channels, not an RGB or grey H&E"
+            if chosen is not None:
+                raise SourceMissingError(
+                    f"{store}: image {name!r} (reader option image) has {unusable}; name the H&E element instead",
+                    slide_id=sample.id,
+                )
+            skipped.append(f"{name} ({unusable})")
+            continue
+        image = ArrayImage(store / "images" / name, scales)
         blank = image_blank_reason(image) if chosen is None else None
         if blank is not None:
             image.close()
-            skipped.append(f"{name} ({blank})")
+            skipped.append(f"{name} (blank: {blank})")
             continue
         if skipped:
             notes.append(f"image(s) skipped: {'; '.join(skipped)}")
@@ -234,7 +246,9 @@ def _image(
         notes.append(f"image {name} ({image.width}x{image.height}), sites mapped through coordinate system {common}")
         return image, name, to_pixels, common
     raise SourceMissingError(
-        f"{store}: every image is blank ({'; '.join(skipped)}); add the real H&E to the store", slide_id=sample.id
+        f"{store}: no image is a usable H&E ({'; '.join(skipped)}); add the real H&E to the store, or name it with "
+        "the reader option image",
+        slide_id=sample.id,
     )
 
 
@@ -313,7 +327,22 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             f"{', '.join(table.layers) or 'none'}",
             slide_id=sample.id,
         )
-    matrix = sp.csr_matrix(table.layers[layer] if layer is not None else table.X)
+    values = table.layers[layer] if layer is not None else table.X
+    if values is None:
+        image.close()
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} has no X; name the layer holding the counts with the reader option layer "
+            f"(layers: {', '.join(table.layers) or 'none'})",
+            slide_id=sample.id,
+        )
+    try:
+        matrix = sp.csr_matrix(values)
+    except (TypeError, ValueError) as exc:
+        image.close()
+        where = f"layer {layer!r}" if layer is not None else "X"
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} {where} is not a matrix of numbers ({exc})", slide_id=sample.id
+        ) from exc
     columns, features = _features(table, store=store, sample=sample, notes=notes)
     dropped_features = int(matrix.shape[1] - columns.shape[0])
     if dropped_features:
