@@ -211,6 +211,20 @@ def _obs(**columns: Any) -> Callable[[dict[str, dict[str, Any]]], None]:
     return apply
 
 
+def _no_x(parts: dict[str, dict[str, Any]]) -> None:
+    parts["tables"]["table"].X = None
+
+
+def _fluorescence(parts: dict[str, dict[str, Any]]) -> None:
+    """A 5-channel immunofluorescence stack where the H&E should be."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    stack = np.random.default_rng(5).integers(0, 255, size=(5, 600, 600), dtype=np.uint8)
+    transformations = {"global": Scale([0.5, 0.5], ("x", "y"))}
+    parts["images"]["he"] = Image2DModel.parse(stack, dims=("c", "y", "x"), transformations=transformations)
+
+
 def _other_ids(parts: dict[str, dict[str, Any]]) -> None:
     table = parts["tables"]["table"]
     table.obs["cell_id"] = [f"z{i}" for i in range(table.n_obs)]
@@ -399,6 +413,17 @@ def crafted_slides(folder: Path) -> Crafted:
         POSITIONS,
     )
     hd("HD-pixels-shuffled", _parquet(HD_POSITIONS, _shuffle_pixels), "depart from an affine", POSITIONS)
+    cases["HD-outs-is-other-bin"] = SlideCase(
+        _entry(
+            "HD-outs-is-other-bin",
+            "visium-hd",
+            "visium-hd",
+            {"outs": base.outs / "binned_outputs" / BIN, "image": base.image},
+            {"bin_um": 16},
+        ),
+        "is the square_008um/ bin folder, but the reader option bin_um is 16",
+        BIN,
+    )
     hd("HD-no-image", None, "image", "tissue_hires_image.png", image=None)
     hd("HD-image-zero-bytes", None, "not a readable", "empty.png", image=_empty(folder / "empty.png"))
     hd("HD-image-html", None, "not a readable", "image.tif", image=_html(folder / "image.tif"))
@@ -650,6 +675,10 @@ def crafted_slides(folder: Path) -> Crafted:
     sdata("SD-float-counts", _store(sd / "float.zarr", _float_counts), "not whole non-negative", "float.zarr")
     sdata("SD-blank-image", _store(sd / "blank.zarr", _blank_image), "blank", "blank.zarr")
     sdata("SD-other-ids", _store(sd / "ids.zarr", _other_ids), "barcode", "element 'cells'")
+    sdata("SD-no-X", _store(sd / "no-x.zarr", _no_x), "has no X; name the layer", "no-x.zarr")
+    fluorescence = _store(sd / "if.zarr", _fluorescence)
+    sdata("SD-fluorescence-only", fluorescence, "5 channels, not an RGB or grey H&E", "if.zarr")
+    sdata("SD-fluorescence-named", fluorescence, "5 channels", "reader option image", reader={"image": "he"})
     sdata("SD-antibodies", _store(sd / "ab.zarr", _antibodies), "no 'Gene Expression' features", "ab.zarr")
     sdata(
         "SD-in-tissue-text",
@@ -840,6 +869,18 @@ def test_a_reader_option_of_the_wrong_type_is_named_by_validate(tmp_path: Path, 
     (sample,) = load_manifest(manifest(tmp_path, [entry]), allow_local=True).samples
     problems = check_sample(sample)
     assert any(says in p and "OPT-1" in p for p in problems), problems
+
+
+def test_outs_may_be_the_bin_folder_itself(tmp_path: Path) -> None:
+    from stcorpus.curate.readers import read_slide
+    from tests.test_readers_support import files_of, make_sample
+
+    hd = write_visium_hd(tmp_path, markers_um=(np.array([50.0]), np.array([50.0])))
+    sources = {"outs": hd.outs / "binned_outputs" / BIN, "image": hd.image}
+    sample = make_sample(sources, technology="visium-hd", assay="visium-hd")
+    slide = read_slide(sample, files_of(sample))
+    assert slide.mpp == hd.mpp and len(slide.spots.barcode) > 0
+    slide.image.close()
 
 
 def test_a_min_qv_of_zero_is_a_valid_threshold_not_a_size(tmp_path: Path) -> None:
