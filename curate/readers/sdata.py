@@ -71,6 +71,7 @@ READER_ATTR: Final = "spatialdata_io_reader"  # SpatialData.attrs: which spatial
 RADIUS: Final = "radius"  # circle shapes' radius column
 POINT_AXES: Final = ("x", "y")  # a points element's coordinate columns
 H_AND_E_CHANNELS: Final = (1, 3, 4)  # grey, RGB, RGBA
+_MIN_SCALE: Final = 1e-9  # an affine scaling lengths by less is singular for our purpose
 # --- columns of the table's obs and var (scanpy's read_10x_h5 names) -------------------------
 OBS_IN_TISSUE: Final = "in_tissue"
 OBS_ARRAY_ROW: Final = "array_row"
@@ -223,6 +224,7 @@ def _image(
         )
     skipped: list[str] = []
     for _, name, common in sorted(candidates):
+        site_affine = _affine(sites_element, common)
         scales = _scales(sdata.images[name])
         n_channels = int(scales[0].shape[0]) if len(scales[0].shape) == 3 else 0
         if n_channels not in H_AND_E_CHANNELS:  # a fluorescence stack, not an H&E: its first 3 channels are no RGB
@@ -242,7 +244,16 @@ def _image(
             continue
         if skipped:
             notes.append(f"image(s) skipped: {'; '.join(skipped)}")
-        to_pixels: Affine = np.linalg.inv(_affine(sdata.images[name], common)) @ _affine(sites_element, common)
+        for what, affine in (("image " + repr(name), _affine(sdata.images[name], common)), ("the sites", site_affine)):
+            if not np.isfinite(affine).all() or _scale_of(affine) < _MIN_SCALE:  # the store's own broken record
+                image.close()
+                raise CorruptSourceError(
+                    f"{store}: the transformation of {what} to coordinate system {common!r} is not invertible "
+                    f"({affine[:2].tolist()}): it maps the plane onto a line or a point; fix it with "
+                    "spatialdata.transformations.set_transformation and write the store again",
+                    slide_id=sample.id,
+                )
+        to_pixels: Affine = np.linalg.inv(_affine(sdata.images[name], common)) @ site_affine
         notes.append(f"image {name} ({image.width}x{image.height}), sites mapped through coordinate system {common}")
         return image, name, to_pixels, common
     raise SourceMissingError(
