@@ -80,6 +80,8 @@ QUALITY: Final = "qv"
 #: Xenium's own counts keep transcripts of Q20 and above.
 DEFAULT_MIN_QV: Final = 20.0
 SAMPLE_KINDS: Final = ("cells", "pseudo-spots")
+#: um per morphology pixel a real instrument gives (Xenium: 0.2125); outside, the file is damaged.
+_PLAUSIBLE_PIXEL_SIZE: Final = (0.01, 100.0)
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 
 Affine = npt.NDArray[np.float64]
@@ -206,6 +208,13 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     if not isinstance(pixel_size, int | float) or isinstance(pixel_size, bool) or not pixel_size > 0:
         raise CorruptSourceError(
             f"{outs / SPECS_FILE}: no positive {PIXEL_SIZE!r} (um per morphology pixel), found {pixel_size!r}",
+            slide_id=sample.id,
+        )
+    if not _PLAUSIBLE_PIXEL_SIZE[0] <= pixel_size <= _PLAUSIBLE_PIXEL_SIZE[1]:
+        raise CorruptSourceError(
+            f"{outs / SPECS_FILE}: {PIXEL_SIZE}={pixel_size!r} um per morphology pixel is no microscope's (Xenium "
+            f"writes 0.2125; expected {_PLAUSIBLE_PIXEL_SIZE[0]:g}..{_PLAUSIBLE_PIXEL_SIZE[1]:g}): the file is "
+            "damaged, fetch the bundle again",
             slide_id=sample.id,
         )
     if "alignment" in files:
