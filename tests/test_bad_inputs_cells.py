@@ -211,6 +211,21 @@ def _obs(**columns: Any) -> Callable[[dict[str, dict[str, Any]]], None]:
     return apply
 
 
+def _singular_image(parts: dict[str, dict[str, Any]]) -> None:
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Affine
+
+    flat = Affine(np.array([[0.5, 1.0, 0], [0.25, 0.5, 0], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y"))
+    pixels = np.asarray(parts["images"]["he"].data)
+    parts["images"]["he"] = Image2DModel.parse(pixels, dims=("c", "y", "x"), transformations={"global": flat})
+
+
+def _flat_sites(parts: dict[str, dict[str, Any]]) -> None:
+    from spatialdata.transformations import Scale, set_transformation
+
+    set_transformation(parts["shapes"]["cells"], Scale([0.0, 1.0], ("x", "y")), "global")
+
+
 def _no_x(parts: dict[str, dict[str, Any]]) -> None:
     parts["tables"]["table"].X = None
 
@@ -451,6 +466,9 @@ def crafted_slides(folder: Path) -> Crafted:
     scalefactors = f"spatial/{SCALEFACTORS}"
     hd_odd("HD-mpp-missing", 1, _json(scalefactors, lambda d: d.pop("microns_per_pixel")), "fitted")
     hd_odd("HD-mpp-zero", 2, _json(scalefactors, lambda d: d.update(microns_per_pixel=0)), "microns_per_pixel=0")
+    hd_odd(
+        "HD-h5-no-feature-type", 4, _h5(HD_MATRIX, lambda f: f.__delitem__("matrix/features/feature_type")), "10x h5"
+    )
     hd_odd("HD-mpp-negative", 3, _json(scalefactors, lambda d: d.update(microns_per_pixel=-0.5)), "is not a positive")
 
     # --- Xenium ------------------------------------------------------------------------------
@@ -486,6 +504,7 @@ def crafted_slides(folder: Path) -> Crafted:
     xenium("XEN-specs-zero-bytes", _write(specs, b""), "not readable JSON", specs)
     xenium("XEN-specs-no-pixel-size", _json(specs, lambda d: d.pop("pixel_size")), "pixel_size", specs)
     xenium("XEN-specs-pixel-size-text", _json(specs, lambda d: d.update(pixel_size="0.2125")), "pixel_size", specs)
+    xenium("XEN-specs-pixel-size-tiny", _json(specs, lambda d: d.update(pixel_size=1e-300)), "pixel_size", specs)
     xenium("XEN-specs-list", _write(specs, b"[0.2125]"), "expected a JSON object", specs)
     xenium("XEN-matrix-missing", _remove(XEN_MATRIX), f"no {XEN_MATRIX}", XEN_MATRIX)
     xenium("XEN-matrix-truncated", _cut_file(XEN_MATRIX), "HDF5", XEN_MATRIX)
@@ -679,6 +698,18 @@ def crafted_slides(folder: Path) -> Crafted:
     fluorescence = _store(sd / "if.zarr", _fluorescence)
     sdata("SD-fluorescence-only", fluorescence, "5 channels, not an RGB or grey H&E", "if.zarr")
     sdata("SD-fluorescence-named", fluorescence, "5 channels", "reader option image", reader={"image": "he"})
+    sdata(
+        "SD-image-transform-singular",
+        _store(sd / "singular.zarr", _singular_image),
+        "transformation of image 'he' to coordinate system 'global' is not invertible",
+        "singular.zarr",
+    )
+    sdata(
+        "SD-sites-scale-zero",
+        _store(sd / "flat.zarr", _flat_sites),
+        "transformation of the sites to coordinate system 'global' is not invertible",
+        "flat.zarr",
+    )
     sdata("SD-antibodies", _store(sd / "ab.zarr", _antibodies), "no 'Gene Expression' features", "ab.zarr")
     sdata(
         "SD-in-tissue-text",
