@@ -215,9 +215,14 @@ def check_sample(sample: Sample) -> list[str]:
                 coerce(spec.options[option], value, f"reader.{option}", error=ManifestError)
             except ManifestError as exc:
                 problems.append(f"{where}: {exc}")
-        size = spec.options.get(option) is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-        if size and not (math.isfinite(float(value)) and float(value) > 0):  # every float option is a size in um
+        kind = spec.options.get(option)
+        number = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and option.endswith("_um") and not (math.isfinite(float(value)) and float(value) > 0):
             problems.append(f"{where}: reader.{option} must be a positive number of um, not {value!r}")
+        elif number and kind is int and isinstance(value, int) and value < 1:  # bin_um, neighbour_k: counts
+            problems.append(f"{where}: reader.{option} must be a positive whole number, not {value!r}")
+        elif number and not math.isfinite(float(value)):  # min_qv: any finite threshold, 0 keeps every one
+            problems.append(f"{where}: reader.{option} must be a finite number, not {value!r}")
     return problems
 
 

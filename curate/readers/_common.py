@@ -186,6 +186,19 @@ def pool_grid(sample: Sample, *, key: str, square_side: str, bin_um: int | None 
     if grid == "hex":
         diameter = float(option(sample, "spot_diameter_um", default=VISIUM.spot_diameter_um))
         pitch_um = float(pitch) if pitch is not None else float(VISIUM.pitch_um or 100.0)
+        if bin_um is not None and diameter < bin_um:  # a spot smaller than one bin holds at most one
+            raise SourceMissingError(
+                f"{sample.describe()}: reader option spot_diameter_um={diameter:g} is smaller than the {bin_um} um "
+                "bins pooled into it; use a diameter of several bins (Visium: 55), or read finer bins with bin_um",
+                slide_id=sample.id,
+            )
+        if diameter > pitch_um:  # discs would overlap: a point in two of them would belong to either
+            raise SourceMissingError(
+                f"{sample.describe()}: reader option spot_diameter_um={diameter:g} exceeds the hex pitch_um "
+                f"{pitch_um:g}, so neighbouring spots would overlap; use a diameter of at most the pitch "
+                "(Visium: 55 on 100)",
+                slide_id=sample.id,
+            )
         return grid, replace(VISIUM, key=key, pitch_um=pitch_um, spot_diameter_um=diameter)
     if pitch is None:
         raise SourceMissingError(

@@ -173,11 +173,11 @@ def _read_h5(handle: Any, path: Path) -> FeatureMatrix:
                 if "feature_type" in features:
                     types = _strings(features, "feature_type", path=path)
                 else:
-                    types = np.full(ids.shape, GENE_EXPRESSION, dtype=np.str_)
+                    types = np.full(ids.shape, GENE_EXPRESSION)  # dtype=np.str_ would keep one character: "G"
             elif "genes" in group:
                 ids = _strings(group, "genes", path=path)
                 names = _strings(group, "gene_names", path=path) if "gene_names" in group else ids.copy()
-                types = np.full(ids.shape, GENE_EXPRESSION, dtype=np.str_)
+                types = np.full(ids.shape, GENE_EXPRESSION)  # dtype=np.str_ would keep one character: "G"
             else:
                 raise CorruptSourceError(f"{path}: 10x h5 'matrix' group has neither 'features' nor 'genes'")
             layout = "10x h5 v3"
@@ -201,7 +201,7 @@ def _read_h5(handle: Any, path: Path) -> FeatureMatrix:
             counts = sp.hstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
             ids = np.concatenate(id_parts)
             names = np.concatenate(name_parts)
-            types = np.full(ids.shape, GENE_EXPRESSION, dtype=np.str_)
+            types = np.full(ids.shape, GENE_EXPRESSION)  # dtype=np.str_ would keep one character: "G"
             layout = "10x h5 v2" + (f" ({len(genomes)} genomes joined)" if len(genomes) > 1 else "")
     if counts.shape != (barcodes.shape[0], ids.shape[0]) or names.shape != ids.shape or types.shape != ids.shape:
         raise CorruptSourceError(

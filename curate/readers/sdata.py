@@ -54,6 +54,7 @@ from stcorpus.curate.readers._common import (
     option,
     raw_counts,
     require_file,
+    whole_numbers,
 )
 from stcorpus.curate.readers._tenx import GENE_EXPRESSION
 from stcorpus.curate.slide import Features, MppSource, Slide, Spots
@@ -68,6 +69,9 @@ REGION_KEY: Final = "region_key"
 INSTANCE_KEY: Final = "instance_key"
 READER_ATTR: Final = "spatialdata_io_reader"  # SpatialData.attrs: which spatialdata-io reader wrote it
 RADIUS: Final = "radius"  # circle shapes' radius column
+POINT_AXES: Final = ("x", "y")  # a points element's coordinate columns
+H_AND_E_CHANNELS: Final = (1, 3, 4)  # grey, RGB, RGBA
+_MIN_SCALE: Final = 1e-9  # an affine scaling lengths by less is singular for our purpose
 # --- columns of the table's obs and var (scanpy's read_10x_h5 names) -------------------------
 OBS_IN_TISSUE: Final = "in_tissue"
 OBS_ARRAY_ROW: Final = "array_row"
@@ -144,7 +148,20 @@ def _sites(sdata: Any, region: str, *, store: Path, sample: Sample) -> tuple[Any
     if region in sdata.points:
         points_element = sdata.points[region]
         frame = points_element.compute()
-        xy = np.column_stack([frame["x"].to_numpy(dtype=float), frame["y"].to_numpy(dtype=float)])
+        missing = [axis for axis in POINT_AXES if axis not in frame.columns]
+        if missing:
+            raise CorruptSourceError(
+                f"{store}: points element {region!r} has no column(s) {', '.join(missing)} (has "
+                f"{', '.join(map(str, frame.columns)) or 'none'}); SpatialData points keep their coordinates in x "
+                "and y: write the element with PointsModel.parse(..., coordinates={'x': ..., 'y': ...})",
+                slide_id=sample.id,
+            )
+        try:
+            xy = np.column_stack([frame[axis].to_numpy(dtype=float) for axis in POINT_AXES])
+        except (TypeError, ValueError) as exc:
+            raise CorruptSourceError(
+                f"{store}: points element {region!r}: x/y are not numeric ({exc})", slide_id=sample.id
+            ) from exc
         return points_element, _Sites(ids=as_str_array(frame.index.to_numpy()), xy=xy, radius=None)
     raise CorruptSourceError(
         f"{store}: the table annotates {region!r}, which is neither a shapes nor a points element of the store "
@@ -176,6 +193,12 @@ def _image(
 ) -> tuple[SlideImage, str, Affine, str]:
     """The H&E as a lazily read image, its name, and the affine from site coordinates to its pixels."""
     site_systems = _systems(sites_element)
+    if system is not None and system not in site_systems:
+        raise SourceMissingError(
+            f"{store}: the sites have no coordinate system {system!r} (reader option coordinate_system); they have: "
+            f"{', '.join(site_systems) or 'none'}",
+            slide_id=sample.id,
+        )
     chosen = option(sample, "image", default=None)
     candidates: list[tuple[float, str, str]] = []
     for name in sorted(sdata.images):
@@ -201,19 +224,42 @@ def _image(
         )
     skipped: list[str] = []
     for _, name, common in sorted(candidates):
-        image = ArrayImage(store / "images" / name, _scales(sdata.images[name]))
+        site_affine = _affine(sites_element, common)
+        scales = _scales(sdata.images[name])
+        n_channels = int(scales[0].shape[0]) if len(scales[0].shape) == 3 else 0
+        if n_channels not in H_AND_E_CHANNELS:  # a fluorescence stack, not an H&E: its first 3 channels are no RGB
+            unusable = f"{n_channels} channels, not an RGB or grey H&E"
+            if chosen is not None:
+                raise SourceMissingError(
+                    f"{store}: image {name!r} (reader option image) has {unusable}; name the H&E element instead",
+                    slide_id=sample.id,
+                )
+            skipped.append(f"{name} ({unusable})")
+            continue
+        image = ArrayImage(store / "images" / name, scales)
         blank = image_blank_reason(image) if chosen is None else None
         if blank is not None:
             image.close()
-            skipped.append(f"{name} ({blank})")
+            skipped.append(f"{name} (blank: {blank})")
             continue
         if skipped:
             notes.append(f"image(s) skipped: {'; '.join(skipped)}")
-        to_pixels: Affine = np.linalg.inv(_affine(sdata.images[name], common)) @ _affine(sites_element, common)
+        for what, affine in (("image " + repr(name), _affine(sdata.images[name], common)), ("the sites", site_affine)):
+            if not np.isfinite(affine).all() or _scale_of(affine) < _MIN_SCALE:  # the store's own broken record
+                image.close()
+                raise CorruptSourceError(
+                    f"{store}: the transformation of {what} to coordinate system {common!r} is not invertible "
+                    f"({affine[:2].tolist()}): it maps the plane onto a line or a point; fix it with "
+                    "spatialdata.transformations.set_transformation and write the store again",
+                    slide_id=sample.id,
+                )
+        to_pixels: Affine = np.linalg.inv(_affine(sdata.images[name], common)) @ site_affine
         notes.append(f"image {name} ({image.width}x{image.height}), sites mapped through coordinate system {common}")
         return image, name, to_pixels, common
     raise SourceMissingError(
-        f"{store}: every image is blank ({'; '.join(skipped)}); add the real H&E to the store", slide_id=sample.id
+        f"{store}: no image is a usable H&E ({'; '.join(skipped)}); add the real H&E to the store, or name it with "
+        "the reader option image",
+        slide_id=sample.id,
     )
 
 
@@ -292,7 +338,22 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
             f"{', '.join(table.layers) or 'none'}",
             slide_id=sample.id,
         )
-    matrix = sp.csr_matrix(table.layers[layer] if layer is not None else table.X)
+    values = table.layers[layer] if layer is not None else table.X
+    if values is None:
+        image.close()
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} has no X; name the layer holding the counts with the reader option layer "
+            f"(layers: {', '.join(table.layers) or 'none'})",
+            slide_id=sample.id,
+        )
+    try:
+        matrix = sp.csr_matrix(values)
+    except (TypeError, ValueError) as exc:
+        image.close()
+        where = f"layer {layer!r}" if layer is not None else "X"
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} {where} is not a matrix of numbers ({exc})", slide_id=sample.id
+        ) from exc
     columns, features = _features(table, store=store, sample=sample, notes=notes)
     dropped_features = int(matrix.shape[1] - columns.shape[0])
     if dropped_features:
@@ -316,17 +377,27 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     )
     rows, site_rows = join.rows, join.position_rows
     counts = raw_counts(matrix[rows], sample=sample, source=store, notes=notes)
+    if counts.nnz == 0:  # zarr reads a chunk file that is missing as zeros: a partly copied store looks empty
+        image.close()
+        where = f"layer {layer!r}" if layer is not None else "X"
+        raise CorruptSourceError(
+            f"{store}: table {table_name!r} ({where}) holds no non-zero count in its {rows.shape[0]:,} matched rows; "
+            "a store copied without its chunk files reads as zeros: copy or fetch the whole .zarr folder again",
+            slide_id=sample.id,
+        )
     x_px, y_px = pixels[site_rows, 0], pixels[site_rows, 1]
-    in_tissue = (
-        obs[OBS_IN_TISSUE].to_numpy().astype(np.int64)[rows] != 0
-        if OBS_IN_TISSUE in obs.columns
-        else np.ones(rows.shape[0], dtype=bool)
-    )
+
+    def obs_numbers(column: str) -> npt.NDArray[np.int64]:
+        values = np.asarray(obs[column].to_numpy())[rows]
+        return whole_numbers(values, what=f"{store}: table {table_name!r} obs column {column!r}", slide_id=sample.id)
+
+    in_tissue = obs_numbers(OBS_IN_TISSUE) != 0 if OBS_IN_TISSUE in obs.columns else np.ones(rows.shape[0], dtype=bool)
     geometry = assay_geometry(sample.assay, slide_id=sample.id, pitch_hint="set the sample's assay")
-    has_array = OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns
+    # Array coordinates belong to a lattice; cell-level sites have none (as the xenium reader's).
+    has_array = geometry.is_lattice and OBS_ARRAY_ROW in obs.columns and OBS_ARRAY_COL in obs.columns
     if has_array:
-        array_row = np.rint(obs[OBS_ARRAY_ROW].to_numpy(dtype=np.float64)[rows]).astype(np.int32)
-        array_col = np.rint(obs[OBS_ARRAY_COL].to_numpy(dtype=np.float64)[rows]).astype(np.int32)
+        array_row = obs_numbers(OBS_ARRAY_ROW).astype(np.int32)
+        array_col = obs_numbers(OBS_ARRAY_COL).astype(np.int32)
     else:
         array_row = array_col = np.zeros(rows.shape[0], dtype=np.int32)
 

@@ -31,6 +31,7 @@ Ranger's positions, which that affine generates; the residual is noted).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -53,10 +54,13 @@ BINNED_OUTPUTS: Final = "binned_outputs"
 BIN_PREFIX: Final = "square_"
 BIN_SIZES_UM: Final = (2, 8, 16)
 DEFAULT_BIN_UM: Final = 8
+POSITIONS_FILE: Final = "tissue_positions.parquet"
 #: A pooled site's barcode: grid, size and lattice position, e.g. ``hex055um_r0012_c0034``.
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 #: A fit of pixels to array coordinates that misses a bin by more than this is noted.
 _FIT_TOLERANCE_PX: Final = 0.5
+#: ... and one that misses a bin by more than this fraction of a pooled site is refused.
+_MAX_FIT_DEPARTURE: Final = 0.1
 
 
 def bin_folder_name(bin_um: int) -> str:
@@ -67,6 +71,14 @@ def bin_folder_name(bin_um: int) -> str:
 def _bin_folder(path: Path, bin_um: int, *, sample: Sample) -> Path:
     """``square_<bin>um/`` under ``path``: outs/, outs/binned_outputs/, or one folder above either."""
     name = bin_folder_name(bin_um)
+    if path.name == name and path.is_dir():  # the bin folder itself
+        return path
+    if path.name.startswith(BIN_PREFIX) and path.name.endswith("um"):
+        raise SourceMissingError(
+            f"source 'outs': {path} is the {path.name}/ bin folder, but the reader option bin_um is {bin_um} "
+            f"({name}/); set bin_um to that folder's size, or point outs at outs/ or {BINNED_OUTPUTS}/",
+            slide_id=sample.id,
+        )
     candidates = [path / name, path / BINNED_OUTPUTS / name]
     subfolders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")] if path.is_dir() else []
     if len(subfolders) == 1:  # an archive unpacked to <sample>/outs/...
@@ -124,9 +136,38 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
 
     # The bins' own frame: array coordinates times the bin size, each bin's centre at +0.5.
     tissue = np.flatnonzero(bins.spots.in_tissue)
+    if tissue.size < 3:  # an affine of array coordinates to pixels needs three bins
+        bins.image.close()
+        raise CorruptSourceError(
+            f"{folder / spaceranger.SPATIAL / POSITIONS_FILE}: {tissue.size} of the "
+            f"{bins.spots.in_tissue.shape[0]:,} matched bins are in tissue (column in_tissue); nothing to pool. "
+            "The positions file is damaged or from another run: fetch the binned outputs again",
+            slide_id=sample.id,
+        )
     row = bins.spots.array_row[tissue].astype(np.float64)
     col = bins.spots.array_col[tissue].astype(np.float64)
+    positions = folder / spaceranger.SPATIAL / POSITIONS_FILE
+    n_repeated = int(tissue.size - np.unique(np.column_stack([row, col]), axis=0).shape[0])
+    if n_repeated:  # two bins in one grid cell: the array coordinates do not describe the bins
+        bins.image.close()
+        raise CorruptSourceError(
+            f"{positions}: {n_repeated:,} in-tissue bins repeat the array_row/array_col of another; each bin has its "
+            "own cell of the grid in Space Ranger's output: the columns are damaged or from another run, fetch the "
+            "binned outputs again",
+            slide_id=sample.id,
+        )
     to_pixels, residual = _fit_affine(col, row, bins.spots.x_px[tissue], bins.spots.y_px[tissue])
+    # Sites are placed by this affine: off by a tenth of a site, a site's tile would show another place.
+    site_um = float((target.spot_diameter_um if grid == "hex" else target.pitch_um) or 0.0)
+    limit_px = _MAX_FIT_DEPARTURE * site_um / bins.mpp if bins.mpp else math.inf
+    if residual > limit_px:
+        bins.image.close()
+        raise CorruptSourceError(
+            f"{positions}: the bins' pixel centres depart from an affine of their array coordinates by up to "
+            f"{residual:.1f} px, more than a tenth of a {site_um:g} um site ({limit_px:.1f} px): array_row/array_col "
+            "and pxl_row_in_fullres/pxl_col_in_fullres do not describe the same bins; fetch the binned outputs again",
+            slide_id=sample.id,
+        )
     if residual > _FIT_TOLERANCE_PX:
         notes.append(f"bin centres depart from an affine of their array coordinates by up to {residual:.2f} px")
     pool = pool_to_grid((col + 0.5) * bin_um, (row + 0.5) * bin_um, geometry=target)
@@ -147,10 +188,9 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         f"{tissue.size:,} in-tissue {bin_um} um bins pooled onto a {target.describe()}: {len(pool):,} sites, "
         f"{int(np.median(per_site))} bins per site (median), {outside:,} bins between sites"
     )
-    size = float((target.spot_diameter_um if grid == "hex" else target.pitch_um) or 0.0)
     barcodes = np.array(
         [
-            SITE_BARCODE.format(grid=grid, size=size, row=int(r), col=int(c))
+            SITE_BARCODE.format(grid=grid, size=site_um, row=int(r), col=int(c))
             for r, c in zip(pool.row.tolist(), pool.col.tolist(), strict=True)
         ],
         dtype=np.str_,

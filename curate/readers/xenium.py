@@ -36,6 +36,7 @@ area factor), unless the manifest sets ``mpp``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -79,6 +80,8 @@ QUALITY: Final = "qv"
 #: Xenium's own counts keep transcripts of Q20 and above.
 DEFAULT_MIN_QV: Final = 20.0
 SAMPLE_KINDS: Final = ("cells", "pseudo-spots")
+#: um per morphology pixel a real instrument gives (Xenium: 0.2125); outside, the file is damaged.
+_PLAUSIBLE_PIXEL_SIZE: Final = (0.01, 100.0)
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
 
 Affine = npt.NDArray[np.float64]
@@ -101,25 +104,63 @@ def _outs(path: Path, *, sample: Sample) -> Path:
 
 
 def _alignment(path: Path, *, sample: Sample) -> Affine:
+    export = "export it again from Xenium Explorer's image alignment"
     try:
-        matrix = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise CorruptSourceError(f"{path}: not a 3x3 alignment matrix CSV: {exc}", slide_id=sample.id) from exc
-    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise CorruptSourceError(
-            f"{path}: the alignment must be a 3x3 matrix of numbers (H&E px -> morphology px), found {matrix.shape}",
+            f"{path}: not a 3x3 alignment matrix CSV: {exc}; {export}", slide_id=sample.id
+        ) from exc
+    if not text.strip():
+        raise CorruptSourceError(
+            f"{path}: the file is empty; the alignment is a 3x3 matrix CSV (H&E px -> morphology px): {export}",
             slide_id=sample.id,
         )
-    if not np.allclose(matrix[2], [0.0, 0.0, 1.0]) or abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+    try:
+        matrix = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as exc:
         raise CorruptSourceError(
-            f"{path}: not an invertible affine (last row {matrix[2].tolist()}, expected [0, 0, 1])", slide_id=sample.id
+            f"{path}: not a 3x3 alignment matrix CSV (comma-separated numbers, no header): {exc}; {export}",
+            slide_id=sample.id,
+        ) from exc
+    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        raise CorruptSourceError(
+            f"{path}: the alignment must be a 3x3 matrix of finite numbers (H&E px -> morphology px), found "
+            f"{matrix.shape[0]}x{matrix.shape[1] if matrix.ndim > 1 else 1}"
+            + ("" if np.isfinite(matrix).all() else " with NaN or infinite values")
+            + f"; {export}",
+            slide_id=sample.id,
+        )
+    if not np.allclose(matrix[2], [0.0, 0.0, 1.0]):
+        raise CorruptSourceError(
+            f"{path}: not an affine: its last row is {matrix[2].tolist()}, expected [0, 0, 1]; {export}",
+            slide_id=sample.id,
+        )
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise CorruptSourceError(
+            f"{path}: not an invertible affine (its 2x2 part {matrix[:2, :2].tolist()} has determinant 0: it maps "
+            f"the H&E onto a line); {export}",
+            slide_id=sample.id,
         )
     return matrix
+
+
+#: What to do when a table a kind of samples needs is missing: the other kind reads another file.
+_OTHER_KIND: Final = {
+    CELLS_FILE: f"or set the reader option samples: pseudo-spots, which reads {TRANSCRIPTS_FILE} instead",
+    TRANSCRIPTS_FILE: f"or set the reader option samples: cells, which reads {CELLS_FILE} instead",
+}
 
 
 def _table(path: Path, columns: list[str], *, sample: Sample) -> Any:
     import pyarrow.parquet as pq
 
+    if not path.is_file():
+        other = _OTHER_KIND.get(path.name)
+        raise SourceMissingError(
+            f"{path.parent}: no {path.name}; copy the whole Xenium output bundle" + (f", {other}" if other else ""),
+            slide_id=sample.id,
+        )
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as exc:
@@ -134,6 +175,20 @@ def _table(path: Path, columns: list[str], *, sample: Sample) -> Any:
 
 def _column(table: Any, name: str) -> npt.NDArray[Any]:
     return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
+
+
+def _numbers(table: Any, name: str, *, path: Path, sample: Sample) -> npt.NDArray[np.float64]:
+    """Column ``name`` as float64 (nulls become NaN); a :class:`CorruptSourceError` naming it when it is text."""
+    values = _column(table, name)
+    try:
+        return values.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        example = next((v for v in values.tolist() if not isinstance(v, int | float)), None)
+        raise CorruptSourceError(
+            f"{path}: column {name!r} is not numeric (e.g. {example!r}); Xenium writes numbers there: fetch the "
+            "bundle again from its source",
+            slide_id=sample.id,
+        ) from exc
 
 
 def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = DEFAULT_IMAGES) -> Slide:
@@ -153,6 +208,13 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
     if not isinstance(pixel_size, int | float) or isinstance(pixel_size, bool) or not pixel_size > 0:
         raise CorruptSourceError(
             f"{outs / SPECS_FILE}: no positive {PIXEL_SIZE!r} (um per morphology pixel), found {pixel_size!r}",
+            slide_id=sample.id,
+        )
+    if not _PLAUSIBLE_PIXEL_SIZE[0] <= pixel_size <= _PLAUSIBLE_PIXEL_SIZE[1]:
+        raise CorruptSourceError(
+            f"{outs / SPECS_FILE}: {PIXEL_SIZE}={pixel_size!r} um per morphology pixel is no microscope's (Xenium "
+            f"writes 0.2125; expected {_PLAUSIBLE_PIXEL_SIZE[0]:g}..{_PLAUSIBLE_PIXEL_SIZE[1]:g}): the file is "
+            "damaged, fetch the bundle again",
             slide_id=sample.id,
         )
     if "alignment" in files:
@@ -182,9 +244,15 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
 
     geometry: Geometry
     if kind == "cells":
-        cells = _table(outs / CELLS_FILE, [CELL_ID, CELL_X, CELL_Y], sample=sample)
+        cells_path = outs / CELLS_FILE
+        cells = _table(cells_path, [CELL_ID, CELL_X, CELL_Y], sample=sample)
         cell_ids = as_str_array(_column(cells, CELL_ID))
-        xy_um = np.column_stack([_column(cells, CELL_X).astype(np.float64), _column(cells, CELL_Y).astype(np.float64)])
+        xy_um = np.column_stack(
+            [
+                _numbers(cells, CELL_X, path=cells_path, sample=sample),
+                _numbers(cells, CELL_Y, path=cells_path, sample=sample),
+            ]
+        )
         join = join_spots(
             matrix.barcodes,
             cell_ids,
@@ -200,27 +268,50 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         site_um = xy_um[join.position_rows]
         radius = float(option(sample, "neighbour_radius_um", default=CELLS.neighbour_radius_um))
         k = option(sample, "neighbour_k", default=CELLS.neighbour_k)
-        geometry = replace(CELLS, key="xenium-cells", neighbour_radius_um=radius, neighbour_k=k)
+        try:
+            geometry = replace(CELLS, key="xenium-cells", neighbour_radius_um=radius, neighbour_k=k)
+        except ValueError as exc:  # the geometry's own check: a positive radius and k
+            raise SourceMissingError(
+                f"{sample.describe()}: reader options neighbour_radius_um={radius!r}, neighbour_k={k!r}: {exc}",
+                slide_id=sample.id,
+            ) from exc
         array_row = array_col = np.zeros(barcodes.shape[0], dtype=np.int32)
         qc, dropped_spots = [join.check], join.dropped
     else:
         min_qv = float(option(sample, "min_qv", default=DEFAULT_MIN_QV))
-        transcripts = _table(
-            outs / TRANSCRIPTS_FILE, [FEATURE_NAME, TRANSCRIPT_X, TRANSCRIPT_Y, QUALITY], sample=sample
-        )
+        transcripts_path = outs / TRANSCRIPTS_FILE
+        transcripts = _table(transcripts_path, [FEATURE_NAME, TRANSCRIPT_X, TRANSCRIPT_Y, QUALITY], sample=sample)
         names = as_str_array(_column(transcripts, FEATURE_NAME))
-        quality = _column(transcripts, QUALITY).astype(np.float64)
+        quality = _numbers(transcripts, QUALITY, path=transcripts_path, sample=sample)
+        x_all = _numbers(transcripts, TRANSCRIPT_X, path=transcripts_path, sample=sample)
+        y_all = _numbers(transcripts, TRANSCRIPT_Y, path=transcripts_path, sample=sample)
         column_of = {str(name): i for i, name in enumerate(features.names.tolist())}
         gene_index = np.array([column_of.get(str(n), -1) for n in names.tolist()], dtype=np.int64)
-        is_gene, good = gene_index >= 0, quality >= min_qv
-        keep = is_gene & good
-        notes.append(
-            f"{TRANSCRIPTS_FILE}: {names.shape[0]:,} transcripts; {int((~is_gene).sum()):,} of control features and "
-            f"{int((is_gene & ~good).sum()):,} gene transcripts with {QUALITY} < {min_qv:g} dropped"
+        is_gene, good = gene_index >= 0, quality >= min_qv  # a NaN qv is not good
+        placed = np.isfinite(x_all) & np.isfinite(y_all)
+        keep = is_gene & good & placed
+        n_unplaced = int((is_gene & good & ~placed).sum())
+        summary = (
+            f"{TRANSCRIPTS_FILE}: {names.shape[0]:,} transcripts; {int((~is_gene).sum()):,} of control features (no "
+            f"'{_tenx.GENE_EXPRESSION}' feature of {MATRIX_FILE}) and {int((is_gene & ~good).sum()):,} gene "
+            f"transcripts with {QUALITY} < {min_qv:g} dropped"
+            + (f"; {n_unplaced:,} with a NaN or infinite location dropped" if n_unplaced else "")
         )
+        if not keep.any():
+            if n_unplaced:
+                fix = f"the x/y locations are broken: fetch {TRANSCRIPTS_FILE} again from its source"
+            elif not is_gene.any():
+                fix = f"check that {TRANSCRIPTS_FILE} and {MATRIX_FILE} come from the same run"
+            else:
+                fix = f"lower the reader option min_qv (now {min_qv:g}) if the run's qualities are low"
+            raise CorruptSourceError(
+                f"{transcripts_path}: no transcript is left to pool ({summary.split(': ', 1)[1]}); {fix}",
+                slide_id=sample.id,
+            )
+        notes.append(summary)
         grid, geometry = pool_grid(sample, key="xenium-hex", square_side="the side of a pseudo-spot")
-        x_um = _column(transcripts, TRANSCRIPT_X).astype(np.float64)[keep]
-        y_um = _column(transcripts, TRANSCRIPT_Y).astype(np.float64)[keep]
+        x_um = x_all[keep]
+        y_um = y_all[keep]
         pool = pool_to_grid(x_um, y_um, geometry=geometry)
         if len(pool) == 0:
             raise CorruptSourceError(
