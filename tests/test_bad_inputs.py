@@ -708,6 +708,21 @@ def test_the_good_and_the_unusual_slides_are_built(crafted_build: CraftedBuild) 
     assert crafted_build.summary.exit_code == (EXIT_SLIDES_FAILED if failed else 0)
 
 
+def test_the_qc_report_lists_what_the_readers_noted(crafted_build: CraftedBuild) -> None:
+    """Reader and build notes (fallbacks, summed features, drops) are in qc/index.html for every slide,
+    as the units recorded them, not only in the work folder."""
+    listed = [(row[0], row[1]) for row in report_tables(crafted_build.out)["Notes"][1:]]
+    units = crafted_build.out / ".work" / "units"
+    recorded = [
+        (slide_id, note)
+        for slide_id in sorted(crafted_build.rows)
+        if (units / slide_id / "result.json").is_file()
+        for note in json.loads((units / slide_id / "result.json").read_text())["slide"].get("notes") or []
+    ]
+    assert recorded and listed == recorded
+    assert any(slide == "ODD-duplicate-gene" and "summed into a gene" in note for slide, note in listed)
+
+
 def test_every_crafted_slide_is_refused_cleanly_and_visibly(crafted_build: CraftedBuild) -> None:
     """Each bad slide: not built, a deliberate refusal (a reason code, never an unexpected exception's
     ``error: <Type>``), its reason naming the fault and the file, in slides.parquet, the summary and the

@@ -883,6 +883,7 @@ def _write_report(
         unit_qc_dirs={u.slide_id: work.unit_dir(u.slide_id) / "qc" for u in kept},
         histograms={u.slide_id: work.histograms(u.slide_id) for u in kept},
         mapping={slide_id: r.mapping for slide_id, r in sorted(results.items()) if r.mapping},
+        notes={slide_id: list(r.slide.get("notes") or []) for slide_id, r in sorted(results.items())},
         summary={
             "slides": ", ".join(f"{n} {s}" for s, n in sorted(summary.slides.items())),
             "samples": ", ".join(f"{k}: {v:,}" for k, v in summary.samples.items()) or "none",

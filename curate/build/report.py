@@ -174,8 +174,14 @@ def write_report(
     histograms: Mapping[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]],
     mapping: Mapping[str, Mapping[str, Any]],
     summary: Mapping[str, Any],
+    notes: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """Write ``qc/index.html`` and its PNGs; returns the index path."""
+    """Write ``qc/index.html`` and its PNGs; returns the index path.
+
+    ``notes``: what the reader and the build said of each slide (fallbacks taken, features or
+    transcripts left out and why), listed for every slide, built or not.
+    """
+    notes = notes or {}
     shutil.rmtree(qc_dir, ignore_errors=True)
     qc_dir.mkdir(parents=True)
     built = [s for s in slides if s["status"] == "built"]
@@ -233,6 +239,13 @@ def write_report(
                 "counts lost",
             ),
         ),
+        "<h2>Notes</h2>",
+        _rows(
+            [(slide_id, note) for slide_id, said in sorted(notes.items()) for note in said],
+            ("slide", "what the reader and the build noted"),
+        )
+        if any(notes.values())
+        else "<p>None.</p>",
         "<h2>Slides</h2>",
     ]
     for slide in sorted(built, key=lambda s: s["slide_id"]):
