@@ -378,6 +378,8 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:  # the client closed the connection (it read what it needed)
                 return
             self.state._sent(len(part))
+            if offset + len(part) >= len(body):
+                break  # the client has it all: no pause after the last chunk (it would count as in flight)
             ahead = (offset + len(part)) / rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)
