@@ -392,6 +392,8 @@ class Fetcher:
                     "read_timeout": settings.read_timeout,
                 },
                 per_host=settings.per_host,
+                host_cap=settings.host_cap,
+                cap_root=str(settings.cache_dir) if settings.host_cap is not None else None,
             )
             path = ranges.copy_path(self.cache, source.url, file_name(source.url))
             ranges.start_copy(path, record)
