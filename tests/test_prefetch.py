@@ -214,3 +214,23 @@ def test_prefetch_settings_are_whole_numbers_naming_the_flag(
         with pytest.raises(SystemExit):
             main(["build", "m.yaml", "--out", str(tmp_path / "o"), "--prefetch", bad_text])
         assert "--prefetch" in capsys.readouterr().err
+
+
+def test_closing_ends_a_prefetch_waiting_for_room_and_leaves_no_reservation(tmp_path: Path, www: Path) -> None:
+    from stcorpus.curate.manifest import load_manifest
+
+    sizes = {p.name: p.stat().st_size for p in www.iterdir()}
+    with serve(www) as server:
+        samples = load_manifest(_manifest(tmp_path, server)).samples
+        # Room for slide 0 (which nobody downloads here) and not for slide 1 beside it: slide 1 waits.
+        fetch = settings(tmp_path, cache_budget=sizes["st0.h5ad"] + sizes["img.jpg"] + 1000, progress_every=None)
+        ahead = executors._Prefetch(samples, fetch=fetch, running=1)
+        time.sleep(0.5)
+        start = time.monotonic()
+        ahead.close()
+        assert time.monotonic() - start < 2
+        for thread in ahead._threads:  # it ends at its next look at the ledger (at most a poll away)
+            thread.join(timeout=3)
+            assert not thread.is_alive()
+    assert ahead.prefetched == [] and not list((tmp_path / "cache" / "budget").glob("*.json"))
+    assert server.count("/st1.h5ad", method="GET") == 0
