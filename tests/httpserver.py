@@ -1,7 +1,7 @@
 """A real HTTP server on 127.0.0.1 for tests, with Range support, request logs and faults.
 
 It serves a folder, answers ``Range`` requests with ``206`` + ``Content-Range`` (and honours
-``If-Range``), records every request (method, path, headers, host) and can misbehave on
+``If-Range``), records every request (method, path, headers, host, arrival time) and can misbehave on
 purpose, per path, for the first K requests:
 
 - ``Fault(drop_after=N)``: send the headers and N bytes of the body, then drop the connection;
@@ -90,6 +90,7 @@ class Request:
     query: str
     headers: dict[str, str]  # lower-case names
     host: str
+    at: float = 0.0  # time.time() when it arrived
 
 
 class LocalServer:
@@ -229,7 +230,14 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(parts.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
         self.state._record(
-            Request(method=method, path=path, query=parts.query, headers=headers, host=headers.get("host", ""))
+            Request(
+                method=method,
+                path=path,
+                query=parts.query,
+                headers=headers,
+                host=headers.get("host", ""),
+                at=time.time(),
+            )
         )
         fault = self.state._take_fault(path, method)
         if fault is not None and fault.delay:
@@ -370,6 +378,8 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:  # the client closed the connection (it read what it needed)
                 return
             self.state._sent(len(part))
+            if offset + len(part) >= len(body):
+                break  # the client has it all: no pause after the last chunk (it would count as in flight)
             ahead = (offset + len(part)) / rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)

@@ -10,7 +10,7 @@ from stcorpus.curate.build.pipeline import BuildSettings, build
 from stcorpus.curate.fetch import Fetcher
 from stcorpus.curate.fetch.budget import disk_bytes
 from stcorpus.curate.fetch.cache import Cache
-from stcorpus.curate.fetch.evict import hold, pin, release
+from stcorpus.curate.fetch.evict import hold, pin, reclaim, release
 from tests.build_fixtures import IMAGE, hest_entry, manifest, variant_h5ad
 from tests.httpserver import LocalServer, serve
 from tests.test_fetch_http import make_sample, settings
@@ -141,3 +141,20 @@ def _http_manifest(tmp_path: Path, server: LocalServer, n: int) -> Path:
         for i in range(n)
     ]
     return manifest(tmp_path / "manifests", entries, name="http")
+
+
+def test_reclaim_keeps_bytes_a_slide_pins_by_url_before_it_pins_them_by_content(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "fresh.bin").write_bytes(b"just downloaded, not yet held" * 100)
+    with serve(www) as server:
+        a = make_sample(
+            _dir(tmp_path / "a"), {"m": {"url": server.file_url("fresh.bin"), "unpack": False}}, sample_id="A"
+        )
+        with Fetcher(settings(tmp_path)) as fetcher:
+            pin(fetcher.cache, [a])  # by URL: its bytes were unknown when the build pinned them
+            got = fetcher.fetch(a.sources["m"], sample=a)
+            # Another slide's wait for room (or a prefetch's) between this download and its `hold`:
+            assert reclaim(fetcher.cache, 10**9) == 0
+            assert fetcher.cache.has_blob(got.sha256)
+            assert hold(fetcher.cache, "A", url=got.url, sha256=got.sha256, paths=[got.path])

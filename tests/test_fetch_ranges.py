@@ -120,6 +120,26 @@ def test_a_partial_copy_reads_the_pixels_of_the_whole_file(
         reopened.close()
 
 
+def test_range_reads_hold_the_per_host_cap_the_other_downloads_share(tmp_path: Path, http_server: LocalServer) -> None:
+    served = write_slide(http_server.root / "slide.tif", "jpeg")
+    url = http_server.file_url("slide.tif")
+    copy = tmp_path / "copy" / "slide.tif"
+    size = served.stat().st_size
+    start_copy(copy, RangeRecord(url=url, get_url=url, size=size, validator=None, sha256=None, hub=False))
+    # Resumed by a run with --per-host 1: the copy takes that run's cap (a slot under the cache's locks/).
+    cache = tmp_path / "cache"
+    capped = RangeRecord(url=url, get_url=url, size=size, validator=None, sha256=None, hub=False, host_cap=1)
+    capped.cap_root = str(cache)
+    start_copy(copy, capped)
+    partial = open_partial(copy)
+    assert partial is not None
+    try:
+        assert partial.prefetch([(0, 1000)]) == 1000
+    finally:
+        partial.close()
+    assert [p.name.startswith("host-") for p in (cache / "locks").iterdir()] == [True]
+
+
 def test_a_file_that_changes_on_the_server_fails_instead_of_splicing(tmp_path: Path, http_server: LocalServer) -> None:
     served = write_slide(http_server.root / "slide.tif", "lzw")
     url = http_server.file_url("slide.tif")

@@ -463,6 +463,9 @@ class DaskExecutor:
         dd = _distributed()
         if not samples:
             return
+        if fetch.prefetch:
+            # Workers may sit on other nodes with caches of their own: each unit fetches its inputs itself.
+            log.info("--prefetch is for the local executor: on Dask each slide's unit fetches its own inputs")
         token = uuid.uuid4().hex
         root = work_root.resolve()
         # Workers start in other folders (a batch job's): every path they get is absolute.

@@ -5,23 +5,35 @@ build decides what to do with it (count it, stop on the first bad slide). Closin
 cancels the units not yet started. Units read their inputs from the fetch cache or their URLs
 themselves and write into the work folder, so only a ``Sample`` and settings travel to a worker
 and only a small ``UnitResult`` travels back.
+
+The local executor also prefetches (``--prefetch N``, ``_Prefetch``): threads of the build
+process download the sources of the next N slides into the fetch cache while the workers
+compute, so a unit's fetch finds its inputs cached and a build takes about max(download,
+compute) rather than their sum. The Dask executor does not (its workers may sit on other nodes,
+with caches of their own).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stcorpus.curate.build.unit import UnitSettings, failed_unit, run_unit, worker_lost_unit
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, input_needs, prefetch, run_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult, WorkDir
-from stcorpus.curate.errors import SettingsError
+from stcorpus.curate.errors import BudgetExceededError, SettingsError
 
 if TYPE_CHECKING:
     from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.fetch.budget import Need
     from stcorpus.curate.manifest import Sample
+
+log = logging.getLogger(__name__)
 
 
 class UnitExecutor(Protocol):
@@ -64,7 +76,18 @@ class LocalExecutor:
     def map_units(
         self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
     ) -> Iterator[UnitResult]:
-        """Run the units here, yielding each result as it finishes."""
+        """Run the units here, yielding each result as it finishes, prefetching the next slides' sources."""
+        ahead = _Prefetch(samples, fetch=fetch, running=self.workers)
+        try:
+            for result in self._run(samples, work_root=work_root, unit=unit, fetch=fetch):
+                ahead.finished(result.slide_id)
+                yield result
+        finally:
+            ahead.close()
+
+    def _run(
+        self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
+    ) -> Iterator[UnitResult]:
         if self.workers == 1:
             for sample in samples:
                 yield unit_task(sample, str(work_root), unit, fetch)
@@ -106,3 +129,133 @@ class LocalExecutor:
             for future in futures:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """The build no longer wants prefetches (raised inside a prefetch's wait for room)."""
+
+
+class _Prefetch:
+    """Threads that download the sources of the slides after the running ones (``FetchSettings.prefetch``).
+
+    Slides run in ``samples`` order; the first ``running`` unfinished ones are taken to be
+    running (a pool starts units in the order they were submitted), and the next ``prefetch``
+    slides with remote sources are downloaded into the cache, in order, where their units
+    will find them. Slides the build reuses never reach the executor, and local sources need
+    nothing. A failed prefetch is logged and otherwise ignored: the slide's unit fetches again
+    and reports what goes wrong as usual.
+
+    Under ``--cache-budget`` the prefetched bytes stay in the cache (pinned) until their slides
+    run, so they must never take the room a running slide still needs: there is one thread,
+    every reservation leaves room for the inputs still to come of every unfinished slide before
+    it (``CacheBudget.reserve(spare=...)``), and the first failed prefetch ends prefetching (a
+    slide larger than the budget is only skipped: it is refused before it takes anything).
+    Downloads share the cross-process per-host cap of ``--per-host`` with the workers (it lives
+    in the cache folder). ``close`` stops the threads: a prefetch waiting for room or for its
+    turn ends at once; one in the middle of a download is left to finish (daemon threads).
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, fetch: FetchSettings, running: int) -> None:
+        from stcorpus.curate.fetch.evict import remote_sources
+
+        self._samples = list(samples)
+        self._fetch = fetch
+        self._running = running
+        self._ahead = fetch.prefetch
+        self._budget = fetch.cache_budget is not None
+        self._remote = [bool(remote_sources(sample)) for sample in self._samples]
+        self._done: set[str] = set()
+        self._needs: dict[str, list[Need]] = {}
+        self._next = 0
+        self._stop = False
+        self._failed = False
+        self._changed = threading.Condition()
+        self.prefetched: list[str] = []
+        self._threads: list[threading.Thread] = []
+        if self._ahead < 1 or not any(self._remote):
+            return
+        for i in range(1 if self._budget else self._ahead):
+            thread = threading.Thread(target=self._work, name=f"stcorpus-prefetch-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def finished(self, slide_id: str) -> None:
+        """The unit of ``slide_id`` is done: the window moves on."""
+        with self._changed:
+            self._done.add(slide_id)
+            self._changed.notify_all()
+
+    def close(self, *, timeout: float = 1.0) -> None:
+        """Stop prefetching; wait up to ``timeout`` seconds for threads in a download, then leave them."""
+        with self._changed:
+            self._stop = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+            timeout = 0.0  # one wait in all: a thread still downloading dies with the process
+
+    def _take(self) -> int | None:
+        """The index of the next slide to prefetch once it is within the window; None when there is none."""
+        with self._changed:
+            while True:
+                if self._stop or (self._budget and self._failed):
+                    return None
+                before = sum(1 for sample in self._samples[: self._next] if sample.id not in self._done)
+                while self._next < len(self._samples) and (
+                    not self._remote[self._next]
+                    or self._samples[self._next].id in self._done
+                    or before < self._running  # running (or about to start): its unit fetches it
+                ):
+                    before += self._samples[self._next].id not in self._done
+                    self._next += 1
+                if self._next >= len(self._samples):
+                    return None
+                if before < self._running + self._ahead:
+                    self._next += 1
+                    return self._next - 1
+                self._changed.wait()
+
+    def _work(self) -> None:
+        while (index := self._take()) is not None:
+            sample = self._samples[index]
+            try:
+                spare = None
+                if self._budget:
+                    self._learn_needs(index)  # here, not under the ledger's lock: it may ask servers for sizes
+                    spare = functools.partial(self._spare, index)
+                downloaded = prefetch(sample, self._fetch, spare=spare)
+            except _Stopped:
+                return
+            except BudgetExceededError as exc:
+                # Refused before any byte or room was taken: nothing to undo, the next slides may fit.
+                log.info("not prefetching %s: %s", sample.id, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a failed prefetch is never fatal: the unit fetches again
+                with self._changed:
+                    self._failed = True
+                log.warning(
+                    "prefetch of %s failed (%s: %s); its unit will fetch it again%s",
+                    sample.id,
+                    type(exc).__name__,
+                    exc,
+                    " (no more prefetching under --cache-budget)" if self._budget else "",
+                )
+                continue
+            with self._changed:
+                self.prefetched.append(sample.id)
+            log.debug("prefetched %s (%d bytes downloaded)", sample.id, downloaded)
+
+    def _learn_needs(self, index: int) -> None:
+        """Know the inputs of every unfinished slide before ``index`` (once per slide)."""
+        with self._changed:
+            earlier = [s for s in self._samples[:index] if s.id not in self._done and s.id not in self._needs]
+        for sample in earlier:
+            self._needs[sample.id] = input_needs(sample, self._fetch)
+
+    def _spare(self, index: int) -> list[Need]:
+        """The inputs of the unfinished slides before ``index`` (their room stays free); raises once stopped."""
+        with self._changed:
+            if self._stop:
+                raise _Stopped
+            earlier = [s.id for s in self._samples[:index] if s.id not in self._done]
+        return [need for slide_id in earlier for need in self._needs.get(slide_id, [])]

@@ -43,7 +43,7 @@ import shutil
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -74,6 +74,8 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.fetch.budget import Need
+    from stcorpus.curate.fetch.fetcher import Fetched
     from stcorpus.curate.geometry import Neighbors
     from stcorpus.curate.manifest import Sample
     from stcorpus.curate.slide import Slide
@@ -373,13 +375,54 @@ _HOLD_TRIES = 3
 
 def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[str, Path]:
     """Fetch the slide's sources: within the cache budget, pinned for this slide, with progress lines."""
+    got, _ = _fetch_sources(sample, fetch=fetch, label=sample.id)
+    for name in sorted(got):
+        item = got[name]
+        result.inputs.append({"name": name, "url": item.url, "sha256": item.sha256, "size": item.size})
+    return {name: got[name].target for name in sorted(got)}
+
+
+def prefetch(sample: Sample, fetch: FetchSettings, *, spare: Callable[[], Sequence[Need]] | None = None) -> int:
+    """Download the slide's sources into the cache ahead of its unit (``curate build --prefetch``); the bytes.
+
+    The unit's own fetch (the same code) then finds them cached. ``spare``: the inputs of the
+    slides before this one that are still to come, whose room under ``--cache-budget`` this
+    download must leave free (``CacheBudget.reserve``). Raises what the unit's fetch would raise.
+    """
+    return _fetch_sources(sample, fetch=fetch, label=f"{sample.id} (prefetch)", spare=spare)[1]
+
+
+def input_needs(sample: Sample, fetch: FetchSettings) -> list[Need]:
+    """The remote inputs of the slide that go through the cache, with their sizes (0 where none is known)."""
+    from stcorpus.curate.fetch import Fetcher
+    from stcorpus.curate.fetch.budget import Need
+    from stcorpus.curate.fetch.evict import remote_sources
+
+    needs = []
+    with Fetcher(fetch) as fetcher:
+        for source in remote_sources(sample):
+            if fetcher.is_mirrored(source, sample=sample):
+                continue
+            try:
+                size = fetcher.size_of(source, sample=sample)
+            except FetchError as exc:  # the slide's own fetch meets (and reports) it again
+                log.debug("%s: no size for %s (%s)", sample.describe(), source.url, exc)
+                size = None
+            needs.append(Need(source.url, size or 0))
+    return needs
+
+
+def _fetch_sources(
+    sample: Sample, *, fetch: FetchSettings, label: str, spare: Callable[[], Sequence[Need]] | None = None
+) -> tuple[dict[str, Fetched], int]:
+    """The slide's sources by name, fetched within the cache budget and pinned for it; and the bytes downloaded."""
     from stcorpus.curate.fetch import Fetcher
     from stcorpus.curate.fetch.budget import CacheBudget, Need
     from stcorpus.curate.fetch.evict import hold, reclaim, remote_sources
     from stcorpus.curate.fetch.progress import DownloadProgress
 
-    files: dict[str, Path] = {}
-    progress = DownloadProgress(sample.id, total=None, every=fetch.progress_every or 0.0)
+    files: dict[str, Fetched] = {}
+    progress = DownloadProgress(label, total=None, every=fetch.progress_every or 0.0)
     with Fetcher(fetch, on_bytes=progress if fetch.progress_every is not None else None) as fetcher:
         to_download = [s for _, s in sorted(sample.sources.items()) if fetcher.needs_download(s, sample=sample)]
         room: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -400,7 +443,7 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
             ]
             held = sum(fetcher.expected(s, sample=sample)[1] or 0 for s in cached)
             budget = CacheBudget(fetcher.cache, fetch.cache_budget, reclaim=functools.partial(reclaim, fetcher.cache))
-            room = budget.reserve(sample.id, needs, what=sample.describe(), held=held)
+            room = budget.reserve(label, needs, what=sample.describe(), held=held, spare=spare)
         else:
             sizes = [fetcher.expected(s, sample=sample)[1] for s in to_download]
             progress.total = None if None in sizes else sum(size or 0 for size in sizes) or None
@@ -424,11 +467,10 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
                             f"{sample.describe()}: source {name!r} was deleted from the cache {_HOLD_TRIES} times "
                             "between its download and its use: is another program cleaning the cache folder (--cache)?"
                         )
-                files[name] = got.target
-                result.inputs.append({"name": name, "url": got.url, "sha256": got.sha256, "size": got.size})
+                files[name] = got
     if fetch.progress_every is not None:
         progress.finish()
-    return files
+    return files, progress.done
 
 
 def _build(
@@ -731,9 +773,11 @@ __all__ = [
     "content_digest",
     "counts_dtype",
     "failed_unit",
+    "input_needs",
     "known_inputs",
     "manifest_entry",
     "neighbours",
+    "prefetch",
     "reusable_unit",
     "run_unit",
     "site_tiles",

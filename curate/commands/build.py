@@ -37,6 +37,12 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _whole(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {value!r}")
+    return int(value)
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {value!r}")
@@ -179,7 +185,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-host",
         type=_positive,
         metavar="N",
-        help="connections per host across all workers sharing the cache (default: 4 per worker, no shared cap)",
+        help="connections per host across all workers sharing the cache and the build's prefetch (default: 4 per "
+        "worker and per prefetch thread, no shared cap)",
+    )
+    group.add_argument(
+        "--prefetch",
+        type=_whole,
+        default=2,
+        metavar="N",
+        help="download the sources of the next N slides while the running ones compute (default 2; 0: off), "
+        "within --per-host and --cache-budget; local executor only (Dask workers fetch their own)",
     )
     group.add_argument(
         "--mirror",
@@ -378,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         keep_sources=args.keep_sources,
         cache_budget=args.cache_budget,
         host_cap=args.per_host,
+        prefetch=args.prefetch,
         mirrors=tuple(args.mirror),
         progress_every=None if args.no_progress else 10.0,
         range_reads=not args.no_range_reads,

@@ -115,7 +115,11 @@ class CacheBudget:
 
     def outstanding(self, *, exclude: str | None = None) -> int:
         """Bytes the live reservations still have to bring in (the caller holds the ledger's lock)."""
-        total = 0
+        return sum(self._still_to_come(url, size) for url, size in self._reserved(exclude=exclude))
+
+    def _reserved(self, *, exclude: str | None = None) -> list[tuple[str, int]]:
+        """(url, size) of every input of the live reservations (the caller holds the ledger's lock)."""
+        reserved: list[tuple[str, int]] = []
         for path in sorted(self._dir.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -126,9 +130,8 @@ class CacheBudget:
             if not _alive(record):
                 path.unlink(missing_ok=True)  # a process that died with a reservation
                 continue
-            for item in record.get("needs", []):
-                total += self._still_to_come(str(item["url"]), int(item["size"]))
-        return total
+            reserved.extend((str(item["url"]), int(item["size"])) for item in record.get("needs", []))
+        return reserved
 
     def _still_to_come(self, url: str, size: int) -> int:
         if self.cache.lookup_url(url) is not None:
@@ -140,11 +143,24 @@ class CacheBudget:
         return max(0, size - have)
 
     @contextlib.contextmanager
-    def reserve(self, holder: str, needs: Sequence[Need], *, what: str, held: int = 0) -> Iterator[None]:
+    def reserve(
+        self,
+        holder: str,
+        needs: Sequence[Need],
+        *,
+        what: str,
+        held: int = 0,
+        spare: Callable[[], Sequence[Need]] | None = None,
+    ) -> Iterator[None]:
         """Hold room for ``needs`` (waiting for it) for the ``with`` block; ``what`` names the slide in messages.
 
         ``held``: bytes of the slide's inputs already in the cache (they stay while it runs, so the
         slide can never fit if they and ``needs`` together exceed the budget).
+
+        ``spare``: inputs others are yet to download whose room must stay free (asked again at every
+        look): the reservation waits until they fit too, without holding their room. A prefetch
+        passes the inputs of the slides before it, so it can never take room a running slide
+        still needs (``executors._Prefetch``); an exception it raises ends the wait.
         """
         wanted = sum(need.size for need in needs)
         if wanted + held > self.limit:
@@ -161,8 +177,11 @@ class CacheBudget:
         while True:
             with self._lock():
                 # What is on disk counts once: a partial download left by a killed run is in disk_bytes.
-                coming = sum(self._still_to_come(need.url, need.size) for need in needs)
-                used = disk_bytes(self.cache) + self.outstanding(exclude=key)
+                # One URL's bytes come once: what another reservation holds room for counts there.
+                reserved = dict(self._reserved(exclude=key))
+                ours = {need.url: need.size for need in [*(spare() if spare is not None else ()), *needs]}
+                coming = sum(self._still_to_come(url, size) for url, size in ours.items() if url not in reserved)
+                used = disk_bytes(self.cache) + sum(self._still_to_come(url, size) for url, size in reserved.items())
                 if used + coming > self.limit and self._reclaim is not None:
                     used -= self._reclaim(used + coming - self.limit)
                 if used + coming <= self.limit:

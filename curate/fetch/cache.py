@@ -112,7 +112,10 @@ class Cache:
 
     def url_index_path(self, url: str) -> Path:
         """Where the URL index remembers ``url``."""
-        key = url_key(url)
+        return self.url_key_index_path(url_key(url))
+
+    def url_key_index_path(self, key: str) -> Path:
+        """Where the URL index remembers the URL whose ``url_key`` is ``key``."""
         return self.root / "urls" / key[:2] / f"{key}.json"
 
     def _local_memo_path(self, path: Path) -> Path:

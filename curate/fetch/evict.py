@@ -28,6 +28,7 @@ first, when it needs room.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -159,10 +160,17 @@ def release(cache: Cache, sample: Sample, *, digests: Iterable[str] = (), delete
 
 
 def reclaim(cache: Cache, wanted: int) -> int:
-    """Delete inputs no slide pins, oldest first, until ``wanted`` bytes are freed; returns the bytes freed."""
+    """Delete inputs no slide pins, oldest first, until ``wanted`` bytes are freed; returns the bytes freed.
+
+    Bytes pinned only by URL (a slide that has just downloaded them and not yet pinned them by
+    content, ``hold``) are kept too: the URL index says which blob a pinned URL holds.
+    """
+    blobs = list((cache.root / "blobs" / "sha256").glob("*/*"))
+    # Read after the blobs: a download records its URL before its blob lands, so every blob seen has its record.
+    by_url = _url_pinned(cache)
     candidates = []
-    for blob in (cache.root / "blobs" / "sha256").glob("*/*"):
-        if is_sha256(blob.name) and not _pin_dir(cache, content_key(blob.name)).is_dir():
+    for blob in blobs:
+        if is_sha256(blob.name) and blob.name not in by_url and not _pin_dir(cache, content_key(blob.name)).is_dir():
             with contextlib.suppress(FileNotFoundError):
                 candidates.append((blob.stat().st_mtime_ns, blob.name))
     freed = 0
@@ -173,6 +181,19 @@ def reclaim(cache: Cache, wanted: int) -> int:
             if not _pin_dir(cache, content_key(sha256)).is_dir():
                 freed += _evict(cache, sha256)
     return freed
+
+
+def _url_pinned(cache: Cache) -> set[str]:
+    """The digests the URL index records for the URLs slides pin by URL."""
+    found = set()
+    for folder in (cache.root / "pins").glob(f"{_URL}*"):
+        try:
+            record = json.loads(cache.url_key_index_path(folder.name.removeprefix(_URL)).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not downloaded yet (or being written): nothing of it to keep
+        if is_sha256(record.get("sha256")):
+            found.add(str(record["sha256"]))
+    return found
 
 
 def _evict(cache: Cache, sha256: str) -> int:

@@ -392,6 +392,8 @@ class Fetcher:
                     "read_timeout": settings.read_timeout,
                 },
                 per_host=settings.per_host,
+                host_cap=settings.host_cap,
+                cap_root=str(settings.cache_dir) if settings.host_cap is not None else None,
             )
             path = ranges.copy_path(self.cache, source.url, file_name(source.url))
             ranges.start_copy(path, record)
@@ -491,11 +493,12 @@ class Fetcher:
                     f"({downloaded.size} bytes); nothing was kept in the cache. If the file changed at its source "
                     "on purpose, update `sha256` in the manifest"
                 )
-            cache.commit_blob(partial, downloaded.sha256)
-            meta.unlink(missing_ok=True)
+            # Recorded before the blob lands, so a URL-pinned blob is never without its record (evict.reclaim).
             cache.record_url(
                 UrlRecord(url=source.url, sha256=downloaded.sha256, size=downloaded.size, commit=resolved.commit)
             )
+            cache.commit_blob(partial, downloaded.sha256)
+            meta.unlink(missing_ok=True)
             if downloaded.resumed_from:
                 logger.info("%s: resumed at byte %d of %d", what, downloaded.resumed_from, downloaded.size)
             return self._result(
@@ -567,8 +570,8 @@ class Fetcher:
                     f"{what}: sha256 mismatch: expected {source.sha256}, downloaded {sha256} ({size} bytes); "
                     "nothing was kept in the cache. If the file changed at its source on purpose, update `sha256`"
                 )
+            cache.record_url(UrlRecord(url=source.url, sha256=sha256, size=size))  # first: see _fetch_remote
             cache.commit_blob(partial, sha256)
-            cache.record_url(UrlRecord(url=source.url, sha256=sha256, size=size))
             return self._result(source, sha256=sha256, size=size, cache_hit=False, commit=None)
 
     def _plan_hub(self, source: Source, *, what: str) -> _Plan:

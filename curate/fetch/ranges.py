@@ -139,6 +139,10 @@ class RangeRecord:
     hub: bool  # send the Hub token (read at request time)
     policy: dict[str, float] = field(default_factory=dict)  # RetryPolicy fields
     per_host: int = 4
+    #: ``FetchSettings.host_cap`` and the cache folder whose ``locks/`` hold its slots (``hostcap.py``):
+    #: range reads share the cross-process per-host cap with every other download of the build.
+    host_cap: int | None = None
+    cap_root: str | None = None
     spans: list[list[int]] = field(default_factory=list)
     fetched_bytes: int = 0
     requests: int = 0
@@ -186,6 +190,11 @@ def start_copy(path: Path, record: RangeRecord) -> None:
     """
     old = read_record(path)
     if old is not None and old.same_file(record) and path.is_file() and path.stat().st_size == record.size:
+        limits = (record.policy, record.per_host, record.host_cap, record.cap_root)
+        if (old.policy, old.per_host, old.host_cap, old.cap_root) != limits:
+            # This run's retries and connection caps, over what the copy already holds.
+            old.policy, old.per_host, old.host_cap, old.cap_root = limits
+            write_record(path, old)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     record_path(path).unlink(missing_ok=True)
@@ -374,7 +383,12 @@ def open_partial(path: Path) -> PartialFile | None:
 def _client(record: RangeRecord) -> HttpClient:
     known = {name: record.policy[name] for name in RetryPolicy.__dataclass_fields__ if name in record.policy}
     policy = RetryPolicy(**known)  # type: ignore[arg-type]  # JSON numbers of the same fields
-    return HttpClient(policy, limit=PerHostLimit(record.per_host), pool_size=record.per_host)
+    limit: Any = PerHostLimit(record.per_host)
+    if record.host_cap is not None and record.cap_root is not None:
+        from stcorpus.curate.fetch.hostcap import SharedHostLimit
+
+        limit = SharedHostLimit(limit, root=Path(record.cap_root), cap=record.host_cap)
+    return HttpClient(policy, limit=limit, pool_size=record.per_host)
 
 
 def _fetch_error(exc: RemoteError) -> FetchError:

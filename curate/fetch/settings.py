@@ -73,6 +73,9 @@ class FetchSettings:
     #: Read remote TIFFs by byte range where a build opens them (``ranges.py``): only the tiles
     #: it decodes are downloaded. ``curate build --no-range-reads`` sets False (whole files).
     range_reads: bool = True
+    #: Slides ahead of the running ones whose sources a local build downloads meanwhile (``curate build
+    #: --prefetch``, ``executors._Prefetch``), so downloads overlap compute; 0: none (each unit fetches its own).
+    prefetch: int = 2
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
     #: Members an archive may hold.
@@ -91,9 +94,13 @@ class FetchSettings:
             value = getattr(self, item.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
+            if item.name == "prefetch":
+                continue  # checked below, as a whole number
             minimum = 0 if item.name in ("retries", "backoff_base", "backoff_max", "retry_after_max") else 1e-9
             if value < minimum:
                 problems.append(f"{item.name}={value!r} (must be {'>= 0' if minimum == 0 else '> 0'})")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            problems.append(f"prefetch={self.prefetch!r} (curate build --prefetch: a whole number of slides, >= 0)")
         if problems:
             raise SettingsError(f"invalid fetch settings: {', '.join(problems)}")
         if not isinstance(self.per_host, int) or not isinstance(self.chunk_size, int):
