@@ -312,6 +312,24 @@ class SlideImage(ABC):
         out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_channels(window, channels, path=self.path)
         return out
 
+    def thumbnail_window(self, *, max_size: int = 1024) -> Window:
+        """The source :meth:`thumbnail` reads: a whole level (at a JPEG reduction), as a prefetch window.
+
+        The coarsest source at least as fine as the thumbnail; among equally coarse ones, the one with
+        the least reduction (as plan_scale chooses): the smaller level decodes (and, read by range,
+        downloads) less.
+        """
+        scale = max(self.width, self.height) / max_size
+        level, reduce = 0, 1
+        for index, lvl in enumerate(self.levels):
+            for factor in self.reductions(index):
+                if lvl.downsample * factor <= scale * (1 + 1e-6) and (
+                    lvl.downsample * factor >= self.levels[level].downsample * reduce * (1 - 1e-9)
+                ):
+                    level, reduce = index, factor
+        width, height = self.level_size(level, reduce=reduce)
+        return (level, reduce, 0, 0, width, height)
+
     def thumbnail(self, *, max_size: int = 1024, keep_alpha: bool = False) -> RGBArray:
         """The whole image scaled so its longer side is ``max_size`` pixels (never enlarged).
 
@@ -323,18 +341,9 @@ class SlideImage(ABC):
         scale = max(self.width, self.height) / max_size
         if scale <= 1:
             return self.read_region(level=0, x=0, y=0, width=self.width, height=self.height, keep_alpha=keep_alpha)
-        # The coarsest source at least as fine as the thumbnail; among equally coarse ones, the one with the
-        # least reduction (as plan_scale chooses): the smaller level decodes (and, read by range, downloads) less.
-        level, reduce = 0, 1
-        for index, lvl in enumerate(self.levels):
-            for factor in self.reductions(index):
-                if lvl.downsample * factor <= scale * (1 + 1e-6) and (
-                    lvl.downsample * factor >= self.levels[level].downsample * reduce * (1 - 1e-9)
-                ):
-                    level, reduce = index, factor
-        source_width, source_height = self.level_size(level, reduce=reduce)
+        level, reduce, _, _, source_width, source_height = window = self.thumbnail_window(max_size=max_size)
         if self.is_remote:
-            self.prefetch([(level, reduce, 0, 0, source_width, source_height)])
+            self.prefetch([window])
         step = scale / (self.levels[level].downsample * reduce)  # source pixels per output pixel, >= 1
         out_width = max(1, round(self.width / scale))
         out_height = max(1, round(self.height / scale))

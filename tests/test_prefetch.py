@@ -234,3 +234,61 @@ def test_closing_ends_a_prefetch_waiting_for_room_and_leaves_no_reservation(tmp_
             assert not thread.is_alive()
     assert ahead.prefetched == [] and not list((tmp_path / "cache" / "budget").glob("*.json"))
     assert server.count("/st1.h5ad", method="GET") == 0
+
+
+def test_a_range_read_tiffs_tiles_are_prefetched_before_its_unit_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pinned remote TIFF is read by byte range: its prefetch downloads the tiles the unit will cut
+    (not only the header), so slide 1's range requests are all made while slide 0 computes, and the
+    corpus is the one a build without prefetch gives."""
+    from tests.test_fetch_ranges import sha256, write_slide
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(2):
+        variant_h5ad(www, f"st{i}", drop=i)
+        write_slide(www / f"wsi{i}.tif", "jpeg")
+
+    def run(name: str, ahead: int) -> tuple[LocalServer, Path]:
+        with serve(www) as server:
+            entries = []
+            for i in range(2):
+                entry = hest_entry(f"RR-{i}", st=server.file_url(f"st{i}.h5ad"), wsi=Path("WSI"), patient=f"P{i}")
+                wsi = f"{{url: '{server.file_url(f'wsi{i}.tif')}', sha256: {sha256(www / f'wsi{i}.tif')}}}"
+                entries.append(entry.replace("wsi: 'WSI'", f"wsi: {wsi}"))
+            out = tmp_path / name / "out"
+            build(
+                [manifest(tmp_path / name / "m", entries, name="ranged")],
+                out=out,
+                settings=BuildSettings(workers=1, progress=False),
+                fetch=settings(tmp_path / name, progress_every=None, prefetch=ahead),
+            )
+        return server, out
+
+    unit_task = executors.unit_task
+
+    def slow_first(sample: Any, *args: Any) -> Any:
+        if sample.id == "RR-0":
+            time.sleep(2.0)  # slide 0 "computes" long enough for slide 1's whole prefetch
+        return unit_task(sample, *args)
+
+    monkeypatch.setattr(executors, "unit_task", slow_first)
+    on, on_out = run("on", 1)
+    off, off_out = run("off", 0)
+    ranged = [r for r in on.requests_for("/wsi1.tif", method="GET") if "range" in r.headers]
+    assert len(ranged) > 2  # header/IFD reads and the coalesced tile ranges
+
+    def committed(out: Path) -> float:
+        return (out / ".work" / "units" / "RR-0" / RESULT_FILE).stat().st_mtime
+
+    slide0_done = committed(on_out)
+    late = [(r.headers["range"], round(r.at - slide0_done, 3)) for r in ranged if r.at >= slide0_done]
+    assert late == [], (len(ranged), late)
+    # without prefetch the tiles are read by the unit, after slide 0 is done
+    tiles_off = [r for r in off.requests_for("/wsi1.tif", method="GET") if "range" in r.headers]
+    assert tiles_off and max(r.at for r in tiles_off) > committed(off_out)
+    # the unit found its tiles in the partial copy: no range fetched twice, and the same corpus
+    spans = [r.headers["range"] for r in ranged]
+    assert len(spans) == len(set(spans))
+    assert _corpus_bytes(on_out) == _corpus_bytes(off_out) != {}

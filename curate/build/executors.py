@@ -77,7 +77,7 @@ class LocalExecutor:
         self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
     ) -> Iterator[UnitResult]:
         """Run the units here, yielding each result as it finishes, prefetching the next slides' sources."""
-        ahead = _Prefetch(samples, fetch=fetch, running=self.workers)
+        ahead = _Prefetch(samples, fetch=fetch, running=self.workers, unit=unit)
         try:
             for result in self._run(samples, work_root=work_root, unit=unit, fetch=fetch):
                 ahead.finished(result.slide_id)
@@ -141,7 +141,8 @@ class _Prefetch:
     Slides run in ``samples`` order; the first ``running`` unfinished ones are taken to be
     running (a pool starts units in the order they were submitted), and the next ``prefetch``
     slides with remote sources are downloaded into the cache, in order, where their units
-    will find them. Slides the build reuses never reach the executor, and local sources need
+    will find them; for a TIFF read by byte range, the tiles its unit will read (with the unit
+    settings, ``unit.prefetch``). Slides the build reuses never reach the executor, and local sources need
     nothing. A failed prefetch is logged and otherwise ignored: the slide's unit fetches again
     and reports what goes wrong as usual.
 
@@ -155,11 +156,14 @@ class _Prefetch:
     turn ends at once; one in the middle of a download is left to finish (daemon threads).
     """
 
-    def __init__(self, samples: Sequence[Sample], *, fetch: FetchSettings, running: int) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], *, fetch: FetchSettings, running: int, unit: UnitSettings | None = None
+    ) -> None:
         from stcorpus.curate.fetch.evict import remote_sources
 
         self._samples = list(samples)
         self._fetch = fetch
+        self._unit = unit  # with it, the tiles a range-read TIFF's unit will read are prefetched too
         self._running = running
         self._ahead = fetch.prefetch
         self._budget = fetch.cache_budget is not None
@@ -223,7 +227,7 @@ class _Prefetch:
                 if self._budget:
                     self._learn_needs(index)  # here, not under the ledger's lock: it may ask servers for sizes
                     spare = functools.partial(self._spare, index)
-                downloaded = prefetch(sample, self._fetch, spare=spare)
+                downloaded = prefetch(sample, self._fetch, spare=spare, settings=self._unit)
             except _Stopped:
                 return
             except BudgetExceededError as exc:

@@ -62,7 +62,7 @@ from stcorpus.curate.build.workdir import (
     unit_sample_schema,
     write_samples,
 )
-from stcorpus.curate.errors import FetchError, SettingsError, SlideError
+from stcorpus.curate.errors import CurateError, FetchError, SettingsError, SlideError
 from stcorpus.curate.genes.mapping import DEFAULT_MIN_MAPPED_FRACTION
 from stcorpus.curate.imaging import ImageSettings
 from stcorpus.curate.qc import QCSettings
@@ -382,14 +382,65 @@ def _fetch(sample: Sample, *, fetch: FetchSettings, result: UnitResult) -> dict[
     return {name: got[name].target for name in sorted(got)}
 
 
-def prefetch(sample: Sample, fetch: FetchSettings, *, spare: Callable[[], Sequence[Need]] | None = None) -> int:
+def prefetch(
+    sample: Sample,
+    fetch: FetchSettings,
+    *,
+    spare: Callable[[], Sequence[Need]] | None = None,
+    settings: UnitSettings | None = None,
+) -> int:
     """Download the slide's sources into the cache ahead of its unit (``curate build --prefetch``); the bytes.
 
     The unit's own fetch (the same code) then finds them cached. ``spare``: the inputs of the
     slides before this one that are still to come, whose room under ``--cache-budget`` this
     download must leave free (``CacheBudget.reserve``). Raises what the unit's fetch would raise.
+
+    A TIFF read by byte range (``--no-range-reads`` not given) is only opened by the fetch; with
+    the unit's ``settings`` the tiles its views will read under the slide's in-tissue spots are
+    downloaded too (:func:`_prefetch_tiles`), so the unit finds them in the partial copy.
     """
-    return _fetch_sources(sample, fetch=fetch, label=f"{sample.id} (prefetch)", spare=spare)[1]
+    got, downloaded = _fetch_sources(sample, fetch=fetch, label=f"{sample.id} (prefetch)", spare=spare)
+    if settings is not None and any(_is_partial(item.path) for item in got.values()):
+        downloaded += _prefetch_tiles(sample, {name: got[name].target for name in sorted(got)}, settings)
+    return downloaded
+
+
+def _is_partial(path: Path) -> bool:
+    from stcorpus.curate.fetch.ranges import RECORD_SUFFIX
+
+    return path.with_name(path.name + RECORD_SUFFIX).is_file()
+
+
+def _prefetch_tiles(sample: Sample, files: Mapping[str, Path], settings: UnitSettings) -> int:
+    """Download the image tiles the slide's views will read (a superset: every in-tissue spot); the bytes.
+
+    The unit reads the same bytes from the partial copy (the corpus is the same); a slide that
+    cannot be read or tiled downloads nothing more here and fails in its unit, as without prefetch.
+    """
+    from stcorpus.curate.readers import read_slide
+    from stcorpus.curate.tiles import Tiler
+
+    try:
+        slide = read_slide(sample, files, images=settings.images)
+    except Exception as exc:  # noqa: BLE001 - its unit reads it again and reports why
+        log.debug("prefetch of %s: its tiles not prefetched (%s: %s)", sample.id, type(exc).__name__, exc)
+        return 0
+    try:
+        if not slide.image.is_remote:
+            return 0
+        spots = slide.spots
+        rows = np.flatnonzero(spots.in_tissue)
+        keys = [sample_key(slide.id, str(barcode)) for barcode in spots.barcode[rows]]
+        try:
+            tiler = Tiler(slide.image, mpp=slide.mpp, settings=settings.tiles)
+        except CurateError as exc:  # too coarse, bad settings: the unit says so
+            log.debug("prefetch of %s: its tiles not prefetched (%s)", sample.id, exc)
+            return 0
+        windows = tiler.windows(spots.x_px[rows], spots.y_px[rows], keys)
+        windows.add(slide.image.thumbnail_window(max_size=QC_THUMBNAIL_PX))  # the QC plots' thumbnail
+        return int(slide.image.prefetch(windows))
+    finally:
+        slide.image.close()
 
 
 def input_needs(sample: Sample, fetch: FetchSettings) -> list[Need]:
@@ -647,6 +698,9 @@ def columns(slide: Slide, sites: Sites, niche: Niche, tiles: Mapping[int, TileRe
     return pa.Table.from_pydict(out, schema=unit_sample_schema(dtype)), sample_bytes
 
 
+#: Longer side of the thumbnail the QC spot plot is drawn on.
+QC_THUMBNAIL_PX: Final = 1024
+
 #: A slide with at least this fraction of its sites' tiles outside the image gets a hint on its um/px.
 OUTSIDE_HINT_FRACTION: Final = 0.9
 
@@ -738,7 +792,7 @@ def _qc_plots(
     from stcorpus.curate.build.report import plot_montage, plot_spots
 
     folder.mkdir(parents=True, exist_ok=True)
-    thumbnail = slide.image.thumbnail(max_size=1024)
+    thumbnail = slide.image.thumbnail(max_size=QC_THUMBNAIL_PX)
     scale = thumbnail.shape[1] / slide.image.width
     plot_spots(
         folder / "spots.png",
