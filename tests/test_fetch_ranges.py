@@ -120,6 +120,32 @@ def test_a_partial_copy_reads_the_pixels_of_the_whole_file(
         reopened.close()
 
 
+def test_two_openers_of_one_copy_never_download_the_same_range_twice(tmp_path: Path, http_server: LocalServer) -> None:
+    """A prefetch (the build process) and the slide's unit (a worker) hold the same partial copy open:
+    what one downloads, the other finds, though its own view of the copy was read before."""
+    served = write_slide(http_server.root / "slide.tif", "jpeg")
+    url, size = http_server.file_url("slide.tif"), served.stat().st_size
+    copy = tmp_path / "copy" / "slide.tif"
+    start_copy(copy, RangeRecord(url=url, get_url=url, size=size, validator=None, sha256=None, hub=False))
+    first, second = open_partial(copy), open_partial(copy)
+    assert first is not None and second is not None
+    try:
+        spans = [(10_000, 60_000), (200_000, 260_000)]
+        assert first.prefetch(spans) == 110_000
+        sent = http_server.bytes_sent
+        assert second.prefetch(spans) == 0 and second.requests == 0  # it read the record before the download
+        assert http_server.bytes_sent == sent
+        # a span partly held: only the rest comes
+        assert second.prefetch([(50_000, 70_000)]) == 10_000
+        with copy.open("rb") as whole_copy, served.open("rb") as original:
+            whole_copy.seek(10_000)
+            original.seek(10_000)
+            assert whole_copy.read(60_000) == original.read(60_000)
+    finally:
+        first.close()
+        second.close()
+
+
 def test_range_reads_hold_the_per_host_cap_the_other_downloads_share(tmp_path: Path, http_server: LocalServer) -> None:
     served = write_slide(http_server.root / "slide.tif", "jpeg")
     url = http_server.file_url("slide.tif")

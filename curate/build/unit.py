@@ -399,20 +399,10 @@ def prefetch(
     the unit's ``settings`` the tiles its views will read under the slide's in-tissue spots are
     downloaded too (:func:`_prefetch_tiles`), so the unit finds them in the partial copy.
     """
-    from stcorpus.curate.fetch.cache import Cache, url_key
-    from stcorpus.locking import file_lock
-
     got, downloaded = _fetch_sources(sample, fetch=fetch, label=f"{sample.id} (prefetch)", spare=spare)
-    ranged = sorted({item.url for item in got.values() if _is_partial(item.path)})
-    if settings is None or not ranged:
-        return downloaded
-    # Under the URLs' locks: a unit that starts meanwhile waits in its open of the partial copy
-    # (Fetcher.open_ranged takes the same lock) and then finds the tiles, instead of downloading
-    # the same ranges beside this prefetch.
-    cache = Cache(fetch.cache_dir)
-    with contextlib.ExitStack() as held:
-        for url in ranged:
-            held.enter_context(file_lock(cache.lock_path("url", url_key(url)), what=f"{sample.id} (prefetch)"))
+    if settings is not None and any(_is_partial(item.path) for item in got.values()):
+        # A unit that starts meanwhile waits for these downloads into the copy and then finds the
+        # tiles there (PartialFile serialises downloads across processes), never fetching them twice.
         downloaded += _prefetch_tiles(sample, {name: got[name].target for name in sorted(got)}, settings)
     return downloaded
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 from stcorpus.curate.errors import FetchError
 from stcorpus.errors import RemoteChangedError, RemoteError
 from stcorpus.http import HttpClient, PerHostLimit, RetryPolicy, redact_url
+from stcorpus.locking import file_lock
 
 if TYPE_CHECKING:
     from stcorpus.curate.fetch.cache import Cache
@@ -57,6 +58,8 @@ COALESCE_GAP: Final = 1 << 20
 READAHEAD: Final = 1 << 16
 #: The suffix of the record beside a partial copy.
 RECORD_SUFFIX: Final = ".ranges.json"
+#: The suffix of the lock file beside a partial copy that serialises downloads into it.
+LOCK_SUFFIX: Final = ".ranges.lock"
 #: Bytes written per piece while a range streams in.
 _CHUNK: Final = 1 << 20
 
@@ -324,22 +327,39 @@ class PartialFile(io.RawIOBase):
             for start, stop in coalesce(((max(0, a), min(self.size, b)) for a, b in spans), gap=0):
                 missing.extend(self.coverage.missing(start, stop))
             before = self.fetched_bytes
-            self._download(coalesce(missing, gap=gap))
+            self._download(coalesce(missing, gap=gap), gap=gap)
             return self.fetched_bytes - before
 
-    def _download(self, spans: list[Span]) -> None:
+    def _download(self, spans: list[Span], *, gap: int | None = None) -> None:
         if not spans:
             return
-        what = f"{redact_url(self.record.get_url)} (range read of {self.record.url})"
-        try:
-            for start, stop in spans:
-                self._download_one(start, stop, what=what)
-        except RemoteError as exc:
-            raise _fetch_error(exc) from None
-        finally:
-            os.fsync(self._fd)  # bytes on disk before the record says they are held
-            self.record.spans = [[a, b] for a, b in self.coverage.spans]
-            write_record(self.path, self.record)
+        # One download into the copy at a time across processes (a prefetch in the build process and
+        # the slide's unit in a worker): the second finds in the record what the first fetched.
+        with file_lock(self.path.with_name(self.path.name + LOCK_SUFFIX), what=f"range reads of {self.path.name}"):
+            held_before = self.coverage.total
+            self._refresh()
+            if self.coverage.total != held_before:  # another process fetched some: only what is still missing
+                missing = (part for a, b in spans for part in self.coverage.missing(a, b))
+                spans = coalesce(missing, gap=self.gap if gap is None else gap)
+            if not spans:
+                return
+            what = f"{redact_url(self.record.get_url)} (range read of {self.record.url})"
+            try:
+                for start, stop in spans:
+                    self._download_one(start, stop, what=what)
+            except RemoteError as exc:
+                raise _fetch_error(exc) from None
+            finally:
+                os.fsync(self._fd)  # bytes on disk before the record says they are held
+                self.record.spans = [[a, b] for a, b in self.coverage.spans]
+                write_record(self.path, self.record)
+
+    def _refresh(self) -> None:
+        """Add what another process's downloads put in the copy since this one read its record."""
+        disk = read_record(self.path)
+        if disk is not None and disk.same_file(self.record):
+            for start, stop in disk.spans:
+                self.coverage.add(start, stop)
 
     def _download_one(self, start: int, stop: int, *, what: str) -> None:
         stream = self._client.open_range(
