@@ -202,7 +202,7 @@ def prepare(data: Path, *, slides: int, slide_um: float, border_um: float) -> tu
             tiff = digest.copy()
             tiff.update(tail)
             files[f"wsis/S{i:03d}.tif"] = Served(base=base, tail=tail, kind=name, sha256=tiff.hexdigest())
-            st = data / f"S{i:03d}-{name}.h5ad"
+            st = data / f"S{i:03d}-{name}-{size}.h5ad"  # the spots depend on the slide size
             if not st.exists():
                 synthetic_h5ad(st, size=size, seed=i, mpp=mpp, border_um=border_um)
             raw = st.read_bytes()
