@@ -22,6 +22,7 @@ from stcorpus.curate.genes.reference import (
     reference_sources,
 )
 from stcorpus.curate.genes.vocabulary import (
+    MEASURED,
     GeneIndex,
     MeasuredGenes,
     build_vocabulary,
@@ -35,6 +36,7 @@ from stcorpus.curate.genes.vocabulary import (
 __all__ = [
     "DEFAULT_MIN_MAPPED_FRACTION",
     "GENE_SPECIES",
+    "MEASURED",
     "PANELS",
     "GeneIndex",
     "GeneReference",
