@@ -639,6 +639,7 @@ def build(
         shards=shards,
         counts_dtype=packed.counts_dtype,
         n_genes=vocabulary.num_rows,
+        n_measured=sum(vocabulary.column(MEASURED).to_pylist()) if MEASURED in vocabulary.column_names else None,
         settings=settings,
         holdout=holdout,
         generations=generations,
@@ -878,6 +879,7 @@ def _write_card(
     settings: BuildSettings,
     holdout: Mapping[str, Any],
     generations: Sequence[Mapping[str, Any]] = (),
+    n_measured: int | None = None,
 ) -> None:
     from stcorpus.curate.build.card import CardInputs, render_card
 
@@ -887,6 +889,7 @@ def _write_card(
             slides=rows,
             shards=shards,
             n_genes=n_genes,
+            n_measured=n_measured,
             counts_dtype=counts_dtype,
             tool_version=__version__,
             settings=settings.to_dict(),
