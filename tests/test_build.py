@@ -138,21 +138,21 @@ def test_builds_of_other_species_index_every_gene_alike(demo_corpus: DemoCorpus,
     digests = {json.loads((root / schema.CORPUS_FILE).read_text())["vocabulary_sha256"] for root in corpora.values()}
     assert len(digests) == 1
     # `measured` is exactly the union of the built slides' measured genes (slides.parquet).
-    measured = {}
+    measured: dict[str, np.ndarray] = {}
     for name, root in corpora.items():
         slides = [r for r in pq.read_table(root / schema.SLIDES_FILE).to_pylist() if r["status"] == "built"]
         union = sorted({g for r in slides for g in r["measured_genes"]})
         flags = np.asarray(genes[name].column("measured").to_pylist())
         assert np.flatnonzero(flags).tolist() == union and union
-        species = {r["species"] for r in slides}
-        assert set(np.asarray(genes[name].column("species").to_pylist())[flags]) == species
+        slide_species = {r["species"] for r in slides}
+        assert set(np.asarray(genes[name].column("species").to_pylist())[flags]) == slide_species
         measured[name] = flags
     assert np.array_equal(measured["human"] | measured["mouse"], measured["both"])
     assert not (measured["human"] & measured["mouse"]).any()
 
     # The same genes hold the same counts at the same index: a human slide's samples are alike in both corpora.
     def counts_of(root: Path, slide: str) -> dict[str, tuple[list[int], list[float]]]:
-        out = {}
+        out: dict[str, tuple[list[int], list[float]]] = {}
         for shard in pq.read_table(root / schema.SHARDS_FILE).to_pylist():
             if shard["format"] == "parquet" and slide in shard["slide_ids"]:
                 table = pq.read_table(root / shard["path"], columns=["__key__", "slide_id", "genes", "counts"])
