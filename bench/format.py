@@ -267,7 +267,15 @@ def write_corpus(root: Path, samples: list[Any], vocab: list[str], *, variant: s
         writer.add_all(samples)
     write_shard_index(root, writer.shards)
     genes: list[dict[str, Any]] = [
-        {"index": i, "ensembl_id": g, "symbol": None, "species": "human", "biotype": None, "panels": []}
+        {
+            "index": i,
+            "ensembl_id": g,
+            "symbol": None,
+            "species": "human",
+            "biotype": None,
+            "panels": [],
+            "measured": True,
+        }
         for i, g in enumerate(vocab)
     ]
     write_parquet_atomic(

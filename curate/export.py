@@ -2,11 +2,12 @@
 
 The samples are read from the corpus' Parquet shards (``shards.parquet`` names the shards that
 hold the slide, so no other shard is opened), expanded from the compact ``genes``/``counts``
-lists into a sparse spot x gene matrix over the corpus vocabulary (``genes.parquet``), and
+lists into a sparse spot x gene matrix over the corpus's measured genes (``genes.parquet``), and
 written with:
 
 - ``X``: the counts as stored (raw counts; ``uns['stcorpus']['count_kind']`` says otherwise);
-- ``var``: ``ensembl_id`` (the index) and ``symbol``;
+- ``var``: the genes the corpus measured (``genes.parquet`` ``measured``, not the references' whole
+  vocabulary): ``ensembl_id`` (the index), ``symbol`` and ``index`` (the gene's vocabulary index);
 - ``obs``: the sample key (index), barcode, ``array_row``/``array_col`` (null for cell-level
   data), ``total_counts``, ``n_genes``, ``n_neighbors``;
 - ``obsm['spatial']``: centres in full-resolution pixels (``µm / mpp``, the scanpy/squidpy
@@ -120,7 +121,6 @@ def slide_anndata(root: Path, slide_id: str, *, with_patches: bool = False) -> a
     """
     import anndata as ad
     import pandas as pd  # type: ignore[import-untyped]
-    import pyarrow.parquet as pq
     import scipy.sparse as sp
 
     root = Path(root)
@@ -129,12 +129,19 @@ def slide_anndata(root: Path, slide_id: str, *, with_patches: bool = False) -> a
     info = json.loads((root / schema.CORPUS_FILE).read_text())
     slide = _slide_row(root, slide_id)
     samples = _slide_samples(root, slide_id, with_patches=with_patches)
-    genes = pq.read_table(root / schema.GENES_FILE, columns=["index", "ensembl_id", "symbol"]).to_pylist()
-    genes.sort(key=lambda g: g["index"])
+    genes = _measured_genes(root)
+    column = np.full(max((g["index"] for g in genes), default=-1) + 1, -1, dtype=np.int32)
+    column[[g["index"] for g in genes]] = np.arange(len(genes), dtype=np.int32)
     indptr = np.zeros(len(samples) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(s[schema.Expr.GENES.value]) for s in samples])
     dtype = np.float32 if info.get(schema.CorpusKey.COUNTS_DTYPE.value) == "float32" else np.int32
     indices = np.concatenate([np.zeros(0, np.int32)] + [np.asarray(s["genes"], np.int32) for s in samples])
+    if indices.size and (int(indices.max()) >= column.size or bool((column[indices] < 0).any())):
+        raise ExportError(
+            f"{root / schema.GENES_FILE}: slide {slide_id!r} has counts on genes its `measured` column says no slide "
+            "measured; rebuild the corpus"
+        )
+    indices = column[indices] if indices.size else indices
     data = np.concatenate([np.zeros(0, dtype)] + [np.asarray(s["counts"], dtype) for s in samples])
     matrix = sp.csr_matrix((data, indices, indptr), shape=(len(samples), len(genes)))
     mpp = slide.get("mpp")
@@ -155,7 +162,7 @@ def slide_anndata(root: Path, slide_id: str, *, with_patches: bool = False) -> a
         index=pd.Index([s[schema.KEY_COLUMN] for s in samples], name="key"),
     )
     var = pd.DataFrame(
-        {"symbol": [g["symbol"] or "" for g in genes]},
+        {"symbol": [g["symbol"] or "" for g in genes], "index": np.asarray([g["index"] for g in genes], np.int32)},
         index=pd.Index([g["ensembl_id"] for g in genes], name="ensembl_id"),
     )
     meta = {k: v for k, v in slide.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
@@ -170,6 +177,20 @@ def slide_anndata(root: Path, slide_id: str, *, with_patches: bool = False) -> a
         "spatial": {slide_id: {"scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 0.0}}},
     }
     return ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm, uns=uns)
+
+
+def _measured_genes(root: Path) -> list[dict[str, Any]]:
+    """Rows (index, ensembl_id, symbol) of the vocabulary genes the corpus measured, in index order.
+
+    ``genes.parquet`` ``measured``; a corpus written before it has none and measured every gene.
+    """
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(root / schema.GENES_FILE).names
+    columns = ["index", "ensembl_id", "symbol"] + (["measured"] if "measured" in names else [])
+    genes = [g for g in pq.read_table(root / schema.GENES_FILE, columns=columns).to_pylist() if g.get("measured", True)]
+    genes.sort(key=lambda g: g["index"])
+    return genes
 
 
 def _site_radius_um(root: Path, slide: dict[str, Any]) -> float:

@@ -64,6 +64,8 @@ _SHARD_COLUMNS: Final = ("path", "format", "split", "index", "n_samples", "bytes
 _SHARD_INTEGER_COLUMNS: Final = ("index", "n_samples", "bytes")
 #: Columns of ``slides.parquet`` every selection reads.
 _SLIDE_COLUMNS: Final = ("slide_id", "status", "split")
+#: ``genes.parquet``: some built slide measured the gene (True throughout where the file predates it).
+_MEASURED: Final = "measured"
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,14 @@ class Corpus:
 
     @cached_property
     def genes(self) -> pa.Table:
-        """``genes.parquet`` as an Arrow table."""
+        """``genes.parquet`` as an Arrow table, with a ``measured`` column even where the file has none.
+
+        A corpus written before the vocabulary was the references' has no ``measured`` column: its
+        vocabulary was the union of its slides' genes, so every gene is measured
+        (``schema.GENE_OPTIONAL_COLUMNS``).
+        """
+        import pyarrow as pa
+
         table = self._table(schema.GENES_FILE)
         self._require(table, schema.GENES_FILE, ("index",))
         index = table.column("index").to_numpy()
@@ -178,7 +187,26 @@ class Corpus:
                 f"{self.source.location}/{schema.GENES_FILE}: index must be 0..{self.n_genes - 1} in order "
                 f"(corpus.json n_genes={self.n_genes}, the table has {len(index)} rows)"
             )
+        for name, value in schema.GENE_OPTIONAL_COLUMNS.items():
+            if name not in table.column_names:
+                kind = schema.arrow_type(schema.GENE_TYPES[name])
+                table = table.append_column(pa.field(name, kind), pa.array([value] * table.num_rows, type=kind))
+        if not pa.types.is_boolean(table.schema.field(_MEASURED).type) or table.column(_MEASURED).null_count:
+            raise CorpusError(
+                f"{self.source.location}/{schema.GENES_FILE}: column {_MEASURED} is "
+                f"{table.schema.field(_MEASURED).type} with {table.column(_MEASURED).null_count} null(s), "
+                "expected bool without nulls; rebuild the corpus, or copy genes.parquet again"
+            )
         return table
+
+    @cached_property
+    def measured(self) -> npt.NDArray[np.bool_]:
+        """Per vocabulary gene, whether some built slide of the corpus measured it (``genes.parquet`` ``measured``)."""
+        return np.asarray(self.genes.column(_MEASURED).to_numpy(zero_copy_only=False), dtype=np.bool_)
+
+    def measured_indices(self) -> npt.NDArray[np.int64]:
+        """Vocabulary indices of the genes the corpus measured, sorted."""
+        return np.flatnonzero(self.measured).astype(np.int64)
 
     def measured_genes(self) -> dict[str, npt.NDArray[np.int64]]:
         """Vocabulary indices each built slide measured (``slides.parquet`` ``measured_genes``)."""

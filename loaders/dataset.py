@@ -598,6 +598,8 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         #: The views read, with their tile size and um/px from corpus.json.
         self.views = {v: corpus_views[v] for v in settings.views}
         self.counts_dtype = self.corpus.counts_dtype
+        #: Vocabulary indices of the genes the corpus measured (``genes.parquet`` ``measured``), sorted.
+        self.measured_genes: npt.NDArray[np.int64] = self.corpus.measured_indices()
         self.gene_transform: ExpressionTransform | None = None
         if g.transform != "none":
             self._check_count_kind()

@@ -10,8 +10,9 @@ its columns once, from ``genes.parquet``:
    hold: a mouse-only corpus projects too); a mouse gene without one drops out
    (``GeneSpace.dropped`` lists them). Human genes stay.
 2. **Selection**: a panel (``genes.parquet`` ``panels``, applied to the vocabulary genes before
-   their projection), explicit vocabulary indices or Ensembl ids, or every gene. Output column
-   ``k`` is the gene ``GeneSpace.ensembl_ids[k]``.
+   their projection), explicit vocabulary indices or Ensembl ids, or else the genes the corpus
+   measured (``genes.parquet`` ``measured``; ``measured_only: false``: every gene of the
+   vocabulary, the references' ~128k). Output column ``k`` is the gene ``GeneSpace.ensembl_ids[k]``.
 3. **Value transform**, with the spot's library size taken over *all* its counts (before
    projection and selection, like ``scanpy.pp.normalize_total`` on the full matrix):
 
@@ -121,6 +122,9 @@ def _selected(genes: pa.Table, settings: GeneSettings, ids: list[str], target: l
             raise LoaderSettingsError(f"no gene is in panel {settings.panel!r}; panels in genes.parquet: {known}")
         return _unique(chosen)
     if not settings.genes:
+        if settings.measured_only and "measured" in genes.column_names:
+            measured = genes.column("measured").to_pylist()
+            return _unique([target[i] for i in range(n) if measured[i]])
         return _unique(target)
     by_id = {g: i for i, g in enumerate(ids)}
     targets = set(_unique(target))

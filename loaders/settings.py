@@ -86,8 +86,13 @@ class GeneSettings:
       ``log1p`` (log1p of raw counts), ``cp10k_log1p`` (counts per ``target_sum`` of the spot's
       library, then log1p), ``rank`` (rank tokens, Nicheformer/STAMP style).
     - ``panel`` / ``genes``: the genes to keep, by panel name (``genes.parquet`` ``panels``) or by
-      vocabulary index / Ensembl id; neither means the whole vocabulary (after ``to_human``: every
-      human gene).
+      vocabulary index / Ensembl id: a gene space fixed by its names, the same on every corpus of
+      the same references. Neither means the vocabulary: with ``measured_only`` (the default) the
+      genes the corpus measured (``genes.parquet`` ``measured``: a few thousand to tens of
+      thousands, not the references' ~128k, so a gene encoder's first layer stays small), else
+      every vocabulary gene (after ``to_human``: every human gene). ``measured_only`` leaves
+      ``panel`` and ``genes`` as given; corpora written before ``measured`` existed measured every
+      gene of their vocabulary.
     - ``to_human``: project mouse genes onto their one-to-one human ortholog first.
     - ``niche``: transform the summed neighbour expression too (``niche_average`` divides it by
       the number of neighbours first, so it is on the scale of one spot).
@@ -106,6 +111,7 @@ class GeneSettings:
     panel: str | None = None
     genes: tuple[int | str, ...] = ()
     to_human: bool = False
+    measured_only: bool = True
     niche: bool = False
     niche_average: bool = True
     target_sum: float = 10_000.0

@@ -500,8 +500,13 @@ GENE_TYPES: Final[dict[str, str]] = {
     "human_ortholog": "int32",  # index of the one-to-one human ortholog in this vocabulary, else null
     "human_ortholog_id": "string",  # Ensembl id of that ortholog even when it is not in this vocabulary
     "panels": "list<string>",  # named gene panels the gene belongs to (e.g. human-protein-coding)
+    # some built slide measured the gene (the vocabulary is the reference's, not the slides' union);
+    # absent from corpora written before it existed, whose vocabulary was the union: every gene measured
+    "measured": "bool",
 }
 GENE_COLUMNS: Final = tuple(GENE_TYPES)
+#: Columns of ``genes.parquet`` a reader may find missing (older corpora), with what they mean then.
+GENE_OPTIONAL_COLUMNS: Final[dict[str, object]] = {"measured": True}
 
 #: Values of ``slides.parquet`` ``count_kind``.
 COUNT_KINDS: Final = ("raw", "normalized")

@@ -187,6 +187,7 @@ def vocabulary() -> list[dict[str, Any]]:
                 "human_ortholog": index.get(ortholog_id) if ortholog_id else None,
                 "human_ortholog_id": ortholog_id,
                 "panels": panels,
+                "measured": True,  # the fixture's vocabulary is the genes its slides measured
             }
         )
     return genes

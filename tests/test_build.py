@@ -116,6 +116,52 @@ def test_demo_end_to_end(demo_corpus: DemoCorpus) -> None:
     assert (out / "qc" / "V1-Mouse-Brain-fullres-crop__spots.png").stat().st_size > 10_000
 
 
+def test_builds_of_other_species_index_every_gene_alike(demo_corpus: DemoCorpus, tmp_path: Path) -> None:
+    """The demo's human slides alone, its mouse slides alone and all of them: one vocabulary, measured apart."""
+    import contextlib
+    import io
+
+    from stcorpus.curate.cli import main
+    from tests.conftest import DEMO_BUILD, ROOT
+
+    corpora = {"both": demo_corpus.root}
+    for species in ("human", "mouse"):
+        out = tmp_path / species
+        argv = [str(ROOT / a) if a.endswith(".yaml") else a.format(out=out) for a in DEMO_BUILD]
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([*argv, "--species", species, "--no-progress"]) == 0
+        corpora[species] = out
+    genes = {name: pq.read_table(root / schema.GENES_FILE) for name, root in corpora.items()}
+    for name in ("human", "mouse"):
+        for column in ("index", "ensembl_id", "species", "human_ortholog"):
+            assert genes[name].column(column).equals(genes["both"].column(column)), (name, column)
+    digests = {json.loads((root / schema.CORPUS_FILE).read_text())["vocabulary_sha256"] for root in corpora.values()}
+    assert len(digests) == 1
+    # `measured` is exactly the union of the built slides' measured genes (slides.parquet).
+    measured: dict[str, np.ndarray] = {}
+    for name, root in corpora.items():
+        slides = [r for r in pq.read_table(root / schema.SLIDES_FILE).to_pylist() if r["status"] == "built"]
+        union = sorted({g for r in slides for g in r["measured_genes"]})
+        flags = np.asarray(genes[name].column("measured").to_pylist())
+        assert np.flatnonzero(flags).tolist() == union and union
+        slide_species = {r["species"] for r in slides}
+        assert set(np.asarray(genes[name].column("species").to_pylist())[flags]) == slide_species
+        measured[name] = flags
+    assert np.array_equal(measured["human"] | measured["mouse"], measured["both"])
+    assert not (measured["human"] & measured["mouse"]).any()
+
+    # The same genes hold the same counts at the same index: a human slide's samples are alike in both corpora.
+    def counts_of(root: Path, slide: str) -> dict[str, tuple[list[int], list[float]]]:
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        for shard in pq.read_table(root / schema.SHARDS_FILE).to_pylist():
+            if shard["format"] == "parquet" and slide in shard["slide_ids"]:
+                table = pq.read_table(root / shard["path"], columns=["__key__", "slide_id", "genes", "counts"])
+                out |= {r["__key__"]: (r["genes"], r["counts"]) for r in table.to_pylist() if r["slide_id"] == slide}
+        return out
+
+    assert counts_of(corpora["human"], "HER2ST-C2") == counts_of(corpora["both"], "HER2ST-C2")
+
+
 def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3, integer=True))
     settings = BuildSettings(progress=False, name="same")

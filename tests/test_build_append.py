@@ -15,8 +15,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -345,41 +347,93 @@ def test_genes_outside_the_vocabulary_are_dropped_and_counted(tmp_path: Path) ->
         )
 
 
-def test_an_append_keeps_the_vocabulary_and_counts_the_genes_it_drops(grown: Grown, tmp_path: Path) -> None:
+def _subset_corpus(grown: Grown, tmp_path: Path) -> tuple[Path, Path, Any]:
+    """A corpus of one slide that measured all but the last 40 genes of the fixture's, with the grown units."""
     import anndata
 
-    # A corpus of one slide that measured all but the last 40 genes of the fixture's.
     full = anndata.read_h5ad(grown.data / "good0.h5ad")
     subset = tmp_path / "subset.h5ad"
     full[:, : full.n_vars - 40].copy().write_h5ad(subset)
     first = manifest(tmp_path / "m", [hest_entry("SUBSET-0", st=subset, patient="P0", counts="raw")], name="subset")
     corpus = tmp_path / "corpus"
     build([first], out=corpus, settings=SETTINGS)
-    genes_before = (corpus / schema.GENES_FILE).read_bytes()
-    n_genes = pq.read_metadata(corpus / schema.GENES_FILE).num_rows
-    before = shard_sha256(corpus)
     shutil.copytree(grown.appended / ".work" / "units", corpus / ".work" / "units", dirs_exist_ok=True)
+    return corpus, first, full
 
-    summary = build([first, grown.b], out=corpus, settings=APPEND)
-    printed = "\n".join(summary.lines())
-    assert "2 appended slide(s) measured" in printed and f"outside the corpus's vocabulary of {n_genes:,}" in printed
-    assert (corpus / schema.GENES_FILE).read_bytes() == genes_before and {
-        p: h for p, h in shard_sha256(corpus).items() if p in before
-    } == before
-    record = json.loads((corpus / schema.CORPUS_FILE).read_text())["generations"][1]
-    dropped = record["genes_outside_vocabulary"]
-    assert sorted(dropped) == ["GOOD-2", "GOOD-3"] and all(0 < n <= 40 for n in dropped.values())
+
+def _new_generation_rows(corpus: Path) -> list[dict]:
     new = [
         s["path"]
         for s in pq.read_table(corpus / schema.SHARDS_FILE).to_pylist()
         if s["generation"] == 1 and s["format"] == "parquet"
     ]
-    genes = [g for path in new for row in pq.read_table(corpus / path).column("genes").to_pylist() for g in row]
-    assert genes and max(genes) < n_genes
-    measured = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
-    assert max(measured["GOOD-2"]) < n_genes
+    return [
+        row for path in new for row in pq.read_table(corpus / path, columns=["slide_id", "genes", "counts"]).to_pylist()
+    ]
+
+
+def test_an_append_keeps_every_count_of_genes_the_corpus_had_not_measured(grown: Grown, tmp_path: Path) -> None:
+    corpus, first, full = _subset_corpus(grown, tmp_path)
+    genes_before = pq.read_table(corpus / schema.GENES_FILE)
+    digest_before = json.loads((corpus / schema.CORPUS_FILE).read_text())["vocabulary_sha256"]
+    before = shard_sha256(corpus)
+
+    summary = build([first, grown.b], out=corpus, settings=APPEND)
+    printed = "\n".join(summary.lines())
+    assert "outside the corpus's vocabulary" not in printed and "marks them measured" in printed
+    assert {p: h for p, h in shard_sha256(corpus).items() if p in before} == before
+    record = json.loads((corpus / schema.CORPUS_FILE).read_text())
+    assert record["generations"][1]["genes_outside_vocabulary"] == {}
+    # The indices are the corpus's (the digest names them); only `measured` grew, by (some of) the 40 genes.
+    genes_after = pq.read_table(corpus / schema.GENES_FILE)
+    assert record["vocabulary_sha256"] == digest_before
+    for name in ("index", "ensembl_id", "human_ortholog"):
+        assert genes_after.column(name).equals(genes_before.column(name))
+    measured_before = np.asarray(genes_before.column("measured").to_pylist())
+    measured_after = np.asarray(genes_after.column("measured").to_pylist())
+    assert (measured_before <= measured_after).all() and 0 < int(measured_after.sum() - measured_before.sum()) <= 40
+    slides = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    assert np.flatnonzero(measured_after).tolist() == sorted({g for ids in slides.values() for g in ids})
+    # Every count of the appended slides is in their samples: the source's mapped counts, whole.
+    rows = _new_generation_rows(corpus)
+    work = WorkDir(corpus / ".work")
+    for slide in ("GOOD-2", "GOOD-3"):
+        source = work.samples(slide).column("counts").to_pylist()
+        written = [c for r in rows if r["slide_id"] == slide for c in r["counts"]]
+        assert written and sum(written) == sum(c for counts in source for c in counts)
+    index = GeneIndex(genes_after)
+    unit = work.result("GOOD-2")
+    assert unit is not None and len(slides["GOOD-2"]) == len(unit.gene_ids)
+    assert slides["GOOD-2"] == index.indices(np.asarray(unit.gene_ids)).tolist()
 
     # The bytes of a slide's input change under the same path: the append names the slide and the input.
+    subset = tmp_path / "subset.h5ad"
     full[:-1, : full.n_vars - 40].copy().write_h5ad(subset)
     with pytest.raises(BuildError, match=r"SUBSET-0 \(input files: st\).*--reshuffle"):
         build([first, grown.b], out=corpus, settings=APPEND)
+
+
+def test_an_append_to_a_union_vocabulary_corpus_drops_and_counts_the_genes_outside(
+    grown: Grown, tmp_path: Path
+) -> None:
+    """A corpus written before the vocabulary was the references' (no `measured`: the union of its slides)."""
+    corpus, first, _ = _subset_corpus(grown, tmp_path)
+    reference = pq.read_table(corpus / schema.GENES_FILE)
+    union = reference.filter(reference.column("measured")).drop_columns(["measured"])
+    union = union.set_column(0, "index", pa.array(np.arange(union.num_rows, dtype=np.int32)))
+    pq.write_table(union, corpus / schema.GENES_FILE)  # the shards' indices do not matter to what is tested
+    genes_before = (corpus / schema.GENES_FILE).read_bytes()
+    before = shard_sha256(corpus)
+
+    summary = build([first, grown.b], out=corpus, settings=APPEND)
+    printed = "\n".join(summary.lines())
+    assert "2 appended slide(s) measured" in printed
+    assert f"outside the corpus's vocabulary of {union.num_rows:,} (it is the union" in printed
+    assert (corpus / schema.GENES_FILE).read_bytes() == genes_before
+    assert {p: h for p, h in shard_sha256(corpus).items() if p in before} == before
+    dropped = json.loads((corpus / schema.CORPUS_FILE).read_text())["generations"][1]["genes_outside_vocabulary"]
+    assert sorted(dropped) == ["GOOD-2", "GOOD-3"] and all(0 < n <= 40 for n in dropped.values())
+    genes = [g for row in _new_generation_rows(corpus) for g in row["genes"]]
+    assert genes and max(genes) < union.num_rows
+    measured = {r["slide_id"]: r["measured_genes"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()}
+    assert max(measured["GOOD-2"]) < union.num_rows

@@ -294,3 +294,28 @@ def test_card_loads_with_datasets(tmp_path: Path) -> None:
     wds = datasets.load_dataset(str(out), data_dir="wds", streaming=True)
     assert {k: sum(1 for _ in v) for k, v in wds.items()} == {"train": 5, "validation": 3}
     assert render_card(inputs) == text  # the same inputs give the same bytes
+
+
+def test_the_tar_gene_dtype_follows_the_largest_index_written(tmp_path: Path) -> None:
+    """The reference vocabulary has ~128k genes, but a corpus whose genes sit below 65,536 keeps uint16 indices."""
+    from stcorpus.curate.genes import build_vocabulary
+
+    index = GeneIndex(build_vocabulary([]))
+    assert len(index) > 1 << 16
+    low = [str(i) for i in index.ids[:5]]
+    high = [str(i) for i in index.ids[-5:]]  # mouse genes, after every human one
+    dtypes = {}
+    for name, genes in (("LOW", low), ("HIGH", high)):
+        work = WorkDir(tmp_path / name / "work")
+        work.prepare()
+        unit = fake_unit(work, name, 4, genes)
+        packed = pack(
+            tmp_path / name / "out",
+            work=work,
+            units=[unit],
+            splits={name: "train"},
+            gene_index=index,
+            settings=PackSettings(samples_per_shard=10),
+        )
+        dtypes[name] = packed.tar_dtypes.genes
+    assert dtypes == {"LOW": "uint16", "HIGH": "uint32"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -60,6 +61,7 @@ def test_loader_reads_a_built_corpus_like_datasets(corpus: Path, fmt: str) -> No
     assert len(keys) == sum(r["n_spots_written"] for r in pq.read_table(corpus / schema.SLIDES_FILE).to_pylist())
     by_key = {r["__key__"]: r for r in rows}
     genes = pq.read_table(corpus / schema.GENES_FILE)
+    measured = np.asarray(genes.column("measured").to_pylist())  # the default columns: the measured genes
     for batch in batches:
         for i, key in enumerate(batch["key"]):
             row = by_key[key]
@@ -67,9 +69,41 @@ def test_loader_reads_a_built_corpus_like_datasets(corpus: Path, fmt: str) -> No
             assert np.array_equal(patch, np.asarray(row["patch"]))  # both decoders are libjpeg-turbo
             dense = np.zeros(genes.num_rows, dtype=np.float32)
             dense[row["genes"]] = row["counts"]
-            assert np.array_equal(batch["expr"][i].numpy(), dense)
-            assert bool(batch["expr_mask"][i][row["genes"]].all())
+            assert np.array_equal(batch["expr"][i].numpy(), dense[measured])
+            columns = np.searchsorted(np.flatnonzero(measured), row["genes"])
+            assert bool(batch["expr_mask"][i][columns].all())
             assert int(batch["pos"][i]) == row["pos"]
+
+
+def test_a_built_corpus_marks_its_measured_genes_and_the_loader_exposes_them(corpus: Path) -> None:
+    from stcorpus.loaders import CorpusDataset, open_corpus
+
+    slides = pq.read_table(corpus / schema.SLIDES_FILE).to_pylist()
+    union = sorted({g for r in slides if r["status"] == "built" for g in r["measured_genes"]})
+    opened = open_corpus(corpus)
+    assert opened.measured_indices().tolist() == union and 0 < len(union) < opened.n_genes
+    dataset = CorpusDataset(corpus, {"split": "train", "batch_size": 4, "genes": {"transform": "counts"}})
+    assert dataset.measured_genes.tolist() == union
+    assert dataset.gene_transform is not None and dataset.gene_transform.space.indices.tolist() == union
+    # measured_only: false: the whole reference vocabulary, one column per gene.
+    full = CorpusDataset(
+        corpus, {"split": "train", "batch_size": 4, "genes": {"transform": "counts", "measured_only": False}}
+    )
+    batch = full.finish(next(iter(full)))
+    assert batch["expr"].shape[1] == opened.n_genes and not bool(batch["expr_mask"][:, ~opened.measured].any())
+
+
+def assert_every_gene_measured(root: Path) -> None:
+    """A corpus without genes.parquet `measured` reads as one that measured every gene of its vocabulary."""
+    from stcorpus.loaders import CorpusDataset, open_corpus
+
+    corpus = open_corpus(root)
+    assert corpus.measured.dtype == np.bool_ and corpus.measured.all() and len(corpus.measured) == corpus.n_genes
+    assert corpus.measured_indices().tolist() == list(range(corpus.n_genes))
+    assert corpus.genes.column("measured").type == pa.bool_()
+    dataset = CorpusDataset(root, {"split": "test", "batch_size": 2, "genes": {"transform": "log1p"}})
+    assert dataset.measured_genes.tolist() == list(range(corpus.n_genes))
+    assert dataset.gene_transform is not None and dataset.gene_transform.size == corpus.n_genes
 
 
 def test_frozen_corpus_still_reads() -> None:
@@ -85,6 +119,8 @@ def test_frozen_corpus_still_reads() -> None:
     wds = list(datasets.load_dataset(str(FROZEN), data_dir="wds", split="test", streaming=True))
     assert [r["__key__"] for r in wds] == [r["__key__"] for r in rows]
     assert np.array_equal(np.asarray(wds[0]["patch.jpg"]), np.asarray(rows[0]["patch"]))
+    assert "measured" not in pq.read_schema(FROZEN / schema.GENES_FILE).names
+    assert_every_gene_measured(FROZEN)
 
 
 def test_frozen_stcorpus_2_still_reads() -> None:
@@ -112,4 +148,8 @@ def test_frozen_stcorpus_2_still_reads() -> None:
         assert np.array_equal(np.asarray(npz["niche_counts"]), row["niche_counts"])
     shards = pq.read_table(FROZEN_2 / schema.SHARDS_FILE)
     assert shards.column("generation").to_pylist() == [0] * 4
+    # Written before genes.parquet had `measured` (its vocabulary was the union of its slides'):
+    # the readers take every gene as measured, and the default gene columns are the whole vocabulary.
+    assert "measured" not in pq.read_schema(FROZEN_2 / schema.GENES_FILE).names
+    assert_every_gene_measured(FROZEN_2)
     assert pq.read_table(FROZEN_2 / schema.SLIDES_FILE).column("count_kind").to_pylist() == ["raw"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from stcorpus.curate.cli import main
@@ -138,10 +139,14 @@ def test_export_with_patches_of_a_real_demo_slide(demo_corpus: DemoCorpus, tmp_p
         back = ad.read_h5ad(target)
     rows = _demo_slide_rows(demo_corpus.root, "HER2ST-C2")
     assert len(rows) > 100 and list(back.obs_names) == [r[schema.KEY_COLUMN] for r in rows]
-    n_vars = back.n_vars
-    expected = np.zeros((len(rows), n_vars), dtype=np.int64)
+    # The columns are the corpus's measured genes (not the references' ~128k), each with its vocabulary index.
+    genes = pq.read_table(demo_corpus.root / schema.GENES_FILE, columns=["ensembl_id", "measured"]).to_pylist()
+    measured = [i for i, g in enumerate(genes) if g["measured"]]
+    assert back.var["index"].tolist() == measured and len(measured) < len(genes)
+    assert list(back.var_names) == [genes[i]["ensembl_id"] for i in measured]
+    expected = np.zeros((len(rows), back.n_vars), dtype=np.int64)
     for i, r in enumerate(rows):
-        expected[i, r["genes"]] = r["counts"]
+        expected[i, np.searchsorted(measured, r["genes"])] = r["counts"]
     np.testing.assert_array_equal(back.X.toarray(), expected)
     np.testing.assert_array_equal(back.obsm["spatial_um"], [[r["x_um"], r["y_um"]] for r in rows])
     # The patches: n x H x W x 3 uint8, each the shard's own bytes decoded, at the corpus' patch view.

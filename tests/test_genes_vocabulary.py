@@ -1,4 +1,4 @@
-"""The corpus vocabulary: union, dense indices, orthologs, panels, determinism, re-indexing."""
+"""The corpus vocabulary: the references' genes, measured, dense indices, orthologs, panels, digest, re-indexing."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from stcorpus.curate.genes import (
     build_vocabulary,
     load_reference,
     map_slide_genes,
+    reference_vocabulary,
     vocabulary_digest,
     vocabulary_indices,
+    with_measured,
 )
 from stcorpus.curate.slide import Features
 from stcorpus.schema import GENE_COLUMNS
@@ -50,14 +52,38 @@ def rows(table) -> dict[str, dict]:
     return {row["ensembl_id"]: row for row in table.to_pylist()}
 
 
-def test_union_sorted_by_species_then_id_with_dense_indices(slides: list[MeasuredGenes]) -> None:
+def test_reference_genes_sorted_by_species_then_id_with_dense_indices(slides: list[MeasuredGenes]) -> None:
     table = build_vocabulary(slides)
     assert tuple(table.column_names) == GENE_COLUMNS
-    assert table.column("ensembl_id").to_pylist() == [GAPDH, TP53, MT_CO1, M_ACTB, M_GAPDH, M_TRP53, M_GM37381]
-    assert table.column("species").to_pylist() == ["human"] * 3 + ["mouse"] * 4
-    assert table.column("index").to_pylist() == list(range(7))
+    ids = table.column("ensembl_id").to_pylist()
+    species = table.column("species").to_pylist()
+    n_human, n_mouse = len(load_reference("human")), len(load_reference("mouse"))
+    # Every reference gene of both species, whatever the slides measured: human ids first, then mouse.
+    assert len(ids) == n_human + n_mouse and species == ["human"] * n_human + ["mouse"] * n_mouse
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert set(ids[:n_human]) == load_reference("human").ids
+    assert table.column("index").to_pylist() == list(range(len(ids)))
     assert str(table.schema.field("index").type) == "int32"
     assert str(table.schema.field("human_ortholog").type) == "int32"
+    assert str(table.schema.field("measured").type) == "bool"
+
+
+def test_measured_marks_exactly_the_slides_genes(slides: list[MeasuredGenes]) -> None:
+    table = build_vocabulary(slides)
+    ids = np.asarray(table.column("ensembl_id").to_pylist())
+    measured = ids[np.asarray(table.column("measured").to_pylist())]
+    assert measured.tolist() == [GAPDH, TP53, MT_CO1, M_ACTB, M_GAPDH, M_TRP53, M_GM37381]
+    assert not build_vocabulary([]).column("measured").to_pylist().count(True)
+
+
+def test_indices_do_not_depend_on_the_slides(slides: list[MeasuredGenes]) -> None:
+    """A human-only and a mouse-only set of slides index every gene alike; only ``measured`` differs."""
+    human, mouse = build_vocabulary(slides[:2]), build_vocabulary(slides[2:])
+    for name in ("index", "ensembl_id", "human_ortholog"):
+        assert human.column(name).equals(mouse.column(name))
+    assert vocabulary_digest(human) == vocabulary_digest(mouse) == vocabulary_digest(build_vocabulary([]))
+    assert not human.column("measured").equals(mouse.column("measured"))
+    assert reference_vocabulary().equals(build_vocabulary([]))
 
 
 def test_symbols_biotypes_and_panels(slides: list[MeasuredGenes]) -> None:
@@ -77,20 +103,22 @@ def test_orthologs_index_when_in_vocabulary_id_regardless(slides: list[MeasuredG
     # Trp53 -> TP53, in the vocabulary: its index.
     assert by_id[M_TRP53]["human_ortholog_id"] == TP53
     assert by_id[M_TRP53]["human_ortholog"] == by_id[TP53]["index"]
-    # Actb -> ACTB, one-to-one, but no human slide measured ACTB: null index, the id still given.
-    assert (by_id[M_ACTB]["human_ortholog"], by_id[M_ACTB]["human_ortholog_id"]) == (None, ACTB)
+    # Actb -> ACTB: no slide measured ACTB, but the reference holds it, so it has an index.
+    assert (by_id[M_ACTB]["human_ortholog"], by_id[M_ACTB]["human_ortholog_id"]) == (by_id[ACTB]["index"], ACTB)
+    assert by_id[ACTB]["measured"] is False
     # Gapdh has no one-to-one human ortholog (many mouse copies): both null.
     assert (by_id[M_GAPDH]["human_ortholog"], by_id[M_GAPDH]["human_ortholog_id"]) == (None, None)
     # Human genes never carry an ortholog.
     assert {by_id[g]["human_ortholog_id"] for g in (GAPDH, TP53, MT_CO1)} == {None}
     stats = json.loads(table.schema.metadata[b"stats"])
-    assert stats == {
-        "n_genes": 7,
-        "n_human": 3,
-        "n_mouse": 4,
-        "mouse_with_one2one_human_ortholog": 2,
-        "mouse_with_ortholog_in_vocabulary": 1,
-    }
+    assert stats["n_genes"] == table.num_rows == stats["n_human"] + stats["n_mouse"]
+    assert (stats["n_measured"], stats["n_measured_human"], stats["n_measured_mouse"]) == (7, 3, 4)
+    # A human-panel vocabulary holds no mouse gene; a mouse panel without the human one: no ortholog index.
+    mouse_only = build_vocabulary([], panel="mouse-protein-coding")
+    mouse_stats = json.loads(mouse_only.schema.metadata[b"stats"])
+    assert mouse_stats["mouse_with_one2one_human_ortholog"] > 0
+    assert mouse_stats["mouse_with_ortholog_in_vocabulary"] == 0
+    assert set(mouse_only.column("human_ortholog").to_pylist()) == {None}
 
 
 def test_deterministic_whatever_the_slide_order(slides: list[MeasuredGenes], tmp_path: Path) -> None:
@@ -99,12 +127,23 @@ def test_deterministic_whatever_the_slide_order(slides: list[MeasuredGenes], tmp
     assert first.equals(second)
     assert first.schema.metadata == second.schema.metadata
     assert vocabulary_digest(first) == vocabulary_digest(second)
-    assert vocabulary_digest(build_vocabulary(slides[:2])) != vocabulary_digest(first)
     pq.write_table(first, tmp_path / "a.parquet")
     pq.write_table(second, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     back = pq.read_table(tmp_path / "a.parquet")
     assert back.equals(first) and back.schema.metadata[b"stcorpus"] == schema.SCHEMA_ID.encode()
+
+
+def test_digest_names_the_index_space_not_what_was_measured(slides: list[MeasuredGenes]) -> None:
+    full = build_vocabulary(slides)
+    assert vocabulary_digest(full) == vocabulary_digest(full.drop_columns(["measured"]))  # older corpora
+    assert vocabulary_digest(full) != vocabulary_digest(build_vocabulary([], panel="human-mt"))
+    updated = with_measured(full, np.ones(full.num_rows, dtype=bool))
+    assert vocabulary_digest(updated) == vocabulary_digest(full)
+    assert json.loads(updated.schema.metadata[b"stats"])["n_measured"] == full.num_rows
+    assert updated.column("ensembl_id").equals(full.column("ensembl_id"))
+    with pytest.raises(GeneVocabularyError, match="entries"):
+        with_measured(full, [True])
 
 
 def test_panel_selection_is_checked_not_silently_applied(slides: list[MeasuredGenes]) -> None:
@@ -113,7 +152,13 @@ def test_panel_selection_is_checked_not_silently_applied(slides: list[MeasuredGe
     features = Features(ids=np.array(["", "", ""]), names=np.array(["MT-CO1", "GAPDH", "MALAT1"]))
     genes = map_slide_genes(features, sp.csr_matrix((1, 3)), species="human", panel="human-protein-coding")
     table = build_vocabulary([genes], panel="human-protein-coding")
-    assert table.column("ensembl_id").to_pylist() == [GAPDH, MT_CO1]
+    # The panel's genes, every one of them, whatever the slide measured; nothing else.
+    reference = load_reference("human")
+    panel_ids = sorted(g for g in reference.ids if "human-protein-coding" in reference.panels(g))
+    assert table.column("ensembl_id").to_pylist() == panel_ids
+    assert all("human-protein-coding" in p for p in table.column("panels").to_pylist())
+    ids = np.asarray(table.column("ensembl_id").to_pylist())
+    assert ids[np.asarray(table.column("measured").to_pylist())].tolist() == [GAPDH, MT_CO1]
     assert json.loads(table.schema.metadata[b"panel"]) == ["human-protein-coding"]
     assert genes.report.outside_panel == 1  # MALAT1, counted at the slide
 
@@ -124,7 +169,7 @@ def test_bad_inputs() -> None:
     with pytest.raises(GeneVocabularyError, match="not in the gene reference"):
         build_vocabulary([measured("human", "ENSG00000999999")])
     empty = build_vocabulary([])
-    assert empty.num_rows == 0 and tuple(empty.column_names) == GENE_COLUMNS
+    assert tuple(empty.column_names) == GENE_COLUMNS and not any(empty.column("measured").to_pylist())
 
 
 def test_reindexing_slides_onto_the_vocabulary(slides: list[MeasuredGenes]) -> None:
@@ -133,10 +178,11 @@ def test_reindexing_slides_onto_the_vocabulary(slides: list[MeasuredGenes]) -> N
     got = vocabulary_indices(slides[2].gene_ids, index)
     assert got.dtype == np.int32
     assert table.column("ensembl_id").take(got).to_pylist() == slides[2].gene_ids.tolist()
-    assert vocabulary_indices(np.array([TP53, GAPDH]), table).tolist() == [1, 0]  # aligned, not sorted
+    tp53, gapdh = vocabulary_indices(np.array([TP53, GAPDH]), table).tolist()  # aligned, not sorted
+    assert tp53 > gapdh and table.column("ensembl_id").take([tp53, gapdh]).to_pylist() == [TP53, GAPDH]
     assert vocabulary_indices(np.array([], dtype=str), table).tolist() == []
     with pytest.raises(GeneVocabularyError, match="1 gene id"):
-        index.indices([GAPDH, ACTB])
+        index.indices([GAPDH, "ENSG00000999999"])
     with pytest.raises(GeneVocabularyError):
         index.indices(["ENSMUSG99999999999"])  # sorts past the end
     with pytest.raises(GeneVocabularyError, match="not sorted"):

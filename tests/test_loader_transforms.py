@@ -120,6 +120,21 @@ def test_selection_by_panel_and_by_id() -> None:
         transform(genes=("ENSG9",))
 
 
+def test_the_default_selection_is_the_measured_genes_a_panel_is_fixed() -> None:
+    """On a reference vocabulary (``measured`` in genes.parquet) the default columns are the measured genes."""
+    genes = tiny().append_column("measured", pa.array([True, False, True, False, True, False]))
+    assert GeneSpace.build(genes, GeneSettings()).ensembl_ids == ["ENSG0", "ENSG2", "ENSMUSG4"]
+    assert GeneSpace.build(genes, GeneSettings(measured_only=False)).ensembl_ids == [e for _, e, *_ in TINY]
+    # A panel or explicit genes are a fixed gene space: unmeasured genes stay (the mask says so).
+    assert GeneSpace.build(genes, GeneSettings(panel="p1")).ensembl_ids == ["ENSG0", "ENSG1"]
+    assert GeneSpace.build(genes, GeneSettings(genes=("ENSG1",))).ensembl_ids == ["ENSG1"]
+    # Projected: measured mouse genes land on their human orthologs' columns, measured or not.
+    projected = genes.set_column(6, "measured", pa.array([False, False, False, True, False, False]))
+    assert GeneSpace.build(projected, GeneSettings(to_human=True)).ensembl_ids == ["ENSG1"]
+    # Without the column (a corpus written before it), every gene counts as measured.
+    assert GeneSpace.build(tiny(), GeneSettings()).ensembl_ids == [e for _, e, *_ in TINY]
+
+
 def test_mouse_to_human_projection_by_hand() -> None:
     t = transform(transform="cp10k_log1p", to_human=True)
     # ENSMUSG5's ortholog is not in the vocabulary but still gets a column (by its Ensembl id).

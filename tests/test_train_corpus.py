@@ -69,7 +69,8 @@ def _keys(run: Path, rank: int = 0) -> list[list[str]]:
 
 def test_sizes_come_from_the_corpus(corpus: Path, tmp_path: Path) -> None:
     data = build_run_data(_cfg(corpus, tmp_path), rank=0, world_size=1)
-    vocabulary = pq.read_table(corpus / schema.GENES_FILE).num_rows
+    # The gene columns are the corpus's measured genes (genes.measured_only), not the references' ~128k.
+    vocabulary = sum(pq.read_table(corpus / schema.GENES_FILE).column("measured").to_pylist())
     assert (data.image_size, data.n_genes, data.vocab_size) == (224, vocabulary, vocabulary + 1)
     batch = next(iter(data.train))
     assert batch["patch"].shape == (32, 3, 224, 224) and batch["expr"].shape == (32, vocabulary)

@@ -9,9 +9,13 @@ their bytes). Everything an append must agree with comes from the corpus itself:
   their unit identity and content fingerprint, samples per split). It is written last, so it is
   the commit point: shards and ``shards.parquet`` rows of a generation it does not list are what
   a killed append left, and the rerun writes them again (``pack`` clears the files first).
-- ``genes.parquet``: the vocabulary is kept, so every existing gene index stays valid. A gene a
-  new slide measured outside it is dropped from that slide's samples, counted per slide and
-  reported (as CORPUS.md asks of unmapped features); ``--reshuffle`` takes such genes in.
+- ``genes.parquet``: the vocabulary is kept, so every existing gene index stays valid. Built on
+  the same gene references and panels (``vocabulary_sha256`` is the same), it holds every gene a
+  new slide can measure; only its ``measured`` column may grow, and the file is then rewritten
+  with the same indices. A corpus whose vocabulary is another (the union of its slides, written
+  before the vocabulary was the references', or other references): a gene a new slide measured
+  outside it is dropped from that slide's samples, counted per slide and reported (as CORPUS.md
+  asks of unmapped features); ``--reshuffle`` rebuilds the corpus on the reference vocabulary.
 - ``corpus.json`` ``counts_dtype`` and ``expression``: the dtypes of the shards, one per corpus.
 - ``corpus.json`` ``settings``: the settings that decide a sample's bytes must be the corpus's.
 """
@@ -251,7 +255,10 @@ def duplicates_of_existing(units: Sequence[UnitResult], existing: Existing) -> d
 
 
 def genes_outside(units: Sequence[UnitResult], vocabulary: pa.Table) -> dict[str, list[str]]:
-    """Per new slide, the measured genes outside the corpus's vocabulary (dropped from its samples)."""
+    """Per new slide, the measured genes outside the corpus's vocabulary (dropped from its samples).
+
+    Empty when the corpus's vocabulary is the references' (of the same panels) that mapped the slides.
+    """
     import numpy as np
 
     from stcorpus.curate.genes import GeneIndex

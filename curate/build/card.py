@@ -64,6 +64,17 @@ class CardInputs:
     repo_id: str | None = None  # "<org>/<name>" when known, for the loading examples
     holdout: Mapping[str, Any] | None = None  # the holdout list that applied (corpus.json "holdout")
     generations: Sequence[Mapping[str, Any]] = ()  # corpus.json "generations"
+    n_measured: int | None = None  # genes.parquet `measured` genes (None: every gene of the vocabulary)
+
+
+def _genes_line(inputs: CardInputs) -> str:
+    """The vocabulary in a phrase: its size, and how many of its genes the corpus measured."""
+    if inputs.n_measured is None:
+        return f"{inputs.n_genes:,} genes (`genes.parquet`)"
+    return (
+        f"{inputs.n_measured:,} genes measured, on a vocabulary of {inputs.n_genes:,} (`genes.parquet`: every gene "
+        "of the shipped gene references, so indices are the same in every corpus built with them)"
+    )
 
 
 def size_category(n: int) -> str:
@@ -225,8 +236,8 @@ def render_card(inputs: CardInputs) -> str:
         f"0.5 um/px centred on the spot, a 224x224 region at 1.5 um/px around it, the spot's {values} on one "
         "Ensembl-keyed gene vocabulary, and the summed counts of its in-tissue lattice neighbours.",
         "",
-        f"{sum(by_split.values()):,} samples from {len(built)} slides; {inputs.n_genes:,} genes "
-        f"(`genes.parquet`); counts stored as {inputs.counts_dtype}.",
+        f"{sum(by_split.values()):,} samples from {len(built)} slides; {_genes_line(inputs)}; counts stored as "
+        f"{inputs.counts_dtype}.",
         "",
         "## Load it",
         "",
@@ -286,7 +297,8 @@ def render_card(inputs: CardInputs) -> str:
             ("WebDataset member / Parquet column", "content"),
         ),
         "",
-        "A gene a slide did not measure is not a zero: `slides.parquet` lists each slide's `measured_genes`.",
+        "A gene a slide did not measure is not a zero: `slides.parquet` lists each slide's `measured_genes`, and "
+        "`genes.parquet` `measured` marks the genes some slide measured.",
         "",
         "## Contents",
         "",

@@ -71,18 +71,25 @@ def corpus_counts_dtype(units: Sequence[UnitResult]) -> str:
 
 
 def corpus_tar_dtypes(
-    work: WorkDir, units: Sequence[UnitResult], *, n_genes: int, counts_dtype: str
+    work: WorkDir, units: Sequence[UnitResult], *, gene_index: GeneIndex, counts_dtype: str
 ) -> schema.TarDtypes:
-    """The smallest ``expr.npz`` dtypes that hold every count of ``units`` (one choice per corpus).
+    """The smallest ``expr.npz`` dtypes that hold every gene index and count of ``units`` (one choice per corpus).
 
-    One pass over the memory-mapped ``counts`` / ``niche_counts`` values of every unit: a few
-    milliseconds per slide next to the seconds the pack spends writing it.
+    The gene index dtype follows the largest index the slides' genes take, not the vocabulary's
+    size: the vocabulary is the references' ~128k genes, but a human corpus's genes mostly sit
+    below 65,536 and keep two bytes each. One pass over the memory-mapped ``counts`` /
+    ``niche_counts`` values of every unit: a few milliseconds per slide next to the seconds the
+    pack spends writing it.
     """
     import pyarrow.compute as pc
 
     counts, niche = schema.Expr.COUNTS.value, schema.Expr.NICHE_COUNTS.value
     highest = {counts: 0.0, niche: 0.0}
+    top_index = -1
     for unit in units:
+        positions = gene_index.positions(np.asarray(unit.gene_ids, dtype=np.str_))
+        if positions.size:
+            top_index = max(top_index, int(positions.max()))
         table = work.samples(unit.slide_id)
         for name in highest:
             values = table.column(name).combine_chunks().flatten()
@@ -90,7 +97,7 @@ def corpus_tar_dtypes(
                 top = pc.max(values).as_py()
                 highest[name] = max(highest[name], float(top))
     return schema.TarDtypes.smallest(
-        n_genes=n_genes, max_count=highest[counts], max_niche_count=highest[niche], counts_dtype=counts_dtype
+        n_genes=top_index + 1, max_count=highest[counts], max_niche_count=highest[niche], counts_dtype=counts_dtype
     )
 
 
@@ -388,7 +395,7 @@ def pack(
             f"the appended slides have non-integer counts but the corpus in {out} stores int32 counts: "
             "rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
         )
-    needed = corpus_tar_dtypes(work, units, n_genes=len(gene_index.ids), counts_dtype=counts_dtype)
+    needed = corpus_tar_dtypes(work, units, gene_index=gene_index, counts_dtype=counts_dtype)
     if tar_dtypes is None:
         tar_dtypes = needed
     elif not _fits(needed, tar_dtypes):

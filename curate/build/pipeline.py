@@ -8,7 +8,7 @@ The pipeline, stage by stage (what flows between stages in brackets)::
     run units (in parallel)   [UnitResult per slide; samples.arrow in the work folder]
     on_bad_sample policy      [stop at the first bad slide, or count and go on]
     deduplicate               [built slides minus copies of a kept slide]
-    vocabulary                [genes.parquet: the union of measured genes]
+    vocabulary                [genes.parquet: the references' genes, which ones measured]
     pack                      [wds/ + parquet/ shards, shards.parquet]
     describe                  [slides.parquet, corpus.json, README.md, qc/]
 
@@ -470,24 +470,57 @@ def build(
         _count(summary, rows, built, references)
         _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
         raise BuildError(_nothing_built(results, plan.excluded))
-    from stcorpus.curate.genes import GeneIndex, MeasuredGenes, build_vocabulary, reference_sources, vocabulary_digest
+    import numpy as np
 
+    from stcorpus.curate.genes import (
+        MEASURED,
+        GeneIndex,
+        MeasuredGenes,
+        build_vocabulary,
+        reference_sources,
+        vocabulary_digest,
+        with_measured,
+    )
+
+    # The references' genes (of the panels), and which of them the slides built here measured.
+    built_vocabulary = build_vocabulary(
+        [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
+        panel=list(settings.unit.genes.panel) if settings.unit.genes.panel else None,
+    )
+    write_vocabulary = existing is None
     if existing is not None:
         # The corpus's vocabulary is kept so that every existing shard's gene indices stay valid.
         vocabulary = existing.vocabulary
+        same_space = vocabulary_digest(vocabulary) == vocabulary_digest(built_vocabulary)
+        if same_space and MEASURED in vocabulary.column_names:
+            # Built on the same references and panels: every appended gene has its index already;
+            # only `measured` may grow (genes.parquet is rewritten then, its indices unchanged).
+            before = np.asarray(vocabulary.column(MEASURED).to_pylist(), dtype=np.bool_)
+            after = before | np.asarray(built_vocabulary.column(MEASURED).to_pylist(), dtype=np.bool_)
+            if not np.array_equal(before, after):
+                vocabulary = with_measured(vocabulary, after)
+                write_vocabulary = True
+                summary.notes.append(
+                    f"the appended slides measured {int(after.sum() - before.sum()):,} gene(s) no earlier slide had: "
+                    f"{schema.GENES_FILE} marks them measured (its indices are unchanged)"
+                )
         outside = genes_outside(kept, vocabulary)
         if outside:
+            why = (
+                "it is the union of the slides it was first built from (a corpus written before the vocabulary was the "
+                "references')"
+                if MEASURED not in vocabulary.column_names
+                else "it was built with other gene references or panels"
+            )
             summary.notes.append(
                 f"{len(outside)} appended slide(s) measured {len({g for ids in outside.values() for g in ids}):,} "
-                f"gene(s) outside the corpus's vocabulary of {vocabulary.num_rows:,}: dropped from their samples ("
+                f"gene(s) outside the corpus's vocabulary of {vocabulary.num_rows:,} ({why}): dropped from their "
+                "samples ("
                 + ", ".join(f"{slide} {len(ids):,}" for slide, ids in sorted(outside.items()))
-                + "); --reshuffle rebuilds the vocabulary from every slide"
+                + "); --reshuffle rebuilds the corpus on this stcorpus's reference vocabulary"
             )
     else:
-        vocabulary = build_vocabulary(
-            [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
-            panel=list(settings.unit.genes.panel) if settings.unit.genes.panel else None,
-        )
+        vocabulary = built_vocabulary
         outside = {}
     index = GeneIndex(vocabulary)
     pack_progress = _progress(sum(u.n_samples for u in kept), enabled=settings.progress, unit="samples")
@@ -513,7 +546,7 @@ def build(
     write_shard_index(out, shards)
     for warning in hub_layout_warnings(shards):
         log.warning("%s", warning)
-    if existing is None:
+    if write_vocabulary:
         write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
     measured = {u.slide_id: [int(i) for i in index.positions(_ids(u.gene_ids)) if i >= 0] for u in kept}
     run_rows = _slide_rows(plan, results, duplicates, measured=measured)
@@ -606,6 +639,7 @@ def build(
         shards=shards,
         counts_dtype=packed.counts_dtype,
         n_genes=vocabulary.num_rows,
+        n_measured=sum(vocabulary.column(MEASURED).to_pylist()) if MEASURED in vocabulary.column_names else None,
         settings=settings,
         holdout=holdout,
         generations=generations,
@@ -845,6 +879,7 @@ def _write_card(
     settings: BuildSettings,
     holdout: Mapping[str, Any],
     generations: Sequence[Mapping[str, Any]] = (),
+    n_measured: int | None = None,
 ) -> None:
     from stcorpus.curate.build.card import CardInputs, render_card
 
@@ -854,6 +889,7 @@ def _write_card(
             slides=rows,
             shards=shards,
             n_genes=n_genes,
+            n_measured=n_measured,
             counts_dtype=counts_dtype,
             tool_version=__version__,
             settings=settings.to_dict(),

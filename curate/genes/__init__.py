@@ -3,7 +3,8 @@
 - :func:`map_slide_genes` maps a slide's features (Ensembl ids and/or symbols, as the source
   gives them) to unversioned Ensembl ids through the shipped HGNC / MGI / Ensembl tables, sums
   features that land on one gene and reports every feature and count it could not place.
-- :func:`build_vocabulary` unions the measured genes of a corpus into ``genes.parquet``.
+- :func:`build_vocabulary` gives ``genes.parquet``: every gene of the shipped references (of the
+  build's panels), at indices that depend on nothing else, and which of them the corpus measured.
 - :func:`vocabulary_indices` / :class:`GeneIndex` place a slide's genes in the vocabulary.
 - :func:`reference_sources` gives the versions and licences of the tables for ``corpus.json``.
 
@@ -21,17 +22,21 @@ from stcorpus.curate.genes.reference import (
     reference_sources,
 )
 from stcorpus.curate.genes.vocabulary import (
+    MEASURED,
     GeneIndex,
     MeasuredGenes,
     build_vocabulary,
+    reference_vocabulary,
     vocabulary_arrow_schema,
     vocabulary_digest,
     vocabulary_indices,
+    with_measured,
 )
 
 __all__ = [
     "DEFAULT_MIN_MAPPED_FRACTION",
     "GENE_SPECIES",
+    "MEASURED",
     "PANELS",
     "GeneIndex",
     "GeneReference",
@@ -46,7 +51,9 @@ __all__ = [
     "map_slide_genes",
     "normalise_id",
     "reference_sources",
+    "reference_vocabulary",
     "vocabulary_arrow_schema",
     "vocabulary_digest",
     "vocabulary_indices",
+    "with_measured",
 ]
