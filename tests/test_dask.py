@@ -236,6 +236,52 @@ def test_an_exception_in_one_slide_does_not_stop_a_dask_build(tmp_path: Path, cl
     assert rows["GOOD-1"]["status"] == "built"
 
 
+def test_dask_workers_sharing_the_cache_get_the_next_slides_prefetched(
+    tmp_path: Path, cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers that read the build process's --cache: slide 2 is downloaded while slides 0 and 1
+    compute, its unit finds it cached; a worker that does not share the cache is found out."""
+    import logging
+    import shutil
+
+    from stcorpus.curate.build.dask_executor import DaskExecutor, marker_path, sees_client_cache
+    from tests.build_fixtures import IMAGE, hest_entry, variant_h5ad
+    from tests.httpserver import serve
+    from tests.test_fetch_http import settings
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(3):
+        variant_h5ad(www, f"st{i}", drop=i)
+    shutil.copyfile(IMAGE, www / "img.jpg")
+    with serve(www) as server, DaskExecutor.connect(cluster.scheduler_address) as executor:
+        server.rate = 1.2e6
+        entries = [
+            hest_entry(f"DP-{i}", st=server.file_url(f"st{i}.h5ad"), wsi=server.file_url("img.jpg"), patient=f"P{i}")
+            for i in range(3)
+        ]
+        out = tmp_path / "out"
+        with caplog.at_level(logging.INFO, logger="stcorpus"):
+            summary = build(
+                [manifest(tmp_path / "m", entries)],
+                out=out,
+                settings=QUIET,
+                fetch=settings(tmp_path, progress_every=None, prefetch=1),
+                executor=executor,
+            )
+    assert summary.slides == {"built": 3}
+    assert "--prefetch 1: the 2 Dask worker(s) share the fetch cache" in caplog.text
+    first_done = min((out / ".work" / "units" / f"DP-{i}" / "result.json").stat().st_mtime for i in (0, 1))
+    assert server.requests_for("/st2.h5ad", method="GET")[0].at < first_done
+    assert server.count("/st2.h5ad", method="GET") == 1  # the unit found the prefetched file
+    # A cache the worker does not share: it does not see the marker, and says so without a long wait.
+    marker = marker_path(tmp_path / "mine" / "tmp", "tok")
+    marker.parent.mkdir(parents=True)
+    marker.write_text("tok\n")
+    assert sees_client_cache(str(tmp_path / "mine"), "tok", wait=0)
+    assert not sees_client_cache(str(tmp_path / "elsewhere"), "tok", wait=0)
+
+
 # --- cluster files --------------------------------------------------------------------------
 
 

@@ -224,7 +224,7 @@ def test_closing_ends_a_prefetch_waiting_for_room_and_leaves_no_reservation(tmp_
         samples = load_manifest(_manifest(tmp_path, server)).samples
         # Room for slide 0 (which nobody downloads here) and not for slide 1 beside it: slide 1 waits.
         fetch = settings(tmp_path, cache_budget=sizes["st0.h5ad"] + sizes["img.jpg"] + 1000, progress_every=None)
-        ahead = executors._Prefetch(samples, fetch=fetch, running=1)
+        ahead = executors.Prefetcher(samples, fetch=fetch, running=1)
         time.sleep(0.5)
         start = time.monotonic()
         ahead.close()

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from stcorpus import __version__
-from stcorpus.curate.build.executors import unit_task
+from stcorpus.curate.build.executors import Prefetcher, unit_task
 from stcorpus.curate.build.unit import UnitSettings, failed_unit, worker_lost_unit
 from stcorpus.curate.build.workdir import UnitResult
 from stcorpus.curate.errors import TIMEOUT_ERRORS, ExecutorError, SettingsError
@@ -263,6 +263,11 @@ def _sees_marker(work_root: Path, token: str, *, wait: float) -> bool:
         time.sleep(0.5)
 
 
+def sees_client_cache(cache_dir: str, token: str, *, wait: float = 2.0) -> bool:
+    """True when this worker reads the client's marker in the fetch cache: it shares the build process's cache."""
+    return _sees_marker(Path(cache_dir) / "tmp", token, wait=wait)
+
+
 def worker_problems(
     work_root: str, token: str, version: str, cache_dir: str, *, wait: float = MARKER_WAIT
 ) -> list[str]:
@@ -463,9 +468,6 @@ class DaskExecutor:
         dd = _distributed()
         if not samples:
             return
-        if fetch.prefetch:
-            # Workers may sit on other nodes with caches of their own: each unit fetches its inputs itself.
-            log.info("--prefetch is for the local executor: on Dask each slide's unit fetches its own inputs")
         token = uuid.uuid4().hex
         root = work_root.resolve()
         # Workers start in other folders (a batch job's): every path they get is absolute.
@@ -475,8 +477,10 @@ class DaskExecutor:
         marker.write_text(token + "\n", encoding="utf-8")
         futures: dict[Any, int] = {}  # distributed.Future -> index in samples
         finished = False
+        ahead: Prefetcher | None = None
         try:
             self._check_workers(root, token, fetch)
+            ahead = self._prefetch(samples, token=token, unit=unit, fetch=fetch)
             for i, sample in enumerate(samples):
                 future = self.client.submit(
                     run_dask_unit,
@@ -521,10 +525,14 @@ class DaskExecutor:
                     del futures[future]
                     future.release()
                     progress.count(result, running=len(pending))
+                    if ahead is not None:
+                        ahead.finished(result.slide_id)
                     yield result
             progress.log(running=0, final=True)
             finished = True
         finally:
+            if ahead is not None:
+                ahead.close()
             left = [f for f in futures if not f.done()]
             if left:
                 self.client.cancel(left)
@@ -533,6 +541,42 @@ class DaskExecutor:
                 removed = remove_stale_temporaries(root, [s.id for s in samples])
                 if removed:
                     log.info("deleted %d temporary unit folder(s) left by lost workers", removed)
+
+    def _prefetch(
+        self, samples: Sequence[Sample], *, token: str, unit: UnitSettings, fetch: FetchSettings
+    ) -> Prefetcher | None:
+        """Prefetch in this process (``--prefetch``) when every worker shares its fetch cache, else None.
+
+        Workers on other nodes with caches of their own fetch their inputs themselves: what this
+        process downloaded would not be where they look. Sharing is tested, not assumed: each
+        worker must read a marker this process writes into the cache.
+        """
+        if not fetch.prefetch:
+            return None
+        marker = marker_path(fetch.cache_dir / "tmp", token)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token + "\n", encoding="utf-8")
+        try:
+            answers: dict[str, bool] = self.client.run(sees_client_cache, str(fetch.cache_dir), token)
+        finally:
+            marker.unlink(missing_ok=True)
+        if not answers or not all(answers.values()):
+            log.info(
+                "--prefetch: %d of %d Dask worker(s) do not share this process's fetch cache %s: each slide's unit "
+                "fetches its own inputs",
+                sum(not v for v in answers.values()),
+                len(answers),
+                fetch.cache_dir,
+            )
+            return None
+        threads = sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        log.info(
+            "--prefetch %d: the %d Dask worker(s) share the fetch cache %s",
+            fetch.prefetch,
+            len(answers),
+            fetch.cache_dir,
+        )
+        return Prefetcher(samples, fetch=fetch, running=max(1, threads), unit=unit)
 
     def _check_workers(self, root: Path, token: str, fetch: FetchSettings) -> None:
         """Wait for a first worker, then ask every worker present whether it can run units."""

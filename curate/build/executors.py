@@ -6,11 +6,12 @@ cancels the units not yet started. Units read their inputs from the fetch cache 
 themselves and write into the work folder, so only a ``Sample`` and settings travel to a worker
 and only a small ``UnitResult`` travels back.
 
-The local executor also prefetches (``--prefetch N``, ``_Prefetch``): threads of the build
+The local executor also prefetches (``--prefetch N``, ``Prefetcher``): threads of the build
 process download the sources of the next N slides into the fetch cache while the workers
 compute, so a unit's fetch finds its inputs cached and a build takes about max(download,
-compute) rather than their sum. The Dask executor does not (its workers may sit on other nodes,
-with caches of their own).
+compute) rather than their sum. The Dask executor does the same when every worker shares the
+build process's fetch cache (tested with a marker file; workers on other nodes with caches of
+their own fetch their inputs themselves).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class LocalExecutor:
         self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
     ) -> Iterator[UnitResult]:
         """Run the units here, yielding each result as it finishes, prefetching the next slides' sources."""
-        ahead = _Prefetch(samples, fetch=fetch, running=self.workers, unit=unit)
+        ahead = Prefetcher(samples, fetch=fetch, running=self.workers, unit=unit)
         try:
             for result in self._run(samples, work_root=work_root, unit=unit, fetch=fetch):
                 ahead.finished(result.slide_id)
@@ -135,7 +136,7 @@ class _Stopped(Exception):
     """The build no longer wants prefetches (raised inside a prefetch's wait for room)."""
 
 
-class _Prefetch:
+class Prefetcher:
     """Threads that download the sources of the slides after the running ones (``FetchSettings.prefetch``).
 
     Slides run in ``samples`` order; the first ``running`` unfinished ones are taken to be

@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         metavar="N",
         help="download the sources of the next N slides while the running ones compute (default 2; 0: off), "
-        "within --per-host and --cache-budget; local executor only (Dask workers fetch their own)",
+        "within --per-host and --cache-budget; on Dask only when the workers share --cache (else each fetches its own)",
     )
     group.add_argument(
         "--mirror",

@@ -160,7 +160,7 @@ class CacheBudget:
         ``spare``: inputs others are yet to download whose room must stay free (asked again at every
         look): the reservation waits until they fit too, without holding their room. A prefetch
         passes the inputs of the slides before it, so it can never take room a running slide
-        still needs (``executors._Prefetch``); an exception it raises ends the wait.
+        still needs (``executors.Prefetcher``); an exception it raises ends the wait.
         """
         wanted = sum(need.size for need in needs)
         if wanted + held > self.limit:

@@ -74,7 +74,7 @@ class FetchSettings:
     #: it decodes are downloaded. ``curate build --no-range-reads`` sets False (whole files).
     range_reads: bool = True
     #: Slides ahead of the running ones whose sources a local build downloads meanwhile (``curate build
-    #: --prefetch``, ``executors._Prefetch``), so downloads overlap compute; 0: none (each unit fetches its own).
+    #: --prefetch``, ``executors.Prefetcher``), so downloads overlap compute; 0: none (each unit fetches its own).
     prefetch: int = 2
     #: Unpacked bytes an archive may hold (declared sizes and bytes actually written both count).
     archive_max_bytes: int = 64 * _GIB
