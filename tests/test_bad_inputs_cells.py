@@ -616,6 +616,14 @@ def crafted_slides(folder: Path) -> Crafted:
         reader=spots,
     )
     xenium("XEN-image-html", None, "not a readable", "he.png", image=_html(folder / "he.png"))
+    # the bundle's own DAPI image given as the H&E (a real mix-up: it sits beside the outputs)
+    dapi = folder / "xen-dapi" / "morphology_focus" / "morphology_focus_0000.ome.tif"
+    dapi.parent.mkdir(parents=True)
+    shutil.copyfile(xen.image, dapi)
+    xenium("XEN-image-morphology", None, "is the Xenium morphology image", dapi.name, image=dapi)
+    mip = folder / "xen-dapi" / "morphology_mip.ome.tif"
+    shutil.copyfile(xen.image, mip)
+    xenium("XEN-image-morphology-mip", None, "not the H&E", mip.name, image=mip)
     unusual["XEN-some-nan-centroids"] = (
         _entry(
             "XEN-some-nan-centroids",

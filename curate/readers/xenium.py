@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,10 @@ QUALITY: Final = "qv"
 #: Xenium's own counts keep transcripts of Q20 and above.
 DEFAULT_MIN_QV: Final = 20.0
 SAMPLE_KINDS: Final = ("cells", "pseudo-spots")
+#: The bundle's own morphology images (``morphology.ome.tif``, ``morphology_mip.ome.tif``,
+#: ``morphology_focus.ome.tif`` or ``morphology_focus/morphology_focus_0000.ome.tif``): never the H&E.
+MORPHOLOGY_IMAGE: Final = re.compile(r"^morphology(_mip|_focus(_\d+)?)?\.ome\.tiff?$", re.IGNORECASE)
+MORPHOLOGY_FOLDER: Final = "morphology_focus"
 #: um per morphology pixel a real instrument gives (Xenium: 0.2125); outside, the file is damaged.
 _PLAUSIBLE_PIXEL_SIZE: Final = (0.01, 100.0)
 SITE_BARCODE: Final = "{grid}{size:03.0f}um_r{row:04d}_c{col:04d}"
@@ -344,7 +349,14 @@ def read(*, sample: Sample, files: Mapping[str, Path], images: ImageSettings = D
         qc, dropped_spots = [], {}
 
     pixels = np.column_stack([site_um, np.ones(site_um.shape[0])]) @ um_to_pixels.T
-    image = open_image(require_file(files, "image", sample=sample), max_pixels=images.max_pixels)
+    image_path = require_file(files, "image", sample=sample)
+    if MORPHOLOGY_IMAGE.match(image_path.name) or image_path.parent.name == MORPHOLOGY_FOLDER:
+        raise CorruptSourceError(
+            f"source 'image': {image_path.name} is the Xenium morphology image (DAPI / stains), not the H&E: name "
+            "the H&E scanned after the run, with its `alignment` CSV from Xenium Explorer's image alignment",
+            slide_id=sample.id,
+        )
+    image = open_image(image_path, max_pixels=images.max_pixels)
     mpp_source: MppSource
     if sample.mpp is not None:
         mpp, mpp_source = float(sample.mpp), "manifest"
