@@ -329,7 +329,6 @@ def crafted_slides(folder: Path) -> Crafted:
         bins.rename(bins.parent / "square_010um")
 
     hd("HD-bin-folder-renamed", rename_bin, "has no square_008um/", "square_010um")
-    hd("HD-bin-um-4", None, "bin_um=4", "bin_um", reader={"bin_um": 4})
     hd("HD-bin-16-absent", None, "has no square_016um/", "bin_um", reader={"bin_um": 16})
     hd(
         "HD-positions-no-pixels",
@@ -398,7 +397,6 @@ def crafted_slides(folder: Path) -> Crafted:
         "barcode",
         POSITIONS,
     )
-    hd("HD-grid-unknown", None, "grid='hexagon'", "grid", reader={"grid": "hexagon"})
     hd("HD-square-no-pitch", None, "needs the reader option pitch_um", "pitch_um", reader={"grid": "square"})
     hd(
         "HD-square-pitch-odd",
@@ -563,7 +561,6 @@ def crafted_slides(folder: Path) -> Crafted:
     ):
         (alignment / name).write_text(text)
         xenium(slide_id, None, fault, name, alignment=alignment / name)
-    xenium("XEN-samples-misspelt", None, "samples='pseudo_spots'", "samples", reader={"samples": "pseudo_spots"})
     transcripts = "transcripts.parquet"
     xenium(
         "XEN-transcripts-no-qv",
@@ -896,18 +893,35 @@ OPTION_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "xen-misspelt": ("xenium", {"sample": "cells"}, "samples"),
     "sd-diameter-zero": ("spatialdata", {"spot_diameter_um": 0}, "reader.spot_diameter_um must be a positive"),
     "sd-table-number": ("spatialdata", {"table": 2}, "reader.table"),
+    # values of the right type outside the few a reader takes: refused before any slide is read
+    "hd-bin-um-4": ("visium-hd", {"bin_um": 4}, "reader.bin_um=4 is not one of 2, 8, 16"),
+    "hd-grid-unknown": ("visium-hd", {"grid": "hexagon"}, "reader.grid='hexagon' is not one of 'hex', 'square'"),
+    "xen-samples-misspelt": ("xenium", {"samples": "pseudo_spots"}, "reader.samples='pseudo_spots' is not one of"),
+    "xen-grid-unknown": ("xenium", {"samples": "pseudo-spots", "grid": "hexagonal"}, "reader.grid='hexagonal'"),
+    "sr-matrix-unknown": ("spaceranger", {"matrix": "filtred"}, "reader.matrix='filtred' is not one of 'filtered'"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPTION_CASES))
-def test_a_reader_option_of_the_wrong_type_is_named_by_validate(tmp_path: Path, name: str) -> None:
+def test_a_reader_option_of_the_wrong_type_or_value_is_named_by_validate(tmp_path: Path, name: str) -> None:
     technology, reader, says = OPTION_CASES[name]
-    sources = {"visium-hd": {"outs": tmp_path}, "xenium": {"outs": tmp_path, "image": tmp_path / "he.png"}}
-    assay = "xenium" if technology == "spatialdata" else technology
+    sources = {
+        "visium-hd": {"outs": tmp_path},
+        "xenium": {"outs": tmp_path, "image": tmp_path / "he.png"},
+        "spaceranger": {"outs": tmp_path},
+    }
+    assay = {"spatialdata": "xenium", "spaceranger": "visium"}.get(technology, technology)
     entry = _entry("OPT-1", technology, assay, sources.get(technology, {"store": tmp_path}), reader)
     (sample,) = load_manifest(manifest(tmp_path, [entry]), allow_local=True).samples
     problems = check_sample(sample)
     assert any(says in p and "OPT-1" in p for p in problems), problems
+
+
+def test_the_registry_offers_the_values_the_readers_take() -> None:
+    from stcorpus.curate.readers import READERS, visium_hd, xenium
+
+    assert READERS["visium-hd"].choices["bin_um"] == visium_hd.BIN_SIZES_UM
+    assert READERS["xenium"].choices["samples"] == xenium.SAMPLE_KINDS
 
 
 def test_outs_may_be_the_bin_folder_itself(tmp_path: Path) -> None:

@@ -122,8 +122,13 @@ def test_reader_options_are_checked(hd: VisiumHD) -> None:
         read_hd(hd, grid="square")
     with pytest.raises(SourceMissingError, match="not a whole multiple of the 8 um bins"):
         read_hd(hd, grid="square", pitch_um=30.0)
+    # a value no grid has: validate names it, and the reader refuses it too when called without validate
+    sample = make_sample(
+        {"outs": hd.outs, "image": hd.image}, technology="visium-hd", assay="visium-hd", reader={"grid": "round"}
+    )
+    assert any("reader.grid='round' is not one of 'hex', 'square'" in p for p in check_sample(sample))
     with pytest.raises(SourceMissingError, match="grid='round'"):
-        read_hd(hd, grid="round")
+        read_slide(sample, files_of(sample))
 
 
 def test_hex_spots_build_into_a_corpus(hd: VisiumHD, tmp_path: Path) -> None:

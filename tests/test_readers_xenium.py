@@ -93,8 +93,12 @@ def test_pseudo_spots_pool_good_gene_transcripts(xen: Xenium) -> None:
 
 
 def test_bad_inputs_name_the_fault(xen: Xenium, tmp_path: Path) -> None:
-    with pytest.raises(SourceMissingError, match="samples='nuclei'"):
-        read_xenium(xen, samples="nuclei")
+    nuclei = make_sample(
+        {"outs": xen.outs, "image": xen.image}, technology="xenium", assay="xenium", reader={"samples": "nuclei"}
+    )
+    assert any("reader.samples='nuclei' is not one of 'cells', 'pseudo-spots'" in p for p in check_sample(nuclei))
+    with pytest.raises(SourceMissingError, match="samples='nuclei'"):  # the reader refuses it too
+        read_slide(nuclei, files_of(nuclei))
     bad = tmp_path / "alignment.csv"
     bad.write_text("1,0\n0,1\n")
     sample = make_sample({"outs": xen.outs, "image": xen.image, "alignment": bad}, technology="xenium", assay="xenium")

@@ -44,6 +44,8 @@ class ReaderSpec:
     required_any: tuple[frozenset[str], ...]
     optional: frozenset[str] = frozenset()
     options: Mapping[str, type] = field(default_factory=dict)
+    #: Options that take one of a few values: checked by ``check_sample`` (validate, plan, build) alike.
+    choices: Mapping[str, tuple[object, ...]] = field(default_factory=dict)
     doc: str = ""
 
     @property
@@ -76,6 +78,7 @@ READERS: dict[str, ReaderSpec] = {
             ),
             optional=frozenset({"image"}),
             options={"matrix": str, "image_fallback": bool},
+            choices={"matrix": ("filtered", "raw")},
             doc=(
                 "Space Ranger 1.x-3.x output. Sources: outs (folder/archive) | matrix (10x h5 or MTX "
                 "folder/archive) + spatial (folder/archive) | matrix + positions + scalefactors; image: "
@@ -136,6 +139,7 @@ READERS: dict[str, ReaderSpec] = {
                 "matrix": str,
                 "image_fallback": bool,
             },
+            choices={"bin_um": (2, 8, 16), "grid": ("hex", "square"), "matrix": ("filtered", "raw")},
             doc=(
                 "Space Ranger 3.x Visium HD binned outputs. Sources: outs (outs/ or binned_outputs/), image (the "
                 "full-resolution H&E). Options: bin_um=2|8|16 (bins read; default 8), grid=hex|square (default hex: "
@@ -157,6 +161,7 @@ READERS: dict[str, ReaderSpec] = {
                 "spot_diameter_um": float,
                 "min_qv": float,
             },
+            choices={"samples": ("cells", "pseudo-spots"), "grid": ("hex", "square")},
             doc=(
                 "10x Xenium output bundle + H&E. Sources: outs (the bundle folder: experiment.xenium, "
                 "cell_feature_matrix.h5, cells.parquet, transcripts.parquet), image (the H&E), alignment (3x3 CSV, "
@@ -223,6 +228,12 @@ def check_sample(sample: Sample) -> list[str]:
             problems.append(f"{where}: reader.{option} must be a positive whole number, not {value!r}")
         elif number and not math.isfinite(float(value)):  # min_qv: any finite threshold, 0 keeps every one
             problems.append(f"{where}: reader.{option} must be a finite number, not {value!r}")
+        allowed = spec.choices.get(option)
+        if allowed is not None and not isinstance(value, bool) and value not in allowed:
+            problems.append(
+                f"{where}: reader.{option}={value!r} is not one of {', '.join(repr(a) for a in allowed)} "
+                f"(technology {spec.technology!r})"
+            )
     return problems
 
 
