@@ -723,15 +723,17 @@ def test_the_qc_report_lists_what_the_readers_noted(crafted_build: CraftedBuild)
     assert any(slide == "ODD-duplicate-gene" and "summed into a gene" in note for slide, note in listed)
 
 
-def test_every_crafted_slide_is_refused_cleanly_and_visibly(crafted_build: CraftedBuild) -> None:
-    """Each bad slide: not built, a deliberate refusal (a reason code, never an unexpected exception's
-    ``error: <Type>``), its reason naming the fault and the file, in slides.parquet, the summary and the
-    QC report. Every slide is checked and every problem listed, so one run shows them all."""
-    not_built = {r[0]: r for r in report_tables(crafted_build.out)["Slides not built"][1:]}
-    printed = crafted_build.summary.lines()
+def refusal_problems(
+    cases: dict[str, SlideCase], rows: dict[str, dict[str, Any]], out: Path, summary: BuildSummary
+) -> list[str]:
+    """What is wrong with the refusal of each crafted slide of a build (empty when nothing is): not built,
+    a deliberate reason code (never ``error``/``worker_lost``), no traceback, the case's fault and file
+    named, the same line in the summary, listed in the QC report."""
+    not_built = {r[0]: r for r in report_tables(out)["Slides not built"][1:]}
+    printed = summary.lines()
     problems = []
-    for slide_id, case in sorted(crafted_build.cases.items()):
-        row = crafted_build.rows[slide_id]
+    for slide_id, case in sorted(cases.items()):
+        row = rows[slide_id]
         reason = row["reason"] or ""
         checks = {
             "not built": row["status"] in ("quarantined", "failed") and row["n_spots_written"] == 0,
@@ -743,7 +745,15 @@ def test_every_crafted_slide_is_refused_cleanly_and_visibly(crafted_build: Craft
             "in the QC report": not_built.get(slide_id, [None, None])[1] == row["status"],
         }
         problems += [f"{slide_id}: not {what}: {row['status']}: {reason}" for what, ok in checks.items() if not ok]
-    assert problems == []
+    return problems
+
+
+def test_every_crafted_slide_is_refused_cleanly_and_visibly(crafted_build: CraftedBuild) -> None:
+    """Each bad slide: not built, a deliberate refusal (a reason code, never an unexpected exception's
+    ``error: <Type>``), its reason naming the fault and the file, in slides.parquet, the summary and the
+    QC report. Every slide is checked and every problem listed, so one run shows them all."""
+    build = crafted_build
+    assert refusal_problems(build.cases, build.rows, build.out, build.summary) == []
 
 
 def test_dropped_spots_are_counted_in_every_record(crafted_build: CraftedBuild) -> None:

@@ -34,8 +34,7 @@ from stcorpus.curate.readers import check_sample
 from stcorpus.curate.tiles import TileSettings
 from tests.build_fixtures import manifest
 from tests.spatial_fixtures import real_genes, write_visium_hd, write_xenium
-from tests.test_bad_inputs import SlideCase, _cut, _replace
-from tests.test_build_trust import report_tables
+from tests.test_bad_inputs import SlideCase, _cut, _replace, refusal_problems
 
 HTML = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Please log in</body></html>"
 BIN = "square_008um"
@@ -861,23 +860,8 @@ def test_the_unusual_slides_say_their_oddity(cells_build: CellsBuild) -> None:
 def test_every_crafted_slide_is_refused_cleanly_and_visibly(cells_build: CellsBuild) -> None:
     """Each bad slide: not built, a deliberate reason code, its reason naming the fault and the file or
     option, in slides.parquet, the summary and the QC report; every problem listed at once."""
-    not_built = {r[0]: r for r in report_tables(cells_build.out)["Slides not built"][1:]}
-    printed = cells_build.summary.lines()
-    problems = []
-    for slide_id, case in sorted(cells_build.crafted.cases.items()):
-        row = cells_build.rows[slide_id]
-        reason = row["reason"] or ""
-        checks = {
-            "not built": row["status"] in ("quarantined", "failed") and row["n_spots_written"] == 0,
-            "deliberate": bool(row["reason_codes"]) and row["reason_codes"][0] not in ("error", "worker_lost"),
-            "no traceback": "Traceback" not in reason,
-            f"says {case.fault!r}": case.fault in reason,
-            f"names {case.names!r}": case.names in reason,
-            "in the summary": f"  {slide_id}: {row['status']}: {reason}" in printed,
-            "in the QC report": not_built.get(slide_id, [None, None])[1] == row["status"],
-        }
-        problems += [f"{slide_id}: not {what}: {row['status']}: {reason}" for what, ok in checks.items() if not ok]
-    assert problems == []
+    build = cells_build
+    assert refusal_problems(build.crafted.cases, build.rows, build.out, build.summary) == []
 
 
 #: Reader options of the wrong type are the manifest's fault: `curate validate` (and the build's plan) names them.
