@@ -32,7 +32,7 @@ import os
 import tarfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
@@ -268,13 +268,32 @@ class _TarShard:
             (schema.Member.META.value, encode_meta(sample.meta)),
         )
         for suffix, data in members:
-            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = _TAR_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
+            self.write(f"{sample.key}.{suffix}", data)
+
+    def write(self, name: str, data: bytes) -> None:
+        """One member, with the fixed header fields that make the bytes reproducible."""
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = _TAR_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def copy_retyped(self, source: Path) -> None:
+        """Append every member of the tar ``source``, its ``expr.npz`` re-encoded in this shard's dtypes."""
+        expr = "." + schema.Member.EXPR.value
+        with tarfile.open(source, mode="r:") as old:
+            for member in old:
+                handle = old.extractfile(member)
+                assert handle is not None, f"{source}: member {member.name} is not a file"
+                data = handle.read()
+                if member.name.endswith(expr):
+                    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                        data = encode_expr(
+                            *(arrays[e.value] for e in schema.Expr), dtypes=self.dtypes, deflate=self.deflate
+                        )
+                self.write(member.name, data)
 
     def finish(self) -> None:
         self.tar.close()
@@ -539,6 +558,41 @@ class ShardWriter:
         self._index += 1
         self._n = 0
         self._slides = set()
+
+    def retype(self, dtypes: schema.TarDtypes) -> None:
+        """Store every ``expr.npz`` written so far, and from now on, in ``dtypes`` (wider than before).
+
+        The streaming pack fixes a corpus's dtypes from its first slides; a later slide with larger
+        counts or gene indices widens them. Each committed tar shard is rewritten in place (atomically)
+        and the one being written is carried over into a fresh file; the bytes are those the shards
+        would have had if written in ``dtypes`` from the start. Parquet shards do not change.
+        """
+        if dtypes == self.tar_dtypes:
+            return
+        self.tar_dtypes = dtypes
+        for position, info in enumerate(self.shards):
+            if info.format != "wds":
+                continue
+            path = self.root / info.path
+            shard = _TarShard(path, dtypes=dtypes, deflate=self.settings.tar_deflate)
+            try:
+                shard.copy_retyped(path)
+                shard.finish()
+            except BaseException:
+                shard.abort()
+                raise
+            shard.file.publish()
+            self.shards[position] = replace(info, bytes=shard.file.size, sha256=shard.file.digest.hexdigest())
+        if self._tar is not None:
+            old = self._tar
+            old.finish()
+            carried = old.file.tmp.with_name(old.file.tmp.name + ".old")
+            old.file.tmp.replace(carried)
+            self._tar = _TarShard(old.file.path, dtypes=dtypes, deflate=self.settings.tar_deflate)
+            try:
+                self._tar.copy_retyped(carried)
+            finally:
+                carried.unlink(missing_ok=True)
 
     def close(self) -> list[ShardInfo]:
         """Commit the last (possibly short) shard and return every shard written."""

@@ -243,15 +243,14 @@ def split_new(
     return new
 
 
-def duplicates_of_existing(units: Sequence[UnitResult], existing: Existing) -> dict[str, str]:
-    """New slides whose counts fingerprint equals a slide's already in the corpus: slide id -> that slide.
+def corpus_digests(existing: Existing) -> dict[str, str]:
+    """Counts fingerprint -> slide of every slide in the corpus (an appended slide equal to one is a duplicate).
 
     The corpus's copy is kept whatever the source preference: its shards are not rewritten.
     """
-    by_digest = {
+    return {
         entry["content_digest"]: slide for slide, entry in sorted(existing.slides.items()) if entry["content_digest"]
     }
-    return {u.slide_id: by_digest[u.content_digest] for u in units if u.content_digest in by_digest}
 
 
 def genes_outside(units: Sequence[UnitResult], vocabulary: pa.Table) -> dict[str, list[str]]:

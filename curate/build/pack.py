@@ -1,27 +1,33 @@
-"""Pack: finished units -> equal-count shards of every split, in both formats.
+"""Pack: built slides -> equal-count shards of every split, in both formats, as the units finish.
 
-The pack reads each built slide's samples (memory-mapped Arrow in the unit work format of ``workdir``), maps the slide's
-local gene indices onto the corpus vocabulary, orders the samples of each split, and writes
-them with ``stcorpus.curate.shards.ShardWriter``.
+``StreamPack`` takes each built slide's samples (memory-mapped Arrow in the unit work format of
+``workdir``) in a fixed order, maps the slide's local gene indices onto the corpus vocabulary
+(the shipped references', known before any slide is built), and writes them with
+``stcorpus.curate.shards.ShardWriter`` while other slides are still being built.
 
 Order (``PackSettings.order``):
 
-- ``shuffled`` (default): one seeded permutation of all samples of a split across all its
-  slides, so a streaming reader's batches mix slides (what CLIP-style training needs).
-- ``slide``: slides by id, each slide's spots in lattice order (as the unit wrote them), for
-  neighbourhood and same-slide training.
+- ``shuffled`` (default): a seeded windowed shuffle within each split. The split keeps up to
+  ``window`` slides open and draws every next sample from one of them, picked at random, in that
+  slide's own seeded row order, so consecutive samples come from many slides (what CLIP-style
+  training needs) and a reader's shard shuffle mixes further.
+- ``slide``: slide after slide (``consumption_order``), each slide's spots in lattice order (as
+  the unit wrote them), for neighbourhood and same-slide training.
 
 Shard size: every shard of a split holds exactly ``n`` samples but the last, where ``n`` is
-``samples_per_shard`` or fewer so that a shard stays under ``max_shard_bytes`` on average.
-The pack is deterministic and cheap next to the units, so a killed pack is simply redone.
+``samples_per_shard`` or fewer so that a shard stays under ``max_shard_bytes`` on average (from the
+slides taken before the first sample is drawn). The same slides and settings give the same bytes,
+whatever order the units finish in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import schema
+from stcorpus.curate.atomic import write_atomic
 from stcorpus.curate.build.workdir import UNIT_IMAGES, UNIT_KEY, UNIT_LISTS, UNIT_SAMPLE_FIELDS, UnitResult, WorkDir
 from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from stcorpus.curate.genes import GeneIndex
+
+log = logging.getLogger(__name__)
 
 Order = Literal["shuffled", "slide"]
 
@@ -53,10 +62,17 @@ class PackSettings:
     max_shard_bytes: int = 768 * 1024**2
     row_group_size: int = 1_000
     seed: int = 0
+    #: Slides a split draws from at once (``shuffled``): the more, the better mixed and the more
+    #: unit work files on disk until packed. ``slide`` order draws from one.
+    window: int = 64
 
     def __post_init__(self) -> None:
         if self.order not in ("shuffled", "slide"):
             raise SettingsError(f"order must be 'shuffled' or 'slide', not {self.order!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise SettingsError(
+                f"the shuffle window must be at least one slide (curate build --window), not {self.window!r}"
+            )
         if self.samples_per_shard < 1 or self.max_shard_bytes < 1 or self.row_group_size < 1:
             raise SettingsError(
                 f"shards need at least one sample and one byte (curate build --samples-per-shard, --max-shard-mb): "
@@ -70,37 +86,6 @@ def corpus_counts_dtype(units: Sequence[UnitResult]) -> str:
     return "int32" if all(u.counts_dtype == "int32" for u in units) else "float32"
 
 
-def corpus_tar_dtypes(
-    work: WorkDir, units: Sequence[UnitResult], *, gene_index: GeneIndex, counts_dtype: str
-) -> schema.TarDtypes:
-    """The smallest ``expr.npz`` dtypes that hold every gene index and count of ``units`` (one choice per corpus).
-
-    The gene index dtype follows the largest index the slides' genes take, not the vocabulary's
-    size: the vocabulary is the references' ~128k genes, but a human corpus's genes mostly sit
-    below 65,536 and keep two bytes each. One pass over the memory-mapped ``counts`` /
-    ``niche_counts`` values of every unit: a few milliseconds per slide next to the seconds the
-    pack spends writing it.
-    """
-    import pyarrow.compute as pc
-
-    counts, niche = schema.Expr.COUNTS.value, schema.Expr.NICHE_COUNTS.value
-    highest = {counts: 0.0, niche: 0.0}
-    top_index = -1
-    for unit in units:
-        positions = gene_index.positions(np.asarray(unit.gene_ids, dtype=np.str_))
-        if positions.size:
-            top_index = max(top_index, int(positions.max()))
-        table = work.samples(unit.slide_id)
-        for name in highest:
-            values = table.column(name).combine_chunks().flatten()
-            if len(values):
-                top = pc.max(values).as_py()
-                highest[name] = max(highest[name], float(top))
-    return schema.TarDtypes.smallest(
-        n_genes=top_index + 1, max_count=highest[counts], max_niche_count=highest[niche], counts_dtype=counts_dtype
-    )
-
-
 def shard_size(units: Sequence[UnitResult], settings: PackSettings) -> int:
     """Samples per shard: the setting, reduced so an average shard stays under the byte limit."""
     samples = sum(u.n_samples for u in units)
@@ -109,22 +94,6 @@ def shard_size(units: Sequence[UnitResult], settings: PackSettings) -> int:
     mean_bytes = sum(u.sample_bytes for u in units) / samples
     by_bytes = max(1, int(settings.max_shard_bytes // max(mean_bytes, 1.0)))
     return min(settings.samples_per_shard, by_bytes)
-
-
-def _seed_for(seed: int, split: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"stcorpus-order:{seed}:{split}".encode()).digest()[:8], "big")
-
-
-def sample_order(
-    n_per_slide: Sequence[int], *, order: Order, seed: int, split: str
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
-    """(slide position, row) of every sample of a split, in the order they are written."""
-    slide_pos = np.repeat(np.arange(len(n_per_slide), dtype=np.int32), n_per_slide)
-    rows = np.concatenate([np.arange(n, dtype=np.int64) for n in n_per_slide]) if n_per_slide else np.zeros(0, np.int64)
-    if order == "shuffled":
-        permutation = np.random.default_rng(_seed_for(seed, split)).permutation(len(rows))
-        slide_pos, rows = slide_pos[permutation], rows[permutation]
-    return slide_pos, rows
 
 
 class _Rows:
@@ -231,108 +200,128 @@ class _SlideSource:
         return out
 
 
-@dataclass(frozen=True)
-class _PackContext:
-    """What every shard writer needs (sent once to each worker process)."""
-
-    out: str
-    work_root: str
-    vocabulary_ids: npt.NDArray[np.str_]
-    counts_dtype: str
-    shard_settings: ShardSettings
-    tar_dtypes: schema.TarDtypes
-    generation: int = 0
-    drop_outside_vocabulary: bool = False
-
-
 class _SlideCache:
-    """The slides one process reads: gene maps kept, open (memory-mapped) tables bounded.
+    """The slides the pack reads: gene maps kept, open (memory-mapped) tables bounded.
 
-    With the shuffled order every shard draws from nearly every slide of its split, so a pack of
-    thousands of slides must not keep a file open per slide (the usual limit is 1,024).
+    A shuffled split draws from every slide in its window, so the cache holds at least the windows'
+    slides; a pack of thousands of slides must not keep a file open per slide (the usual limit is 1,024).
     """
 
-    def __init__(self, context: _PackContext, *, max_open: int = 256) -> None:
+    def __init__(
+        self, work: WorkDir, *, gene_index: GeneIndex, counts_dtype: str, drop_outside: bool, max_open: int = 256
+    ) -> None:
         from collections import OrderedDict
 
-        from stcorpus.curate.genes import GeneIndex
-
-        self.context = context
-        self.work = WorkDir(Path(context.work_root))
-        self.index = GeneIndex(context.vocabulary_ids)
+        self.work = work
+        self.index = gene_index
+        self.counts_dtype = counts_dtype
+        self.drop_outside = drop_outside
         self.max_open = max_open
-        self.maps: dict[str, npt.NDArray[np.int32]] = {}
         self.sources: OrderedDict[str, _SlideSource] = OrderedDict()
 
-    def source(self, slide_id: str) -> _SlideSource:
+    def source(self, unit: UnitResult) -> _SlideSource:
         """The slide's samples and gene map, opening (or reusing) its table."""
-        source = self.sources.pop(slide_id, None)
+        source = self.sources.pop(unit.slide_id, None)
         if source is None:
-            unit = self.work.result(slide_id)
-            if unit is None:
-                raise FileNotFoundError(f"no finished unit for slide {slide_id} in {self.work.root}")
-            if slide_id not in self.maps:
-                ids = np.asarray(unit.gene_ids, dtype=np.str_)
-                # indices raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
-                drop = self.context.drop_outside_vocabulary
-                self.maps[slide_id] = self.index.positions(ids) if drop else self.index.indices(ids)
+            ids = np.asarray(unit.gene_ids, dtype=np.str_)
+            # indices raises GeneVocabularyError naming the ids when a slide's gene is not in the vocabulary.
+            local_to_vocab = self.index.positions(ids) if self.drop_outside else self.index.indices(ids)
             source = _SlideSource(
-                unit,
-                self.work.samples(slide_id),
-                local_to_vocab=self.maps[slide_id],
-                counts_dtype=self.context.counts_dtype,
+                unit, self.work.samples(unit.slide_id), local_to_vocab=local_to_vocab, counts_dtype=self.counts_dtype
             )
             if len(self.sources) >= self.max_open:
                 self.sources.popitem(last=False)
-        self.sources[slide_id] = source
+        self.sources[unit.slide_id] = source
         return source
 
+    def forget(self, slide_id: str) -> None:
+        """Close a slide's table (before its work files are deleted)."""
+        self.sources.pop(slide_id, None)
 
-@dataclass(frozen=True)
-class _ShardJob:
-    """One shard (in both formats): its split, number and samples as (slide, row) pairs."""
 
-    split: str
-    index: int
-    slide_ids: tuple[str, ...]  # slide_pos refers to this tuple
-    slide_pos: npt.NDArray[np.int32]
+def unit_tar_dtypes(work: WorkDir, unit: UnitResult, *, gene_index: GeneIndex, counts_dtype: str) -> schema.TarDtypes:
+    """The smallest ``expr.npz`` dtypes that hold every gene index and count of one built slide.
+
+    The gene index dtype follows the largest index the slide's genes take, not the vocabulary's
+    size: the vocabulary is the references' ~128k genes, but human genes mostly sit below 65,536
+    and keep two bytes each. One pass over the memory-mapped counts: milliseconds per slide.
+    """
+    import pyarrow.compute as pc
+
+    positions = gene_index.positions(np.asarray(unit.gene_ids, dtype=np.str_))
+    top_index = int(positions.max()) if positions.size else -1
+    table = work.samples(unit.slide_id)
+    highest = {}
+    for name in (schema.Expr.COUNTS.value, schema.Expr.NICHE_COUNTS.value):
+        values = table.column(name).combine_chunks().flatten()
+        highest[name] = float(pc.max(values).as_py()) if len(values) else 0.0
+    return schema.TarDtypes.smallest(
+        n_genes=top_index + 1,
+        max_count=highest[schema.Expr.COUNTS.value],
+        max_niche_count=highest[schema.Expr.NICHE_COUNTS.value],
+        counts_dtype=counts_dtype,
+    )
+
+
+def _widest(a: schema.TarDtypes, b: schema.TarDtypes) -> schema.TarDtypes:
+    def wider(x: str, y: str) -> str:
+        return str(np.promote_types(np.dtype(x), np.dtype(y)))
+
+    return schema.TarDtypes(
+        genes=wider(a.genes, b.genes),
+        counts=wider(a.counts, b.counts),
+        niche_counts=wider(a.niche_counts, b.niche_counts),
+    )
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"stcorpus-order:{seed}:{name}".encode()).digest()[:8], "big")
+
+
+def slide_rows(n: int, *, order: Order, seed: int, split: str, slide_id: str) -> npt.NDArray[np.int64]:
+    """The order a slide's rows leave it: a seeded permutation (``shuffled``) or as the unit wrote them."""
+    if order == "slide":
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng(_seed_for(seed, f"{split}:{slide_id}")).permutation(n).astype(np.int64)
+
+
+#: The pack's checkpoint in the work folder (``StreamPack``): rewritten after every committed shard.
+CHECKPOINT_FILE = "pack.json"
+CHECKPOINT_FORMAT = "stcorpus-pack/1"
+
+
+@dataclass
+class _Open:
+    """A slide in a split's window: its row order and how many rows have left it."""
+
+    unit: UnitResult
     rows: npt.NDArray[np.int64]
+    cursor: int = 0
 
 
-def _write_shard(cache: _SlideCache, job: _ShardJob) -> list[ShardInfo]:
-    context = cache.context
-    samples: list[ShardSample | None] = [None] * len(job.rows)
-    for pos in np.unique(job.slide_pos):
-        where = np.flatnonzero(job.slide_pos == pos)
-        source = cache.source(job.slide_ids[pos])
-        for i, sample in zip(where, source.samples(job.rows[where], split=job.split), strict=True):
-            samples[i] = sample
-    with ShardWriter(
-        Path(context.out),
-        split=job.split,
-        counts_dtype=context.counts_dtype,
-        settings=context.shard_settings,
-        tar_dtypes=context.tar_dtypes,
-        first_index=job.index,
-        generation=context.generation,
-    ) as writer:
-        for maybe in samples:
-            assert maybe is not None, "every position of a shard job is filled by its slides"
-            writer.add(maybe)
-    return writer.shards
+@dataclass
+class _Split:
+    """One split's stream: its window of slides, its seeded draw and its shard writer."""
 
+    name: str
+    rng: np.random.Generator
+    first_index: int
+    window: list[_Open] = field(default_factory=list)
+    position: int = 0  # slides of this split taken into the window
+    writer: ShardWriter | None = None
+    drawn: int = 0
+    exhausted: list[str] = field(default_factory=list)  # slides out of the window since the last commit
+    snapshot: dict[str, Any] | None = None  # the state at the last commit (what a resumed pack restarts from)
 
-_WORKER_CACHE: _SlideCache | None = None
-
-
-def _init_worker(context: _PackContext) -> None:
-    global _WORKER_CACHE  # noqa: PLW0603 - one cache per pool process, set once by the initializer
-    _WORKER_CACHE = _SlideCache(context)
-
-
-def _write_shard_in_worker(job: _ShardJob) -> list[ShardInfo]:
-    assert _WORKER_CACHE is not None, "pack worker used without its initializer"
-    return _write_shard(_WORKER_CACHE, job)
+    def state(self) -> dict[str, Any]:
+        shards = self.writer.shards if self.writer is not None else []
+        return {
+            "position": self.position,
+            "drawn": self.drawn,
+            "rng": self.rng.bit_generator.state,
+            "window": [[o.unit.slide_id, o.cursor] for o in self.window],
+            "shards": [s.row() for s in shards],
+        }
 
 
 @dataclass
@@ -345,6 +334,458 @@ class PackResult:
     n_samples: dict[str, int]
     #: dtypes of the ``expr.npz`` arrays (``corpus.json`` ``expression``).
     tar_dtypes: schema.TarDtypes = field(default_factory=schema.TarDtypes)
+    #: Slides not packed because their counts equal an earlier one's (slide id -> the kept slide's id).
+    duplicates: dict[str, str] = field(default_factory=dict)
+    #: The slides packed, in the order the stream took them.
+    packed: list[str] = field(default_factory=list)
+
+
+def consumption_order(units: Sequence[UnitResult | Mapping[str, Any]]) -> list[str]:
+    """Slide ids in the order the pack takes them: by source preference, then id (``SOURCE_PREFERENCE``).
+
+    Taking slides in this order makes the first copy of a duplicated slide the one kept (10x over
+    GEO over HEST over STimage), as a pack that sees every slide at once would choose.
+    """
+
+    def key(u: UnitResult | Mapping[str, Any]) -> tuple[int, str]:
+        slide = u.slide if isinstance(u, UnitResult) else u
+        slide_id = u.slide_id if isinstance(u, UnitResult) else str(u["slide_id"])
+        return source_rank(str(slide.get("source"))), slide_id
+
+    return [u.slide_id if isinstance(u, UnitResult) else str(u["slide_id"]) for u in sorted(units, key=key)]
+
+
+#: Sources in order of preference when the same slide arrives through several (the first is kept).
+SOURCE_PREFERENCE = ("10x", "geo", "hest", "stimage")
+
+
+def source_rank(source: str) -> int:
+    """A source's place in ``SOURCE_PREFERENCE`` (unknown sources last)."""
+    return SOURCE_PREFERENCE.index(source) if source in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE)
+
+
+class StreamPack:
+    """Packs slides into shards as their units finish: the pack of ``curate build``.
+
+    Slides are taken in a fixed ``order`` (``consumption_order``), whatever order their units
+    finish in: a unit that finishes early waits until the slides before it are taken. A duplicate
+    (its counts fingerprint equals a slide's taken before, or one in ``corpus_digests``) is not
+    packed. Each split keeps a window of ``settings.window`` slides; while the window is full, the
+    next sample is drawn from one of its slides picked by a seeded generator, in that slide's
+    seeded row order, and written into the split's open shard; a slide whose last row is drawn
+    leaves the window, and its work files are deleted (``release``) once the shard holding that row
+    is committed. Peak disk is the slides waiting for their turn, the windows and the open shards.
+    Same slides, settings and seed: the same bytes, whatever the timing.
+
+    The shard size and the ``expr.npz`` dtypes are fixed when the first sample is drawn, from the
+    slides taken by then; a later slide with larger counts or gene indices widens the dtypes and
+    every tar shard written so far is rewritten (``ShardWriter.retype``; the Parquet shards do not
+    depend on them). An append passes the corpus's ``tar_dtypes``, which cannot change.
+
+    After every commit the state of each split at its last commit is written to ``pack.json`` in
+    the work folder. A killed build resumes from it (``resume``): slides already packed are not
+    needed again, and the shards written are kept, so the rerun writes the same bytes.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        work: WorkDir,
+        order: Sequence[str],
+        splits: Mapping[str, str],
+        gene_index: GeneIndex,
+        settings: PackSettings,
+        counts_dtype: str,
+        generation: int = 0,
+        first_index: Mapping[str, int] | None = None,
+        tar_dtypes: schema.TarDtypes | None = None,
+        drop_outside_vocabulary: bool = False,
+        corpus_digests: Mapping[str, str] | None = None,
+        release: bool = False,
+    ) -> None:
+        if generation < 0:
+            raise SettingsError(f"generation must be >= 0, not {generation}")
+        self.starts = dict(first_index or {})
+        if generation == 0 and self.starts:
+            raise SettingsError("first_index is for appends (generation > 0); a first build numbers shards from 0")
+        self.out, self.work, self.order = out, work, list(order)
+        self.splits, self.gene_index, self.settings = dict(splits), gene_index, settings
+        self.counts_dtype, self.generation = counts_dtype, generation
+        self.fixed_dtypes = tar_dtypes
+        self.drop_outside = drop_outside_vocabulary
+        self.corpus_digests = dict(corpus_digests or {})
+        self.release = release
+        self.cache = _SlideCache(
+            work, gene_index=gene_index, counts_dtype=counts_dtype, drop_outside=drop_outside_vocabulary
+        )
+        self.identity = self._identity()
+        self._fresh()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _fresh(self) -> None:
+        self.streams = {
+            split: _Split(split, np.random.default_rng(_seed_for(self.settings.seed, split)), self.starts.get(split, 0))
+            for split in schema.SPLITS
+        }
+        self.next = 0  # position in self.order
+        self.arrived: dict[str, UnitResult] = {}
+        self.consumed: list[list[str]] = []  # [slide_id, unit_key, content_digest, outcome]
+        self.taken: set[str] = set()
+        self.seen: dict[str, str] = {}  # content digest -> kept slide
+        self.duplicates: dict[str, str] = {}
+        self.kept: list[UnitResult] = []
+        self.per_shard = 0  # fixed at the first draw
+        self.tar_dtypes: schema.TarDtypes | None = self.fixed_dtypes
+        self.releasable: list[str] = []  # duplicates and skipped slides: no stream needs them
+        self.complete = False
+        self.n_packed = 0
+
+    def _identity(self) -> str:
+        text = json.dumps(
+            {
+                "settings": asdict(self.settings),
+                "vocabulary": hashlib.sha256("\n".join(self.gene_index.ids.tolist()).encode()).hexdigest(),
+                "counts_dtype": self.counts_dtype,
+                "generation": self.generation,
+                "first_index": self.starts,
+                "tar_dtypes": self.fixed_dtypes.record() if self.fixed_dtypes else None,
+                "drop_outside": self.drop_outside,
+                "corpus_digests": sorted(self.corpus_digests.items()),
+                "splits": sorted(self.splits.items()),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work.root / CHECKPOINT_FILE
+
+    def _checkpoint(self) -> None:
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "identity": self.identity,
+            "consumed": self.consumed,
+            "per_shard": self.per_shard,
+            "tar_dtypes": self.tar_dtypes.record() if self.tar_dtypes else None,
+            "complete": self.complete,
+            "splits": {name: s.snapshot for name, s in self.streams.items() if s.snapshot is not None},
+        }
+        write_atomic(self.checkpoint_path, (json.dumps(record, sort_keys=True) + "\n").encode())
+
+    def resume(self, reusable: Mapping[str, UnitResult | None]) -> set[str]:
+        """Pick up a killed pack of the same inputs from ``pack.json``; returns the slides it no longer needs.
+
+        ``reusable`` maps slide id -> its reusable finished unit (None: it must run again). The
+        checkpoint is used only when its slides are the first of ``order`` and each is still the
+        unit that was packed; else the pack starts over (this generation's shards are removed) and
+        every slide is needed.
+        """
+        record = self._read_checkpoint()
+        if record is None or not self._valid(record, reusable):
+            self._start_over()
+            return set()
+        self.per_shard = int(record["per_shard"])
+        dtypes = record["tar_dtypes"]
+        self.tar_dtypes = _tar_dtypes(dtypes) if dtypes else None
+        self.complete = bool(record["complete"])
+        units: dict[str, UnitResult] = {}
+        for slide_id, _, digest, outcome in record["consumed"]:
+            unit = reusable[slide_id]
+            assert unit is not None
+            units[slide_id] = unit
+            self.consumed.append([slide_id, unit.unit_key, digest, outcome])
+            self.taken.add(slide_id)
+            if outcome == "kept":
+                self.kept.append(unit)
+                if digest:
+                    self.seen[digest] = slide_id
+            elif outcome.startswith("duplicate:"):
+                self.duplicates[slide_id] = outcome.split(":", 1)[1]
+        self.next = len(record["consumed"])
+        for name, stream in self.streams.items():
+            snapshot = record["splits"].get(name)
+            if snapshot is not None:
+                self._restore(stream, snapshot, units)
+                self._drain_full(stream)  # the draws the commit interrupted
+            else:  # nothing committed: whatever a killed run left of this split is written again
+                _remove_from(self.out, {name: stream.first_index}, only=name)
+        # Replay the slides each split took after its last commit (their work files are still there).
+        taken: dict[str, int] = dict.fromkeys(self.streams, 0)
+        for slide_id, _, _, outcome in record["consumed"]:
+            if outcome != "kept":
+                continue
+            stream = self.streams[self.splits[slide_id]]
+            taken[stream.name] += 1
+            if taken[stream.name] > stream.position:
+                self._take(stream, units[slide_id])
+        needed = {o.unit.slide_id for s in self.streams.values() for o in s.window}
+        needed |= {slide for s in self.streams.values() for slide in s.exhausted}
+        log.info(
+            "pack resumed from %s: %d slide(s) taken, %d shard(s) kept",
+            self.checkpoint_path,
+            self.next,
+            sum(len(s.writer.shards) for s in self.streams.values() if s.writer is not None),
+        )
+        return set(units) - needed
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        try:
+            record: dict[str, Any] = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+        if record.get("format") != CHECKPOINT_FORMAT or record.get("identity") != self.identity:
+            return None
+        return record
+
+    def _valid(self, record: Mapping[str, Any], reusable: Mapping[str, UnitResult | None]) -> bool:
+        consumed = record["consumed"]
+        if [c[0] for c in consumed] != self.order[: len(consumed)]:
+            return False
+        if record["complete"] and len(consumed) != len(self.order):
+            return False
+        for slide_id, key, digest, _ in consumed:
+            unit = reusable.get(slide_id)
+            if unit is None or unit.unit_key != key or unit.content_digest != digest:
+                return False
+        for snapshot in record["splits"].values():
+            for row in snapshot["shards"]:
+                path = self.out / row["path"]
+                if not path.is_file() or path.stat().st_size != int(row["bytes"]):
+                    return False
+        return True
+
+    def _start_over(self) -> None:
+        self.checkpoint_path.unlink(missing_ok=True)
+        if self.generation == 0:
+            for stale in (self.out / schema.WDS_DIR, self.out / schema.PARQUET_DIR):
+                shutil.rmtree(stale, ignore_errors=True)
+        else:
+            _remove_from(self.out, self.starts)
+
+    def _restore(self, stream: _Split, snapshot: Mapping[str, Any], units: Mapping[str, UnitResult]) -> None:
+        stream.position = int(snapshot["position"])
+        stream.drawn = int(snapshot["drawn"])
+        stream.rng.bit_generator.state = snapshot["rng"]
+        for slide_id, cursor in snapshot["window"]:
+            unit = units[slide_id]
+            stream.window.append(_Open(unit, self._rows(stream.name, unit), int(cursor)))
+        shards = [ShardInfo(**{**row, "slide_ids": tuple(row["slide_ids"])}) for row in snapshot["shards"]]
+        first = stream.first_index + sum(s.format == "wds" for s in shards)
+        stream.writer = self._writer(stream, first=first)
+        stream.writer.shards = shards
+        stream.snapshot = dict(snapshot)
+        # Shard files past the last commit are a killed run's: the stream writes them again.
+        _remove_from(self.out, {stream.name: first}, only=stream.name)
+
+    # -- the stream -------------------------------------------------------------------------
+
+    def add(self, unit: UnitResult) -> None:
+        """A finished unit (any status); it is packed when every slide before it in ``order`` was."""
+        if self.complete or unit.slide_id in self.taken or unit.slide_id in self.arrived:
+            return
+        self.arrived[unit.slide_id] = unit
+        while self.next < len(self.order) and self.order[self.next] in self.arrived:
+            self._consume(self.arrived.pop(self.order[self.next]))
+            self.next += 1
+
+    def finish(self) -> PackResult:
+        """Take the slides still waiting (those never finished are left out), drain the windows, commit."""
+        if not self.complete:
+            while self.next < len(self.order):
+                slide_id = self.order[self.next]
+                if slide_id in self.arrived:
+                    self._consume(self.arrived.pop(slide_id))
+                else:
+                    self.consumed.append([slide_id, "", "", "absent"])
+                    self.taken.add(slide_id)
+                self.next += 1
+            for stream in self.streams.values():
+                while stream.window:
+                    self._draw(stream)
+                if stream.writer is not None:
+                    before = len(stream.writer.shards)
+                    stream.writer.close()
+                    if len(stream.writer.shards) > before:
+                        self._committed(stream, checkpoint=False)
+            self.complete = True
+            for stream in self.streams.values():
+                stream.snapshot = stream.state()
+            self._checkpoint()
+            self._release_all()
+        shards = [s for stream in self.streams.values() if stream.writer is not None for s in stream.writer.shards]
+        n_samples = {
+            name: sum(s.n_samples for s in shards if s.split == name and s.format == "wds")
+            for name in schema.SPLITS
+            if any(s.split == name for s in shards)
+        }
+        return PackResult(
+            shards=shards,
+            counts_dtype=self.counts_dtype,
+            samples_per_shard=self.per_shard or self.settings.samples_per_shard,
+            n_samples=n_samples,
+            tar_dtypes=self.tar_dtypes or schema.TarDtypes(),
+            duplicates=dict(self.duplicates),
+            packed=[u.slide_id for u in self.kept],
+        )
+
+    def _consume(self, unit: UnitResult) -> None:
+        digest = unit.content_digest
+        if unit.status != "built" or unit.n_samples == 0 or self.splits.get(unit.slide_id) is None:
+            outcome = "skipped"
+        elif digest and digest in self.corpus_digests:
+            outcome = f"duplicate:{self.corpus_digests[digest]}"
+        elif digest and digest in self.seen:
+            outcome = f"duplicate:{self.seen[digest]}"
+        else:
+            outcome = "kept"
+        self.consumed.append([unit.slide_id, unit.unit_key, digest, outcome])
+        self.taken.add(unit.slide_id)
+        if outcome.startswith("duplicate:"):
+            self.duplicates[unit.slide_id] = outcome.split(":", 1)[1]
+        if outcome != "kept":
+            if unit.status == "built":
+                self.releasable.append(unit.slide_id)
+            return
+        if unit.counts_dtype != "int32" and self.counts_dtype == "int32":
+            raise SettingsError(
+                f"slide {unit.slide_id} has non-integer counts but the corpus in {self.out} stores int32 counts: "
+                + (
+                    "rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
+                    if self.generation
+                    else "declare `counts: normalized` for it in its manifest"
+                )
+            )
+        if digest:
+            self.seen[digest] = unit.slide_id
+        self.kept.append(unit)
+        if self.per_shard:  # past the first draw: the dtypes must hold this slide
+            self._fit(unit)
+        self._take(self.streams[self.splits[unit.slide_id]], unit)
+
+    def _take(self, stream: _Split, unit: UnitResult) -> None:
+        stream.window.append(_Open(unit, self._rows(stream.name, unit)))
+        stream.position += 1
+        self._drain_full(stream)
+
+    def _drain_full(self, stream: _Split) -> None:
+        """Draw while the split's window is full."""
+        # Slide order always drains the oldest slide first: one open slide gives the same bytes.
+        while len(stream.window) >= (1 if self.settings.order == "slide" else self.settings.window):
+            self._draw(stream)
+
+    def _rows(self, split: str, unit: UnitResult) -> npt.NDArray[np.int64]:
+        return slide_rows(
+            unit.n_samples, order=self.settings.order, seed=self.settings.seed, split=split, slide_id=unit.slide_id
+        )
+
+    def _draw(self, stream: _Split) -> None:
+        if not self.per_shard:
+            self._fix_layout()
+        pick = 0 if self.settings.order == "slide" else int(stream.rng.integers(len(stream.window)))
+        slot = stream.window[pick]
+        row = slot.rows[slot.cursor]
+        slot.cursor += 1
+        if slot.cursor == len(slot.rows):
+            stream.window.pop(pick)
+            stream.exhausted.append(slot.unit.slide_id)
+        sample = self.cache.source(slot.unit).samples(np.asarray([row]), split=stream.name)[0]
+        if stream.writer is None:
+            stream.writer = self._writer(stream, first=stream.first_index)
+        before = len(stream.writer.shards)
+        stream.writer.add(sample)
+        stream.drawn += 1
+        self.n_packed += 1
+        if len(stream.writer.shards) > before:
+            self._committed(stream)
+
+    def _committed(self, stream: _Split, *, checkpoint: bool = True) -> None:
+        done, stream.exhausted = stream.exhausted, []
+        stream.snapshot = stream.state()
+        if checkpoint:
+            self._checkpoint()
+            for slide_id in done:
+                self._release(slide_id)
+            for slide_id in self.releasable:
+                self._release(slide_id)
+            self.releasable = []
+        else:
+            stream.exhausted = done  # released once the final checkpoint is written
+
+    def _writer(self, stream: _Split, *, first: int) -> ShardWriter:
+        return ShardWriter(
+            self.out,
+            split=stream.name,
+            counts_dtype=self.counts_dtype,
+            settings=ShardSettings(
+                samples_per_shard=self.per_shard, row_group_size=min(self.settings.row_group_size, self.per_shard)
+            ),
+            tar_dtypes=self.tar_dtypes,
+            first_index=first,
+            generation=self.generation,
+        )
+
+    def _fix_layout(self) -> None:
+        """Shard size and dtypes from the slides taken so far (at the first draw: the same point every run)."""
+        self.per_shard = shard_size(self.kept, self.settings)
+        if self.fixed_dtypes is None:
+            needed = [self._need(u) for u in self.kept]
+            dtypes = needed[0]
+            for other in needed[1:]:
+                dtypes = _widest(dtypes, other)
+            self.tar_dtypes = dtypes
+        else:
+            for unit in self.kept:
+                self._fit(unit)
+
+    def _need(self, unit: UnitResult) -> schema.TarDtypes:
+        return unit_tar_dtypes(self.work, unit, gene_index=self.gene_index, counts_dtype=self.counts_dtype)
+
+    def _fit(self, unit: UnitResult) -> None:
+        assert self.tar_dtypes is not None
+        needed = self._need(unit)
+        if _fits(needed, self.tar_dtypes):
+            return
+        if self.fixed_dtypes is not None:
+            raise SettingsError(
+                f"appended slide {unit.slide_id} needs expr.npz dtypes {needed.record()} but the corpus in {self.out} "
+                f"stores {self.tar_dtypes.record()}: rebuild the whole corpus with `curate build --reshuffle` "
+                "(or `--overwrite`)"
+            )
+        self.tar_dtypes = _widest(self.tar_dtypes, needed)
+        log.info("slide %s widens the tar dtypes to %s: rewriting the tar shards", unit.slide_id, self.tar_dtypes)
+        for stream in self.streams.values():
+            if stream.writer is not None:
+                stream.writer.retype(self.tar_dtypes)
+                if stream.snapshot is not None:
+                    stream.snapshot["shards"] = [
+                        s.row() for s in stream.writer.shards[: len(stream.snapshot["shards"])]
+                    ]
+        self._checkpoint()
+
+    def _release(self, slide_id: str) -> None:
+        self.cache.forget(slide_id)
+        if self.release:
+            self.work.release_samples(slide_id)
+
+    def _release_all(self) -> None:
+        for stream in self.streams.values():
+            for slide_id in stream.exhausted:
+                self._release(slide_id)
+            stream.exhausted = []
+        for slide_id in self.releasable:
+            self._release(slide_id)
+        self.releasable = []
+
+
+def _tar_dtypes(record: Mapping[str, str]) -> schema.TarDtypes:
+    return schema.TarDtypes(
+        genes=record[schema.Expr.GENES.value],
+        counts=record[schema.Expr.COUNTS.value],
+        niche_counts=record[schema.Expr.NICHE_COUNTS.value],
+    )
 
 
 def pack(
@@ -355,38 +796,20 @@ def pack(
     splits: Mapping[str, str],
     gene_index: GeneIndex,
     settings: PackSettings,
-    workers: int = 1,
-    progress: Any = None,
     generation: int = 0,
     first_index: Mapping[str, int] | None = None,
     tar_dtypes: schema.TarDtypes | None = None,
     counts_dtype: str | None = None,
     drop_outside_vocabulary: bool = False,
 ) -> PackResult:
-    """Write the shards of every split from the built ``units`` (``splits`` maps slide id -> split).
-
-    ``gene_index`` maps each slide's measured Ensembl ids onto the corpus vocabulary. Every
-    shard's samples are fixed by the seeded order before anything is written, so ``workers``
-    processes write shards side by side and the bytes are the same as with one.
+    """Pack every unit of ``units`` at once (``StreamPack`` fed in ``consumption_order``; units kept).
 
     ``generation`` > 0 appends: the shards of each split are numbered from ``first_index[split]``
     (one past the split's last existing shard), every existing shard below that number is left
     untouched, and only files at or above it (left by a killed append) are removed first.
     ``tar_dtypes`` and ``counts_dtype`` then must be the corpus's recorded dtypes (one choice per
     corpus); appended slides whose counts do not fit them raise ``SettingsError``.
-    ``drop_outside_vocabulary`` (an append keeps the corpus's ``gene_index``) drops the genes a
-    slide measured outside it instead of raising; the caller counts and reports them.
     """
-    if generation < 0:
-        raise SettingsError(f"generation must be >= 0, not {generation}")
-    starts = dict(first_index or {})
-    if generation == 0:
-        if starts:
-            raise SettingsError("first_index is for appends (generation > 0); a first build numbers shards from 0")
-        for stale in (out / schema.WDS_DIR, out / schema.PARQUET_DIR):
-            shutil.rmtree(stale, ignore_errors=True)
-    else:
-        _remove_from(out, starts)
     measured_dtype = corpus_counts_dtype(units)
     if counts_dtype is None:
         counts_dtype = measured_dtype
@@ -395,76 +818,30 @@ def pack(
             f"the appended slides have non-integer counts but the corpus in {out} stores int32 counts: "
             "rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
         )
-    needed = corpus_tar_dtypes(work, units, gene_index=gene_index, counts_dtype=counts_dtype)
-    if tar_dtypes is None:
-        tar_dtypes = needed
-    elif not _fits(needed, tar_dtypes):
-        raise SettingsError(
-            f"the appended slides need expr.npz dtypes {needed.record()} but the corpus in {out} stores "
-            f"{tar_dtypes.record()}: rebuild the whole corpus with `curate build --reshuffle` (or `--overwrite`)"
-        )
-    per_shard = shard_size(units, settings)
-    context = _PackContext(
-        out=str(out),
-        work_root=str(work.root),
-        vocabulary_ids=gene_index.ids,
+    stream = StreamPack(
+        out,
+        work=work,
+        order=consumption_order(units),
+        splits=splits,
+        gene_index=gene_index,
+        settings=settings,
         counts_dtype=counts_dtype,
-        shard_settings=ShardSettings(
-            samples_per_shard=per_shard, row_group_size=min(settings.row_group_size, per_shard)
-        ),
-        tar_dtypes=tar_dtypes,
         generation=generation,
+        first_index=first_index,
+        tar_dtypes=tar_dtypes,
         drop_outside_vocabulary=drop_outside_vocabulary,
     )
-    jobs: list[_ShardJob] = []
-    n_samples: dict[str, int] = {}
-    for split in schema.SPLITS:
-        members = sorted(
-            (u for u in units if splits.get(u.slide_id) == split and u.n_samples > 0), key=lambda u: u.slide_id
-        )
-        if not members:
-            continue
-        slide_ids = tuple(u.slide_id for u in members)
-        slide_pos, rows = sample_order(
-            [u.n_samples for u in members], order=settings.order, seed=settings.seed, split=split
-        )
-        n_samples[split] = len(rows)
-        first = starts.get(split, 0)
-        for index, chunk in enumerate(_chunks(len(rows), per_shard), start=first):
-            jobs.append(_ShardJob(split, index, slide_ids, slide_pos[chunk], rows[chunk]))
-    shards: list[ShardInfo] = []
-    if workers <= 1 or len(jobs) <= 1:
-        cache = _SlideCache(context)
-        for job in jobs:
-            shards.extend(_write_shard(cache, job))
-            if progress is not None:
-                progress.update(len(job.rows))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context_spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context_spawn, initializer=_init_worker, initargs=(context,)
-        ) as pool:
-            # map keeps the jobs' order, so shards.parquet lists shards as a serial pack would.
-            for job, written in zip(jobs, pool.map(_write_shard_in_worker, jobs), strict=True):
-                shards.extend(written)
-                if progress is not None:
-                    progress.update(len(job.rows))
-    return PackResult(
-        shards=shards,
-        counts_dtype=counts_dtype,
-        samples_per_shard=per_shard,
-        n_samples=n_samples,
-        tar_dtypes=tar_dtypes,
-    )
+    stream._start_over()
+    by_id = {u.slide_id: u for u in units}
+    for slide_id in stream.order:
+        stream.add(by_id[slide_id])
+    return stream.finish()
 
 
-def _remove_from(out: Path, starts: Mapping[str, int]) -> None:
-    """Delete shard files numbered at or above ``starts[split]`` (what a killed append left)."""
+def _remove_from(out: Path, starts: Mapping[str, int], *, only: str | None = None) -> None:
+    """Delete shard files numbered at or above ``starts[split]`` (what a killed append left); ``only``: one split."""
     for fmt in schema.FORMATS:
-        for split in schema.SPLITS:
+        for split in schema.SPLITS if only is None else (only,):
             folder = out / Path(schema.shard_path(fmt, split, 0)).parent
             if not folder.is_dir():
                 continue
@@ -488,8 +865,3 @@ def _fits(needed: schema.TarDtypes, stored: schema.TarDtypes) -> bool:
     return all(
         np.can_cast(np.dtype(value), np.dtype(recorded[key]), casting="safe") for key, value in needed.record().items()
     )
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))

@@ -35,7 +35,7 @@ import platform
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,7 +46,7 @@ from stcorpus.curate.build.append import (
     GENERATIONS_KEY,
     Existing,
     check_settings,
-    duplicates_of_existing,
+    corpus_digests,
     generation_record,
     genes_outside,
     merged_manifests,
@@ -55,7 +55,7 @@ from stcorpus.curate.build.append import (
     split_new,
 )
 from stcorpus.curate.build.executors import LocalExecutor, UnitExecutor
-from stcorpus.curate.build.pack import PackSettings, pack
+from stcorpus.curate.build.pack import PackSettings, StreamPack, consumption_order
 from stcorpus.curate.build.splits import DEFAULT, SplitSettings, resolve_holdout
 from stcorpus.curate.build.unit import UnitSettings, pins_inputs, reusable_unit, slide_row
 from stcorpus.curate.build.workdir import BuildRecord, UnitResult, WorkDir
@@ -103,6 +103,9 @@ class BuildSettings:
     append: bool = False
     #: Rebuild every shard in one shuffle over all slides, whatever manifests the corpus had (units reused).
     reshuffle: bool = False
+    #: Keep every unit's samples in the work folder after the pack (default: deleted once packed, so the
+    #: build's disk stays bounded; a later --reshuffle or changed pack settings then rebuilds the units).
+    keep_units: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -206,15 +209,31 @@ def run_units(
     executor: UnitExecutor,
     on_result: Callable[[UnitResult], bool] | None = None,
     reused: set[str] | None = None,
+    known: Mapping[str, UnitResult | None] | None = None,
+    packed: Collection[str] = (),
 ) -> dict[str, UnitResult]:
     """Run (or reuse) the unit of every sample; ``on_result`` returning False stops the rest.
 
-    The ids of the slides whose finished units were reused are added to ``reused``.
+    The ids of the slides whose finished units were reused are added to ``reused``. ``known``:
+    each sample's reusable unit when the caller looked already (``unit.reusable_unit``). A built
+    unit whose samples the pack deleted is reused only for the slides in ``packed`` (those the
+    pack does not need again); the others run again.
     """
     results: dict[str, UnitResult] = {}
     pending: list[Sample] = []
     for sample in samples:
-        done = reusable_unit(sample, work=work, settings=settings.unit, fetch=fetch)
+        if known is not None and sample.id in known:
+            done = known[sample.id]
+        else:
+            done = reusable_unit(sample, work=work, settings=settings.unit, fetch=fetch)
+        if (
+            done is not None
+            and done.status == "built"
+            and done.n_samples
+            and sample.id not in packed
+            and not work.has_samples(sample.id)
+        ):
+            done = None  # its samples were packed into shards this build no longer keeps
         if done is not None:
             results[sample.id] = done
             if reused is not None:
@@ -414,62 +433,8 @@ def build(
     if no_reader:
         log.warning("%s", no_reader)
 
-    # units
-    progress = _progress(len(todo), enabled=settings.progress)
-    first_bad: list[UnitResult] = []
-
-    totals: Counter[str] = Counter()
-
-    def on_result(result: UnitResult) -> bool:
-        totals[result.status] += 1
-        totals["tiles"] += result.n_samples
-        totals["bytes"] += result.sample_bytes
-        progress.set_postfix_str(
-            f"{totals['built']} built, {totals['quarantined']} quarantined, {totals['failed']} failed; "
-            f"{totals['tiles']:,} tiles, {totals['bytes'] / 1e6:,.0f} MB",
-            refresh=False,
-        )
-        progress.update(1)
-        if result.status != "built":
-            if settings.on_bad_sample == "warn" or result.status == "failed":
-                log.warning("slide %s %s: %s", result.slide_id, result.status, result.reason)
-            else:
-                log.info("slide %s %s: %s", result.slide_id, result.status, result.reason)
-            if settings.on_bad_sample == "error":
-                first_bad.append(result)
-                return False
-        return True
-
-    reused: set[str] = set()
-    try:
-        executor = executor or LocalExecutor(settings.workers)
-        log.info("units run on %s", executor.describe())
-        results = run_units(
-            todo, work=work, settings=settings, fetch=fetch, executor=executor, on_result=on_result, reused=reused
-        )
-    finally:
-        progress.close()
-    summary.reused_units = len(reused)
-    if first_bad:
-        bad = first_bad[0]
-        raise BuildError(
-            f"slide {bad.slide_id} {bad.status}: {bad.reason} (on_bad_sample=error stops the build at the "
-            "first bad slide; use --on-bad-sample skip to build the others and report this one)"
-        )
-
-    # deduplicate (against the corpus's slides too when appending), vocabulary, pack
-    built = [results[s.id] for s in todo if results[s.id].status == "built"]
-    duplicates = duplicates_of_existing(built, existing) if existing is not None else {}
-    duplicates |= find_duplicates([u for u in built if u.slide_id not in duplicates])
-    kept = [u for u in built if u.slide_id not in duplicates]
-    name = settings.name or out.resolve().name
-    references = {s.id: s.reference_mpp for s in plan.samples}
-    if not kept and existing is None:
-        rows = _slide_rows(plan, results, duplicates, measured={})
-        _write_slides(out, rows)
-        _count(summary, rows, built, references)
-        _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
-        raise BuildError(_nothing_built(results, plan.excluded))
+    # The pack runs as units finish (pack.StreamPack): its vocabulary, counts dtype and slide order
+    # are known before any slide is built.
     import numpy as np
 
     from stcorpus.curate.genes import (
@@ -482,10 +447,103 @@ def build(
         with_measured,
     )
 
+    panel = list(settings.unit.genes.panel) if settings.unit.genes.panel else None
+    base_vocabulary = existing.vocabulary if existing is not None else build_vocabulary([], panel=panel)
+    index = GeneIndex(base_vocabulary)
+    if existing is not None:
+        counts_dtype = existing.counts_dtype
+    else:
+        # float32 only where a manifest declares transformed counts (the readers refuse other non-integers).
+        counts_dtype = "float32" if any(s.counts == "normalized" for s in todo) else "int32"
+    known = {s.id: reusable_unit(s, work=work, settings=settings.unit, fetch=fetch, need_samples=False) for s in todo}
+    stream = StreamPack(
+        out,
+        work=work,
+        order=consumption_order([{"slide_id": s.id, "source": s.source} for s in todo]),
+        splits={s.id: str(plan.splits[s.id]) for s in todo},
+        gene_index=index,
+        settings=settings.pack,
+        counts_dtype=counts_dtype,
+        generation=existing.next_generation if existing is not None else 0,
+        first_index=existing.first_index() if existing is not None else None,
+        tar_dtypes=existing.tar_dtypes if existing is not None else None,
+        drop_outside_vocabulary=existing is not None,
+        corpus_digests=corpus_digests(existing) if existing is not None else None,
+        release=not settings.keep_units,
+    )
+    packed_already = stream.resume(known)
+
+    # units, packed as they finish
+    progress = _progress(len(todo), enabled=settings.progress)
+    first_bad: list[UnitResult] = []
+
+    totals: Counter[str] = Counter()
+
+    def on_result(result: UnitResult) -> bool:
+        totals[result.status] += 1
+        totals["tiles"] += result.n_samples
+        totals["bytes"] += result.sample_bytes
+        if result.status != "built":
+            if settings.on_bad_sample == "warn" or result.status == "failed":
+                log.warning("slide %s %s: %s", result.slide_id, result.status, result.reason)
+            else:
+                log.info("slide %s %s: %s", result.slide_id, result.status, result.reason)
+            if settings.on_bad_sample == "error":
+                first_bad.append(result)
+                progress.update(1)
+                return False
+        stream.add(result)
+        progress.set_postfix_str(
+            f"{totals['built']} built, {totals['quarantined']} quarantined, {totals['failed']} failed; "
+            f"{totals['tiles']:,} tiles, {totals['bytes'] / 1e6:,.0f} MB; {stream.n_packed:,} packed",
+            refresh=False,
+        )
+        progress.update(1)
+        return True
+
+    reused: set[str] = set()
+    try:
+        executor = executor or LocalExecutor(settings.workers)
+        log.info("units run on %s", executor.describe())
+        results = run_units(
+            todo,
+            work=work,
+            settings=settings,
+            fetch=fetch,
+            executor=executor,
+            on_result=on_result,
+            reused=reused,
+            known=known,
+            packed=packed_already,
+        )
+    finally:
+        progress.close()
+    summary.reused_units = len(reused)
+    if first_bad:
+        bad = first_bad[0]
+        raise BuildError(
+            f"slide {bad.slide_id} {bad.status}: {bad.reason} (on_bad_sample=error stops the build at the "
+            "first bad slide; use --on-bad-sample skip to build the others and report this one)"
+        )
+    packed = stream.finish()
+
+    # deduplicated (against the corpus's slides too when appending) as packed; the vocabulary's `measured`
+    built = [results[s.id] for s in todo if results[s.id].status == "built"]
+    duplicates = packed.duplicates
+    in_shards = set(packed.packed)
+    kept = [results[s.id] for s in todo if s.id in in_shards]
+    name = settings.name or out.resolve().name
+    references = {s.id: s.reference_mpp for s in plan.samples}
+    if not kept and existing is None:
+        rows = _slide_rows(plan, results, duplicates, measured={})
+        _write_slides(out, rows)
+        _count(summary, rows, built, references)
+        _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
+        raise BuildError(_nothing_built(results, plan.excluded))
+
     # The references' genes (of the panels), and which of them the slides built here measured.
     built_vocabulary = build_vocabulary(
-        [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept],
-        panel=list(settings.unit.genes.panel) if settings.unit.genes.panel else None,
+        [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept], panel=panel
     )
     write_vocabulary = existing is None
     if existing is not None:
@@ -522,26 +580,7 @@ def build(
     else:
         vocabulary = built_vocabulary
         outside = {}
-    index = GeneIndex(vocabulary)
-    pack_progress = _progress(sum(u.n_samples for u in kept), enabled=settings.progress, unit="samples")
-    try:
-        packed = pack(
-            out,
-            work=work,
-            units=kept,
-            splits={u.slide_id: str(plan.splits[u.slide_id]) for u in kept},
-            gene_index=index,
-            settings=settings.pack,
-            workers=settings.workers,
-            progress=pack_progress,
-            generation=existing.next_generation if existing is not None else 0,
-            first_index=existing.first_index() if existing is not None else None,
-            tar_dtypes=existing.tar_dtypes if existing is not None else None,
-            counts_dtype=existing.counts_dtype if existing is not None else None,
-            drop_outside_vocabulary=existing is not None,
-        )
-    finally:
-        pack_progress.close()
+        assert vocabulary_digest(vocabulary) == vocabulary_digest(base_vocabulary), "measured genes moved indices"
     shards = [*(existing.shards if existing is not None else []), *packed.shards]
     write_shard_index(out, shards)
     for warning in hub_layout_warnings(shards):
@@ -721,26 +760,6 @@ def _ids(gene_ids: Iterable[str]) -> Any:
     return np.asarray(list(gene_ids), dtype=np.str_)
 
 
-def find_duplicates(units: Sequence[UnitResult]) -> dict[str, str]:
-    """Slides whose counts fingerprint equals that of an earlier-kept slide: slide id -> kept id.
-
-    The kept copy is the first by (source preference, slide id); sources earlier in
-    ``SOURCE_PREFERENCE`` are kept over later ones.
-    """
-    by_digest: dict[str, list[UnitResult]] = {}
-    for unit in units:
-        if unit.content_digest:
-            by_digest.setdefault(unit.content_digest, []).append(unit)
-    duplicates: dict[str, str] = {}
-    for group in by_digest.values():
-        if len(group) < 2:
-            continue
-        ordered = sorted(group, key=lambda u: (_source_rank(str(u.slide.get("source"))), u.slide_id))
-        for unit in ordered[1:]:
-            duplicates[unit.slide_id] = ordered[0].slide_id
-    return duplicates
-
-
 #: Distributions whose versions decide the bytes a build writes (decoding, resampling, JPEG
 #: encoding, h5/h5ad and TIFF reading, Parquet writing).
 BYTE_DEPENDENCIES = (
@@ -775,13 +794,6 @@ def software_versions() -> dict[str, str]:
 
 
 #: Which copy of a duplicated slide is kept: the original release first, re-distributions after.
-SOURCE_PREFERENCE = ("10x", "geo", "hest", "stimage")
-
-
-def _source_rank(source: str) -> int:
-    return SOURCE_PREFERENCE.index(source) if source in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE)
-
-
 def _nothing_built(results: Mapping[str, UnitResult], excluded: Mapping[str, str]) -> str:
     """Why a build has no slide to pack: every slide's reason (the first 10 of each kind)."""
     kinds = [

@@ -190,9 +190,14 @@ def _same_inputs(recorded: list[dict[str, Any]], current: list[dict[str, Any]]) 
     return key(recorded) == key(current)
 
 
-def reusable_unit(sample: Sample, *, work: WorkDir, settings: UnitSettings, fetch: FetchSettings) -> UnitResult | None:
-    """The sample's finished unit when its identity matches and its inputs are unchanged (no network)."""
-    done = work.reusable(sample.id, unit_key(sample, settings))
+def reusable_unit(
+    sample: Sample, *, work: WorkDir, settings: UnitSettings, fetch: FetchSettings, need_samples: bool = True
+) -> UnitResult | None:
+    """The sample's finished unit when its identity matches and its inputs are unchanged (no network).
+
+    ``need_samples=False`` also returns a built unit whose samples the pack released (``WorkDir.reusable``).
+    """
+    done = work.reusable(sample.id, unit_key(sample, settings), need_samples=need_samples)
     if done is None:
         return None
     current = known_inputs(sample, fetch)

@@ -7,6 +7,9 @@ Layout (``<out>/.work/`` by default)::
     units/<slide_id>/samples.arrow   the slide's samples (Arrow IPC, uncompressed: memory-mapped by pack;
                                      schema ``unit_sample_schema``)
     units/<slide_id>/qc/*.png        the slide's QC plots (thumbnail with spots, patch montage)
+    units/<slide_id>/stats.arrow     what the QC report needs of the samples (total counts, genes per
+                                     sample), left when the pack released samples.arrow
+    pack.json                        the streaming pack's checkpoint (``pack.StreamPack``)
 
 A unit is written into ``units/.<slide_id>.<pid>.tmp/`` and renamed into place in one step, so a
 unit folder that exists is complete: a build killed at any moment leaves at most a temporary
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 UNIT_FORMAT: Final = "stcorpus-unit/2"
 RESULT_FILE: Final = "result.json"
 SAMPLES_FILE: Final = "samples.arrow"
+#: What is left of a unit's samples once they are packed (``WorkDir.release_samples``).
+STATS_FILE: Final = "stats.arrow"
+STATS_COLUMNS: Final = ("total_counts", "n_genes")
 QC_SUBDIR: Final = "qc"
 BUILD_RECORD_FILE: Final = "build.json"
 
@@ -158,13 +164,17 @@ class WorkDir:
             return None
         return UnitResult.from_json(text)
 
-    def reusable(self, slide_id: str, unit_key: str) -> UnitResult | None:
+    def reusable(self, slide_id: str, unit_key: str, *, need_samples: bool = True) -> UnitResult | None:
         """The finished unit of a slide if it has this identity and need not be retried (not ``failed``).
 
-        Whether its inputs are still the sources' bytes is for the caller to check (``unit.reusable_unit``).
+        A built unit whose samples the pack released counts only without ``need_samples`` (the
+        pack, which knows it packed them). Whether its inputs are still the sources' bytes is for
+        the caller to check (``unit.reusable_unit``).
         """
         result = self.result(slide_id)
         if result is None or result.unit_key != unit_key or result.status == "failed":
+            return None
+        if need_samples and result.status == "built" and result.n_samples and not self.has_samples(slide_id):
             return None
         return result
 
@@ -207,9 +217,39 @@ class WorkDir:
         source = pa.memory_map(str(self.unit_dir(slide_id) / SAMPLES_FILE), "r")
         return pa.ipc.open_file(source).read_all()
 
+    def has_samples(self, slide_id: str) -> bool:
+        """Whether a unit's samples are still on disk (the pack deletes them once packed)."""
+        return (self.unit_dir(slide_id) / SAMPLES_FILE).is_file()
+
+    def release_samples(self, slide_id: str) -> int:
+        """Delete a packed unit's ``samples.arrow``, keeping its QC statistics; returns the bytes freed.
+
+        The result and QC plots stay: the unit is still the slide's record (reused by the next
+        build of the same inputs, read by the QC report).
+        """
+        import pyarrow as pa
+
+        folder = self.unit_dir(slide_id)
+        path = folder / SAMPLES_FILE
+        if not path.is_file():
+            return 0
+        size = path.stat().st_size
+        stats = self.samples(slide_id).select(list(STATS_COLUMNS))
+        tmp = folder / f".{STATS_FILE}.{_writer_tag()}.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, stats.schema) as writer:
+            writer.write_table(stats)
+        tmp.replace(folder / STATS_FILE)
+        path.unlink()
+        return size
+
     def histograms(self, slide_id: str) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.integer]]:
         """Total counts and detected genes of a built unit's samples, for the QC report."""
-        table = self.samples(slide_id)
+        import pyarrow as pa
+
+        if self.has_samples(slide_id):
+            table = self.samples(slide_id)
+        else:
+            table = pa.ipc.open_file(pa.memory_map(str(self.unit_dir(slide_id) / STATS_FILE), "r")).read_all()
         return table.column("total_counts").to_numpy(), table.column("n_genes").to_numpy()
 
     def results(self) -> Iterator[UnitResult]:
@@ -226,6 +266,7 @@ class WorkDir:
         """Delete every unit (``curate build --overwrite``: the folder built another corpus)."""
         shutil.rmtree(self.units, ignore_errors=True)
         self.record_path.unlink(missing_ok=True)
+        (self.root / "pack.json").unlink(missing_ok=True)  # pack.CHECKPOINT_FILE: the shards it described are gone
 
     @property
     def record_path(self) -> Path:

@@ -165,6 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "corpus holds), reusing finished slides: the bytes of a fresh build of those manifests",
     )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
+    parser.add_argument(
+        "--keep-units",
+        action="store_true",
+        help="keep every slide's samples in the work folder (default: deleted once packed into shards, so the "
+        "build's disk stays bounded; a later --reshuffle or other shard settings then rebuild the slides)",
+    )
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     group = parser.add_argument_group("downloads")
     group.add_argument(
@@ -295,6 +301,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--order", choices=("shuffled", "slide"), default=pack.order, help="sample order (default shuffled)"
     )
+    group.add_argument(
+        "--shuffle-window",
+        type=_positive,
+        default=pack.window,
+        metavar="N",
+        help=f"slides each split draws samples from at once in the shuffled order (default {pack.window}): more mixes "
+        "better and keeps more slides' samples on disk until packed",
+    )
     group.add_argument("--samples-per-shard", type=int, default=pack.samples_per_shard, help="(default 10000)")
     group.add_argument(
         "--max-shard-mb", type=float, default=pack.max_shard_bytes / 1024**2, help="shard size cap in MiB (default 768)"
@@ -379,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             max_shard_bytes=int(args.max_shard_mb * 1024**2),
             seed=args.seed,
+            window=args.shuffle_window,
         ),
         holdout=args.holdout,
         work_dir=args.work_dir,
@@ -386,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         append=args.append,
         reshuffle=args.reshuffle,
+        keep_units=args.keep_units,
         progress=not args.no_progress,
     )
     fetch = FetchSettings(
