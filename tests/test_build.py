@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stcorpus import schema
+from stcorpus.curate.build.pack import PackSettings
 from stcorpus.curate.build.pipeline import BuildSettings, Selection, build
 from stcorpus.curate.errors import BuildError
 from tests.build_fixtures import bad_slides, good_slides, hest_entry, manifest
@@ -226,6 +227,44 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert digests(out) == digests(reference)
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial") or p.name.endswith(".tmp")]
+
+
+def test_the_pack_streams_releases_units_and_a_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """Shards are written while slides still build; a packed slide's samples leave the work folder."""
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 4))
+    options = ["--shuffle-window", "2", "--samples-per-shard", "7"]
+    reference = tmp_path / "reference"
+    command = [sys.executable, "-m", "stcorpus.curate", "-q", "build", str(path), "--name", "c", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([*command, "--out", str(reference), *options], env=env, cwd=ROOT, check=False)
+    assert done.returncode == 0
+    kept = sorted(p.parent.name for p in (reference / ".work" / "units").glob("*/samples.arrow"))
+    assert len(kept) == 4  # kept by default
+    options.append("--release-units")
+    out = tmp_path / "streamed"
+    process = subprocess.Popen([*command, "--out", str(out), *options], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    released: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        released = list((out / ".work" / "units").glob("*/stats.arrow"))
+        if released:
+            break  # a slide was packed and released while the others still build
+        time.sleep(0.02)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert released, "no slide was released before the build ended"
+    _complete_shards_only(out)
+    finished = subprocess.run([*command, "--out", str(out), *options], env=env, cwd=ROOT, check=False)
+    assert finished.returncode == 0
+    assert digests(out) == digests(reference)
+    assert not list((out / ".work" / "units").glob("*/samples.arrow"))
+    # A finished build run again reuses every slide (none is rebuilt although their samples are gone).
+    settings = BuildSettings(
+        progress=False, name="c", pack=PackSettings(window=2, samples_per_shard=7), release_units=True
+    )
+    summary = build([path], out=out, settings=settings)
+    assert summary.reused_units == 4 and digests(out) == digests(reference)
 
 
 def test_bad_slides_are_quarantined_with_reasons(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ class PackSettings:
             raise SettingsError(f"order must be 'shuffled' or 'slide', not {self.order!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise SettingsError(
-                f"the shuffle window must be at least one slide (curate build --window), not {self.window!r}"
+                f"the shuffle window must be at least one slide (curate build --shuffle-window), not {self.window!r}"
             )
         if self.samples_per_shard < 1 or self.max_shard_bytes < 1 or self.row_group_size < 1:
             raise SettingsError(

@@ -103,9 +103,11 @@ class BuildSettings:
     append: bool = False
     #: Rebuild every shard in one shuffle over all slides, whatever manifests the corpus had (units reused).
     reshuffle: bool = False
-    #: Keep every unit's samples in the work folder after the pack (default: deleted once packed, so the
-    #: build's disk stays bounded; a later --reshuffle or changed pack settings then rebuilds the units).
-    keep_units: bool = False
+    #: Delete each slide's samples from the work folder once they are packed (``--release-units``): the
+    #: build's disk stays bounded, but a rerun that repacks (a changed, added or retried slide,
+    #: --reshuffle) builds the released slides again. Default: kept, so such a rerun rebuilds only
+    #: the slides that changed.
+    release_units: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -469,7 +471,7 @@ def build(
         tar_dtypes=existing.tar_dtypes if existing is not None else None,
         drop_outside_vocabulary=existing is not None,
         corpus_digests=corpus_digests(existing) if existing is not None else None,
-        release=not settings.keep_units,
+        release=settings.release_units,
     )
     packed_already = stream.resume(known)
 

@@ -166,10 +166,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--work-dir", type=Path, help="per-slide work folder (default: <out>/.work)")
     parser.add_argument(
-        "--keep-units",
+        "--release-units",
         action="store_true",
-        help="keep every slide's samples in the work folder (default: deleted once packed into shards, so the "
-        "build's disk stays bounded; a later --reshuffle or other shard settings then rebuild the slides)",
+        help="delete each slide's samples from the work folder once packed into shards, so the build's disk stays "
+        "bounded (a rerun that repacks, after a changed, added or failed slide or with --reshuffle, then builds "
+        "the released slides again; default: kept)",
     )
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     group = parser.add_argument_group("downloads")
@@ -401,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         append=args.append,
         reshuffle=args.reshuffle,
-        keep_units=args.keep_units,
+        release_units=args.release_units,
         progress=not args.no_progress,
     )
     fetch = FetchSettings(
