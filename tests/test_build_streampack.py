@@ -268,3 +268,73 @@ def test_retyped_tar_shards_are_the_bytes_written_in_the_wider_dtypes(tmp_path: 
     retyped.close()
     assert [(s.path, s.sha256, s.bytes) for s in retyped.shards] == [(s.path, s.sha256, s.bytes) for s in direct.shards]
     assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def _rerun(out: Path, work: WorkDir, units: list[UnitResult], rebuild: dict[str, int]) -> tuple[set[str], set[str]]:
+    """Resume a released pack over ``units``; rebuild (as a unit would) what it needs whose samples are gone."""
+    again = stream(out, work, units, release=True)
+    not_needed = again.resume({u.slide_id: u if u.status != "failed" else None for u in units})
+    rebuilt = set()
+    for unit in units:
+        if unit.slide_id not in not_needed and not work.has_samples(unit.slide_id) and unit.status == "built":
+            fake_unit(work, unit.slide_id, rebuild[unit.slide_id], GENES)
+            rebuilt.add(unit.slide_id)
+        again.add(unit)
+    again.finish()
+    return not_needed, rebuilt
+
+
+def test_an_edited_slide_repacks_from_its_place_on_and_reuses_the_slides_before(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    work.prepare()
+    units = units_of(work, 10)
+    sizes = {u.slide_id: u.n_samples for u in units}
+    out = tmp_path / "out"
+    first = stream(out, work, units, release=True)
+    first.resume({})
+    for unit in units:
+        first.add(unit)
+    first.finish()
+    # S7 changes (its entry, its counts): what a fresh pack of the new slides writes.
+    edited = fake_unit(work, "S7", 11, GENES)
+    edited.unit_key = "edited"
+    work.commit(work.begin("S7"), edited)  # result only: its samples were written by fake_unit above
+    sizes["S7"] = 11
+    new_units = [edited if u.slide_id == "S7" else u for u in units]
+    fresh_work = WorkDir(tmp_path / "fresh-work")
+    fresh_work.prepare()
+    fresh_units = [fake_unit(fresh_work, u.slide_id, sizes[u.slide_id], GENES) for u in new_units]
+    fresh_units[7].unit_key = "edited"
+    reference = pack(
+        tmp_path / "fresh",
+        work=fresh_work,
+        units=fresh_units,
+        splits=splits_of(fresh_units),
+        gene_index=GeneIndex(GENES),
+        settings=SETTINGS,
+    )
+    assert reference.shards
+    fake_unit(work, "S7", 11, GENES)  # the edited slide's samples, as its rebuilt unit writes them
+    not_needed, rebuilt = _rerun(out, work, new_units, sizes)
+    assert files(out) == files(tmp_path / "fresh")
+    assert {"S0", "S1"} <= not_needed and "S7" not in not_needed
+    assert "S0" not in rebuilt and len(rebuilt) < len(units) - 1
+
+
+def test_after_a_failed_slide_nothing_is_released_so_its_retry_rebuilds_nothing(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    work.prepare()
+    units = units_of(work, 10)
+    sizes = {u.slide_id: u.n_samples for u in units}
+    _, expected_files = reference(tmp_path, work, units)
+    failed = UnitResult(**{**vars(units[4]), "status": "failed", "n_samples": 0, "content_digest": ""})
+    out = tmp_path / "out"
+    first = stream(out, work, units, release=True)
+    first.resume({})
+    for unit in units:
+        first.add(failed if unit.slide_id == "S4" else unit)
+    first.finish()
+    assert all(work.has_samples(u.slide_id) for u in units[4:])  # held from the failure on
+    assert not all(work.has_samples(u.slide_id) for u in units[:4])  # released before it
+    _, rebuilt = _rerun(out, work, units, sizes)  # S4 builds this time
+    assert rebuilt == set() and files(out) == expected_files

@@ -311,17 +311,26 @@ class _Split:
     writer: ShardWriter | None = None
     drawn: int = 0
     exhausted: list[str] = field(default_factory=list)  # slides out of the window since the last commit
-    snapshot: dict[str, Any] | None = None  # the state at the last commit (what a resumed pack restarts from)
+    #: The state at each commit (what a resumed pack restarts from), oldest first.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: Slides of this split taken before this consumption index are in the state already (a resumed pack).
+    taken_before: int = 0
+    #: Restored at a commit made inside a run of draws: that run goes on before the split takes a slide.
+    interrupted: bool = False
 
-    def state(self) -> dict[str, Any]:
-        shards = self.writer.shards if self.writer is not None else []
+    def snapshot(self, at: int) -> dict[str, Any]:
         return {
+            "at": at,
             "position": self.position,
             "drawn": self.drawn,
             "rng": self.rng.bit_generator.state,
             "window": [[o.unit.slide_id, o.cursor] for o in self.window],
-            "shards": [s.row() for s in shards],
+            "n_shards": len(self.writer.shards) if self.writer is not None else 0,
         }
+
+    def record(self) -> dict[str, Any]:
+        shards = self.writer.shards if self.writer is not None else []
+        return {"history": self.history, "shards": [s.row() for s in shards]}
 
 
 @dataclass
@@ -431,14 +440,19 @@ class StreamPack:
         }
         self.next = 0  # position in self.order
         self.arrived: dict[str, UnitResult] = {}
-        self.consumed: list[list[str]] = []  # [slide_id, unit_key, content_digest, outcome]
+        #: [slide_id, unit_key, content_digest, split, outcome, expr.npz dtypes needed (kept slides)]
+        self.consumed: list[list[Any]] = []
         self.taken: set[str] = set()
         self.seen: dict[str, str] = {}  # content digest -> kept slide
         self.duplicates: dict[str, str] = {}
         self.kept: list[UnitResult] = []
+        self.needs: dict[str, schema.TarDtypes] = {}
         self.per_shard = 0  # fixed at the first draw
         self.tar_dtypes: schema.TarDtypes | None = self.fixed_dtypes
         self.releasable: list[str] = []  # duplicates and skipped slides: no stream needs them
+        self.hold = False  # a slide failed: release nothing more, so the rerun that retries it rebuilds nothing
+        self.waiting: set[str] = set()  # window slides of a resumed pack whose samples must be built again
+        self.known_needs: dict[str, dict[str, str]] = {}  # expr.npz dtypes of the slides a resumed pack takes again
         self.complete = False
         self.n_packed = 0
 
@@ -453,7 +467,6 @@ class StreamPack:
                 "tar_dtypes": self.fixed_dtypes.record() if self.fixed_dtypes else None,
                 "drop_outside": self.drop_outside,
                 "corpus_digests": sorted(self.corpus_digests.items()),
-                "splits": sorted(self.splits.items()),
             },
             sort_keys=True,
         )
@@ -471,65 +484,101 @@ class StreamPack:
             "per_shard": self.per_shard,
             "tar_dtypes": self.tar_dtypes.record() if self.tar_dtypes else None,
             "complete": self.complete,
-            "splits": {name: s.snapshot for name, s in self.streams.items() if s.snapshot is not None},
+            "splits": {name: s.record() for name, s in self.streams.items()},
         }
         write_atomic(self.checkpoint_path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
     def resume(self, reusable: Mapping[str, UnitResult | None]) -> set[str]:
-        """Pick up a killed pack of the same inputs from ``pack.json``; returns the slides it no longer needs.
+        """Pick up an earlier pack of these settings from ``pack.json``; returns the slides it does not need again.
 
-        ``reusable`` maps slide id -> its reusable finished unit (None: it must run again). The
-        checkpoint is used only when its slides are the first of ``order`` and each is still the
-        unit that was packed; else the pack starts over (this generation's shards are removed) and
-        every slide is needed.
+        ``reusable`` maps slide id -> its finished unit, if it can be reused (None: it must run
+        again). The earlier pack is valid up to the first slide that differs: another slide in
+        ``order``, a changed unit, a slide to run again (failed before). Each split restarts from
+        its last commit before that point; the shards it wrote up to there are kept, later ones
+        removed, and the slides packed into them are not needed again (their units are reused even
+        where the pack released their samples). A pack killed at any moment resumes where it was; an
+        edited manifest repacks from its first changed slide on. Window slides whose samples were
+        released must be built again: the pack waits for them before taking the next slide.
         """
         record = self._read_checkpoint()
-        if record is None or not self._valid(record, reusable):
+        if record is None:
+            self._start_over()
+            return set()
+        consumed = record["consumed"]
+        valid = 0
+        for i, (slide_id, key, digest, split, outcome, _) in enumerate(consumed):
+            unit = reusable.get(slide_id)
+            if (
+                i >= len(self.order)
+                or self.order[i] != slide_id
+                or self.splits.get(slide_id) != split
+                or unit is None
+                or unit.unit_key != key
+                or unit.content_digest != digest
+                or (outcome == "skipped") != (unit.status != "built" or unit.n_samples == 0)
+            ):
+                break
+            valid = i + 1
+        splits = record["splits"]
+        whole = bool(record["complete"]) and valid == len(consumed) == len(self.order)
+        points: dict[str, dict[str, Any] | None] = {}  # split -> its restart point (None: as the pack ended)
+        if whole:
+            points = dict.fromkeys(splits)
+        else:
+            for name, data in splits.items():
+                earlier = [h for h in data["history"] if h["at"] <= valid]
+                if earlier:
+                    points[name] = earlier[-1]
+        if not points or not self._shards_there(splits, points):
             self._start_over()
             return set()
         self.per_shard = int(record["per_shard"])
-        dtypes = record["tar_dtypes"]
-        self.tar_dtypes = _tar_dtypes(dtypes) if dtypes else None
-        self.complete = bool(record["complete"])
-        units: dict[str, UnitResult] = {}
-        for slide_id, _, digest, outcome in record["consumed"]:
-            unit = reusable[slide_id]
-            assert unit is not None
-            units[slide_id] = unit
-            self.consumed.append([slide_id, unit.unit_key, digest, outcome])
-            self.taken.add(slide_id)
-            if outcome == "kept":
-                self.kept.append(unit)
-                if digest:
-                    self.seen[digest] = slide_id
-            elif outcome.startswith("duplicate:"):
-                self.duplicates[slide_id] = outcome.split(":", 1)[1]
-        self.next = len(record["consumed"])
+        self.known_needs = {e[0]: e[5] for e in consumed[:valid] if e[5] is not None}
+        written = _tar_dtypes(record["tar_dtypes"]) if record["tar_dtypes"] else None
+        if self.fixed_dtypes is None:
+            self.tar_dtypes = None
+            for entry in consumed[:valid]:
+                if entry[5] is not None:
+                    need = _tar_dtypes(entry[5])
+                    self.tar_dtypes = need if self.tar_dtypes is None else _widest(self.tar_dtypes, need)
+        starts: dict[str, int] = {}
         for name, stream in self.streams.items():
-            snapshot = record["splits"].get(name)
-            if snapshot is not None:
-                self._restore(stream, snapshot, units)
-                self._drain_full(stream)  # the draws the commit interrupted
-            else:  # nothing committed: whatever a killed run left of this split is written again
+            if name not in points:  # nothing committed before the restart point: from its first slide
+                starts[name] = next((i for i, e in enumerate(consumed[:valid]) if e[3] == name), valid)
                 _remove_from(self.out, {name: stream.first_index}, only=name)
-        # Replay the slides each split took after its last commit (their work files are still there).
-        taken: dict[str, int] = dict.fromkeys(self.streams, 0)
-        for slide_id, _, _, outcome in record["consumed"]:
-            if outcome != "kept":
                 continue
-            stream = self.streams[self.splits[slide_id]]
-            taken[stream.name] += 1
-            if taken[stream.name] > stream.position:
-                self._take(stream, units[slide_id])
-        needed = {o.unit.slide_id for s in self.streams.values() for o in s.window}
-        needed |= {slide for s in self.streams.values() for slide in s.exhausted}
+            point = points[name]
+            starts[name] = len(consumed) if point is None else int(point["at"])
+            self._restore(stream, splits[name], point, reusable, written)
+        resume_at = min(starts.values()) if starts else valid
+        if whole:
+            resume_at = len(consumed)
+            self.complete = True
+        in_windows = {o.unit.slide_id for s in self.streams.values() for o in s.window}
+        not_needed = set()
+        for slide_id, _, _, _, outcome, need in consumed[:resume_at]:
+            unit = reusable[slide_id]
+            assert unit is not None, f"slide {slide_id} is in the valid part of the checkpoint"
+            self._record(unit, outcome=outcome, need=need)
+            if slide_id not in in_windows:
+                not_needed.add(slide_id)
+        for i in range(resume_at, valid):
+            slide_id, split = consumed[i][0], consumed[i][3]
+            if i < starts.get(split, 0) and slide_id not in in_windows:
+                not_needed.add(slide_id)  # packed into a kept shard: its samples are not read again
+        for name, stream in self.streams.items():
+            stream.taken_before = starts.get(name, 0)
+        self.next = resume_at
+        self.waiting = {s for s in in_windows if not self.work.has_samples(s)}
         log.info(
-            "pack resumed from %s: %d slide(s) taken, %d shard(s) kept",
+            "pack resumed from %s at slide %d of %d (the earlier pack was valid for %d); %d shard(s) kept",
             self.checkpoint_path,
-            self.next,
+            resume_at,
+            len(self.order),
+            valid,
             sum(len(s.writer.shards) for s in self.streams.values() if s.writer is not None),
         )
-        return set(units) - needed
+        return not_needed
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         try:
@@ -540,18 +589,10 @@ class StreamPack:
             return None
         return record
 
-    def _valid(self, record: Mapping[str, Any], reusable: Mapping[str, UnitResult | None]) -> bool:
-        consumed = record["consumed"]
-        if [c[0] for c in consumed] != self.order[: len(consumed)]:
-            return False
-        if record["complete"] and len(consumed) != len(self.order):
-            return False
-        for slide_id, key, digest, _ in consumed:
-            unit = reusable.get(slide_id)
-            if unit is None or unit.unit_key != key or unit.content_digest != digest:
-                return False
-        for snapshot in record["splits"].values():
-            for row in snapshot["shards"]:
+    def _shards_there(self, splits: Mapping[str, Any], points: Mapping[str, Any]) -> bool:
+        for name, point in points.items():
+            rows = splits[name]["shards"]
+            for row in rows[: len(rows) if point is None else int(point["n_shards"])]:
                 path = self.out / row["path"]
                 if not path.is_file() or path.stat().st_size != int(row["bytes"]):
                     return False
@@ -565,54 +606,78 @@ class StreamPack:
         else:
             _remove_from(self.out, self.starts)
 
-    def _restore(self, stream: _Split, snapshot: Mapping[str, Any], units: Mapping[str, UnitResult]) -> None:
-        stream.position = int(snapshot["position"])
-        stream.drawn = int(snapshot["drawn"])
-        stream.rng.bit_generator.state = snapshot["rng"]
-        for slide_id, cursor in snapshot["window"]:
-            unit = units[slide_id]
-            stream.window.append(_Open(unit, self._rows(stream.name, unit), int(cursor)))
-        shards = [ShardInfo(**{**row, "slide_ids": tuple(row["slide_ids"])}) for row in snapshot["shards"]]
+    def _restore(
+        self,
+        stream: _Split,
+        data: Mapping[str, Any],
+        point: Mapping[str, Any] | None,
+        reusable: Mapping[str, UnitResult | None],
+        written: schema.TarDtypes | None,
+    ) -> None:
+        rows = data["shards"] if point is None else data["shards"][: int(point["n_shards"])]
+        shards = [ShardInfo(**{**row, "slide_ids": tuple(row["slide_ids"])}) for row in rows]
         first = stream.first_index + sum(s.format == "wds" for s in shards)
-        stream.writer = self._writer(stream, first=first)
-        stream.writer.shards = shards
-        stream.snapshot = dict(snapshot)
-        # Shard files past the last commit are a killed run's: the stream writes them again.
+        if point is not None:
+            stream.history = [h for h in data["history"] if h["at"] <= point["at"]]
+            stream.position = int(point["position"])
+            stream.drawn = int(point["drawn"])
+            stream.rng.bit_generator.state = point["rng"]
+            for slide_id, cursor in point["window"]:
+                unit = reusable[slide_id]
+                assert unit is not None, f"window slide {slide_id} is in the valid part of the checkpoint"
+                stream.window.append(_Open(unit, self._rows(stream.name, unit), int(cursor)))
+            stream.interrupted = True
+        else:
+            stream.history = list(data["history"])
+        # Shard files past the restart point are an earlier run's: the stream writes them again.
         _remove_from(self.out, {stream.name: first}, only=stream.name)
+        if shards:
+            stream.writer = self._writer(stream, first=first, dtypes=written)
+            stream.writer.shards = shards
+            if self.tar_dtypes is not None and written is not None and self.tar_dtypes != written:
+                # The kept shards were widened for slides past the restart point: back to what they hold.
+                stream.writer.retype(self.tar_dtypes)
 
     # -- the stream -------------------------------------------------------------------------
 
     def add(self, unit: UnitResult) -> None:
         """A finished unit (any status); it is packed when every slide before it in ``order`` was."""
+        if unit.slide_id in self.waiting:
+            self.waiting.discard(unit.slide_id)  # built again: its samples are back
+            for stream in self.streams.values():
+                for slot in stream.window:
+                    if slot.unit.slide_id == unit.slide_id:
+                        slot.unit = unit
         if self.complete or unit.slide_id in self.taken or unit.slide_id in self.arrived:
             return
         self.arrived[unit.slide_id] = unit
-        while self.next < len(self.order) and self.order[self.next] in self.arrived:
+        while not self.waiting and self.next < len(self.order) and self.order[self.next] in self.arrived:
             self._consume(self.arrived.pop(self.order[self.next]))
             self.next += 1
 
     def finish(self) -> PackResult:
         """Take the slides still waiting (those never finished are left out), drain the windows, commit."""
         if not self.complete:
+            if self.waiting:
+                raise SettingsError(
+                    f"the pack resumed from {self.checkpoint_path} needs slide(s) {sorted(self.waiting)} built again, "
+                    "and the build ended without them: run it again"
+                )
             while self.next < len(self.order):
                 slide_id = self.order[self.next]
                 if slide_id in self.arrived:
                     self._consume(self.arrived.pop(slide_id))
                 else:
-                    self.consumed.append([slide_id, "", "", "absent"])
+                    self.consumed.append([slide_id, "", "", self.splits.get(slide_id), "absent", None])
                     self.taken.add(slide_id)
                 self.next += 1
             for stream in self.streams.values():
+                self._go_on(stream)
                 while stream.window:
                     self._draw(stream)
                 if stream.writer is not None:
-                    before = len(stream.writer.shards)
                     stream.writer.close()
-                    if len(stream.writer.shards) > before:
-                        self._committed(stream, checkpoint=False)
             self.complete = True
-            for stream in self.streams.values():
-                stream.snapshot = stream.state()
             self._checkpoint()
             self._release_all()
         shards = [s for stream in self.streams.values() if stream.writer is not None for s in stream.writer.shards]
@@ -631,23 +696,45 @@ class StreamPack:
             packed=[u.slide_id for u in self.kept],
         )
 
-    def _consume(self, unit: UnitResult) -> None:
+    def _outcome(self, unit: UnitResult) -> str:
         digest = unit.content_digest
         if unit.status != "built" or unit.n_samples == 0 or self.splits.get(unit.slide_id) is None:
-            outcome = "skipped"
-        elif digest and digest in self.corpus_digests:
-            outcome = f"duplicate:{self.corpus_digests[digest]}"
-        elif digest and digest in self.seen:
-            outcome = f"duplicate:{self.seen[digest]}"
-        else:
-            outcome = "kept"
-        self.consumed.append([unit.slide_id, unit.unit_key, digest, outcome])
+            return "skipped"
+        if digest and digest in self.corpus_digests:
+            return f"duplicate:{self.corpus_digests[digest]}"
+        if digest and digest in self.seen:
+            return f"duplicate:{self.seen[digest]}"
+        return "kept"
+
+    def _record(self, unit: UnitResult, *, outcome: str, need: Mapping[str, str] | None) -> None:
+        """Book a slide taken in order (the stream's part is the caller's)."""
+        self.consumed.append(
+            [unit.slide_id, unit.unit_key, unit.content_digest, self.splits.get(unit.slide_id), outcome, need]
+        )
         self.taken.add(unit.slide_id)
         if outcome.startswith("duplicate:"):
             self.duplicates[unit.slide_id] = outcome.split(":", 1)[1]
+        elif outcome == "kept":
+            if unit.content_digest:
+                self.seen[unit.content_digest] = unit.slide_id
+            self.kept.append(unit)
+            if need is not None:
+                self.needs[unit.slide_id] = _tar_dtypes(need)
+
+    def _consume(self, unit: UnitResult) -> None:
+        outcome = self._outcome(unit)
+        index = len(self.consumed)
         if outcome != "kept":
+            self._record(unit, outcome=outcome, need=None)
             if unit.status == "built":
                 self.releasable.append(unit.slide_id)
+            elif unit.status == "failed" and self.release and not self.hold:
+                self.hold = True
+                log.warning(
+                    "slide %s failed: the slides packed after it keep their samples, so that the run that retries it "
+                    "repacks without building them again",
+                    unit.slide_id,
+                )
             return
         if unit.counts_dtype != "int32" and self.counts_dtype == "int32":
             raise SettingsError(
@@ -658,17 +745,26 @@ class StreamPack:
                     else "declare `counts: normalized` for it in its manifest"
                 )
             )
-        if digest:
-            self.seen[digest] = unit.slide_id
-        self.kept.append(unit)
+        # A resumed pack knows the needs of the slides it takes again (their samples may be released).
+        known = self.known_needs.get(unit.slide_id)
+        self._record(unit, outcome=outcome, need=known if known is not None else self._need(unit).record())
         if self.per_shard:  # past the first draw: the dtypes must hold this slide
             self._fit(unit)
-        self._take(self.streams[self.splits[unit.slide_id]], unit)
+        stream = self.streams[self.splits[unit.slide_id]]
+        if index >= stream.taken_before:  # else a resumed split holds it already
+            self._take(stream, unit)
 
     def _take(self, stream: _Split, unit: UnitResult) -> None:
+        self._go_on(stream)
         stream.window.append(_Open(unit, self._rows(stream.name, unit)))
         stream.position += 1
         self._drain_full(stream)
+
+    def _go_on(self, stream: _Split) -> None:
+        """The draws a resumed split's restart commit interrupted (its window slides are all there now)."""
+        if stream.interrupted:
+            stream.interrupted = False
+            self._drain_full(stream)
 
     def _drain_full(self, stream: _Split) -> None:
         """Draw while the split's window is full."""
@@ -701,20 +797,17 @@ class StreamPack:
         if len(stream.writer.shards) > before:
             self._committed(stream)
 
-    def _committed(self, stream: _Split, *, checkpoint: bool = True) -> None:
+    def _committed(self, stream: _Split) -> None:
         done, stream.exhausted = stream.exhausted, []
-        stream.snapshot = stream.state()
-        if checkpoint:
-            self._checkpoint()
-            for slide_id in done:
-                self._release(slide_id)
-            for slide_id in self.releasable:
-                self._release(slide_id)
-            self.releasable = []
-        else:
-            stream.exhausted = done  # released once the final checkpoint is written
+        stream.history.append(stream.snapshot(len(self.consumed)))
+        self._checkpoint()
+        for slide_id in done:
+            self._release(slide_id)
+        for slide_id in self.releasable:
+            self._release(slide_id)
+        self.releasable = []
 
-    def _writer(self, stream: _Split, *, first: int) -> ShardWriter:
+    def _writer(self, stream: _Split, *, first: int, dtypes: schema.TarDtypes | None = None) -> ShardWriter:
         return ShardWriter(
             self.out,
             split=stream.name,
@@ -722,7 +815,7 @@ class StreamPack:
             settings=ShardSettings(
                 samples_per_shard=self.per_shard, row_group_size=min(self.settings.row_group_size, self.per_shard)
             ),
-            tar_dtypes=self.tar_dtypes,
+            tar_dtypes=dtypes or self.tar_dtypes,
             first_index=first,
             generation=self.generation,
         )
@@ -731,11 +824,11 @@ class StreamPack:
         """Shard size and dtypes from the slides taken so far (at the first draw: the same point every run)."""
         self.per_shard = shard_size(self.kept, self.settings)
         if self.fixed_dtypes is None:
-            needed = [self._need(u) for u in self.kept]
-            dtypes = needed[0]
-            for other in needed[1:]:
-                dtypes = _widest(dtypes, other)
-            self.tar_dtypes = dtypes
+            if self.tar_dtypes is None:
+                needed = [self.needs[u.slide_id] for u in self.kept]
+                self.tar_dtypes = needed[0]
+                for other in needed[1:]:
+                    self.tar_dtypes = _widest(self.tar_dtypes, other)
         else:
             for unit in self.kept:
                 self._fit(unit)
@@ -744,8 +837,9 @@ class StreamPack:
         return unit_tar_dtypes(self.work, unit, gene_index=self.gene_index, counts_dtype=self.counts_dtype)
 
     def _fit(self, unit: UnitResult) -> None:
-        assert self.tar_dtypes is not None
-        needed = self._need(unit)
+        needed = self.needs[unit.slide_id]
+        if self.tar_dtypes is None:
+            self.tar_dtypes = needed
         if _fits(needed, self.tar_dtypes):
             return
         if self.fixed_dtypes is not None:
@@ -759,15 +853,11 @@ class StreamPack:
         for stream in self.streams.values():
             if stream.writer is not None:
                 stream.writer.retype(self.tar_dtypes)
-                if stream.snapshot is not None:
-                    stream.snapshot["shards"] = [
-                        s.row() for s in stream.writer.shards[: len(stream.snapshot["shards"])]
-                    ]
         self._checkpoint()
 
     def _release(self, slide_id: str) -> None:
         self.cache.forget(slide_id)
-        if self.release:
+        if self.release and not self.hold:
             self.work.release_samples(slide_id)
 
     def _release_all(self) -> None:

@@ -507,8 +507,9 @@ def build(
     try:
         executor = executor or LocalExecutor(settings.workers)
         log.info("units run on %s", executor.describe())
+        taken_order = {slide_id: i for i, slide_id in enumerate(stream.order)}
         results = run_units(
-            todo,
+            sorted(todo, key=lambda s: taken_order[s.id]),  # the order the pack takes them: few wait
             work=work,
             settings=settings,
             fetch=fetch,
