@@ -15,9 +15,9 @@ CACHE_ENV: Final = "STCORPUS_CACHE"
 _GIB: Final = 1 << 30
 
 #: Connections per host a build opens at once across all its workers, their range reads and its
-#: prefetch (``curate build --per-host``). huggingface_hub's ``snapshot_download`` also runs 8
-#: downloads at once by default: enough streams to fill a 10 Gbit/s link from the Hub's CDN, and
-#: 16 workers no longer open 64 connections to one host.
+#: prefetch (``curate build --per-host``), however many workers it has: huggingface_hub's
+#: ``snapshot_download`` runs 8 downloads at once by default too. Several streams, as a fast link
+#: to a CDN needs; not one or more per worker.
 DEFAULT_HOST_CAP: Final = 8
 
 
