@@ -21,9 +21,17 @@ Three builds with ``--workers`` local workers, each into a fresh cache and corpu
 For each: wall time against ``max(bytes / rate, compute time)``, the bytes served per slide kind,
 and the peak disk of the cache + work folder + corpus, sampled every 0.2 s, against
 ``--disk-budget`` (the build has no admission limit of its own yet: the budget is only compared).
-Sources are released once a slide's unit is committed (the default). Then a projection,
-marked as one, for HEST-1k + STimage-1K4M on one 16-core node.
+Sources are released once a slide's unit is committed (the default).
 
+Then a projection, marked as one, for HEST-1k + STimage-1K4M on one 16-core node at 1 and
+10 Gbit/s with a 500 GB disk (``projection``): wall time and peak disk, from the bytes per pixel
+of real H&E coded as HEST and STimage store it (``bench/he_bytes.py``, HER2ST full-resolution
+sections), HEST-1k's and STimage-1K4M's own slide tables, HEST's stated 1.85 TB, and the per-sample
+CPU, shard, work-unit and pack rates of ``--compute-only`` (larger slides, its own report) when
+that has been run, else of this run's compute build. Each input is listed as measured, stated
+or assumed. ``--reproject`` recomputes it from a saved report.
+
+    .venv/bin/python -m bench.build_scale --compute-only --slides 8 --slide-um 6000  # rates, ~6 min
     .venv/bin/python -m bench.build_scale --quick        # 32 small slides, < 5 min on 2 cores
     .venv/bin/python -m bench.build_scale --slides 40 --slide-um 4000 --rate 100
 """
@@ -36,6 +44,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import sys
 import threading
@@ -53,6 +62,8 @@ OUT = HERE / "out"
 #: HEST-1k's metadata table (slide sizes, um/px, spots), for the projection (``--reference``).
 REFERENCE = HERE.parent.parent / "shared" / "reference" / "HEST_v1_1_0.csv"
 
+#: Per-sample rates measured by ``--compute-only`` on larger slides; the projection prefers them.
+COMPUTE_REPORT = OUT / "build_scale_compute.json"
 #: Slides appended to the ``ranges`` corpus afterwards (issue 17: "appending 5 slides").
 APPENDED = 5
 #: (name, compression, um/px) of the four slide kinds.
@@ -284,6 +295,32 @@ def shard_digests(corpus: Path) -> dict[str, str]:
     }
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children reaped so far (the workers, once their pool is shut)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def timed_pack(into: dict[str, float]) -> Iterator[None]:
+    """Record the wall and CPU seconds (with the pack's worker processes) of the build's pack in ``into``."""
+    from unittest import mock
+
+    from stcorpus.curate.build import pipeline
+    from stcorpus.curate.build.pack import pack as original  # what the pipeline calls
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        cpu, start = _cpu_s(), time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into["pack_cpu_s"] = into.get("pack_cpu_s", 0.0) + _cpu_s() - cpu
+            into["pack_wall_s"] = into.get("pack_wall_s", 0.0) + time.perf_counter() - start
+
+    with mock.patch.object(pipeline, "pack", timed):
+        yield
+
+
 def run_build(
     files: dict[str, Served],
     scratch: Path,
@@ -300,6 +337,7 @@ def run_build(
 
     Returns wall time, bytes, requests and peak disk.
     """
+    from stcorpus import schema
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.fetch import FetchSettings
 
@@ -315,16 +353,32 @@ def run_build(
             cache_dir=scratch / "cache", keep_sources=False, range_reads=range_reads, cache_budget=cache_budget
         )
         cpu = time.process_time()
-        with DiskSampler(scratch) as disk:
+        # The worker processes are reaped by the end of the build: their CPU time is the children's.
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        packed: dict[str, float] = {}
+        with DiskSampler(scratch) as disk, timed_pack(packed):
             start = time.perf_counter()
             summary = build([manifest], out=scratch / "corpus", settings=settings, fetch=fetch)
             wall = time.perf_counter() - start
+            ended = time.time()
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     corpus_bytes = disk_usage(scratch / "corpus")
+    work = scratch / "corpus" / ".work"
+    committed = [p.stat().st_mtime for p in (work / "units").glob("*/result.json")]
     shutil.rmtree(scratch / "cache", ignore_errors=True)
     return {
         "url": url,
         "wall_s": wall,
         "client_cpu_s": time.process_time() - cpu,
+        "workers_cpu_s": (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime),
+        # From the last unit committed to the end of the build: the pack and what follows it.
+        "after_units_s": ended - max(committed) if committed else 0.0,
+        "work_bytes": disk_usage(work),
+        "wds_bytes": disk_usage(scratch / "corpus" / schema.WDS_DIR),
+        "parquet_bytes": disk_usage(scratch / "corpus" / schema.PARQUET_DIR),
+        # The pack alone: wall, and CPU with its worker processes (in client_cpu_s + workers_cpu_s too).
+        "pack_wall_s": packed.get("pack_wall_s", 0.0),
+        "pack_cpu_s": packed.get("pack_cpu_s", 0.0),
         "statuses": dict(summary.slides),
         "samples": sum(summary.samples.values()),
         "bytes": dict(link.sent),
@@ -339,30 +393,107 @@ def run_build(
 # The projection
 # ---------------------------------------------------------------------------------------------
 
-#: Stated inputs of the projection (not measured here).
-STIMAGE_SLIDES = 1_149  # STimage-1K4M (PNG images: fetched whole, no range reads)
-STIMAGE_SPOTS = 4_293_195
-TOTAL_DOWNLOAD_TB = 2.5  # HEST-1k + STimage-1K4M, issue 17
+
+def sample_rates(run: dict[str, Any], *, workers: int) -> dict[str, Any]:
+    """Per-sample rates of one unthrottled build: CPU (this process and its workers), bytes, pack time."""
+    samples = max(1, run["samples"])
+    return {
+        "samples": run["samples"],
+        # CPU time, not wall x workers: it holds on a machine shared with other work. Units (with this
+        # process's serving and prefetch), then the pack (with its worker processes), separately.
+        "cpu_ms_per_sample": (run["client_cpu_s"] + run["workers_cpu_s"] - run["pack_cpu_s"]) * 1000 / samples,
+        "pack_cpu_ms_per_sample": run["pack_cpu_s"] * 1000 / samples,
+        "pack_wall_ms_per_sample": run["pack_wall_s"] * 1000 / samples,
+        "wall_core_ms_per_sample": run["wall_s"] * workers * 1000 / samples,
+        "shard_bytes_per_sample": (run["corpus_bytes"] - run["work_bytes"]) / samples,
+        "work_bytes_per_sample": run["work_bytes"] / samples,
+        "wds_bytes_per_sample": run.get("wds_bytes", 0) / samples,
+        "parquet_bytes_per_sample": run.get("parquet_bytes", 0) / samples,
+        "after_units_ms_per_sample": run["after_units_s"] * 1000 / samples,
+        "workers": workers,
+    }
+
+
+#: Inputs of the projection that are stated (by the files named, or by others), not measured here.
+#: HEST-1k on the Hub, everything included (its patches h5, transcripts, segmentations): README.
+HEST_TOTAL_TB = 1.85
+#: HEST's patches/<id>.h5 hold one 224 x 224 RGB patch per spot (its layout); assumed stored uncompressed.
+HEST_PATCH_BYTES = 224 * 224 * 3
+#: Issue 17's figure for HEST-1k + STimage-1K4M downloads; compared with, not used.
+ISSUE_TOTAL_TB = 2.5
+#: STimage-1K4M's slide table (slide, tech, spot_num, gene_num): 1,149 slides.
+STIMAGE_TABLE = REFERENCE.parent / "stimage1k4m" / "meta_all_gene02122025.csv"
+#: STimage-1K4M technology -> HEST-1k's st_technology, whose median slide size stands in for its PNG's (assumed).
+STIMAGE_TECH = {"ST": "Spatial Transcriptomics", "Visium": "Visium", "VisiumHD": "Visium HD"}
 NODE_CORES = 16
 NODE_DISK = 500e9
+#: ``curate build --prefetch`` default: slides downloading beyond the running ones.
+PREFETCH = 2
+#: Assumed: slides whose units the streaming pack (issue 17 item 4, not built) holds in its shuffle window.
+WINDOW_SLIDES = 64
+#: Where the real H&E bytes per pixel are cached (``bench/he_bytes.py``; keyed by the images' sha256).
+HE_CACHE = OUT / "he_bytes.json"
+
+
+def _rates(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-sample rates: the ``--compute-only`` run on larger slides when there is one, else this run's compute."""
+    if COMPUTE_REPORT.is_file():
+        saved = json.loads(COMPUTE_REPORT.read_text())
+        rates: dict[str, Any] = dict(saved["rates"])
+        rates["h5ad_bytes_per_sample"] = saved["compute"]["bytes"].get("h5ad", 0) / max(1, saved["compute"]["samples"])
+        rates["source"] = (
+            f"{COMPUTE_REPORT.name}: {saved['slides']} slides of {saved['slide_um']:.0f} um, "
+            f"{saved['compute']['samples']:,} samples, --workers {saved['workers']}"
+        )
+        return rates
+    compute = report["runs"]["compute"]
+    rates = sample_rates(compute, workers=report["workers"]) if "workers_cpu_s" in compute else {}
+    if not rates:  # a report written before the CPU of the workers was counted: wall x workers
+        samples = max(1, compute["samples"])
+        rates = {
+            "cpu_ms_per_sample": compute["wall_s"] * report["workers"] * 1000 / samples,
+            "shard_bytes_per_sample": compute["corpus_bytes"] / samples,
+            "work_bytes_per_sample": 0.0,
+            "after_units_ms_per_sample": 0.0,
+            "workers": report["workers"],
+        }
+    rates["h5ad_bytes_per_sample"] = compute["bytes"].get("h5ad", 0) / max(1, compute["samples"])
+    rates["source"] = f"this run's compute build: {report['slides']} slides of {report['slide_um']:.0f} um"
+    return rates
+
+
+def _stimage(table: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with table.open(newline="", encoding="utf-8") as handle:
+        return [
+            {"tech": row["tech"], "spots": int(row["spot_num"]), "genes": int(row["gene_num"])}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[str, Any]:
-    """HEST-1k + STimage-1K4M on one 16-core node at 1 and 10 Gbit/s, from the measured rates."""
-    import csv
+    """HEST-1k + STimage-1K4M on one 16-core node at 1 and 10 Gbit/s with a 500 GB disk: a projection.
 
-    runs, kinds = report["runs"], report["kinds"]
-    slides = report["slides"]
-    compute = runs["compute"]
-    # CPU seconds per spot written, from the compute run (every worker busy).
-    cpu_per_sample = compute["wall_s"] * report["workers"] / max(1, compute["samples"])
-    # Bytes a range-read build fetches of a whole TIFF, per kind (measured).
-    fraction = {k: runs["ranges"]["bytes"].get(k, 0) / max(1, runs["whole"]["bytes"].get(k, 0)) for k in kinds}
-    bytes_per_px = {
-        k: v["tiff_bytes"] / (v["px"] ** 2 * 4 / 3) for k, v in kinds.items()
-    }  # the pyramid holds 4/3 of level 0
-    hest_whole = hest_ranged = largest = 0.0
-    hest_spots = hest_slides = 0
+    Every input is labelled measured (here, by this bench), stated (by a file or by others) or
+    assumed; ``inputs`` lists them. See bench/README.md for what each one is worth.
+    """
+    import csv
+    import statistics
+
+    from bench.he_bytes import measure
+
+    runs = report["runs"]
+    he = report.get("he_bytes") or measure(cache=HE_CACHE)
+    bpp = he["bytes_per_px"]
+    rates = _rates(report)
+    # Bytes a range-read build fetches of a whole TIFF, per kind (measured on the synthetic slides).
+    fraction = {
+        k: runs["ranges"]["bytes"].get(k, 0) / max(1, runs["whole"]["bytes"].get(k, 0)) for k in report["kinds"]
+    }
+
+    # HEST-1k, slide by slide (HEST_v1_1_0.csv: stated).
+    hest: list[dict[str, Any]] = []
     with reference.open(newline="", encoding="utf-8-sig") as handle:
         for row in csv.DictReader(handle):
             try:
@@ -370,25 +501,64 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
                 mpp = float(row["pixel_size_um_estimated"])
             except ValueError:
                 continue
-            kind = "jpeg-0.25" if mpp <= 0.375 else "jpeg-0.5"
-            whole = width * height * 4 / 3 * bytes_per_px[kind]
-            hest_whole += whole
-            largest = max(largest, whole)
-            hest_ranged += whole * fraction[kind]
-            hest_spots += int(float(row["spots_under_tissue"] or 0))
-            hest_slides += 1
-    stimage_bytes = max(0.0, TOTAL_DOWNLOAD_TB * 1e12 - hest_whole)
-    samples = hest_spots + STIMAGE_SPOTS
-    cpu_s = samples * cpu_per_sample
-    sample_bytes = compute["corpus_bytes"] / max(1, compute["samples"])
-    # Worst case of sources on disk at once: every worker holding the largest HEST slide (released per slide).
-    in_flight = NODE_CORES * largest
+            spots = int(float(row["spots_under_tissue"] or 0))
+            hest.append({"px": width * height, "mpp": mpp, "tech": row["st_technology"], "spots": spots})
+    hest_px = sum(s["px"] for s in hest)
+    pyramid_px = hest_px * 4 / 3  # levels 2x apart hold 4/3 of level 0
+    hest_spots = sum(s["spots"] for s in hest)
+    patches = hest_spots * HEST_PATCH_BYTES
+    hest_st = hest_spots * rates["h5ad_bytes_per_sample"]
+    # Calibration: what HEST's 1.85 TB leaves for its WSIs once the patches and counts are taken out. Its
+    # transcripts and segmentations stay in, so this is an upper bound on the WSIs, and a build fetches less.
+    hest_wsi = HEST_TOTAL_TB * 1e12 - patches - hest_st
+    implied_bpp = hest_wsi / pyramid_px
+
+    def kind(mpp: float) -> str:
+        # The calibrated bytes/px lie between LZW's whole-slide and tissue figures: HEST's WSIs store like LZW tiles.
+        return "lzw-0.25" if mpp <= 0.375 else "lzw-0.5"
+
+    slide_whole = [s["px"] * 4 / 3 * implied_bpp + s["spots"] * rates["h5ad_bytes_per_sample"] for s in hest]
+    slide_ranged = [
+        s["px"] * 4 / 3 * implied_bpp * fraction[kind(s["mpp"])] + s["spots"] * rates["h5ad_bytes_per_sample"]
+        for s in hest
+    ]
+    hest_ranged_wsi = sum(slide_ranged) - hest_st
+
+    # STimage-1K4M (its slide table: stated), PNG images fetched whole, dense count CSVs.
+    stimage = _stimage(STIMAGE_TABLE)
+    median_px = {
+        tech: statistics.median(s["px"] for s in hest if s["tech"] == tech) for tech in set(STIMAGE_TECH.values())
+    }
+    cell_bytes = he["count_table_bytes_per_cell"] or 2.0
+    st_images = sum(median_px[STIMAGE_TECH[s["tech"]]] * bpp["png"] for s in stimage)
+    st_counts = sum(s["spots"] * s["genes"] * cell_bytes for s in stimage)
+    stimage_bytes = st_images + st_counts
+    stimage_spots = sum(s["spots"] for s in stimage)
+    stimage_slide = [
+        median_px[STIMAGE_TECH[s["tech"]]] * bpp["png"] + s["spots"] * s["genes"] * cell_bytes for s in stimage
+    ]
+
+    samples = hest_spots + stimage_spots
+    slides = len(hest) + len(stimage)
+    unit_core_h = samples * rates["cpu_ms_per_sample"] / 1000 / 3600
+    # The pack's CPU (measured; wall x workers for reports without it), assumed to spread over the node's cores.
+    pack_ms = rates.get("pack_cpu_ms_per_sample", rates["after_units_ms_per_sample"] * rates["workers"])
+    pack_core_h = samples * pack_ms / 1000 / 3600
+    compute_h = unit_core_h / NODE_CORES
+    # Wall x workers of the measuring run instead of CPU: an upper bound (that VM was shared, and waits on disk count).
+    wall_ms = rates.get("wall_core_ms_per_sample", rates["cpu_ms_per_sample"])
+    compute_h_wall = samples * wall_ms / 1000 / 3600 / NODE_CORES
+    pack_h = pack_core_h / NODE_CORES
+    first_slide = statistics.median(slide_whole + stimage_slide)
     rows = []
     for gbit in (1, 10):
         rate = gbit * 1e9 / 8
-        for mode, fetched in (("whole", hest_whole + stimage_bytes), ("ranges", hest_ranged + stimage_bytes)):
+        for mode, hest_bytes in (("whole", hest_wsi + hest_st), ("ranges", hest_ranged_wsi + hest_st)):
+            fetched = hest_bytes + stimage_bytes
             download_h = fetched / rate / 3600
-            compute_h = cpu_s / NODE_CORES / 3600
+            start_h = first_slide / rate / 3600  # the first slide's inputs arrive before any compute
+            bound = max(download_h, compute_h)
+            measured = runs[mode]["wall_s"] / report["bound_s"][mode]
             rows.append(
                 {
                     "gbit_s": gbit,
@@ -396,31 +566,227 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
                     "download_tb": fetched / 1e12,
                     "download_h": download_h,
                     "compute_h": compute_h,
-                    "wall_h_overlapped": max(download_h, compute_h),
-                    "wall_h_as_measured": max(download_h, compute_h) * runs[mode]["wall_s"] / report["bound_s"][mode],
+                    "pack_h": pack_h,
+                    # Today: the pack starts once every unit is done.
+                    "wall_h_today": bound + start_h + pack_h,
+                    # Streaming pack: it packs while units run, on the same cores.
+                    "wall_h_streaming": max(download_h, compute_h + pack_h) + start_h,
+                    "wall_h_at_measured_overlap": bound * measured + pack_h,
+                    "measured_wall_over_bound": measured,
                 }
             )
+    largest_whole, largest_ranged = max(slide_whole + stimage_slide), max(slide_ranged + stimage_slide)
+    mean_whole = statistics.mean(slide_whole + stimage_slide)
+    mean_ranged = statistics.mean(slide_ranged + stimage_slide)
+    corpus = samples * rates["shard_bytes_per_sample"]
+    work_all = samples * rates["work_bytes_per_sample"]
+    window = WINDOW_SLIDES * samples / slides * rates["work_bytes_per_sample"]
+    disk = {}
+    for mode, mean, largest in (("whole", mean_whole, largest_whole), ("ranges", mean_ranged, largest_ranged)):
+        # Running and prefetched slides of mean size; the worst case, all of them the largest, beside it.
+        in_flight = (NODE_CORES + PREFETCH) * mean
+        disk[mode] = {
+            "in_flight_gb": in_flight / 1e9,
+            "in_flight_worst_gb": (NODE_CORES + PREFETCH) * largest / 1e9,
+            "peak_gb_today": (in_flight + work_all + corpus) / 1e9,
+            "peak_gb_streaming": (in_flight + window + corpus) / 1e9,
+        }
+    inputs = [
+        (
+            "HEST-1k slides, level-0 px, um/px, spots",
+            f"{len(hest):,} slides, {hest_px / 1e9:,.0f} Gpx, {hest_spots:,} spots",
+            "stated",
+            reference.name,
+        ),
+        ("HEST-1k in all, patches h5 included", f"{HEST_TOTAL_TB} TB", "stated", "README.md, issue 17's brief"),
+        ("HEST patches h5", f"{patches / 1e12:.2f} TB", "assumed", "224 x 224 RGB per spot, uncompressed"),
+        (
+            "HEST st h5ad",
+            f"{hest_st / 1e12:.3f} TB",
+            "measured",
+            f"{rates['h5ad_bytes_per_sample'] / 1e3:.1f} kB per spot (bench h5ad, real depth)",
+        ),
+        (
+            "HEST WSIs (calibrated: all less patches and h5ad)",
+            f"{hest_wsi / 1e12:.2f} TB, {implied_bpp:.2f} B/px",
+            "stated - assumed",
+            "upper bound: transcripts, segmentations stay in",
+        ),
+        (
+            "real H&E, JPEG q80 256 px tiles",
+            f"{bpp['jpeg_q80']:.3f} B/px ({bpp['jpeg_q80_tissue']:.3f} on tissue)",
+            "measured",
+            he["source"],
+        ),
+        (
+            "real H&E, LZW 256 px tiles",
+            f"{bpp['lzw']:.2f} B/px ({bpp['lzw_tissue']:.2f} on tissue)",
+            "measured",
+            f"tissue {bpp['tissue_fraction']:.0%} of the tiles",
+        ),
+        (
+            "the bench's synthetic slides (all tissue)",
+            ", ".join(f"{k} {v['tiff_bytes'] / (v['px'] ** 2 * 4 / 3):.2f} B/px" for k, v in report["kinds"].items()),
+            "measured",
+            "bench/synth.py texture, for comparison",
+        ),
+        (
+            "HEST WSIs if all JPEG q80 / all LZW",
+            f"{pyramid_px * bpp['jpeg_q80'] / 1e12:.2f} / {pyramid_px * bpp['lzw'] / 1e12:.2f} TB",
+            "measured x stated",
+            "at HER2ST's tissue fraction",
+        ),
+        (
+            "range reads: bytes fetched / whole TIFF",
+            ", ".join(f"{k} {v:.2f}" for k, v in fraction.items()),
+            "measured",
+            "synthetic slides, spots over all but the border: an upper bound",
+        ),
+        (
+            "STimage-1K4M slides, spots",
+            f"{len(stimage):,} slides, {stimage_spots:,} spots",
+            "stated",
+            STIMAGE_TABLE.name,
+        ),
+        (
+            "STimage PNG px per slide",
+            ", ".join(f"{t} {median_px[h] / 1e6:.0f} Mpx" for t, h in STIMAGE_TECH.items()),
+            "assumed",
+            "HEST's median slide of the same technology",
+        ),
+        ("real H&E as PNG", f"{bpp['png']:.2f} B/px", "measured", he["source"]),
+        (
+            "dense count table as text",
+            f"{cell_bytes:.2f} B per spot x gene",
+            "measured" if he["count_table_bytes_per_cell"] else "assumed",
+            "HER2ST count TSVs",
+        ),
+        (
+            "STimage downloads",
+            f"{stimage_bytes / 1e12:.2f} TB (images {st_images / 1e12:.2f}, counts {st_counts / 1e12:.2f})",
+            "measured x stated x assumed",
+            f"issue 17: {ISSUE_TOTAL_TB} TB with HEST",
+        ),
+        (
+            "CPU per sample",
+            f"{rates['cpu_ms_per_sample']:.2f} ms",
+            "measured",
+            rates["source"] + "; STimage's PNGs assumed to cost the same",
+        ),
+        (
+            "shards (WebDataset + Parquet) per sample",
+            f"{rates['shard_bytes_per_sample'] / 1e3:.1f} kB",
+            "measured",
+            rates["source"],
+        ),
+        ("work units per sample", f"{rates['work_bytes_per_sample'] / 1e3:.1f} kB", "measured", rates["source"]),
+        (
+            "pack CPU per sample",
+            f"{pack_ms:.2f} ms",
+            "measured",
+            rates["source"] + "; spreads over the node's cores: assumed",
+        ),
+        (
+            "node",
+            f"{NODE_CORES} cores, {NODE_DISK / 1e9:.0f} GB disk, links at line rate",
+            "assumed",
+            f"--prefetch {PREFETCH}",
+        ),
+        ("streaming pack window", f"{WINDOW_SLIDES} slides of units", "assumed", "issue 17 item 4, not built"),
+    ]
     return {
-        "inputs": {
-            "hest_slides": hest_slides,
+        "marked": "PROJECTION, not a measurement",
+        "inputs": [{"what": a, "value": b, "status": c, "from": d} for a, b, c, d in inputs],
+        "figures": {
+            "hest_slides": len(hest),
             "hest_spots": hest_spots,
-            "hest_whole_tb": hest_whole / 1e12,
-            "hest_ranged_tb": hest_ranged / 1e12,
-            "stimage_slides": STIMAGE_SLIDES,
-            "stimage_spots": STIMAGE_SPOTS,
+            "hest_wsi_tb": hest_wsi / 1e12,
+            "hest_wsi_ranged_tb": hest_ranged_wsi / 1e12,
+            "hest_st_tb": hest_st / 1e12,
+            "hest_patches_tb": patches / 1e12,
+            "implied_bytes_per_px": implied_bpp,
+            "stimage_slides": len(stimage),
+            "stimage_spots": stimage_spots,
             "stimage_tb": stimage_bytes / 1e12,
-            "cpu_s_per_sample": cpu_per_sample,
+            "samples": samples,
+            "unit_core_h": unit_core_h,
+            "compute_h_from_wall": compute_h_wall,
+            "wall_core_ms_per_sample": wall_ms,
+            "pack_core_h": pack_core_h,
             "fraction_fetched": fraction,
-            "bytes_per_px": bytes_per_px,
-            "slides_measured": slides,
+            "he_bytes_per_px": bpp,
+            "rates": rates,
         },
         "rows": rows,
         "peak_disk": {
-            "corpus_gb": samples * sample_bytes / 1e9,
-            "in_flight_gb": in_flight / 1e9,
-            "budget_gb": NODE_DISK / 1e9,
+            "corpus_gb": corpus / 1e9,
+            "corpus_wds_gb": samples * rates.get("wds_bytes_per_sample", 0.0) / 1e9,
+            "corpus_parquet_gb": samples * rates.get("parquet_bytes_per_sample", 0.0) / 1e9,
+            "work_all_gb": work_all / 1e9,
+            "work_window_gb": window / 1e9,
+            "largest_slide_gb": {"whole": largest_whole / 1e9, "ranges": largest_ranged / 1e9},
+            "mean_slide_gb": {"whole": mean_whole / 1e9, "ranges": mean_ranged / 1e9},
+            "by_reads": disk,
+            "disk_gb": NODE_DISK / 1e9,
         },
     }
+
+
+def projection_table(p: dict[str, Any]) -> list[str]:
+    """The projection as Markdown, marked as one."""
+    f, d = p["figures"], p["peak_disk"]
+    lines = [
+        "",
+        f"**PROJECTION (not measured)**: HEST-1k ({f['hest_slides']:,} slides, {f['hest_spots']:,} spots) + "
+        f"STimage-1K4M ({f['stimage_slides']:,} slides, {f['stimage_spots']:,} spots) on one {NODE_CORES}-core node, "
+        f"{NODE_DISK / 1e9:.0f} GB disk. Inputs:",
+        "",
+        "| input | value | status | from |",
+        "|---|---|---|---|",
+        *(f"| {i['what']} | {i['value']} | {i['status']} | {i['from']} |" for i in p["inputs"]),
+        "",
+        "| link | reads | TB fetched | download h | compute h | pack h | wall h, pack after units (today) | "
+        "wall h, streaming pack | wall h, at the measured overlap |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in p["rows"]:
+        lines.append(
+            f"| {row['gbit_s']} Gbit/s | {row['mode']} | {row['download_tb']:.2f} | {row['download_h']:.1f} | "
+            f"{row['compute_h']:.1f} | {row['pack_h']:.1f} | {row['wall_h_today']:.1f} | "
+            f"{row['wall_h_streaming']:.1f} | {row['wall_h_at_measured_overlap']:.1f} |"
+        )
+    lines += [
+        "",
+        "| peak disk, projected (GB) | inputs in flight | work folder | corpus, both formats | peak | fits "
+        f"{d['disk_gb']:.0f} GB |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for mode, by in d["by_reads"].items():
+        for label, work, peak in (
+            ("today: every unit kept until the pack", d["work_all_gb"], by["peak_gb_today"]),
+            (f"streaming pack: {WINDOW_SLIDES} slides' units", d["work_window_gb"], by["peak_gb_streaming"]),
+        ):
+            lines.append(
+                f"| {mode} reads, {label} | {by['in_flight_gb']:,.0f} | {work:,.0f} | {d['corpus_gb']:,.0f} | "
+                f"{peak:,.0f} | {'yes' if peak <= d['disk_gb'] else 'NO'} |"
+            )
+    lines += [
+        "",
+        f"Inputs in flight: {NODE_CORES} running + {PREFETCH} prefetched slides of the mean size "
+        f"({d['mean_slide_gb']['whole']:.2f} GB whole, {d['mean_slide_gb']['ranges']:.2f} GB by range); all of "
+        f"them the largest ({d['largest_slide_gb']['whole']:.1f} GB whole, {d['largest_slide_gb']['ranges']:.1f} GB "
+        f"by range) would hold {d['by_reads']['whole']['in_flight_worst_gb']:,.0f} / "
+        f"{d['by_reads']['ranges']['in_flight_worst_gb']:,.0f} GB, which --cache-budget caps (the slides then wait). "
+        "Wall h = max(download, compute) + the first slide's download + the pack where it does not overlap. "
+        f"Compute h from CPU time; from the measuring run's wall x workers ({f['wall_core_ms_per_sample']:.1f} ms "
+        f"per sample, an upper bound) it would be {f['compute_h_from_wall']:.1f} h.",
+    ]
+    if d["corpus_wds_gb"]:
+        lines.append(
+            f"Of the corpus: WebDataset {d['corpus_wds_gb']:,.0f} GB, Parquet {d['corpus_parquet_gb']:,.0f} GB "
+            "(the same samples twice)."
+        )
+    return lines
 
 
 def table(report: dict[str, Any]) -> str:
@@ -461,32 +827,38 @@ def table(report: dict[str, Any]) -> str:
         f"({'none' if not a['changed'] else ', '.join(a['changed'][:5])}). Cache budget of the throttled builds "
         f"{report['cache_budget'] / _MB:,.0f} MB.",
     ]
-    p = report["projection"]
-    i = p["inputs"]
-    lines += [
-        "",
-        f"**Projection (not measured)**: HEST-1k ({i['hest_slides']:,} slides, {i['hest_spots']:,} spots, "
-        f"{i['hest_whole_tb']:.2f} TB whole at the measured JPEG bytes/px, {i['hest_ranged_tb']:.2f} TB by range) + "
-        f"STimage-1K4M ({i['stimage_slides']:,} slides, {i['stimage_spots']:,} spots, {i['stimage_tb']:.2f} TB: "
-        f"{TOTAL_DOWNLOAD_TB} TB less HEST), {i['cpu_s_per_sample'] * 1000:.1f} CPU ms per sample, on one "
-        f"{NODE_CORES}-core node:",
-        "",
-        "| link | reads | TB fetched | download h | compute h | wall h, overlapped | wall h, at the measured overlap |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in p["rows"]:
-        lines.append(
-            f"| {row['gbit_s']} Gbit/s | {row['mode']} | {row['download_tb']:.2f} | {row['download_h']:.1f} | "
-            f"{row['compute_h']:.1f} | {row['wall_h_overlapped']:.1f} | {row['wall_h_as_measured']:.1f} |"
-        )
-    d = p["peak_disk"]
-    lines += [
-        "",
-        f"Peak disk (projected): the corpus {d['corpus_gb']:,.0f} GB at the measured bytes per sample, plus at most "
-        f"{d['in_flight_gb']:,.0f} GB of sources in flight ({NODE_CORES} workers each holding the largest HEST slide "
-        f"whole; released per slide), against a {d['budget_gb']:.0f} GB disk.",
-    ]
+    lines += projection_table(report["projection"])
     return "\n".join(lines)
+
+
+def compute_only(args: argparse.Namespace) -> int:
+    """The ``compute`` build alone on ``args.slides`` slides: per-sample CPU, disk and pack rates."""
+    scratch = OUT / "build-scale-compute"
+    files, kinds = prepare(scratch / "data", slides=args.slides, slide_um=args.slide_um, border_um=args.border_um)
+    print(f"build: compute only, {args.slides} slides of {args.slide_um:.0f} um", file=sys.stderr)
+    run = run_build(files, scratch / "compute", rate=None, range_reads=True, workers=args.workers, slides=args.slides)
+    report = {
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+        "slides": args.slides,
+        "slide_um": args.slide_um,
+        "workers": args.workers,
+        "kinds": kinds,
+        "compute": run,
+        "rates": sample_rates(run, workers=args.workers),
+    }
+    COMPUTE_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    COMPUTE_REPORT.write_text(json.dumps(report, indent=1) + "\n")
+    shutil.rmtree(scratch / "compute", ignore_errors=True)
+    r = report["rates"]
+    print(
+        f"{args.slides} slides of {args.slide_um:.0f} um, {run['samples']:,} samples, --workers {args.workers}: "
+        f"wall {run['wall_s']:.1f} s, {r['cpu_ms_per_sample']:.2f} CPU ms per sample, shards "
+        f"{r['shard_bytes_per_sample'] / 1e3:.1f} kB and work units {r['work_bytes_per_sample'] / 1e3:.1f} kB per "
+        f"sample, {r['after_units_ms_per_sample']:.2f} ms per sample after the last unit (the pack); "
+        f"written to {COMPUTE_REPORT}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,13 +882,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reference", type=Path, default=REFERENCE, help="HEST-1k metadata CSV (HEST_v1_1_0.csv)")
     parser.add_argument("--out", type=Path, default=OUT / "build_scale.json")
+    parser.add_argument(
+        "--compute-only",
+        action="store_true",
+        help=f"only the unthrottled build, any number of slides: the per-sample rates the projection uses "
+        f"(writes {COMPUTE_REPORT.relative_to(HERE.parent)}), e.g. --compute-only --slides 8 --slide-um 6000",
+    )
+    parser.add_argument(
+        "--reproject", action="store_true", help="recompute the projection of the report in --out; no builds"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.slides, args.slide_um, args.rate, args.disk_budget = 32, 1200.0, 10.0, 1000.0
-    if args.slides < 30:
-        parser.error("--slides must be at least 30 (issue 17 asks for 30)")
     if not args.reference.is_file():
         parser.error(f"--reference {args.reference}: no such file; give HEST-1k's HEST_v1_1_0.csv")
+    if args.reproject:
+        saved: dict[str, Any] = json.loads(args.out.read_text())
+        saved["projection"] = projection(saved, reference=args.reference)
+        args.out.write_text(json.dumps(saved, indent=1) + "\n")
+        print(table(saved))
+        return 0
+    if args.compute_only:
+        return compute_only(args)
+    if args.slides < 30:
+        parser.error("--slides must be at least 30 (issue 17 asks for 30)")
     rate = args.rate * _MB
 
     scratch = OUT / "build-scale"
@@ -576,6 +965,10 @@ def main(argv: list[str] | None = None) -> int:
     report["bound_s"] = {
         mode: max(report["runs"][mode]["total_bytes"] / rate, compute_s) for mode in ("whole", "ranges")
     }
+    from bench.he_bytes import measure
+
+    report["he_bytes"] = measure(cache=HE_CACHE)
+    print(f"real H&E bytes per pixel from {report['he_bytes']['source']}", file=sys.stderr)
     report["projection"] = projection(report, reference=args.reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -152,12 +152,64 @@ def test_under_a_cache_budget_prefetch_stays_within_it_and_never_starves_a_slide
 
 
 def test_prefetch_and_units_share_the_per_host_cap(tmp_path: Path, www: Path) -> None:
-    # Slide 1's prefetch starts with slide 0's unit: two connections at once without a shared cap ...
+    # Slide 1's prefetch starts with slide 0's unit: two connections at once under the default cap ...
     assert _build(tmp_path, www, "uncapped", prefetch=1).server.max_in_flight >= 2
     # ... and one with --per-host 1, which the prefetch thread and two worker processes hold together.
     run = _build(tmp_path, www, "capped", workers=2, prefetch=1, host_cap=1)
     assert run.built == N_SLIDES and run.server.max_in_flight == 1
     assert all(run.server.count(f"/st{i}.h5ad", method="GET") == 1 for i in range(N_SLIDES))
+
+
+def test_a_build_holds_one_per_host_cap_across_all_workers_by_default(tmp_path: Path) -> None:
+    """No --per-host: two workers and ten prefetch threads, each with its own in-process limit, would
+    open eleven connections to the one host; the build's default cap holds them to DEFAULT_HOST_CAP."""
+    from stcorpus.curate.fetch.settings import DEFAULT_HOST_CAP
+    from stcorpus.curate.manifest import load_manifest
+
+    slides, ahead = 12, 10
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(slides):
+        variant_h5ad(www, f"st{i}", drop=i)  # drop i and i+7 differ by spot i: twelve distinct slides
+    shutil.copyfile(IMAGE, www / "img.jpg")
+
+    def write_manifest(folder: Path, server: LocalServer) -> Path:
+        entries = [
+            hest_entry(f"HC-{i}", st=server.file_url(f"st{i}.h5ad"), wsi=server.file_url("img.jpg"), patient=f"P{i}")
+            for i in range(slides)
+        ]
+        return manifest(folder, entries, name="hostcap")
+
+    # Without the shared cap the same downloads do overlap past it (the prefetch threads alone) ...
+    with serve(www) as server:
+        server.rate = RATE
+        samples = load_manifest(write_manifest(tmp_path / "uncapped", server)).samples
+        fetch = settings(tmp_path / "uncapped", prefetch=ahead, host_cap=None, progress_every=None)
+        prefetcher = executors.Prefetcher(samples, fetch=fetch, running=2)
+        deadline = time.monotonic() + 30
+        while len(prefetcher.prefetched) < ahead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        prefetcher.close()
+        assert len(prefetcher.prefetched) == ahead
+        assert server.max_in_flight > DEFAULT_HOST_CAP
+    # ... and `curate build --workers 2 --prefetch 10`, no --per-host, never has more at once.
+    with serve(www) as server:
+        server.rate = RATE
+        path = write_manifest(tmp_path / "capped", server)
+        out, cache = tmp_path / "capped" / "out", tmp_path / "capped" / "cache"
+        args = ["build", str(path), "--out", str(out), "--cache", str(cache), "--workers", "2", "--no-progress"]
+        assert main([*args, "--prefetch", str(ahead)]) == 0
+    assert 2 <= server.max_in_flight <= DEFAULT_HOST_CAP, server.max_in_flight
+    assert all(server.count(f"/st{i}.h5ad", method="GET") == 1 for i in range(slides))
+    assert len(list((cache / "locks").glob("host-*.lock"))) == DEFAULT_HOST_CAP  # the cap's slots, in the cache
+
+
+def test_the_per_host_flag_is_the_caps_size_and_named_in_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from stcorpus.curate.fetch.settings import DEFAULT_HOST_CAP
+
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    assert f"(default {DEFAULT_HOST_CAP};" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("budget", [None, "roomy"])

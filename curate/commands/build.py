@@ -192,8 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-host",
         type=_positive,
         metavar="N",
-        help="connections per host across all workers sharing the cache and the build's prefetch (default: 4 per "
-        "worker and per prefetch thread, no shared cap)",
+        help="connections per host at once across all workers sharing --cache, their range reads and the "
+        "build's prefetch (default 8; per node where each node has a --cache of its own)",
     )
     group.add_argument(
         "--prefetch",
@@ -409,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
         allow_local=args.allow_local,
         keep_sources=args.keep_sources,
         cache_budget=args.cache_budget,
-        host_cap=args.per_host,
+        # Unset, FetchSettings' DEFAULT_HOST_CAP holds: one cap for the whole build, never one per worker.
+        **({"host_cap": args.per_host} if args.per_host is not None else {}),
         prefetch=args.prefetch,
         mirrors=tuple(args.mirror),
         progress_every=None if args.no_progress else 10.0,

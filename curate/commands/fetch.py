@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         if selected is None or sample.id in selected
         for name, source in sample.sources.items()
     ]
-    options: dict[str, Any] = {"allow_local": args.allow_local}
+    # One process: its --per-host is already the cap for all its threads; the cross-process cap of a
+    # build (FetchSettings.host_cap) would only cap a --per-host above it and add lock files.
+    options: dict[str, Any] = {"allow_local": args.allow_local, "host_cap": None}
     if args.cache:
         options["cache_dir"] = Path(args.cache)
     if args.per_host:

@@ -1,11 +1,12 @@
-"""A per-host connection cap across processes (``curate build --per-host``): file-lock slots in the cache folder.
+"""A per-host connection cap across processes (``curate build --per-host``, on by default): file-lock slots.
 
 ``PerHostLimit`` (``stcorpus.http``) caps the requests of one process's threads; a build's
 workers are separate processes (or Dask workers), each with its own. ``SharedHostLimit`` adds
 ``cap`` lock files per origin under ``<cache>/locks/``: a request holds one of them (``flock``,
 which the kernel drops when a process dies, so a killed worker never keeps a slot) for as long
 as it runs, so all the workers that share the cache folder open at most ``cap`` connections to
-one host together. On a node-local cache the cap is per node.
+one host together. On a node-local cache the cap is per node. A build holds this cap by default
+(``FetchSettings.host_cap``, ``DEFAULT_HOST_CAP``); ``curate fetch``, one process, does not need it.
 """
 
 from __future__ import annotations

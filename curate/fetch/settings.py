@@ -14,6 +14,12 @@ CACHE_ENV: Final = "STCORPUS_CACHE"
 
 _GIB: Final = 1 << 30
 
+#: Connections per host a build opens at once across all its workers, their range reads and its
+#: prefetch (``curate build --per-host``), however many workers it has: huggingface_hub's
+#: ``snapshot_download`` runs 8 downloads at once by default too. Several streams, as a fast link
+#: to a CDN needs; not one or more per worker.
+DEFAULT_HOST_CAP: Final = 8
+
 
 def default_cache_dir() -> Path:
     """The cache folder: ``$STCORPUS_CACHE``, else ``$XDG_CACHE_HOME/stcorpus``, else ``~/.cache/stcorpus``.
@@ -60,8 +66,10 @@ class FetchSettings:
     #: Most bytes the cache may hold (``--cache-budget``); a slide's downloads wait for room (``budget.py``).
     cache_budget: int | None = None
     #: Concurrent requests per host across every process sharing the cache folder (``curate build
-    #: --per-host``), on top of ``per_host``; None: no cross-process cap.
-    host_cap: int | None = None
+    #: --per-host``; ``hostcap.py``), on top of ``per_host``: the build's workers and prefetch threads
+    #: hold it together (per node where each node has a cache of its own). None: no cross-process
+    #: cap, each ``Fetcher`` opens up to ``per_host`` on its own (``curate fetch``, one process).
+    host_cap: int | None = DEFAULT_HOST_CAP
     #: Source URL prefix -> local folder holding the same files (``--mirror PREFIX=PATH``); the
     #: manifest's ``mirrors`` add to these (these win on the same prefix).
     mirrors: tuple[tuple[str, Path], ...] = ()
