@@ -295,29 +295,31 @@ def shard_digests(corpus: Path) -> dict[str, str]:
     }
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process and of its children reaped so far (the workers, once their pool is shut)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 @contextmanager
 def timed_pack(into: dict[str, float]) -> Iterator[None]:
-    """Record the wall and CPU seconds (with the pack's worker processes) of the build's pack in ``into``."""
+    """Record the wall and CPU seconds the build spends packing (``StreamPack.add`` and ``finish``) in ``into``.
+
+    The pack streams: it runs in the build process while the workers compute, a slide at a time.
+    """
     from unittest import mock
 
-    from stcorpus.curate.build import pipeline
-    from stcorpus.curate.build.pack import pack as original  # what the pipeline calls
+    from stcorpus.curate.build.pack import StreamPack
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        cpu, start = _cpu_s(), time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            into["pack_cpu_s"] = into.get("pack_cpu_s", 0.0) + _cpu_s() - cpu
-            into["pack_wall_s"] = into.get("pack_wall_s", 0.0) + time.perf_counter() - start
+    def timing(original: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            cpu, start = time.thread_time(), time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                into["pack_cpu_s"] = into.get("pack_cpu_s", 0.0) + time.thread_time() - cpu
+                into["pack_wall_s"] = into.get("pack_wall_s", 0.0) + time.perf_counter() - start
 
-    with mock.patch.object(pipeline, "pack", timed):
+        return timed
+
+    with (
+        mock.patch.object(StreamPack, "add", timing(StreamPack.add)),
+        mock.patch.object(StreamPack, "finish", timing(StreamPack.finish)),
+    ):
         yield
 
 
@@ -332,12 +334,15 @@ def run_build(
     cache_budget: int | None = None,
     append: bool = False,
     port: int = 0,
+    window: int = 64,
+    release: bool = True,
 ) -> dict[str, Any]:
     """One build into a fresh folder under ``scratch`` (or, with ``append``, onto the corpus already there).
 
     Returns wall time, bytes, requests and peak disk.
     """
     from stcorpus import schema
+    from stcorpus.curate.build.pack import PackSettings
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.fetch import FetchSettings
 
@@ -348,7 +353,15 @@ def run_build(
     with serving(files, link, port=port) as url:
         manifest = scratch / "build-scale.yaml"
         write_manifest(manifest, files, url=url, slides=slides)
-        settings = BuildSettings(workers=workers, progress=False, name="build-scale", holdout="none", append=append)
+        settings = BuildSettings(
+            workers=workers,
+            progress=False,
+            name="build-scale",
+            holdout="none",
+            append=append,
+            pack=PackSettings(window=window),
+            release_units=release,
+        )
         fetch = FetchSettings(
             cache_dir=scratch / "cache", keep_sources=False, range_reads=range_reads, cache_budget=cache_budget
         )
@@ -376,7 +389,7 @@ def run_build(
         "work_bytes": disk_usage(work),
         "wds_bytes": disk_usage(scratch / "corpus" / schema.WDS_DIR),
         "parquet_bytes": disk_usage(scratch / "corpus" / schema.PARQUET_DIR),
-        # The pack alone: wall, and CPU with its worker processes (in client_cpu_s + workers_cpu_s too).
+        # The pack alone (the build thread's time in StreamPack; in client_cpu_s too).
         "pack_wall_s": packed.get("pack_wall_s", 0.0),
         "pack_cpu_s": packed.get("pack_cpu_s", 0.0),
         "statuses": dict(summary.slides),
@@ -880,6 +893,16 @@ def main(argv: list[str] | None = None) -> int:
         help="--cache-budget of the throttled builds in MB (default: "
         "room for every worker's slide and one prefetched slide)",
     )
+    parser.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=None,
+        help="the builds' --shuffle-window (default 64; --quick: 4, the same share of its 32 slides as 64 of "
+        "HEST's ~1,000 per split would be too small to stream at all)",
+    )
+    parser.add_argument(
+        "--keep-units", action="store_true", help="build without --release-units (the units stay until the end)"
+    )
     parser.add_argument("--reference", type=Path, default=REFERENCE, help="HEST-1k metadata CSV (HEST_v1_1_0.csv)")
     parser.add_argument("--out", type=Path, default=OUT / "build_scale.json")
     parser.add_argument(
@@ -894,6 +917,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.slides, args.slide_um, args.rate, args.disk_budget = 32, 1200.0, 10.0, 1000.0
+        if args.shuffle_window is None:
+            args.shuffle_window = 4
+    if args.shuffle_window is None:
+        args.shuffle_window = 64
     if not args.reference.is_file():
         parser.error(f"--reference {args.reference}: no such file; give HEST-1k's HEST_v1_1_0.csv")
     if args.reproject:
@@ -924,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
         "rate": rate,
         "workers": args.workers,
         "disk_budget": args.disk_budget * _MB,
+        "shuffle_window": args.shuffle_window,
+        "release_units": not args.keep_units,
         "cache_budget": budget,
         "kinds": kinds,
         "runs": {},
@@ -938,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             slides=args.slides,
             cache_budget=budget if throttle else None,
+            window=args.shuffle_window,
+            release=not args.keep_units,
         )
     # Growth: APPENDED more slides onto the `ranges` corpus; every earlier shard must keep its bytes.
     corpus = scratch / "ranges" / "corpus"
@@ -953,6 +984,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_budget=budget,
         append=True,
         port=int(report["runs"]["ranges"]["url"].rsplit(":", 1)[1]),  # the same URLs: the same manifest entries
+        window=args.shuffle_window,
+        release=not args.keep_units,
     )
     after = shard_digests(corpus)
     report["append"] = {
