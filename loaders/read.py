@@ -104,10 +104,12 @@ class Columns:
     def parquet(self) -> list[str]:
         """Parquet column names to read."""
         names = [schema.KEY_COLUMN, schema.POS]
+        # Only the JPEG leaf of an image struct (``datasets``' Image: bytes and path): the path
+        # strings would be decompressed and dropped.
         if self.patch:
-            names.append(schema.PATCH_COLUMN)
+            names.append(f"{schema.PATCH_COLUMN}.bytes")
         if self.region:
-            names.append(schema.REGION_COLUMN)
+            names.append(f"{schema.REGION_COLUMN}.bytes")
         if self.expression:
             names += [schema.Expr.GENES.value, schema.Expr.COUNTS.value]
         if self.niche:
