@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench import format as fmt
+from stcorpus.loaders.read import PARQUET_READ_BATCH
 
 RUNS = (("parquet", False), ("parquet", True), ("wds", False), ("wds", True))
 #: The columns the loader reads from a Parquet shard (``loaders/read.py`` ``Columns.parquet``).
@@ -46,12 +47,11 @@ TARGETS = {"spot": 0.90, "+ niche": 0.85}
 @contextmanager
 def timed_sections(spent: defaultdict[str, float]) -> Iterator[None]:
     """Time the loader's working functions into ``spent`` (CPU seconds by section) while inside."""
-    import pyarrow.parquet as pq
 
     from stcorpus.loaders import dataset, read
 
     targets: list[tuple[Any, str, str]] = [
-        (pq.ParquetFile, "read_row_group", "Parquet row-group read (pyarrow)"),
+        (read, "_read_row_group", "Parquet row-group read (pyarrow)"),
         (read, "raw_from_table", "Arrow -> raw samples (raw_from_table)"),
         (read, "raw_from_members", "tar members -> raw samples (json, npz)"),
         (dataset.CheckExpression, "check", "check expression"),
@@ -160,10 +160,15 @@ def leaves(root: Path, pairs: list[tuple[bytes, bytes]], *, batch: int, repeat: 
     reads: dict[str, tuple[str, ...]] = {c: (c,) for c in values}
     reads["loader's columns, spot"] = SPOT_COLUMNS
     reads["loader's columns, + niche"] = NICHE_COLUMNS
+    for name in list(reads):
+        reads[f"{name}, in batches"] = reads[name]
 
-    def read(columns: tuple[str, ...]) -> None:
+    def read(columns: tuple[str, ...], *, batches: bool) -> None:
         for g in groups:
-            parquet.read_row_group(g, columns=list(columns), use_threads=False)
+            if batches:  # as the loader reads (loaders/read.py _read_row_group)
+                list(parquet.iter_batches(PARQUET_READ_BATCH, [g], list(columns), use_threads=False))
+            else:
+                parquet.read_row_group(g, columns=list(columns), use_threads=False)
 
     rounds: dict[str, list[float]] = {name: [] for name in reads}
     limits: list[float] = []
@@ -173,13 +178,14 @@ def leaves(root: Path, pairs: list[tuple[bytes, bytes]], *, batch: int, repeat: 
         limits.append(1e6 * (time.process_time() - start) / len(pairs))
         for name, columns in reads.items():
             start = time.process_time()
-            read(columns)
+            read(columns, batches=name.endswith(", in batches"))
             rounds[name].append(1e6 * (time.process_time() - start) / n)
     limit = float(np.median(limits))
     print(f"JPEG decode limit: {limit:.0f} us per sample (median of {repeat} rounds)")
     for form, target in TARGETS.items():
         print(f"overhead beyond the decode that {target:.2f} of it allows ({form}): {limit * (1 / target - 1):.0f} us")
-    print("\n| pyarrow read_row_group | us per sample | values per sample | ns per value |")
+    print(f"\n(in batches: record batches of {PARQUET_READ_BATCH} rows, as the loader reads; else whole row groups)")
+    print("\n| pyarrow read | us per sample | values per sample | ns per value |")
     print("|---|---:|---:|---:|")
     for name, times in rounds.items():
         us = float(np.median(times))
