@@ -836,10 +836,10 @@ class _ParquetJob:
         return (metadata, first, start), self.source.open_range(self.entry.path, start, stop, size=size)
 
 
-#: Rows per record batch when a row group is read. pyarrow decodes long list columns far faster
-#: in batches of tens of rows than a row group of hundreds in one piece (bench/README.md, issue
-#: 16: with niche at 3,000 genes, 0.42 -> 0.68 of the decode limit; 16 / 32 / 64 rows within
-#: noise of each other, the spot columns alone unchanged).
+#: Rows per record batch when a row group is read. pyarrow decodes long list columns faster in
+#: batches of tens of rows than a row group of hundreds in one piece (bench/README.md, issue 16,
+#: 3,000 genes: the loader's columns with niche 158 -> 140 us per sample, without 43 -> 40; 16,
+#: 32 and 64 rows within noise of each other), and its working buffers stay small.
 PARQUET_READ_BATCH: Final = 32
 
 
