@@ -102,6 +102,32 @@ def test_batches_hold_what_was_written(corpus: FixtureCorpus) -> None:
                 assert np.flatnonzero(b["expr_mask"][i].numpy()).tolist() == slide["measured_genes"]
 
 
+def test_a_parquet_row_group_read_in_several_record_batches_gives_every_sample_whole(
+    corpus: FixtureCorpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stcorpus.loaders import batch as B
+    from stcorpus.loaders import read
+
+    # The fixture's row groups hold 3 rows: batches of 2 split every one of them (2 + 1).
+    monkeypatch.setattr(read, "PARQUET_READ_BATCH", 2)
+    options = {"format": "parquet", "genes": {"transform": "counts", "niche": True}}
+    batches = list(CorpusLoader(CorpusDataset(corpus.root, settings(**options))))
+    seen = [k for b in batches for k in b[B.KEY]]
+    assert sorted(seen) == sorted(corpus.keys("train"))
+    for b in batches:
+        for i, key in enumerate(b[B.KEY]):
+            sample = corpus.by_key[key]
+            assert int(b[B.POS][i]) == sample.meta["pos"]
+            assert np.array_equal(b[B.PATCH][i].permute(1, 2, 0).numpy(), pil(sample.patch))
+            for genes, counts, offsets, want_genes, want_counts in (
+                (B.GENES, B.COUNTS, B.OFFSETS, sample.genes, sample.counts),
+                (B.NICHE_GENES, B.NICHE_COUNTS, B.NICHE_OFFSETS, sample.niche_genes, sample.niche_counts),
+            ):
+                lo, hi = int(b[offsets][i]), int(b[offsets][i + 1])
+                assert b[genes][lo:hi].tolist() == want_genes.tolist()
+                assert b[counts][lo:hi].tolist() == want_counts.tolist()
+
+
 def test_epochs_differ_and_repeat_with_the_seed(corpus: FixtureCorpus) -> None:
     def epoch(seed: int, number: int) -> list[tuple[str, ...]]:
         dataset = CorpusDataset(corpus.root, settings(seed=seed, genes={"transform": "none"}, views=["patch"]))
