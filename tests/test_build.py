@@ -283,8 +283,9 @@ def test_bad_slides_are_quarantined_with_reasons(tmp_path: Path) -> None:
     assert all(slide in report and code in report for slide, (_, code) in bad.items())
     assert "\n".join(summary.lines()).count("quarantined") >= len(bad)
 
-    # on_bad_sample=error: the first bad slide (in manifest order) stops the build with its reason.
-    with pytest.raises(BuildError, match=r"BAD-corrupt-h5 quarantined: corrupt_file"):
+    # on_bad_sample=error: the first bad slide (in the order slides run: the pack's, by source and id) stops
+    # the build with its reason.
+    with pytest.raises(BuildError, match=r"BAD-blank quarantined: blank_image"):
         build([path], out=tmp_path / "strict", settings=BuildSettings(progress=False, on_bad_sample="error"))
 
 
