@@ -282,6 +282,44 @@ def test_dask_workers_sharing_the_cache_get_the_next_slides_prefetched(
     assert not sees_client_cache(str(tmp_path / "elsewhere"), "tok", wait=0)
 
 
+def test_a_dask_build_stays_within_the_work_budget(
+    tmp_path: Path, cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--work-budget on Dask: tasks are submitted as the work folder has room, with the same bytes."""
+    import dataclasses
+    import logging
+
+    from stcorpus.curate.build.dask_executor import DaskExecutor
+    from tests.test_work_budget import STREAMING, WorkFolderProbe, slide_sizes
+
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 4))
+    reference = tmp_path / "reference"
+    build([path], out=reference, settings=dataclasses.replace(STREAMING, workers=1))
+    sizes = slide_sizes(reference / ".work")
+    largest = max(sizes.values())
+    budget = int(2.5 * sum(sizes.values()) / len(sizes))  # two slides, not three
+    out = tmp_path / "dask"
+    caplog.set_level(logging.DEBUG, logger="stcorpus.curate.build.admission")
+    with (
+        DaskExecutor.connect(cluster.scheduler_address) as executor,
+        WorkFolderProbe(out / ".work" / "units") as probe,
+    ):
+        summary = build(
+            [path],
+            out=out,
+            settings=dataclasses.replace(STREAMING, release_units=True, work_budget=budget),
+            executor=executor,
+        )
+    assert summary.slides == {"built": 4}
+    # At most 2 units in flight under this budget, each over its estimate by largest - smallest at most
+    # (tests/test_work_budget.py states the bound).
+    slack = 2 * (largest - min(sizes.values()))
+    assert 0 < probe.peak <= max(budget + slack, 2 * largest) <= budget + largest, (probe.peak, budget, sizes)
+    assert any("waits for room in the work folder" in r.getMessage() for r in caplog.records)
+    assert digests(out) == digests(reference)
+    assert _leftovers(out) == []
+
+
 # --- cluster files --------------------------------------------------------------------------
 
 

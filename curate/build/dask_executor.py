@@ -70,6 +70,7 @@ from stcorpus.settings import SettingsModel, format_validation_error, load_yaml,
 _UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *TIMEOUT_ERRORS)
 
 if TYPE_CHECKING:
+    from stcorpus.curate.build.admission import WorkAdmission
     from stcorpus.curate.fetch import FetchSettings
     from stcorpus.curate.manifest import Sample
 
@@ -458,12 +459,21 @@ class DaskExecutor:
         return f"{self._label} (scheduler {address}" + (f", dashboard {dashboard})" if dashboard else ")")
 
     def map_units(
-        self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
+        self,
+        samples: Sequence[Sample],
+        *,
+        work_root: Path,
+        unit: UnitSettings,
+        fetch: FetchSettings,
+        admission: WorkAdmission | None = None,
     ) -> Iterator[UnitResult]:
         """Submit one task per sample and yield each ``UnitResult`` as it finishes.
 
-        Closing the iterator cancels the tasks not yet finished (running ones finish on their
-        workers and their units are reused by the next build).
+        Every task is submitted at once (the scheduler runs them in ``samples`` order, by
+        priority), except under ``admission`` (``--work-budget``): then a task is submitted only
+        when the admission lets its slide in, the next ones as results come back. Closing the
+        iterator cancels the tasks not yet finished (running ones finish on their workers and
+        their units are reused by the next build).
         """
         dd = _distributed()
         if not samples:
@@ -481,28 +491,36 @@ class DaskExecutor:
         try:
             self._check_workers(root, token, fetch)
             ahead = self._prefetch(samples, token=token, unit=unit, fetch=fetch)
-            for i, sample in enumerate(samples):
-                future = self.client.submit(
-                    run_dask_unit,
-                    sample,
-                    str(root),
-                    token,
-                    __version__,
-                    unit,
-                    fetch,
-                    key=f"stcorpus-unit-{sample.id}-{token[:8]}",
-                    retries=self.retries,
-                    priority=len(samples) - i,  # manifest order, as locally
-                    pure=False,
-                )
-                futures[future] = i
             progress = _Progress(self, total=len(samples))
-            pending = set(futures)
-            while pending:
+            pending: set[Any] = set()
+            submitted = 0
+            while True:
+                while submitted < len(samples) and (admission is None or admission.may_start(samples[submitted])):
+                    sample = samples[submitted]
+                    if admission is not None:
+                        admission.started(sample)
+                    future = self.client.submit(
+                        run_dask_unit,
+                        sample,
+                        str(root),
+                        token,
+                        __version__,
+                        unit,
+                        fetch,
+                        key=f"stcorpus-unit-{sample.id}-{token[:8]}",
+                        retries=self.retries,
+                        priority=len(samples) - submitted,  # manifest order, as locally
+                        pure=False,
+                    )
+                    futures[future] = submitted
+                    pending.add(future)
+                    submitted += 1
+                if not pending:
+                    break  # every slide submitted and finished (the admission admits one whenever none runs)
                 try:
                     done, pending = dd.wait(pending, timeout=self.progress_every, return_when="FIRST_COMPLETED")
                 except TIMEOUT_ERRORS:
-                    progress.log(running=len(pending))
+                    progress.log(running=len(pending) + len(samples) - submitted)
                     continue
                 for future in sorted(done, key=futures.__getitem__):
                     sample = samples[futures[future]]
@@ -524,9 +542,11 @@ class DaskExecutor:
                     # Drop the future: the worker then frees the result (its gene list can be ~1 MB).
                     del futures[future]
                     future.release()
-                    progress.count(result, running=len(pending))
+                    progress.count(result, running=len(pending) + len(samples) - submitted)
                     if ahead is not None:
                         ahead.finished(result.slide_id)
+                    if admission is not None:
+                        admission.finished(result)  # measured before the pack can release it
                     yield result
             progress.log(running=0, final=True)
             finished = True

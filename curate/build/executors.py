@@ -30,6 +30,7 @@ from stcorpus.curate.build.workdir import UnitResult, WorkDir
 from stcorpus.curate.errors import BudgetExceededError, SettingsError
 
 if TYPE_CHECKING:
+    from stcorpus.curate.build.admission import WorkAdmission
     from stcorpus.curate.fetch import FetchSettings
     from stcorpus.curate.fetch.budget import Need
     from stcorpus.curate.manifest import Sample
@@ -41,9 +42,20 @@ class UnitExecutor(Protocol):
     """Runs slide units somewhere and yields their results as they finish."""
 
     def map_units(
-        self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
+        self,
+        samples: Sequence[Sample],
+        *,
+        work_root: Path,
+        unit: UnitSettings,
+        fetch: FetchSettings,
+        admission: WorkAdmission | None = None,
     ) -> Iterator[UnitResult]:
-        """Run the unit of every sample; closing the iterator cancels what has not started."""
+        """Run the unit of every sample, in order; closing the iterator cancels what has not started.
+
+        With ``admission`` (``--work-budget``) a unit is submitted only when ``admission.may_start``
+        allows it; the executor reports each submission (``started``) and each result, before
+        yielding it (``finished``).
+        """
         ...
 
     def describe(self) -> str:
@@ -75,22 +87,39 @@ class LocalExecutor:
         return f"local, {self.workers} worker{'s' if self.workers > 1 else ''}"
 
     def map_units(
-        self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
+        self,
+        samples: Sequence[Sample],
+        *,
+        work_root: Path,
+        unit: UnitSettings,
+        fetch: FetchSettings,
+        admission: WorkAdmission | None = None,
     ) -> Iterator[UnitResult]:
         """Run the units here, yielding each result as it finishes, prefetching the next slides' sources."""
         ahead = Prefetcher(samples, fetch=fetch, running=self.workers, unit=unit)
         try:
-            for result in self._run(samples, work_root=work_root, unit=unit, fetch=fetch):
+            for result in self._run(samples, work_root=work_root, unit=unit, fetch=fetch, admission=admission):
                 ahead.finished(result.slide_id)
+                if admission is not None:
+                    admission.finished(result)  # measured before the pack can release it
                 yield result
         finally:
             ahead.close()
 
     def _run(
-        self, samples: Sequence[Sample], *, work_root: Path, unit: UnitSettings, fetch: FetchSettings
+        self,
+        samples: Sequence[Sample],
+        *,
+        work_root: Path,
+        unit: UnitSettings,
+        fetch: FetchSettings,
+        admission: WorkAdmission | None,
     ) -> Iterator[UnitResult]:
         if self.workers == 1:
             for sample in samples:
+                if admission is not None:
+                    admission.may_start(sample)  # True (nothing else runs); it counts a start over the budget
+                    admission.started(sample)
                 yield unit_task(sample, str(work_root), unit, fetch)
             return
         import multiprocessing
@@ -102,9 +131,14 @@ class LocalExecutor:
         queue = list(reversed(samples))
         try:
             while queue or futures:
-                # Keep a short queue per worker so a stop leaves little running work behind.
-                while queue and len(futures) < 2 * self.workers:
+                # Keep a short queue per worker so a stop leaves little running work behind; under
+                # --work-budget the next slide also waits for room (always admitted when none runs).
+                while (
+                    queue and len(futures) < 2 * self.workers and (admission is None or admission.may_start(queue[-1]))
+                ):
                     sample = queue.pop()
+                    if admission is not None:
+                        admission.started(sample)
                     futures[pool.submit(unit_task, sample, str(work_root), unit, fetch)] = sample
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 broken = False

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from stcorpus import __version__, schema
 from stcorpus.curate.atomic import write_atomic
+from stcorpus.curate.build.admission import WorkAdmission, format_bytes
 from stcorpus.curate.build.append import (
     GENERATIONS_KEY,
     Existing,
@@ -108,6 +109,10 @@ class BuildSettings:
     #: --reshuffle) builds the released slides again. Default: kept, so such a rerun rebuilds only
     #: the slides that changed.
     release_units: bool = False
+    #: Most bytes of samples the work folder may hold, finished and running (``--work-budget``): a
+    #: slide's unit waits until the pack has released enough (``admission.WorkAdmission``). Needs
+    #: ``release_units``. Where units ran, never what they wrote: not in ``to_dict``.
+    work_budget: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -117,6 +122,13 @@ class BuildSettings:
             raise SettingsError(
                 "--append keeps every existing shard; it cannot go with --reshuffle or --overwrite, which rewrite them"
             )
+        if self.work_budget is not None and not self.release_units:
+            raise SettingsError(
+                "--work-budget needs --release-units: without it every slide's samples stay in the work folder "
+                "until the build ends, so no budget can hold; add --release-units (or drop --work-budget)"
+            )
+        if self.work_budget is not None and self.work_budget < 1:
+            raise SettingsError(f"--work-budget must be at least 1 byte, not {self.work_budget}")
         if self.on_bad_sample not in ("error", "warn", "skip"):
             raise SettingsError(f"--on-bad-sample must be error, warn or skip, not {self.on_bad_sample!r}")
 
@@ -213,8 +225,11 @@ def run_units(
     reused: set[str] | None = None,
     known: Mapping[str, UnitResult | None] | None = None,
     packed: Collection[str] = (),
+    admission: WorkAdmission | None = None,
 ) -> dict[str, UnitResult]:
     """Run (or reuse) the unit of every sample; ``on_result`` returning False stops the rest.
+
+    ``admission`` (``--work-budget``) holds each unit back until the work folder has room for it.
 
     The ids of the slides whose finished units were reused are added to ``reused``. ``known``:
     each sample's reusable unit when the caller looked already (``unit.reusable_unit``). A built
@@ -249,7 +264,7 @@ def run_units(
             return results
     if not pending:
         return results
-    running = executor.map_units(pending, work_root=work.root, unit=settings.unit, fetch=fetch)
+    running = executor.map_units(pending, work_root=work.root, unit=settings.unit, fetch=fetch, admission=admission)
     try:
         for result in running:
             results[result.slide_id] = result
@@ -504,9 +519,14 @@ def build(
         return True
 
     reused: set[str] = set()
+    admission = WorkAdmission(work, limit=settings.work_budget) if settings.work_budget is not None else None
     try:
         executor = executor or LocalExecutor(settings.workers)
         log.info("units run on %s", executor.describe())
+        if admission is not None:
+            log.info(
+                "--work-budget %s: a slide's unit waits until the work folder has room", format_bytes(admission.limit)
+            )
         taken_order = {slide_id: i for i, slide_id in enumerate(stream.order)}
         results = run_units(
             sorted(todo, key=lambda s: taken_order[s.id]),  # the order the pack takes them: few wait
@@ -518,10 +538,13 @@ def build(
             reused=reused,
             known=known,
             packed=packed_already,
+            admission=admission,
         )
     finally:
         progress.close()
     summary.reused_units = len(reused)
+    if admission is not None and (note := admission.note()) is not None:
+        summary.notes.append(note)
     if first_bad:
         bad = first_bad[0]
         raise BuildError(

@@ -172,6 +172,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bounded (a rerun that repacks, after a changed, added or failed slide or with --reshuffle, then builds "
         "the released slides again; default: kept)",
     )
+    parser.add_argument(
+        "--work-budget",
+        type=_size,
+        metavar="SIZE",
+        help="most bytes of slide samples the work folder may hold, e.g. 50G or 500M (needs --release-units): a "
+        "slide's unit waits until the pack has released enough, counting finished units as measured and running "
+        "ones as estimated; the slide the pack needs next always starts, so a budget below what the shuffle "
+        "window holds builds one slide at a time",
+    )
     parser.add_argument("--cache", type=Path, help="download cache (default: $STCORPUS_CACHE or ~/.cache/stcorpus)")
     group = parser.add_argument_group("downloads")
     group.add_argument(
@@ -403,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         reshuffle=args.reshuffle,
         release_units=args.release_units,
+        work_budget=args.work_budget,
         progress=not args.no_progress,
     )
     fetch = FetchSettings(
