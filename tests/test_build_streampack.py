@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,19 +30,30 @@ def splits_of(units: list[UnitResult]) -> dict[str, str]:
     return {u.slide_id: ("test" if u.slide_id == "S5" else "train") for u in units}
 
 
+def order_of(units: list[UnitResult]) -> list[str]:
+    return consumption_order((u.slide_id, u.slide.get("source")) for u in units)
+
+
 def stream(
-    out: Path, work: WorkDir, units: list[UnitResult], *, release: bool = False, **options: object
+    out: Path,
+    work: WorkDir,
+    units: list[UnitResult],
+    *,
+    release: bool = False,
+    splits: dict[str, str] | None = None,
+    settings: PackSettings = SETTINGS,
+    **options: Any,
 ) -> StreamPack:
     return StreamPack(
         out,
         work=work,
-        order=consumption_order(units),
-        splits=splits_of(units),
+        order=order_of(units),
+        splits=splits or splits_of(units),
         gene_index=GeneIndex(GENES),
-        settings=options.pop("settings", SETTINGS),  # type: ignore[arg-type]
+        settings=settings,
         counts_dtype="int32",
         release=release,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -106,7 +118,7 @@ def test_units_are_released_once_packed_and_the_disk_stays_bounded(tmp_path: Pat
     on_disk = []
     by_id = {u.slide_id: u for u in units}
     added: list[str] = []
-    for slide_id in consumption_order(units):  # as a local pool finishes them, near enough
+    for slide_id in order_of(units):  # as a local pool finishes them, near enough
         packer.add(by_id[slide_id])
         added.append(slide_id)
         on_disk.append(sum(work.has_samples(s) for s in added))
@@ -167,17 +179,8 @@ def test_duplicates_keep_the_preferred_source(tmp_path: Path) -> None:
         unit.slide["source"] = source
         unit.content_digest = "same" if slide_id != "C" else "other"
         units.append(unit)
-    assert consumption_order(units) == ["B-hest", "C", "A-stimage"]
-    packer = StreamPack(
-        tmp_path / "out",
-        work=work,
-        order=consumption_order(units),
-        splits={u.slide_id: "train" for u in units},
-        gene_index=GeneIndex(GENES),
-        settings=SETTINGS,
-        counts_dtype="int32",
-        release=True,
-    )
+    assert order_of(units) == ["B-hest", "C", "A-stimage"]
+    packer = stream(tmp_path / "out", work, units, release=True, splits={u.slide_id: "train" for u in units})
     packer.resume({})
     for unit in units:
         packer.add(unit)
@@ -204,15 +207,8 @@ def test_a_later_slide_widens_the_tar_dtypes_and_every_tar_shard_is_rewritten(tm
     write_samples(tmp_path / "B.arrow", changed)  # not over the mapped file it was read from
     (tmp_path / "B.arrow").replace(work.unit_dir("B") / SAMPLES_FILE)
     settings = PackSettings(samples_per_shard=4, seed=1, window=1)
-    packer = StreamPack(
-        tmp_path / "out",
-        work=work,
-        order=["A", "B"],
-        splits={"A": "train", "B": "train"},
-        gene_index=GeneIndex(GENES),
-        settings=settings,
-        counts_dtype="int32",
-    )
+    both = {"A": "train", "B": "train"}
+    packer = stream(tmp_path / "out", work, [small, big], splits=both, settings=settings)
     packer.resume({})
     packer.add(small)
     assert packer.tar_dtypes is not None and packer.tar_dtypes.counts == "uint8"
@@ -230,14 +226,12 @@ def test_a_later_slide_widens_the_tar_dtypes_and_every_tar_shard_is_rewritten(tm
                     with np.load(io.BytesIO(data.read())) as arrays:
                         assert arrays["counts"].dtype == np.uint32
     # An append cannot widen the corpus's dtypes.
-    fixed = StreamPack(
+    fixed = stream(
         tmp_path / "fixed",
-        work=work,
-        order=["A", "B"],
-        splits={"A": "train", "B": "train"},
-        gene_index=GeneIndex(GENES),
+        work,
+        [small, big],
+        splits=both,
         settings=settings,
-        counts_dtype="int32",
         generation=1,
         first_index={"train": 0},
         tar_dtypes=result.tar_dtypes.__class__(genes="uint16", counts="uint8", niche_counts="uint8"),

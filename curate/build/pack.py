@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +36,15 @@ import numpy.typing as npt
 
 from stcorpus import schema
 from stcorpus.curate.atomic import write_atomic
-from stcorpus.curate.build.workdir import UNIT_IMAGES, UNIT_KEY, UNIT_LISTS, UNIT_SAMPLE_FIELDS, UnitResult, WorkDir
+from stcorpus.curate.build.workdir import (
+    CHECKPOINT_FILE,
+    UNIT_IMAGES,
+    UNIT_KEY,
+    UNIT_LISTS,
+    UNIT_SAMPLE_FIELDS,
+    UnitResult,
+    WorkDir,
+)
 from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
 
@@ -239,18 +247,17 @@ class _SlideCache:
         self.sources.pop(slide_id, None)
 
 
-def unit_tar_dtypes(work: WorkDir, unit: UnitResult, *, gene_index: GeneIndex, counts_dtype: str) -> schema.TarDtypes:
+def unit_tar_dtypes(unit: UnitResult, table: pa.Table, *, gene_index: GeneIndex, counts_dtype: str) -> schema.TarDtypes:
     """The smallest ``expr.npz`` dtypes that hold every gene index and count of one built slide.
 
     The gene index dtype follows the largest index the slide's genes take, not the vocabulary's
     size: the vocabulary is the references' ~128k genes, but human genes mostly sit below 65,536
-    and keep two bytes each. One pass over the memory-mapped counts: milliseconds per slide.
+    and keep two bytes each. One pass over the unit's (memory-mapped) ``table``: milliseconds per slide.
     """
     import pyarrow.compute as pc
 
     positions = gene_index.positions(np.asarray(unit.gene_ids, dtype=np.str_))
     top_index = int(positions.max()) if positions.size else -1
-    table = work.samples(unit.slide_id)
     highest = {}
     for name in (schema.Expr.COUNTS.value, schema.Expr.NICHE_COUNTS.value):
         values = table.column(name).combine_chunks().flatten()
@@ -285,8 +292,6 @@ def slide_rows(n: int, *, order: Order, seed: int, split: str, slide_id: str) ->
     return np.random.default_rng(_seed_for(seed, f"{split}:{slide_id}")).permutation(n).astype(np.int64)
 
 
-#: The pack's checkpoint in the work folder (``StreamPack``): rewritten after every committed shard.
-CHECKPOINT_FILE = "pack.json"
 CHECKPOINT_FORMAT = "stcorpus-pack/1"
 
 
@@ -349,19 +354,13 @@ class PackResult:
     packed: list[str] = field(default_factory=list)
 
 
-def consumption_order(units: Sequence[UnitResult | Mapping[str, Any]]) -> list[str]:
-    """Slide ids in the order the pack takes them: by source preference, then id (``SOURCE_PREFERENCE``).
+def consumption_order(slides: Iterable[tuple[str, str | None]]) -> list[str]:
+    """The ids of ``(slide id, source)`` pairs in the order the pack takes them: by source preference, then id.
 
     Taking slides in this order makes the first copy of a duplicated slide the one kept (10x over
-    GEO over HEST over STimage), as a pack that sees every slide at once would choose.
+    GEO over HEST over STimage, ``SOURCE_PREFERENCE``), as a pack that sees every slide at once would choose.
     """
-
-    def key(u: UnitResult | Mapping[str, Any]) -> tuple[int, str]:
-        slide = u.slide if isinstance(u, UnitResult) else u
-        slide_id = u.slide_id if isinstance(u, UnitResult) else str(u["slide_id"])
-        return source_rank(str(slide.get("source"))), slide_id
-
-    return [u.slide_id if isinstance(u, UnitResult) else str(u["slide_id"]) for u in sorted(units, key=key)]
+    return [slide_id for _, slide_id in sorted((source_rank(str(source)), slide_id) for slide_id, source in slides)]
 
 
 #: Sources in order of preference when the same slide arrives through several (the first is kept).
@@ -834,7 +833,9 @@ class StreamPack:
                 self._fit(unit)
 
     def _need(self, unit: UnitResult) -> schema.TarDtypes:
-        return unit_tar_dtypes(self.work, unit, gene_index=self.gene_index, counts_dtype=self.counts_dtype)
+        # The table the pack draws from next: the slide is mapped once.
+        table = self.cache.source(unit).table
+        return unit_tar_dtypes(unit, table, gene_index=self.gene_index, counts_dtype=self.counts_dtype)
 
     def _fit(self, unit: UnitResult) -> None:
         needed = self.needs[unit.slide_id]
@@ -911,7 +912,7 @@ def pack(
     stream = StreamPack(
         out,
         work=work,
-        order=consumption_order(units),
+        order=consumption_order((u.slide_id, u.slide.get("source")) for u in units),
         splits=splits,
         gene_index=gene_index,
         settings=settings,

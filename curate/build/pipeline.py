@@ -476,7 +476,7 @@ def build(
     stream = StreamPack(
         out,
         work=work,
-        order=consumption_order([{"slide_id": s.id, "source": s.source} for s in todo]),
+        order=consumption_order((s.id, s.source) for s in todo),
         splits={s.id: str(plan.splits[s.id]) for s in todo},
         gene_index=index,
         settings=settings.pack,

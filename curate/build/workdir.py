@@ -43,6 +43,8 @@ SAMPLES_FILE: Final = "samples.arrow"
 #: What is left of a unit's samples once they are packed (``WorkDir.release_samples``).
 STATS_FILE: Final = "stats.arrow"
 STATS_COLUMNS: Final = ("total_counts", "n_genes")
+#: The streaming pack's checkpoint (``pack.StreamPack``): rewritten after every committed shard.
+CHECKPOINT_FILE: Final = "pack.json"
 QC_SUBDIR: Final = "qc"
 BUILD_RECORD_FILE: Final = "build.json"
 
@@ -266,7 +268,7 @@ class WorkDir:
         """Delete every unit (``curate build --overwrite``: the folder built another corpus)."""
         shutil.rmtree(self.units, ignore_errors=True)
         self.record_path.unlink(missing_ok=True)
-        (self.root / "pack.json").unlink(missing_ok=True)  # pack.CHECKPOINT_FILE: the shards it described are gone
+        (self.root / CHECKPOINT_FILE).unlink(missing_ok=True)  # the shards it described are gone
 
     @property
     def record_path(self) -> Path:
