@@ -19,9 +19,11 @@ Three builds with ``--workers`` local workers, each into a fresh cache and corpu
 3. ``ranges``: throttled, range reads on.
 
 For each: wall time against ``max(bytes / rate, compute time)``, the bytes served per slide kind,
-and the peak disk of the cache + work folder + corpus, sampled every 0.2 s, against
-``--disk-budget`` (the build has no admission limit of its own yet: the budget is only compared).
-Sources are released once a slide's unit is committed (the default).
+and the disk of the build's folder, sampled every 0.2 s and split into its parts: the scratch the
+budgets bound (inputs in the download cache, samples waiting in the work folder, shards being
+written) against ``--cache-budget`` + ``--work-budget`` + the shards the writer can hold open, and
+what the build is for (the finished corpus, the units' small records). Sources are released once a
+slide's unit is committed (the default); the builds run with ``--release-units``.
 
 Then a projection, marked as one, for HEST-1k + STimage-1K4M on one 16-core node at 1 and
 10 Gbit/s with a 500 GB disk (``projection``): wall time and peak disk, from the bytes per pixel
@@ -111,13 +113,22 @@ class Link:
         self._lock = threading.Lock()
         self.sent: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
+        #: monotonic times of the first and the last byte sent, and the seconds the link stood idle between
+        self.first: float | None = None
+        self.last: float | None = None
+        self.idle = 0.0
 
     def send(self, write: Any, data: bytes, *, kind: str) -> None:
         for i in range(0, len(data), 1 << 16):
             piece = data[i : i + (1 << 16)]
             if self.rate is not None:
                 with self._lock:
-                    start = max(time.monotonic(), self._next)
+                    now = time.monotonic()
+                    if self.first is None:
+                        self.first = now
+                    elif now > self._next:
+                        self.idle += now - self._next  # nothing asked for while the link was free
+                    start = max(now, self._next)
                     self._next = start + len(piece) / self.rate
                     due = self._next
                 delay = due - time.monotonic()
@@ -126,6 +137,7 @@ class Link:
             write(piece)
             with self._lock:
                 self.sent[kind] += len(piece)
+                self.last = time.monotonic()
 
 
 def _handler(files: dict[str, Served], link: Link) -> type[BaseHTTPRequestHandler]:
@@ -263,17 +275,76 @@ def disk_usage(root: Path) -> int:
     return total
 
 
+#: What a build's folder holds, by part. ``scratch`` is what the budgets bound: the inputs in the
+#: download cache, the samples waiting in the work folder and the shards being written; the
+#: finished corpus (shards, QC, tables) and the units' small records (result.json, QC plots,
+#: stats) are what the build is for and stay.
+DISK_PARTS = ("inputs", "work_samples", "open_shards", "unit_records", "corpus")
+SCRATCH_PARTS = ("inputs", "work_samples", "open_shards")
+
+
+def _disk_part(rel: Path, name: str) -> str:
+    from stcorpus.curate.build.workdir import SAMPLES_FILE
+
+    top = rel.parts[0] if rel.parts else ""
+    if top == "cache":
+        return "inputs"
+    if name.endswith((".partial", ".partial.old")):
+        return "open_shards"
+    if ".work" in rel.parts:
+        # a unit being written lives in units/.<id>.<pid>.tmp/ until renamed into place
+        if name == SAMPLES_FILE or any(part.endswith(".tmp") for part in rel.parts):
+            return "work_samples"
+        return "unit_records"
+    return "corpus"
+
+
+def disk_parts(root: Path) -> tuple[dict[str, int], int]:
+    """Bytes allocated under ``root`` by part (:data:`DISK_PARTS`), and the largest samples file."""
+    from stcorpus.curate.build.workdir import SAMPLES_FILE
+
+    parts = dict.fromkeys(DISK_PARTS, 0)
+    largest = 0
+    for folder, _, names in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        for name in names:
+            try:
+                size = (Path(folder) / name).lstat().st_blocks * 512
+            except FileNotFoundError:
+                continue  # deleted while walking
+            parts[_disk_part(rel, name)] += size
+            if name == SAMPLES_FILE:
+                largest = max(largest, size)
+    return parts, largest
+
+
 class DiskSampler:
-    """Samples :func:`disk_usage` of a folder every ``interval`` seconds in a thread; keeps the peak."""
+    """Samples :func:`disk_parts` of a folder every ``interval`` seconds in a thread.
+
+    Keeps the peak of the whole folder, of its scratch (:data:`SCRATCH_PARTS`) and of each part,
+    and the largest unit samples file seen.
+    """
 
     def __init__(self, root: Path, interval: float = 0.2) -> None:
-        self.root, self.interval, self.peak = root, interval, 0
+        self.root, self.interval = root, interval
+        self.peak = self.peak_scratch = self.largest_unit = 0
+        self.peaks = dict.fromkeys(DISK_PARTS, 0)
+        self.at_peak: dict[str, int] = dict.fromkeys(DISK_PARTS, 0)  # the parts when the whole folder peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        parts, largest = disk_parts(self.root)
+        total = sum(parts.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, parts
+        self.peak_scratch = max(self.peak_scratch, sum(parts[p] for p in SCRATCH_PARTS))
+        self.peaks = {p: max(self.peaks[p], parts[p]) for p in DISK_PARTS}
+        self.largest_unit = max(self.largest_unit, largest)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, disk_usage(self.root))
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> DiskSampler:
@@ -283,7 +354,7 @@ class DiskSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, disk_usage(self.root))
+        self.sample()
 
 
 def shard_digests(corpus: Path) -> dict[str, str]:
@@ -336,6 +407,8 @@ def run_build(
     port: int = 0,
     window: int = 64,
     release: bool = True,
+    work_budget: int | None = None,
+    samples_per_shard: int | None = None,
 ) -> dict[str, Any]:
     """One build into a fresh folder under ``scratch`` (or, with ``append``, onto the corpus already there).
 
@@ -359,8 +432,11 @@ def run_build(
             name="build-scale",
             holdout="none",
             append=append,
-            pack=PackSettings(window=window),
+            pack=PackSettings(window=window)
+            if samples_per_shard is None
+            else PackSettings(window=window, samples_per_shard=samples_per_shard),
             release_units=release,
+            work_budget=work_budget if release else None,
         )
         fetch = FetchSettings(
             cache_dir=scratch / "cache", keep_sources=False, range_reads=range_reads, cache_budget=cache_budget
@@ -370,13 +446,20 @@ def run_build(
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         packed: dict[str, float] = {}
         with DiskSampler(scratch) as disk, timed_pack(packed):
-            start = time.perf_counter()
+            start, started = time.perf_counter(), time.monotonic()
             summary = build([manifest], out=scratch / "corpus", settings=settings, fetch=fetch)
             wall = time.perf_counter() - start
+            finished = time.monotonic()
             ended = time.time()
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     corpus_bytes = disk_usage(scratch / "corpus")
     work = scratch / "corpus" / ".work"
+    # What the writer can hold open at once: one shard per format and split, none larger than the largest written.
+    open_shards = 0
+    for fmt in schema.FORMATS:
+        splits = [p for p in (scratch / "corpus" / fmt).glob("*") if p.is_dir()]
+        sizes = [f.stat().st_size for split in splits for f in split.iterdir() if f.is_file()]
+        open_shards += len(splits) * max(sizes, default=0)
     committed = [p.stat().st_mtime for p in (work / "units").glob("*/result.json")]
     shutil.rmtree(scratch / "cache", ignore_errors=True)
     return {
@@ -397,7 +480,21 @@ def run_build(
         "bytes": dict(link.sent),
         "requests": dict(link.requests),
         "total_bytes": sum(link.sent.values()),
+        # Where a throttled build's wall time goes beyond bytes / rate: before the first byte, the link
+        # idle between bytes, and after the last byte (the last slides' compute and the pack's end).
+        "link": {
+            "before_first_s": (link.first - started) if link.first is not None else None,
+            "idle_s": link.idle,
+            "after_last_s": (finished - link.last) if link.last is not None else None,
+        },
         "peak_disk": disk.peak,
+        "peak_scratch": disk.peak_scratch,
+        "peak_by_part": disk.peaks,
+        "at_peak": disk.at_peak,
+        "largest_unit_bytes": disk.largest_unit,
+        "open_shards_bound": open_shards,
+        "cache_budget": cache_budget,
+        "work_budget": work_budget if release else None,
         "corpus_bytes": corpus_bytes,
     }
 
@@ -442,7 +539,7 @@ NODE_CORES = 16
 NODE_DISK = 500e9
 #: ``curate build --prefetch`` default: slides downloading beyond the running ones.
 PREFETCH = 2
-#: Assumed: slides whose units the streaming pack (issue 17 item 4, not built) holds in its shuffle window.
+#: ``curate build --shuffle-window`` default: slides whose units each split's window holds.
 WINDOW_SLIDES = 64
 #: Where the real H&E bytes per pixel are cached (``bench/he_bytes.py``; keyed by the images' sha256).
 HE_CACHE = OUT / "he_bytes.json"
@@ -580,9 +677,7 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
                     "download_h": download_h,
                     "compute_h": compute_h,
                     "pack_h": pack_h,
-                    # Today: the pack starts once every unit is done.
-                    "wall_h_today": bound + start_h + pack_h,
-                    # Streaming pack: it packs while units run, on the same cores.
+                    # The streaming pack packs while units run, on the same cores.
                     "wall_h_streaming": max(download_h, compute_h + pack_h) + start_h,
                     "wall_h_at_measured_overlap": bound * measured + pack_h,
                     "measured_wall_over_bound": measured,
@@ -593,7 +688,9 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
     mean_ranged = statistics.mean(slide_ranged + stimage_slide)
     corpus = samples * rates["shard_bytes_per_sample"]
     work_all = samples * rates["work_bytes_per_sample"]
-    window = WINDOW_SLIDES * samples / slides * rates["work_bytes_per_sample"]
+    # every split's window full, of slides of the mean size (--release-units; without it every unit stays)
+    window = 3 * WINDOW_SLIDES * samples / slides * rates["work_bytes_per_sample"]
+    parquet = samples * rates.get("parquet_bytes_per_sample", 0.0)
     disk = {}
     for mode, mean, largest in (("whole", mean_whole, largest_whole), ("ranges", mean_ranged, largest_ranged)):
         # Running and prefetched slides of mean size; the worst case, all of them the largest, beside it.
@@ -603,6 +700,7 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
             "in_flight_worst_gb": (NODE_CORES + PREFETCH) * largest / 1e9,
             "peak_gb_today": (in_flight + work_all + corpus) / 1e9,
             "peak_gb_streaming": (in_flight + window + corpus) / 1e9,
+            "peak_gb_parquet": (in_flight + window + parquet) / 1e9,
         }
     inputs = [
         (
@@ -705,7 +803,12 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
             "assumed",
             f"--prefetch {PREFETCH}",
         ),
-        ("streaming pack window", f"{WINDOW_SLIDES} slides of units", "assumed", "issue 17 item 4, not built"),
+        (
+            "streaming pack window",
+            f"{WINDOW_SLIDES} slides of units per split (3 splits)",
+            "assumed",
+            "--shuffle-window default; slides of the mean size",
+        ),
     ]
     return {
         "marked": "PROJECTION, not a measurement",
@@ -758,29 +861,33 @@ def projection_table(p: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         *(f"| {i['what']} | {i['value']} | {i['status']} | {i['from']} |" for i in p["inputs"]),
         "",
-        "| link | reads | TB fetched | download h | compute h | pack h | wall h, pack after units (today) | "
-        "wall h, streaming pack | wall h, at the measured overlap |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| link | reads | TB fetched | download h | compute h | pack h | wall h | wall h, at the measured overlap |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in p["rows"]:
         lines.append(
             f"| {row['gbit_s']} Gbit/s | {row['mode']} | {row['download_tb']:.2f} | {row['download_h']:.1f} | "
-            f"{row['compute_h']:.1f} | {row['pack_h']:.1f} | {row['wall_h_today']:.1f} | "
-            f"{row['wall_h_streaming']:.1f} | {row['wall_h_at_measured_overlap']:.1f} |"
+            f"{row['compute_h']:.1f} | {row['pack_h']:.1f} | {row['wall_h_streaming']:.1f} | "
+            f"{row['wall_h_at_measured_overlap']:.1f} |"
         )
     lines += [
         "",
-        "| peak disk, projected (GB) | inputs in flight | work folder | corpus, both formats | peak | fits "
-        f"{d['disk_gb']:.0f} GB |",
+        f"| peak disk, projected (GB) | inputs in flight | work folder | corpus | peak | fits {d['disk_gb']:.0f} GB |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for mode, by in d["by_reads"].items():
-        for label, work, peak in (
-            ("today: every unit kept until the pack", d["work_all_gb"], by["peak_gb_today"]),
-            (f"streaming pack: {WINDOW_SLIDES} slides' units", d["work_window_gb"], by["peak_gb_streaming"]),
+        for label, work, corpus, peak in (
+            ("every unit kept (the default)", d["work_all_gb"], d["corpus_gb"], by["peak_gb_today"]),
+            (
+                f"--release-units ({WINDOW_SLIDES} slides' units per split)",
+                d["work_window_gb"],
+                d["corpus_gb"],
+                by["peak_gb_streaming"],
+            ),
+            ("--release-units --formats parquet", d["work_window_gb"], d["corpus_parquet_gb"], by["peak_gb_parquet"]),
         ):
             lines.append(
-                f"| {mode} reads, {label} | {by['in_flight_gb']:,.0f} | {work:,.0f} | {d['corpus_gb']:,.0f} | "
+                f"| {mode} reads, {label} | {by['in_flight_gb']:,.0f} | {work:,.0f} | {corpus:,.0f} | "
                 f"{peak:,.0f} | {'yes' if peak <= d['disk_gb'] else 'NO'} |"
             )
     lines += [
@@ -802,24 +909,52 @@ def projection_table(p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scratch_budget(run: dict[str, Any]) -> int | None:
+    """What a build's scratch may hold: --cache-budget + --work-budget + the shards it can have open."""
+    if run.get("cache_budget") is None or run.get("work_budget") is None:
+        return None
+    return int(run["cache_budget"] + run["work_budget"] + run["open_shards_bound"])
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as Markdown."""
     runs, rate = report["runs"], report["rate"]
     lines = [
         f"{report['slides']} slides ({', '.join(report['kinds'])}), {report['slide_um']:.0f} um square, "
-        f"--workers {report['workers']}, link {rate / _MB:.0f} MB/s; disk budget {report['disk_budget'] / _MB:,.0f} MB",
+        f"--workers {report['workers']}, link {rate / _MB:.0f} MB/s, --shuffle-window {report['shuffle_window']}, "
+        f"--samples-per-shard {report.get('samples_per_shard') or 10_000}; "
+        f"throttled builds: --cache-budget {report['cache_budget'] / _MB:,.0f} MB, "
+        f"--work-budget {report.get('work_budget', 0) / _MB:,.0f} MB",
         "",
-        "| build | wall s | MB fetched | MB / rate (s) | bound s | wall / bound | peak disk MB | <= budget |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| build | wall s | MB fetched | MB / rate (s) | bound s | wall / bound | peak disk MB | of it corpus MB | "
+        "peak scratch MB (inputs / work samples / open shards) | scratch budget MB | <= budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for mode, run in runs.items():
         download = run["total_bytes"] / rate if mode != "compute" else 0.0
         bound = report["bound_s"].get(mode, max(download, run["wall_s"]))
+        at, peaks = run.get("at_peak", {}), run.get("peak_by_part", {})
+        kept = at.get("corpus", 0) + at.get("unit_records", 0)
+        budget = scratch_budget(run)
+        parts = " / ".join(f"{peaks.get(p, 0) / _MB:,.0f}" for p in SCRATCH_PARTS)
         lines.append(
             f"| {mode} | {run['wall_s']:.1f} | {run['total_bytes'] / _MB:,.1f} | {download:.1f} | {bound:.1f} | "
-            f"{run['wall_s'] / bound:.2f} | {run['peak_disk'] / _MB:,.1f} | "
-            f"{'yes' if run['peak_disk'] <= report['disk_budget'] else 'NO'} |"
+            f"{run['wall_s'] / bound:.2f} | {run['peak_disk'] / _MB:,.0f} | {kept / _MB:,.0f} | "
+            f"{run.get('peak_scratch', 0) / _MB:,.0f} ({parts}) | "
+            f"{'-' if budget is None else f'{budget / _MB:,.0f}'} | "
+            f"{'-' if budget is None else ('yes' if run['peak_scratch'] <= budget else 'NO')} |"
         )
+    lines += [
+        "",
+        "| throttled build | s before the first byte | s the link stood idle between bytes | s after the last byte |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode in ("whole", "ranges"):
+        link = runs[mode].get("link")
+        if link and link["before_first_s"] is not None:
+            lines.append(
+                f"| {mode} | {link['before_first_s']:.1f} | {link['idle_s']:.1f} | {link['after_last_s']:.1f} |"
+            )
     lines += [
         "",
         "| slide kind | TIFF MB | MB fetched, whole | MB fetched, ranges | fraction | range requests / slide |",
@@ -876,6 +1011,8 @@ def compute_only(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare the slides, run the three builds, print a table, write the JSON report."""
+    from stcorpus import schema
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (minutes on 2 idle cores)"
@@ -885,7 +1022,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--border-um", type=float, default=100.0, help="no spots this close to the edge")
     parser.add_argument("--rate", type=float, default=100.0, help="link rate in MB/s (default 100)")
     parser.add_argument("--workers", type=int, default=2, help="build workers (default 2)")
-    parser.add_argument("--disk-budget", type=float, default=2000.0, help="disk budget in MB (compared, default 2000)")
     parser.add_argument(
         "--cache-budget",
         type=float,
@@ -894,11 +1030,25 @@ def main(argv: list[str] | None = None) -> int:
         "room for every worker's slide and one prefetched slide)",
     )
     parser.add_argument(
+        "--work-budget",
+        type=float,
+        default=0.0,
+        help="--work-budget of the throttled builds in MB (default: room for every split's shuffle window and "
+        "every worker's unit, at the largest unit samples file of the compute build)",
+    )
+    parser.add_argument(
         "--shuffle-window",
         type=int,
         default=None,
         help="the builds' --shuffle-window (default 64; --quick: 4, the same share of its 32 slides as 64 of "
         "HEST's ~1,000 per split would be too small to stream at all)",
+    )
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="the builds' --samples-per-shard (default 10,000, shards of up to 768 MB; --quick: 256, so that its "
+        "small corpus is cut into many shards as HEST-1k's is, and slides are released as shards commit)",
     )
     parser.add_argument(
         "--keep-units", action="store_true", help="build without --release-units (the units stay until the end)"
@@ -916,9 +1066,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.slides, args.slide_um, args.rate, args.disk_budget = 32, 1200.0, 10.0, 1000.0
+        args.slides, args.slide_um, args.rate = 32, 1200.0, 10.0
         if args.shuffle_window is None:
             args.shuffle_window = 4
+        if args.samples_per_shard is None:
+            args.samples_per_shard = 256
     if args.shuffle_window is None:
         args.shuffle_window = 64
     if not args.reference.is_file():
@@ -950,14 +1102,19 @@ def main(argv: list[str] | None = None) -> int:
         "slide_um": args.slide_um,
         "rate": rate,
         "workers": args.workers,
-        "disk_budget": args.disk_budget * _MB,
         "shuffle_window": args.shuffle_window,
+        "samples_per_shard": args.samples_per_shard,
         "release_units": not args.keep_units,
         "cache_budget": budget,
         "kinds": kinds,
         "runs": {},
     }
     for mode, throttle, ranges in (("compute", None, True), ("whole", rate, False), ("ranges", rate, True)):
+        if mode != "compute" and "work_budget" not in report:
+            largest_unit = report["runs"]["compute"]["largest_unit_bytes"]
+            # the default: every split's window full and every worker's unit running, at the largest unit
+            room = len(schema.SPLITS) * args.shuffle_window + args.workers
+            report["work_budget"] = round(args.work_budget * _MB) if args.work_budget else room * largest_unit
         print(f"build: {mode}", file=sys.stderr)
         report["runs"][mode] = run_build(
             files,
@@ -969,6 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_budget=budget if throttle else None,
             window=args.shuffle_window,
             release=not args.keep_units,
+            work_budget=report.get("work_budget"),
+            samples_per_shard=args.samples_per_shard,
         )
     # Growth: APPENDED more slides onto the `ranges` corpus; every earlier shard must keep its bytes.
     corpus = scratch / "ranges" / "corpus"
@@ -986,6 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
         port=int(report["runs"]["ranges"]["url"].rsplit(":", 1)[1]),  # the same URLs: the same manifest entries
         window=args.shuffle_window,
         release=not args.keep_units,
+        work_budget=report["work_budget"],
+        samples_per_shard=args.samples_per_shard,
     )
     after = shard_digests(corpus)
     report["append"] = {
