@@ -167,7 +167,8 @@ def read_existing(out: Path, *, work: WorkDir) -> Existing:
                     for slide, unit in units.items()
                 },
                 "samples": info.get("splits") or {},
-                "shards": sum(1 for r in shard_rows if r["format"] == schema.corpus_formats(info)[0]),
+                # written before generations (and formats) were recorded: both formats
+                "shards": sum(1 for r in shard_rows if r["format"] == "parquet"),
             }
         ]
     committed = {int(g["generation"]) for g in generations}
