@@ -76,8 +76,8 @@ def _slide_samples(root: Path, slide_id: str, *, with_patches: bool = False) -> 
     paths = [s["path"] for s in shards if s["format"] == "parquet" and slide_id in (s["slide_ids"] or [])]
     if not paths:
         raise ExportError(
-            f"{root / schema.SHARDS_FILE}: no Parquet shard holds slide {slide_id!r}; "
-            "export reads the Parquet shards every build writes: rebuild the corpus with `curate build`"
+            f"{root / schema.SHARDS_FILE}: no Parquet shard holds slide {slide_id!r}; export reads the Parquet "
+            "shards: rebuild the corpus with `curate build` (with --formats, one that names parquet)"
         )
     # The image columns hold most of a shard's bytes: read the patch only when it is asked for.
     skipped = (schema.REGION_COLUMN,) if with_patches else (schema.PATCH_COLUMN, schema.REGION_COLUMN)

@@ -1,8 +1,9 @@
 """Shard writers: the same samples, in the same order, as WebDataset tars and Parquet files.
 
 ``ShardWriter`` takes samples (``ShardSample``) for one split and writes them into equal-count
-shards in both formats at once: shard ``i`` of ``wds/<split>/`` and of ``parquet/<split>/`` hold
-exactly the same samples in the same order, and every shard but the last holds exactly
+shards in every format of ``ShardSettings.formats`` at once (both by default; ``curate build
+--formats`` writes one): shard ``i`` of ``wds/<split>/`` and of ``parquet/<split>/`` hold exactly
+the same samples in the same order, and every shard but the last holds exactly
 ``samples_per_shard`` samples. Files are written under a hidden temporary name, fsynced and
 renamed, so a shard is never visible under its final name before it is complete.
 
@@ -58,6 +59,21 @@ PARQUET_ENCODINGS: Final = ("PLAIN", "DELTA_BINARY_PACKED", "BYTE_STREAM_SPLIT",
 PARQUET_CODECS: Final = ("none", "zstd", "lz4", "snappy", "gzip", "brotli")
 
 
+def shard_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    """``formats`` checked, without repeats, in ``schema.FORMATS`` order (``curate build --formats``).
+
+    >>> shard_formats(["wds", "parquet"])
+    ('parquet', 'wds')
+    """
+    given = [str(fmt).strip() for fmt in formats]
+    if not given or any(fmt not in schema.FORMATS for fmt in given):
+        raise SettingsError(
+            f"--formats must name one or more of {', '.join(schema.FORMATS)}, comma-separated (e.g. --formats "
+            f"parquet, or --formats {','.join(schema.FORMATS)}, the default), not {','.join(given)!r}"
+        )
+    return tuple(fmt for fmt in schema.FORMATS if fmt in given)
+
+
 @dataclass(frozen=True)
 class ShardSettings:
     """How samples are cut into shards and encoded (the defaults are what ``bench/format.py`` chose)."""
@@ -72,8 +88,11 @@ class ShardSettings:
     counts_encoding: str = "BYTE_STREAM_SPLIT"
     #: Deflate ``expr.npz`` (smaller, but slower to open than both JPEGs are to decode).
     tar_deflate: bool = False
+    #: The formats written (``schema.FORMATS``): both by default, the same samples in each.
+    formats: tuple[str, ...] = schema.FORMATS
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", shard_formats(self.formats))
         if self.samples_per_shard < 1:
             raise SettingsError(f"samples_per_shard must be >= 1, not {self.samples_per_shard}")
         if self.row_group_size < 1:
@@ -456,7 +475,7 @@ def lossless_cast(values: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray
 
 @dataclass
 class ShardWriter:
-    """Writes the samples of one split into equal-count WebDataset and Parquet shards.
+    """Writes the samples of one split into equal-count shards of each of ``settings.formats``.
 
     >>> with ShardWriter(root, split="train", counts_dtype="int32") as writer:  # doctest: +SKIP
     ...     for sample in samples:
@@ -498,11 +517,10 @@ class ShardWriter:
 
     def add(self, sample: ShardSample) -> None:
         """Append one sample; a shard is committed each time it reaches ``samples_per_shard``."""
-        if self._tar is None:
+        if self._n == 0:
             self._open()
-        assert self._tar is not None and self._parquet is not None
-        self._tar.add(sample)
-        self._parquet.add(sample)
+        for _, shard in self._writing():
+            shard.add(sample)
         if self._n == 0:
             self._first_key = sample.key
         self._last_key = sample.key
@@ -517,27 +535,33 @@ class ShardWriter:
             self.add(sample)
 
     def _open(self) -> None:
-        self._tar = _TarShard(
-            self.root / schema.shard_path("wds", self.split, self._index),
-            dtypes=self.tar_dtypes or schema.TarDtypes(),
-            deflate=self.settings.tar_deflate,
-        )
-        self._parquet = _ParquetShard(
-            self.root / schema.shard_path("parquet", self.split, self._index),
-            counts_dtype=self.counts_dtype,
-            settings=self.settings,
-        )
+        if "wds" in self.settings.formats:
+            self._tar = _TarShard(
+                self.root / schema.shard_path("wds", self.split, self._index),
+                dtypes=self.tar_dtypes or schema.TarDtypes(),
+                deflate=self.settings.tar_deflate,
+            )
+        if "parquet" in self.settings.formats:
+            self._parquet = _ParquetShard(
+                self.root / schema.shard_path("parquet", self.split, self._index),
+                counts_dtype=self.counts_dtype,
+                settings=self.settings,
+            )
+
+    def _writing(self) -> list[tuple[str, _TarShard | _ParquetShard]]:
+        """The open shard of each format written, tar first (the order ``shards`` lists them in)."""
+        return [(fmt, shard) for fmt, shard in (("wds", self._tar), ("parquet", self._parquet)) if shard is not None]
 
     def _commit(self) -> None:
-        assert self._tar is not None and self._parquet is not None
-        # Both files are completed before either is renamed: a failure in one leaves neither visible.
+        writing = self._writing()
+        # Every file is completed before any is renamed: a failure in one leaves none visible.
         try:
-            self._tar.finish()
-            self._parquet.finish()
+            for _, shard in writing:
+                shard.finish()
         except BaseException:
             self.abort()
             raise
-        for fmt, shard in (("wds", self._tar), ("parquet", self._parquet)):
+        for fmt, shard in writing:
             shard.file.publish()
             self.shards.append(
                 ShardInfo(
@@ -565,7 +589,8 @@ class ShardWriter:
         The streaming pack fixes a corpus's dtypes from its first slides; a later slide with larger
         counts or gene indices widens them. Each committed tar shard is rewritten in place (atomically)
         and the one being written is carried over into a fresh file; the bytes are those the shards
-        would have had if written in ``dtypes`` from the start. Parquet shards do not change.
+        would have had if written in ``dtypes`` from the start. Parquet shards do not change (without
+        ``wds`` in ``settings.formats`` nothing is rewritten; later shards are never tars either).
         """
         if dtypes == self.tar_dtypes:
             return
@@ -596,7 +621,7 @@ class ShardWriter:
 
     def close(self) -> list[ShardInfo]:
         """Commit the last (possibly short) shard and return every shard written."""
-        if self._tar is not None and self._n > 0:
+        if self._n > 0:
             self._commit()
         return self.shards
 

@@ -29,7 +29,13 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import schema
-from stcorpus.loaders.errors import CorpusError, EmptySelectionError, SchemaVersionError, ShardError
+from stcorpus.loaders.errors import (
+    CorpusError,
+    EmptySelectionError,
+    LoaderSettingsError,
+    SchemaVersionError,
+    ShardError,
+)
 from stcorpus.loaders.plan import ShardEntry
 from stcorpus.loaders.settings import Filters, HttpSettings
 from stcorpus.loaders.source import Source, open_source
@@ -101,6 +107,11 @@ class Corpus:
             raise CorpusError(f"{where}: splits is {splits!r}, not split -> number of samples; rebuild the corpus")
         self.n_genes = n_genes
         self.splits: dict[str, int] = {str(k): int(v) for k, v in splits.items()}
+        try:
+            #: The shard formats the corpus holds (``corpus.json`` ``formats``; both when it predates the key).
+            self.formats: tuple[str, ...] = schema.corpus_formats(raw)
+        except ValueError as exc:
+            raise CorpusError(f"{where}: {exc}; rebuild the corpus") from None
 
     def __repr__(self) -> str:
         return f"Corpus({self.source.location!r}, splits={self.splits})"
@@ -236,6 +247,12 @@ class Corpus:
 
     def select(self, *, splits: Sequence[str], fmt: str, filters: Filters) -> Selection:
         """The shards of ``splits`` in format ``fmt`` and their selected rows (see the module docstring)."""
+        if fmt not in self.formats:
+            raise LoaderSettingsError(
+                f"{self.source.location} holds only {' and '.join(self.formats)} shards ({schema.CORPUS_FILE} "
+                f"formats: it was built with `curate build --formats {','.join(self.formats)}`), not {fmt}: read it "
+                f"with LoaderSettings(format={self.formats[0]!r}) (`format: {self.formats[0]}` in the loader settings)"
+            )
         rows = [r for r in self.shards if r["format"] == fmt and r["split"] in splits]
         if not rows:
             raise EmptySelectionError(
@@ -258,7 +275,16 @@ class Corpus:
                 if keep != in_shard:
                     twin = twins.get((row["split"], row["index"]))
                     if twin is None:
-                        raise CorpusError(f"{row['path']}: no Parquet twin in shards.parquet to select rows from")
+                        raise CorpusError(
+                            f"{row['path']}: no Parquet twin in shards.parquet to select rows from"
+                            + (
+                                f" (this corpus holds {' and '.join(self.formats)} shards only): filters that keep "
+                                "some of a shard's slides need the Parquet shards; rebuild it with `curate build "
+                                "--formats parquet,wds`, or filter the samples after loading"
+                                if "parquet" not in self.formats
+                                else ""
+                            )
+                        )
                     rows_selected = self._rows_of_slides(twin, keep)
                     mixed += 1
             entries.append(

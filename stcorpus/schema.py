@@ -12,6 +12,8 @@ needs. What it holds:
 - the views (``View``): tile size in px and um/px of the patch and the region, written to
   ``corpus.json`` under ``views`` by the build and read from there by the loader and training
   (never assumed: ``corpus_views``);
+- the shard formats (``FORMATS``) and which of them a corpus holds (``corpus_formats``: ``corpus.json``
+  ``formats``);
 - the keys of ``corpus.json`` (``CorpusKey``), and the column types of ``slides.parquet``
   (``SLIDE_TYPES``), ``shards.parquet`` (``SHARD_TYPES``) and ``genes.parquet`` (``GENE_TYPES``);
 - the batch a loader yields (``Batch``, ``BATCH_DTYPES``): names, dtypes and the sparse layout of
@@ -37,6 +39,11 @@ Schema 2 against 1: compact expression in both formats; ``views`` and ``expressi
 ``corpus.json``; ``generation`` in ``shards.parquet``; ``array_row``/``array_col`` may be null
 (cell-level data). A loader of schema 2 reads schema 1 (``READABLE_SCHEMAS``); a frozen copy of
 each sits in ``tests/data/``.
+
+A corpus holds both formats unless it was built with ``curate build --formats`` naming one:
+``corpus.json`` ``formats`` lists the formats it holds (in ``FORMATS`` order), and
+``shards.parquet`` lists only their shards. The key is optional within schema 2: a corpus written
+before it existed (no key) holds both (``corpus_formats``), so its absence changes no reader.
 
 Nothing here imports heavy libraries at module import; Arrow schemas are built on demand.
 """
@@ -451,12 +458,37 @@ class CorpusKey(str, Enum):
     VIEWS = "views"  # view -> {"size_px", "mpp"} (schema 2)
     EXPRESSION = "expression"  # expr.npz array -> numpy dtype (schema 2, TarDtypes.record)
     SAMPLES_PER_SHARD = "samples_per_shard"
+    #: FORMATS the corpus holds, in FORMATS order (optional: absent, the corpus holds both)
+    FORMATS = "formats"
     SETTINGS = "settings"  # the resolved build settings
     TOOL_VERSION = "tool_version"
 
 
 #: Keys a corpus.json must have for a loader to open the corpus.
 REQUIRED_CORPUS_KEYS: Final = (CorpusKey.SCHEMA.value, CorpusKey.N_GENES.value)
+
+
+def corpus_formats(info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The shard formats a corpus holds, from its ``corpus.json`` (``info``), in ``FORMATS`` order.
+
+    Corpora written before ``formats`` was recorded hold both.
+
+    >>> corpus_formats({"formats": ["parquet"]})
+    ('parquet',)
+    >>> corpus_formats({})
+    ('parquet', 'wds')
+    """
+    recorded = info.get(CorpusKey.FORMATS.value)
+    if recorded is None:
+        return FORMATS
+    if (
+        not isinstance(recorded, list)
+        or not recorded
+        or any(fmt not in FORMATS for fmt in recorded)
+        or len(set(recorded)) != len(recorded)
+    ):
+        raise ValueError(f"corpus.json formats must be a non-empty list of {FORMATS}, not {recorded!r}")
+    return tuple(fmt for fmt in FORMATS if fmt in recorded)
 
 
 def shard_path(fmt: str, split: str, index: int) -> str:

@@ -332,3 +332,28 @@ def test_after_a_failed_slide_nothing_is_released_so_its_retry_rebuilds_nothing(
     assert not all(work.has_samples(u.slide_id) for u in units[:4])  # released before it
     _, rebuilt = _rerun(out, work, units, sizes)  # S4 builds this time
     assert rebuilt == set() and files(out) == expected_files
+
+
+@pytest.mark.parametrize("fmt", schema.FORMATS)
+def test_a_killed_pack_of_one_format_resumes_to_that_formats_bytes(tmp_path: Path, fmt: str) -> None:
+    """``formats=(fmt,)``: the shards of that format a pack of both writes, after a kill and a resume too."""
+    work = WorkDir(tmp_path / "work")
+    work.prepare()
+    units = units_of(work, 10)
+    _, both = reference(tmp_path, work, units)
+    expected = {path: data for path, data in both.items() if path.startswith(f"{fmt}/")}
+    one = PackSettings(samples_per_shard=4, seed=3, window=3, formats=(fmt,))
+    out = tmp_path / "out"
+    killed = stream(out, work, units, settings=one)
+    killed.resume({})
+    for unit in units[:5]:
+        killed.add(unit)
+    del killed  # committed shards of the first slides stay, the open one is a hidden partial file
+    again = stream(out, work, units, settings=one)
+    assert again.resume({u.slide_id: work.result(u.slide_id) for u in units}), "resumed, not started over"
+    for unit in units:
+        again.add(unit)
+    result = again.finish()
+    assert {s.format for s in result.shards} == {fmt}
+    assert sum(result.n_samples.values()) == sum(u.n_samples for u in units)
+    assert {k: v for k, v in files(out).items() if not Path(k).name.startswith(".")} == expected

@@ -160,3 +160,35 @@ def test_lossless_cast() -> None:
     for bad, dtype in (([1.5], np.int32), ([2**40], np.int32), ([np.nan], np.int32), ([2**25 + 1], np.float32)):
         with pytest.raises(ValueError, match="without changing them"):
             lossless_cast(np.array(bad), np.dtype(dtype))
+
+
+@pytest.mark.parametrize("fmt", schema.FORMATS)
+def test_one_format_writes_only_its_shards_with_the_bytes_of_both(tmp_path: Path, fmt: str) -> None:
+    """``formats=(fmt,)``: the same shard files of that format as a writer of both, none of the other, retyped alike."""
+    narrow = schema.TarDtypes(genes="uint16", counts="uint8", niche_counts="uint8")
+    wide = schema.TarDtypes(genes="uint32", counts="uint16", niche_counts="uint32")
+    samples = make_samples(10)
+    both = ShardSettings(samples_per_shard=4)
+    with ShardWriter(tmp_path / "both", split="train", settings=both, tar_dtypes=wide) as w:
+        w.add_all(samples)
+    one = ShardWriter(
+        tmp_path / "one", split="train", settings=ShardSettings(samples_per_shard=4, formats=(fmt,)), tar_dtypes=narrow
+    )
+    one.add_all(samples[:6])  # one shard committed, one open: the streaming pack's retype path
+    one.retype(wide)
+    one.add_all(samples[6:])
+    one.close()
+    assert {s.format for s in one.shards} == {fmt}
+    assert [s.row() for s in one.shards] == [s.row() for s in w.shards if s.format == fmt]
+    other = next(f for f in schema.FORMATS if f != fmt)
+    assert not (tmp_path / "one" / other).exists()
+    assert digests(tmp_path / "one") == {k: v for k, v in digests(tmp_path / "both").items() if k.startswith(fmt)}
+
+
+def test_formats_are_checked_and_ordered() -> None:
+    from stcorpus.curate.errors import SettingsError
+
+    assert ShardSettings(formats=("wds", "parquet", "wds")).formats == schema.FORMATS
+    for bad in ((), ("tar",), ("parquet", "")):
+        with pytest.raises(SettingsError, match=r"--formats must name one or more of parquet, wds"):
+            ShardSettings(formats=bad)

@@ -18,6 +18,8 @@ their bytes). Everything an append must agree with comes from the corpus itself:
   asks of unmapped features); ``--reshuffle`` rebuilds the corpus on the reference vocabulary.
 - ``corpus.json`` ``counts_dtype`` and ``expression``: the dtypes of the shards, one per corpus.
 - ``corpus.json`` ``settings``: the settings that decide a sample's bytes must be the corpus's.
+- ``corpus.json`` ``formats``: the shard formats the corpus holds (both where the key is absent);
+  an append writes exactly those (``check_formats``; a rerun of the build that made the corpus too).
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ def read_existing(out: Path, *, work: WorkDir) -> Existing:
                     for slide, unit in units.items()
                 },
                 "samples": info.get("splits") or {},
+                # written before generations (and formats) were recorded: both formats
                 "shards": sum(1 for r in shard_rows if r["format"] == "parquet"),
             }
         ]
@@ -185,9 +188,43 @@ def read_existing(out: Path, *, work: WorkDir) -> Existing:
     return Existing(out=out, info=info, generations=list(generations), shards=shards, rows=rows, vocabulary=vocabulary)
 
 
+def check_formats(out: Path, info: Mapping[str, Any], formats: Sequence[str], *, growing: bool) -> None:
+    """The build's shard ``formats`` must be those the corpus in ``out`` holds (``corpus.json`` ``info``).
+
+    ``growing``: an append (else a rerun of the build of the same manifests, which resumes the corpus).
+    Only a build that rewrites every shard (``--reshuffle``, ``--overwrite``) may change them.
+    """
+    try:
+        held = schema.corpus_formats(info)
+    except ValueError as exc:
+        raise BuildError(f"{out}/{schema.CORPUS_FILE}: {exc}; pass --overwrite to rebuild the corpus") from None
+    if tuple(formats) == held:
+        return
+    doing = "--append" if growing else f"--out {out}"
+    verb = "append to it" if growing else "resume it"
+    raise BuildError(
+        f"{doing}: the corpus in {out} holds {' and '.join(held)} shards ({schema.CORPUS_FILE} formats), not "
+        f"--formats {','.join(formats)}: give --formats {','.join(held)} to {verb}, or rebuild every shard in "
+        f"--formats {','.join(formats)} with --reshuffle (or --overwrite)" + (" instead of --append" if growing else "")
+    )
+
+
+def _without_formats(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without ``pack.formats``, which corpora written before it lack (``check_formats`` has it)."""
+    pack = settings.get("pack")
+    if not isinstance(pack, Mapping):
+        return dict(settings)
+    return {**settings, "pack": {k: v for k, v in pack.items() if k != "formats"}}
+
+
 def check_settings(existing: Existing, settings: Mapping[str, Any]) -> None:
-    """The settings that decide a sample's bytes (tiles, QC, genes, splits, order, holdout) must be the corpus's."""
-    recorded = existing.info.get("settings") or {}
+    """The settings that decide a sample's bytes (tiles, QC, genes, splits, order, holdout) must be the corpus's.
+
+    So must the shard formats (``settings["pack"]["formats"]``, against ``corpus.json`` ``formats``).
+    """
+    check_formats(existing.out, existing.info, settings["pack"]["formats"], growing=True)
+    recorded = _without_formats(existing.info.get("settings") or {})
+    settings = _without_formats(settings)
     differ = sorted(
         key
         for key in set(recorded) | set(settings)

@@ -5,6 +5,8 @@ Parquet shards of every split, and ``dataset_info`` carries exact sample counts,
 know epoch lengths without opening a shard. The tar shards hold the same samples and load with
 ``load_dataset(<folder or repo>, data_dir="wds")``: one repository cannot also declare them as
 a config, because ``datasets`` picks one builder per repository (huggingface/datasets#7101).
+A corpus built with one format (``curate build --formats``) declares only that one: the card
+lists, counts and shows how to load only the shards the corpus holds (:func:`card_format`).
 
 The card has no timestamp: two builds of the same inputs give the same bytes (the build time
 is kept in ``corpus.json`` alone). Its usage examples name the repository as ``<org>/<name>``
@@ -65,6 +67,24 @@ class CardInputs:
     holdout: Mapping[str, Any] | None = None  # the holdout list that applied (corpus.json "holdout")
     generations: Sequence[Mapping[str, Any]] = ()  # corpus.json "generations"
     n_measured: int | None = None  # genes.parquet `measured` genes (None: every gene of the vocabulary)
+    formats: Sequence[str] = schema.FORMATS  # the shard formats the corpus holds (corpus.json "formats")
+
+
+def card_format(formats: Sequence[str]) -> str:
+    """The format the card's ``configs`` and ``dataset_info`` describe: Parquet where the corpus has it."""
+    return "parquet" if "parquet" in formats else "wds"
+
+
+def _card_shards(inputs: CardInputs) -> list[ShardInfo]:
+    fmt = card_format(inputs.formats)
+    return [s for s in inputs.shards if s.format == fmt]
+
+
+#: The ``data_files`` pattern of a split's shards, by format.
+_DATA_FILES: Final = {
+    "parquet": f"{schema.PARQUET_DIR}/{{split}}/*.parquet",
+    "wds": f"{schema.WDS_DIR}/{{split}}/*.tar",
+}
 
 
 def _genes_line(inputs: CardInputs) -> str:
@@ -88,7 +108,8 @@ def size_category(n: int) -> str:
 def _header(inputs: CardInputs) -> dict[str, Any]:
     built = [s for s in inputs.slides if s["status"] == "built" and s.get("n_spots_written")]
     licences = sorted({str(lic) for s in built for lic in (s["licence"], s.get("distribution_licence")) if lic})
-    parquet = [s for s in inputs.shards if s.format == "parquet"]
+    fmt = card_format(inputs.formats)
+    parquet = _card_shards(inputs)
     splits = [split for split in schema.SPLITS if any(s.split == split for s in parquet)]
     header: dict[str, Any] = {"pretty_name": inputs.name}
     if len(licences) == 1 and licences[0] in _HUB_LICENCES:
@@ -104,7 +125,7 @@ def _header(inputs: CardInputs) -> dict[str, Any]:
         {
             "config_name": "default",
             "default": True,
-            "data_files": [{"split": split, "path": f"{schema.PARQUET_DIR}/{split}/*.parquet"} for split in splits],
+            "data_files": [{"split": split, "path": _DATA_FILES[fmt].format(split=split)} for split in splits],
         }
     ]
     split_infos = []
@@ -114,13 +135,10 @@ def _header(inputs: CardInputs) -> dict[str, Any]:
             {"name": split, "num_bytes": sum(s.bytes for s in files), "num_examples": sum(s.n_samples for s in files)}
         )
     total = sum(s.bytes for s in parquet)
-    header["dataset_info"] = {
-        "config_name": "default",
-        "features": _yaml_features(inputs.counts_dtype),
-        "splits": split_infos,
-        "download_size": total,
-        "dataset_size": total,
-    }
+    header["dataset_info"] = {"config_name": "default"}
+    if fmt == "parquet":  # the tar rows' features are datasets' WebDataset members: it infers them
+        header["dataset_info"]["features"] = _yaml_features(inputs.counts_dtype)
+    header["dataset_info"] |= {"splits": split_infos, "download_size": total, "dataset_size": total}
     return header
 
 
@@ -213,6 +231,38 @@ def _holdout_text(holdout: Mapping[str, Any] | None) -> str:
     )
 
 
+def _datasets_lines(formats: Sequence[str], *, repo: str, first: str) -> list[str]:
+    """The ``load_dataset`` lines of the card, for the formats the corpus holds."""
+    if "parquet" not in formats:
+        return [
+            f'ds = load_dataset("{repo}", streaming=True)  # WebDataset tars, every split',
+            f'print(next(iter(ds["{first}"]))["__key__"])',
+        ]
+    if "wds" not in formats:
+        return [
+            f'ds = load_dataset("{repo}", streaming=True)  # Parquet shards, every split',
+            f'print(next(iter(ds["{first}"]))["__key__"])',
+        ]
+    return [
+        f'ds = load_dataset("{repo}", streaming=True)                  # Parquet shards, every split',
+        f'wds = load_dataset("{repo}", data_dir="wds", streaming=True)  # the same samples as WebDataset tars',
+        f'print(next(iter(ds["{first}"]))["__key__"], next(iter(wds["{first}"]))["__key__"])',
+    ]
+
+
+def _formats_note(formats: Sequence[str]) -> list[str]:
+    """A paragraph saying which format a single-format corpus holds (nothing for both)."""
+    if len(formats) > 1:
+        return []
+    names = {"parquet": "Parquet", "wds": "WebDataset"}
+    held, other = formats[0], next(f for f in schema.FORMATS if f not in formats)
+    return [
+        f"This corpus holds its samples as {names[held]} shards only (`{held}/`; built with `curate build "
+        f"--formats {held}`, recorded in `corpus.json` `formats`): there are no {names[other]} shards (`{other}/`).",
+        "",
+    ]
+
+
 def render_card(inputs: CardInputs) -> str:
     """The full text of the corpus's ``README.md``."""
     header = yaml.safe_dump(_header(inputs), sort_keys=False, allow_unicode=True, width=1000)
@@ -220,7 +270,7 @@ def render_card(inputs: CardInputs) -> str:
     built = [s for s in slides if s["status"] == "built" and s.get("n_spots_written")]
     values, advice, kinds_section = _count_kind_text(built)
     others = [s for s in slides if s not in built]
-    parquet = [s for s in inputs.shards if s.format == "parquet"]
+    parquet = _card_shards(inputs)
     by_split = Counter({split: sum(s.n_samples for s in parquet if s.split == split) for split in schema.SPLITS})
     repo = inputs.repo_id or REPO_PLACEHOLDER
     first = next((split for split in schema.SPLITS if by_split[split]), schema.SPLITS[0])  # what the examples read
@@ -246,11 +296,10 @@ def render_card(inputs: CardInputs) -> str:
         "```python",
         "from datasets import load_dataset",
         "",
-        f'ds = load_dataset("{repo}", streaming=True)                  # Parquet shards, every split',
-        f'wds = load_dataset("{repo}", data_dir="wds", streaming=True)  # the same samples as WebDataset tars',
-        f'print(next(iter(ds["{first}"]))["__key__"], next(iter(wds["{first}"]))["__key__"])',
+        *_datasets_lines(inputs.formats, repo=repo, first=first),
         "```",
         "",
+        *_formats_note(inputs.formats),
         "For training at GPU speed, the torch loader of stcorpus (`pip install 'stcorpus[torch]'`) decodes in "
         "its own workers, resumes exactly and applies gene transforms (log1p, CP10k, rank tokens, panels, "
         "mouse-to-human orthologs); it reads the repository directly, with a local shard cache for later epochs "
@@ -259,7 +308,9 @@ def render_card(inputs: CardInputs) -> str:
         "```python",
         "from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings",
         "",
-        f'settings = LoaderSettings.from_dict({{"split": "{first}", "batch_size": 8, "drop_last": False}})',
+        f'settings = LoaderSettings.from_dict({{"split": "{first}", "batch_size": 8, "drop_last": False'
+        + ("" if "parquet" in inputs.formats else ', "format": "wds"')
+        + "})",
         f'loader = CorpusLoader(CorpusDataset("hf://datasets/{repo}", settings), num_workers=0)',
         'print(next(iter(loader))["key"][:2])',
         "```",

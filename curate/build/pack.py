@@ -1,4 +1,4 @@
-"""Pack: built slides -> equal-count shards of every split, in both formats, as the units finish.
+"""Pack: built slides -> equal-count shards of every split, in each format asked for, as the units finish.
 
 ``StreamPack`` takes each built slide's samples (memory-mapped Arrow in the unit work format of
 ``workdir``) in a fixed order, maps the slide's local gene indices onto the corpus vocabulary
@@ -46,7 +46,7 @@ from stcorpus.curate.build.workdir import (
     WorkDir,
 )
 from stcorpus.curate.errors import SettingsError
-from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast
+from stcorpus.curate.shards import ShardInfo, ShardSample, ShardSettings, ShardWriter, lossless_cast, shard_formats
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -73,8 +73,12 @@ class PackSettings:
     #: Slides a split draws from at once (``shuffled``): the more, the better mixed and the more
     #: unit work files on disk until packed. ``slide`` order draws from one.
     window: int = 64
+    #: The shard formats written (``--formats``), in ``schema.FORMATS`` order: both by default; one
+    #: of them halves the corpus's disk (``corpus.json`` ``formats`` records which).
+    formats: tuple[str, ...] = schema.FORMATS
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", shard_formats(self.formats))
         if self.order not in ("shuffled", "slide"):
             raise SettingsError(f"order must be 'shuffled' or 'slide', not {self.order!r}")
         if not isinstance(self.window, int) or self.window < 1:
@@ -615,7 +619,7 @@ class StreamPack:
     ) -> None:
         rows = data["shards"] if point is None else data["shards"][: int(point["n_shards"])]
         shards = [ShardInfo(**{**row, "slide_ids": tuple(row["slide_ids"])}) for row in rows]
-        first = stream.first_index + sum(s.format == "wds" for s in shards)
+        first = stream.first_index + sum(s.format == self.settings.formats[0] for s in shards)
         if point is not None:
             stream.history = [h for h in data["history"] if h["at"] <= point["at"]]
             stream.position = int(point["position"])
@@ -681,7 +685,7 @@ class StreamPack:
             self._release_all()
         shards = [s for stream in self.streams.values() if stream.writer is not None for s in stream.writer.shards]
         n_samples = {
-            name: sum(s.n_samples for s in shards if s.split == name and s.format == "wds")
+            name: sum(s.n_samples for s in shards if s.split == name and s.format == self.settings.formats[0])
             for name in schema.SPLITS
             if any(s.split == name for s in shards)
         }
@@ -812,7 +816,9 @@ class StreamPack:
             split=stream.name,
             counts_dtype=self.counts_dtype,
             settings=ShardSettings(
-                samples_per_shard=self.per_shard, row_group_size=min(self.settings.row_group_size, self.per_shard)
+                samples_per_shard=self.per_shard,
+                row_group_size=min(self.settings.row_group_size, self.per_shard),
+                formats=self.settings.formats,
             ),
             tar_dtypes=dtypes or self.tar_dtypes,
             first_index=first,

@@ -9,7 +9,7 @@ The pipeline, stage by stage (what flows between stages in brackets)::
     on_bad_sample policy      [stop at the first bad slide, or count and go on]
     deduplicate               [built slides minus copies of a kept slide]
     vocabulary                [genes.parquet: the references' genes, which ones measured]
-    pack                      [wds/ + parquet/ shards, shards.parquet]
+    pack                      [wds/ and/or parquet/ shards (--formats), shards.parquet]
     describe                  [slides.parquet, corpus.json, README.md, qc/]
 
 Units are the expensive part (reading whole-slide images, cutting tiles) and are never redone
@@ -23,7 +23,8 @@ One slide never stops a build: whatever goes wrong in a slide's unit makes that 
 the next run), and the build goes on. ``BuildSummary.exit_code`` is 1 when some slide failed.
 
 ``--out`` holding a corpus (or a killed build) of other manifests is refused unless
-``overwrite``; the same manifests resume.
+``overwrite``; the same manifests resume, in the formats the corpus holds (another ``--formats``
+is refused unless ``overwrite`` or ``reshuffle``, which rewrite every shard).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from stcorpus.curate.build.admission import WorkAdmission, format_bytes
 from stcorpus.curate.build.append import (
     GENERATIONS_KEY,
     Existing,
+    check_formats,
     check_settings,
     corpus_digests,
     generation_record,
@@ -160,6 +162,7 @@ class BuildSummary:
     bytes: int = 0
     seconds: float = 0.0
     reused_units: int = 0
+    formats: tuple[str, ...] = schema.FORMATS  # the shard formats written (--formats)
     holdout: str = ""  # which holdout list applied and how many slides it held out
     notes: list[str] = field(default_factory=list)  # what an append added, genes it dropped
     built: list[tuple[str, str, float | None, str, float | None]] = field(
@@ -193,7 +196,7 @@ class BuildSummary:
             + ", ".join(f"{split} {n:,}" for split, n in self.samples.items())
             + f"); spots rejected: {sum(self.spots_rejected.values()):,}"
             + (f" ({reasons})" if reasons else ""),
-            f"shard bytes: {self.bytes / 1e6:,.1f} MB; time: {self.seconds:,.1f} s "
+            f"shard bytes: {self.bytes / 1e6:,.1f} MB ({_formats_phrase(self.formats)}); time: {self.seconds:,.1f} s "
             f"({self.reused_units} slides reused from an earlier run)",
         ]
         if self.holdout:
@@ -207,6 +210,11 @@ class BuildSummary:
                 "again; only the failed slides are redone"
             )
         return lines
+
+
+def _formats_phrase(formats: Sequence[str]) -> str:
+    """``parquet and wds`` / ``parquet only``: the shard formats a build wrote, for the summary."""
+    return " and ".join(formats) if len(formats) > 1 else f"{formats[0]} only"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +359,12 @@ def check_out(
     overwrite: bool,
     append: bool = False,
     reshuffle: bool = False,
+    formats: Sequence[str] = schema.FORMATS,
 ) -> None:
     """Refuse an ``out`` that is not ours, or holds a corpus of other manifests (unless ``overwrite``).
 
-    A corpus of the same manifests (by name: an edited manifest is the same build) is resumed.
+    A corpus of the same manifests (by name: an edited manifest is the same build) is resumed, in
+    the shard ``formats`` it holds: other formats are refused unless ``overwrite`` or ``reshuffle``.
     With ``overwrite`` the other corpus's files and units are removed first. ``append`` adds to
     the corpus whatever its manifests; ``reshuffle`` rebuilds it from ``manifests``, reusing units.
     A corpus grown by appends is rebuilt (every shard rewritten) only with ``reshuffle`` or ``overwrite``.
@@ -378,7 +388,11 @@ def check_out(
         )
     names = tuple(sorted(m.name for m in manifests))
     previous = _previous_manifests(out, work)
-    if previous is None or previous == names or reshuffle:
+    if previous is None or reshuffle:
+        return
+    if previous == names:
+        if info is not None and not overwrite:
+            check_formats(out, info, formats, growing=False)
         return
     if not overwrite:
         raise BuildError(
@@ -431,6 +445,7 @@ def build(
         overwrite=settings.overwrite,
         append=settings.append,
         reshuffle=settings.reshuffle,
+        formats=settings.pack.formats,
     )
     names = {m.name for m in manifests}
     existing: Existing | None = None
@@ -627,6 +642,8 @@ def build(
     holdout = _holdout_record(plan, rows, policy=settings.splits.holdout)
     built_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_manifests = [{"name": m.name, "file": m.path.name, "sha256": m.sha256} for m in manifests]
+    formats = settings.pack.formats
+    summary.formats = formats
     generations = list(existing.generations) if existing is not None else []
     if packed.shards or existing is None:
         generation = existing.next_generation if existing is not None else 0
@@ -637,7 +654,7 @@ def build(
                 manifests=run_manifests,
                 units=kept,
                 samples=packed.n_samples,
-                n_shards=sum(1 for s in packed.shards if s.format == schema.FORMATS[0]),
+                n_shards=sum(1 for s in packed.shards if s.format == formats[0]),
                 genes_outside=outside,
             )
             | {"samples_per_shard": packed.samples_per_shard}
@@ -646,14 +663,14 @@ def build(
             summary.notes.insert(
                 0,
                 f"appended generation {generation}: {len(kept)} slide(s), {sum(packed.n_samples.values()):,} samples "
-                f"in {len(packed.shards)} new shard files (both formats); "
+                f"in {len(packed.shards)} new shard files ({_formats_phrase(formats)}); "
                 f"the {len(existing.shards)} earlier ones are untouched",
             )
     elif existing is not None:
         summary.notes.insert(0, "nothing to append: every selected slide is in the corpus or was not built")
     splits: Counter[str] = Counter()
     for shard in shards:
-        if shard.format == schema.FORMATS[0]:
+        if shard.format == formats[0]:
             splits[shard.split] += shard.n_samples
     spots_rejected = Counter(summary.spots_rejected)
     if existing is not None:
@@ -689,6 +706,7 @@ def build(
         GENERATIONS_KEY: generations,
         schema.CorpusKey.VIEWS.value: schema.views_record(corpus_views(settings)),
         schema.CorpusKey.EXPRESSION.value: packed.tar_dtypes.record(),
+        schema.CorpusKey.FORMATS.value: list(formats),
         "settings": settings.to_dict(),
         "references": {"genes": reference_sources()},
         "software": software_versions(),
@@ -708,6 +726,7 @@ def build(
         settings=settings,
         holdout=holdout,
         generations=generations,
+        formats=formats,
     )
     report_units = kept
     if existing is not None:
@@ -918,6 +937,7 @@ def _write_card(
     holdout: Mapping[str, Any],
     generations: Sequence[Mapping[str, Any]] = (),
     n_measured: int | None = None,
+    formats: Sequence[str] = schema.FORMATS,
 ) -> None:
     from stcorpus.curate.build.card import CardInputs, render_card
 
@@ -933,6 +953,7 @@ def _write_card(
             settings=settings.to_dict(),
             holdout=holdout,
             generations=generations,
+            formats=formats,
         )
     )
     write_atomic(out / schema.CARD_FILE, text.encode("utf-8"))

@@ -108,11 +108,18 @@ def read_commands(target: Target, plan: PublishPlan) -> list[str]:
     """How to read what ``plan`` publishes to ``target``: a ``datasets`` line and a stcorpus loader line."""
     from stcorpus import schema
 
+    paths = [f.file.path for f in plan.files]
+    # A corpus built with --formats wds has no Parquet shards: its lines read the tars.
+    wds_only = not any(p.startswith(f"{schema.PARQUET_DIR}/") for p in paths) and any(
+        p.startswith(f"{schema.WDS_DIR}/") for p in paths
+    )
+    shard_dir = schema.WDS_DIR if wds_only else schema.PARQUET_DIR
     splits = sorted(
-        {p.split("/")[1] for p in (f.file.path for f in plan.files) if p.startswith(f"{schema.PARQUET_DIR}/")},
+        {p.split("/")[1] for p in paths if p.startswith(f"{shard_dir}/")},
         key=lambda split: schema.SPLITS.index(split) if split in schema.SPLITS else len(schema.SPLITS),
     )
-    settings = f'LoaderSettings(split="{splits[0] if splits else schema.SPLITS[0]}")'
+    fmt = ', format="wds"' if wds_only else ""
+    settings = f'LoaderSettings(split="{splits[0] if splits else schema.SPLITS[0]}"{fmt})'
     if isinstance(target, HubTarget):
         revision = f', revision="{target.revision}"' if target.revision != "main" else ""
         at = f"@{target.revision}" if target.revision != "main" else ""
@@ -124,8 +131,9 @@ def read_commands(target: Target, plan: PublishPlan) -> list[str]:
     if target.is_local:
         datasets_line = f'load_dataset("{url.removeprefix("file://")}", streaming=True)'
     else:
-        files = ", ".join(f'"{split}": "{url}/{schema.PARQUET_DIR}/{split}/*.parquet"' for split in splits)
-        datasets_line = f'load_dataset("parquet", data_files={{{files}}}, streaming=True)'
+        pattern, builder = ("*.tar", "webdataset") if wds_only else ("*.parquet", "parquet")
+        files = ", ".join(f'"{split}": "{url}/{shard_dir}/{split}/{pattern}"' for split in splits)
+        datasets_line = f'load_dataset("{builder}", data_files={{{files}}}, streaming=True)'
     return [datasets_line, f'CorpusDataset("{url}", {settings})']
 
 

@@ -9,11 +9,13 @@ large ones by sha256; both come from one read of the file).
 than stopping at the first, so a user fixes them in one round:
 
 - ``corpus.json``: JSON, the schema id this code knows, the provenance keys, split counts equal
-  to ``shards.parquet``'s;
+  to ``shards.parquet``'s, ``formats`` (both where absent) the formats ``shards.parquet`` lists;
 - ``shards.parquet``: every shard present with the recorded size and sha256, no shard file on
-  disk missing from it, both formats holding the same number of samples per split;
+  disk missing from it, the formats it holds (one or both) holding the same number of samples
+  per split;
 - ``README.md``: a YAML header that parses, ``configs`` whose data files exist, ``dataset_info``
-  counts equal to ``shards.parquet``'s;
+  counts equal to ``shards.parquet``'s for the format the card describes (Parquet where the
+  corpus has it, else WebDataset);
 - ``slides.parquet`` / ``genes.parquet``: present and readable, consistent with the shards and
   ``corpus.json``;
 - no build work folder (``units/*/result.json``) under a visible name.
@@ -297,6 +299,18 @@ def _check_corpus_json(
     missing = [key for key in REQUIRED_CORPUS_KEYS if key not in corpus]
     if missing:
         problems.append(f"{schema.CORPUS_FILE} lacks the provenance keys {', '.join(missing)}")
+    try:
+        formats = schema.corpus_formats(corpus)
+    except ValueError as exc:
+        problems.append(f"{schema.CORPUS_FILE}: {exc}")
+    else:
+        listed = {str(row.get("format")) for row in shards or ()}
+        if shards and listed != set(formats):
+            problems.append(
+                f"{schema.CORPUS_FILE}: formats {list(formats)}"
+                + (" (no key: both)" if schema.CorpusKey.FORMATS.value not in corpus else "")
+                + f" but {schema.SHARDS_FILE} lists {sorted(listed)} shards"
+            )
     splits = corpus.get("splits")
     if shards is not None and isinstance(splits, dict):
         for fmt in schema.FORMATS:
@@ -347,8 +361,16 @@ def _matches(scan: CorpusScan, pattern: str) -> list[str]:
     return found
 
 
-def _check_card(scan: CorpusScan, shards: Sequence[Mapping[str, Any]] | None, problems: list[str]) -> None:
+def _check_card(
+    scan: CorpusScan,
+    shards: Sequence[Mapping[str, Any]] | None,
+    problems: list[str],
+    *,
+    corpus: Mapping[str, Any] | None = None,
+) -> None:
     import yaml
+
+    from stcorpus.curate.build.card import card_format
 
     path = scan.root / schema.CARD_FILE
     if not path.is_file():
@@ -385,8 +407,13 @@ def _check_card(scan: CorpusScan, shards: Sequence[Mapping[str, Any]] | None, pr
                 problems.append(f"{schema.CARD_FILE}: config {name!r}{where}: data_files {pattern!r} match no file")
     if shards is None:
         return
-    parquet = [s for s in shards if s.get("format") == "parquet"]
-    examples = _shard_counts(parquet, "parquet")
+    try:
+        fmt = card_format(schema.corpus_formats(corpus or {}))
+    except ValueError:
+        fmt = "parquet"  # _check_corpus_json reports the malformed key
+    parquet = [s for s in shards if s.get("format") == fmt]
+    examples = _shard_counts(parquet, fmt)
+    shown = {"parquet": "Parquet", "wds": "WebDataset"}[fmt]
     nbytes: Counter[str] = Counter()
     for s in parquet:
         nbytes[str(s["split"])] += int(s["bytes"])
@@ -402,7 +429,7 @@ def _check_card(scan: CorpusScan, shards: Sequence[Mapping[str, Any]] | None, pr
         if set(seen) != set(examples):
             problems.append(
                 f"{schema.CARD_FILE}: dataset_info {name!r} lists splits {sorted(seen)}, {schema.SHARDS_FILE} "
-                f"has Parquet shards for {sorted(examples)}"
+                f"has {shown} shards for {sorted(examples)}"
             )
         for split, entry in seen.items():
             if split not in examples:
@@ -415,7 +442,7 @@ def _check_card(scan: CorpusScan, shards: Sequence[Mapping[str, Any]] | None, pr
             if "num_bytes" in entry and entry.get("num_bytes") != nbytes[split]:
                 problems.append(
                     f"{schema.CARD_FILE}: dataset_info {name!r} split {split}: num_bytes {entry.get('num_bytes')} "
-                    f"but the Parquet shards in {schema.SHARDS_FILE} hold {nbytes[split]} bytes"
+                    f"but the {shown} shards in {schema.SHARDS_FILE} hold {nbytes[split]} bytes"
                 )
 
 
@@ -489,7 +516,7 @@ def check_corpus(scan: CorpusScan, *, hub: bool = False) -> list[str]:
         return [f"{scan.root} holds no file to publish"]
     shards = _check_shards(scan, problems)
     corpus = _check_corpus_json(scan, shards, problems)
-    _check_card(scan, shards, problems)
+    _check_card(scan, shards, problems, corpus=corpus)
     _check_tables(scan, shards, corpus, problems)
     _check_layout(scan, problems, hub=hub)
     return problems
