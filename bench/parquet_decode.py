@@ -5,14 +5,17 @@ The four expression leaves of ``bench/format.py``'s 3,000-gene profile (``genes`
 default) are written one Parquet file per layout variant, alone (no JPEG columns: their bytes are
 read plain and would only add noise), and each leaf is read back as the loader reads a local
 shard (``ParquetFile(pre_buffer=False, memory_map=True)``, ``iter_batches`` of 32 rows per row
-group, one thread). Every figure is CPU time of this thread (``time.process_time``) per value, the
-median of ``--repeat`` interleaved rounds (each reader once per round).
+group, ``use_threads=False``). Every figure is CPU time of the process (``time.process_time``) per
+value, the median of ``--repeat`` interleaved rounds (each reader once per round). Not the
+thread's: once anything has started Arrow's CPU pool (one ``read_row_group`` with its default
+``use_threads=True`` does), ``iter_batches(use_threads=False)`` decodes in the pool's threads,
+and this thread's clock then shows 3 of the 91 ms a read of the four leaves takes.
 
 - ``--mode parts``: the cost of each layer of one leaf's read, by difference: zstd (the same
   encoding with and without it), the encoding (against PLAIN), the list levels and offsets (a
   list column against a flat ``int32`` column of the same values), and outside the decode:
   Arrow -> numpy, the record-batch size (16 rows .. the whole row group, ``read_row_group``), the
-  reader's options (``pre_buffer``, ``buffer_size``, ``memory_map``, threads), and the fixed cost
+  reader's options (``pre_buffer``, ``buffer_size``, ``memory_map``), and the fixed cost
   of a batch (a 1-value column read at the same batch size).
 - ``--mode layouts``: size (column chunk bytes per sample) and read ns per value of each
   layout variant of the four leaves (encodings, compression and level, page size, row-group
@@ -262,13 +265,13 @@ def parts(arrays: dict[str, list[npt.NDArray[np.int32]]], work: Path, *, repeat:
 
 
 def layouts() -> list[Layout]:
-    """The variants: each differs from ``current`` (the writer's schema-2 default) in one way, plus mixes."""
+    """The variants: each differs from the first (schema 2 as first written, zstd on every leaf) in one way, or two."""
     z = dict.fromkeys(LEAVES, "zstd")
     genes_none = {**z, "genes": "none", "niche_genes": "none"}
     out = [
-        Layout("current: genes delta, counts BSS, all zstd"),
+        Layout("genes delta, counts BSS, all zstd (the writer before 2026-12-03)"),
         Layout("genes delta uncompressed", compression=genes_none),
-        Layout("spot genes delta uncompressed", compression={**z, "genes": "none"}),
+        Layout("spot genes delta uncompressed (the writer's default)", compression={**z, "genes": "none"}),
         Layout("niche genes delta uncompressed", compression={**z, "niche_genes": "none"}),
         Layout("counts RLE_DICTIONARY", counts="RLE_DICTIONARY"),
         Layout("counts RLE_DICTIONARY, genes uncompressed", counts="RLE_DICTIONARY", compression=genes_none),
