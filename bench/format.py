@@ -12,11 +12,12 @@ loader (``stcorpus.loaders``), at the depth real slides have:
   Ensembl ids by the shipped reference, its 4 lattice neighbours at the 200 um pitch summed into
   the niche. Images: real H&E crops (224 px patch and region, JPEG q90) of the fixture image.
 - **Formats.** `after`: what the writer writes now (schema 2: Parquet leaves delta / byte-stream-split
-  under zstd; `expr.npz` stored in the smallest dtypes). `before`: schema 1's expression encoding
-  (plain and uncompressed in both formats, int32 tar arrays; its metadata here is uncompressed
-  too, where schema 1 compressed the scalar columns). Candidates at 3,000 genes: Parquet count
-  encodings (plain, byte-stream-split, dictionary, delta, each under zstd) and tar expression
-  members (int32 / narrow, stored / deflated, one member / two).
+  under zstd, the spot gene leaf uncompressed; `expr.npz` stored in the smallest dtypes).
+  `before`: schema 1's expression encoding (plain and uncompressed in both formats, int32 tar
+  arrays; its metadata here is uncompressed too, where schema 1 compressed the scalar columns).
+  Candidates at 3,000 genes: Parquet count encodings (plain, byte-stream-split, dictionary,
+  delta, each under zstd) and tar expression members (int32 / narrow, stored / deflated, one
+  member / two); ``bench/parquet_decode.py`` takes the Parquet leaves' read apart.
 - **Measured.** Bytes per sample by part (patch, region, expression, niche, metadata: Parquet column
   chunks by leaf, tar members with their 512-byte headers and padding); the loader's samples per
   CPU-second (in-process, sparse output: the gene transform runs on the consumer) with and without
@@ -500,7 +501,10 @@ def datasets_rate(root: Path, repeat: int) -> float:
 
 
 def parquet_candidates(samples: list[Any], vocab: list[str], work: Path) -> dict[str, dict[str, float]]:
-    """Expression + niche bytes and read cost per sample of each count encoding (genes: delta), under zstd."""
+    """Expression + niche bytes and read cost per sample of each count encoding (genes: delta), under zstd.
+
+    Compression as the writer's default otherwise (the spot gene leaf uncompressed).
+    """
     import pyarrow.parquet as pq
 
     out = {}

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from stcorpus import schema
+from stcorpus.curate.errors import SettingsError
 from stcorpus.curate.shards import ShardSettings, ShardWriter, encode_expr, parquet_leaf_paths
 from stcorpus.loaders import CorpusDataset, CorpusLoader, LoaderSettings
 from stcorpus.loaders.errors import BadSampleError, LoaderSettingsError, ShardError
@@ -30,7 +31,7 @@ from tests.test_shards import make_samples
 # ---------------------------------------------------------------------------------------------
 
 
-def test_every_parquet_leaf_is_compressed_and_expression_leaves_are_encoded(tmp_path: Path) -> None:
+def test_parquet_leaves_are_compressed_as_chosen_and_expression_leaves_are_encoded(tmp_path: Path) -> None:
     with ShardWriter(tmp_path, split="train", settings=ShardSettings(samples_per_shard=8, row_group_size=4)) as w:
         w.add_all(make_samples(8))
     path = tmp_path / schema.shard_path("parquet", "train", 0)
@@ -42,7 +43,11 @@ def test_every_parquet_leaf_is_compressed_and_expression_leaves_are_encoded(tmp_
         for c in range(group.num_columns):
             chunk = group.column(c)
             leaf = chunk.path_in_schema
-            expected = "UNCOMPRESSED" if leaf in ("patch.bytes", "region.bytes") else "ZSTD"
+            # JPEG bytes are compressed already; the spot gene indices are packed by their delta
+            # encoding, and zstd on them cost more read time than its 13% of their bytes were worth
+            # (bench/README.md, issue 16: bench/parquet_decode.py).
+            plain = ("patch.bytes", "region.bytes", "genes.list.element")
+            expected = "UNCOMPRESSED" if leaf in plain else "ZSTD"
             assert chunk.compression == expected, leaf  # schema 1 left every list and struct leaf plain
             if leaf in ("genes.list.element", "niche_genes.list.element"):
                 assert "DELTA_BINARY_PACKED" in chunk.encodings, leaf
@@ -51,6 +56,17 @@ def test_every_parquet_leaf_is_compressed_and_expression_leaves_are_encoded(tmp_
     # Expression lists are required (no definition levels to decode) and still what datasets reads.
     arrow = pq.read_schema(path)
     assert not arrow.field("genes").nullable and not arrow.field("genes").type.value_field.nullable
+
+
+def test_spot_gene_leaf_compression_is_a_setting(tmp_path: Path) -> None:
+    settings = ShardSettings(samples_per_shard=8, row_group_size=8, genes_compression=None)
+    with ShardWriter(tmp_path, split="train", settings=settings) as w:
+        w.add_all(make_samples(8))
+    group = pq.ParquetFile(tmp_path / schema.shard_path("parquet", "train", 0)).metadata.row_group(0)
+    codecs = {group.column(c).path_in_schema: group.column(c).compression for c in range(group.num_columns)}
+    assert codecs["genes.list.element"] == codecs["niche_genes.list.element"] == "ZSTD"  # None: parquet_compression
+    with pytest.raises(SettingsError, match="genes_compression"):
+        ShardSettings(genes_compression="zip")
 
 
 def test_tar_expression_in_the_smallest_dtypes(tmp_path: Path) -> None:
