@@ -59,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from stcorpus import schema
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 #: HEST-1k's metadata table (slide sizes, um/px, spots), for the projection (``--reference``).
@@ -409,12 +411,12 @@ def run_build(
     release: bool = True,
     work_budget: int | None = None,
     samples_per_shard: int | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """One build into a fresh folder under ``scratch`` (or, with ``append``, onto the corpus already there).
 
     Returns wall time, bytes, requests and peak disk.
     """
-    from stcorpus import schema
     from stcorpus.curate.build.pack import PackSettings
     from stcorpus.curate.build.pipeline import BuildSettings, build
     from stcorpus.curate.fetch import FetchSettings
@@ -432,9 +434,11 @@ def run_build(
             name="build-scale",
             holdout="none",
             append=append,
-            pack=PackSettings(window=window)
-            if samples_per_shard is None
-            else PackSettings(window=window, samples_per_shard=samples_per_shard),
+            pack=PackSettings(
+                window=window,
+                samples_per_shard=samples_per_shard or PackSettings.samples_per_shard,
+                formats=formats or schema.FORMATS,
+            ),
             release_units=release,
             work_budget=work_budget if release else None,
         )
@@ -922,7 +926,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['slides']} slides ({', '.join(report['kinds'])}), {report['slide_um']:.0f} um square, "
         f"--workers {report['workers']}, link {rate / _MB:.0f} MB/s, --shuffle-window {report['shuffle_window']}, "
-        f"--samples-per-shard {report.get('samples_per_shard') or 10_000}; "
+        f"--samples-per-shard {report.get('samples_per_shard') or 10_000}, "
+        f"--formats {','.join(report.get('formats', schema.FORMATS))}; "
         f"throttled builds: --cache-budget {report['cache_budget'] / _MB:,.0f} MB, "
         f"--work-budget {report.get('work_budget', 0) / _MB:,.0f} MB",
         "",
@@ -1011,8 +1016,6 @@ def compute_only(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare the slides, run the three builds, print a table, write the JSON report."""
-    from stcorpus import schema
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="32 slides of 1.2 mm over a 10 MB/s link (minutes on 2 idle cores)"
@@ -1051,6 +1054,11 @@ def main(argv: list[str] | None = None) -> int:
         "small corpus is cut into many shards as HEST-1k's is, and slides are released as shards commit)",
     )
     parser.add_argument(
+        "--formats",
+        default=None,
+        help="the builds' --formats (default: both, parquet,wds); e.g. parquet: the corpus on disk once",
+    )
+    parser.add_argument(
         "--keep-units", action="store_true", help="build without --release-units (the units stay until the end)"
     )
     parser.add_argument("--reference", type=Path, default=REFERENCE, help="HEST-1k metadata CSV (HEST_v1_1_0.csv)")
@@ -1086,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slides < 30:
         parser.error("--slides must be at least 30 (issue 17 asks for 30)")
     rate = args.rate * _MB
+    formats = tuple(f.strip() for f in args.formats.split(",")) if args.formats else None
 
     scratch = OUT / "build-scale"
     total = args.slides + APPENDED
@@ -1104,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "shuffle_window": args.shuffle_window,
         "samples_per_shard": args.samples_per_shard,
+        "formats": list(formats or schema.FORMATS),
         "release_units": not args.keep_units,
         "cache_budget": budget,
         "kinds": kinds,
@@ -1128,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
             release=not args.keep_units,
             work_budget=report.get("work_budget"),
             samples_per_shard=args.samples_per_shard,
+            formats=formats,
         )
     # Growth: APPENDED more slides onto the `ranges` corpus; every earlier shard must keep its bytes.
     corpus = scratch / "ranges" / "corpus"
@@ -1147,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
         release=not args.keep_units,
         work_budget=report["work_budget"],
         samples_per_shard=args.samples_per_shard,
+        formats=formats,
     )
     after = shard_digests(corpus)
     report["append"] = {

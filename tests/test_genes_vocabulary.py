@@ -203,3 +203,27 @@ def test_real_slide_through_mapping_vocabulary_and_reindexing() -> None:
     assert symbols == [reference.symbol(g) for g in genes.gene_ids.tolist()]
     tp53 = symbols.index("TP53")
     assert genes.counts[:, tp53].toarray().ravel().tolist() == [7, 5]  # TP53 + TP53-1 summed
+
+
+def test_the_build_marks_measured_genes_from_positions_as_build_vocabulary_does(slides: list[MeasuredGenes]) -> None:
+    from types import SimpleNamespace
+
+    from stcorpus.curate.build.pipeline import _measured_vocabulary
+
+    base = reference_vocabulary()
+    index = GeneIndex(base)
+    units = [
+        SimpleNamespace(slide_id=f"S{i}", slide={"species": s.species}, gene_ids=list(s.gene_ids))
+        for i, s in enumerate(slides)
+    ]
+    positions = {u.slide_id: index.positions(np.asarray(u.gene_ids, dtype=str)) for u in units}
+    made = _measured_vocabulary(base, units, positions, panel=None)  # type: ignore[arg-type]
+    expected = build_vocabulary(slides)
+    assert made.equals(expected) and made.schema.metadata == expected.schema.metadata
+    assert sum(made.column("measured").to_pylist()) == len({g for s in slides for g in s.gene_ids})
+
+    # a slide whose genes are not of its species goes through build_vocabulary, which names the fault
+    wrong = [*units, SimpleNamespace(slide_id="W", slide={"species": "human"}, gene_ids=[M_GAPDH])]
+    positions["W"] = index.positions(np.asarray([M_GAPDH], dtype=str))
+    with pytest.raises(GeneVocabularyError, match="another species"):
+        _measured_vocabulary(base, wrong, positions, panel=None)  # type: ignore[arg-type]

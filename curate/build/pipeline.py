@@ -68,6 +68,8 @@ from stcorpus.curate.plan import Plan, Selection, make_plan
 from stcorpus.curate.shards import write_parquet_atomic, write_shard_index
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
     import pyarrow as pa
 
     from stcorpus.curate.fetch import FetchSettings
@@ -510,9 +512,14 @@ def build(
     first_bad: list[UnitResult] = []
 
     totals: Counter[str] = Counter()
+    # Each built slide's genes as vocabulary indices (-1: outside it), found while other slides compute:
+    # genes.parquet's `measured` and slides.parquet's `measured_genes` come from these at the end.
+    positions: dict[str, npt.NDArray[np.int32]] = {}
 
     def on_result(result: UnitResult) -> bool:
         totals[result.status] += 1
+        if result.status == "built":
+            positions[result.slide_id] = index.positions(_ids(result.gene_ids))
         totals["tiles"] += result.n_samples
         totals["bytes"] += result.sample_bytes
         if result.status != "built":
@@ -582,12 +589,15 @@ def build(
         _write_report(out, name=name, rows=rows, work=work, kept=[], results=results, summary=summary)
         raise BuildError(_nothing_built(results, plan.excluded))
 
-    # The references' genes (of the panels), and which of them the slides built here measured.
-    built_vocabulary = build_vocabulary(
-        [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept], panel=panel
-    )
+    for unit in kept:
+        if unit.slide_id not in positions:
+            positions[unit.slide_id] = index.positions(_ids(unit.gene_ids))
     write_vocabulary = existing is None
     if existing is not None:
+        # The references' genes (of the panels), and which of them the slides built here measured.
+        built_vocabulary = build_vocabulary(
+            [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept], panel=panel
+        )
         # The corpus's vocabulary is kept so that every existing shard's gene indices stay valid.
         vocabulary = existing.vocabulary
         same_space = vocabulary_digest(vocabulary) == vocabulary_digest(built_vocabulary)
@@ -619,16 +629,16 @@ def build(
                 + "); --reshuffle rebuilds the corpus on this stcorpus's reference vocabulary"
             )
     else:
-        vocabulary = built_vocabulary
+        # The references' genes (of the panels), the ones the slides built here measured marked.
+        vocabulary = _measured_vocabulary(base_vocabulary, kept, positions, panel=panel)
         outside = {}
-        assert vocabulary_digest(vocabulary) == vocabulary_digest(base_vocabulary), "measured genes moved indices"
     shards = [*(existing.shards if existing is not None else []), *packed.shards]
     write_shard_index(out, shards)
     for warning in hub_layout_warnings(shards):
         log.warning("%s", warning)
     if write_vocabulary:
         write_parquet_atomic(out / schema.GENES_FILE, vocabulary)
-    measured = {u.slide_id: [int(i) for i in index.positions(_ids(u.gene_ids)) if i >= 0] for u in kept}
+    measured = {u.slide_id: [int(i) for i in positions[u.slide_id] if i >= 0] for u in kept}
     run_rows = _slide_rows(plan, results, duplicates, measured=measured)
     rows = _merge_rows(existing, run_rows, todo={s.id for s in todo}) if existing is not None else run_rows
     _write_slides(out, rows)
@@ -797,6 +807,35 @@ def hub_layout_warnings(shards: Sequence[Any]) -> list[str]:
     if len(shards) > HUB_FILES_PER_REPO:
         warnings.append(f"{len(shards):,} shard files exceed the Hub's {HUB_FILES_PER_REPO:,} files per repository")
     return warnings
+
+
+def _measured_vocabulary(
+    base: pa.Table,
+    kept: Sequence[UnitResult],
+    positions: Mapping[str, npt.NDArray[np.int32]],
+    *,
+    panel: list[str] | None,
+) -> pa.Table:
+    """``base`` (the references' vocabulary) with the genes of ``kept`` marked measured, from their ``positions``.
+
+    The same table as ``build_vocabulary`` of the slides, without looking their genes up again; a
+    slide with a gene outside ``base`` or of another species goes through ``build_vocabulary``,
+    which names the fault.
+    """
+    import numpy as np
+
+    from stcorpus.curate.genes import MeasuredGenes, build_vocabulary, with_measured
+
+    species = np.asarray(base.column("species").to_pylist(), dtype=np.str_)
+    flags = np.zeros(base.num_rows, dtype=np.bool_)
+    for unit in kept:
+        found = positions[unit.slide_id]
+        if found.size and (int(found.min()) < 0 or bool(np.any(species[found] != unit.slide["species"]))):
+            return build_vocabulary(
+                [MeasuredGenes(species=u.slide["species"], gene_ids=_ids(u.gene_ids)) for u in kept], panel=panel
+            )
+        flags[found] = True
+    return with_measured(base, flags)
 
 
 def _ids(gene_ids: Iterable[str]) -> Any:
