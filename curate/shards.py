@@ -35,6 +35,7 @@ import os
 import tarfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -330,6 +331,11 @@ class _TarShard:
         self.file.finish()
 
     def abort(self) -> None:
+        # The tar stream would write its end blocks into the dropped file when collected: it is done.
+        self.tar.closed = True  # type: ignore[attr-defined]  # TarFile.close() is a no-op from here
+        stream = self.tar.fileobj
+        if stream is not None and hasattr(stream, "closed"):
+            stream.closed = True
         self.file.abort()
 
 
@@ -351,6 +357,10 @@ class _ParquetShard:
             write_statistics=[schema.KEY_COLUMN, "slide_id"],
         )
         self.rows: list[ShardSample] = []
+        # Row groups are encoded and compressed on a thread of their own (pyarrow releases the GIL
+        # there) while the caller goes on with the next samples and the tar; one at a time, in order.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-shard")
+        self._pending: Future[None] | None = None
 
     def add(self, sample: ShardSample) -> None:
         self.rows.append(sample)
@@ -359,8 +369,15 @@ class _ParquetShard:
 
     def _flush(self) -> None:
         if self.rows:
-            self.writer.write_table(self._table(self.rows), row_group_size=len(self.rows))
+            table = self._table(self.rows)
             self.rows = []
+            self._wait()  # at most one row group in flight: memory stays bounded, errors surface here
+            self._pending = self._encoder.submit(self.writer.write_table, table, row_group_size=table.num_rows)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _table(self, rows: Sequence[ShardSample]) -> pa.Table:
         import pyarrow as pa
@@ -394,10 +411,19 @@ class _ParquetShard:
 
     def finish(self) -> None:
         self._flush()
+        try:
+            self._wait()
+        finally:
+            self._encoder.shutdown(wait=True)
         self.writer.close()
         self.file.finish()
 
     def abort(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            wait([pending])  # never close the writer under a row group being written
+        self._encoder.shutdown(wait=True)
         if self.writer.is_open:
             self.writer.close()
         self.file.abort()

@@ -192,3 +192,27 @@ def test_formats_are_checked_and_ordered() -> None:
     for bad in ((), ("tar",), ("parquet", "")):
         with pytest.raises(SettingsError, match=r"--formats must name one or more of parquet, wds"):
             ShardSettings(formats=bad)
+
+
+def test_a_row_group_that_fails_on_the_encoding_thread_fails_the_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq_module
+
+    calls = {"n": 0}
+    original = pq_module.ParquetWriter.write_table
+
+    def failing(self: Any, table: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        original(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq_module.ParquetWriter, "write_table", failing)
+    with (
+        pytest.raises(OSError, match="disk full"),
+        ShardWriter(tmp_path, split="train", settings=ShardSettings(samples_per_shard=8, row_group_size=2)) as writer,
+    ):
+        writer.add_all(make_samples(8))
+    assert calls["n"] >= 2
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "no shard of either format, no temporary file"
