@@ -301,12 +301,12 @@ def _disk_part(rel: Path, name: str) -> str:
     return "corpus"
 
 
-def disk_parts(root: Path) -> tuple[dict[str, int], int]:
-    """Bytes allocated under ``root`` by part (:data:`DISK_PARTS`), and the largest samples file."""
+def disk_parts(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes allocated under ``root`` by part (:data:`DISK_PARTS`), and each unit samples file's bytes."""
     from stcorpus.curate.build.workdir import SAMPLES_FILE
 
     parts = dict.fromkeys(DISK_PARTS, 0)
-    largest = 0
+    units: dict[str, int] = {}
     for folder, _, names in os.walk(root):
         rel = Path(folder).relative_to(root)
         for name in names:
@@ -315,34 +315,38 @@ def disk_parts(root: Path) -> tuple[dict[str, int], int]:
             except FileNotFoundError:
                 continue  # deleted while walking
             parts[_disk_part(rel, name)] += size
-            if name == SAMPLES_FILE:
-                largest = max(largest, size)
-    return parts, largest
+            if name == SAMPLES_FILE:  # units/<slide>/ or, while written, units/.<slide>.<pid>.tmp/
+                unit = Path(folder).name
+                unit = unit[1:].rsplit(".", 2)[0] if unit.endswith(".tmp") else unit
+                units[unit] = max(size, units.get(unit, 0))
+    return parts, units
 
 
 class DiskSampler:
     """Samples :func:`disk_parts` of a folder every ``interval`` seconds in a thread.
 
     Keeps the peak of the whole folder, of its scratch (:data:`SCRATCH_PARTS`) and of each part,
-    and the largest unit samples file seen.
+    and the size of every unit samples file seen (``--release-units`` deletes them as they are packed).
     """
 
     def __init__(self, root: Path, interval: float = 0.2) -> None:
         self.root, self.interval = root, interval
-        self.peak = self.peak_scratch = self.largest_unit = 0
+        self.peak = self.peak_scratch = 0
+        self.units: dict[str, int] = {}
         self.peaks = dict.fromkeys(DISK_PARTS, 0)
         self.at_peak: dict[str, int] = dict.fromkeys(DISK_PARTS, 0)  # the parts when the whole folder peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        parts, largest = disk_parts(self.root)
+        parts, units = disk_parts(self.root)
         total = sum(parts.values())
         if total > self.peak:
             self.peak, self.at_peak = total, parts
         self.peak_scratch = max(self.peak_scratch, sum(parts[p] for p in SCRATCH_PARTS))
         self.peaks = {p: max(self.peaks[p], parts[p]) for p in DISK_PARTS}
-        self.largest_unit = max(self.largest_unit, largest)
+        for unit, size in units.items():
+            self.units[unit] = max(size, self.units.get(unit, 0))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -495,7 +499,10 @@ def run_build(
         "peak_scratch": disk.peak_scratch,
         "peak_by_part": disk.peaks,
         "at_peak": disk.at_peak,
-        "largest_unit_bytes": disk.largest_unit,
+        "largest_unit_bytes": max(disk.units.values(), default=0),
+        # every unit's samples as they were on disk before the pack released them (units seen: their number)
+        "unit_samples_bytes": sum(disk.units.values()),
+        "units_seen": len(disk.units),
         "open_shards_bound": open_shards,
         "cache_budget": cache_budget,
         "work_budget": work_budget if release else None,
@@ -520,7 +527,10 @@ def sample_rates(run: dict[str, Any], *, workers: int) -> dict[str, Any]:
         "pack_wall_ms_per_sample": run["pack_wall_s"] * 1000 / samples,
         "wall_core_ms_per_sample": run["wall_s"] * workers * 1000 / samples,
         "shard_bytes_per_sample": (run["corpus_bytes"] - run["work_bytes"]) / samples,
-        "work_bytes_per_sample": run["work_bytes"] / samples,
+        # what the work folder holds per sample: every unit's samples (kept without --release-units) ...
+        "work_bytes_per_sample": run.get("unit_samples_bytes", run["work_bytes"]) / samples,
+        # ... and what stays of a unit once released (result.json, QC plots, stats)
+        "unit_records_bytes_per_sample": run["work_bytes"] / samples,
         "wds_bytes_per_sample": run.get("wds_bytes", 0) / samples,
         "parquet_bytes_per_sample": run.get("parquet_bytes", 0) / samples,
         "after_units_ms_per_sample": run["after_units_s"] * 1000 / samples,
@@ -700,7 +710,10 @@ def projection(report: dict[str, Any], *, reference: Path = REFERENCE) -> dict[s
     corpus = samples * rates["shard_bytes_per_sample"]
     work_all = samples * rates["work_bytes_per_sample"]
     # every split's window full, of slides of the mean size (--release-units; without it every unit stays)
-    window = 3 * WINDOW_SLIDES * samples / slides * rates["work_bytes_per_sample"]
+    # plus what stays of every released unit (result.json, QC plots, stats)
+    window = 3 * WINDOW_SLIDES * samples / slides * rates["work_bytes_per_sample"] + samples * rates.get(
+        "unit_records_bytes_per_sample", 0.0
+    )
     parquet = samples * rates.get("parquet_bytes_per_sample", 0.0)
     disk = {}
     for mode, mean, largest in (("whole", mean_whole, largest_whole), ("ranges", mean_ranged, largest_ranged)):
