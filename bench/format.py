@@ -130,6 +130,17 @@ def c2_profile(counts: npt.NDArray[np.int64], columns: npt.NDArray[np.int64], rc
     return Spots("C2 (real)", genes_out, counts_out, rc, neighbours)
 
 
+def c2_frequencies(
+    c2_counts: npt.NDArray[np.int64], columns: npt.NDArray[np.int64], n_genes: int
+) -> npt.NDArray[np.float64]:
+    """Per vocabulary gene, the fraction of C2's spots that detect it (at least 1e-3: genes C2 lacks are rare)."""
+    detected = (c2_counts > 0).mean(axis=0) if len(c2_counts) else np.zeros(0)
+    frequency = np.full(n_genes, 1e-3)
+    mapped = columns >= 0
+    frequency[columns[mapped]] = np.maximum(detected[mapped], 1e-3)
+    return frequency
+
+
 def synthetic_profile(
     depth: int, n: int, *, frequency: npt.NDArray[np.float64], values: npt.NDArray[np.int64], seed: int
 ) -> Spots:
@@ -715,10 +726,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"no C2 counts at {args.c2}: using the synthetic profiles only (give --c2)", flush=True)
         symbols, c2_counts, c2_rc = [], np.zeros((0, 0), dtype=np.int64), []
     vocab, columns = vocabulary(symbols)
-    detected = (c2_counts > 0).mean(axis=0) if len(c2_counts) else np.zeros(0)
-    frequency = np.full(len(vocab), 1e-3)  # the genes C2 does not measure: rare
-    mapped = columns >= 0
-    frequency[columns[mapped]] = np.maximum(detected[mapped], 1e-3)
+    frequency = c2_frequencies(c2_counts, columns, len(vocab))
     rng = np.random.default_rng(0)
     frequency = frequency[rng.permutation(len(vocab))] if not len(c2_counts) else frequency
     values = c2_counts[c2_counts > 0] if len(c2_counts) else 1 + rng.geometric(0.6, 10_000)

@@ -52,10 +52,7 @@ def leaf_arrays(n: int, depth: int = 3000) -> dict[str, list[npt.NDArray[np.int3
     """The four leaves of ``n`` spots of bench/format.py's ``depth``-gene profile (C2's frequencies)."""
     symbols, c2_counts, _ = fmt.read_c2(fmt.C2_DEFAULT)
     vocab, columns = fmt.vocabulary(symbols)
-    detected = (c2_counts > 0).mean(axis=0)
-    frequency = np.full(len(vocab), 1e-3)
-    mapped = columns >= 0
-    frequency[columns[mapped]] = np.maximum(detected[mapped], 1e-3)
+    frequency = fmt.c2_frequencies(c2_counts, columns, len(vocab))
     values = c2_counts[c2_counts > 0]
     spots = fmt.synthetic_profile(depth, n, frequency=frequency, values=values, seed=0)
     out: dict[str, list[npt.NDArray[np.int32]]] = {leaf: [] for leaf in LEAVES}

@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     symbols, c2_counts, _ = fmt.read_c2(fmt.C2_DEFAULT)
     vocab, columns = fmt.vocabulary(symbols)
-    detected = (c2_counts > 0).mean(axis=0)
-    frequency = np.full(len(vocab), 1e-3)
-    mapped = columns >= 0
-    frequency[columns[mapped]] = np.maximum(detected[mapped], 1e-3)
+    frequency = fmt.c2_frequencies(c2_counts, columns, len(vocab))
     values = c2_counts[c2_counts > 0]
     spots = fmt.synthetic_profile(3000, args.samples, frequency=frequency, values=values, seed=0)
     samples = fmt.samples_of(spots, fmt.Crops(), n=args.samples)
