@@ -275,11 +275,47 @@ class _HashingSink(io.RawIOBase):
         return self.target.write(bytes(data))
 
 
+#: The constant fields of a member's ustar header after the size: mtime 0, the checksum as spaces,
+#: a regular file, no link, the POSIX magic and version, no owner names or device numbers.
+_USTAR_AFTER_SIZE: Final = (
+    b"00000000000\0"
+    + b" " * 8
+    + tarfile.REGTYPE
+    + b"\0" * 100
+    + tarfile.POSIX_MAGIC
+    + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+)  # ... and the 12 unused bytes that fill the 512-byte block
+_USTAR_MODE_IDS: Final = b"%07o\0" % _TAR_MODE + b"0000000\0" * 2  # mode, uid 0, gid 0
+#: The end of a tar: two zero blocks, then zeros up to a whole record (``tarfile``'s layout).
+_TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def tar_member_header(name: str, size: int) -> bytes:
+    """The header of a shard member: what ``tarfile`` writes for it, built without ``tarfile``'s overhead.
+
+    The fields are fixed (mode 0o444, uid/gid 0, mtime 0, no owner names) so the bytes are
+    reproducible; a name longer than ustar's 100 bytes or not ASCII gets ``tarfile``'s PAX header.
+
+    >>> header = tar_member_header("S1__AAAC-1.json", 7)
+    >>> len(header), tarfile.TarInfo.frombuf(header, "utf-8", "strict").size
+    (512, 7)
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100 or not name.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, _TAR_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    block = encoded.ljust(100, b"\0") + _USTAR_MODE_IDS + b"%011o\0" % size + _USTAR_AFTER_SIZE
+    checksum = sum(block)  # the checksum field counts as eight spaces
+    return block[:148] + b"%06o\0 " % checksum + block[156:]
+
+
 class _TarShard:
     def __init__(self, path: Path, *, dtypes: schema.TarDtypes, deflate: bool) -> None:
         self.dtypes, self.deflate = dtypes, deflate
         self.file = _AtomicFile(path)
-        self.tar = tarfile.open(fileobj=_HashingSink(self.file), mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def add(self, sample: ShardSample) -> None:
         members = (
@@ -302,14 +338,8 @@ class _TarShard:
             self.write(f"{sample.key}.{suffix}", data)
 
     def write(self, name: str, data: bytes) -> None:
-        """One member, with the fixed header fields that make the bytes reproducible."""
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = _TAR_MODE
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        """One member (header, data, zeros to a whole block), with the fixed header fields of ``tar_member_header``."""
+        self.file.write(tar_member_header(name, len(data)) + data + b"\0" * (-len(data) % _TAR_BLOCK))
 
     def copy_retyped(self, source: Path) -> None:
         """Append every member of the tar ``source``, its ``expr.npz`` re-encoded in this shard's dtypes."""
@@ -327,15 +357,11 @@ class _TarShard:
                 self.write(member.name, data)
 
     def finish(self) -> None:
-        self.tar.close()
+        end = self.file.size + 2 * _TAR_BLOCK
+        self.file.write(b"\0" * (2 * _TAR_BLOCK + (-end % _TAR_RECORD)))
         self.file.finish()
 
     def abort(self) -> None:
-        # The tar stream would write its end blocks into the dropped file when collected: it is done.
-        self.tar.closed = True  # type: ignore[attr-defined]  # TarFile.close() is a no-op from here
-        stream = self.tar.fileobj
-        if stream is not None and hasattr(stream, "closed"):
-            stream.closed = True
         self.file.abort()
 
 

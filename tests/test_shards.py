@@ -216,3 +216,26 @@ def test_a_row_group_that_fails_on_the_encoding_thread_fails_the_shard(
         writer.add_all(make_samples(8))
     assert calls["n"] >= 2
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "no shard of either format, no temporary file"
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("S1__AAAC0001-1.patch.jpg", 0), ("S1__AAAC0001-1.json", 511), ("x" * 100, 512), ("x" * 101, 5), ("é.json", 3)],
+)
+def test_member_headers_are_tarfiles_own(name: str, size: int) -> None:
+    from stcorpus.curate.shards import tar_member_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+    assert tar_member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_a_shard_ends_as_tarfile_ends_one(tmp_path: Path) -> None:
+    shards = write(tmp_path, make_samples(3), formats=("wds",))
+    path = tmp_path / shards[0].path
+    assert path.stat().st_size % tarfile.RECORDSIZE == 0
+    expected = io.BytesIO()
+    with tarfile.open(path) as tar, tarfile.open(fileobj=expected, mode="w|", format=tarfile.PAX_FORMAT) as copy:
+        for member in tar:
+            copy.addfile(member, tar.extractfile(member))
+    assert path.read_bytes() == expected.getvalue()
