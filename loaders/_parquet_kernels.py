@@ -199,6 +199,9 @@ def delta_binary_packed(buf: Any, pos: int, end: int, count: int, out: Any, o: i
         return -1
     if total != count or o + count > len(out) or minis <= 0 or block <= 0 or block % (32 * minis):
         return -1
+    per = block // minis
+    if per > 1 << 16:  # no writer's miniblock; bounds the sums below
+        return -1
     if count == 0:
         return pos
     last = (first >> 1) ^ -(first & 1)
@@ -207,7 +210,7 @@ def delta_binary_packed(buf: Any, pos: int, end: int, count: int, out: Any, o: i
     out[o] = last
     o += 1
     left = count - 1
-    per = block // minis
+    deltas = np.empty(per, np.int64)
     while left > 0:
         zz, pos = _uleb(buf, pos, end)
         if pos < 0:
@@ -230,22 +233,42 @@ def delta_binary_packed(buf: Any, pos: int, end: int, count: int, out: Any, o: i
             if pos + size > end:
                 return -1
             take = per if left > per else left
-            mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-            acc = np.uint64(0)
-            bits = 0
-            q = pos
-            for _ in range(take):
-                while bits < width:
-                    acc |= np.uint64(buf[q]) << np.uint64(bits)
-                    q += 1
-                    bits += 8
-                last += min_delta + int(acc & mask)
-                # Wrap to int32 as the writer's deltas did; the sum stays far from int64's ends.
-                last = ((last + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
-                out[o] = last
-                o += 1
-                acc >>= np.uint64(width)
-                bits -= width
+            mask = (1 << width) - 1
+            # First the miniblock's deltas (independent of each other), then their running sum:
+            # one add a value on the sum's dependency chain (1.7-1.9 -> 1.2-1.3 ns a value).
+            if pos + size + 8 <= end:
+                # Each value from the 5 bytes that hold it (a slice: no negative-index checks).
+                b = buf[pos : pos + size + 8]
+                for j in range(take):
+                    bit = j * width
+                    i = bit >> 3
+                    word = (
+                        np.uint64(b[i])
+                        | (np.uint64(b[i + 1]) << np.uint64(8))
+                        | (np.uint64(b[i + 2]) << np.uint64(16))
+                        | (np.uint64(b[i + 3]) << np.uint64(24))
+                        | (np.uint64(b[i + 4]) << np.uint64(32))
+                    )
+                    deltas[j] = (np.int64(word >> np.uint64(bit & 7)) & mask) + min_delta
+            else:  # the last bytes of the page: byte by byte, reading nothing past ``end``
+                acc = np.uint64(0)
+                bits = 0
+                q = pos
+                for j in range(take):
+                    while bits < width:
+                        acc |= np.uint64(buf[q]) << np.uint64(bits)
+                        q += 1
+                        bits += 8
+                    deltas[j] = np.int64(acc & np.uint64(mask)) + min_delta
+                    acc >>= np.uint64(width)
+                    bits -= width
+            dst = out[o : o + take]
+            for j in range(len(dst)):
+                last += deltas[j]
+                dst[j] = last  # the store to int32 keeps the low 32 bits: the writer's wrap
+            # Back into int32's range once a miniblock (it moves at most 2^49 within one).
+            last = ((last + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+            o += take
             pos += size
             left -= take
     return pos

@@ -331,3 +331,28 @@ def test_a_few_rows_of_a_row_group_keep_only_their_own_values(
     expected = epoch(sparse, "pyarrow", niche=True, filters=mouse)
     assert_same_batches(epoch(sparse, "numba", niche=True, filters=mouse), expected)
     assert calls
+
+
+@needs_numba
+@pytest.mark.parametrize("encoding", ["DELTA_BINARY_PACKED", "BYTE_STREAM_SPLIT", "PLAIN"])
+def test_int32_extremes_and_deltas_that_wrap(tmp_path: Path, encoding: str) -> None:
+    """Values at both ends of int32, so the writer's deltas wrap at 32 bits; long rows (many miniblocks)."""
+    rng = np.random.default_rng(1)
+    extremes = np.array([-(2**31), 2**31 - 1, 0, -1, 1, 2**31 - 1, -(2**31)], np.int32)
+    rows = [extremes, rng.integers(-(2**31), 2**31, 5000, dtype=np.int64).astype(np.int32), np.array([], np.int32)]
+    rows += [np.repeat(extremes, 40), rng.integers(0, 3, 300).astype(np.int32)]
+    typ = pa.list_(pa.field("element", pa.int32(), nullable=False))
+    table = pa.Table.from_arrays([pa.array(rows, typ)], schema=pa.schema([pa.field("counts", typ, nullable=False)]))
+    path = tmp_path / "a.parquet"
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        use_dictionary=False,
+        column_encoding={"counts.list.element": encoding},
+        data_page_size=4096,
+    )
+    metadata = pq.ParquetFile(path).metadata
+    decoded, refused = parquet_fast.read_lists(file_bytes(path), 0, metadata, 0, ["counts"])
+    assert refused == {}
+    assert_as_pyarrow(path, [decoded])
