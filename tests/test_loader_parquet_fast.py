@@ -356,3 +356,22 @@ def test_int32_extremes_and_deltas_that_wrap(tmp_path: Path, encoding: str) -> N
     decoded, refused = parquet_fast.read_lists(file_bytes(path), 0, metadata, 0, ["counts"])
     assert refused == {}
     assert_as_pyarrow(path, [decoded])
+
+
+def test_auto_falls_back_to_pyarrow_when_numba_is_found_but_does_not_import(
+    corpus: FixtureCorpus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("torch")
+    expected = epoch(corpus, "pyarrow")
+
+    def broken() -> None:
+        raise ImportError("numba built for another numpy")
+
+    monkeypatch.setattr(parquet_fast, "numba_available", lambda: True)
+    monkeypatch.setattr(settings_module, "numba_available", lambda: True)
+    monkeypatch.setattr(parquet_fast, "kernels", broken)
+    with caplog.at_level("WARNING"):
+        assert_same_batches(epoch(corpus, "auto"), expected)
+    assert "decoding with pyarrow" in caplog.text
+    with pytest.raises(ImportError, match="another numpy"):
+        epoch(corpus, "numba")
