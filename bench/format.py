@@ -386,6 +386,7 @@ def loader_run(
     genes: dict[str, Any],
     views: Sequence[str] = ("patch", "region"),
     decode: str = "cpu",
+    parquet_decoder: str = "auto",
 ) -> Callable[[], int]:
     """One epoch of the loader in this process (sparse output unless ``genes`` says dense), as a callable.
 
@@ -404,6 +405,7 @@ def loader_run(
             "views": list(views),
             "genes": genes,
             "decode": decode,
+            "parquet_decoder": parquet_decoder,
         }
     )
     dataset = CorpusDataset(root, settings)
@@ -619,6 +621,11 @@ def measure(
         "decode limit": lambda: decode_limit(pairs, b),
         "parquet": loader_run(after, "parquet", batch=b, genes=log1p),
         "parquet + niche": loader_run(after, "parquet", batch=b, genes=niche_on),
+        # The default decoder is numba's where it imports (parquet_fast); pyarrow's in the same rounds.
+        "parquet, pyarrow decoder": loader_run(after, "parquet", batch=b, genes=log1p, parquet_decoder="pyarrow"),
+        "parquet + niche, pyarrow decoder": loader_run(
+            after, "parquet", batch=b, genes=niche_on, parquet_decoder="pyarrow"
+        ),
         "wds": loader_run(after, "wds", batch=b, genes=log1p),
         "wds + niche": loader_run(after, "wds", batch=b, genes=niche_on),
         "parquet, before": loader_run(roots["before"], "parquet", batch=b, genes=log1p),

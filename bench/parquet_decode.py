@@ -17,6 +17,9 @@ and this thread's clock then shows 3 of the 91 ms a read of the four leaves take
   Arrow -> numpy, the record-batch size (16 rows .. the whole row group, ``read_row_group``), the
   reader's options (``pre_buffer``, ``buffer_size``, ``memory_map``), and the fixed cost
   of a batch (a 1-value column read at the same batch size).
+- ``--mode fast``: ns per value of each leaf in the writer's layout, and us per sample of the
+  four, read by pyarrow (as above, with Arrow -> numpy) and by ``stcorpus.loaders.parquet_fast``
+  (numba; offsets to a list as the loader takes them), in the same interleaved rounds.
 - ``--mode layouts``: size (column chunk bytes per sample) and read ns per value of each
   layout variant of the four leaves (encodings, compression and level, page size, row-group
   size, dictionary, statistics, page index), the leaves as the writer would write them.
@@ -25,6 +28,7 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python -m bench.parquet_decode --mode parts
     PYTHONPATH=. .venv/bin/python -m bench.parquet_decode --mode layouts --repeat 7
+    PYTHONPATH=. .venv/bin/python -m bench.parquet_decode --mode fast --repeat 9
 """
 
 from __future__ import annotations
@@ -328,9 +332,50 @@ def measure_layouts(arrays: dict[str, list[npt.NDArray[np.int32]]], work: Path, 
     return out
 
 
+def fast_reader(path: Path, columns: list[str]) -> Callable[[], None]:
+    """One pass over every row group of ``path`` with ``parquet_fast``, offsets to lists as the loader does."""
+    import mmap
+
+    import pyarrow.parquet as pq
+
+    from stcorpus.loaders import parquet_fast
+
+    metadata = pq.ParquetFile(path).metadata
+    with path.open("rb") as handle:
+        buffer = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+
+    def run() -> None:
+        for g in range(metadata.num_row_groups):
+            decoded, refused = parquet_fast.read_lists(buffer, 0, metadata, g, columns)
+            assert not refused, refused
+            for offsets, _ in decoded.values():
+                offsets.tolist()
+
+    return run
+
+
+def measure_fast(arrays: dict[str, list[npt.NDArray[np.int32]]], work: Path, *, repeat: int) -> dict[str, Any]:
+    """ns per value of each leaf, us per sample of all four, in the writer's layout: pyarrow and parquet_fast."""
+    n = len(arrays["genes"])
+    values = {leaf: sum(len(a) for a in arrays[leaf]) for leaf in LEAVES}
+    compression = dict.fromkeys(LEAVES, "zstd") | {"genes": "none"}
+    path = Layout("writer", compression=compression).write(table_of(arrays), work / "writer.parquet")
+    runs: dict[str, Callable[[], None]] = {}
+    for leaf in (*LEAVES, "all four"):
+        columns = list(LEAVES) if leaf == "all four" else [leaf]
+        runs[f"pyarrow | {leaf}"] = reader(path, columns, to_numpy=True)
+        runs[f"numba | {leaf}"] = fast_reader(path, columns)
+    times = rounds(runs, repeat)
+    out: dict[str, Any] = {}
+    for name in ("pyarrow", "numba"):
+        out[name] = {leaf: 1e9 * times[f"{name} | {leaf}"] / values[leaf] for leaf in LEAVES}
+        out[name]["all four us"] = 1e6 * times[f"{name} | all four"] / n
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["parts", "layouts"], default="layouts")
+    parser.add_argument("--mode", choices=["parts", "layouts", "fast"], default="layouts")
     parser.add_argument("--samples", type=int, default=768)
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (median kept)")
     parser.add_argument("--work", type=Path, default=fmt.OUT / "parquet-decode-work")
@@ -344,6 +389,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, ns in result["parts"]["ns_per_value"].items():
             print(f"| {name} | {ns:.2f} |")
         print(json.dumps({k: v for k, v in result["parts"].items() if k != "ns_per_value"}, indent=1))
+    elif args.mode == "fast":
+        result["fast"] = measure_fast(arrays, work, repeat=args.repeat)
+        print("| decoder | " + " | ".join(LEAVES) + " | all four us/sample |")
+        print("|---|" + "---:|" * 5)
+        for name, e in result["fast"].items():
+            print(f"| {name} | " + " | ".join(f"{e[leaf]:.2f}" for leaf in LEAVES) + f" | {e['all four us']:.1f} |")
     else:
         result["layouts"] = measure_layouts(arrays, work, repeat=args.repeat)
         header = ["layout", "spot kB", "niche kB", "total kB", *LEAVES, "spot us", "all us"]

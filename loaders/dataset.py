@@ -750,6 +750,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             columns=self.columns,
             http=s.http,
             on_shard_error=handler.shard,
+            parquet_decoder=s.parquet_decoder,
         )
         stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = [
             # shards.parquet (filtered) -> split by rank -> shuffled windows -> batches -> split by

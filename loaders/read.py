@@ -37,12 +37,15 @@ import numpy as np
 import numpy.typing as npt
 
 from stcorpus import schema
+from stcorpus.loaders import parquet_fast
 from stcorpus.loaders.errors import ShardError
 from stcorpus.loaders.plan import Segment, ShardEntry
 from stcorpus.loaders.settings import HttpSettings
 from stcorpus.loaders.source import Readahead, Source, Stream
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -541,8 +544,23 @@ def parquet_metadata_from_tail(tail: bytes, size: int, path: str) -> pq.FileMeta
         raise ShardError(f"{path}: corrupt Parquet footer: {exc}") from exc
 
 
-def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Columns) -> list[RawSample]:
-    """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group."""
+def raw_from_table(
+    table: pa.Table,
+    rows: npt.NDArray[np.int64],
+    columns: Columns,
+    *,
+    lists: Mapping[str, tuple[list[int], npt.NDArray[Any]]] | None = None,
+) -> list[RawSample]:
+    """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group.
+
+    ``lists``: list columns decoded elsewhere (``parquet_fast``), as offsets for the rows of
+    ``table`` (absolute into their values) and values; the others are taken from ``table``.
+    """
+    lists = lists or {}
+
+    def list_column(name: str) -> tuple[list[int], npt.NDArray[Any]]:
+        return lists[name] if name in lists else _list_column(table, name)
+
     keys = table.column(schema.KEY_COLUMN).to_pylist()
     pos = table.column(schema.POS).to_numpy(zero_copy_only=False).tolist()
     # Offsets as Python lists: indexing a list is several times cheaper than a numpy array.
@@ -555,12 +573,9 @@ def raw_from_table(table: pa.Table, rows: npt.NDArray[np.int64], columns: Column
         region = (offsets.tolist(), data)
     expression = niche = None
     if columns.expression:
-        expression = (_list_column(table, schema.Expr.GENES.value), _list_column(table, schema.Expr.COUNTS.value))
+        expression = (list_column(schema.Expr.GENES.value), list_column(schema.Expr.COUNTS.value))
     if columns.niche:
-        niche = (
-            _list_column(table, schema.Expr.NICHE_GENES.value),
-            _list_column(table, schema.Expr.NICHE_COUNTS.value),
-        )
+        niche = (list_column(schema.Expr.NICHE_GENES.value), list_column(schema.Expr.NICHE_COUNTS.value))
         neighbours = table.column(schema.N_NEIGHBORS).to_numpy(zero_copy_only=False).tolist()
     out = []
     for r in rows.tolist():
@@ -654,6 +669,7 @@ class ShardReader:
         columns: Columns,
         http: HttpSettings,
         on_shard_error: ShardErrorHandler,
+        parquet_decoder: str = "pyarrow",
     ) -> None:
         self.source = source
         self.shards = shards
@@ -662,6 +678,10 @@ class ShardReader:
         self.http = http
         self.on_shard_error = on_shard_error
         self.shards_opened = 0
+        self.parquet_decoder = parquet_decoder
+        #: Column chunks the fast decoder refused (pyarrow read them), by column name.
+        self.refused: dict[str, int] = {}
+        self._fast: list[str] | None = None
 
     def iter_samples(self, segments: Sequence[Segment]) -> Iterator[RawSample | None]:
         """One item per row of ``segments``: the raw sample, or None where it could not be read."""
@@ -724,6 +744,7 @@ class ShardReader:
         import pyarrow.parquet as pq
 
         names = self.columns.parquet()
+        fast = self._fast_columns()
         if readahead is None:
             path = self.source.local_path(entry.path)
             assert path is not None
@@ -737,10 +758,16 @@ class ShardReader:
                 parquet = pq.ParquetFile(path, pre_buffer=False, memory_map=True)
             except (pa.ArrowException, OSError) as exc:
                 raise ShardError(f"{entry.path}: not a readable Parquet file: {exc}") from exc
+            # The fast decoder reads the column chunks from a map of its own (its output is
+            # copied out of it: nothing refers to the map once the shard is done).
+            whole = _file_bytes(path, entry.path) if fast else None
             starts = row_group_starts(parquet.metadata)
             for g, group_rows in _by_row_group(rows, starts, entry):
-                batches = _read_row_group(parquet, g, names, entry.path)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g])
+                lists = {}
+                if whole is not None:
+                    lists = self._fast_lists(whole, 0, parquet.metadata, g, fast, entry.path, group_rows - starts[g])
+                batches = _read_row_group(parquet, g, [n for n in names if n not in lists], entry.path)
+                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists)
             return
         (metadata, first_group, span_start), stream = readahead.take(i)
         sparse = SparseFile(entry.nbytes, entry.path)
@@ -757,9 +784,13 @@ class ShardReader:
                 data = _read_exact(stream, stop - start, entry.path)
                 offset = stop
                 sparse.hold(start, data)
-                batches = _read_row_group(parquet, g, names, entry.path)
+                lists = {}
+                if fast:
+                    buffer = np.frombuffer(data, np.uint8)
+                    lists = self._fast_lists(buffer, start, metadata, g, fast, entry.path, group_rows - starts[g])
+                batches = _read_row_group(parquet, g, [n for n in names if n not in lists], entry.path)
                 sparse.drop(start)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g])
+                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists)
         finally:
             stream.close()
 
@@ -769,8 +800,12 @@ class ShardReader:
         batches: list[pa.RecordBatch],
         rows: npt.NDArray[np.int64],
         local: npt.NDArray[np.int64],
+        lists: Mapping[str, tuple[list[int], npt.NDArray[Any]]] | None = None,
     ) -> Iterator[RawSample]:
-        """Raw samples of ``rows`` (``local``: the same rows in their row group) from its record batches."""
+        """Raw samples of ``rows`` (``local``: the same rows in their row group) from its record batches.
+
+        ``lists``: list columns of the whole row group decoded by ``parquet_fast`` (offsets as a list).
+        """
         import pyarrow as pa
 
         base = 0
@@ -779,8 +814,50 @@ class ShardReader:
             lo, hi = np.searchsorted(local, [base, base + n])
             if hi > lo:
                 table = pa.Table.from_batches([batch])
-                yield from _checked(entry, rows[lo:hi], raw_from_table(table, local[lo:hi] - base, self.columns))
+                # The batch's rows of the row group's offsets (absolute into the values, as a sliced ListArray's).
+                batch_lists = {name: (o[base : base + n + 1], v) for name, (o, v) in (lists or {}).items()}
+                samples = raw_from_table(table, local[lo:hi] - base, self.columns, lists=batch_lists)
+                yield from _checked(entry, rows[lo:hi], samples)
             base += n
+
+    def _fast_columns(self) -> list[str]:
+        """The list columns ``parquet_fast`` decodes: none with ``pyarrow``, or under ``auto`` without numba."""
+        if self._fast is None:
+            self._fast = []
+            decoder = parquet_fast.resolve(self.parquet_decoder)
+            if decoder == "numba" and (self.columns.expression or self.columns.niche):
+                try:
+                    parquet_fast.kernels()
+                except ImportError as exc:
+                    if self.parquet_decoder == "numba":
+                        raise
+                    log.warning("parquet_decoder 'auto': numba does not import (%s); decoding with pyarrow", exc)
+                else:
+                    self._fast = [n for n in self.columns.parquet() if n in _LIST_COLUMNS]
+        return self._fast
+
+    def _fast_lists(
+        self,
+        buffer: npt.NDArray[np.uint8],
+        base: int,
+        metadata: pq.FileMetaData,
+        g: int,
+        names: list[str],
+        path: str,
+        local: npt.NDArray[np.int64],
+    ) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
+        """The list columns ``names`` of row group ``g`` that ``parquet_fast`` decodes (``local``: the rows wanted)."""
+        decoded, refused = parquet_fast.read_lists(buffer, base, metadata, g, names)
+        for name, why in refused.items():
+            self.refused[name] = self.refused.get(name, 0) + 1
+            log.debug("%s: row group %d column %s read by pyarrow: %s", path, g, name, why)
+        rows = metadata.row_group(g).num_rows
+        out = {}
+        for name, (offsets, values) in decoded.items():
+            if 4 * len(local) < rows:
+                offsets, values = _compact(offsets, values, local)
+            out[name] = (offsets.tolist(), values)
+        return out
 
     # -- read-ahead --------------------------------------------------------------------------
 
@@ -834,6 +911,32 @@ class _ParquetJob:
         spans = row_group_spans(metadata)
         start, stop = spans[first][0], spans[last][1]
         return (metadata, first, start), self.source.open_range(self.entry.path, start, stop, size=size)
+
+
+#: The list columns that ``parquet_fast`` may decode (the expression; images, keys and pos stay pyarrow's).
+_LIST_COLUMNS: Final = frozenset(e.value for e in schema.Expr)
+
+
+def _file_bytes(path: Path, shown: str) -> npt.NDArray[np.uint8]:
+    """A local file's bytes, memory-mapped read-only."""
+    try:
+        with path.open("rb") as handle:
+            return np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+    except (OSError, ValueError) as exc:  # ValueError: an empty file
+        raise ShardError(f"{shown}: cannot be memory-mapped: {exc}") from exc
+
+
+def _compact(
+    offsets: npt.NDArray[np.int64], values: npt.NDArray[Any], local: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """Only the lists of rows ``local`` (the others empty), so that a few samples kept from a row
+    group hold their own values, not the whole row group's (pyarrow's batches hold 32 rows)."""
+    lengths = np.zeros(len(offsets) - 1, np.int64)
+    lengths[local] = offsets[local + 1] - offsets[local]
+    compact = np.zeros(len(offsets), np.int64)
+    np.cumsum(lengths, out=compact[1:])
+    kept = np.concatenate([values[offsets[r] : offsets[r + 1]] for r in local.tolist()]) if len(local) else values[:0]
+    return compact, kept
 
 
 #: Rows per record batch when a row group is read. pyarrow decodes long list columns faster in
