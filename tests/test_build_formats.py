@@ -10,7 +10,6 @@ key reads as both formats.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import shutil
@@ -30,6 +29,7 @@ from stcorpus.curate.publish.validate import check_corpus, scan_corpus, split_fr
 from stcorpus.loaders import CorpusDataset, LoaderSettings
 from stcorpus.loaders.errors import LoaderSettingsError
 from tests.conftest import DEMO_BUILD, ROOT, DemoCorpus
+from tests.test_build_append import shard_sha256
 
 DEMO = ROOT / "manifests" / "demo.yaml"
 #: What `make demo` builds with (conftest.DEMO_BUILD), as settings.
@@ -40,16 +40,6 @@ FROZEN_2 = ROOT / "tests" / "data" / "corpus-stcorpus-2"
 def demo_argv(out: Path, *extra: str) -> list[str]:
     argv = [str(ROOT / a) if a.endswith(".yaml") else a.format(out=out) for a in DEMO_BUILD]
     return [*argv, "--no-progress", *extra]
-
-
-def shard_files(root: Path) -> dict[str, str]:
-    """sha256 of every shard file under wds/ and parquet/."""
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for sub in (schema.WDS_DIR, schema.PARQUET_DIR)
-        for p in sorted((root / sub).rglob("*"))
-        if p.is_file()
-    }
 
 
 def card_header(root: Path) -> dict:
@@ -81,8 +71,8 @@ def test_parquet_only_build_holds_the_default_builds_parquet_shards_and_says_so(
 ) -> None:
     out, printed = parquet_only
     assert not (out / schema.WDS_DIR).exists()
-    default = shard_files(demo_corpus.root)
-    assert shard_files(out) == {k: v for k, v in default.items() if k.startswith(f"{schema.PARQUET_DIR}/")}
+    default = shard_sha256(demo_corpus.root)
+    assert shard_sha256(out) == {k: v for k, v in default.items() if k.startswith(f"{schema.PARQUET_DIR}/")}
     rows = pq.read_table(out / schema.SHARDS_FILE).to_pylist()
     assert rows and {r["format"] for r in rows} == {"parquet"}
     corpus = json.loads((out / schema.CORPUS_FILE).read_text())
@@ -118,8 +108,8 @@ def test_wds_only_build(wds_only: Path, demo_corpus: DemoCorpus) -> None:
 
     out = wds_only
     assert not (out / schema.PARQUET_DIR).exists()
-    default = shard_files(demo_corpus.root)
-    assert shard_files(out) == {k: v for k, v in default.items() if k.startswith(f"{schema.WDS_DIR}/")}
+    default = shard_sha256(demo_corpus.root)
+    assert shard_sha256(out) == {k: v for k, v in default.items() if k.startswith(f"{schema.WDS_DIR}/")}
     assert {r["format"] for r in pq.read_table(out / schema.SHARDS_FILE).to_pylist()} == {"wds"}
     corpus = json.loads((out / schema.CORPUS_FILE).read_text())
     assert corpus[schema.CorpusKey.FORMATS.value] == ["wds"]
@@ -150,16 +140,16 @@ def test_default_build_records_both_formats(demo_corpus: DemoCorpus) -> None:
 def test_append_or_rerun_in_other_formats_is_refused(parquet_only: tuple[Path, str], tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     shutil.copytree(parquet_only[0], out)
-    before = shard_files(out)
+    before = shard_sha256(out)
     with pytest.raises(BuildError, match=rf"--append: the corpus in {out} holds parquet shards .*--formats parquet"):
         build([DEMO], out=out, settings=replace(DEMO_SETTINGS, append=True))
     with pytest.raises(BuildError, match=rf"--out {out}: the corpus in {out} holds parquet shards .*--formats parquet"):
         build([DEMO], out=out, settings=DEMO_SETTINGS)
-    assert shard_files(out) == before
+    assert shard_sha256(out) == before
 
     # the same formats resume (and append nothing new) without a complaint
     build([DEMO], out=out, settings=replace(DEMO_SETTINGS, pack=PackSettings(formats=("parquet",))))
-    assert shard_files(out) == before
+    assert shard_sha256(out) == before
 
 
 def test_overwrite_rebuilds_every_shard_in_the_formats_asked_for(
@@ -168,7 +158,7 @@ def test_overwrite_rebuilds_every_shard_in_the_formats_asked_for(
     out = tmp_path / "corpus"
     shutil.copytree(parquet_only[0], out)
     build([DEMO], out=out, settings=replace(DEMO_SETTINGS, overwrite=True))
-    assert shard_files(out) == shard_files(demo_corpus.root)
+    assert shard_sha256(out) == shard_sha256(demo_corpus.root)
     assert json.loads((out / schema.CORPUS_FILE).read_text())["formats"] == list(schema.FORMATS)
 
 
