@@ -65,6 +65,7 @@ from torch.utils.data import IterableDataset
 
 from stcorpus import schema
 from stcorpus.loaders import batch as B
+from stcorpus.loaders.buffers import ArrayPool
 from stcorpus.loaders.corpus import Corpus, Selection
 from stcorpus.loaders.errors import (
     BadSampleError,
@@ -80,7 +81,6 @@ from stcorpus.loaders.images import (
     Augment,
     AugmentParams,
     BatchDecoder,
-    BufferPool,
     DeviceImages,
     JpegDecoder,
     apply_numpy,
@@ -310,11 +310,13 @@ class CheckExpression:
 class DecodeImages:
     """``RawBatch`` -> ``ImageBatch`` (decode: cpu): JPEGs into one uint8 buffer per view."""
 
-    def __init__(self, *, views: Mapping[str, schema.View], decoder: JpegDecoder, handler: Handler) -> None:
+    def __init__(
+        self, *, views: Mapping[str, schema.View], decoder: JpegDecoder, handler: Handler, pool: ArrayPool
+    ) -> None:
         self.views = dict(views)
         self.decoder = decoder
         self.handler = handler
-        self.pools = {name: BufferPool(view.size_px) for name, view in self.views.items()}
+        self.pool = pool
 
     def __call__(self, batches: Iterator[RawBatch]) -> Iterator[ImageBatch]:
         for raw in batches:
@@ -323,7 +325,7 @@ class DecodeImages:
     def decode(self, raw: RawBatch) -> ImageBatch:
         """Decode one batch; undecodable images go to the handler and their samples are left out."""
         n = len(raw.samples)
-        buffers = {v: self.pools[v].get(n) for v in self.views}
+        buffers = {v: self.pool.get((n, view.size_px, view.size_px, 3), np.uint8) for v, view in self.views.items()}
         slots = list(buffers.items())
         decoder, handler = self.decoder, self.handler
         kept: list[RawSample] = []
@@ -411,8 +413,10 @@ class AugmentStage:
             yield batch
 
 
-def _sparse(arrays: Sequence[npt.NDArray[Any]], dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
-    """Per-sample arrays as one ``dtype`` array and ``(B + 1)`` offsets.
+def _sparse(
+    arrays: Sequence[npt.NDArray[Any]], dtype: np.dtype[Any], pool: ArrayPool | None = None
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """Per-sample arrays as one ``dtype`` array and ``(B + 1)`` offsets (into ``pool``'s memory if given).
 
     One pass: ``np.concatenate`` casts while it copies (``astype``'s casting), instead of
     concatenating in the stored dtype and casting the result (a second full copy; half the time at
@@ -421,7 +425,10 @@ def _sparse(arrays: Sequence[npt.NDArray[Any]], dtype: np.dtype[Any]) -> tuple[n
     lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype=dtype)
+    total = int(offsets[-1])
+    values = np.empty(total, dtype=dtype) if pool is None else pool.get(total, dtype)
+    if arrays:
+        np.concatenate(arrays, out=values, casting="unsafe")
     return values, offsets
 
 
@@ -432,11 +439,20 @@ class Collate:
     through the gene transform (run here, on the CPU).
     """
 
-    def __init__(self, transform: ExpressionTransform | None, *, counts_dtype: str, niche: bool, dense: bool) -> None:
+    def __init__(
+        self,
+        transform: ExpressionTransform | None,
+        *,
+        counts_dtype: str,
+        niche: bool,
+        dense: bool,
+        pool: ArrayPool | None = None,
+    ) -> None:
         self.transform = transform
         self.counts_dtype = np.dtype(counts_dtype)
         self.niche = niche
         self.dense = dense
+        self.pool = pool
 
     def __call__(self, batches: Iterator[ImageBatch]) -> Iterator[dict[str, Any]]:
         for batch in batches:
@@ -460,13 +476,13 @@ class Collate:
         if t is None:
             return out
         samples = batch.samples
-        genes, offsets = _sparse([s.genes for s in samples], np.dtype(np.int32))  # type: ignore[misc]
-        counts, _ = _sparse([s.counts for s in samples], self.counts_dtype)  # type: ignore[misc]
+        genes, offsets = _sparse([s.genes for s in samples], np.dtype(np.int32), self.pool)  # type: ignore[misc]
+        counts, _ = _sparse([s.counts for s in samples], self.counts_dtype, self.pool)  # type: ignore[misc]
         out[B.GENES], out[B.COUNTS], out[B.OFFSETS] = map(torch.from_numpy, (genes, counts, offsets))
         out[B.SLIDE_INDEX] = torch.from_numpy(t.slide_index(slide_ids))
         if self.niche:
-            genes, offsets = _sparse([s.niche_genes for s in samples], np.dtype(np.int32))  # type: ignore[misc]
-            counts, _ = _sparse([s.niche_counts for s in samples], self.counts_dtype)  # type: ignore[misc]
+            genes, offsets = _sparse([s.niche_genes for s in samples], np.dtype(np.int32), self.pool)  # type: ignore[misc]
+            counts, _ = _sparse([s.niche_counts for s in samples], self.counts_dtype, self.pool)  # type: ignore[misc]
             out[B.NICHE_GENES], out[B.NICHE_COUNTS], out[B.NICHE_OFFSETS] = map(
                 torch.from_numpy, (genes, counts, offsets)
             )
@@ -614,6 +630,8 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         self.epoch = 0
         self._resume: ResumePoint | None = None
         self.counters: Any = multiprocessing.RawArray("q", _COUNTERS * _COUNTER_ROWS)
+        #: Memory of the per-batch arrays, reused across batches and epochs (per process, not pickled).
+        self.buffers = ArrayPool(size=64)
         plan = self.plan(0)
         log.info(
             "%s: split %s, %d samples in %d %s shards (%d skipped by filters, %d filtered by row); rank %d/%d: "
@@ -751,6 +769,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
             http=s.http,
             on_shard_error=handler.shard,
             parquet_decoder=s.parquet_decoder,
+            pool=self.buffers,
         )
         stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = [
             # shards.parquet (filtered) -> split by rank -> shuffled windows -> batches -> split by
@@ -766,7 +785,9 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
         ]
         if s.decode == "cpu":
             # RawBatch -> ImageBatch: JPEG -> uint8 (B,H,W,3) buffers; bad images go to on_bad_sample
-            stages.append(DecodeImages(views=self.views, decoder=JpegDecoder(s.decoder), handler=handler))
+            stages.append(
+                DecodeImages(views=self.views, decoder=JpegDecoder(s.decoder), handler=handler, pool=self.buffers)
+            )
         else:
             # RawBatch -> ImageBatch: JPEG bytes (headers checked) for the consumer's nvJPEG decode
             stages.append(PassImages(views=self.views, handler=handler))
@@ -782,6 +803,7 @@ class CorpusDataset(IterableDataset[dict[str, Any]]):
                 counts_dtype=self.counts_dtype,
                 niche=s.genes.niche,
                 dense=s.genes.output == "dense",
+                pool=self.buffers,
             )
         )
         # dict -> the same dict; at the end, a last line counting the skips not logged one by one

@@ -94,37 +94,6 @@ def _size_note(data: bytes | memoryview, out: npt.NDArray[np.uint8]) -> str:
     return f" into {out.shape[1]}x{out.shape[0]} (it is {width}x{height})"
 
 
-class BufferPool:
-    """Reusable ``(B, H, W, 3)`` uint8 batch buffers.
-
-    A fresh 10 MB buffer per batch costs page faults that slow decoding by 10-20%; a buffer is
-    handed out again only when nothing else refers to it any more (the batch tensors made from
-    it were dropped, or copied to shared memory by a DataLoader worker), so reuse is safe.
-    """
-
-    def __init__(self, tile: int, size: int = 8) -> None:
-        self.tile = tile
-        self.size = size
-        self.buffers: list[npt.NDArray[np.uint8]] = []
-
-    def get(self, n: int) -> npt.NDArray[np.uint8]:
-        """A buffer for ``n`` images, not referenced elsewhere."""
-        import sys
-
-        for buffer in self.buffers:
-            # References: the pool's list, the loop variable and getrefcount's argument.
-            if len(buffer) == n and sys.getrefcount(buffer) <= 3:
-                return buffer
-        buffer = np.empty((n, self.tile, self.tile, 3), dtype=np.uint8)
-        if len(self.buffers) >= self.size:
-            self.buffers.pop(0)
-        self.buffers.append(buffer)
-        return buffer
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"tile": self.tile, "size": self.size, "buffers": []}
-
-
 def _dihedral(k: int, *, flip: bool) -> npt.NDArray[np.int64]:
     grid = np.rot90(_GRID, k)
     return np.fliplr(grid) if flip else grid

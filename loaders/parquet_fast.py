@@ -34,6 +34,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
+    from stcorpus.loaders.buffers import ArrayPool
+
 log = logging.getLogger(__name__)
 
 # Parquet's enums (parquet.thrift).
@@ -76,13 +78,19 @@ def kernels() -> ModuleType:
 
 
 def read_lists(
-    buffer: npt.NDArray[np.uint8], base: int, metadata: pq.FileMetaData, group: int, names: Sequence[str]
+    buffer: npt.NDArray[np.uint8],
+    base: int,
+    metadata: pq.FileMetaData,
+    group: int,
+    names: Sequence[str],
+    pool: ArrayPool | None = None,
 ) -> tuple[dict[str, ListChunk], dict[str, str]]:
     """Decode the list columns ``names`` of row group ``group`` from the file's bytes.
 
     ``buffer`` holds the file's bytes from offset ``base`` on (the whole file memory-mapped with
     ``base`` 0, or one row group's span). Returns ``(decoded, refused)``: the columns decoded, and
-    for each column not decoded why; the caller reads those with pyarrow.
+    for each column not decoded why; the caller reads those with pyarrow. With ``pool``
+    (``loaders/buffers.py``) the values are decoded into its reused memory, not fresh arrays.
     """
     rg = metadata.row_group(group)
     leaves: dict[str, list[int]] = {}
@@ -94,14 +102,19 @@ def read_lists(
         try:
             if len(leaves.get(name, ())) != 1:
                 raise Refused(f"{name} is not one leaf")
-            decoded[name] = decode_chunk(buffer, base, metadata, group, leaves[name][0])
+            decoded[name] = decode_chunk(buffer, base, metadata, group, leaves[name][0], pool)
         except Refused as exc:
             refused[name] = str(exc)
     return decoded, refused
 
 
 def decode_chunk(
-    buffer: npt.NDArray[np.uint8], base: int, metadata: pq.FileMetaData, group: int, column: int
+    buffer: npt.NDArray[np.uint8],
+    base: int,
+    metadata: pq.FileMetaData,
+    group: int,
+    column: int,
+    pool: ArrayPool | None = None,
 ) -> ListChunk:
     """Offsets and values of one list column chunk, or :class:`Refused`."""
     rg = metadata.row_group(group)
@@ -129,7 +142,8 @@ def decode_chunk(
     codec = _codec() if chunk.compression == "ZSTD" else None
     allowed = _VALUE_ENCODINGS[physical]
     offsets = np.empty(rows + 1, np.int64)
-    values = np.empty(levels, np.int32)  # at most one value per level
+    # at most one value per level
+    values = np.empty(levels, np.int32) if pool is None else pool.get(levels, np.int32)
     scratch: npt.NDArray[np.uint8] | None = None
     row = nvals = seen = 0
     pos = start

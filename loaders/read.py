@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from stcorpus import schema
 from stcorpus.loaders import parquet_fast
+from stcorpus.loaders.buffers import ArrayPool
 from stcorpus.loaders.errors import ShardError
 from stcorpus.loaders.plan import Segment, ShardEntry
 from stcorpus.loaders.settings import HttpSettings
@@ -670,6 +671,7 @@ class ShardReader:
         http: HttpSettings,
         on_shard_error: ShardErrorHandler,
         parquet_decoder: str = "pyarrow",
+        pool: ArrayPool | None = None,
     ) -> None:
         self.source = source
         self.shards = shards
@@ -679,6 +681,8 @@ class ShardReader:
         self.on_shard_error = on_shard_error
         self.shards_opened = 0
         self.parquet_decoder = parquet_decoder
+        #: Memory the fast decoder decodes into, reused once a row group's samples are dropped.
+        self.pool = pool
         #: Column chunks the fast decoder refused (pyarrow read them), by column name.
         self.refused: dict[str, int] = {}
         self._fast: list[str] | None = None
@@ -847,10 +851,21 @@ class ShardReader:
         local: npt.NDArray[np.int64],
     ) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
         """The list columns ``names`` of row group ``g`` that ``parquet_fast`` decodes (``local``: the rows wanted)."""
-        decoded, refused = parquet_fast.read_lists(buffer, base, metadata, g, names)
+        decoded, refused = parquet_fast.read_lists(buffer, base, metadata, g, names, self.pool)
         for name, why in refused.items():
+            first = name not in self.refused
             self.refused[name] = self.refused.get(name, 0) + 1
-            log.debug("%s: row group %d column %s read by pyarrow: %s", path, g, name, why)
+            # Slower, never wrong: said once per column and reader, the rest at debug.
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s: row group %d column %s is not in the layout the compiled decoder reads (%s); pyarrow "
+                "reads it (slower, same values)%s",
+                path,
+                g,
+                name,
+                why,
+                "; further refusals of this column are logged at debug" if first else "",
+            )
         rows = metadata.row_group(g).num_rows
         out = {}
         for name, (offsets, values) in decoded.items():
