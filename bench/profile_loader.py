@@ -52,6 +52,7 @@ def timed_sections(spent: defaultdict[str, float]) -> Iterator[None]:
 
     targets: list[tuple[Any, str, str]] = [
         (read, "_read_row_group", "Parquet row-group read (pyarrow)"),
+        (read.ShardReader, "_fast_lists", "Parquet expression lists (parquet_fast)"),
         (read, "raw_from_table", "Arrow -> raw samples (raw_from_table)"),
         (read, "raw_from_members", "tar members -> raw samples (json, npz)"),
         (dataset.CheckExpression, "check", "check expression"),

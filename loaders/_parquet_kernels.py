@@ -294,3 +294,61 @@ def byte_stream_split4(buf: Any, pos: int, end: int, count: int, out: Any, o: in
             | (np.uint32(b3[k]) << np.uint32(24))
         )
     return 0
+
+
+@_jit
+def all_equal(buf: Any, pos: int, end: int, n: int, width: int, value: int) -> bool:
+    """True when the ``n`` levels of bit width ``width`` (1 to 8) at ``buf[pos:end]`` all equal ``value``."""
+    if width < 1 or width > 8:
+        return False
+    p = 0
+    mask = (1 << width) - 1
+    while p < n:
+        header, pos = _uleb(buf, pos, end)
+        if header < 0:
+            return False
+        if header & 1:
+            # Bit-packed: groups of 8 levels in ``width`` bytes, least significant bit first.
+            groups = header >> 1
+            if groups == 0 or pos + groups * width > end:
+                return False
+            for _ in range(groups):
+                acc = 0
+                for k in range(width):
+                    acc |= int(buf[pos + k]) << (8 * k)
+                pos += width
+                for k in range(min(8, n - p)):
+                    if (acc >> (k * width)) & mask != value:
+                        return False
+                p += 8
+                if p >= n:
+                    break
+        else:
+            length = header >> 1
+            if length == 0 or pos >= end or buf[pos] != value:
+                return False
+            pos += 1  # a level of width <= 8 is one byte
+            p += length
+    return True
+
+
+@_jit
+def plain_byte_array(buf: Any, pos: int, end: int, count: int, starts: Any, ends: Any, o: int) -> int:
+    """Where the ``count`` PLAIN BYTE_ARRAY values at ``buf[pos:end]`` lie: ``starts[o:]`` / ``ends[o:]``.
+
+    Each value is a 4-byte little-endian length and its bytes. Returns 0, or -1 when the values
+    do not fill ``buf[pos:end]`` exactly or ``starts`` is too short.
+    """
+    if o + count > len(starts) or o + count > len(ends):
+        return -1
+    for k in range(count):
+        if pos + 4 > end:
+            return -1
+        length = int(buf[pos]) | (int(buf[pos + 1]) << 8) | (int(buf[pos + 2]) << 16) | (int(buf[pos + 3]) << 24)
+        pos += 4
+        if pos + length > end:
+            return -1
+        starts[o + k] = pos
+        ends[o + k] = pos + length
+        pos += length
+    return 0 if pos == end else -1

@@ -213,6 +213,106 @@ def decode_chunk(
     return offsets, values[:nvals].view(_DTYPES[physical])
 
 
+#: Where each row's bytes lie in the buffer given: row ``r`` is ``buffer[starts[r]:ends[r]]``.
+BinaryChunk = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
+
+def read_binary(
+    buffer: npt.NDArray[np.uint8], base: int, metadata: pq.FileMetaData, group: int, leaves: Sequence[str]
+) -> tuple[dict[str, BinaryChunk], dict[str, str]]:
+    """Locate the values of the binary leaves ``leaves`` (paths, e.g. ``patch.bytes``) of row group ``group``.
+
+    For the JPEG leaves, which the writer stores PLAIN and uncompressed: each row's bytes are
+    found where they lie in ``buffer`` (nothing is copied or decoded). Returns ``(located,
+    refused)`` as :func:`read_lists` does; a leaf with a null, compressed pages or a dictionary
+    is refused and pyarrow reads it.
+    """
+    paths = [metadata.schema.column(c).path for c in range(metadata.num_columns)]
+    located: dict[str, BinaryChunk] = {}
+    refused: dict[str, str] = {}
+    for leaf in leaves:
+        try:
+            if paths.count(leaf) != 1:
+                raise Refused(f"{leaf} is not one leaf of the file")
+            located[leaf] = locate_binary_chunk(buffer, base, metadata, group, paths.index(leaf))
+        except Refused as exc:
+            refused[leaf] = str(exc)
+    return located, refused
+
+
+def locate_binary_chunk(
+    buffer: npt.NDArray[np.uint8], base: int, metadata: pq.FileMetaData, group: int, column: int
+) -> BinaryChunk:
+    """Starts and ends (into ``buffer``) of the one value of every row of a binary column chunk, or :class:`Refused`."""
+    rg = metadata.row_group(group)
+    chunk = rg.column(column)
+    leaf = metadata.schema.column(column)
+    max_def = leaf.max_definition_level
+    if leaf.max_repetition_level != 0 or not 0 <= max_def <= 8:
+        raise Refused(f"levels rep {leaf.max_repetition_level} def {max_def}, not 0 / 0-8")
+    if leaf.physical_type != "BYTE_ARRAY":
+        raise Refused(f"physical type {leaf.physical_type}")
+    if chunk.has_dictionary_page:
+        raise Refused("dictionary page")
+    if chunk.compression != "UNCOMPRESSED":
+        raise Refused(f"compression {chunk.compression}")
+    if not set(chunk.encodings) <= {"PLAIN", "RLE"}:
+        raise Refused(f"encodings {chunk.encodings}")
+    rows = rg.num_rows
+    if rows <= 0 or chunk.num_values != rows:
+        raise Refused(f"{rows} rows, {chunk.num_values} values")
+    start = chunk.data_page_offset - base
+    end = start + chunk.total_compressed_size
+    if start < 0 or end > len(buffer):
+        raise Refused("column chunk outside the buffer")
+    k = kernels()
+    width = max_def.bit_length()
+    starts = np.empty(rows, np.int64)
+    ends = np.empty(rows, np.int64)
+    seen = 0
+    pos = start
+    while pos < end:
+        header, body = _page_header(buffer, pos, end)
+        kind, size, csize = header.get(1), header.get(2), header.get(3)
+        if not isinstance(size, int) or not isinstance(csize, int) or size != csize or body + csize > end:
+            raise Refused("page sizes")
+        pos = body + csize
+        if kind == _DATA_PAGE:
+            page_header = _struct(header.get(5))
+            n, encoding = page_header.get(1), page_header.get(2)
+            def_pos = def_end = body
+            if max_def:
+                if page_header.get(3) != _RLE:
+                    raise Refused("levels not RLE")
+                def_pos, def_end = _prefixed(buffer[: body + csize], body)
+        elif kind == _DATA_PAGE_V2:
+            page_header = _struct(header.get(8))
+            n, nulls, encoding = page_header.get(1), page_header.get(2), page_header.get(4)
+            def_len, rep_len = page_header.get(5), page_header.get(6)
+            if rep_len != 0 or not isinstance(def_len, int) or not 0 <= def_len <= csize or nulls != 0:
+                raise Refused("v2 levels")
+            # (is_compressed means nothing without a codec: the chunk is UNCOMPRESSED)
+            def_pos, def_end = body, body + def_len
+        elif kind == _DICTIONARY_PAGE:
+            raise Refused("dictionary page")
+        else:
+            raise Refused(f"page type {kind}")
+        if not isinstance(n, int) or n < 0 or seen + n > rows:
+            raise Refused("page value count")
+        if encoding != _PLAIN:
+            raise Refused(f"value encoding {encoding}")
+        if n == 0:
+            continue
+        if max_def and not k.all_equal(buffer, def_pos, def_end, n, width, max_def):
+            raise Refused("a null value (or levels that do not add up)")
+        if k.plain_byte_array(buffer, def_end, pos, n, starts, ends, seen) < 0:
+            raise Refused("PLAIN BYTE_ARRAY run")
+        seen += n
+    if seen != rows:
+        raise Refused(f"{seen} values decoded, the footer says {rows}")
+    return starts, ends
+
+
 def _values(
     k: ModuleType,
     encoding: int,

@@ -551,27 +551,33 @@ def raw_from_table(
     columns: Columns,
     *,
     lists: Mapping[str, tuple[list[int], npt.NDArray[Any]]] | None = None,
+    binary: Mapping[str, BinaryRows] | None = None,
 ) -> list[RawSample]:
     """Raw samples of ``rows`` (indices into ``table``) of one Parquet row group.
 
     ``lists``: list columns decoded elsewhere (``parquet_fast``), as offsets for the rows of
-    ``table`` (absolute into their values) and values; the others are taken from ``table``.
+    ``table`` (absolute into their values) and values; ``binary``: image columns located
+    elsewhere (by leaf: ``patch.bytes``), as each row's start and end in a buffer; the others are
+    taken from ``table``.
     """
     lists = lists or {}
+    binary = binary or {}
 
     def list_column(name: str) -> tuple[list[int], npt.NDArray[Any]]:
         return lists[name] if name in lists else _list_column(table, name)
 
+    def image_column(name: str) -> BinaryRows:
+        if f"{name}.bytes" in binary:
+            return binary[f"{name}.bytes"]
+        offsets, data = _binary_views(_array(table, name).flatten()[0])
+        bounds = offsets.tolist()
+        return bounds[:-1], bounds[1:], data
+
     keys = table.column(schema.KEY_COLUMN).to_pylist()
     pos = table.column(schema.POS).to_numpy(zero_copy_only=False).tolist()
     # Offsets as Python lists: indexing a list is several times cheaper than a numpy array.
-    patch = region = None
-    if columns.patch:
-        offsets, data = _binary_views(_array(table, schema.PATCH_COLUMN).flatten()[0])
-        patch = (offsets.tolist(), data)
-    if columns.region:
-        offsets, data = _binary_views(_array(table, schema.REGION_COLUMN).flatten()[0])
-        region = (offsets.tolist(), data)
+    patch = image_column(schema.PATCH_COLUMN) if columns.patch else None
+    region = image_column(schema.REGION_COLUMN) if columns.region else None
     expression = niche = None
     if columns.expression:
         expression = (list_column(schema.Expr.GENES.value), list_column(schema.Expr.COUNTS.value))
@@ -585,11 +591,11 @@ def raw_from_table(
         if pos[r] is None:
             sample.fault = "null pos"
         if patch is not None:
-            offsets_list, data = patch
-            sample.patch = data[offsets_list[r] : offsets_list[r + 1]]
+            begins, ends, data = patch
+            sample.patch = data[begins[r] : ends[r]]
         if region is not None:
-            offsets_list, data = region
-            sample.region = data[offsets_list[r] : offsets_list[r + 1]]
+            begins, ends, data = region
+            sample.region = data[begins[r] : ends[r]]
         if expression is not None:
             (go, gv), (co, cv) = expression
             sample.genes, sample.counts = gv[go[r] : go[r + 1]], cv[co[r] : co[r + 1]]
@@ -616,6 +622,10 @@ def _list_column(table: pa.Table, name: str) -> tuple[list[int], npt.NDArray[Any
     array = _array(table, name)
     # A sliced list array (offset > 0) keeps its parent's offsets and values: both are absolute.
     return array.offsets.to_numpy().tolist(), array.values.to_numpy(zero_copy_only=False)
+
+
+#: Rows of a binary column: row ``r`` is ``data[starts[r]:ends[r]]`` (Python lists: cheap to index).
+BinaryRows = tuple[list[int], list[int], memoryview]
 
 
 def _binary_views(array: pa.Array) -> tuple[npt.NDArray[Any], memoryview]:
@@ -762,16 +772,20 @@ class ShardReader:
                 parquet = pq.ParquetFile(path, pre_buffer=False, memory_map=True)
             except (pa.ArrowException, OSError) as exc:
                 raise ShardError(f"{entry.path}: not a readable Parquet file: {exc}") from exc
-            # The fast decoder reads the column chunks from a map of its own (its output is
-            # copied out of it: nothing refers to the map once the shard is done).
+            # The fast decoder reads the column chunks from a map of its own: the expression is
+            # decoded out of it, the samples' JPEG bytes are views of it (the map lives as long as
+            # they do; a shard is renamed into place when written and never rewritten).
             whole = _file_bytes(path, entry.path) if fast else None
             starts = row_group_starts(parquet.metadata)
             for g, group_rows in _by_row_group(rows, starts, entry):
-                lists = {}
+                lists, binary = {}, {}
                 if whole is not None:
-                    lists = self._fast_lists(whole, 0, parquet.metadata, g, fast, entry.path, group_rows - starts[g])
-                batches = _read_row_group(parquet, g, [n for n in names if n not in lists], entry.path)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists)
+                    local = group_rows - starts[g]
+                    lists = self._fast_lists(whole, 0, parquet.metadata, g, fast, entry.path, local)
+                    binary = self._fast_binary(whole, 0, parquet.metadata, g, entry.path, local)
+                wanted = [n for n in names if n not in lists and n not in binary]
+                batches = _read_row_group(parquet, g, wanted, entry.path)
+                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists, binary)
             return
         (metadata, first_group, span_start), stream = readahead.take(i)
         sparse = SparseFile(entry.nbytes, entry.path)
@@ -788,13 +802,16 @@ class ShardReader:
                 data = _read_exact(stream, stop - start, entry.path)
                 offset = stop
                 sparse.hold(start, data)
-                lists = {}
+                lists, binary = {}, {}
                 if fast:
                     buffer = np.frombuffer(data, np.uint8)
-                    lists = self._fast_lists(buffer, start, metadata, g, fast, entry.path, group_rows - starts[g])
-                batches = _read_row_group(parquet, g, [n for n in names if n not in lists], entry.path)
+                    local = group_rows - starts[g]
+                    lists = self._fast_lists(buffer, start, metadata, g, fast, entry.path, local)
+                    binary = self._fast_binary(buffer, start, metadata, g, entry.path, local)
+                wanted = [n for n in names if n not in lists and n not in binary]
+                batches = _read_row_group(parquet, g, wanted, entry.path)
                 sparse.drop(start)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists)
+                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists, binary)
         finally:
             stream.close()
 
@@ -805,10 +822,12 @@ class ShardReader:
         rows: npt.NDArray[np.int64],
         local: npt.NDArray[np.int64],
         lists: Mapping[str, tuple[list[int], npt.NDArray[Any]]] | None = None,
+        binary: Mapping[str, BinaryRows] | None = None,
     ) -> Iterator[RawSample]:
         """Raw samples of ``rows`` (``local``: the same rows in their row group) from its record batches.
 
-        ``lists``: list columns of the whole row group decoded by ``parquet_fast`` (offsets as a list).
+        ``lists``: list columns of the whole row group decoded by ``parquet_fast`` (offsets as a
+        list); ``binary``: its image columns located by ``parquet_fast``.
         """
         import pyarrow as pa
 
@@ -820,16 +839,23 @@ class ShardReader:
                 table = pa.Table.from_batches([batch])
                 # The batch's rows of the row group's offsets (absolute into the values, as a sliced ListArray's).
                 batch_lists = {name: (o[base : base + n + 1], v) for name, (o, v) in (lists or {}).items()}
-                samples = raw_from_table(table, local[lo:hi] - base, self.columns, lists=batch_lists)
+                batch_binary = {
+                    name: (b[base : base + n], e[base : base + n], d) for name, (b, e, d) in (binary or {}).items()
+                }
+                samples = raw_from_table(
+                    table, local[lo:hi] - base, self.columns, lists=batch_lists, binary=batch_binary
+                )
                 yield from _checked(entry, rows[lo:hi], samples)
             base += n
 
     def _fast_columns(self) -> list[str]:
-        """The list columns ``parquet_fast`` decodes: none with ``pyarrow``, or under ``auto`` without numba."""
+        """The columns ``parquet_fast`` reads: none with ``pyarrow``, or under ``auto`` without numba.
+
+        The expression lists (decoded) and the image columns (located in the shard's bytes).
+        """
         if self._fast is None:
             self._fast = []
-            decoder = parquet_fast.resolve(self.parquet_decoder)
-            if decoder == "numba" and (self.columns.expression or self.columns.niche):
+            if parquet_fast.resolve(self.parquet_decoder) == "numba":
                 try:
                     parquet_fast.kernels()
                 except ImportError as exc:
@@ -837,8 +863,24 @@ class ShardReader:
                         raise
                     log.warning("parquet_decoder 'auto': numba does not import (%s); decoding with pyarrow", exc)
                 else:
-                    self._fast = [n for n in self.columns.parquet() if n in _LIST_COLUMNS]
+                    self._fast = [n for n in self.columns.parquet() if n in _FAST_COLUMNS]
         return self._fast
+
+    def _refused(self, path: str, g: int, name: str, why: str) -> None:
+        """Count a column chunk the fast decoder refused; pyarrow reads it (slower, same values)."""
+        first = name not in self.refused
+        self.refused[name] = self.refused.get(name, 0) + 1
+        # Said once per column and reader, the rest at debug.
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s: row group %d column %s is not in the layout the compiled decoder reads (%s); pyarrow "
+            "reads it (slower, same values)%s",
+            path,
+            g,
+            name,
+            why,
+            "; further refusals of this column are logged at debug" if first else "",
+        )
 
     def _fast_lists(
         self,
@@ -851,27 +893,47 @@ class ShardReader:
         local: npt.NDArray[np.int64],
     ) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
         """The list columns ``names`` of row group ``g`` that ``parquet_fast`` decodes (``local``: the rows wanted)."""
-        decoded, refused = parquet_fast.read_lists(buffer, base, metadata, g, names, self.pool)
+        decoded, refused = parquet_fast.read_lists(
+            buffer, base, metadata, g, [n for n in names if n in _LIST_COLUMNS], self.pool
+        )
         for name, why in refused.items():
-            first = name not in self.refused
-            self.refused[name] = self.refused.get(name, 0) + 1
-            # Slower, never wrong: said once per column and reader, the rest at debug.
-            log.log(
-                logging.WARNING if first else logging.DEBUG,
-                "%s: row group %d column %s is not in the layout the compiled decoder reads (%s); pyarrow "
-                "reads it (slower, same values)%s",
-                path,
-                g,
-                name,
-                why,
-                "; further refusals of this column are logged at debug" if first else "",
-            )
+            self._refused(path, g, name, why)
         rows = metadata.row_group(g).num_rows
         out = {}
         for name, (offsets, values) in decoded.items():
             if 4 * len(local) < rows:
                 offsets, values = _compact(offsets, values, local)
             out[name] = (offsets.tolist(), values)
+        return out
+
+    def _fast_binary(
+        self,
+        buffer: npt.NDArray[np.uint8],
+        base: int,
+        metadata: pq.FileMetaData,
+        g: int,
+        path: str,
+        local: npt.NDArray[np.int64],
+    ) -> dict[str, BinaryRows]:
+        """The image columns of row group ``g`` located in ``buffer`` by ``parquet_fast`` (views, no copy).
+
+        When only a few of its rows are wanted (``local``), their bytes are copied out, so that
+        they do not keep a whole row group's bytes alive (fetched over HTTP, it is held in memory).
+        """
+        leaves = [name for name in self._fast_columns() if name in _IMAGE_LEAVES]
+        if not leaves:
+            return {}
+        located, refused = parquet_fast.read_binary(buffer, base, metadata, g, leaves)
+        for leaf, why in refused.items():
+            self._refused(path, g, leaf, why)
+        rows = metadata.row_group(g).num_rows
+        out: dict[str, BinaryRows] = {}
+        data = buffer.data
+        for leaf, (begins, ends) in located.items():
+            if 4 * len(local) < rows:
+                out[leaf] = _compact_binary(begins, ends, data, local)
+            else:
+                out[leaf] = (begins.tolist(), ends.tolist(), data)
         return out
 
     # -- read-ahead --------------------------------------------------------------------------
@@ -928,8 +990,11 @@ class _ParquetJob:
         return (metadata, first, start), self.source.open_range(self.entry.path, start, stop, size=size)
 
 
-#: The list columns that ``parquet_fast`` may decode (the expression; images, keys and pos stay pyarrow's).
+#: The list columns that ``parquet_fast`` may decode (the expression), and the image columns it
+#: locates in a shard's bytes; keys, pos and the rest stay pyarrow's.
 _LIST_COLUMNS: Final = frozenset(e.value for e in schema.Expr)
+_IMAGE_LEAVES: Final = frozenset(f"{name}.bytes" for name in (schema.PATCH_COLUMN, schema.REGION_COLUMN))
+_FAST_COLUMNS: Final = _LIST_COLUMNS | _IMAGE_LEAVES
 
 
 def _file_bytes(path: Path, shown: str) -> npt.NDArray[np.uint8]:
@@ -939,6 +1004,18 @@ def _file_bytes(path: Path, shown: str) -> npt.NDArray[np.uint8]:
             return np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
     except (OSError, ValueError) as exc:  # ValueError: an empty file
         raise ShardError(f"{shown}: cannot be memory-mapped: {exc}") from exc
+
+
+def _compact_binary(
+    begins: npt.NDArray[np.int64], ends: npt.NDArray[np.int64], data: memoryview, local: npt.NDArray[np.int64]
+) -> BinaryRows:
+    """Only the values of rows ``local`` (the others empty), copied out of ``data`` (see ``_compact``)."""
+    rows = local.tolist()
+    kept = b"".join(data[int(begins[r]) : int(ends[r])] for r in rows)
+    lengths = np.zeros(len(begins), np.int64)
+    lengths[local] = ends[local] - begins[local]
+    new_ends = np.cumsum(lengths)
+    return (new_ends - lengths).tolist(), new_ends.tolist(), memoryview(kept)
 
 
 def _compact(

@@ -1,6 +1,7 @@
 """The numba decoder of the expression list leaves (loaders/parquet_fast.py): exactly pyarrow's
 offsets and values on shards in the writer's layout, a refusal (pyarrow reads the column chunk)
-for any other layout, and the same batches from the loader with it on and off."""
+for any other layout, and the same batches from the loader with it on and off; and the image
+leaves, located where they lie in the shard's bytes."""
 
 from __future__ import annotations
 
@@ -272,11 +273,13 @@ def test_a_column_the_decoder_refuses_is_read_by_pyarrow(
     decode = parquet_fast.decode_chunk
     seen: list[int] = []
 
-    def refuse_counts(buffer: Any, base: int, metadata: Any, group: int, column: int) -> parquet_fast.ListChunk:
+    def refuse_counts(
+        buffer: Any, base: int, metadata: Any, group: int, column: int, pool: Any = None
+    ) -> parquet_fast.ListChunk:
         if metadata.schema.column(column).path.startswith(schema.Expr.COUNTS.value + "."):
             raise parquet_fast.Refused("test")
         seen.append(column)
-        return decode(buffer, base, metadata, group, column)
+        return decode(buffer, base, metadata, group, column, pool)
 
     expected = epoch(corpus, "pyarrow", niche=True)
     monkeypatch.setattr(parquet_fast, "decode_chunk", refuse_counts)
@@ -314,7 +317,8 @@ def test_a_few_rows_of_a_row_group_keep_only_their_own_values(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A filter that keeps one or two rows of a row group: those samples must not hold the whole
-    row group's decoded lists (read._compact), and read what pyarrow reads."""
+    row group's decoded lists (read._compact) or its bytes (read._compact_binary), and read what
+    pyarrow reads."""
     pytest.importorskip("torch")
     sparse = write_corpus(tmp_path_factory.mktemp("sparse"), samples_per_shard=14, row_group_size=14)
     compact = read._compact
@@ -326,11 +330,21 @@ def test_a_few_rows_of_a_row_group_keep_only_their_own_values(
         assert len(out[1]) == sum(int(offsets[r + 1] - offsets[r]) for r in local)
         return out
 
+    compact_binary = read._compact_binary
+    copied: list[int] = []
+
+    def spy_binary(begins: Any, ends: Any, data: Any, local: Any) -> Any:
+        out = compact_binary(begins, ends, data, local)
+        copied.append(len(out[2]))
+        assert len(out[2]) == sum(int(ends[r] - begins[r]) for r in local)  # the JPEGs of those rows only
+        return out
+
     monkeypatch.setattr(read, "_compact", spy)
+    monkeypatch.setattr(read, "_compact_binary", spy_binary)
     mouse = {"species": ["mouse"]}
     expected = epoch(sparse, "pyarrow", niche=True, filters=mouse)
     assert_same_batches(epoch(sparse, "numba", niche=True, filters=mouse), expected)
-    assert calls
+    assert calls and copied
 
 
 @needs_numba
@@ -375,3 +389,124 @@ def test_auto_falls_back_to_pyarrow_when_numba_is_found_but_does_not_import(
     assert "decoding with pyarrow" in caplog.text
     with pytest.raises(ImportError, match="another numpy"):
         epoch(corpus, "numba")
+
+
+# ---------------------------------------------------------------------------------------------
+# The image leaves: located in the shard's bytes, not copied
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_LEAVES = ["patch.bytes", "region.bytes"]
+
+
+def write_images(path: Path, n: int, *, nulls: bool = False, seed: int = 0, **options: Any) -> list[list[bytes | None]]:
+    """``n`` rows of the two image structs as the writer stores them (bytes of many sizes, some empty)."""
+    rng = np.random.default_rng(seed)
+    full = schema.sample_arrow_schema("int32")
+    fields = [full.field(schema.PATCH_COLUMN), full.field(schema.REGION_COLUMN)]
+    values: list[list[bytes | None]] = []
+    for _ in fields:
+        column: list[bytes | None] = []
+        for i in range(n):
+            size = 0 if i % 7 == 3 else int(rng.integers(1, 5000 if i % 5 else 40))
+            column.append(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        if nulls:
+            column[n // 2] = None
+        values.append(column)
+    arrays = [
+        pa.array([None if v is None else {"bytes": v, "path": None} for v in column], type=f.type)
+        for f, column in zip(fields, values, strict=True)
+    ]
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    leaf = parquet_leaf_options(table.schema, ShardSettings())
+    kwargs = {
+        "compression": leaf["compression"],
+        "use_dictionary": leaf["use_dictionary"],
+        "column_encoding": leaf["column_encoding"],
+        "write_statistics": False,
+    } | options
+    pq.write_table(table, path, **kwargs)
+    return values
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("n", "options"),
+    [
+        pytest.param(50, {"row_group_size": 20}, id="writer layout"),
+        pytest.param(5, {"row_group_size": 1}, id="one-row row groups"),
+        pytest.param(90, {"row_group_size": 45, "data_page_size": 8192}, id="many pages per chunk"),
+        pytest.param(90, {"row_group_size": 45, "data_page_size": 8192, "data_page_version": "2.0"}, id="pages v2"),
+    ],
+)
+def test_locates_exactly_the_image_bytes_pyarrow_reads(tmp_path: Path, n: int, options: dict[str, Any]) -> None:
+    path = tmp_path / "images.parquet"
+    values = write_images(path, n, **options)
+    metadata = pq.ParquetFile(path).metadata
+    if options.get("data_page_size"):
+        assert metadata.row_group(0).column(0).total_compressed_size > 3 * options["data_page_size"]
+    buffer = file_bytes(path)
+    row = 0
+    for g in range(metadata.num_row_groups):
+        located, refused = parquet_fast.read_binary(buffer, 0, metadata, g, IMAGE_LEAVES)
+        assert refused == {} and list(located) == IMAGE_LEAVES
+        rows = metadata.row_group(g).num_rows
+        for column, leaf in zip(values, IMAGE_LEAVES, strict=True):
+            begins, ends = located[leaf]
+            assert [buffer[b:e].tobytes() for b, e in zip(begins, ends, strict=True)] == column[row : row + rows]
+        row += rows
+    assert row == n
+
+
+@needs_numba
+def test_a_flat_required_binary_column_is_located_too(tmp_path: Path) -> None:
+    path = tmp_path / "flat.parquet"
+    data = [bytes([i]) * i for i in range(30)]
+    table = pa.table({"blob": pa.array(data, pa.binary())}, schema=pa.schema([pa.field("blob", pa.binary(), False)]))
+    pq.write_table(table, path, compression="none", use_dictionary=False, row_group_size=12)
+    metadata = pq.ParquetFile(path).metadata
+    buffer = file_bytes(path)
+    got: list[bytes] = []
+    for g in range(metadata.num_row_groups):
+        located, refused = parquet_fast.read_binary(buffer, 0, metadata, g, ["blob"])
+        assert refused == {}
+        got += [buffer[b:e].tobytes() for b, e in zip(*located["blob"], strict=True)]
+    assert got == data
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"nulls": True}, "null"),
+        ({"compression": "zstd"}, "compression ZSTD"),
+        ({"use_dictionary": True, "column_encoding": None}, "dictionary"),
+    ],
+)
+def test_image_leaves_in_another_layout_are_refused(tmp_path: Path, kwargs: dict[str, Any], reason: str) -> None:
+    path = tmp_path / "images.parquet"
+    write_images(path, 30, row_group_size=30, **kwargs)
+    located, refused = parquet_fast.read_binary(file_bytes(path), 0, pq.ParquetFile(path).metadata, 0, IMAGE_LEAVES)
+    assert located == {} and set(refused) == set(IMAGE_LEAVES)
+    assert all(reason in why for why in refused.values()), refused
+
+
+@needs_numba
+def test_damaged_image_pages_are_refused(tmp_path: Path) -> None:
+    """A value length that runs past its page, or a page cut short, is refused, never misread."""
+    path = tmp_path / "images.parquet"
+    write_images(path, 20, row_group_size=20)
+    metadata = pq.ParquetFile(path).metadata
+    chunk = metadata.row_group(0).column(0)
+    raw = bytearray(path.read_bytes())
+    # The first value's length prefix lies after the page header and the definition levels:
+    # find it by the first value's real length, then make it too long.
+    buffer = np.frombuffer(bytes(raw), np.uint8)
+    (begins, _), *_ = parquet_fast.read_binary(buffer, 0, metadata, 0, ["patch.bytes"])[0].values()
+    first = int(begins[0])
+    raw[first - 4 : first] = (10**8).to_bytes(4, "little")
+    located, refused = parquet_fast.read_binary(np.frombuffer(bytes(raw), np.uint8), 0, metadata, 0, ["patch.bytes"])
+    assert located == {} and "PLAIN BYTE_ARRAY" in refused["patch.bytes"]
+    # The buffer ends inside the column chunk (a span cut short).
+    cut = np.frombuffer(path.read_bytes()[: chunk.data_page_offset + chunk.total_compressed_size // 2], np.uint8)
+    located, refused = parquet_fast.read_binary(cut, 0, metadata, 0, ["patch.bytes"])
+    assert located == {} and "outside the buffer" in refused["patch.bytes"]
