@@ -352,3 +352,85 @@ def plain_byte_array(buf: Any, pos: int, end: int, count: int, starts: Any, ends
         ends[o + k] = pos + length
         pos += length
     return 0 if pos == end else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar headers (the tar reader's scan of a local shard; not Parquet, but the same compiled path)
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit
+def _tar_octal(buf: Any, pos: int, width: int) -> int:
+    """An octal field of a tar header (spaces, digits, then NUL or space); -1 when it is not one."""
+    end = pos + width
+    while pos < end and buf[pos] == 32:
+        pos += 1
+    value = 0
+    digits = 0
+    while pos < end and 48 <= buf[pos] <= 55:
+        value = value * 8 + (buf[pos] - 48)
+        pos += 1
+        digits += 1
+        if digits > 21:
+            return -1
+    while pos < end and buf[pos] == 32:
+        pos += 1
+    if pos < end and buf[pos] != 0:  # after the digits and spaces: the end of the field or a NUL
+        return -1
+    return value
+
+
+@_jit
+def tar_headers(buf: Any, pos: int, data: Any, sizes: Any, names: Any, prefixes: Any) -> tuple[int, int, int]:
+    """Scan the plain file members of a tar from the header at ``pos``: ``(members, next position, status)``.
+
+    Member ``k``'s data starts at ``data[k]`` and is ``sizes[k]`` bytes; its header (512 bytes
+    before the data) has a name of ``names[k]`` bytes at its start and a ustar prefix of
+    ``prefixes[k]`` bytes at 345 (0: none). Status 1: the end-of-archive block was reached (at the next position);
+    0: the scan stopped at a header it leaves to the caller (a PAX or GNU long-name header, a
+    member that is not a regular file, a base-256 size, a checksum that does not match, a
+    truncated archive), at the next position; 2: the output arrays are full.
+    """
+    n = 0
+    size_all = len(buf)
+    while True:
+        if n >= len(data):
+            return n, pos, 2
+        if pos + 512 > size_all:
+            return n, pos, 0
+        header = buf[pos : pos + 512]  # a slice: the sum loop vectorises
+        total = np.int64(0)
+        for k in range(len(header)):
+            total += np.int64(header[k])
+        if total == 0:  # all zero bytes: the end-of-archive block
+            return n, pos, 1
+        for k in range(148, 156):
+            total += 32 - np.int64(header[k])
+        stored = _tar_octal(buf, pos + 148, 8)
+        if stored != total:
+            return n, pos, 0  # (the signed-sum variant and its error are the caller's)
+        kind = buf[pos + 156]
+        if kind != 48 and kind != 0 and kind != 55:  # '0', NUL, '7': a regular file
+            return n, pos, 0
+        if buf[pos + 124] & 0x80:
+            return n, pos, 0
+        size = _tar_octal(buf, pos + 124, 12)
+        if size < 0:
+            return n, pos, 0
+        padded = size + (-size % 512)
+        if pos + 512 + padded > size_all:
+            return n, pos, 0
+        data[n] = pos + 512
+        sizes[n] = size
+        length = 0
+        while length < 100 and header[length] != 0:
+            length += 1
+        names[n] = length
+        ustar = buf[pos + 257] == 117 and buf[pos + 258] == 115 and buf[pos + 259] == 116
+        ustar = ustar and buf[pos + 260] == 97 and buf[pos + 261] == 114
+        length = 0
+        while ustar and length < 155 and header[345 + length] != 0:
+            length += 1
+        prefixes[n] = length
+        n += 1
+        pos += 512 + padded

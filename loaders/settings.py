@@ -245,9 +245,11 @@ class LoaderSettings:
     - ``cache``: a local shard cache for remote corpora (``CacheSettings``).
     - ``parquet_decoder``: how the four expression list columns of Parquet shards are decoded:
       ``pyarrow``, ``numba`` (``stcorpus.loaders.parquet_fast``, the ``stcorpus[fast]`` extra:
-      reads our writer's layout straight from the file, about half pyarrow's CPU time per value;
-      a column chunk in any other layout is read by pyarrow) or ``auto`` (default: ``numba``
-      when it can be imported, else ``pyarrow``). The batches are the same either way.
+      reads our writer's layout straight from the file, about half pyarrow's CPU time per value,
+      and finds the JPEG leaves where they lie instead of copying them; a column chunk in any
+      other layout is read by pyarrow) or ``auto`` (default: ``numba`` when it can be imported,
+      else ``pyarrow``). With ``numba`` the tar reader also scans a local shard's headers with a
+      compiled kernel. The batches are the same either way.
     """
 
     split: tuple[str, ...] = ("train",)
