@@ -9,8 +9,9 @@ a sample, 50-80 us of system time against a ~340 us JPEG decode (bench/README.md
 :class:`ArrayPool` hands out views of byte buffers it keeps, and hands a buffer out again only
 when nothing else refers to it any more (every view of it, and every tensor made from one, has
 been dropped, or a DataLoader worker copied the batch into shared memory), so reuse is safe by
-construction: a consumer that keeps a batch keeps its buffers. The pool is per process and not
-pickled (a worker starts with an empty one).
+construction: a consumer that keeps a batch keeps its buffers. The pool is per process: pickled
+(a worker started by spawn or forkserver) it arrives empty; a forked worker inherits a copy, in
+which a buffer referred to at the fork stays referred to and is never handed out.
 """
 
 from __future__ import annotations
