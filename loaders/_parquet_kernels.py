@@ -237,19 +237,38 @@ def delta_binary_packed(buf: Any, pos: int, end: int, count: int, out: Any, o: i
             # First the miniblock's deltas (independent of each other), then their running sum:
             # one add a value on the sum's dependency chain (1.7-1.9 -> 1.2-1.3 ns a value).
             if pos + size + 8 <= end:
-                # Each value from the 5 bytes that hold it (a slice: no negative-index checks).
+                # Each value from the bytes that hold it (a slice: no negative-index checks): a
+                # value starts at bit 0-7 of its first byte, so widths up to 9 / 17 / 32 span
+                # at most 2 / 3 / 5 bytes (fewer loads: 15% off the narrow gene deltas).
                 b = buf[pos : pos + size + 8]
-                for j in range(take):
-                    bit = j * width
-                    i = bit >> 3
-                    word = (
-                        np.uint64(b[i])
-                        | (np.uint64(b[i + 1]) << np.uint64(8))
-                        | (np.uint64(b[i + 2]) << np.uint64(16))
-                        | (np.uint64(b[i + 3]) << np.uint64(24))
-                        | (np.uint64(b[i + 4]) << np.uint64(32))
-                    )
-                    deltas[j] = (np.int64(word >> np.uint64(bit & 7)) & mask) + min_delta
+                if width <= 9:
+                    for j in range(take):
+                        bit = j * width
+                        i = bit >> 3
+                        word = np.uint64(b[i]) | (np.uint64(b[i + 1]) << np.uint64(8))
+                        deltas[j] = (np.int64(word >> np.uint64(bit & 7)) & mask) + min_delta
+                elif width <= 17:
+                    for j in range(take):
+                        bit = j * width
+                        i = bit >> 3
+                        word = (
+                            np.uint64(b[i])
+                            | (np.uint64(b[i + 1]) << np.uint64(8))
+                            | (np.uint64(b[i + 2]) << np.uint64(16))
+                        )
+                        deltas[j] = (np.int64(word >> np.uint64(bit & 7)) & mask) + min_delta
+                else:
+                    for j in range(take):
+                        bit = j * width
+                        i = bit >> 3
+                        word = (
+                            np.uint64(b[i])
+                            | (np.uint64(b[i + 1]) << np.uint64(8))
+                            | (np.uint64(b[i + 2]) << np.uint64(16))
+                            | (np.uint64(b[i + 3]) << np.uint64(24))
+                            | (np.uint64(b[i + 4]) << np.uint64(32))
+                        )
+                        deltas[j] = (np.int64(word >> np.uint64(bit & 7)) & mask) + min_delta
             else:  # the last bytes of the page: byte by byte, reading nothing past ``end``
                 acc = np.uint64(0)
                 bits = 0

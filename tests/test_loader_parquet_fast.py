@@ -372,6 +372,35 @@ def test_int32_extremes_and_deltas_that_wrap(tmp_path: Path, encoding: str) -> N
     assert_as_pyarrow(path, [decoded])
 
 
+@needs_numba
+def test_delta_miniblocks_of_every_bit_width(tmp_path: Path) -> None:
+    """Rows whose deltas span exactly ``w`` bits for every ``w`` from 0 to 32 (the kernel reads
+    narrow, middle and wide miniblocks differently), each long enough for whole miniblocks."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for width in range(33):
+        # Deltas in [0, 2**width): one at each end of the range per miniblock fixes its width.
+        top = (1 << width) - 1
+        deltas = rng.integers(0, top + 1, 400, dtype=np.int64) if width else np.zeros(400, np.int64)
+        deltas[::32], deltas[1::32] = 0, top
+        values = (np.cumsum(deltas) - (1 << 31)) % (1 << 32) - (1 << 31)  # wraps like int32
+        rows.append(values.astype(np.int32))
+    typ = pa.list_(pa.field("element", pa.int32(), nullable=False))
+    table = pa.Table.from_arrays([pa.array(rows, typ)], schema=pa.schema([pa.field("genes", typ, nullable=False)]))
+    path = tmp_path / "a.parquet"
+    pq.write_table(
+        table,
+        path,
+        compression="none",
+        use_dictionary=False,
+        column_encoding={"genes.list.element": "DELTA_BINARY_PACKED"},
+    )
+    metadata = pq.ParquetFile(path).metadata
+    decoded, refused = parquet_fast.read_lists(file_bytes(path), 0, metadata, 0, ["genes"])
+    assert refused == {}
+    assert_as_pyarrow(path, [decoded])
+
+
 def test_auto_falls_back_to_pyarrow_when_numba_is_found_but_does_not_import(
     corpus: FixtureCorpus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
