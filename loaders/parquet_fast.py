@@ -134,10 +134,7 @@ def decode_chunk(
     rows, levels = rg.num_rows, chunk.num_values
     if rows <= 0 or levels < rows:
         raise Refused(f"{rows} rows, {levels} levels")
-    start = chunk.data_page_offset - base
-    end = start + chunk.total_compressed_size
-    if start < 0 or end > len(buffer):
-        raise Refused("column chunk outside the buffer")
+    start, end = _chunk_span(buffer, base, chunk)
     k = kernels()
     codec = _codec() if chunk.compression == "ZSTD" else None
     allowed = _VALUE_ENCODINGS[physical]
@@ -261,10 +258,7 @@ def locate_binary_chunk(
     rows = rg.num_rows
     if rows <= 0 or chunk.num_values != rows:
         raise Refused(f"{rows} rows, {chunk.num_values} values")
-    start = chunk.data_page_offset - base
-    end = start + chunk.total_compressed_size
-    if start < 0 or end > len(buffer):
-        raise Refused("column chunk outside the buffer")
+    start, end = _chunk_span(buffer, base, chunk)
     k = kernels()
     width = max_def.bit_length()
     starts = np.empty(rows, np.int64)
@@ -311,6 +305,15 @@ def locate_binary_chunk(
     if seen != rows:
         raise Refused(f"{seen} values decoded, the footer says {rows}")
     return starts, ends
+
+
+def _chunk_span(buffer: npt.NDArray[np.uint8], base: int, chunk: Any) -> tuple[int, int]:
+    """``[start, end)`` of a column chunk's pages in ``buffer`` (which holds the file from ``base`` on)."""
+    start = chunk.data_page_offset - base
+    end = start + chunk.total_compressed_size
+    if start < 0 or end > len(buffer):
+        raise Refused("column chunk outside the buffer")
+    return start, end
 
 
 def _values(

@@ -59,6 +59,12 @@ def write(
     fields = [full.field(name) for name in LISTS]
     data = lists(n, seed=seed, counts_dtype=counts_dtype)
     table = pa.Table.from_arrays([_list_array(data[f.name], f.type) for f in fields], schema=pa.schema(fields))
+    write_as_the_writer(table, path, settings, **options)
+    return path
+
+
+def write_as_the_writer(table: pa.Table, path: Path, settings: ShardSettings | None = None, **options: Any) -> None:
+    """``table`` with the shard writer's leaf options (encodings, compression, dictionaries), then ``options``."""
     leaf = parquet_leaf_options(table.schema, settings or ShardSettings())
     kwargs = {
         "compression": leaf["compression"],
@@ -67,7 +73,6 @@ def write(
         "write_statistics": False,
     } | options
     pq.write_table(table, path, **kwargs)
-    return path
 
 
 def file_bytes(path: Path) -> np.ndarray:
@@ -445,15 +450,7 @@ def write_images(path: Path, n: int, *, nulls: bool = False, seed: int = 0, **op
         pa.array([None if v is None else {"bytes": v, "path": None} for v in column], type=f.type)
         for f, column in zip(fields, values, strict=True)
     ]
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    leaf = parquet_leaf_options(table.schema, ShardSettings())
-    kwargs = {
-        "compression": leaf["compression"],
-        "use_dictionary": leaf["use_dictionary"],
-        "column_encoding": leaf["column_encoding"],
-        "write_statistics": False,
-    } | options
-    pq.write_table(table, path, **kwargs)
+    write_as_the_writer(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), path, **options)
     return values
 
 
