@@ -41,31 +41,42 @@ def _uleb(buf: Any, pos: int, end: int) -> tuple[int, int]:
 
 
 @_jit
-def all_ones(buf: Any, pos: int, end: int, n: int) -> bool:
-    """True when the ``n`` width-1 levels at ``buf[pos:end]`` are all 1 (no empty list in the page)."""
+def all_equal(buf: Any, pos: int, end: int, n: int, width: int, value: int) -> bool:
+    """True when the ``n`` levels of bit width ``width`` (1 to 8) at ``buf[pos:end]`` all equal ``value``.
+
+    The list leaves' definition levels (width 1, all 1: no empty list in the page) and the image
+    leaves' (all the maximum: no null).
+    """
+    if width < 1 or width > 8:
+        return False
     p = 0
+    mask = (1 << width) - 1
     while p < n:
         header, pos = _uleb(buf, pos, end)
         if header < 0:
             return False
         if header & 1:
+            # Bit-packed: groups of 8 levels in ``width`` bytes, least significant bit first.
             groups = header >> 1
-            if pos + groups > end:
+            if pos + groups * width > end:
                 return False
             for _ in range(groups):
-                left = n - p
-                if left <= 0:
-                    break
-                want = 0xFF if left >= 8 else (1 << left) - 1
-                if buf[pos] & want != want:
-                    return False
-                pos += 1
+                acc = 0
+                for k in range(width):
+                    acc |= int(buf[pos + k]) << (8 * k)
+                pos += width
+                for k in range(min(8, n - p)):
+                    if (acc >> (k * width)) & mask != value:
+                        return False
                 p += 8
+                if p >= n:
+                    break
         else:
-            if header >> 1 == 0 or pos >= end or buf[pos] != 1:
+            length = header >> 1
+            if length == 0 or pos >= end or buf[pos] != value:
                 return False
-            pos += 1
-            p += header >> 1
+            pos += 1  # a level of width <= 8 is one byte
+            p += length
     return True
 
 
@@ -313,42 +324,6 @@ def byte_stream_split4(buf: Any, pos: int, end: int, count: int, out: Any, o: in
             | (np.uint32(b3[k]) << np.uint32(24))
         )
     return 0
-
-
-@_jit
-def all_equal(buf: Any, pos: int, end: int, n: int, width: int, value: int) -> bool:
-    """True when the ``n`` levels of bit width ``width`` (1 to 8) at ``buf[pos:end]`` all equal ``value``."""
-    if width < 1 or width > 8:
-        return False
-    p = 0
-    mask = (1 << width) - 1
-    while p < n:
-        header, pos = _uleb(buf, pos, end)
-        if header < 0:
-            return False
-        if header & 1:
-            # Bit-packed: groups of 8 levels in ``width`` bytes, least significant bit first.
-            groups = header >> 1
-            if groups == 0 or pos + groups * width > end:
-                return False
-            for _ in range(groups):
-                acc = 0
-                for k in range(width):
-                    acc |= int(buf[pos + k]) << (8 * k)
-                pos += width
-                for k in range(min(8, n - p)):
-                    if (acc >> (k * width)) & mask != value:
-                        return False
-                p += 8
-                if p >= n:
-                    break
-        else:
-            length = header >> 1
-            if length == 0 or pos >= end or buf[pos] != value:
-                return False
-            pos += 1  # a level of width <= 8 is one byte
-            p += length
-    return True
 
 
 @_jit

@@ -76,10 +76,6 @@ class ArrayPool:
     def __len__(self) -> int:
         return len(self.buffers)
 
-    def nbytes(self) -> int:
-        """Bytes the pool keeps (its buffers' capacities)."""
-        return sum(len(b) for b in self.buffers)
-
     def __getstate__(self) -> dict[str, object]:
         return {"size": self.size}
 

@@ -184,7 +184,7 @@ def decode_chunk(
             raise Refused(f"value encoding {encoding}")
         if n == 0:
             continue
-        if k.all_ones(levels_buf, def_pos, def_end, n):
+        if k.all_equal(levels_buf, def_pos, def_end, n, 1, 1):
             count = n
             row = k.rep_starts(levels_buf, rep_pos, rep_end, n, offsets, row, nvals)
             if row < 0:

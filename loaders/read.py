@@ -192,10 +192,6 @@ class MappedShard:
             handle.close()  # the map keeps its own reference to the file
         self.pos = 0
 
-    def array(self) -> npt.NDArray[np.uint8]:
-        """The whole shard as a uint8 array (a view of the map)."""
-        return np.frombuffer(self._view, np.uint8)
-
     def view(self) -> memoryview:
         """The whole shard (a view of the map)."""
         return self._view
@@ -227,8 +223,8 @@ class _TarScan:
         from stcorpus.loaders import parquet_fast
 
         self.kernel = parquet_fast.kernels().tar_headers
-        self.buffer = shard.array()
         self.view = shard.view()
+        self.buffer = np.frombuffer(self.view, np.uint8)
         n = TarCursor.SCAN_MEMBERS
         self.data, self.sizes = np.empty(n, np.int64), np.empty(n, np.int64)
         self.names, self.prefixes = np.empty(n, np.int64), np.empty(n, np.int64)
