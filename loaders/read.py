@@ -213,7 +213,8 @@ class MappedShard:
         self._view = memoryview(b"")
 
 
-_SCAN_STOPPED, _SCAN_END, _SCAN_FULL = 0, 1, 2
+#: ``tar_headers`` statuses (0, a header left to the Python parser, needs no name here).
+_SCAN_END, _SCAN_FULL = 1, 2
 
 
 class _TarScan:
@@ -867,7 +868,7 @@ class ShardReader:
                 if whole is not None:
                     local = group_rows - starts[g]
                     lists = self._fast_lists(whole, 0, parquet.metadata, g, fast, entry.path, local)
-                    binary = self._fast_binary(whole, 0, parquet.metadata, g, entry.path, local)
+                    binary = self._fast_binary(whole, 0, parquet.metadata, g, fast, entry.path, local)
                 wanted = [n for n in names if n not in lists and n not in binary]
                 batches = _read_row_group(parquet, g, wanted, entry.path)
                 yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists, binary)
@@ -892,7 +893,7 @@ class ShardReader:
                     buffer = np.frombuffer(data, np.uint8)
                     local = group_rows - starts[g]
                     lists = self._fast_lists(buffer, start, metadata, g, fast, entry.path, local)
-                    binary = self._fast_binary(buffer, start, metadata, g, entry.path, local)
+                    binary = self._fast_binary(buffer, start, metadata, g, fast, entry.path, local)
                 wanted = [n for n in names if n not in lists and n not in binary]
                 batches = _read_row_group(parquet, g, wanted, entry.path)
                 sparse.drop(start)
@@ -1003,15 +1004,16 @@ class ShardReader:
         base: int,
         metadata: pq.FileMetaData,
         g: int,
+        names: list[str],
         path: str,
         local: npt.NDArray[np.int64],
     ) -> dict[str, BinaryRows]:
-        """The image columns of row group ``g`` located in ``buffer`` by ``parquet_fast`` (views, no copy).
+        """The image columns among ``names`` of row group ``g``, located in ``buffer`` by ``parquet_fast`` (views).
 
         When only a few of its rows are wanted (``local``), their bytes are copied out, so that
         they do not keep a whole row group's bytes alive (fetched over HTTP, it is held in memory).
         """
-        leaves = [name for name in self._fast_columns() if name in _IMAGE_LEAVES]
+        leaves = [name for name in names if name in _IMAGE_LEAVES]
         if not leaves:
             return {}
         located, refused = parquet_fast.read_binary(buffer, base, metadata, g, leaves)
