@@ -668,29 +668,51 @@ def test_unit_stages_on_a_real_slide(tmp_path: Path) -> None:
 
 _DIE_HOOK = """
 import os
+import time
+from pathlib import Path
 
 if os.environ.get("STCORPUS_TEST_DIE_ON"):  # set by test_a_worker_process_that_dies_...
     import stcorpus.curate.readers.hest as hest
+    from stcorpus.curate.build.workdir import WorkDir
 
     _read = hest.read
+    _commit = WorkDir.commit
+    _after = os.environ.get("STCORPUS_TEST_DIE_AFTER")  # a slide that commits its unit, then dawdles
+    _flag = Path(os.environ.get("STCORPUS_TEST_FLAG", "-"))
 
     def read(*, sample, files, images):
         if sample.id == os.environ["STCORPUS_TEST_DIE_ON"]:
+            for _ in range(600):
+                if not _after or _flag.exists():
+                    break
+                time.sleep(0.1)
             os._exit(9)  # the worker process dies, as the kernel's OOM killer makes it
         return _read(sample=sample, files=files, images=images)
 
+    def commit(self, tmp, result):
+        final = _commit(self, tmp, result)
+        if result.slide_id == _after:
+            _flag.touch()
+            time.sleep(30)  # its result never reaches the build: the pool breaks (and kills it) first
+        return final
+
     hest.read = read
+    WorkDir.commit = commit
 """
 
 
+@pytest.mark.parametrize("after", [None, "GOOD-1"], ids=["any", "one-committed-its-unit-first"])
 def test_a_worker_process_that_dies_fails_its_slides_not_the_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str | None
 ) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_DIE_HOOK)  # runs in every spawned worker process, not here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("STCORPUS_TEST_DIE_ON", "GOOD-2")
+    monkeypatch.setenv("STCORPUS_TEST_FLAG", str(tmp_path / "committed"))
+    if after is not None:
+        monkeypatch.setenv("STCORPUS_TEST_DIE_AFTER", after)
     path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 3))
     out = tmp_path / "out"
     summary = build([path], out=out, settings=BuildSettings(progress=False, workers=2))
@@ -699,11 +721,39 @@ def test_a_worker_process_that_dies_fails_its_slides_not_the_build(
     assert summary.exit_code == EXIT_SLIDES_FAILED
     for row in rows.values():  # a slide in flight with it fails too; none is lost without a word
         assert row["status"] == "built" or row["reason_codes"] == ["worker_lost"]
+    if after is not None:
+        # killed with the pool after its commit, before its result was sent: its unit is its result
+        assert (tmp_path / "committed").exists() and rows[after]["status"] == "built"
+        assert summary.slides == {"built": 2, "failed": 1} and summary.samples == {"train": 84}
     built = summary.slides["built"]
 
     monkeypatch.delenv("STCORPUS_TEST_DIE_ON")
     again = build([path], out=out, settings=BuildSettings(progress=False, workers=2))
     assert again.slides == {"built": 3} and again.reused_units == built
+
+
+def test_a_lost_slide_keeps_only_the_unit_committed_after_it_was_handed_out(tmp_path: Path) -> None:
+    from stcorpus.curate.build.unit import UnitSettings, lost_unit
+    from stcorpus.curate.fetch import FetchSettings
+    from stcorpus.curate.manifest import load_manifest
+    from stcorpus.curate.tiles import TileSettings
+
+    path = manifest(tmp_path / "m", good_slides(tmp_path / "data", 1))
+    settings = BuildSettings(progress=False, workers=1)
+    build([path], out=tmp_path / "out", settings=settings)
+    work, fetch = WorkDir(tmp_path / "out" / ".work"), FetchSettings(allow_local=True)
+    (sample,) = load_manifest(path).samples
+    stamp = work.stamp(sample.id)
+    assert stamp is not None
+
+    def lost(before: tuple[int, int] | None, unit: UnitSettings = settings.unit) -> UnitResult:
+        return lost_unit(sample, work=work, settings=unit, fetch=fetch, before=before, detail="gone")
+
+    assert lost(None).status == "built" and lost(None).n_samples == 42  # committed since it was handed out
+    assert lost(stamp).failures == ["worker_lost"]  # an earlier run's unit, untouched: not this run's result
+    other = dataclasses.replace(settings.unit, tiles=TileSettings(patch_size=112))
+    assert lost(None, other).failures == ["worker_lost"]  # a unit of other settings is not this one's
+    assert work.stamp("NO-SUCH-SLIDE") is None
 
 
 # ---------------------------------------------------------------------------------------------

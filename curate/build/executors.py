@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stcorpus.curate.build.unit import UnitSettings, failed_unit, input_needs, prefetch, run_unit, worker_lost_unit
+from stcorpus.curate.build.unit import UnitSettings, failed_unit, input_needs, lost_unit, prefetch, run_unit
 from stcorpus.curate.build.workdir import UnitResult, WorkDir
 from stcorpus.curate.errors import BudgetExceededError, SettingsError
 
@@ -70,7 +70,7 @@ def unit_task(sample: Sample, work_root: str, unit: UnitSettings, fetch: FetchSe
 
 _LOST = (
     "a worker process died while this slide was in its pool (this slide's or another's unit killed it: "
-    "the units in flight at that moment all fail)"
+    "the units in flight at that moment that had not been committed all fail)"
 )
 
 
@@ -128,6 +128,8 @@ class LocalExecutor:
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         futures: dict[Future[UnitResult], Sample] = {}
+        stamps: dict[str, tuple[int, int] | None] = {}  # each running slide's unit commit when handed out
+        work = WorkDir(work_root)
         queue = list(reversed(samples))
         try:
             while queue or futures:
@@ -139,26 +141,31 @@ class LocalExecutor:
                     sample = queue.pop()
                     if admission is not None:
                         admission.started(sample)
+                    stamps[sample.id] = work.stamp(sample.id)
                     futures[pool.submit(unit_task, sample, str(work_root), unit, fetch)] = sample
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                broken = False
+                lost: list[Sample] = []
                 for future in finished:
                     sample = futures.pop(future)
                     try:
                         result = future.result()
                     except BrokenProcessPool:
-                        # A worker process died (killed, out of memory): the pool is gone with every unit
-                        # it held. Those slides fail (and are retried by the next run); the rest go on.
-                        broken = True
-                        result = worker_lost_unit(sample, settings=unit, detail=_LOST)
+                        lost.append(sample)
+                        continue
                     except Exception as exc:  # noqa: BLE001 - one slide never stops a build
                         result = failed_unit(sample, settings=unit, exc=exc, stage="running in a worker process")
+                    del stamps[sample.id]
                     yield result
-                if broken:
-                    for sample in futures.values():
-                        yield worker_lost_unit(sample, settings=unit, detail=_LOST)
+                if lost:
+                    # A worker process died (killed, out of memory): the pool is gone with every unit it
+                    # held. Once its processes are all gone (shutdown waits), a slide whose unit was
+                    # committed keeps it; the others fail (and are retried by the next run); the rest go on.
+                    lost += futures.values()
                     futures.clear()
                     pool.shutdown(wait=True, cancel_futures=True)
+                    for sample in lost:
+                        before = stamps.pop(sample.id)
+                        yield lost_unit(sample, work=work, settings=unit, fetch=fetch, before=before, detail=_LOST)
                     pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         finally:
             for future in futures:

@@ -335,6 +335,31 @@ def worker_lost_unit(sample: Sample, *, settings: UnitSettings, detail: str) -> 
     )
 
 
+def lost_unit(
+    sample: Sample,
+    *,
+    work: WorkDir,
+    settings: UnitSettings,
+    fetch: FetchSettings,
+    before: tuple[int, int] | None,
+    detail: str,
+) -> UnitResult:
+    """What a slide whose worker process died comes to, once no process of the pool is left.
+
+    A worker can commit its unit and die (or be killed with the pool) before its result reaches
+    the build: that unit is the slide's result, as the worker would have returned it. ``before``
+    is the unit's ``WorkDir.stamp`` when the slide was handed out, so a unit committed by an
+    earlier run is never taken for this one. Otherwise the slide fails as ``worker_lost``.
+    """
+    if work.stamp(sample.id) != before:
+        done = work.result(sample.id)
+        if done is not None and done.unit_key == unit_key(sample, settings):
+            log.info("slide %s: its worker died after committing its unit; the unit is kept", sample.id)
+            _release(sample, fetch, inputs=done.inputs)  # what the worker did not live to do (idempotent)
+            return done
+    return worker_lost_unit(sample, settings=settings, detail=detail)
+
+
 def _no_samples(tmp: Path, result: UnitResult) -> None:
     (tmp / SAMPLES_FILE).unlink(missing_ok=True)
     result.n_samples = result.sample_bytes = 0
@@ -836,6 +861,7 @@ __all__ = [
     "failed_unit",
     "input_needs",
     "known_inputs",
+    "lost_unit",
     "manifest_entry",
     "neighbours",
     "prefetch",

@@ -156,6 +156,17 @@ class WorkDir:
         """The folder of a finished unit."""
         return self.units / slide_id
 
+    def stamp(self, slide_id: str) -> tuple[int, int] | None:
+        """Which commit of the slide's unit is in place (its result file's inode and mtime), or None.
+
+        A commit moves a new folder into place, so a stamp that changed means a new commit.
+        """
+        try:
+            stat = (self.unit_dir(slide_id) / RESULT_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
     def result(self, slide_id: str) -> UnitResult | None:
         """The finished unit of a slide, or None (also for a unit of an older work format: it is rebuilt)."""
         path = self.unit_dir(slide_id) / RESULT_FILE
