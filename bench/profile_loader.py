@@ -48,11 +48,12 @@ TARGETS = {"spot": 0.90, "+ niche": 0.85}
 def timed_sections(spent: defaultdict[str, float]) -> Iterator[None]:
     """Time the loader's working functions into ``spent`` (CPU seconds by section) while inside."""
 
-    from stcorpus.loaders import dataset, read
+    from stcorpus.loaders import dataset, parquet_fast, read
 
     targets: list[tuple[Any, str, str]] = [
         (read, "_read_row_group", "Parquet row-group read (pyarrow)"),
-        (read.ShardReader, "_fast_lists", "Parquet expression lists (parquet_fast)"),
+        (parquet_fast, "read_lists", "Parquet expression lists (parquet_fast)"),
+        (parquet_fast, "read_binary", "Parquet JPEG leaves located (parquet_fast)"),
         (read, "raw_from_table", "Arrow -> raw samples (raw_from_table)"),
         (read, "raw_from_members", "tar members -> raw samples (json, npz)"),
         (dataset.CheckExpression, "check", "check expression"),

@@ -221,8 +221,6 @@ class _TarScan:
     """The compiled scan of a mapped tar's headers (``_parquet_kernels.tar_headers``), in chunks."""
 
     def __init__(self, shard: MappedShard) -> None:
-        from stcorpus.loaders import parquet_fast
-
         self.kernel = parquet_fast.kernels().tar_headers
         self.view = shard.view()
         self.buffer = np.frombuffer(self.view, np.uint8)
@@ -864,14 +862,11 @@ class ShardReader:
             whole = _file_bytes(path, entry.path) if fast else None
             starts = row_group_starts(parquet.metadata)
             for g, group_rows in _by_row_group(rows, starts, entry):
-                lists, binary = {}, {}
-                if whole is not None:
-                    local = group_rows - starts[g]
-                    lists = self._fast_lists(whole, 0, parquet.metadata, g, fast, entry.path, local)
-                    binary = self._fast_binary(whole, 0, parquet.metadata, g, fast, entry.path, local)
+                local = group_rows - starts[g]
+                lists, binary = self._fast_row_group(whole, 0, parquet.metadata, g, fast, entry.path, local)
                 wanted = [n for n in names if n not in lists and n not in binary]
                 batches = _read_row_group(parquet, g, wanted, entry.path)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists, binary)
+                yield from self._parquet_samples(entry, batches, group_rows, local, lists, binary)
             return
         (metadata, first_group, span_start), stream = readahead.take(i)
         sparse = SparseFile(entry.nbytes, entry.path)
@@ -888,16 +883,13 @@ class ShardReader:
                 data = _read_exact(stream, stop - start, entry.path)
                 offset = stop
                 sparse.hold(start, data)
-                lists, binary = {}, {}
-                if fast:
-                    buffer = np.frombuffer(data, np.uint8)
-                    local = group_rows - starts[g]
-                    lists = self._fast_lists(buffer, start, metadata, g, fast, entry.path, local)
-                    binary = self._fast_binary(buffer, start, metadata, g, fast, entry.path, local)
+                local = group_rows - starts[g]
+                buffer = np.frombuffer(data, np.uint8) if fast else None
+                lists, binary = self._fast_row_group(buffer, start, metadata, g, fast, entry.path, local)
                 wanted = [n for n in names if n not in lists and n not in binary]
                 batches = _read_row_group(parquet, g, wanted, entry.path)
                 sparse.drop(start)
-                yield from self._parquet_samples(entry, batches, group_rows, group_rows - starts[g], lists, binary)
+                yield from self._parquet_samples(entry, batches, group_rows, local, lists, binary)
         finally:
             stream.close()
 
@@ -974,60 +966,43 @@ class ShardReader:
             "; further refusals of this column are logged at debug" if first else "",
         )
 
-    def _fast_lists(
+    def _fast_row_group(
         self,
-        buffer: npt.NDArray[np.uint8],
+        buffer: npt.NDArray[np.uint8] | None,
         base: int,
         metadata: pq.FileMetaData,
         g: int,
         names: list[str],
         path: str,
         local: npt.NDArray[np.int64],
-    ) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
-        """The list columns ``names`` of row group ``g`` that ``parquet_fast`` decodes (``local``: the rows wanted)."""
+    ) -> tuple[dict[str, tuple[list[int], npt.NDArray[Any]]], dict[str, BinaryRows]]:
+        """What ``parquet_fast`` reads of row group ``g`` (``local``: the rows wanted): ``(lists, binary)``.
+
+        The list columns among ``names`` decoded, and the image leaves located in ``buffer``
+        (views); both empty without a ``buffer``. When only a few rows are wanted, their values
+        are compacted and their JPEG bytes copied out, so that they do not keep the whole row
+        group's bytes alive (fetched over HTTP, it is held in memory).
+        """
+        if buffer is None:
+            return {}, {}
         decoded, refused = parquet_fast.read_lists(
             buffer, base, metadata, g, [n for n in names if n in _LIST_COLUMNS], self.pool
         )
-        for name, why in refused.items():
+        leaves = [n for n in names if n in _IMAGE_LEAVES]
+        located, refused_leaves = parquet_fast.read_binary(buffer, base, metadata, g, leaves) if leaves else ({}, {})
+        for name, why in (refused | refused_leaves).items():
             self._refused(path, g, name, why)
-        rows = metadata.row_group(g).num_rows
-        out = {}
+        few = 4 * len(local) < metadata.row_group(g).num_rows
+        lists = {}
         for name, (offsets, values) in decoded.items():
-            if 4 * len(local) < rows:
+            if few:
                 offsets, values = _compact(offsets, values, local)
-            out[name] = (offsets.tolist(), values)
-        return out
-
-    def _fast_binary(
-        self,
-        buffer: npt.NDArray[np.uint8],
-        base: int,
-        metadata: pq.FileMetaData,
-        g: int,
-        names: list[str],
-        path: str,
-        local: npt.NDArray[np.int64],
-    ) -> dict[str, BinaryRows]:
-        """The image columns among ``names`` of row group ``g``, located in ``buffer`` by ``parquet_fast`` (views).
-
-        When only a few of its rows are wanted (``local``), their bytes are copied out, so that
-        they do not keep a whole row group's bytes alive (fetched over HTTP, it is held in memory).
-        """
-        leaves = [name for name in names if name in _IMAGE_LEAVES]
-        if not leaves:
-            return {}
-        located, refused = parquet_fast.read_binary(buffer, base, metadata, g, leaves)
-        for leaf, why in refused.items():
-            self._refused(path, g, leaf, why)
-        rows = metadata.row_group(g).num_rows
-        out: dict[str, BinaryRows] = {}
+            lists[name] = (offsets.tolist(), values)
+        binary: dict[str, BinaryRows] = {}
         data = buffer.data
         for leaf, (begins, ends) in located.items():
-            if 4 * len(local) < rows:
-                out[leaf] = _compact_binary(begins, ends, data, local)
-            else:
-                out[leaf] = (begins.tolist(), ends.tolist(), data)
-        return out
+            binary[leaf] = _compact_binary(begins, ends, data, local) if few else (begins.tolist(), ends.tolist(), data)
+        return lists, binary
 
     # -- read-ahead --------------------------------------------------------------------------
 
